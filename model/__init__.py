@@ -1,0 +1,23 @@
+"""zhclip's model library: Chinese CLIP towers, processing, loss, locking and the pyfunc wrapper.
+
+This package is shipped inside MLflow models, so it imports only torch, transformers, numpy and
+PIL (plus the standard library) and nothing else from the zhclip repository.
+"""
+
+from model.embedding import decode_image, embed_images, embed_texts
+from model.loss import contrastive_loss
+from model.locking import lock_image_tower
+from model.presets import PRESETS, build_model, default_vocab_path, load_model, save_model
+
+__all__ = [
+    "PRESETS",
+    "build_model",
+    "contrastive_loss",
+    "decode_image",
+    "default_vocab_path",
+    "embed_images",
+    "embed_texts",
+    "load_model",
+    "lock_image_tower",
+    "save_model",
+]

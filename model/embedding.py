@@ -1,0 +1,66 @@
+"""Batched, L2-normalised text and image embeddings."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import ChineseCLIPModel, ChineseCLIPProcessor
+
+
+def decode_image(blob: bytes) -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, ...) to an RGB image."""
+    try:
+        return Image.open(io.BytesIO(blob)).convert("RGB")
+    except Exception as err:  # PIL raises several types for corrupt data
+        raise ValueError(f"not a decodable image ({err})") from err
+
+
+def _features(output: torch.Tensor | object) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output holds the projected features.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@torch.inference_mode()
+def embed_texts(
+    model: ChineseCLIPModel, processor: ChineseCLIPProcessor, texts: Sequence[str], batch_size: int = 256
+) -> np.ndarray:
+    """Unit-norm text embeddings, one row per text, computed `batch_size` texts at a time."""
+    device = next(model.parameters()).device
+    context_length = processor.tokenizer.model_max_length
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        batch = processor.tokenizer(
+            list(texts[start : start + batch_size]),
+            padding="max_length",
+            truncation=True,
+            max_length=context_length,
+            return_tensors="pt",
+        ).to(device)
+        chunks.append(_features(model.get_text_features(**batch)).float())
+    return _normalise(chunks, model.config.projection_dim)
+
+
+@torch.inference_mode()
+def embed_images(
+    model: ChineseCLIPModel,
+    processor: ChineseCLIPProcessor,
+    images: Sequence[Image.Image],
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Unit-norm image embeddings, one row per image, computed `batch_size` images at a time."""
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor.image_processor(images=list(images[start : start + batch_size]), return_tensors="pt")
+        chunks.append(_features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device))).float())
+    return _normalise(chunks, model.config.projection_dim)
+
+
+def _normalise(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, dim), dtype=np.float32)
+    return torch.nn.functional.normalize(torch.cat(chunks), dim=-1).cpu().numpy()

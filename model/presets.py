@@ -1,0 +1,125 @@
+"""Model presets and the Hugging Face directory contract (build, save, load).
+
+A zhclip model is a plain `transformers.ChineseCLIPModel` plus a `ChineseCLIPProcessor`, saved with
+`save_pretrained` (safetensors weights), so any Hugging Face user can load it without zhclip.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+from transformers import (
+    BertTokenizer,
+    ChineseCLIPConfig,
+    ChineseCLIPImageProcessorPil,
+    ChineseCLIPModel,
+    ChineseCLIPProcessor,
+)
+
+# Preset = text tower config + vision tower config + shared projection size. The ViT-B-16 entry
+# mirrors the released Chinese-CLIP ViT-B-16 + RoBERTa-wwm-ext-base; "tiny" is for CPU tests and
+# the demo, small enough to train in a minute on two cores.
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "projection_dim": 64,
+        "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+        "vision": {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "patch_size": 8,
+            "image_size": 32,
+        },
+    },
+    "ViT-B-16": {
+        "projection_dim": 512,
+        "text": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+        "vision": {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "patch_size": 16,
+            "image_size": 224,
+        },
+    },
+}
+
+# OpenAI-CLIP pixel statistics, which Chinese-CLIP keeps.
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def default_vocab_path() -> Path:
+    """The Chinese BERT vocabulary (21,128 tokens) shipped in the `cn-clip` wheel.
+
+    Located through package metadata rather than `import cn_clip`, whose import pulls torchvision.
+    """
+    try:
+        path = Path(importlib.metadata.distribution("cn-clip").locate_file("cn_clip/clip/vocab.txt"))
+    except importlib.metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(
+            "the Chinese vocabulary comes from the cn-clip wheel, which is not installed: "
+            "run `pip install --no-deps cn-clip==1.6.0` (make install does) or pass a vocab.txt path"
+        ) from err
+    if not path.is_file():
+        raise FileNotFoundError(f"cn-clip is installed but {path} is missing; reinstall cn-clip")
+    return path
+
+
+def build_processor(vocab_file: str | Path, image_size: int, context_length: int) -> ChineseCLIPProcessor:
+    """Tokenizer (Chinese BERT word pieces) and image processor (resize, CLIP normalisation)."""
+    tokenizer = BertTokenizer(vocab=str(vocab_file), model_max_length=context_length)
+    image_processor = ChineseCLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return ChineseCLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_model(
+    preset: str, vocab_file: str | Path | None = None, context_length: int = 52, seed: int = 0
+) -> tuple[ChineseCLIPModel, ChineseCLIPProcessor]:
+    """A randomly initialised model of `preset` and its processor."""
+    import torch
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    processor = build_processor(
+        vocab_file or default_vocab_path(), spec["vision"]["image_size"], context_length
+    )
+    config = ChineseCLIPConfig(
+        text_config={**spec["text"], "vocab_size": len(processor.tokenizer), "max_position_embeddings": 512},
+        vision_config={**spec["vision"], "projection_dim": spec["projection_dim"]},
+        projection_dim=spec["projection_dim"],
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return ChineseCLIPModel(config), processor
+
+
+def save_model(model: ChineseCLIPModel, processor: ChineseCLIPProcessor, out_dir: str | Path) -> Path:
+    """Write the Hugging Face directory: config, safetensors weights, tokenizer and processor."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_model(model_dir: str | Path) -> tuple[ChineseCLIPModel, ChineseCLIPProcessor]:
+    """Load a Hugging Face model directory written by `save_model` (or any ChineseCLIP checkpoint)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a Hugging Face model directory (no config.json); "
+            "pass the output folder of `zhclip train`"
+        )
+    model = ChineseCLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
+    processor = ChineseCLIPProcessor.from_pretrained(model_dir)
+    return model.eval(), processor
