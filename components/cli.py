@@ -1,0 +1,178 @@
+"""The `zhclip` command line: one sub-command per pipeline step, each a thin shell over its function.
+
+Every command reads its defaults from params.yaml (`--params`), and explicit flags win. Problems with
+input or setup end with `error: ...` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from components.common import ZhclipError, config_from, load_params
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+pipeline_app = typer.Typer(help="Compile, run locally or submit the Kubeflow pipeline.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read defaults from.")
+
+
+def _echo_json(summary: dict) -> None:
+    typer.echo(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+
+
+@app.command("demo-data")
+def demo_data_command(
+    out: Path = typer.Option(Path("data/raw"), help="Folder for the Chinese-CLIP-format splits."),
+    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same bytes)."),
+    train_images: Optional[int] = typer.Option(None, help="Images in the train split."),
+    test_images: Optional[int] = typer.Option(None, help="Images in the test split."),
+    params: Path = ParamsOption,
+) -> None:
+    """Generate the bundled demo dataset: coloured shapes with Chinese captions, train/valid/test."""
+    from components.demo_data import DemoDataConfig, generate_demo_data
+
+    config = config_from(DemoDataConfig, load_params(params), "demo_data", seed=seed, train_images=train_images, test_images=test_images)
+    _echo_json(generate_demo_data(out, config, summary))
+
+
+@app.command()
+def ingest(
+    raw: Path = typer.Option(Path("data/raw"), help="Folder with {split}_imgs.tsv and {split}_texts.jsonl."),
+    out: Path = typer.Option(Path("data/prepared"), help="Folder for Parquet shards and quarantine files."),
+    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    shard_rows: Optional[int] = typer.Option(None, help="Pairs per Parquet shard."),
+    params: Path = ParamsOption,
+) -> None:
+    """Decode, normalise and shard the raw splits; malformed rows go to OUT/quarantine/ with a reason."""
+    from components.ingest import IngestConfig, ingest as run
+
+    _echo_json(run(raw, out, config_from(IngestConfig, load_params(params), "ingest", shard_rows=shard_rows), summary))
+
+
+@app.command()
+def validate(
+    data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON validation report here."),
+    quarantine: Path = typer.Option(Path("reports/validation_quarantine.jsonl"), help="Where offending rows go."),
+    params: Path = ParamsOption,
+) -> None:
+    """Run the Great Expectations suite; exits non-zero, naming the offending rows, if data is bad."""
+    from components.validate import ValidateConfig, validate as run
+
+    result = run(data, config_from(ValidateConfig, load_params(params), "validate"), report, quarantine)
+    counts = ", ".join(f"{split} ({outcome['rows']} rows)" for split, outcome in result["splits"].items())
+    typer.echo(f"validation passed: {counts}")
+
+
+@app.command()
+def train(
+    stage: int = typer.Option(..., min=1, max=2, help="1: image tower locked (LiT); 2: both towers learn."),
+    data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
+    out: Path = typer.Option(..., help="Folder for the trained Hugging Face model."),
+    init: Optional[Path] = typer.Option(None, help="Model folder to start from (stage 2: stage 1's output)."),
+    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    history: Optional[Path] = typer.Option(None, help="Write the per-step loss and learning rate as CSV here."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training pairs."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
+    batch_size: Optional[int] = typer.Option(None, help="Pairs per step and worker."),
+    num_workers: Optional[int] = typer.Option(None, help="Ray Train workers."),
+    use_gpu: Optional[bool] = typer.Option(None, help="One GPU per worker."),
+    params: Path = ParamsOption,
+) -> None:
+    """Train one stage with Ray Train (in-process Ray, or the cluster at $RAY_ADDRESS)."""
+    from components.train import TrainConfig, train as run
+
+    config = TrainConfig.from_params(load_params(params), stage, epochs=epochs, lr=lr, batch_size=batch_size,
+                                     num_workers=num_workers, use_gpu=use_gpu)
+    _echo_json(run(data, out, config, init, summary, history))
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="Trained model folder."),
+    data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
+    out: Optional[Path] = typer.Option(None, help="Write the metrics JSON here."),
+    split: Optional[str] = typer.Option(None, help="Split to score (default: test)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Text-to-image and image-to-text recall@1/5/10 and mean recall (percent), with the chance level."""
+    from components.evaluate import EvaluateConfig, evaluate as run
+
+    _echo_json(run(model, data, config_from(EvaluateConfig, load_params(params), "evaluate", split=split), out))
+
+
+@app.command()
+def register(
+    model: Path = typer.Option(..., help="Trained model folder."),
+    metrics: Path = typer.Option(..., help="Metrics JSON from `zhclip evaluate`."),
+    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    name: Optional[str] = typer.Option(None, help="Registered model name."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Log an MLflow pyfunc, register a version (alias challenger) and promote it to champion if it is no worse."""
+    from components.register import RegisterConfig, register as run
+
+    all_params = load_params(params)
+    config = config_from(RegisterConfig, all_params, "register", model_name=name, tracking_uri=tracking_uri)
+    _echo_json(run(model, metrics, config, all_params, summary))
+
+
+@app.command()
+def embed(
+    model: str = typer.Option(..., help="A model folder, or an MLflow URI such as models:/zhclip-demo@champion."),
+    text: list[str] = typer.Option([], help="A text to embed (repeatable)."),
+    image: list[Path] = typer.Option([], help="An image file to embed (repeatable)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ URIs."),
+) -> None:
+    """Print L2-normalised embeddings as JSON lines and, given texts and images, their cosine similarities."""
+    from components.embed import embed as run
+
+    for line in run(model, text, image, tracking_uri):
+        typer.echo(json.dumps(line, ensure_ascii=False))
+
+
+@app.command()
+def results() -> None:
+    """Print where the last `dvc repro` put its results and the headline metrics."""
+    from components.results import headline
+
+    typer.echo(headline())
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Path = typer.Option(Path("pipeline.yaml"), help="Where to write the compiled pipeline YAML."),
+    params: Path = ParamsOption,
+) -> None:
+    """Compile the Kubeflow pipeline (defaults from params.yaml) to YAML that Kubeflow accepts."""
+    from workflows.pipeline import compile_pipeline
+
+    typer.echo(f"wrote {compile_pipeline(out, load_params(params))}")
+
+
+@pipeline_app.command("run-local")
+def pipeline_run_local(
+    raw: Path = typer.Option(Path("data/raw"), help="Raw Chinese-CLIP-format data to feed the pipeline."),
+    root: Path = typer.Option(Path("kfp_local"), help="Local pipeline root for artifacts."),
+    params: Path = ParamsOption,
+) -> None:
+    """Run the whole pipeline here with kfp.local's SubprocessRunner (no cluster needed)."""
+    from workflows.pipeline import run_local
+
+    _echo_json(run_local(raw, root, load_params(params)))
+
+
+def main() -> None:
+    try:
+        app()
+    except ZhclipError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)

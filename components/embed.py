@@ -1,0 +1,67 @@
+"""Embed: texts and images through a model folder or a registry pull (models:/<name>@<alias>)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from components.common import ZhclipError
+
+
+def load_embedder(model: str, tracking_uri: str | None = None):
+    """A pyfunc-style embedder from a local model folder or any MLflow model URI."""
+    if Path(model).is_dir():
+        from model.pyfunc import ZhclipEmbedder
+
+        return ZhclipEmbedder(model)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri or not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(tracking_uri or "sqlite:///mlflow.db")
+    try:
+        return mlflow.pyfunc.load_model(model)
+    except (MlflowException, OSError) as err:
+        raise ZhclipError(f"cannot load model {model!r}: {err}") from err
+
+
+def _checked_text(text: str) -> str:
+    if not text.strip():
+        raise ZhclipError("--text must not be empty")
+    return text
+
+
+def _checked_image(path: Path) -> bytes:
+    from model import decode_image
+
+    if not Path(path).is_file():
+        raise ZhclipError(f"image file {path} not found")
+    blob = Path(path).read_bytes()
+    try:
+        decode_image(blob)
+    except ValueError as err:
+        raise ZhclipError(f"{path}: {err}") from err
+    return blob
+
+
+def embed(model: str, texts: list[str], images: list[Path], tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """One record per input with its embedding, then one per (text, image) pair with their cosine."""
+    if not texts and not images:
+        raise ZhclipError("nothing to embed: pass --text and/or --image")
+    frame = pd.DataFrame({"text": [_checked_text(t) for t in texts] + [None] * len(images),
+                          "image": [None] * len(texts) + [_checked_image(p) for p in images]})
+    try:
+        vectors = np.asarray(load_embedder(model, tracking_uri).predict(frame))
+    except ValueError as err:
+        raise ZhclipError(str(err)) from err
+    labels = [("text", t) for t in texts] + [("image", str(p)) for p in images]
+    records = [{kind: label, "embedding": np.round(vector, 6).tolist()} for (kind, label), vector in zip(labels, vectors)]
+    text_vectors, image_vectors = vectors[: len(texts)], vectors[len(texts):]
+    for i, text in enumerate(texts):
+        for j, path in enumerate(images):
+            records.append({"text": text, "image": str(path), "cosine": round(float(text_vectors[i] @ image_vectors[j]), 4)})
+    return records

@@ -1,0 +1,192 @@
+"""Ingest: Chinese-CLIP raw splits -> Parquet shards of (text, image) pairs, bad rows quarantined.
+
+Streaming: texts (small) are indexed first, then images are read line by line and each image's
+pairs are written as soon as it is decoded, so memory holds the text index plus one shard, not the
+images of the whole split.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from components.common import ZhclipError, timed, write_summary
+
+SPLITS = ("train", "valid", "test")
+PAIR_SCHEMA = pa.schema(
+    [("text_id", pa.int64()), ("text", pa.string()), ("image_id", pa.int64()), ("image", pa.binary())]
+)
+
+
+@dataclass
+class IngestConfig:
+    shard_rows: int = 2000
+    max_image_side: int = 0  # 0 keeps the original size
+    image_format: str = "PNG"
+
+    def __post_init__(self):
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}")
+        if self.image_format.upper() not in ("PNG", "JPEG"):
+            raise ValueError(f"image_format must be PNG or JPEG, got {self.image_format!r}")
+
+
+class _Quarantine:
+    """Rejected rows with their reason, one JSON line each: nothing is dropped silently."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.count = 0
+        self._file = None
+
+    def add(self, source: Path, line: int, reason: str, record: str) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w", encoding="utf-8")
+        entry = {"file": str(source), "line": line, "reason": reason, "record": record[:200]}
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, shard_rows: int):
+        self.out_dir, self.shard_rows = out_dir, shard_rows
+        self.rows: list[dict] = []
+        self.shards = 0
+        self.total = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(self.rows, schema=PAIR_SCHEMA)
+        pq.write_table(table, self.out_dir / f"part-{self.shards:05d}.parquet")
+        self.shards += 1
+        self.total += len(self.rows)
+        self.rows = []
+
+
+def decode_base64(text: str) -> bytes:
+    """Accept both the urlsafe base64 Chinese-CLIP writes and standard base64."""
+    return base64.b64decode(text.strip().translate(str.maketrans("-_", "+/")), validate=True)
+
+
+def _reencode(blob: bytes, config: IngestConfig) -> bytes:
+    image = Image.open(io.BytesIO(blob))
+    image = image.convert("RGB")
+    if config.max_image_side and max(image.size) > config.max_image_side:
+        image.thumbnail((config.max_image_side, config.max_image_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format=config.image_format.upper(), **({"quality": 95} if config.image_format.upper() == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def _index_texts(path: Path, quarantine: _Quarantine) -> dict[int, list[tuple[int, str]]]:
+    """image_id -> [(text_id, text)] from a texts jsonl, quarantining malformed lines."""
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    seen: set[int] = set()
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text_id, text, image_ids = int(record["text_id"]), record["text"], record["image_ids"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                quarantine.add(path, number, f"not a text record with text_id, text, image_ids ({err!r})", line)
+                continue
+            if not isinstance(text, str) or not text.strip():
+                quarantine.add(path, number, "empty or non-string text", line)
+            elif not isinstance(image_ids, list) or not image_ids:
+                quarantine.add(path, number, "image_ids must be a non-empty list", line)
+            elif text_id in seen:
+                quarantine.add(path, number, f"duplicate text_id {text_id}", line)
+            else:
+                seen.add(text_id)
+                for image_id in image_ids:
+                    by_image.setdefault(int(image_id), []).append((text_id, text.strip()))
+    return by_image
+
+
+def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig) -> dict:
+    images_path, texts_path = raw_dir / f"{split}_imgs.tsv", raw_dir / f"{split}_texts.jsonl"
+    for path in (images_path, texts_path):
+        if not path.is_file():
+            raise ZhclipError(f"{path} not found: a split needs {split}_imgs.tsv and {split}_texts.jsonl")
+    quarantine = _Quarantine(out_dir / "quarantine" / f"{split}.jsonl")
+    by_image = _index_texts(texts_path, quarantine)
+    writer = _ShardWriter(out_dir / split, config.shard_rows)
+    found: set[int] = set()
+    with open(images_path, encoding="utf-8") as lines:
+        for number, line in enumerate(tqdm(lines, desc=f"ingest {split}", unit=" images", leave=False), 1):
+            if not line.strip():
+                continue
+            try:
+                id_field, b64 = line.rstrip("\n").split("\t")
+                image_id = int(id_field)
+                blob = _reencode(decode_base64(b64), config)
+            except ValueError as err:
+                quarantine.add(images_path, number, f"expected 'image_id<TAB>base64 image' ({err})", line)
+                continue
+            except (binascii.Error, OSError) as err:
+                quarantine.add(images_path, number, f"image does not decode ({err})", line)
+                continue
+            if image_id in found:
+                quarantine.add(images_path, number, f"duplicate image_id {image_id}", line)
+                continue
+            found.add(image_id)
+            for text_id, text in by_image.get(image_id, []):
+                writer.add({"text_id": text_id, "text": text, "image_id": image_id, "image": blob})
+    writer.flush()
+    missing = sorted(set(by_image) - found)
+    for image_id in missing:
+        quarantine.add(texts_path, 0, f"image_id {image_id} is referenced by texts but not in {images_path.name}",
+                       json.dumps(by_image[image_id], ensure_ascii=False))
+    quarantine.close()
+    if writer.total == 0:
+        raise ZhclipError(f"{split}: no usable (text, image) pairs; see {quarantine.path} for the rejected rows")
+    return {"pairs": writer.total, "images": len(found & set(by_image)), "unreferenced_images": len(found - set(by_image)),
+            "texts": len({t for image_id in found for t, _ in by_image.get(image_id, [])}),
+            "quarantined": quarantine.count, "shards": writer.shards}
+
+
+def ingest(raw_dir: str | Path, out_dir: str | Path, config: IngestConfig, summary_path: str | Path | None = None) -> dict:
+    """Ingest every split under `raw_dir` into `out_dir/{split}/part-*.parquet`; returns the summary."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise ZhclipError(f"raw data folder {raw_dir} not found; generate it with `zhclip demo-data` or point --raw at yours")
+    summary: dict = {"out_dir": str(out_dir)}
+    with timed(summary):
+        summary["splits"] = {split: _ingest_split(raw_dir, out_dir, split, config) for split in SPLITS}
+    images = sum(s["images"] + s["unreferenced_images"] for s in summary["splits"].values())
+    summary["images_per_s"] = round(images / max(summary["duration_s"], 1e-9), 1)
+    if summary_path:
+        write_summary(summary_path, summary)
+    return summary
+
+
+def read_pairs(prepared_dir: str | Path, split: str):
+    """All pairs of a prepared split as a pandas DataFrame."""
+    split_dir = Path(prepared_dir) / split
+    shards = sorted(split_dir.glob("part-*.parquet"))
+    if not shards:
+        raise ZhclipError(f"no Parquet shards in {split_dir}; run `zhclip ingest` first")
+    return pq.ParquetDataset(shards).read().to_pandas()
