@@ -1,0 +1,45 @@
+# zhclip: `make demo` runs the whole pipeline on the bundled demo data; `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# The reference package ships the Chinese vocab; its declared dependencies (torchvision, lmdb==1.3.0)
+# would break the pinned torch, so it is installed without them.
+CN_CLIP := cn-clip==1.6.0
+RUN    := PATH="$(abspath $(BIN)):$$PATH"
+
+.PHONY: install demo test test-fast lock clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps $(CN_CLIP)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(RUN) dvc repro
+	$(RUN) zhclip results
+
+test: install
+	$(RUN) pytest
+
+test-fast: install
+	$(RUN) pytest -m "not slow"
+
+# Re-resolve the newest versions allowed by pyproject.toml and pin them (needs the registry).
+lock:
+	rm -rf /tmp/zhclip-lock && $(PYTHON) -m venv /tmp/zhclip-lock
+	/tmp/zhclip-lock/bin/pip install --quiet --upgrade pip
+	/tmp/zhclip-lock/bin/pip install --quiet torch==2.13.0 ".[test]"
+	( head -3 requirements.lock; /tmp/zhclip-lock/bin/pip freeze --exclude-editable \
+	  | grep -v -i '^zhclip' | sed 's/^torch==\(.*\)+cpu/torch==\1/' ) > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean-demo:
+	rm -rf data models metrics plots reports mlflow.db mlruns ray_results kfp_local
