@@ -49,9 +49,15 @@ def recalls(ranked: np.ndarray, positives: Sequence[set[int]], ks: Sequence[int]
 
 
 def chance_recalls(positives: Sequence[set[int]], gallery_size: int, ks: Sequence[int] = KS) -> dict[int, float]:
-    """Expected recall@k of a uniformly random ranking: 1 - C(N-p, k) / C(N, k) per query, averaged."""
-    return {k: 100.0 * float(np.mean([1 - math.comb(gallery_size - len(p), k) / math.comb(gallery_size, k)
-                                      for p in positives])) for k in ks}
+    """Expected recall@k of a uniformly random ranking: 1 - C(N-p, k) / C(N, k) per query, averaged.
+
+    A gallery smaller than k is ranked whole, as `top_k` does.
+    """
+    def expected(p: int, k: int) -> float:
+        k = min(k, gallery_size)
+        return 1 - math.comb(gallery_size - p, k) / math.comb(gallery_size, k)
+
+    return {k: 100.0 * float(np.mean([expected(len(p), k) for p in positives])) for k in ks}
 
 
 def retrieval_metrics(text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[set[int]], chunk_size: int = 1024) -> dict[str, float]:

@@ -14,6 +14,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 import model as model_package
 from components.common import ZhclipError, read_summary, timed, write_summary
 
@@ -108,6 +110,7 @@ def register(
             code_paths=[str(Path(model_package.__file__).parent)],
             pip_requirements=[f"{package}=={version(package)}" for package in INFERENCE_PACKAGES],
             signature=_signature(projection_dim),
+            input_example=pd.DataFrame({"text": ["一只红色的圆形在左上角"]}),
         )
         registered = mlflow.register_model(info.model_uri, config.model_name,
                                            tags={config.metric: str(metrics[config.metric]), "git_commit": _git_commit()})

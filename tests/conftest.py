@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny demo data, its prepared shards, and a two-stage trained model.
+
+Everything is built locally on the fly; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Ray, MLflow and DVC experiments must not depend on the caller's global setup.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GIT_AUTHOR_NAME", "zhclip tests")
+os.environ.setdefault("GIT_AUTHOR_EMAIL", "tests@zhclip.invalid")
+os.environ.setdefault("GIT_COMMITTER_NAME", "zhclip tests")
+os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@zhclip.invalid")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed `zhclip` command; output captured as text."""
+    return subprocess.run([str(BIN / "zhclip"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory) -> Path:
+    from components.demo_data import DemoDataConfig, generate_demo_data
+
+    out = tmp_path_factory.mktemp("raw")
+    generate_demo_data(out, DemoDataConfig(train_images=96, valid_images=8, test_images=24, captions_per_image=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(raw_dir, tmp_path_factory) -> Path:
+    from components.ingest import IngestConfig, ingest
+
+    out = tmp_path_factory.mktemp("prepared")
+    ingest(raw_dir, out, IngestConfig(shard_rows=50))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(prepared_dir, tmp_path_factory) -> dict:
+    """Both stages trained with Ray Train on the tiny data (two epochs each)."""
+    from components.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained")
+    common = {"epochs": 2, "batch_size": 32, "storage_path": str(root / "ray"), "warmup_steps": 2}
+    stage1 = train(prepared_dir, root / "stage1", TrainConfig(stage=1, lr=1e-3, **common),
+                   summary_path=root / "stage1.json", history_csv=root / "stage1.csv")
+    stage2 = train(prepared_dir, root / "stage2", TrainConfig(stage=2, lr=5e-4, **common), init_dir=root / "stage1",
+                   summary_path=root / "stage2.json")
+    return {"root": root, "stage1": stage1, "stage2": stage2}
