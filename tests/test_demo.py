@@ -1,0 +1,75 @@
+"""`dvc repro` of the real demo in a scratch copy of the project: learning, caching and experiments."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import BIN, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args, cwd, timeout=900):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git repository holding the project's pipeline files, where `dvc repro` has run once."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("components", "model"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(REPO / ".dvc" / name, root / ".dvc" / name)
+    _run("git", "init", "-q", cwd=root)
+    _run("git", "add", "-A", cwd=root)
+    _run("git", "commit", "-qm", "project", cwd=root)
+    _run("dvc", "repro", cwd=root)
+    return root
+
+
+def _metrics(root, name):
+    return json.loads((root / "metrics" / f"{name}.json").read_text())
+
+
+def test_demo_learns_well_above_chance_and_stage2_is_no_worse(project):
+    stage1, stage2 = _metrics(project, "evaluate_stage1"), _metrics(project, "evaluate_stage2")
+    chance = stage2["chance_mean_recall"]
+    assert 5 < chance < 15
+    assert stage1["mean_recall"] >= 3 * chance, stage1
+    assert stage2["mean_recall"] >= 3 * chance, stage2
+    assert stage2["mean_recall"] >= stage1["mean_recall"]
+    registered = _metrics(project, "register")
+    assert registered["version"] == 1 and registered["champion_version"] == 1
+    report = _run("zhclip", "results", cwd=project)
+    assert f"chance level {chance:.2f}" in report and f"stage 2: {stage2['mean_recall']:.2f}" in report
+
+
+def test_repro_with_nothing_changed_runs_nothing(project):
+    before = {p: p.stat().st_mtime_ns for p in (project / "metrics").iterdir()}
+    out = _run("dvc", "repro", cwd=project)
+    assert "Data and pipelines are up to date" in out
+    assert "Running stage" not in out
+    assert {p: p.stat().st_mtime_ns for p in (project / "metrics").iterdir()} == before
+
+
+def test_experiment_variant_is_compared_with_the_baseline(project):
+    _run("git", "add", "-A", cwd=project)
+    _run("git", "commit", "-qm", "baseline", cwd=project)
+    out = _run("dvc", "exp", "run", "-S", "stage2.epochs=2", "--name", "short-stage2", cwd=project)
+    assert "Running stage 'train_stage2'" in out and "Running stage 'train_stage1'" not in out
+    shown = json.loads(_run("dvc", "exp", "show", "--json", cwd=project))
+    experiments = [e for baseline in shown for e in (baseline.get("experiments") or [])]
+    assert any(e.get("name") == "short-stage2" for e in experiments), shown
+    diff = json.loads(_run("dvc", "metrics", "diff", "--json", cwd=project))
+    assert diff["metrics/train_stage2.json"]["epochs"] == {"old": 10, "new": 2, "diff": -8}
+    assert "mean_recall" in diff["metrics/evaluate_stage2.json"]
