@@ -115,6 +115,7 @@ def register(
     summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
     name: Optional[str] = typer.Option(None, help="Registered model name."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
+    log_summary: list[Path] = typer.Option([], help="An earlier step's JSON summary to attach to the MLflow run (repeatable)."),
     params: Path = ParamsOption,
 ) -> None:
     """Log an MLflow pyfunc, register a version (alias challenger) and promote it to champion if it is no worse."""
@@ -122,7 +123,7 @@ def register(
 
     all_params = load_params(params)
     config = config_from(RegisterConfig, all_params, "register", model_name=name, tracking_uri=tracking_uri)
-    _echo_json(run(model, metrics, config, all_params, summary))
+    _echo_json(run(model, metrics, config, all_params, summary, log_summary))
 
 
 @app.command()

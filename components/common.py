@@ -87,7 +87,10 @@ def read_summary(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ZhclipError(f"{path} not found; run the step that writes it first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ZhclipError(f"{path} is not a JSON summary ({err})") from err
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,30 +100,40 @@ def _reencode(blob: bytes, config: IngestConfig) -> bytes:
     return buffer.getvalue()
 
 
+def _lines(path: Path, quarantine: _Quarantine, desc: str | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file; undecodable lines are quarantined."""
+    with open(path, "rb") as raw:
+        for number, data in enumerate(tqdm(raw, desc=desc, unit=" lines", leave=False, disable=desc is None), 1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                quarantine.add(path, number, f"not UTF-8 ({err})", data.decode("utf-8", "replace"))
+                continue
+            if line.strip():
+                yield number, line
+
+
 def _index_texts(path: Path, quarantine: _Quarantine) -> dict[int, list[tuple[int, str]]]:
     """image_id -> [(text_id, text)] from a texts jsonl, quarantining malformed lines."""
     by_image: dict[int, list[tuple[int, str]]] = {}
     seen: set[int] = set()
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text_id, text, image_ids = int(record["text_id"]), record["text"], record["image_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                quarantine.add(path, number, f"not a text record with text_id, text, image_ids ({err!r})", line)
-                continue
-            if not isinstance(text, str) or not text.strip():
-                quarantine.add(path, number, "empty or non-string text", line)
-            elif not isinstance(image_ids, list) or not image_ids:
-                quarantine.add(path, number, "image_ids must be a non-empty list", line)
-            elif text_id in seen:
-                quarantine.add(path, number, f"duplicate text_id {text_id}", line)
-            else:
-                seen.add(text_id)
-                for image_id in image_ids:
-                    by_image.setdefault(int(image_id), []).append((text_id, text.strip()))
+    for number, line in _lines(path, quarantine):
+        try:
+            record = json.loads(line)
+            text_id, text, image_ids = int(record["text_id"]), record["text"], record["image_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            quarantine.add(path, number, f"not a text record with text_id, text, image_ids ({err!r})", line)
+            continue
+        if not isinstance(text, str) or not text.strip():
+            quarantine.add(path, number, "empty or non-string text", line)
+        elif not isinstance(image_ids, list) or not image_ids or not all(isinstance(i, int) for i in image_ids):
+            quarantine.add(path, number, "image_ids must be a non-empty list of integers", line)
+        elif text_id in seen:
+            quarantine.add(path, number, f"duplicate text_id {text_id}", line)
+        else:
+            seen.add(text_id)
+            for image_id in image_ids:
+                by_image.setdefault(image_id, []).append((text_id, text.strip()))
     return by_image
 
 
@@ -135,26 +146,23 @@ def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig
     by_image = _index_texts(texts_path, quarantine)
     writer = _ShardWriter(out_dir / split, config.shard_rows)
     found: set[int] = set()
-    with open(images_path, encoding="utf-8") as lines:
-        for number, line in enumerate(tqdm(lines, desc=f"ingest {split}", unit=" images", leave=False), 1):
-            if not line.strip():
-                continue
-            try:
-                id_field, b64 = line.rstrip("\n").split("\t")
-                image_id = int(id_field)
-                blob = _reencode(decode_base64(b64), config)
-            except ValueError as err:
-                quarantine.add(images_path, number, f"expected 'image_id<TAB>base64 image' ({err})", line)
-                continue
-            except (binascii.Error, OSError) as err:
-                quarantine.add(images_path, number, f"image does not decode ({err})", line)
-                continue
-            if image_id in found:
-                quarantine.add(images_path, number, f"duplicate image_id {image_id}", line)
-                continue
-            found.add(image_id)
-            for text_id, text in by_image.get(image_id, []):
-                writer.add({"text_id": text_id, "text": text, "image_id": image_id, "image": blob})
+    for number, line in _lines(images_path, quarantine, desc=f"ingest {split}"):
+        try:
+            id_field, b64 = line.rstrip("\n").split("\t")
+            image_id = int(id_field)
+            blob = _reencode(decode_base64(b64), config)
+        except (binascii.Error, OSError) as err:  # binascii.Error is a ValueError: test it first
+            quarantine.add(images_path, number, f"image does not decode ({err})", line)
+            continue
+        except ValueError as err:
+            quarantine.add(images_path, number, f"expected 'image_id<TAB>base64 image' ({err})", line)
+            continue
+        if image_id in found:
+            quarantine.add(images_path, number, f"duplicate image_id {image_id}", line)
+            continue
+        found.add(image_id)
+        for text_id, text in by_image.get(image_id, []):
+            writer.add({"text_id": text_id, "text": text, "image_id": image_id, "image": blob})
     writer.flush()
     missing = sorted(set(by_image) - found)
     for image_id in missing:

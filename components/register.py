@@ -80,8 +80,12 @@ def register(
     config: RegisterConfig,
     params: dict[str, Any] | None = None,
     summary_path: str | Path | None = None,
+    step_summaries: list[str | Path] = (),
 ) -> dict:
-    """Log, register and gate; returns the summary (version, aliases, decision and both figures)."""
+    """Log, register and gate; returns the summary (version, aliases, decision and both figures).
+
+    `step_summaries` (the JSON summaries of earlier steps) are attached to the MLflow run.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -100,6 +104,9 @@ def register(
     with timed(summary), mlflow.start_run() as run:
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params or {}).items()})
         mlflow.log_metrics(metrics)
+        for step_summary in step_summaries:
+            read_summary(step_summary)  # a missing or broken file fails here, named
+            mlflow.log_artifact(str(step_summary), artifact_path="step_summaries")
         from transformers import AutoConfig
 
         projection_dim = AutoConfig.from_pretrained(model_dir).projection_dim

@@ -193,6 +193,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any]):
     import ray
+    import ray.train
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -213,7 +214,10 @@ def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any]):
                 storage_path=str(Path(config.storage_path).resolve()),
             ),
         )
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise ZhclipError(f"training stage {config.stage} failed: {err}; the worker's log is above") from err
     finally:
         if started_here:
             ray.shutdown()
@@ -240,8 +244,6 @@ def train(
     loop_config = {**asdict(config), "prepared_dir": str(prepared_dir), "init_dir": str(Path(init_dir).resolve()) if init_dir else None}
     start = time.perf_counter()
     result = _run_with_ray(config, loop_config)
-    if result.error:
-        raise ZhclipError(f"training stage {config.stage} failed: {result.error}")
     result.checkpoint.to_directory(str(out_dir))
     history = json.loads((out_dir / HISTORY_FILE).read_text(encoding="utf-8"))
     summary = {

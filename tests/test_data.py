@@ -64,16 +64,22 @@ def test_ingest_quarantines_bad_rows_with_reasons(tmp_path):
     good = [f"1\t{_png_b64()}", f"2\t{_png_b64('blue', urlsafe=False)}"]
     bad = ["3\tnot-base64!!", f"4\t{base64.b64encode(b'plain text, not an image').decode()}", "no tab here", f"1\t{_png_b64()}"]
     texts = [{"text_id": 1, "text": "红色方块", "image_ids": [1]}, {"text_id": 2, "text": "蓝色方块", "image_ids": [2, 9]},
-             "{broken json", {"text_id": 3, "text": "", "image_ids": [1]}]
+             "{broken json", {"text_id": 3, "text": "", "image_ids": [1]}, {"text_id": 4, "text": "绿色", "image_ids": ["x"]}]
     for split in ("train", "valid", "test"):
         _write_split(raw, split, good + bad, texts)
+    with open(raw / "test_texts.jsonl", "ab") as texts_file:
+        texts_file.write(b'{"text_id": 5, "text": "\xff\xfe", "image_ids": [1]}\n')
     summary = ingest(raw, tmp_path / "out", IngestConfig())
     assert summary["splits"]["test"]["pairs"] == 2
-    reasons = [json.loads(line)["reason"] for line in _lines(tmp_path / "out" / "quarantine" / "test.jsonl")]
-    assert len(reasons) == 7 == summary["splits"]["test"]["quarantined"]
-    for expected in ("does not decode", "expected 'image_id<TAB>base64 image'", "duplicate image_id 1",
-                     "not a text record", "empty or non-string text", "image_id 9 is referenced"):
-        assert any(expected in reason for reason in reasons), expected
+    quarantined = [json.loads(line) for line in _lines(tmp_path / "out" / "quarantine" / "test.jsonl")]
+    reasons = [q["reason"] for q in quarantined]
+    assert len(reasons) == 9 == summary["splits"]["test"]["quarantined"]
+    expected = {"image does not decode": 2, "expected 'image_id<TAB>base64 image'": 1, "duplicate image_id 1": 1,
+                "not a text record": 1, "empty or non-string text": 1, "list of integers": 1, "not UTF-8": 1,
+                "image_id 9 is referenced": 1}
+    for fragment, count in expected.items():
+        assert sum(fragment in reason for reason in reasons) == count, (fragment, reasons)
+    assert {q["line"] for q in quarantined if "does not decode" in q["reason"]} == {3, 4}
 
 
 def test_ingest_names_a_missing_split_file(tmp_path):

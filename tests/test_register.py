@@ -28,7 +28,8 @@ def _metrics(tmp_path, name, mean_recall):
 
 def test_champion_moves_only_to_a_model_that_is_no_worse(trained, registry, tmp_path):
     model_dir = trained["root"] / "stage2"
-    first = register(model_dir, _metrics(tmp_path, "a", 40.0), registry, {"train": {"lr": 0.1}}, tmp_path / "r1.json")
+    first = register(model_dir, _metrics(tmp_path, "a", 40.0), registry, {"train": {"lr": 0.1}}, tmp_path / "r1.json",
+                     step_summaries=[trained["root"] / "stage1.json"])
     worse = register(model_dir, _metrics(tmp_path, "b", 30.0), registry)
     better = register(model_dir, _metrics(tmp_path, "c", 45.0), registry)
     client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
@@ -41,6 +42,7 @@ def test_champion_moves_only_to_a_model_that_is_no_worse(trained, registry, tmp_
     assert "kept current champion: 30.0 vs champion 40.0" in client.get_model_version("zhclip-test", "2").tags["promotion"]
     run = client.get_run(first["run_id"])
     assert run.data.metrics["mean_recall"] == 40.0 and run.data.params["train.lr"] == "0.1"
+    assert [a.path for a in client.list_artifacts(first["run_id"], "step_summaries")] == ["step_summaries/stage1.json"]
     assert json.loads((tmp_path / "r1.json").read_text())["version"] == 1
 
 

@@ -110,3 +110,12 @@ def test_stage2_requires_stage1_model(prepared_dir, tmp_path):
         train(prepared_dir, tmp_path / "out", TrainConfig(stage=2))
     with pytest.raises(ZhclipError, match="not a model folder"):
         train(prepared_dir, tmp_path / "out", TrainConfig(stage=2), init_dir=tmp_path)
+
+
+def test_a_failing_worker_stops_the_stage_with_a_clear_error(prepared_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    config = TrainConfig(stage=2, epochs=1, storage_path=str(tmp_path / "ray"))
+    with pytest.raises(ZhclipError, match="training stage 2 failed"):
+        train(prepared_dir, tmp_path / "out", config, init_dir=broken)
