@@ -18,6 +18,8 @@ from components.common import ZhclipError, config_from, load_params
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 pipeline_app = typer.Typer(help="Compile, run locally or submit the Kubeflow pipeline.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+model_app = typer.Typer(help="Import and export models.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read defaults from.")
 
@@ -146,6 +148,20 @@ def results() -> None:
     from components.results import headline
 
     typer.echo(headline())
+
+
+@model_app.command("convert")
+def model_convert(
+    checkpoint: Path = typer.Option(..., help="A released Chinese-CLIP .pt checkpoint (e.g. clip_cn_vit-b-16.pt)."),
+    out: Path = typer.Option(..., help="Folder for the Hugging Face model (safetensors)."),
+    preset: Optional[str] = typer.Option(None, help="Architecture to expect (default: read from the tensor shapes)."),
+    vocab: Optional[Path] = typer.Option(None, help="vocab.txt (default: the one in the cn-clip wheel)."),
+    context_length: int = typer.Option(52, help="Text length the tokenizer pads and truncates to."),
+) -> None:
+    """Import a reference checkpoint; the result loads with ChineseCLIPModel.from_pretrained and trains as stage 1/2 init."""
+    from components.convert import convert
+
+    _echo_json(convert(checkpoint, out, vocab, context_length, preset))
 
 
 @pipeline_app.command("compile")

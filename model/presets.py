@@ -17,34 +17,28 @@ from transformers import (
     ChineseCLIPProcessor,
 )
 
-# Preset = text tower config + vision tower config + shared projection size. The ViT-B-16 entry
-# mirrors the released Chinese-CLIP ViT-B-16 + RoBERTa-wwm-ext-base; "tiny" is for CPU tests and
-# the demo, small enough to train in a minute on two cores.
+# Preset = text tower + vision tower + shared projection size, mirroring Chinese-CLIP's released
+# models (their `model_configs/*.json`); "tiny" is for CPU tests and the demo.
+_TEXT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+_TEXT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+
+
+def _vit(width: int, layers: int, heads: int, patch: int, resolution: int) -> dict:
+    return {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": 4 * width, "patch_size": patch, "image_size": resolution}
+
+
 PRESETS: dict[str, dict] = {
     "tiny": {
         "projection_dim": 64,
         "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
-        "vision": {
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 128,
-            "patch_size": 8,
-            "image_size": 32,
-        },
+        "vision": {**_vit(64, 2, 4, 8, 32), "intermediate_size": 128},
     },
-    "ViT-B-16": {
-        "projection_dim": 512,
-        "text": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
-        "vision": {
-            "hidden_size": 768,
-            "num_hidden_layers": 12,
-            "num_attention_heads": 12,
-            "intermediate_size": 3072,
-            "patch_size": 16,
-            "image_size": 224,
-        },
-    },
+    "ViT-B-16": {"projection_dim": 512, "text": _TEXT_BASE, "vision": _vit(768, 12, 12, 16, 224)},
+    "ViT-L-14": {"projection_dim": 768, "text": _TEXT_BASE, "vision": _vit(1024, 24, 16, 14, 224)},
+    "ViT-L-14-336": {"projection_dim": 768, "text": _TEXT_BASE, "vision": _vit(1024, 24, 16, 14, 336)},
+    # ViT-H-14's attention heads are 80 wide, not 64 (the reference's `vision_head_width`).
+    "ViT-H-14": {"projection_dim": 1024, "text": _TEXT_LARGE, "vision": _vit(1280, 32, 16, 14, 224)},
 }
 
 # OpenAI-CLIP pixel statistics, which Chinese-CLIP keeps.
@@ -93,14 +87,20 @@ def build_model(
     processor = build_processor(
         vocab_file or default_vocab_path(), spec["vision"]["image_size"], context_length
     )
+    config = make_config(spec, vocab_size=len(processor.tokenizer))
+    torch.manual_seed(seed)
+    return ChineseCLIPModel(config), processor
+
+
+def make_config(spec: dict, vocab_size: int = 21128, max_position_embeddings: int = 512) -> ChineseCLIPConfig:
+    """A ChineseCLIPConfig (SDPA attention) from a preset-shaped spec: text, vision, projection_dim."""
     config = ChineseCLIPConfig(
-        text_config={**spec["text"], "vocab_size": len(processor.tokenizer), "max_position_embeddings": 512},
+        text_config={**spec["text"], "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings},
         vision_config={**spec["vision"], "projection_dim": spec["projection_dim"]},
         projection_dim=spec["projection_dim"],
     )
     config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return ChineseCLIPModel(config), processor
+    return config
 
 
 def save_model(model: ChineseCLIPModel, processor: ChineseCLIPProcessor, out_dir: str | Path) -> Path:

@@ -1,0 +1,105 @@
+"""Fidelity to the reference implementation (the `cn-clip` wheel): tokens and converted checkpoints."""
+
+import json
+
+import pytest
+import torch
+from transformers import ChineseCLIPModel, ChineseCLIPProcessor
+
+from model import build_model
+from model.convert import convert_checkpoint, load_reference_checkpoint, reference_spec
+from reference import reference
+
+TEXTS = ["一个红色的圆形在左上角", "Hello WORLD, 你好！", "“引号”和‘单引号’ \"ascii\" 'quotes'", "Café naïve résumé ÀÉÎ",
+         "emoji 😀 and tabs\tand\nnewlines", "ｆｕｌｌ　ｗｉｄｔｈ　ＡＢＣ１２３", "很长" * 40, "", "   ", "unaffable running",
+         "数字123和english混合mixed", "\u200b零宽\u00a0空格", "𠀀罕见字", "iPhone 15 Pro Max 价格"]
+
+
+@pytest.mark.parametrize("context_length", [52, 16])
+def test_token_ids_match_the_reference_tokenize(context_length):
+    _, processor = build_model("tiny", context_length=context_length)
+    ours = processor.tokenizer(TEXTS, padding="max_length", truncation=True, max_length=context_length,
+                               return_tensors="pt")["input_ids"]
+    theirs = reference().tokenize(TEXTS, context_length=context_length)
+    for text, a, b in zip(TEXTS, ours, theirs):
+        assert torch.equal(a, b), text
+
+
+def _reference_model(**overrides):
+    """A randomly initialised reference CLIP with every tensor perturbed, so no mapping hides behind zeros/ones."""
+    text = json.loads((reference().configs / "RoBERTa-wwm-ext-base-chinese.json").read_text())
+    config = {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 128, "vision_patch_size": 8,
+              **text, "text_hidden_size": 128, "text_num_hidden_layers": 2, "text_num_attention_heads": 2,
+              "text_intermediate_size": 256, **overrides}
+    torch.manual_seed(0)
+    model = reference().CLIP(**config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return model.eval()
+
+
+def _save_as_released(model, path):
+    torch.save({"epoch": 3, "step": 100, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+
+
+def _compare(reference_model, model_dir, resolution):
+    ours = ChineseCLIPModel.from_pretrained(model_dir).eval()
+    processor = ChineseCLIPProcessor.from_pretrained(model_dir)
+    texts = [t for t in TEXTS if t.strip()]
+    tokens = processor.tokenizer(texts, padding="max_length", truncation=True, max_length=52, return_tensors="pt")
+    pixels = torch.randn(3, 3, resolution, resolution)
+    with torch.no_grad():
+        text_ours = ours.get_text_features(**tokens).pooler_output
+        text_ref = reference_model.encode_text(reference().tokenize(texts))
+        image_ours = ours.get_image_features(pixel_values=pixels).pooler_output
+        image_ref = reference_model.encode_image(pixels)
+    assert (text_ours - text_ref).abs().max().item() <= 1e-4
+    assert (image_ours - image_ref).abs().max().item() <= 1e-4
+    torch.testing.assert_close(ours.logit_scale, reference_model.logit_scale)
+
+
+def test_converted_checkpoint_reproduces_reference_embeddings(tmp_path):
+    reference_model = _reference_model()
+    _save_as_released(reference_model, tmp_path / "epoch3.pt")
+    convert_checkpoint(tmp_path / "epoch3.pt", tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    _compare(reference_model, tmp_path / "hf", 32)
+
+
+@pytest.mark.slow
+def test_vit_b_16_checkpoint_converts_with_its_released_shape(tmp_path):
+    vision = json.loads((reference().configs / "ViT-B-16.json").read_text())
+    text = json.loads((reference().configs / "RoBERTa-wwm-ext-base-chinese.json").read_text())
+    reference_model = _reference_model(**vision, **text)
+    _save_as_released(reference_model, tmp_path / "vit-b-16.pt")
+    spec = reference_spec(load_reference_checkpoint(tmp_path / "vit-b-16.pt"))
+    assert spec["vision"]["num_attention_heads"] == 12 and spec["vision"]["image_size"] == 224
+    convert_checkpoint(tmp_path / "vit-b-16.pt", tmp_path / "hf")
+    _compare(reference_model, tmp_path / "hf", 224)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt not found"):
+        load_reference_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt is not a loadable PyTorch checkpoint"):
+        load_reference_checkpoint(tmp_path / "junk.pt")
+    state = {k: v for k, v in _reference_model().state_dict().items() if k != "bert.encoder.layer.1.output.dense.bias"}
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="missing \\['text_model.encoder.layer.1.output.dense.bias'\\]"):
+        convert_checkpoint(tmp_path / "partial.pt", tmp_path / "out")
+
+
+def test_convert_from_the_command_line(tmp_path):
+    from conftest import run_cli
+
+    _save_as_released(_reference_model(), tmp_path / "ref.pt")
+    result = run_cli("model", "convert", "--checkpoint", str(tmp_path / "ref.pt"), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["projection_dim"], summary["image_size"], summary["vision_layers"]) == (32, 32, 2)
+    mismatch = run_cli("model", "convert", "--checkpoint", str(tmp_path / "ref.pt"), "--out", str(tmp_path / "b"),
+                       "--preset", "ViT-B-16")
+    assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
+    assert "shape mismatches" in mismatch.stderr and "visual_projection.weight" in mismatch.stderr
