@@ -164,6 +164,18 @@ def model_convert(
     _echo_json(convert(checkpoint, out, vocab, context_length, preset))
 
 
+@model_app.command("export-onnx")
+def model_export_onnx(
+    model: Path = typer.Option(..., help="Trained or converted model folder."),
+    out: Path = typer.Option(..., help="Folder for image_encoder.onnx and text_encoder.onnx."),
+    tolerance: float = typer.Option(1e-3, help="Largest allowed difference from PyTorch on the check batch."),
+) -> None:
+    """Export the image and text encoders to ONNX (dynamic batch) and verify them with onnxruntime."""
+    from components.export import export
+
+    _echo_json(export(model, out, tolerance))
+
+
 @pipeline_app.command("compile")
 def pipeline_compile(
     out: Path = typer.Option(Path("pipeline.yaml"), help="Where to write the compiled pipeline YAML."),

@@ -1,0 +1,50 @@
+"""ONNX export of the image and text encoders, each with a dynamic batch axis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import ChineseCLIPModel
+
+
+class ImageEncoder(torch.nn.Module):
+    """pixel_values (batch, 3, H, W) -> projected image features (batch, projection_dim), unnormalised."""
+
+    def __init__(self, model: ChineseCLIPModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+
+class TextEncoder(torch.nn.Module):
+    """input_ids, attention_mask (batch, context) -> projected text features (batch, projection_dim)."""
+
+    def __init__(self, model: ChineseCLIPModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+def export_onnx(model: ChineseCLIPModel, out_dir: str | Path, context_length: int) -> dict[str, Path]:
+    """Write image_encoder.onnx and text_encoder.onnx (torch.export-based exporter) into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float()
+    size = model.config.vision_config.image_size
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    paths = {"image": out_dir / "image_encoder.onnx", "text": out_dir / "text_encoder.onnx"}
+    with torch.no_grad():
+        torch.onnx.export(ImageEncoder(model), (torch.zeros(2, 3, size, size),), str(paths["image"]),
+                          input_names=["pixel_values"], output_names=["image_features"],
+                          dynamic_shapes={"pixel_values": {0: batch}}, dynamo=True, external_data=False)
+        ids = torch.zeros(2, context_length, dtype=torch.long)
+        torch.onnx.export(TextEncoder(model), (ids, torch.ones_like(ids)), str(paths["text"]),
+                          input_names=["input_ids", "attention_mask"], output_names=["text_features"],
+                          dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+                          dynamo=True, external_data=False)
+    return paths
