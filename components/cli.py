@@ -86,13 +86,17 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Pairs per step and worker."),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers."),
     use_gpu: Optional[bool] = typer.Option(None, help="One GPU per worker."),
+    pretrained_vision: Optional[Path] = typer.Option(None, help="Stage 1: OpenAI-CLIP folder (HF format) for the image tower."),
+    pretrained_text: Optional[Path] = typer.Option(None, help="Stage 1: Chinese RoBERTa-wwm folder (BertModel format) for the text tower."),
     params: Path = ParamsOption,
 ) -> None:
     """Train one stage with Ray Train (in-process Ray, or the cluster at $RAY_ADDRESS)."""
     from components.train import TrainConfig, train as run
 
     config = TrainConfig.from_params(load_params(params), stage, epochs=epochs, lr=lr, batch_size=batch_size,
-                                     num_workers=num_workers, use_gpu=use_gpu)
+                                     num_workers=num_workers, use_gpu=use_gpu,
+                                     pretrained_vision=str(pretrained_vision) if pretrained_vision else None,
+                                     pretrained_text=str(pretrained_text) if pretrained_text else None)
     _echo_json(run(data, out, config, init, summary, history))
 
 

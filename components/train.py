@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from components.common import ZhclipError, build_config, section, write_summary
 from components.ingest import read_pairs
 from model import build_model, contrastive_loss, decode_image, load_model, lock_image_tower, save_model
+from model.pretrained import init_from_pretrained
 
 HISTORY_FILE = "training_history.json"
 
@@ -44,6 +45,9 @@ class TrainConfig:
     cpus_per_worker: int = 2
     use_gpu: bool = False
     storage_path: str = "ray_results"
+    pretrained_vision: str = ""  # stage 1 from scratch: an OpenAI-CLIP folder (HF format) for the image tower
+    pretrained_text: str = ""  # ... and a Chinese RoBERTa-wwm folder (BertModel format) for the text tower
+    unlocked_groups: int = 0  # stage 1: leave this many last image-tower groups trainable
 
     def __post_init__(self):
         if self.stage not in (1, 2):
@@ -132,6 +136,7 @@ def train_worker_loop(
         model, processor = load_model(config["init_dir"])
     else:
         model, processor = build_model(cfg.preset, context_length=cfg.context_length, seed=cfg.seed)
+        init_from_pretrained(model, cfg.pretrained_vision or None, cfg.pretrained_text or None)
     pairs = read_pairs(config["prepared_dir"], "train").iloc[rank::world_size]
     loader = DataLoader(
         PairDataset(pairs, processor, cfg.context_length),
@@ -142,7 +147,7 @@ def train_worker_loop(
     )
     model.train()
     if cfg.stage == 1:
-        lock_image_tower(model)
+        lock_image_tower(model, cfg.unlocked_groups)
     raw_model = model
     model = wrap_model(model)
     device = next(model.parameters()).device
@@ -159,6 +164,8 @@ def train_worker_loop(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            with torch.no_grad():  # as the reference: the temperature stays within [1, 100]
+                raw_model.logit_scale.clamp_(0, math.log(100))
             epoch_losses.append(loss.item())
             history.append({"step": len(history) + 1, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(epoch_losses)),
@@ -241,7 +248,15 @@ def train(
         raise ZhclipError("stage 2 starts from stage 1's model: pass --init <stage 1 output folder>")
     if init_dir and not (Path(init_dir) / "config.json").is_file():
         raise ZhclipError(f"--init {init_dir} is not a model folder (no config.json); train stage 1 first")
-    loop_config = {**asdict(config), "prepared_dir": str(prepared_dir), "init_dir": str(Path(init_dir).resolve()) if init_dir else None}
+    for name in ("pretrained_vision", "pretrained_text"):
+        folder = getattr(config, name)
+        if folder and not Path(folder).is_dir():
+            raise ZhclipError(f"{name}: pretrained checkpoint folder {folder} not found (local folders only)")
+        if folder and init_dir:
+            raise ZhclipError(f"{name} initialises a fresh model; it cannot be combined with --init {init_dir}")
+    loop_config = {**asdict(config), "prepared_dir": str(prepared_dir), "init_dir": str(Path(init_dir).resolve()) if init_dir else None,
+                   **{name: str(Path(getattr(config, name)).resolve()) if getattr(config, name) else ""
+                      for name in ("pretrained_vision", "pretrained_text")}}
     start = time.perf_counter()
     result = _run_with_ray(config, loop_config)
     result.checkpoint.to_directory(str(out_dir))

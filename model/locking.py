@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+from torch import nn
 from transformers import ChineseCLIPModel
 
 
-def lock_image_tower(model: ChineseCLIPModel) -> int:
-    """Freeze the vision encoder and its projection; returns the number of frozen parameters.
+def image_tower_groups(model: ChineseCLIPModel) -> list[list[nn.Module]]:
+    """The image tower as ordered groups, as open_clip counts them: embeddings with the pre-norm,
+    one group per transformer layer, then the post-norm with the projection."""
+    vision = model.vision_model
+    return [[vision.embeddings, vision.pre_layrnorm], *[[layer] for layer in vision.encoder.layers],
+            [vision.post_layernorm, model.visual_projection]]
 
-    The locked tower is also put in eval mode so dropout and the like behave as at inference.
+
+def lock_image_tower(model: ChineseCLIPModel, unlocked_groups: int = 0) -> int:
+    """Freeze the image tower except its last `unlocked_groups` groups; returns the frozen parameter count.
+
+    Frozen modules get no gradients (so the optimizer keeps no state for them) and are put in eval
+    mode, so dropout and normalisation statistics behave as at inference.
     """
+    groups = image_tower_groups(model)
+    if not 0 <= unlocked_groups <= len(groups):
+        raise ValueError(f"unlocked_groups must be 0..{len(groups)} for this image tower, got {unlocked_groups}")
     frozen = 0
-    for module in (model.vision_model, model.visual_projection):
-        module.eval()
-        for param in module.parameters():
-            param.requires_grad_(False)
-            frozen += param.numel()
+    for group in groups[: len(groups) - unlocked_groups]:
+        for module in group:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad_(False)
+                frozen += param.numel()
     return frozen

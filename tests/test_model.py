@@ -98,3 +98,14 @@ def test_locked_image_tower_does_not_change_in_a_step():
 def test_load_model_names_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_unlocked_groups_leave_the_last_image_tower_groups_trainable():
+    model, _ = build_model("tiny")
+    lock_image_tower(model, unlocked_groups=2)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad and name.startswith(("vision", "visual"))}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if n.startswith(("vision_model.encoder.layers.1.", "vision_model.post_layernorm.", "visual_projection."))}
+    assert not model.vision_model.encoder.layers[0].training and model.vision_model.encoder.layers[1].training
+    with pytest.raises(ValueError, match="unlocked_groups must be 0..4"):
+        lock_image_tower(build_model("tiny")[0], unlocked_groups=5)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -11,10 +12,10 @@ from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
 from components.common import ZhclipError, load_params
 from components.train import TrainConfig, parameter_groups, train, train_worker_loop, warmup_cosine
-from model import build_model
+from model import build_model, save_model
 
 
-def _loop(prepared_dir, tmp_path, **overrides):
+def _loop(prepared_dir, tmp_path, init_dir=None, **overrides):
     saved = {}
 
     def report(metrics, checkpoint_dir):
@@ -23,7 +24,7 @@ def _loop(prepared_dir, tmp_path, **overrides):
             saved["state"] = {k: v.clone() for k, v in model.state_dict().items()}
 
     config = {**asdict(TrainConfig(**{"batch_size": 32, "warmup_steps": 2, **overrides})),
-              "prepared_dir": str(prepared_dir), "init_dir": None}
+              "prepared_dir": str(prepared_dir), "init_dir": init_dir}
     return train_worker_loop(config, report=report), saved["state"]
 
 
@@ -119,3 +120,26 @@ def test_a_failing_worker_stops_the_stage_with_a_clear_error(prepared_dir, tmp_p
     config = TrainConfig(stage=2, epochs=1, storage_path=str(tmp_path / "ray"))
     with pytest.raises(ZhclipError, match="training stage 2 failed"):
         train(prepared_dir, tmp_path / "out", config, init_dir=broken)
+
+
+def test_logit_scale_is_clamped_to_ln_100_after_each_step(prepared_dir, tmp_path):
+    model, processor = build_model("tiny")
+    with torch.no_grad():
+        model.logit_scale.fill_(9.0)
+    save_model(model, processor, tmp_path / "hot")
+    history, state = _loop(prepared_dir, tmp_path, init_dir=str(tmp_path / "hot"), stage=2, epochs=1, lr=1e-4)
+    # Without the clamp it would stay near 9 at this learning rate; with it, steps start from ln 100.
+    assert math.log(100) - 0.01 < state["logit_scale"].item() <= math.log(100) + 1e-6
+
+
+def test_stage1_starts_from_pretrained_towers_and_keeps_the_image_tower(prepared_dir, tmp_path):
+    from test_pretrained import _clip, _roberta
+
+    clip, bert = _clip(tmp_path / "clip"), _roberta(tmp_path / "roberta")
+    _, state = _loop(prepared_dir, tmp_path, stage=1, epochs=1, lr=1e-3,
+                     pretrained_vision=str(tmp_path / "clip"), pretrained_text=str(tmp_path / "roberta"))
+    for name, tensor in clip.state_dict().items():
+        if name.startswith(("vision_model.", "visual_projection.")):
+            torch.testing.assert_close(state[name], tensor, msg=name)
+    word = "text_model.embeddings.word_embeddings.weight"
+    assert not torch.equal(state[word], bert.state_dict()["bert.embeddings.word_embeddings.weight"])
