@@ -48,6 +48,8 @@ class TrainConfig:
     pretrained_vision: str = ""  # stage 1 from scratch: an OpenAI-CLIP folder (HF format) for the image tower
     pretrained_text: str = ""  # ... and a Chinese RoBERTa-wwm folder (BertModel format) for the text tower
     unlocked_groups: int = 0  # stage 1: leave this many last image-tower groups trainable
+    local_loss: bool = False  # multi-worker: score local rows against the global batch (less memory)
+    gather_with_grad: bool = False  # multi-worker: let gradients flow through other workers' features
 
     def __post_init__(self):
         if self.stage not in (1, 2):
@@ -159,7 +161,8 @@ def train_worker_loop(
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
             outputs = model(**batch)
-            loss = contrastive_loss(outputs.image_embeds, outputs.text_embeds, raw_model.logit_scale)
+            loss = contrastive_loss(outputs.image_embeds, outputs.text_embeds, raw_model.logit_scale,
+                                    local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
