@@ -8,7 +8,14 @@ STAMP  := $(VENV)/.installed-stamp
 CN_CLIP := cn-clip==1.6.0
 RUN    := PATH="$(abspath $(BIN)):$$PATH"
 
-.PHONY: install demo test test-fast lock clean-demo
+# A second environment that runs the reference implementation's own image transform, which needs
+# torchvision; no torchvision build runs beside the pinned CPU torch, so it gets torch 2.14.1 and
+# torchvision 0.29.1, with Pillow and NumPy at the locked versions. Tests only.
+REF_VENV  := .venv-reference
+REF_STAMP := $(REF_VENV)/.installed-stamp
+REF_PINS  := torch==2.14.1 torchvision==0.29.1 $(shell grep -i -E '^(pillow|numpy|six)==' requirements.lock)
+
+.PHONY: install reference-env demo test test-fast lock clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +29,19 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+$(REF_STAMP): requirements.lock
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install --quiet $(REF_PINS)
+	$(REF_VENV)/bin/python -m pip install --quiet --no-deps $(CN_CLIP)
+	touch $(REF_STAMP)
+
+reference-env: $(REF_STAMP)
+
 demo: install
 	$(RUN) dvc repro
 	$(RUN) zhclip results
 
-test: install
+test: install reference-env
 	$(RUN) pytest
 
 test-fast: install

@@ -1,12 +1,17 @@
 """Fidelity to the reference implementation (the `cn-clip` wheel): tokens and converted checkpoints."""
 
 import json
+import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
-from model import build_model
+from model import build_model, decode_image
+from model.presets import build_processor, default_vocab_path
 from model.convert import convert_checkpoint, load_reference_checkpoint, reference_spec
 from reference import reference
 
@@ -103,3 +108,39 @@ def test_convert_from_the_command_line(tmp_path):
                        "--preset", "ViT-B-16")
     assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
     assert "shape mismatches" in mismatch.stderr and "visual_projection.weight" in mismatch.stderr
+
+
+REFERENCE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-reference" / "bin" / "python"
+REFERENCE_PIXELS = """
+import sys, numpy, torch
+from PIL import Image
+from cn_clip.clip import image_transform
+resolution, out, *paths = sys.argv[1:]
+transform = image_transform(int(resolution))
+numpy.save(out, torch.stack([transform(Image.open(p)) for p in paths]).numpy())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resolution", [224, 32])
+def test_pixels_match_the_reference_image_transform(tmp_path, resolution):
+    """cn-clip's own `image_transform` (real torchvision, in the reference environment) against ours."""
+    if not REFERENCE_PYTHON.is_file():
+        pytest.fail("the reference environment is missing: run `make reference-env` (make test does)")
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, (size, mode, fmt) in enumerate([((64, 64), "RGB", "PNG"), ((300, 200), "RGB", "JPEG"),
+                                               ((17, 93), "L", "PNG"), ((224, 224), "RGB", "PNG"), ((500, 333), "RGB", "JPEG")]):
+        channels = 3 if mode == "RGB" else 1
+        pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze()
+        path = tmp_path / f"image{index}.{fmt.lower()}"
+        Image.fromarray(pixels, mode).save(path, format=fmt)
+        paths.append(path)
+    result = subprocess.run([str(REFERENCE_PYTHON), "-c", REFERENCE_PIXELS, str(resolution), str(tmp_path / "ref.npy"),
+                             *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = np.load(tmp_path / "ref.npy")
+    processor = build_processor(default_vocab_path(), resolution, 52)
+    ours = processor.image_processor(images=[decode_image(p.read_bytes()) for p in paths], return_tensors="np")["pixel_values"]
+    assert ours.shape == theirs.shape == (len(paths), 3, resolution, resolution)
+    assert np.abs(ours - theirs).max() <= 1e-5
