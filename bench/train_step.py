@@ -14,6 +14,7 @@ import torch
 
 from components.train import parameter_groups
 from model import build_model, contrastive_loss, lock_image_tower
+from model.presets import image_size
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     if args.stage == 1:
         lock_image_tower(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4)
-    size = model.config.vision_config.image_size
+    size = image_size(model.config)
     batch = {
         "input_ids": torch.randint(106, 21128, (args.batch_size, args.context_length), device=device),
         "attention_mask": torch.ones(args.batch_size, args.context_length, dtype=torch.long, device=device),

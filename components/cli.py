@@ -162,7 +162,7 @@ def model_convert(
     vocab: Optional[Path] = typer.Option(None, help="vocab.txt (default: the one in the cn-clip wheel)."),
     context_length: int = typer.Option(52, help="Text length the tokenizer pads and truncates to."),
 ) -> None:
-    """Import a reference checkpoint; the result loads with ChineseCLIPModel.from_pretrained and trains as stage 1/2 init."""
+    """Import a reference checkpoint; the result loads with transformers (AutoModel; ViT: ChineseCLIPModel) and can be --init for training."""
     from components.convert import convert
 
     _echo_json(convert(checkpoint, out, vocab, context_length, preset))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from components.common import ZhclipError, timed
 from model.convert import convert_checkpoint
+from model.presets import image_size
 
 
 def convert(checkpoint: str | Path, out_dir: str | Path, vocab_file: str | Path | None = None,
@@ -20,6 +21,6 @@ def convert(checkpoint: str | Path, out_dir: str | Path, vocab_file: str | Path 
         except (FileNotFoundError, ValueError) as err:
             raise ZhclipError(f"cannot convert {checkpoint}: {err}") from err
     config = AutoConfig.from_pretrained(out_dir)
-    summary.update(projection_dim=config.projection_dim, image_size=config.vision_config.image_size,
-                   vision_layers=config.vision_config.num_hidden_layers, text_layers=config.text_config.num_hidden_layers)
+    summary.update(architecture=config.model_type, projection_dim=config.projection_dim, image_size=image_size(config),
+                   text_layers=config.text_config.num_hidden_layers)
     return summary

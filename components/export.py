@@ -12,6 +12,7 @@ import torch
 from components.common import ZhclipError, timed
 from model import load_model
 from model.export import ImageEncoder, TextEncoder, export_onnx
+from model.presets import image_size
 
 
 def _max_difference(session, feeds: dict[str, torch.Tensor], encoder: torch.nn.Module) -> float:
@@ -35,7 +36,7 @@ def export(model_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-3, 
     with timed(summary), contextlib.redirect_stdout(sys.stderr):
         paths = export_onnx(model, out_dir, context_length)
     generator = torch.Generator().manual_seed(seed)
-    size = model.config.vision_config.image_size
+    size = image_size(model.config)
     ids = torch.randint(106, len(processor.tokenizer), (5, context_length), generator=generator)
     mask = torch.ones_like(ids)
     mask[:, context_length // 2:] = 0

@@ -1,6 +1,7 @@
 """Import released Chinese-CLIP checkpoints (the reference's `.pt` files) as Hugging Face models.
 
-The reference stores an OpenAI-CLIP-style vision transformer under `visual.*`, a BERT text encoder
+The reference stores an OpenAI-CLIP-style image tower under `visual.*` (a vision transformer, or
+for RN50 a modified ResNet whose names model/resnet.py keeps), a BERT text encoder
 under `bert.*`, and `text_projection` / `logit_scale`, usually inside {"state_dict": ...} with a
 `module.` prefix from DistributedDataParallel. The architecture is read off the tensor shapes.
 """
@@ -11,9 +12,9 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import ChineseCLIPConfig, ChineseCLIPModel
+from transformers import AutoModel, PreTrainedModel
 
-from model.presets import PRESETS, build_processor, default_vocab_path, make_config, save_model
+from model.presets import PRESETS, build_processor, default_vocab_path, image_size, make_config, save_model
 
 _VISION_LAYER = {
     "ln_1": "layer_norm1",
@@ -44,25 +45,45 @@ def _count(state: dict, pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _is_resnet(state: dict[str, torch.Tensor]) -> bool:
+    return "visual.layer1.0.conv1.weight" in state
+
+
+def _text_spec(state: dict[str, torch.Tensor]) -> dict:
+    width = state["bert.embeddings.word_embeddings.weight"].shape[1]
+    return {"hidden_size": width, "num_hidden_layers": _count(state, r"bert\.encoder\.layer\.(\d+)\."),
+            "num_attention_heads": width // 64,
+            "intermediate_size": state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            "type_vocab_size": state["bert.embeddings.token_type_embeddings.weight"].shape[0]}
+
+
+def _resnet_spec(state: dict[str, torch.Tensor]) -> dict:
+    width = state["visual.conv3.weight"].shape[0]
+    grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = [_count(state, rf"visual\.layer{stage}\.(\d+)\.") for stage in range(1, 5)]
+    # The reference sizes the attention pool's heads as width * 32 / 64.
+    return {"projection_dim": state["visual.attnpool.c_proj.weight"].shape[0], "text": _text_spec(state),
+            "vision": {"resnet_layers": layers, "width": width, "heads": width * 32 // 64, "image_size": grid * 32}}
+
+
 def reference_spec(state: dict[str, torch.Tensor]) -> dict:
     """The preset-shaped spec (text, vision, projection_dim) of a reference state dict."""
+    if "bert.embeddings.word_embeddings.weight" not in state:
+        raise ValueError("no bert.* text tower: not a Chinese-CLIP checkpoint")
+    if _is_resnet(state):
+        return _resnet_spec(state)
     if "visual.conv1.weight" not in state or "visual.proj" not in state:
-        kind = "a ResNet image tower (RN50)" if "visual.layer1.0.conv1.weight" in state else "no ViT image tower"
-        raise ValueError(f"checkpoint has {kind}; only ViT checkpoints (ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14) convert")
+        raise ValueError("no visual.* image tower (ViT or ResNet): not a Chinese-CLIP checkpoint")
     width, _, patch, _ = state["visual.conv1.weight"].shape
     grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     vision_layers = _count(state, r"visual\.transformer\.resblocks\.(\d+)\.")
-    text_width = state["bert.embeddings.word_embeddings.weight"].shape[1]
     # Head counts are not in the shapes: take them from the released preset of the same size,
     # else the 64-wide heads both towers use by default.
     vision_heads = next((p["vision"]["num_attention_heads"] for p in PRESETS.values()
-                         if p["vision"]["hidden_size"] == width and p["vision"]["num_hidden_layers"] == vision_layers), width // 64)
+                         if p["vision"].get("hidden_size") == width and p["vision"].get("num_hidden_layers") == vision_layers), width // 64)
     return {
         "projection_dim": state["visual.proj"].shape[1],
-        "text": {"hidden_size": text_width, "num_hidden_layers": _count(state, r"bert\.encoder\.layer\.(\d+)\."),
-                 "num_attention_heads": text_width // 64,
-                 "intermediate_size": state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-                 "type_vocab_size": state["bert.embeddings.token_type_embeddings.weight"].shape[0]},
+        "text": _text_spec(state),
         "vision": {"hidden_size": width, "num_hidden_layers": vision_layers, "num_attention_heads": vision_heads,
                    "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                    "patch_size": patch, "image_size": grid * patch},
@@ -93,10 +114,14 @@ def _vision_key(key: str) -> list[str]:
 
 
 def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename (and split or transpose where layouts differ) reference tensors to ChineseCLIPModel's."""
+    """Rename (and split or transpose where layouts differ) reference tensors to zhclip's model's.
+
+    ResNet tower tensors keep their names; ViT ones move to ChineseCLIPModel's layout.
+    """
+    resnet = _is_resnet(state)
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        tensor = tensor.float()
+        tensor = tensor if key.endswith("num_batches_tracked") else tensor.float()
         if key.startswith("bert.pooler."):
             continue  # the reference never uses the pooler; ChineseCLIPModel has none
         if key.startswith("bert."):
@@ -105,6 +130,8 @@ def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, to
             converted["text_projection.weight"] = tensor.t().contiguous()
         elif key == "logit_scale":
             converted["logit_scale"] = tensor
+        elif key.startswith("visual.") and resnet:
+            converted[key] = tensor
         elif key.startswith("visual."):
             key = key.replace(".in_proj_weight", ".in_proj.weight").replace(".in_proj_bias", ".in_proj.bias")
             targets = _vision_key(key)
@@ -115,20 +142,20 @@ def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, to
     return converted
 
 
-def model_from_reference_state(state: dict[str, torch.Tensor], preset: str | None = None) -> ChineseCLIPModel:
-    """A ChineseCLIPModel holding exactly the reference weights; names any tensor that does not fit.
+def model_from_reference_state(state: dict[str, torch.Tensor], preset: str | None = None) -> PreTrainedModel:
+    """A zhclip model holding exactly the reference weights; names any tensor that does not fit.
 
     The architecture is `preset` when given (a mismatching checkpoint is then reported tensor by
     tensor), else inferred from the shapes.
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    config: ChineseCLIPConfig = make_config(
+    config = make_config(
         PRESETS[preset] if preset else reference_spec(state),
         vocab_size=state["bert.embeddings.word_embeddings.weight"].shape[0],
         max_position_embeddings=state["bert.embeddings.position_embeddings.weight"].shape[0],
     )
-    model = ChineseCLIPModel(config)
+    model = AutoModel.from_config(config)
     converted = convert_reference_state_dict(state)
     expected = model.state_dict()
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
@@ -147,5 +174,5 @@ def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, vocab_file: 
                        context_length: int = 52, preset: str | None = None) -> Path:
     """Write the Hugging Face directory (safetensors, tokenizer, processor) for a reference `.pt`."""
     model = model_from_reference_state(load_reference_checkpoint(checkpoint), preset)
-    processor = build_processor(vocab_file or default_vocab_path(), model.config.vision_config.image_size, context_length)
+    processor = build_processor(vocab_file or default_vocab_path(), image_size(model.config), context_length)
     return save_model(model, processor, out_dir)

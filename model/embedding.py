@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from transformers import ChineseCLIPModel, ChineseCLIPProcessor
+from transformers import ChineseCLIPProcessor, PreTrainedModel
 
 
 def decode_image(blob: bytes) -> Image.Image:
@@ -26,7 +26,7 @@ def _features(output: torch.Tensor | object) -> torch.Tensor:
 
 @torch.inference_mode()
 def embed_texts(
-    model: ChineseCLIPModel, processor: ChineseCLIPProcessor, texts: Sequence[str], batch_size: int = 256
+    model: PreTrainedModel, processor: ChineseCLIPProcessor, texts: Sequence[str], batch_size: int = 256
 ) -> np.ndarray:
     """Unit-norm text embeddings, one row per text, computed `batch_size` texts at a time."""
     device = next(model.parameters()).device
@@ -46,7 +46,7 @@ def embed_texts(
 
 @torch.inference_mode()
 def embed_images(
-    model: ChineseCLIPModel,
+    model: PreTrainedModel,
     processor: ChineseCLIPProcessor,
     images: Sequence[Image.Image],
     batch_size: int = 256,

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import ChineseCLIPModel
+from transformers import PreTrainedModel
+
+from model.presets import image_size
 
 
 class ImageEncoder(torch.nn.Module):
     """pixel_values (batch, 3, H, W) -> projected image features (batch, projection_dim), unnormalised."""
 
-    def __init__(self, model: ChineseCLIPModel):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
 
@@ -22,7 +24,7 @@ class ImageEncoder(torch.nn.Module):
 class TextEncoder(torch.nn.Module):
     """input_ids, attention_mask (batch, context) -> projected text features (batch, projection_dim)."""
 
-    def __init__(self, model: ChineseCLIPModel):
+    def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
 
@@ -30,12 +32,12 @@ class TextEncoder(torch.nn.Module):
         return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
-def export_onnx(model: ChineseCLIPModel, out_dir: str | Path, context_length: int) -> dict[str, Path]:
+def export_onnx(model: PreTrainedModel, out_dir: str | Path, context_length: int) -> dict[str, Path]:
     """Write image_encoder.onnx and text_encoder.onnx (torch.export-based exporter) into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
-    size = model.config.vision_config.image_size
+    size = image_size(model.config)
     batch = torch.export.Dim("batch", min=1, max=65536)
     paths = {"image": out_dir / "image_encoder.onnx", "text": out_dir / "text_encoder.onnx"}
     with torch.no_grad():

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import ChineseCLIPModel
+from transformers import PreTrainedModel
 
 
-def image_tower_groups(model: ChineseCLIPModel) -> list[list[nn.Module]]:
-    """The image tower as ordered groups, as open_clip counts them: embeddings with the pre-norm,
-    one group per transformer layer, then the post-norm with the projection."""
+def image_tower_groups(model: PreTrainedModel) -> list[list[nn.Module]]:
+    """The image tower as ordered groups, as open_clip counts them. ViT: embeddings with the
+    pre-norm, one group per transformer layer, then the post-norm with the projection. ResNet: the
+    stem, each stage, then the attention pool."""
+    if hasattr(model, "visual"):
+        resnet = model.visual
+        return [resnet.stem(), [resnet.layer1], [resnet.layer2], [resnet.layer3], [resnet.layer4], [resnet.attnpool]]
     vision = model.vision_model
     return [[vision.embeddings, vision.pre_layrnorm], *[[layer] for layer in vision.encoder.layers],
             [vision.post_layernorm, model.visual_projection]]
 
 
-def lock_image_tower(model: ChineseCLIPModel, unlocked_groups: int = 0) -> int:
+def lock_image_tower(model: PreTrainedModel, unlocked_groups: int = 0) -> int:
     """Freeze the image tower except its last `unlocked_groups` groups; returns the frozen parameter count.
 
     Frozen modules get no gradients (so the optimizer keeps no state for them) and are put in eval
-    mode, so dropout and normalisation statistics behave as at inference.
+    mode, so dropout and batch-norm statistics stay as they are.
     """
     groups = image_tower_groups(model)
     if not 0 <= unlocked_groups <= len(groups):

@@ -1,7 +1,9 @@
 """Model presets and the Hugging Face directory contract (build, save, load).
 
-A zhclip model is a plain `transformers.ChineseCLIPModel` plus a `ChineseCLIPProcessor`, saved with
-`save_pretrained` (safetensors weights), so any Hugging Face user can load it without zhclip.
+A zhclip model is a `transformers.ChineseCLIPModel` (ViT presets) or the ResNet variant of
+model/resnet.py (RN presets), plus a `ChineseCLIPProcessor`, saved with
+`save_pretrained` (safetensors weights). ViT models load with plain transformers; ResNet models need
+this package imported first, which registers them with transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import importlib.metadata
 from pathlib import Path
 
 from transformers import (
+    AutoModel,
     BertTokenizer,
     ChineseCLIPConfig,
     ChineseCLIPImageProcessorPil,
-    ChineseCLIPModel,
     ChineseCLIPProcessor,
+    PreTrainedModel,
 )
+
+from model.resnet import ChineseCLIPResNetConfig
 
 # Preset = text tower + vision tower + shared projection size, mirroring Chinese-CLIP's released
 # models (their `model_configs/*.json`); "tiny" is for CPU tests and the demo.
@@ -39,6 +44,11 @@ PRESETS: dict[str, dict] = {
     "ViT-L-14-336": {"projection_dim": 768, "text": _TEXT_BASE, "vision": _vit(1024, 24, 16, 14, 336)},
     # ViT-H-14's attention heads are 80 wide, not 64 (the reference's `vision_head_width`).
     "ViT-H-14": {"projection_dim": 1024, "text": _TEXT_LARGE, "vision": _vit(1280, 32, 16, 14, 224)},
+    # ResNet towers (model/resnet.py): blocks per stage, stem width, attention-pool heads.
+    "RN50": {"projection_dim": 1024, "text": {**_TEXT_BASE, "num_hidden_layers": 3},  # RBT3
+             "vision": {"resnet_layers": [3, 4, 6, 3], "width": 64, "heads": 32, "image_size": 224}},
+    "tiny-rn": {"projection_dim": 64, "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+                "vision": {"resnet_layers": [1, 1, 1, 1], "width": 8, "heads": 4, "image_size": 32}},
 }
 
 # OpenAI-CLIP pixel statistics, which Chinese-CLIP keeps.
@@ -77,33 +87,43 @@ def build_processor(vocab_file: str | Path, image_size: int, context_length: int
 
 def build_model(
     preset: str, vocab_file: str | Path | None = None, context_length: int = 52, seed: int = 0
-) -> tuple[ChineseCLIPModel, ChineseCLIPProcessor]:
+) -> tuple[PreTrainedModel, ChineseCLIPProcessor]:
     """A randomly initialised model of `preset` and its processor."""
     import torch
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
-    processor = build_processor(
-        vocab_file or default_vocab_path(), spec["vision"]["image_size"], context_length
-    )
+    processor = build_processor(vocab_file or default_vocab_path(), spec["vision"]["image_size"], context_length)
     config = make_config(spec, vocab_size=len(processor.tokenizer))
     torch.manual_seed(seed)
-    return ChineseCLIPModel(config), processor
+    return AutoModel.from_config(config), processor
 
 
-def make_config(spec: dict, vocab_size: int = 21128, max_position_embeddings: int = 512) -> ChineseCLIPConfig:
-    """A ChineseCLIPConfig (SDPA attention) from a preset-shaped spec: text, vision, projection_dim."""
-    config = ChineseCLIPConfig(
-        text_config={**spec["text"], "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings},
-        vision_config={**spec["vision"], "projection_dim": spec["projection_dim"]},
-        projection_dim=spec["projection_dim"],
-    )
+def make_config(spec: dict, vocab_size: int = 21128, max_position_embeddings: int = 512):
+    """The model config (SDPA attention) of a preset-shaped spec: text, vision, projection_dim.
+
+    A ViT spec gives a ChineseCLIPConfig; a ResNet spec (`resnet_layers`) a ChineseCLIPResNetConfig.
+    """
+    text = {**spec["text"], "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings}
+    vision = spec["vision"]
+    if "resnet_layers" in vision:
+        config = ChineseCLIPResNetConfig(text_config=text, vision_layers=list(vision["resnet_layers"]),
+                                         vision_width=vision["width"], vision_heads=vision["heads"],
+                                         image_size=vision["image_size"], projection_dim=spec["projection_dim"])
+    else:
+        config = ChineseCLIPConfig(text_config=text, vision_config={**vision, "projection_dim": spec["projection_dim"]},
+                                   projection_dim=spec["projection_dim"])
     config._attn_implementation = "sdpa"
     return config
 
 
-def save_model(model: ChineseCLIPModel, processor: ChineseCLIPProcessor, out_dir: str | Path) -> Path:
+def image_size(config) -> int:
+    """Input resolution of a model config, ViT (vision_config) or ResNet (top level)."""
+    return config.vision_config.image_size if hasattr(config, "vision_config") else config.image_size
+
+
+def save_model(model: PreTrainedModel, processor: ChineseCLIPProcessor, out_dir: str | Path) -> Path:
     """Write the Hugging Face directory: config, safetensors weights, tokenizer and processor."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +132,7 @@ def save_model(model: ChineseCLIPModel, processor: ChineseCLIPProcessor, out_dir
     return out_dir
 
 
-def load_model(model_dir: str | Path) -> tuple[ChineseCLIPModel, ChineseCLIPProcessor]:
+def load_model(model_dir: str | Path) -> tuple[PreTrainedModel, ChineseCLIPProcessor]:
     """Load a Hugging Face model directory written by `save_model` (or any ChineseCLIP checkpoint)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -120,6 +140,6 @@ def load_model(model_dir: str | Path) -> tuple[ChineseCLIPModel, ChineseCLIPProc
             f"{model_dir} is not a Hugging Face model directory (no config.json); "
             "pass the output folder of `zhclip train`"
         )
-    model = ChineseCLIPModel.from_pretrained(model_dir, attn_implementation="sdpa")
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa")
     processor = ChineseCLIPProcessor.from_pretrained(model_dir)
     return model.eval(), processor

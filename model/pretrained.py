@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import ChineseCLIPModel
+from transformers import PreTrainedModel
 from transformers.modeling_utils import load_state_dict
 
 
@@ -59,7 +59,7 @@ def _bert_text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return picked
 
 
-def _load_tower(model: ChineseCLIPModel, weights: dict[str, torch.Tensor], prefix: str, source: Path) -> int:
+def _load_tower(model: PreTrainedModel, weights: dict[str, torch.Tensor], prefix: str, source: Path) -> int:
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     expected.pop("text_model.embeddings.position_ids", None)  # a buffer, not a weight
     wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
@@ -73,7 +73,7 @@ def _load_tower(model: ChineseCLIPModel, weights: dict[str, torch.Tensor], prefi
     return len(loadable)
 
 
-def init_from_pretrained(model: ChineseCLIPModel, vision_dir: str | Path | None = None,
+def init_from_pretrained(model: PreTrainedModel, vision_dir: str | Path | None = None,
                          text_dir: str | Path | None = None) -> dict[str, int]:
     """Copy pretrained tower weights into `model` in place; returns tensors loaded per tower.
 
@@ -81,6 +81,9 @@ def init_from_pretrained(model: ChineseCLIPModel, vision_dir: str | Path | None 
     Chinese-CLIP's projection size); otherwise it keeps its random initialisation.
     """
     loaded = {}
+    if vision_dir and not hasattr(model, "vision_model"):
+        raise ValueError(f"{vision_dir}: Hugging Face CLIP folders hold ViT towers only; start a ResNet model "
+                         "from a converted Chinese-CLIP checkpoint with --init instead")
     if vision_dir:
         weights = _clip_vision_weights(read_weights(vision_dir))
         loaded["vision"] = _load_tower(model, weights, ("vision_model.", "visual_projection."), Path(vision_dir))

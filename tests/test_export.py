@@ -12,6 +12,13 @@ from conftest import run_cli
 from model import build_model, embed_texts, load_model, save_model
 
 
+def test_rn_onnx_encoders_match_pytorch(tmp_path):
+    model, processor = build_model("tiny-rn")
+    save_model(model, processor, tmp_path / "model")
+    summary = export(tmp_path / "model", tmp_path / "onnx")
+    assert summary["image_max_abs_diff"] <= 1e-3 and summary["text_max_abs_diff"] <= 1e-3
+
+
 def test_onnx_encoders_match_pytorch_at_any_batch_size(tmp_path):
     model, processor = build_model("tiny")
     save_model(model, processor, tmp_path / "model")

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
-from model import build_model, decode_image
+from model import build_model, decode_image, load_model
 from model.presets import build_processor, default_vocab_path
 from model.convert import convert_checkpoint, load_reference_checkpoint, reference_spec
 from reference import reference
@@ -44,13 +43,44 @@ def _reference_model(**overrides):
     return model.eval()
 
 
+def _reference_resnet(**overrides):
+    """A small reference RN CLIP (RBT3-style text) with every tensor and batch-norm statistic perturbed."""
+    model = _reference_model(vision_layers=(1, 2, 1, 1), vision_width=8, image_resolution=64, embed_dim=32, **overrides)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    return model
+
+
+def test_converted_rn_checkpoint_reproduces_reference_embeddings(tmp_path):
+    reference_model = _reference_resnet()
+    _save_as_released(reference_model, tmp_path / "rn.pt")
+    spec = reference_spec(load_reference_checkpoint(tmp_path / "rn.pt"))
+    assert spec["vision"] == {"resnet_layers": [1, 2, 1, 1], "width": 8, "heads": 4, "image_size": 64}
+    convert_checkpoint(tmp_path / "rn.pt", tmp_path / "hf")
+    _compare(reference_model, tmp_path / "hf", 64)
+
+
+@pytest.mark.slow
+def test_rn50_checkpoint_converts_with_its_released_shape(tmp_path):
+    vision = json.loads((reference().configs / "RN50.json").read_text())
+    vision["vision_layers"] = tuple(json.loads(vision["vision_layers"]))  # stored as a string, as the reference reads it
+    text = json.loads((reference().configs / "RBT3-chinese.json").read_text())
+    reference_model = _reference_model(**vision, **text)
+    _save_as_released(reference_model, tmp_path / "rn50.pt")
+    convert_checkpoint(tmp_path / "rn50.pt", tmp_path / "hf", preset="RN50")
+    _compare(reference_model, tmp_path / "hf", 224)
+
+
 def _save_as_released(model, path):
     torch.save({"epoch": 3, "step": 100, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
 
 
 def _compare(reference_model, model_dir, resolution):
-    ours = ChineseCLIPModel.from_pretrained(model_dir).eval()
-    processor = ChineseCLIPProcessor.from_pretrained(model_dir)
+    ours, processor = load_model(model_dir)
     texts = [t for t in TEXTS if t.strip()]
     tokens = processor.tokenizer(texts, padding="max_length", truncation=True, max_length=52, return_tensors="pt")
     pixels = torch.randn(3, 3, resolution, resolution)
@@ -103,7 +133,7 @@ def test_convert_from_the_command_line(tmp_path):
     result = run_cli("model", "convert", "--checkpoint", str(tmp_path / "ref.pt"), "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert (summary["projection_dim"], summary["image_size"], summary["vision_layers"]) == (32, 32, 2)
+    assert (summary["architecture"], summary["projection_dim"], summary["image_size"]) == ("chinese_clip", 32, 32)
     mismatch = run_cli("model", "convert", "--checkpoint", str(tmp_path / "ref.pt"), "--out", str(tmp_path / "b"),
                        "--preset", "ViT-B-16")
     assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr

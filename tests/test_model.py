@@ -109,3 +109,21 @@ def test_unlocked_groups_leave_the_last_image_tower_groups_trainable():
     assert not model.vision_model.encoder.layers[0].training and model.vision_model.encoder.layers[1].training
     with pytest.raises(ValueError, match="unlocked_groups must be 0..4"):
         lock_image_tower(build_model("tiny")[0], unlocked_groups=5)
+
+
+def test_rn_preset_saves_loads_and_locks_batch_norm_statistics(tmp_path):
+    model, processor = build_model("tiny-rn")
+    save_model(model, processor, tmp_path)
+    reloaded, _ = load_model(tmp_path)
+    assert type(reloaded).__name__ == "ChineseCLIPResNetModel"
+    images = [Image.new("RGB", (40, 50), c) for c in ("red", "blue")]
+    np.testing.assert_allclose(embed_images(model.eval(), processor, images), embed_images(reloaded, processor, images), atol=1e-6)
+    model.train()
+    lock_image_tower(model)
+    stats = model.visual.layer1[0].bn1.running_mean.clone()
+    out = model(input_ids=torch.randint(106, 21128, (4, 8)), attention_mask=torch.ones(4, 8, dtype=torch.long),
+                pixel_values=torch.randn(4, 3, 32, 32))
+    contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale).backward()
+    assert torch.equal(model.visual.layer1[0].bn1.running_mean, stats), "locked batch norms must not update"
+    assert all(p.grad is None for p in model.visual.parameters())
+    assert model.text_projection.weight.grad is not None

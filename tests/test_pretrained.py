@@ -68,3 +68,10 @@ def test_mismatched_and_missing_checkpoints_are_named(tmp_path):
         init_from_pretrained(model, text_dir=tmp_path / "empty")
     with pytest.raises(ValueError, match="not a BertModel checkpoint"):
         init_from_pretrained(model, text_dir=tmp_path / "wide")
+
+
+def test_resnet_models_refuse_hugging_face_clip_towers(tmp_path):
+    _clip(tmp_path / "clip")
+    model, _ = build_model("tiny-rn")
+    with pytest.raises(ValueError, match="ViT towers only.*--init"):
+        init_from_pretrained(model, vision_dir=tmp_path / "clip")

@@ -12,7 +12,7 @@ from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
 from components.common import ZhclipError, load_params
 from components.train import TrainConfig, parameter_groups, train, train_worker_loop, warmup_cosine
-from model import build_model, save_model
+from model import build_model, load_model, save_model
 
 
 def _loop(prepared_dir, tmp_path, init_dir=None, **overrides):
@@ -20,7 +20,7 @@ def _loop(prepared_dir, tmp_path, init_dir=None, **overrides):
 
     def report(metrics, checkpoint_dir):
         if checkpoint_dir:
-            model = ChineseCLIPModel.from_pretrained(checkpoint_dir)
+            model, _ = load_model(checkpoint_dir)
             saved["state"] = {k: v.clone() for k, v in model.state_dict().items()}
 
     config = {**asdict(TrainConfig(**{"batch_size": 32, "warmup_steps": 2, **overrides})),
@@ -143,3 +143,13 @@ def test_stage1_starts_from_pretrained_towers_and_keeps_the_image_tower(prepared
             torch.testing.assert_close(state[name], tensor, msg=name)
     word = "text_model.embeddings.word_embeddings.weight"
     assert not torch.equal(state[word], bert.state_dict()["bert.embeddings.word_embeddings.weight"])
+
+
+def test_rn_stage1_trains_the_text_side_only(prepared_dir, tmp_path):
+    history, state = _loop(prepared_dir, tmp_path, stage=1, epochs=1, lr=1e-3, preset="tiny-rn")
+    initial, _ = build_model("tiny-rn", seed=0)
+    for name, tensor in initial.state_dict().items():
+        if name.startswith("visual."):
+            torch.testing.assert_close(state[name], tensor, msg=f"{name} changed in stage 1")
+    assert not torch.equal(state["text_projection.weight"], initial.state_dict()["text_projection.weight"])
+    assert len(history) == 192 // 32
