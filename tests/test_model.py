@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
+from components.train import parameter_groups
 from model import build_model, contrastive_loss, embed_images, embed_texts, load_model, lock_image_tower, save_model
 from PIL import Image
 
@@ -48,6 +49,7 @@ def test_saved_directory_loads_with_plain_transformers(tmp_path):
     assert not list(tmp_path.glob("*.bin")), "no pickle weights"
     reloaded = ChineseCLIPModel.from_pretrained(tmp_path)
     ChineseCLIPProcessor.from_pretrained(tmp_path)
+    assert load_model(tmp_path)[0].config._attn_implementation == "sdpa"
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor)
 
@@ -85,14 +87,16 @@ def test_locked_image_tower_does_not_change_in_a_step():
     assert frozen == sum(p.numel() for p in model.vision_model.parameters()) + model.visual_projection.weight.numel()
     vision_before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
     text_before = model.text_model.embeddings.word_embeddings.weight.clone()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-2)
     tokens = processor.tokenizer(["红色圆形", "蓝色方形"], padding="max_length", max_length=8, return_tensors="pt")
     out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=torch.randn(2, 3, 32, 32))
     contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale).backward()
     optimizer.step()
     for name, tensor in model.vision_model.state_dict().items():
-        torch.testing.assert_close(tensor, vision_before[name])
+        assert torch.equal(tensor, vision_before[name]), name
     assert not torch.equal(model.text_model.embeddings.word_embeddings.weight, text_before)
+    vision_params = {id(p) for p in [*model.vision_model.parameters(), *model.visual_projection.parameters()]}
+    assert optimizer.state and not vision_params & {id(p) for p in optimizer.state}, "no optimizer state for the locked tower"
 
 
 def test_load_model_names_a_folder_that_is_not_a_model(tmp_path):
