@@ -147,6 +147,18 @@ def embed(
 
 
 @app.command()
+def upload(
+    src: Path = typer.Option(Path("data/prepared"), help="Local folder to upload (e.g. prepared shards)."),
+    dest: str = typer.Option(..., help="Destination s3://bucket/prefix; the bucket is created if missing."),
+    endpoint: Optional[str] = typer.Option(None, help="S3/MinIO endpoint (default: $AWS_ENDPOINT_URL)."),
+) -> None:
+    """Upload a folder to MinIO or any S3 endpoint (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."""
+    from components.storage import upload as run
+
+    _echo_json(run(src, dest, endpoint))
+
+
+@app.command()
 def results() -> None:
     """Print where the last `dvc repro` put its results and the headline metrics."""
     from components.results import headline

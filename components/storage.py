@@ -1,0 +1,60 @@
+"""Object store (MinIO or any S3 endpoint): create buckets and upload prepared data.
+
+Uses the `minio` client. The endpoint comes from `AWS_ENDPOINT_URL` (or `--endpoint`), the
+credentials from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`; none live in the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from components.common import ZhclipError
+
+
+def client(endpoint: str | None = None):
+    """A minio client for `endpoint` (http://host:port or https://...), credentials from the environment."""
+    from minio import Minio
+
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if not endpoint:
+        raise ZhclipError("no object-store endpoint: set AWS_ENDPOINT_URL (e.g. http://minio:9000) or pass --endpoint")
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ZhclipError(f"endpoint {endpoint!r} must look like http://host:port or https://host")
+    missing = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(name)]
+    if missing:
+        raise ZhclipError(f"set {' and '.join(missing)} for the object store (never commit them)")
+    return Minio(parsed.netloc, access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                 secure=parsed.scheme == "https", region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ZhclipError(f"{uri!r} is not an s3://bucket/prefix URI")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def upload(src: str | Path, dest_uri: str, endpoint: str | None = None) -> dict:
+    """Upload every file under `src` to `dest_uri` (s3://bucket/prefix), creating the bucket if needed."""
+    from minio.error import S3Error
+
+    src = Path(src)
+    if not src.is_dir():
+        raise ZhclipError(f"{src} is not a folder")
+    bucket, prefix = split_s3_uri(dest_uri)
+    store = client(endpoint)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    try:
+        if not store.bucket_exists(bucket):
+            store.make_bucket(bucket)
+        for path in tqdm(files, desc=f"upload to {dest_uri}", unit=" files", leave=False):
+            key = "/".join(part for part in (prefix, path.relative_to(src).as_posix()) if part)
+            store.fput_object(bucket, key, str(path))
+    except S3Error as err:
+        raise ZhclipError(f"object store refused the upload to {dest_uri}: {err.code} {err.message}") from err
+    return {"uploaded_files": len(files), "bytes": sum(p.stat().st_size for p in files), "destination": dest_uri}
