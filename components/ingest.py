@@ -1,8 +1,10 @@
 """Ingest: Chinese-CLIP raw splits -> Parquet shards of (text, image) pairs, bad rows quarantined.
 
-Streaming: texts (small) are indexed first, then images are read line by line and each image's
-pairs are written as soon as it is decoded, so memory holds the text index plus one shard, not the
-images of the whole split.
+Streaming: texts (small) are indexed first, then image lines are read in batches of `batch_lines`,
+decoded and re-encoded by `workers` processes, and each image's pairs are written as soon as it is
+done. Memory is bounded by the text index, one batch of raw lines and their re-encoded images, one
+decoded image per worker (images above `max_image_pixels` are rejected before decoding), and one
+shard of `shard_rows` pairs, whatever the size of the split.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -33,10 +39,14 @@ class IngestConfig:
     shard_rows: int = 2000
     max_image_side: int = 0  # 0 keeps the original size
     image_format: str = "PNG"
+    max_image_pixels: int = 25_000_000  # larger images are quarantined without being decoded
+    workers: int = 0  # decoding processes; 0 = one per CPU core
+    batch_lines: int = 256  # image lines in flight at once
 
     def __post_init__(self):
-        if self.shard_rows < 1:
-            raise ValueError(f"shard_rows must be positive, got {self.shard_rows}")
+        for name in ("shard_rows", "max_image_pixels", "batch_lines"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.image_format.upper() not in ("PNG", "JPEG"):
             raise ValueError(f"image_format must be PNG or JPEG, got {self.image_format!r}")
 
@@ -91,7 +101,11 @@ def decode_base64(text: str) -> bytes:
 
 
 def _reencode(blob: bytes, config: IngestConfig) -> bytes:
-    image = Image.open(io.BytesIO(blob))
+    image = Image.open(io.BytesIO(blob))  # reads the header only
+    pixels = image.width * image.height
+    if pixels > config.max_image_pixels:
+        raise _Rejected(f"image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, "
+                        f"above max_image_pixels {config.max_image_pixels / 1e6:.1f} (raise it in params.yaml ingest)")
     image = image.convert("RGB")
     if config.max_image_side and max(image.size) > config.max_image_side:
         image.thumbnail((config.max_image_side, config.max_image_side))
@@ -111,6 +125,41 @@ def _lines(path: Path, quarantine: _Quarantine, desc: str | None = None) -> Iter
                 continue
             if line.strip():
                 yield number, line
+
+
+class _Rejected(Exception):
+    """An image that decodes but breaks a configured bound."""
+
+
+def _decode_line(line: str, config: IngestConfig) -> tuple[int | None, bytes | None, str | None]:
+    """One `image_id<TAB>base64` line -> (image_id, re-encoded image, None), or a reason in place of
+    the image. Runs in the worker processes, so it returns rather than raises."""
+    try:
+        id_field, b64 = line.rstrip("\n").split("\t")
+        image_id = int(id_field)
+    except ValueError as err:
+        return None, None, f"expected 'image_id<TAB>base64 image' ({err})"
+    try:
+        return image_id, _reencode(decode_base64(b64), config), None
+    except _Rejected as err:
+        return image_id, None, f"image rejected: {err}"
+    except (ValueError, OSError, Image.DecompressionBombError) as err:  # bad base64 is a ValueError too
+        return image_id, None, f"image does not decode ({err})"
+
+
+def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig) -> Iterator[tuple[int, str, tuple]]:
+    """(line number, line, _decode_line result) in input order, `batch_lines` lines at a time."""
+    workers = config.workers or os.cpu_count() or 1
+    batches = iter(lambda: list(itertools.islice(lines, config.batch_lines)), [])
+    if workers == 1:
+        for batch in batches:
+            yield from ((number, line, _decode_line(line, config)) for number, line in batch)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        for batch in batches:
+            results = pool.map(partial(_decode_line, config=config), [line for _, line in batch],
+                               chunksize=max(1, len(batch) // (4 * workers)))
+            yield from ((number, line, result) for (number, line), result in zip(batch, results))
 
 
 def _index_texts(path: Path, quarantine: _Quarantine) -> dict[int, list[tuple[int, str]]]:
@@ -146,16 +195,9 @@ def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig
     by_image = _index_texts(texts_path, quarantine)
     writer = _ShardWriter(out_dir / split, config.shard_rows)
     found: set[int] = set()
-    for number, line in _lines(images_path, quarantine, desc=f"ingest {split}"):
-        try:
-            id_field, b64 = line.rstrip("\n").split("\t")
-            image_id = int(id_field)
-            blob = _reencode(decode_base64(b64), config)
-        except (binascii.Error, OSError) as err:  # binascii.Error is a ValueError: test it first
-            quarantine.add(images_path, number, f"image does not decode ({err})", line)
-            continue
-        except ValueError as err:
-            quarantine.add(images_path, number, f"expected 'image_id<TAB>base64 image' ({err})", line)
+    for number, line, (image_id, blob, problem) in _decoded(_lines(images_path, quarantine, desc=f"ingest {split}"), config):
+        if problem:
+            quarantine.add(images_path, number, problem, line)
             continue
         if image_id in found:
             quarantine.add(images_path, number, f"duplicate image_id {image_id}", line)
@@ -170,7 +212,9 @@ def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig
                        json.dumps(by_image[image_id], ensure_ascii=False))
     quarantine.close()
     if writer.total == 0:
-        raise ZhclipError(f"{split}: no usable (text, image) pairs; see {quarantine.path} for the rejected rows")
+        empty = [path.name for path in (images_path, texts_path) if path.stat().st_size == 0]
+        raise ZhclipError(f"{split}: no usable (text, image) pairs" + (f"; {', '.join(empty)} is empty" if empty else "")
+                          + (f"; see {quarantine.path} for the rejected rows" if quarantine.count else ""))
     return {"pairs": writer.total, "images": len(found & set(by_image)), "unreferenced_images": len(found - set(by_image)),
             "texts": len({t for image_id in found for t, _ in by_image.get(image_id, [])}),
             "quarantined": quarantine.count, "shards": writer.shards}

@@ -59,27 +59,64 @@ def _png_b64(colour="red", urlsafe=True):
     return (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(buffer.getvalue()).decode()
 
 
-def test_ingest_quarantines_bad_rows_with_reasons(tmp_path):
+def _encoded(image, fmt="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ingest_quarantines_each_kind_of_bad_row_with_its_reason(tmp_path, workers):
     raw = tmp_path / "raw"
-    good = [f"1\t{_png_b64()}", f"2\t{_png_b64('blue', urlsafe=False)}"]
-    bad = ["3\tnot-base64!!", f"4\t{base64.b64encode(b'plain text, not an image').decode()}", "no tab here", f"1\t{_png_b64()}"]
+    jpeg = _encoded(Image.new("RGB", (64, 64), "green"), "JPEG")
+    huge = _encoded(Image.new("RGB", (8000, 5000), "white"))  # 40 megapixels
+    good = [f"1\t{_png_b64()}", f"2\t{_png_b64('blue', urlsafe=False)}", f"5\t{base64.b64encode(jpeg).decode()}"]
+    bad = {  # line number in the tsv -> (line, expected reason)
+        4: ("3\tnot-base64!!", "image does not decode"),
+        5: (f"4\t{base64.b64encode(b'plain text, not an image').decode()}", "image does not decode"),
+        6: ("no tab here", "expected 'image_id<TAB>base64 image'"),
+        7: (f"1\t{_png_b64()}", "duplicate image_id 1"),
+        8: (f"6\t{base64.b64encode(jpeg[: len(jpeg) // 2]).decode()}", "image does not decode"),
+        9: (f"7\t{base64.b64encode(huge).decode()}", "40.0 megapixels, above max_image_pixels 25.0"),
+    }
     texts = [{"text_id": 1, "text": "红色方块", "image_ids": [1]}, {"text_id": 2, "text": "蓝色方块", "image_ids": [2, 9]},
-             "{broken json", {"text_id": 3, "text": "", "image_ids": [1]}, {"text_id": 4, "text": "绿色", "image_ids": ["x"]}]
+             {"text_id": 8, "text": "绿色照片", "image_ids": [5]},
+             "{broken json", {"text_id": 3, "text": " \t ", "image_ids": [1]}, {"text_id": 4, "text": "绿色", "image_ids": ["x"]},
+             {"text_id": 1, "text": "重复的编号", "image_ids": [2]}, {"text_id": 10, "image_ids": [2]}]
     for split in ("train", "valid", "test"):
-        _write_split(raw, split, good + bad, texts)
+        _write_split(raw, split, good + [line for line, _ in bad.values()], texts)
     with open(raw / "test_texts.jsonl", "ab") as texts_file:
         texts_file.write(b'{"text_id": 5, "text": "\xff\xfe", "image_ids": [1]}\n')
-    summary = ingest(raw, tmp_path / "out", IngestConfig())
-    assert summary["splits"]["test"]["pairs"] == 2
+    summary = ingest(raw, tmp_path / "out", IngestConfig(workers=workers, batch_lines=3))
+    assert summary["splits"]["test"]["pairs"] == 3
+    pairs = read_pairs(tmp_path / "out", "test")
+    assert set(zip(pairs.text_id, pairs.image_id)) == {(1, 1), (2, 2), (8, 5)}
     quarantined = [json.loads(line) for line in _lines(tmp_path / "out" / "quarantine" / "test.jsonl")]
-    reasons = [q["reason"] for q in quarantined]
-    assert len(reasons) == 9 == summary["splits"]["test"]["quarantined"]
-    expected = {"image does not decode": 2, "expected 'image_id<TAB>base64 image'": 1, "duplicate image_id 1": 1,
-                "not a text record": 1, "empty or non-string text": 1, "list of integers": 1, "not UTF-8": 1,
-                "image_id 9 is referenced": 1}
+    images_file = {q["line"]: q["reason"] for q in quarantined if q["file"].endswith("test_imgs.tsv")}
+    assert images_file.keys() == bad.keys()
+    for line, reason in images_file.items():
+        assert bad[line][1] in reason, (line, reason)
+    text_reasons = [q["reason"] for q in quarantined if q["file"].endswith("test_texts.jsonl")]
+    expected = {"not a text record": 2, "empty or non-string text": 1, "list of integers": 1, "duplicate text_id 1": 1,
+                "not UTF-8": 1, "image_id 9 is referenced": 1}
     for fragment, count in expected.items():
-        assert sum(fragment in reason for reason in reasons) == count, (fragment, reasons)
-    assert {q["line"] for q in quarantined if "does not decode" in q["reason"]} == {3, 4}
+        assert sum(fragment in reason for reason in text_reasons) == count, (fragment, text_reasons)
+    assert len(quarantined) == summary["splits"]["test"]["quarantined"] == len(bad) + sum(expected.values())
+
+
+def test_parallel_ingest_writes_the_same_shards_as_serial(raw_dir, tmp_path):
+    ingest(raw_dir, tmp_path / "serial", IngestConfig(workers=1, shard_rows=50))
+    ingest(raw_dir, tmp_path / "parallel", IngestConfig(workers=2, shard_rows=50, batch_lines=7))
+    for split in ("train", "test"):
+        assert read_pairs(tmp_path / "serial", split).equals(read_pairs(tmp_path / "parallel", split))
+
+
+def test_an_empty_split_file_is_named(tmp_path):
+    _write_split(tmp_path, "train", [], [{"text_id": 1, "text": "红色", "image_ids": [1]}])
+    for split in ("valid", "test"):
+        _write_split(tmp_path, split, [f"1\t{_png_b64()}"], [{"text_id": 1, "text": "红色", "image_ids": [1]}])
+    with pytest.raises(ZhclipError, match="train: no usable .* train_imgs.tsv is empty"):
+        ingest(tmp_path, tmp_path / "out", IngestConfig())
 
 
 def test_ingest_names_a_missing_split_file(tmp_path):
@@ -110,3 +147,34 @@ def test_validation_gate_fails_naming_the_offending_rows(tmp_path):
     rows = [json.loads(line) for line in _lines(quarantine)]
     assert {(r["split"], r["text_id"]) for r in rows} == {("train", 7), ("valid", 7), ("test", 7)}
     assert json.loads((tmp_path / "report.json").read_text())["success"] is False
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+from components.ingest import IngestConfig, ingest
+ingest(sys.argv[1], sys.argv[2], IngestConfig(workers=2, batch_lines=4, max_image_side=256, shard_rows=16))
+usage = [resource.getrusage(who).ru_maxrss * 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+print(json.dumps(usage))
+"""
+
+
+@pytest.mark.slow
+def test_ingest_memory_stays_bounded_on_data_larger_than_the_bound(tmp_path):
+    """60 images of 7.5 megapixels decode to 1.35 GB; ingest must peak far below that."""
+    import subprocess
+    import sys
+
+    blob = base64.b64encode(_encoded(Image.new("RGB", (3000, 2500), "orange"))).decode()
+    images = [f"{i}\t{blob}" for i in range(1, 61)]
+    texts = [{"text_id": i, "text": f"第{i}张橙色图片", "image_ids": [i]} for i in range(1, 61)]
+    for split in ("train", "valid", "test"):
+        _write_split(tmp_path / "raw", split, images if split == "train" else images[:2], texts if split == "train" else texts[:2])
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "raw"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parent, worker = json.loads(result.stdout.strip().splitlines()[-1])
+    decoded_total = 60 * 3000 * 2500 * 3
+    bound = 400 * 2**20
+    assert decoded_total > 2 * bound
+    assert parent < bound and worker < bound, (parent / 2**20, worker / 2**20)
+    assert len(read_pairs(tmp_path / "out", "train")) == 60
