@@ -61,16 +61,20 @@ def ingest(
 @app.command()
 def validate(
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON validation report here."),
-    quarantine: Path = typer.Option(Path("reports/validation_quarantine.jsonl"), help="Where offending rows go."),
+    out: Path = typer.Option(Path("data/validated"), help="Folder for the rows that pass (what training reads)."),
+    report: Optional[Path] = typer.Option(None, help="Write the JSON summary (per-expectation counts) here."),
+    quarantine: Path = typer.Option(Path("reports/validation_quarantine.jsonl"), help="Where rejected rows go, with reasons."),
+    docs: Optional[Path] = typer.Option(None, help="Render Great Expectations Data Docs (HTML) into this folder."),
+    max_bad_fraction: Optional[float] = typer.Option(None, help="Largest share of bad rows per split before the gate fails (default 0)."),
     params: Path = ParamsOption,
 ) -> None:
-    """Run the Great Expectations suite; exits non-zero, naming the offending rows, if data is bad."""
+    """Great Expectations gate: quarantines bad rows, or fails naming each failed expectation with example ids."""
     from components.validate import ValidateConfig, validate as run
 
-    result = run(data, config_from(ValidateConfig, load_params(params), "validate"), report, quarantine)
-    counts = ", ".join(f"{split} ({outcome['rows']} rows)" for split, outcome in result["splits"].items())
-    typer.echo(f"validation passed: {counts}")
+    config = config_from(ValidateConfig, load_params(params), "validate", max_bad_fraction=max_bad_fraction)
+    result = run(data, out, config, report, quarantine, docs)
+    counts = ", ".join(f"{split} {s['rows_out']}/{s['rows_in']} rows kept" for split, s in result["splits"].items())
+    typer.echo(f"validation passed: {counts}; quarantine: {result['quarantine']}")
 
 
 @app.command()

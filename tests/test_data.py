@@ -4,12 +4,14 @@ import base64
 import io
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from components.common import ZhclipError
 from components.demo_data import DemoDataConfig, generate_demo_data
-from components.ingest import IngestConfig, ingest, read_pairs
+from components.ingest import PAIR_SCHEMA, IngestConfig, ingest, read_pairs
 from components.validate import ValidateConfig, validate
 
 
@@ -126,27 +128,74 @@ def test_ingest_names_a_missing_split_file(tmp_path):
 
 
 def test_validation_passes_good_data_and_reports_counts(prepared_dir, tmp_path):
-    report = validate(prepared_dir, ValidateConfig(), tmp_path / "report.json")
+    report = validate(prepared_dir, tmp_path / "validated", ValidateConfig(), tmp_path / "report.json",
+                      tmp_path / "q.jsonl", tmp_path / "docs")
     assert report["success"]
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["splits"]["test"]["rows"] == len(read_pairs(prepared_dir, "test"))
-    assert saved["splits"]["test"]["evaluated"] == 8
+    test = saved["splits"]["test"]
+    assert test["rows_in"] == test["rows_out"] == len(read_pairs(prepared_dir, "test")) and test["rows_quarantined"] == 0
+    assert test["checked"] == 17 and test["failed"] == 0
+    assert read_pairs(tmp_path / "validated", "test").equals(read_pairs(prepared_dir, "test"))
+    assert (tmp_path / "q.jsonl").read_text() == ""
+    assert (tmp_path / "docs" / "index.html").is_file()
 
 
-def test_validation_gate_fails_naming_the_offending_rows(tmp_path):
-    raw = tmp_path / "raw"
-    long_text = "很长" * 150
-    texts = [{"text_id": 1, "text": "红色方块", "image_ids": [1]}, {"text_id": 7, "text": long_text, "image_ids": [1]}]
-    for split in ("train", "valid", "test"):
-        _write_split(raw, split, [f"1\t{_png_b64()}"], texts)
-    ingest(raw, tmp_path / "prepared", IngestConfig())
-    quarantine = tmp_path / "q.jsonl"
-    with pytest.raises(ZhclipError, match=r"expect_column_value_lengths_to_be_between.*\"text_id\": 7") as failure:
-        validate(tmp_path / "prepared", ValidateConfig(max_text_chars=200), tmp_path / "report.json", quarantine)
-    assert str(quarantine) in str(failure.value)
-    rows = [json.loads(line) for line in _lines(quarantine)]
-    assert {(r["split"], r["text_id"]) for r in rows} == {("train", 7), ("valid", 7), ("test", 7)}
-    assert json.loads((tmp_path / "report.json").read_text())["success"] is False
+def _faulty_dataset(folder):
+    """Prepared-data faults no ingest check catches, each in a known row of the test split."""
+    images = {i: _encoded(Image.new("RGB", (16, 16), colour)) for i, colour in enumerate(["red", "blue", "green", "white", "black"], 1)}
+    good_image = images[1]
+    tiny = _encoded(Image.new("RGB", (4, 4), "purple"))  # below min_image_side
+    strip = _encoded(Image.new("RGB", (200, 10), "purple"))  # aspect 20
+    train = [(1, "红色的方块", 1, images[1])]
+    test = [
+        (10, "蓝色的方块", 2, images[2]),                  # good
+        (11, "绿色的方块", 3, images[3]),                  # good
+        (12, "a photo of a cat", 4, images[4]),           # mostly not Chinese
+        (13, "黑", 5, images[5]),                          # too short
+        (14, "红色的方块再次出现", 6, good_image),          # the train image, leaked into test
+        (15, "很小的紫色图片", 7, tiny),                     # too small
+        (16, "细长的紫色图片", 8, strip),                    # aspect ratio
+        (10, "蓝色的方块", 2, images[2]),                  # exact duplicate pair of the first row
+    ]
+    valid = [(2, "黄色的圆形", 20, _encoded(Image.new("RGB", (16, 16), "yellow"))), *train]
+    for split, rows in (("train", train), ("valid", valid), ("test", test)):
+        (folder / split).mkdir(parents=True)
+        table = pa.Table.from_pylist([dict(zip(["text_id", "text", "image_id", "image"], r)) for r in rows], schema=PAIR_SCHEMA)
+        pq.write_table(table, folder / split / "part-00000.parquet")
+    return {12: "chinese_ratio", 13: "text_chars", 14: "leaked_from_train", 15: "image_width", 16: "image_aspect"}
+
+
+def test_validation_catches_each_fault_exactly_and_quarantines_below_the_threshold(tmp_path):
+    faults = _faulty_dataset(tmp_path / "prepared")
+    config = ValidateConfig(max_bad_fraction=0.75)
+    report = validate(tmp_path / "prepared", tmp_path / "validated", config, tmp_path / "r.json", tmp_path / "q.jsonl")
+    rows = [json.loads(line) for line in _lines(tmp_path / "q.jsonl")]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    # valid repeats train's row: leakage there too, and nothing else.
+    assert [(r["split"], r["text_id"]) for r in rows if r["split"] != "test"] == [("valid", 1)]
+    by_id = {}
+    for row in test_rows:
+        by_id.setdefault(row["text_id"], []).append(" ".join(row["reasons"]))
+    assert by_id.pop(10) == ["expect_column_values_to_be_in_set(duplicate_pair)"]
+    assert {text_id: reasons[0] for text_id, reasons in by_id.items()}.keys() == faults.keys()
+    for text_id, column in faults.items():
+        assert f"({column})" in by_id[text_id][0], (text_id, by_id[text_id])
+    kept = read_pairs(tmp_path / "validated", "test")
+    assert sorted(kept.text_id) == [10, 11]
+    test = report["splits"]["test"]
+    assert test["rows_in"] == test["rows_out"] + test["rows_quarantined"] == 8
+
+
+def test_validation_gate_fails_above_the_threshold_naming_expectations_and_ids(tmp_path):
+    _faulty_dataset(tmp_path / "prepared")
+    with pytest.raises(ZhclipError) as failure:
+        validate(tmp_path / "prepared", tmp_path / "validated", ValidateConfig(), tmp_path / "r.json", tmp_path / "q.jsonl")
+    message = str(failure.value)
+    assert "max_bad_fraction 0.0" in message
+    assert 'test: expect_column_values_to_be_between(chinese_ratio) failed: 1 rows, e.g. [{"text_id": 12, "image_id": 4}]' in message
+    assert "leaked_from_train" in message and str(tmp_path / "q.jsonl") in message
+    assert len(_lines(tmp_path / "q.jsonl")) == 7  # six test rows and the leaked valid row
+    assert json.loads((tmp_path / "r.json").read_text())["success"] is False
 
 
 MEMORY_PROBE = """

@@ -15,7 +15,8 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"importer", "ingest-op", "validate-op", "train-op", "train-op-2", "evaluate-op", "register-op"}
-    assert "validate-op" in tasks["train-op"]["dependentTasks"]
+    assert tasks["train-op"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "validated", "producerTask": "validate-op"}
     assert tasks["train-op-2"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == "train-op"
     assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}

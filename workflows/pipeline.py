@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp import compiler, dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.common import config_from
 from components.evaluate import EvaluateConfig
@@ -41,13 +41,16 @@ def ingest_op(raw: Input[Dataset], prepared: Output[Dataset], summary: Output[Me
 
 
 @_component
-def validate_op(prepared: Input[Dataset], report: Output[Metrics], config: dict):
+def validate_op(prepared: Input[Dataset], validated: Output[Dataset], quarantine: Output[Dataset],
+                data_docs: Output[Artifact], report: Output[Metrics], config: dict):
     from components.common import build_config
     from components.validate import ValidateConfig, validate
 
-    result = validate(prepared.path, build_config(ValidateConfig, config, "pipeline parameter"), quarantine_path=report.path + ".quarantine.jsonl")
+    result = validate(prepared.path, validated.path, build_config(ValidateConfig, config, "pipeline parameter"),
+                      quarantine_path=quarantine.path, docs_dir=data_docs.path)
     for split, outcome in result["splits"].items():
-        report.log_metric(f"{split}_rows", outcome["rows"])
+        report.log_metric(f"{split}_rows_kept", outcome["rows_out"])
+        report.log_metric(f"{split}_rows_quarantined", outcome["rows_quarantined"])
 
 
 @_component
@@ -111,12 +114,12 @@ def build_pipeline(params: dict[str, Any]):
     ):
         raw = dsl.importer(artifact_uri=raw_uri, artifact_class=Dataset, reimport=False)
         ingested = ingest_op(raw=raw.output, config=ingest_config)
-        validated = validate_op(prepared=ingested.outputs["prepared"], config=validate_config)
-        stage1 = train_op(prepared=ingested.outputs["prepared"], config=stage1_config).after(validated)
-        stage2 = train_op(prepared=ingested.outputs["prepared"], config=stage2_config, init_model=stage1.outputs["model"])
+        validated = validate_op(prepared=ingested.outputs["prepared"], config=validate_config).outputs["validated"]
+        stage1 = train_op(prepared=validated, config=stage1_config)
+        stage2 = train_op(prepared=validated, config=stage2_config, init_model=stage1.outputs["model"])
         for task in (stage1, stage2):
             task.set_caching_options(False)
-        scored = evaluate_op(model=stage2.outputs["model"], prepared=ingested.outputs["prepared"], config=evaluate_config)
+        scored = evaluate_op(model=stage2.outputs["model"], prepared=validated, config=evaluate_config)
         register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], config=register_config)
 
     return zhclip_pipeline
