@@ -1,8 +1,11 @@
-"""Deterministic demo dataset in Chinese-CLIP format: coloured shapes at positions, Chinese captions.
+"""Deterministic demo dataset in Chinese-CLIP format, with Chinese captions and zero-shot sets.
 
-Each image shows one shape of one colour in one quadrant on a noisy background; captions describe it
-with several paraphrases. A text lists every image of its split with the same attributes as its
-positives in the evaluation splits, so retrieval has genuinely multiple positives.
+Two kinds of pictures: synthetic ones (one shape of one colour in one quadrant, on a noisy
+background) and real ones, the 1,797 handwritten-digit scans that scikit-learn ships (8x8, no
+download). Captions paraphrase what is shown. In the evaluation splits a caption lists every image
+of its split that shows the same thing, so retrieval has genuinely multiple positives. Digit scans
+kept out of every split form `zeroshot/digits/<零…九>/`, and fresh shapes `zeroshot/shapes/<shape>/`,
+image folders for zero-shot classification with Chinese class names.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ TEMPLATES = [
     "{colour}的{shape}在{position}",
     "画面的{position}画着一个{colour}{shape}",
 ]
+DIGIT_NAMES = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
+DIGIT_TEMPLATES = ["手写数字{digit}", "一个手写的数字{digit}", "这是数字{digit}的手写图片", "黑底白字写着{digit}", "图中是手写的{digit}"]
 SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class _Picture:
+    same_as: tuple  # pictures with equal `same_as` show the same thing (shared positives)
+    image: Image.Image
+    captions: list[str]  # every paraphrase; captions_per_image of them are sampled
 
 
 @dataclass
@@ -40,12 +52,19 @@ class DemoDataConfig:
     test_images: int = 100
     captions_per_image: int = 3
     image_size: int = 64
+    train_digits: int = 300
+    valid_digits: int = 30
+    test_digits: int = 60
+    zeroshot_per_class: int = 8
 
     def __post_init__(self):
         if not 1 <= self.captions_per_image <= len(TEMPLATES):
             raise ValueError(f"captions_per_image must be 1..{len(TEMPLATES)}, got {self.captions_per_image}")
         if min(self.train_images, self.valid_images, self.test_images) < 1 or self.image_size < 16:
             raise ValueError("each split needs at least one image and image_size must be at least 16")
+        digits = self.train_digits + self.valid_digits + self.test_digits + 10 * self.zeroshot_per_class
+        if min(self.train_digits, self.valid_digits, self.test_digits, self.zeroshot_per_class) < 0 or digits > 1797:
+            raise ValueError(f"digit counts must be non-negative and use at most the 1,797 scans (asked for {digits})")
 
 
 def draw_image(colour: str, shape: str, position: str, size: int, rng: random.Random) -> Image.Image:
@@ -81,30 +100,56 @@ def encode_image(image: Image.Image) -> str:
     return base64.urlsafe_b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _write_split(out_dir: Path, split: str, count: int, config: DemoDataConfig, rng: random.Random, ids: dict) -> dict:
-    attributes = [(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))) for _ in range(count)]
-    image_ids = list(range(ids["image"], ids["image"] + count))
-    ids["image"] += count
+def _shapes(count: int, config: DemoDataConfig, rng: random.Random) -> list[_Picture]:
+    pictures = []
+    for _ in range(count):
+        colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
+        captions = [t.format(colour=colour, shape=shape, position=position) for t in TEMPLATES]
+        pictures.append(_Picture(("shape", colour, shape, position), draw_image(colour, shape, position, config.image_size, rng), captions))
+    return pictures
+
+
+def digit_image(scan, size: int) -> Image.Image:
+    """An 8x8 scikit-learn digit scan (values 0..16) as a size x size RGB image."""
+    grey = Image.fromarray((np.asarray(scan) * (255 / 16)).round().astype(np.uint8), mode="L")
+    return grey.resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
+
+
+def _digits(scans, labels, config: DemoDataConfig) -> list[_Picture]:
+    return [_Picture(("digit", int(label)), digit_image(scan, config.image_size),
+                     [t.format(digit=DIGIT_NAMES[label]) for t in DIGIT_TEMPLATES]) for scan, label in zip(scans, labels)]
+
+
+def _write_split(out_dir: Path, split: str, pictures: list[_Picture], config: DemoDataConfig, rng: random.Random, ids: dict) -> dict:
+    image_ids = list(range(ids["image"], ids["image"] + len(pictures)))
+    ids["image"] += len(pictures)
     with open(out_dir / f"{split}_imgs.tsv", "w", encoding="utf-8") as tsv:
-        for image_id, (colour, shape, position) in zip(image_ids, attributes):
-            image = draw_image(colour, shape, position, config.image_size, rng)
-            tsv.write(f"{image_id}\t{encode_image(image)}\n")
-    same_attributes: dict[tuple, list[int]] = {}
-    for image_id, attrs in zip(image_ids, attributes):
-        same_attributes.setdefault(attrs, []).append(image_id)
+        for image_id, picture in zip(image_ids, pictures):
+            tsv.write(f"{image_id}\t{encode_image(picture.image)}\n")
+    same: dict[tuple, list[int]] = {}
+    for image_id, picture in zip(image_ids, pictures):
+        same.setdefault(picture.same_as, []).append(image_id)
     texts = 0
     with open(out_dir / f"{split}_texts.jsonl", "w", encoding="utf-8") as jsonl:
-        for image_id, (colour, shape, position) in zip(image_ids, attributes):
+        for image_id, picture in zip(image_ids, pictures):
             # Training captions pair with their own image (as in MUGE); evaluation captions count
             # every look-alike image of the split as a positive.
-            positives = [image_id] if split == "train" else same_attributes[(colour, shape, position)]
-            for template in rng.sample(TEMPLATES, config.captions_per_image):
-                text = template.format(colour=colour, shape=shape, position=position)
-                record = {"text_id": ids["text"], "text": text, "image_ids": positives}
-                jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+            positives = [image_id] if split == "train" else same[picture.same_as]
+            for text in rng.sample(picture.captions, config.captions_per_image):
+                jsonl.write(json.dumps({"text_id": ids["text"], "text": text, "image_ids": positives}, ensure_ascii=False) + "\n")
                 ids["text"] += 1
                 texts += 1
-    return {"images": count, "texts": texts}
+    return {"images": len(pictures), "texts": texts}
+
+
+def _write_zeroshot(folder: Path, pictures: list[_Picture], class_of) -> dict:
+    counts: dict[str, int] = {}
+    for picture in pictures:
+        name = class_of(picture)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        picture.image.save(folder / name / f"{counts.get(name, 0):03d}.png")
+        counts[name] = counts.get(name, 0) + 1
+    return {"classes": len(counts), "images": sum(counts.values())}
 
 
 def generate_demo_data(out_dir: str | Path, config: DemoDataConfig, summary_path: str | Path | None = None) -> dict:
@@ -114,12 +159,33 @@ def generate_demo_data(out_dir: str | Path, config: DemoDataConfig, summary_path
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from sklearn.datasets import load_digits
+
     rng = random.Random(config.seed)
     ids = {"image": 1, "text": 1}
-    counts = {"train": config.train_images, "valid": config.valid_images, "test": config.test_images}
-    summary: dict = {"out_dir": str(out_dir)}
+    digits = load_digits()
+    order = list(range(len(digits.target)))
+    rng.shuffle(order)
+    digit_counts = {"train": config.train_digits, "valid": config.valid_digits, "test": config.test_digits}
+    shape_counts = {"train": config.train_images, "valid": config.valid_images, "test": config.test_images}
+    summary: dict = {"out_dir": str(out_dir), "splits": {}}
     with timed(summary):
-        summary["splits"] = {split: _write_split(out_dir, split, counts[split], config, rng, ids) for split in SPLITS}
+        start = 0
+        for split in SPLITS:
+            chosen = order[start : start + digit_counts[split]]
+            start += digit_counts[split]
+            pictures = _shapes(shape_counts[split], config, rng) + _digits(digits.images[chosen], digits.target[chosen], config)
+            rng.shuffle(pictures)
+            summary["splits"][split] = _write_split(out_dir, split, pictures, config, rng, ids)
+        # Zero-shot images are never in a split: the remaining digit scans and fresh shapes.
+        by_class = {d: [i for i in order[start:] if digits.target[i] == d][: config.zeroshot_per_class] for d in range(10)}
+        held_out = [i for d in range(10) for i in by_class[d]]
+        summary["zeroshot"] = {
+            "digits": _write_zeroshot(out_dir / "zeroshot" / "digits", _digits(digits.images[held_out], digits.target[held_out], config),
+                                      lambda picture: DIGIT_NAMES[picture.same_as[1]]),
+            "shapes": _write_zeroshot(out_dir / "zeroshot" / "shapes", _shapes(len(SHAPES) * config.zeroshot_per_class, config, rng),
+                                      lambda picture: picture.same_as[2]),
+        }
     if summary_path:
         write_summary(summary_path, summary)
     return summary

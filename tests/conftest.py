@@ -35,7 +35,8 @@ def raw_dir(tmp_path_factory) -> Path:
     from components.demo_data import DemoDataConfig, generate_demo_data
 
     out = tmp_path_factory.mktemp("raw")
-    generate_demo_data(out, DemoDataConfig(train_images=96, valid_images=8, test_images=24, captions_per_image=2))
+    generate_demo_data(out, DemoDataConfig(train_images=96, valid_images=8, test_images=24, captions_per_image=2,
+                                           train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1))
     return out
 
 

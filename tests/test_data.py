@@ -4,6 +4,7 @@ import base64
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +21,8 @@ def _lines(path):
 
 
 def test_demo_data_is_deterministic_and_in_chinese_clip_format(tmp_path):
-    config = DemoDataConfig(train_images=12, valid_images=4, test_images=30, captions_per_image=3)
+    config = DemoDataConfig(train_images=12, valid_images=4, test_images=30, captions_per_image=3,
+                            train_digits=0, valid_digits=0, test_digits=0)
     generate_demo_data(tmp_path / "a", config)
     generate_demo_data(tmp_path / "b", config)
     for name in ("train_imgs.tsv", "test_texts.jsonl"):
@@ -37,6 +39,27 @@ def test_demo_data_is_deterministic_and_in_chinese_clip_format(tmp_path):
     assert any(len(t["image_ids"]) > 1 for t in texts)
     train = [json.loads(line) for line in _lines(tmp_path / "a" / "train_texts.jsonl")]
     assert all(len(t["image_ids"]) == 1 for t in train)
+
+
+def test_demo_data_includes_real_digit_scans_and_zero_shot_sets(tmp_path):
+    from sklearn.datasets import load_digits
+
+    summary = generate_demo_data(tmp_path, DemoDataConfig(train_images=4, valid_images=2, test_images=2, train_digits=20,
+                                                          valid_digits=5, test_digits=30, zeroshot_per_class=3))
+    assert summary["splits"]["test"]["images"] == 32 and summary["zeroshot"]["digits"] == {"classes": 10, "images": 30}
+    texts = [json.loads(line) for line in _lines(tmp_path / "test_texts.jsonl")]
+    digit_texts = [t for t in texts if "数字" in t["text"] or "手写" in t["text"]]
+    assert digit_texts and any(len(t["image_ids"]) > 1 for t in digit_texts)
+    folders = sorted(p.name for p in (tmp_path / "zeroshot" / "digits").iterdir())
+    assert folders == sorted(["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"])
+    assert sorted(p.name for p in (tmp_path / "zeroshot" / "shapes").iterdir()) == sorted(["圆形", "正方形", "三角形", "十字"])
+    # The zero-shot "七" images are real scans of a 7, upscaled from scikit-learn's 8x8 data.
+    seven = np.asarray(Image.open(tmp_path / "zeroshot" / "digits" / "七" / "000.png").convert("L").resize((8, 8), Image.Resampling.BOX))
+    sevens = load_digits().images[load_digits().target == 7] * (255 / 16)
+    assert min(np.abs(s - seven).mean() for s in sevens) < 20
+    # No scan appears twice across the splits and the zero-shot set.
+    blobs = [line.split("\t")[1] for split in ("train", "valid", "test") for line in _lines(tmp_path / f"{split}_imgs.tsv")]
+    assert len(blobs) == len(set(blobs))
 
 
 def test_ingest_writes_one_row_per_text_image_pair(raw_dir, prepared_dir):
