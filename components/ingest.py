@@ -10,7 +10,6 @@ shard of `shard_rows` pairs, whatever the size of the split.
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import itertools
 import json

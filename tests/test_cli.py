@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from components.demo_data import DemoDataConfig
 from conftest import run_cli
 
 COMMANDS = ["demo-data", "ingest", "validate", "train", "evaluate", "register", "embed", "results"]
@@ -55,10 +56,11 @@ def test_demo_data_and_ingest_from_the_command_line(tmp_path):
     result = run_cli("demo-data", "--out", str(tmp_path / "raw"), "--train-images", "10", "--test-images", "5",
                      "--summary", str(tmp_path / "s.json"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "s.json").read_text())["splits"]["test"]["images"] == 5
+    defaults = DemoDataConfig()
+    assert json.loads((tmp_path / "s.json").read_text())["splits"]["test"]["images"] == 5 + defaults.test_digits
     result = run_cli("ingest", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "prepared"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["splits"]["train"]["pairs"] == 30
+    assert json.loads(result.stdout)["splits"]["train"]["pairs"] == (10 + defaults.train_digits) * defaults.captions_per_image
 
 
 def test_embed_prints_unit_embeddings_and_similarities(trained, tmp_path):
