@@ -87,6 +87,7 @@ def register(
     """
     import mlflow
     from mlflow import MlflowClient
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
@@ -106,8 +107,6 @@ def register(
         for step_summary in step_summaries:
             read_summary(step_summary)  # a missing or broken file fails here, named
             mlflow.log_artifact(str(step_summary), artifact_path="step_summaries")
-        from transformers import AutoConfig
-
         projection_dim = AutoConfig.from_pretrained(model_dir).projection_dim
         info = mlflow.pyfunc.log_model(
             name="model",
