@@ -1,4 +1,9 @@
-"""Ingest: Chinese-CLIP raw splits -> Parquet shards of (text, image) pairs, bad rows quarantined.
+"""Ingest: raw splits -> Parquet shards of (text, image) pairs, bad rows quarantined.
+
+Two raw formats, chosen per split by the files present:
+- Chinese-CLIP: `{split}_imgs.tsv` (`image_id<TAB>base64 image`) + `{split}_texts.jsonl`;
+- captions CSV: `{split}.csv` with columns `text_id`, `text`, `image` (an image file path relative to
+  the raw folder), one row per (text, image) pair; image ids follow the order of first appearance.
 
 Streaming: texts (small) are indexed first, then image lines are read in batches of `batch_lines`,
 decoded and re-encoded by `workers` processes, and each image's pairs are written as soon as it is
@@ -146,17 +151,27 @@ def _decode_line(line: str, config: IngestConfig) -> tuple[int | None, bytes | N
         return image_id, None, f"image does not decode ({err})"
 
 
-def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig) -> Iterator[tuple[int, str, tuple]]:
-    """(line number, line, _decode_line result) in input order, `batch_lines` lines at a time."""
+def _decode_file_line(line: str, config: IngestConfig) -> tuple[int | None, bytes | None, str | None]:
+    """`image_id<TAB>path` (built from a captions CSV) -> the same result as `_decode_line`."""
+    id_field, path = line.split("\t", 1)
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as err:
+        return int(id_field), None, f"image file cannot be read ({err.strerror}: {path})"
+    return _decode_line(f"{id_field}\t{base64.b64encode(blob).decode('ascii')}", config)
+
+
+def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig, decode=_decode_line) -> Iterator[tuple[int, str, tuple]]:
+    """(line number, line, decode result) in input order, `batch_lines` lines at a time."""
     workers = config.workers or os.cpu_count() or 1
     batches = iter(lambda: list(itertools.islice(lines, config.batch_lines)), [])
     if workers == 1:
         for batch in batches:
-            yield from ((number, line, _decode_line(line, config)) for number, line in batch)
+            yield from ((number, line, decode(line, config)) for number, line in batch)
         return
     with ProcessPoolExecutor(workers) as pool:
         for batch in batches:
-            results = pool.map(partial(_decode_line, config=config), [line for _, line in batch],
+            results = pool.map(partial(decode, config=config), [line for _, line in batch],
                                chunksize=max(1, len(batch) // (4 * workers)))
             yield from ((number, line, result) for (number, line), result in zip(batch, results))
 
@@ -185,16 +200,63 @@ def _index_texts(path: Path, quarantine: _Quarantine) -> dict[int, list[tuple[in
     return by_image
 
 
-def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig) -> dict:
-    images_path, texts_path = raw_dir / f"{split}_imgs.tsv", raw_dir / f"{split}_texts.jsonl"
+CSV_COLUMNS = ("text_id", "text", "image")
+
+
+def _index_csv(path: Path, raw_dir: Path, quarantine: _Quarantine) -> tuple[dict, list[tuple[int, str]]]:
+    """Texts by image id and `image_id<TAB>path` lines from a captions CSV, quarantining bad rows."""
+    import csv
+
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    ids: dict[str, int] = {}
+    first_row: dict[int, int] = {}
+    text_of: dict[int, str] = {}
+    with open(path, encoding="utf-8", newline="") as rows:
+        reader = csv.DictReader(rows)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ZhclipError(f"{path}: missing column(s) {missing}; a captions CSV needs {list(CSV_COLUMNS)}"
+                              + (" (the file is empty)" if not reader.fieldnames else ""))
+        for number, row in enumerate(reader, 2):
+            record = json.dumps(row, ensure_ascii=False)
+            try:
+                text_id = int(row["text_id"])
+            except (TypeError, ValueError):
+                quarantine.add(path, number, f"text_id {row['text_id']!r} is not an integer", record)
+                continue
+            text, image = (row["text"] or "").strip(), (row["image"] or "").strip()
+            if not text:
+                quarantine.add(path, number, "empty or non-string text", record)
+            elif not image:
+                quarantine.add(path, number, "empty image path", record)
+            elif text_of.setdefault(text_id, text) != text:
+                quarantine.add(path, number, f"duplicate text_id {text_id} with another caption", record)
+            else:
+                image_id = ids.setdefault(image, len(ids) + 1)
+                first_row.setdefault(image_id, number)
+                by_image.setdefault(image_id, []).append((text_id, text))
+    return by_image, [(first_row[image_id], f"{image_id}\t{raw_dir / image}") for image, image_id in ids.items()]
+
+
+def _sources(raw_dir: Path, split: str, quarantine: _Quarantine):
+    """(texts by image id, numbered image lines, decoder, images file, texts file) for whichever format the split uses."""
+    images_path, texts_path, csv_path = raw_dir / f"{split}_imgs.tsv", raw_dir / f"{split}_texts.jsonl", raw_dir / f"{split}.csv"
+    if csv_path.is_file() and not images_path.exists():
+        by_image, lines = _index_csv(csv_path, raw_dir, quarantine)
+        return by_image, iter(lines), _decode_file_line, csv_path, csv_path
     for path in (images_path, texts_path):
         if not path.is_file():
-            raise ZhclipError(f"{path} not found: a split needs {split}_imgs.tsv and {split}_texts.jsonl")
-    quarantine = _Quarantine(out_dir / "quarantine" / f"{split}.jsonl")
+            raise ZhclipError(f"{path} not found: a split needs {split}_imgs.tsv and {split}_texts.jsonl, or {split}.csv")
     by_image = _index_texts(texts_path, quarantine)
+    return by_image, _lines(images_path, quarantine, desc=f"ingest {split}"), _decode_line, images_path, texts_path
+
+
+def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig) -> dict:
+    quarantine = _Quarantine(out_dir / "quarantine" / f"{split}.jsonl")
+    by_image, lines, decode, images_path, texts_path = _sources(raw_dir, split, quarantine)
     writer = _ShardWriter(out_dir / split, config.shard_rows)
     found: set[int] = set()
-    for number, line, (image_id, blob, problem) in _decoded(_lines(images_path, quarantine, desc=f"ingest {split}"), config):
+    for number, line, (image_id, blob, problem) in _decoded(lines, config, decode):
         if problem:
             quarantine.add(images_path, number, problem, line)
             continue
@@ -207,7 +269,7 @@ def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig
     writer.flush()
     missing = sorted(set(by_image) - found)
     for image_id in missing:
-        quarantine.add(texts_path, 0, f"image_id {image_id} is referenced by texts but not in {images_path.name}",
+        quarantine.add(texts_path, 0, f"image_id {image_id} is referenced by texts but has no usable image in {images_path.name}",
                        json.dumps(by_image[image_id], ensure_ascii=False))
     quarantine.close()
     if writer.total == 0:

@@ -252,3 +252,27 @@ def test_ingest_memory_stays_bounded_on_data_larger_than_the_bound(tmp_path):
     assert decoded_total > 2 * bound
     assert parent < bound and worker < bound, (parent / 2**20, worker / 2**20)
     assert len(read_pairs(tmp_path / "out", "train")) == 60
+
+
+def test_captions_csv_with_an_image_folder(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    Image.new("RGB", (20, 20), "red").save(raw / "images" / "red.png")
+    Image.new("RGB", (20, 20), "blue").save(raw / "images" / "blue.jpg")
+    (raw / "images" / "broken.png").write_bytes(b"not an image")
+    rows = ["text_id,text,image", "1,红色方块,images/red.png", "1,红色方块,images/blue.jpg", "2,蓝色方块,images/blue.jpg",
+            "3,   ,images/red.png", "x,坏编号,images/red.png", "4,缺失的图片,images/missing.png", "5,坏图片,images/broken.png"]
+    for split in ("train", "valid", "test"):
+        (raw / f"{split}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    summary = ingest(raw, tmp_path / "out", IngestConfig(workers=1))
+    pairs = read_pairs(tmp_path / "out", "test")
+    assert sorted(zip(pairs.text_id, pairs.text)) == [(1, "红色方块"), (1, "红色方块"), (2, "蓝色方块")]
+    assert pairs.groupby("text_id").image_id.nunique()[1] == 2  # one caption, two positive images
+    reasons = {q["line"]: q["reason"] for q in map(json.loads, _lines(tmp_path / "out" / "quarantine" / "test.jsonl"))
+               if q["line"]}
+    assert "empty or non-string text" in reasons[5] and "not an integer" in reasons[6]
+    assert "cannot be read" in reasons[7] and "missing.png" in reasons[7] and "does not decode" in reasons[8]
+    assert summary["splits"]["test"]["quarantined"] == 6  # the four rows above and their two unusable images' texts
+    (raw / "test.csv").write_text("text_id,caption,image\n1,红色,images/red.png\n", encoding="utf-8")
+    with pytest.raises(ZhclipError, match=r"test.csv: missing column\(s\) \['text'\]"):
+        ingest(raw, tmp_path / "again", IngestConfig(workers=1))
