@@ -46,7 +46,7 @@ def demo_data_command(
 
 @app.command()
 def ingest(
-    raw: Path = typer.Option(Path("data/raw"), help="Folder with {split}_imgs.tsv and {split}_texts.jsonl."),
+    raw: Path = typer.Option(Path("data/raw"), help="Folder with {split}_imgs.tsv + {split}_texts.jsonl, or {split}.csv + images."),
     out: Path = typer.Option(Path("data/prepared"), help="Folder for Parquet shards and quarantine files."),
     summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
     shard_rows: Optional[int] = typer.Option(None, help="Pairs per Parquet shard."),
