@@ -6,6 +6,7 @@ Everything is built locally on the fly; nothing is downloaded.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,27 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run the installed `zhclip` command; output captured as text."""
     return subprocess.run([str(BIN / "zhclip"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_tool(*args: str, cwd: Path, timeout: int = 900) -> str:
+    """Run a command with this environment's tools (zhclip, dvc) first on PATH; fails the test on error."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def copy_project(root: Path) -> Path:
+    """The pipeline files of this repository (dvc.yaml, params, code, DVC config) in a new git repo."""
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("components", "model"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy(REPO / ".dvc" / name, root / ".dvc" / name)
+    run_tool("git", "init", "-q", cwd=root)
+    return root
 
 
 @pytest.fixture(scope="session")

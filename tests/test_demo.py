@@ -1,36 +1,19 @@
 """`dvc repro` of the real demo in a scratch copy of the project: learning, caching and experiments."""
 
 import json
-import os
-import shutil
-import subprocess
 
 import pytest
 
-from conftest import BIN, REPO
+from conftest import copy_project
+from conftest import run_tool as _run
 
 pytestmark = pytest.mark.slow
-
-
-def _run(*args, cwd, timeout=900):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git repository holding the project's pipeline files, where `dvc repro` has run once."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("components", "model"):
-        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(REPO / ".dvc" / name, root / ".dvc" / name)
-    _run("git", "init", "-q", cwd=root)
+    root = copy_project(tmp_path_factory.mktemp("project"))
     _run("git", "add", "-A", cwd=root)
     _run("git", "commit", "-qm", "project", cwd=root)
     _run("dvc", "repro", cwd=root)

@@ -2,25 +2,16 @@
 and everything downstream, and nothing else changes when nothing changed."""
 
 import json
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import yaml
 
-from conftest import BIN, REPO
+from conftest import REPO, copy_project
+from conftest import run_tool as _run
 
 pytestmark = pytest.mark.slow
 DOWNSTREAM = ["ingest", "validate", "train_stage1", "train_stage2", "evaluate@stage1", "evaluate@stage2", "register"]
-
-
-def _run(*args, cwd):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
 
 
 def _ran(output):
@@ -28,18 +19,11 @@ def _ran(output):
 
 
 def test_touching_one_raw_file_reruns_ingest_and_everything_downstream(tmp_path):
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, tmp_path / name)
-    for folder in ("components", "model"):
-        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / ".dvc").mkdir()
-    for name in ("config", ".gitignore"):
-        shutil.copy(REPO / ".dvc" / name, tmp_path / ".dvc" / name)
+    copy_project(tmp_path)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["demo_data"].update(train_images=40, valid_images=8, test_images=12, train_digits=20, valid_digits=4, test_digits=8)
     params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-    _run("git", "init", "-q", cwd=tmp_path)
     _run("dvc", "repro", cwd=tmp_path)
     # Switch from the generated demo data to raw data the user tracks, as the README describes.
     _run("dvc", "remove", "demo_data", cwd=tmp_path)
