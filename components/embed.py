@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from components.common import ZhclipError
+from components.register import DEFAULT_TRACKING_URI
 
 
 def load_embedder(model: str, tracking_uri: str | None = None):
@@ -21,8 +22,7 @@ def load_embedder(model: str, tracking_uri: str | None = None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri or not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(tracking_uri or "sqlite:///mlflow.db")
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     try:
         return mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as err:

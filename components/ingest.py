@@ -144,10 +144,18 @@ def _decode_line(line: str, config: IngestConfig) -> tuple[int | None, bytes | N
     except ValueError as err:
         return None, None, f"expected 'image_id<TAB>base64 image' ({err})"
     try:
-        return image_id, _reencode(decode_base64(b64), config), None
+        blob = decode_base64(b64)
+    except ValueError as err:
+        return image_id, None, f"image does not decode ({err})"
+    return _reencoded(image_id, blob, config)
+
+
+def _reencoded(image_id: int, blob: bytes, config: IngestConfig) -> tuple[int, bytes | None, str | None]:
+    try:
+        return image_id, _reencode(blob, config), None
     except _Rejected as err:
         return image_id, None, f"image rejected: {err}"
-    except (ValueError, OSError, Image.DecompressionBombError) as err:  # bad base64 is a ValueError too
+    except (ValueError, OSError, Image.DecompressionBombError) as err:
         return image_id, None, f"image does not decode ({err})"
 
 
@@ -158,7 +166,7 @@ def _decode_file_line(line: str, config: IngestConfig) -> tuple[int | None, byte
         blob = Path(path).read_bytes()
     except OSError as err:
         return int(id_field), None, f"image file cannot be read ({err.strerror}: {path})"
-    return _decode_line(f"{id_field}\t{base64.b64encode(blob).decode('ascii')}", config)
+    return _reencoded(int(id_field), blob, config)
 
 
 def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig, decode=_decode_line) -> Iterator[tuple[int, str, tuple]]:

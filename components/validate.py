@@ -153,14 +153,16 @@ def validate(
     """
     prepared_dir, out_dir, quarantine_path = Path(prepared_dir), Path(out_dir), Path(quarantine_path)
     splits = {split: read_pairs(prepared_dir, split) for split in SPLITS}
-    train_images = {hashlib.sha256(blob).hexdigest() for blob in splits["train"]["image"]}
     report: dict = {"prepared_dir": str(prepared_dir), "validated_dir": str(out_dir),
                     "max_bad_fraction": config.max_bad_fraction, "splits": {}}
     quarantined, failures = [], []
     with timed(report):
         checkpoint = _checkpoint(config, docs_dir)
-        for split, pairs in splits.items():
-            frame = profile(pairs, train_images if split != "train" else set())
+        train_images: set[str] = set()
+        for split, pairs in splits.items():  # train first: its image hashes define leakage
+            frame = profile(pairs, train_images)
+            if split == "train":
+                train_images = set(frame["image_sha"])
             result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()))
             outcomes = _outcomes(result, frame)
             reasons: dict[int, list[str]] = {}
