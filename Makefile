@@ -15,7 +15,12 @@ REF_VENV  := .venv-reference
 REF_STAMP := $(REF_VENV)/.installed-stamp
 REF_PINS  := torch==2.14.1 torchvision==0.29.1 $(shell grep -i -E '^(pillow|numpy|six)==' requirements.lock)
 
-.PHONY: install reference-env demo test test-fast lock clean-demo
+.PHONY: install reference-env system-deps demo test test-fast lock clean-demo
+
+# Services and tools the tests start: PostgreSQL (MLflow backend store), headless Chromium (HTML
+# report rendering) and kubectl (offline `kubectl kustomize`). Installed from Debian when missing.
+SYSTEM_PACKAGES := postgresql chromium kubernetes-client
+SYSTEM_PROBES   := pg_ctlcluster chromium kubectl
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +34,13 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+system-deps:
+	@missing=0; for tool in $(SYSTEM_PROBES); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	fi
+
 $(REF_STAMP): requirements.lock
 	$(PYTHON) -m venv $(REF_VENV)
 	$(REF_VENV)/bin/python -m pip install --quiet $(REF_PINS)
@@ -41,7 +53,7 @@ demo: install
 	$(RUN) dvc repro
 	$(RUN) zhclip results
 
-test: install reference-env
+test: install reference-env system-deps
 	$(RUN) pytest
 
 test-fast: install
