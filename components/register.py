@@ -7,7 +7,6 @@ least the current champion's (minus a tolerance). Versions are never deleted or 
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -17,6 +16,7 @@ import pandas as pd
 
 import model as model_package
 from components.common import ZhclipError, read_summary, timed, write_summary
+from components.lineage import git_commit
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # What a pulled model needs at inference, pinned to the versions it was trained with.
@@ -43,13 +43,6 @@ def _signature(projection_dim: int):
 
     inputs = Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float32"), (-1, projection_dim))]))
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -118,7 +111,7 @@ def register(
             input_example=pd.DataFrame({"text": ["一只红色的圆形在左上角"]}),
         )
         registered = mlflow.register_model(info.model_uri, config.model_name,
-                                           tags={config.metric: str(metrics[config.metric]), "git_commit": _git_commit()})
+                                           tags={config.metric: str(metrics[config.metric]), "git_commit": git_commit()})
         summary["run_id"] = run.info.run_id
     new_version = registered.version
     client.set_registered_model_alias(config.model_name, "challenger", new_version)

@@ -8,9 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from components.common import ZhclipError
+from conftest import run_tool
 from components.demo_data import DemoDataConfig, generate_demo_data
 from components.ingest import PAIR_SCHEMA, IngestConfig, ingest, read_pairs
 from components.validate import ValidateConfig, validate
@@ -276,3 +278,19 @@ def test_captions_csv_with_an_image_folder(tmp_path):
     (raw / "test.csv").write_text("text_id,caption,image\n1,红色,images/red.png\n", encoding="utf-8")
     with pytest.raises(ZhclipError, match=r"test.csv: missing column\(s\) \['text'\]"):
         ingest(raw, tmp_path / "again", IngestConfig(workers=1))
+
+
+def test_dvc_hash_equals_what_dvc_records(tmp_path):
+    """components.lineage.dvc_hash reproduces DVC's folder hash, checked with DVC itself."""
+    from components.lineage import dvc_hash
+
+    data = tmp_path / "repo" / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("一二三\n", encoding="utf-8")
+    (data / "sub" / "b.bin").write_bytes(bytes(range(256)))
+    run_tool("git", "init", "-q", cwd=tmp_path / "repo")
+    run_tool("dvc", "init", "-q", cwd=tmp_path / "repo")
+    run_tool("dvc", "add", "-q", "data", cwd=tmp_path / "repo")
+    recorded = yaml.safe_load((tmp_path / "repo" / "data.dvc").read_text())["outs"][0]["md5"]
+    assert dvc_hash(data) == recorded
+    assert dvc_hash(data / "a.txt") != dvc_hash(data / "sub" / "b.bin")
