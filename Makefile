@@ -19,8 +19,9 @@ REF_PINS  := torch==2.14.1 torchvision==0.29.1 $(shell grep -i -E '^(pillow|nump
 
 # Services and tools the tests start: PostgreSQL (MLflow backend store), headless Chromium (HTML
 # report rendering) and kubectl (offline `kubectl kustomize`). Installed from Debian when missing.
-SYSTEM_PACKAGES := postgresql chromium kubernetes-client
-SYSTEM_PROBES   := pg_ctlcluster chromium kubectl
+# tool:package pairs; only packages whose tool is missing are installed (an existing kubectl from
+# another package would conflict with Debian's).
+SYSTEM_TOOLS := pg_ctlcluster:postgresql chromium:chromium kubectl:kubernetes-client
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +36,11 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 install: $(STAMP)
 
 system-deps:
-	@missing=0; for tool in $(SYSTEM_PROBES); do command -v $$tool >/dev/null || missing=1; done; \
-	if [ $$missing = 1 ]; then \
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
 $(REF_STAMP): requirements.lock
