@@ -11,7 +11,7 @@ or after it, as convenient:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -165,18 +165,26 @@ def compile_model(model: nn.Module, scope: str = "regional", **options: object) 
         model.compile(**options)
 
 
-def pixels_on_device(images: list[torch.Tensor], size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Decoded uint8 (3, H, W) images, already on the device (e.g. from nvJPEG) -> a normalised float
-    (N, 3, size, size) batch, as the model's image processor makes on the CPU: squashed to
-    size x size (no crop), bicubic with antialiasing, rounded to 8 bits, scaled and normalised."""
-    if len({tuple(image.shape) for image in images}) == 1:
-        resized = F.interpolate(torch.stack(images).float(), size=(size, size), mode="bicubic", antialias=True)
+def pixels_on_device(images: Sequence[torch.Tensor] | torch.Tensor, size: int, mean: Sequence[float],
+                     std: Sequence[float]) -> torch.Tensor:
+    """Decoded uint8 (3, H, W) images on the device (e.g. from nvJPEG, or a batch already resized by
+    the loader) -> the normalised float (N, 3, size, size) batch the model's image processor makes
+    on the CPU: squashed to size x size (no crop) with antialiased bicubic, rounded to 8 bits,
+    scaled and normalised. Images already size x size are only normalised."""
+    if not isinstance(images, torch.Tensor) and len({tuple(image.shape) for image in images}) > 1:
+        resized = torch.cat([_resized(image[None], size) for image in images])
     else:
-        resized = torch.cat([F.interpolate(image[None].float(), size=(size, size), mode="bicubic", antialias=True)
-                             for image in images])
+        resized = _resized(images if isinstance(images, torch.Tensor) else torch.stack(images), size)
     mean_t = torch.tensor(mean, device=resized.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=resized.device).view(1, 3, 1, 1)
-    return (resized.clamp(0, 255).round() / 255 - mean_t) / std_t
+    return (resized / 255 - mean_t) / std_t
+
+
+def _resized(batch: torch.Tensor, size: int) -> torch.Tensor:
+    if batch.shape[-2:] == (size, size):
+        return batch.float()
+    resized = F.interpolate(batch.float(), size=(size, size), mode="bicubic", antialias=True)
+    return resized.clamp(0, 255).round()
 
 
 def apply_speedups(
