@@ -61,7 +61,9 @@ class FusedQKVAttention(nn.Module):
         self.register_state_dict_post_hook(_split_qkv)
         self.register_load_state_dict_pre_hook(_merge_qkv)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_args, **_kwargs):
+        # Extra arguments (head masks, output_attentions...) are what other transformers versions
+        # pass the replaced modules; self-attention of a CLIP tower uses none of them.
         batch, length, _ = hidden_states.shape
         query, key, value = (self.qkv(hidden_states).view(batch, length, 3, self.num_heads, -1)
                              .permute(2, 0, 3, 1, 4).unbind(0))
@@ -90,10 +92,11 @@ def _merge_qkv(module: FusedQKVAttention, state_dict: dict, prefix: str, *_args)
 
 
 def _fused(attention: nn.Module, sdpa_backend: str | None) -> FusedQKVAttention:
+    # Only attributes that transformers 4.x and 5.x both have: heads, head size, dropout.
     if isinstance(attention, ChineseCLIPTextSelfAttention):
         projections = {"query": attention.query, "key": attention.key, "value": attention.value}
-        fused = FusedQKVAttention(projections, attention.num_attention_heads, attention.scaling,
-                                  attention.attention_dropout, sdpa_backend=sdpa_backend)
+        fused = FusedQKVAttention(projections, attention.num_attention_heads, attention.attention_head_size**-0.5,
+                                  attention.dropout.p, sdpa_backend=sdpa_backend)
     else:
         projections = {"q_proj": attention.q_proj, "k_proj": attention.k_proj, "v_proj": attention.v_proj}
         fused = FusedQKVAttention(projections, attention.num_heads, attention.scale, attention.dropout,
