@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import case_names, count_flops, rates, reset_peak_memory, run_cases, start, time_calls
-from bench.train_throughput import reference_model
+from bench.train_throughput import VIT_PRESETS, reference_model
 from model import build_model
 from model.fast import apply_speedups, compile_model
 from model.presets import PRESETS
@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["bf16", "bf16-fast"],
                         help=f"cases to run, in order, or `all`: {', '.join(CASES)}")
-    parser.add_argument("--preset", default="ViT-B-16", choices=[p for p in PRESETS if "resnet_layers" not in PRESETS[p]["vision"]])
+    parser.add_argument("--preset", default="ViT-B-16", choices=VIT_PRESETS)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)

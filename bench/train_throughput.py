@@ -21,6 +21,7 @@ import copy
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -34,6 +35,7 @@ from model.loss import MAX_LOGIT_SCALE
 from model.presets import PRESETS
 
 PAD_ID, CLS_ID, SEP_ID, FIRST_WORD_ID = 0, 101, 102, 106
+VIT_PRESETS = [name for name, spec in PRESETS.items() if "resnet_layers" not in spec["vision"]]  # what cn-clip's ViT takes
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def reference_model(preset: str) -> torch.nn.Module:
         text_num_hidden_layers=text["num_hidden_layers"], text_type_vocab_size=2)
 
 
-def reference_step(preset: str, stage: int, batch: dict, device: torch.device):
+def reference_step(preset: str, stage: int, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
     """cn-clip's training step (cn_clip/training/train.py): AMP fp16, GradScaler, AdamW with its
     parameter groups, logit scale clamped to ln(100) after each update."""
     model = reference_model(preset).to(device).train()
@@ -129,7 +131,7 @@ def reference_step(preset: str, stage: int, batch: dict, device: torch.device):
     images, texts = batch["pixel_values"], batch["input_ids"]
     labels = torch.arange(len(texts), device=device)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16):
             image_features, text_features, scale = model(images, texts)
@@ -142,7 +144,7 @@ def reference_step(preset: str, stage: int, batch: dict, device: torch.device):
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return loss.detach()
 
-    return model, step
+    return step
 
 
 @torch.no_grad()
@@ -152,8 +154,8 @@ def compare_with_plain(plain: torch.nn.Module, fast: torch.nn.Module, batch: dic
     results = {}
     for name, model in (("plain", plain), ("fast", fast)):
         model.eval()
-        autocast = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=name == "fast" and precision == "bf16")
-        with autocast:
+        bf16 = name == "fast" and precision == "bf16"
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**batch)
         image, text = F.normalize(out.image_embeds.float(), dim=-1), F.normalize(out.text_embeds.float(), dim=-1)
         logits = model.logit_scale.exp() * image @ text.t()
@@ -192,7 +194,8 @@ def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, cont
     def finish() -> dict:
         nonlocal plain
         # static shapes: every batch has the same shape, and FLIP's shorter sequences get their own graph
-        compile_model(model, case.compile_scope, dynamic=False, **({"mode": case.compile_mode} if case.compile_mode else {}))
+        mode = {"mode": case.compile_mode} if case.compile_mode else {}
+        compile_model(model, case.compile_scope, dynamic=False, **mode)
         applied["compile"] = case.compile_scope
         result = {"applied": applied}
         if plain is not None:
@@ -211,7 +214,7 @@ def run_case(name: str, case: Case, args, device: torch.device, peak_tflops: flo
     torch._dynamo.reset()  # each case compiles afresh (inductor's disk cache still shortens it)
     batch = random_batch(args.batch_size, args.context_length, PRESETS[args.preset]["vision"]["image_size"], device)
     if case.impl == "reference":
-        _, step = reference_step(args.preset, case.stage, batch, device)
+        step = reference_step(args.preset, case.stage, batch, device)
         finish = dict
     else:
         step, finish = zhclip_step(case, args.preset, batch, device, args.context_length)
@@ -229,7 +232,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["reference-s2", "fast-s2"],
                         help=f"cases to run, in order, or `all`: {', '.join(CASES)}")
-    parser.add_argument("--preset", default="ViT-B-16", choices=[p for p in PRESETS if "resnet_layers" not in PRESETS[p]["vision"]])
+    parser.add_argument("--preset", default="ViT-B-16", choices=VIT_PRESETS)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--context-length", type=int, default=52)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case")

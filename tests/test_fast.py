@@ -125,3 +125,20 @@ def test_on_device_preprocessing_matches_the_image_processor(plain):
     # PIL's and torch's bicubic kernels differ slightly: one 8-bit level at most (~0.015 here)
     assert (got - expected).abs().max() < 0.05
     assert (got - expected).abs().mean() < 0.01
+
+
+def test_regional_compile_traces_one_graph_per_layer_kind_without_breaks(plain, batch):
+    graphs = []
+
+    def counting_backend(graph_module, _inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    model = sped_up(plain[0], fused_qkv=True, compile_scope="regional",
+                    compile_options={"backend": counting_backend, "dynamic": False})
+    for _ in range(2):
+        with torch.no_grad():
+            embeddings(model, batch)
+    # the text layers share one graph and the vision layers another: compiled once, reused, unbroken
+    assert len(graphs) == 2
