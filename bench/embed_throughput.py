@@ -52,15 +52,17 @@ def embedder(case: Case, preset: str, device: torch.device) -> tuple[Callable, C
     as the case asks (after the FLOP count, which needs the eager one)."""
     dtype = DTYPES[case.dtype]
     if case.impl == "reference":
-        reference = reference_model(preset).to(device).eval()
+        with device:
+            reference = reference_model(preset).eval()
         sys.modules["cn_clip.clip.model"].convert_weights(reference)  # cn-clip's fp16 inference weights
 
         def reference_embed(pixels: torch.Tensor) -> torch.Tensor:
             return F.normalize(reference.encode_image(pixels.to(dtype)), dim=-1)
 
         return reference_embed, lambda: reference_embed
-    model, _ = build_model(preset)
-    model.to(device, dtype).eval()
+    with device:
+        model, _ = build_model(preset)
+    model.to(dtype).eval()
     apply_speedups(model, fused_qkv=case.fused_qkv, channels_last=case.channels_last)
 
     def embed(pixels: torch.Tensor) -> torch.Tensor:

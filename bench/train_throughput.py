@@ -118,7 +118,8 @@ def reference_model(preset: str) -> torch.nn.Module:
 def reference_step(preset: str, stage: int, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
     """cn-clip's training step (cn_clip/training/train.py): AMP fp16, GradScaler, AdamW with its
     parameter groups, logit scale clamped to ln(100) after each update."""
-    model = reference_model(preset).to(device).train()
+    with device:  # initialised where it runs: seconds saved per case on a GPU
+        model = reference_model(preset).train()
     if stage == 1:
         for param in model.visual.parameters():
             param.requires_grad = False
@@ -172,8 +173,8 @@ def compare_with_plain(plain: torch.nn.Module, fast: torch.nn.Module, batch: dic
 def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, context_length: int):
     """components.training.TrainStep on a model with the case's speed switches; compilation is
     applied after the FLOP count (which needs the eager step) by the returned `finish` callback."""
-    model, _ = build_model(preset, context_length=context_length)
-    model.to(device)
+    with device:  # initialised where it runs: seconds saved per case on a GPU
+        model, _ = build_model(preset, context_length=context_length)
     if case.stage == 1:
         lock_image_tower(model)
     plain = copy.deepcopy(model) if case.check_loss else None
