@@ -5,6 +5,7 @@ runs the code it names, counts its work and, where it compares, finds the same r
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHES = ("train_throughput", "embed_throughput", "input_pipeline")
 
 
 def run_bench(module: str, *args: str) -> dict[str, dict]:
@@ -24,6 +26,32 @@ def run_bench(module: str, *args: str) -> dict[str, dict]:
     return {line["case"]: line for line in lines[1:]}
 
 
+def python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_benchmarks_need_nothing_a_bare_gpu_host_lacks():
+    imports = "; ".join(f"import bench.{name}" for name in BENCHES)
+    loaded = python(f"import json, sys; {imports}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))")
+    assert not {"ray", "mlflow", "great_expectations", "kfp", "dvc", "minio", "onnxruntime"} & set(json.loads(loaded))
+
+
+def test_gpu_suite_names_only_existing_cases():
+    script = (REPO / "bench" / "gpu_suite.sh").read_text().replace("\\\n", " ")
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_suite.sh")]).returncode == 0
+    runs = re.findall(r"bench\.(\w+)[^\n]*--cases ([^\n]*)", script)
+    assert {module for module, _ in runs} == {"train_throughput", "embed_throughput"}
+    catalogues = json.loads(python("import json; from bench import embed_throughput, train_throughput; "
+                                   "print(json.dumps({m.__name__.split('.')[1]: list(m.CASES) "
+                                   "for m in (embed_throughput, train_throughput)}))"))
+    for module, arguments in runs:
+        names = arguments.split("--")[0].split()
+        assert names and set(names) <= set(catalogues[module]), f"{module}: unknown {set(names) - set(catalogues[module])}"
+
+
+@pytest.mark.slow
 def test_training_benchmark_runs_reference_and_zhclip_steps():
     cases = run_bench("train_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
                       "--cases", "reference-s2", "reference-s1", "eager-s2", "bf16-s2")
@@ -46,6 +74,7 @@ def test_training_benchmark_rejects_unknown_cases():
     assert result.returncode == 2 and "unknown cases ['fastest']" in result.stderr
 
 
+@pytest.mark.slow
 def test_embedding_benchmark_runs_reference_and_zhclip():
     cases = run_bench("embed_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
                       "--cases", "reference-fp16", "fp32", "bf16")
@@ -55,6 +84,7 @@ def test_embedding_benchmark_runs_reference_and_zhclip():
     assert cases["bf16"]["gflop_per_image"] == cases["fp32"]["gflop_per_image"]
 
 
+@pytest.mark.slow
 def test_input_pipeline_benchmark_gives_the_processors_pixels():
     cases = run_bench("input_pipeline", "--images", "24", "--width", "64", "--height", "48", "--batch-size", "8",
                       "--workers", "0", "--gpu-decode")
