@@ -102,6 +102,7 @@ def start(device_name: str, peak_tflops: float | None) -> tuple[torch.device, fl
     """The device and the matmul peak for MFU (measured on GPUs unless given), announced as the
     first JSON line with the date, device and versions."""
     device = pick_device(device_name)
+    torch.backends.cudnn.benchmark = True  # as cn-clip's training sets it, for every case alike
     peak = peak_tflops or (matmul_peak_tflops(device) if device.type == "cuda" else None)
     emit({"bench": "environment", **environment(device), "matmul_peak_tflops": peak and round(peak, 1)})
     return device, peak
