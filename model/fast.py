@@ -56,8 +56,8 @@ class FusedQKVAttention(nn.Module):
         # text falls back to the next kernel that does instead of failing.
         self.backends = None
         if sdpa_backend:
-            first = SDPA_BACKENDS[sdpa_backend]
-            self.backends = [first, *(backend for backend in SDPA_BACKENDS.values() if backend != first)]
+            preferred = SDPA_BACKENDS[sdpa_backend]
+            self.backends = [preferred, *(backend for backend in SDPA_BACKENDS.values() if backend != preferred)]
         self.register_state_dict_post_hook(_split_qkv)
         self.register_load_state_dict_pre_hook(_merge_qkv)
 
@@ -92,7 +92,8 @@ def _merge_qkv(module: FusedQKVAttention, state_dict: dict, prefix: str, *_args)
 
 
 def _fused(attention: nn.Module, sdpa_backend: str | None) -> FusedQKVAttention:
-    # Only attributes that transformers 4.x and 5.x both have: heads, head size, dropout.
+    # Heads, head size and dropout probability from attributes that transformers 5.17 (the GPU
+    # hosts') and 5.24 (the lock) both have.
     if isinstance(attention, ChineseCLIPTextSelfAttention):
         projections = {"query": attention.query, "key": attention.key, "value": attention.value}
         fused = FusedQKVAttention(projections, attention.num_attention_heads, attention.attention_head_size**-0.5,
