@@ -446,7 +446,7 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
         "best_valid_mean_recall": max((v["valid_mean_recall"] for v in validation), default=None),
         "final_valid_inbatch_accuracy": validation[-1]["valid_inbatch_accuracy"] if validation else None,
         "resumed_at_steps": progress["resumed_at"],
-        "checkpoint": f"{checkpoint.path}", "ray_run": name, "mlflow": ids,
+        "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path, "ray_run": name, "mlflow": ids,
         "config": asdict(config),
     }
 
