@@ -199,8 +199,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
     else:
         (model, processor), state = _initial_model(cfg, config["init_dir"]), None
     _set_train_mode(model, cfg)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:  # renamed activation_checkpointing_enable in newer transformers
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     raw_model = model.to(ctx.device)
     model = ctx.wrap_model(raw_model)
 

@@ -161,3 +161,14 @@ def test_resumed_steps_repeat_the_uninterrupted_ones(tmp_path):
     assert restore_state(resumed_step, state) == {"step": 2}
     resumed = [resumed_step(_batch(8, seed=i))["loss"] for i in range(2, 4)]
     assert resumed == pytest.approx(straight[2:], abs=1e-6)
+
+
+def test_activation_checkpointing_changes_neither_loss_nor_gradients():
+    model, _ = _tiny_without_dropout()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    loss, grads = _gradients_after_step(model, StepConfig(), _batch(8))
+    loss_ckpt, grads_ckpt = _gradients_after_step(checkpointed, StepConfig(), _batch(8))
+    assert loss_ckpt == pytest.approx(loss, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
