@@ -29,8 +29,14 @@ def _batch(size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _tiny_without_dropout():
+    """Training mode with every dropout at zero, so two forward passes of one batch agree."""
     model, processor = build_model("tiny")
-    model.eval()  # dropout off, so two forward passes of one batch agree; gradients still flow
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     return model, processor
 
 
