@@ -199,8 +199,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
     else:
         (model, processor), state = _initial_model(cfg, config["init_dir"]), None
     _set_train_mode(model, cfg)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:  # renamed activation_checkpointing_enable in newer transformers
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     raw_model = model.to(ctx.device)
     model = ctx.wrap_model(raw_model)
 
@@ -446,7 +446,7 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
         "best_valid_mean_recall": max((v["valid_mean_recall"] for v in validation), default=None),
         "final_valid_inbatch_accuracy": validation[-1]["valid_inbatch_accuracy"] if validation else None,
         "resumed_at_steps": progress["resumed_at"],
-        "checkpoint": f"{checkpoint.path}", "ray_run": name, "mlflow": ids,
+        "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path, "ray_run": name, "mlflow": ids,
         "config": asdict(config),
     }
 

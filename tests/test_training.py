@@ -29,8 +29,14 @@ def _batch(size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _tiny_without_dropout():
+    """Training mode with every dropout at zero, so two forward passes of one batch agree."""
     model, processor = build_model("tiny")
-    model.eval()  # dropout off, so two forward passes of one batch agree; gradients still flow
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     return model, processor
 
 
@@ -161,3 +167,14 @@ def test_resumed_steps_repeat_the_uninterrupted_ones(tmp_path):
     assert restore_state(resumed_step, state) == {"step": 2}
     resumed = [resumed_step(_batch(8, seed=i))["loss"] for i in range(2, 4)]
     assert resumed == pytest.approx(straight[2:], abs=1e-6)
+
+
+def test_activation_checkpointing_changes_neither_loss_nor_gradients():
+    model, _ = _tiny_without_dropout()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable()
+    loss, grads = _gradients_after_step(model, StepConfig(), _batch(8))
+    loss_ckpt, grads_ckpt = _gradients_after_step(checkpointed, StepConfig(), _batch(8))
+    assert loss_ckpt == pytest.approx(loss, abs=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
