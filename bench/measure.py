@@ -76,11 +76,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1)
 
 
-def environment(device: torch.device) -> dict[str, str]:
-    """Date, device name, torch and Python versions: the context every result line carries."""
+def environment(device: torch.device) -> dict[str, str | None]:
+    """Date, device name, torch, CUDA, transformers and Python versions: the context of a run."""
+    import transformers
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": gpu, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def emit(record: dict) -> None:
