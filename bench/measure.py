@@ -1,6 +1,6 @@
 """Shared measuring for the GPU benchmarks: timing, FLOPs, matmul peak, peak memory, environment.
 
-Needs only torch (the benchmarks run on bare GPU hosts). Every figure is measured here, none is
+Needs only torch and transformers (the benchmarks run on bare GPU hosts). Every figure is measured here, none is
 taken from a data sheet: the matmul peak is timed on the device the benchmark runs on.
 """
 
