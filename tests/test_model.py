@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
-from components.train import parameter_groups
+from components.training import parameter_groups
 from model import build_model, contrastive_loss, embed_images, embed_texts, load_model, lock_image_tower, save_model
 from PIL import Image
 
