@@ -1,18 +1,36 @@
-"""The Kubeflow pipeline: compiles to valid v2 YAML with params.yaml defaults, and runs with kfp.local."""
+"""The Kubeflow pipeline: compiles to valid v2 YAML with params.yaml defaults and Kubernetes task
+settings, runs with kfp.local, and is submitted through the KFP API."""
 
 import json
 
 import pytest
 import yaml
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow import MlflowClient
 
-from components.common import load_params
+from components.common import ZhclipError, load_params
 from workflows.pipeline import compile_pipeline, run_local, step_configs
+
+TRAINING = ("train-op", "train-op-2")
+STEPS = ("ingest-op", "validate-op", "evaluate-op", "register-op")
+
+
+def _compiled(tmp_path, params) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
+    """The compiled YAML parsed back into KFP's PipelineSpec, and each executor's Kubernetes config."""
+    pipeline_doc, platform_doc = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text())
+    spec = json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec())
+    platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
+    executors = json_format.MessageToDict(platform.platforms["kubernetes"].deployment_spec)["executors"]
+    k8s = {name.removeprefix("exec-"): json_format.ParseDict(config, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
+           for name, config in executors.items()}
+    return spec, k8s
 
 
 def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     params = load_params("params.yaml")
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text())
+    spec = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()).__next__()
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"importer", "ingest-op", "validate-op", "train-op", "train-op-2", "evaluate-op", "register-op"}
     assert tasks["train-op"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"] == {
@@ -21,6 +39,7 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["stage1_config"]["lr"] == params["stage1"]["lr"]
+    assert defaults["stage1_config"]["use_gpu"] is True and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
@@ -43,3 +62,53 @@ def test_pipeline_runs_locally_end_to_end(raw_dir, tmp_path):
 def test_step_configs_are_plain_json():
     configs = step_configs(load_params("params.yaml"))
     assert json.loads(json.dumps(configs)) == configs
+
+
+def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_path):
+    params = load_params("params.yaml")
+    cluster = params["kubeflow"]
+    spec, k8s = _compiled(tmp_path, params)
+    tasks, executors = spec.root.dag.tasks, spec.deployment_spec["executors"]
+    for name in TRAINING:
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert int(resources["accelerator"]["resourceCount"]) == cluster["gpus"]
+        assert resources["resourceCpuLimit"] == resources["resourceCpuRequest"] == cluster["train_cpu"]
+        assert resources["resourceMemoryLimit"] == cluster["train_memory"]
+        retry = tasks[name].retry_policy
+        assert retry.max_retry_count == cluster["train_retries"] and retry.backoff_duration.seconds == 60 and retry.backoff_factor == 2
+        assert not tasks[name].caching_options.enable_cache
+        config = k8s[name]
+        assert dict(config.node_selector.labels) == cluster["gpu_node_selector"]
+        assert [(t.key, t.operator, t.effect) for t in config.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
+        assert config.empty_dir_mounts[0].mount_path == "/dev/shm"
+    for name in ("ingest-op", "validate-op"):
+        assert tasks[name].caching_options.enable_cache
+    for name in STEPS:
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        assert "accelerator" not in resources and resources["resourceMemoryRequest"] == cluster["step_memory"]
+        assert not tasks[name].HasField("retry_policy")
+    for name in (*TRAINING, "register-op"):
+        secrets = {s.secret_name: {e.secret_key: e.env_var for e in s.key_to_env} for s in k8s[name].secret_as_env}
+        assert secrets == {"minio-credentials": {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"},
+                           "mlflow-credentials": {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}}
+        env = {e["name"]: e["value"] for e in executors[f"exec-{name}"]["container"]["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == cluster["mlflow_uri"] and env["AWS_ENDPOINT_URL"] == cluster["s3_endpoint"]
+    for name in ("ingest-op", "validate-op", "evaluate-op"):
+        assert not k8s[name].secret_as_env
+    for name in (*TRAINING, *STEPS):  # the NetworkPolicies let exactly these pods reach MinIO and MLflow
+        assert dict(k8s[name].pod_metadata.labels) == {"zhclip.io/client": "true"}
+        assert k8s[name].security_context.run_as_non_root
+    assert spec.root.input_definitions.parameters["ray_address"].default_value.string_value == ""
+
+
+def test_cpu_cluster_requests_no_gpu_and_bad_kubeflow_settings_are_named(tmp_path):
+    params = load_params("params.yaml")
+    params["kubeflow"] = {**params["kubeflow"], "gpus": 0}
+    spec, k8s = _compiled(tmp_path, params)
+    resources = spec.deployment_spec["executors"]["exec-train-op"]["container"]["resources"]
+    assert "accelerator" not in resources and not k8s["train-op"].tolerations and not k8s["train-op"].node_selector.labels
+    defaults = spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value
+    assert defaults["use_gpu"] is False
+    with pytest.raises(ZhclipError, match="section 'kubeflow': unknown keys \\['gpu'\\]"):
+        compile_pipeline(tmp_path / "bad.yaml", {"kubeflow": {"gpu": 2}})
