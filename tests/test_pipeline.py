@@ -2,9 +2,14 @@
 settings, runs with kfp.local, and is submitted through the KFP API."""
 
 import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
+from conftest import run_cli
 from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
@@ -112,3 +117,116 @@ def test_cpu_cluster_requests_no_gpu_and_bad_kubeflow_settings_are_named(tmp_pat
     assert defaults["use_gpu"] is False
     with pytest.raises(ZhclipError, match="section 'kubeflow': unknown keys \\['gpu'\\]"):
         compile_pipeline(tmp_path / "bad.yaml", {"kubeflow": {"gpu": 2}})
+
+
+class FakeKfpApi(ThreadingHTTPServer):
+    """A loopback stand-in for the KFP v2beta1 REST API: remembers requests, answers like the server."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeKfpHandler)
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.pipelines: dict[str, str] = {}  # display name -> id
+        self.versions: list[str] = []
+
+
+class FakeKfpHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        api: FakeKfpApi = self.server
+        url = urlparse(self.path)
+        api.requests.append(("GET", url.path, b""))
+        if url.path == "/apis/v2beta1/healthz":
+            self._reply({"multi_user": False})
+        elif url.path == "/apis/v2beta1/pipelines":
+            name = json.loads(parse_qs(url.query)["filter"][0])["predicates"][0]["stringValue"]
+            found = [{"pipeline_id": api.pipelines[name], "display_name": name}] if name in api.pipelines else []
+            self._reply({"pipelines": found, "total_size": len(found)})
+        elif url.path.endswith("/versions"):
+            self._reply({"pipeline_versions": [{"pipeline_version_id": api.versions[-1], "pipeline_id": "p1"}]})
+        elif url.path == "/apis/v2beta1/experiments":
+            self._reply({})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        api: FakeKfpApi = self.server
+        url = urlparse(self.path)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        api.requests.append(("POST", url.path, body))
+        if url.path == "/apis/v2beta1/pipelines/upload":
+            api.pipelines[parse_qs(url.query)["name"][0]] = "p1"
+            api.versions.append("v1")
+            self._reply({"pipeline_id": "p1", "display_name": parse_qs(url.query)["name"][0]})
+        elif url.path == "/apis/v2beta1/pipelines/upload_version":
+            api.versions.append(f"v{len(api.versions) + 1}")
+            self._reply({"pipeline_id": "p1", "pipeline_version_id": api.versions[-1]})
+        elif url.path == "/apis/v2beta1/experiments":
+            self._reply({"experiment_id": "e1", **json.loads(body)})
+        elif url.path == "/apis/v2beta1/runs":
+            self._reply({"run_id": f"r{len(api.versions)}", **json.loads(body)})
+        else:
+            self.send_error(404)
+
+
+@pytest.fixture
+def kfp_api():
+    api = FakeKfpApi()
+    thread = threading.Thread(target=api.serve_forever, daemon=True)
+    thread.start()
+    yield api
+    api.shutdown()
+    api.server_close()
+
+
+def _uploaded_spec(body: bytes) -> dict:
+    """The pipeline YAML inside a multipart upload request."""
+    part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+    return next(yaml.safe_load_all(part))
+
+
+def test_submit_uploads_the_compiled_package_and_starts_a_run(kfp_api, tmp_path):
+    host = f"http://127.0.0.1:{kfp_api.server_address[1]}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"stage1": {"epochs": 7}}))
+    first = run_cli("pipeline", "submit", "--host", host, "--raw-uri", "s3://zhclip-data/raw/v1", "--run-name", "first",
+                    "--params", str(tmp_path / "params.yaml"), timeout=120)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("pipeline", "submit", "--host", host, "--raw-uri", "s3://zhclip-data/raw/v2", "--run-name", "second",
+                     "--ray-address", "ray://zhclip-head-svc:10001", "--params", str(tmp_path / "params.yaml"), timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout[second.stdout.index("{"):])["version_id"] == "v2"
+
+    uploads = [body for method, path, body in kfp_api.requests if path.startswith("/apis/v2beta1/pipelines/upload")]
+    assert [path for _, path, _ in kfp_api.requests if "upload" in path] == [
+        "/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version"]
+    for body in uploads:  # the request carries the whole compiled package, params file defaults included
+        spec = json_format.ParseDict(_uploaded_spec(body), pipeline_spec_pb2.PipelineSpec())
+        assert set(spec.root.dag.tasks) >= {"ingest-op", "train-op", "train-op-2", "register-op"}
+        assert spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value["epochs"] == 7
+    runs = [json.loads(body) for method, path, body in kfp_api.requests if path == "/apis/v2beta1/runs"]
+    assert [run["pipeline_version_reference"] for run in runs] == [
+        {"pipeline_id": "p1", "pipeline_version_id": "v1"}, {"pipeline_id": "p1", "pipeline_version_id": "v2"}]
+    assert [run["display_name"] for run in runs] == ["first", "second"]
+    assert runs[0]["runtime_config"]["parameters"] == {"raw_uri": "s3://zhclip-data/raw/v1"}
+    assert runs[1]["runtime_config"]["parameters"] == {"raw_uri": "s3://zhclip-data/raw/v2",
+                                                       "ray_address": "ray://zhclip-head-svc:10001"}
+    assert all(run["experiment_id"] == "e1" for run in runs)
+
+
+def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli("pipeline", "submit", "--host", f"http://127.0.0.1:{port}", "--raw-uri", "s3://b/raw",
+                     "--params", str(tmp_path / "none.yaml"), timeout=120)
+    assert result.returncode == 2
+    assert f"Kubeflow Pipelines API at http://127.0.0.1:{port}" in result.stderr
