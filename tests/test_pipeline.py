@@ -5,18 +5,19 @@ import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
-from conftest import run_cli
 from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow import MlflowClient
 
 from components.common import ZhclipError, load_params
-from workflows.pipeline import compile_pipeline, run_local, step_configs
+from conftest import copy_project, run_cli, run_tool
+from workflows.pipeline import compile_pipeline, step_configs
 
 TRAINING = ("train-op", "train-op-2")
 STEPS = ("ingest-op", "validate-op", "evaluate-op", "register-op")
@@ -51,17 +52,45 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_locally_end_to_end(raw_dir, tmp_path):
+def test_run_local_reproduces_dvc_repro(tmp_path):
+    """The whole pipeline under kfp.local scores the model exactly as `dvc repro` does, same params and seed."""
+    (tmp_path / "project").mkdir()
+    project = copy_project(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = {"stage1": {"epochs": 1}, "stage2": {"epochs": 1}, "train": {"batch_size": 32, "storage_path": str(tmp_path / "ray")},
-              "register": {"tracking_uri": uri, "model_name": "zhclip-kfp"}}
-    outputs = run_local(raw_dir, tmp_path / "root", params)
-    assert set(outputs["scores"]) >= {"t2i_r1", "i2t_r10", "mean_recall", "chance_mean_recall"}
-    assert outputs["register"] == {"version": 1, "champion_version": 1}
-    client = MlflowClient(uri, uri)
-    version = client.get_model_version_by_alias("zhclip-kfp", "champion")
-    assert float(version.tags["mean_recall"]) == outputs["scores"]["mean_recall"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["demo_data"].update(train_images=96, valid_images=8, test_images=24, captions_per_image=2,
+                               train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1)
+    params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
+    params["train"].update(batch_size=32, storage_path=str(tmp_path / "ray"))
+    params["register"].update(tracking_uri=uri, model_name="zhclip-kfp")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    run_tool("dvc", "repro", cwd=project)
+    expected = json.loads((project / "metrics" / "evaluate_stage2.json").read_text())
+
+    result = run_cli("pipeline", "run-local", "--raw", str(project / "data" / "raw"), "--root", str(tmp_path / "root"),
+                     "--params", str(project / "params.yaml"), cwd=project, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout[result.stdout.rindex('{\n  "run_dir"'):])  # after the tasks' logs
+    scores = outputs["scores"]
+    assert set(scores) >= {"t2i_r1", "i2t_r10", "mean_recall", "chance_mean_recall"}
+    for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall", "chance_mean_recall"):
+        assert scores[key] == pytest.approx(expected[key], abs=1e-6), key
+    # the same training, step for step: both stages' losses agree, and they moved
+    for stage, task in ((1, "train-op"), (2, "train-op-2")):
+        dvc_train = json.loads((project / "metrics" / f"train_stage{stage}.json").read_text())
+        kfp_train = json.loads((Path(outputs["run_dir"]) / task / "executor_output.json").read_text())
+        logged = kfp_train["artifacts"]["summary"]["artifacts"][0]["metadata"]
+        assert logged["steps"] == dvc_train["steps"] and logged["first_loss"] != logged["final_loss"]
+        assert logged["final_loss"] == pytest.approx(dvc_train["final_loss"], abs=1e-6)
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
+
+    # dvc repro registered version 1; the pipeline's equally good model is version 2
+    assert outputs["register"]["version"] == 2
+    client = MlflowClient(uri, uri)
+    version = client.get_model_version("zhclip-kfp", "2")
+    assert float(version.tags["mean_recall"]) == pytest.approx(scores["mean_recall"])
+    card = next((tmp_path / "root").glob("zhclip-*/register-op/card")).read_text()
+    assert "zhclip-kfp version 2" in card and f"{scores['mean_recall']}" in card
 
 
 def test_step_configs_are_plain_json():
