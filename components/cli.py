@@ -215,10 +215,33 @@ def pipeline_compile(
     out: Path = typer.Option(Path("pipeline.yaml"), help="Where to write the compiled pipeline YAML."),
     params: Path = ParamsOption,
 ) -> None:
-    """Compile the Kubeflow pipeline (defaults from params.yaml) to YAML that Kubeflow accepts."""
+    """Compile the Kubeflow pipeline to YAML that Kubeflow accepts.
+
+    Parameter defaults come from params.yaml, task resources, GPUs, secrets and retries from its
+    `kubeflow` section, the component image from $ZHCLIP_IMAGE (default zhclip:latest).
+    """
     from workflows.pipeline import compile_pipeline
 
     typer.echo(f"wrote {compile_pipeline(out, load_params(params))}")
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: str = typer.Option(..., help="Kubeflow Pipelines API, e.g. http://localhost:8888 after "
+                                       "`kubectl port-forward -n kubeflow svc/ml-pipeline 8888`."),
+    raw_uri: str = typer.Option(..., help="Raw data the run ingests, e.g. s3://zhclip-data/raw/v1."),
+    experiment: str = typer.Option("zhclip", help="KFP experiment to file the run under."),
+    run_name: Optional[str] = typer.Option(None, help="Run (and pipeline version) name; default zhclip-<time>."),
+    namespace: Optional[str] = typer.Option(None, help="Kubeflow profile namespace (multi-user installs)."),
+    ray_address: Optional[str] = typer.Option(None, help="Train on this KubeRay cluster, e.g. "
+                                                         "ray://zhclip-head-svc.zhclip:10001 (default: the pod's GPUs)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Compile, upload as a new version of the `zhclip` pipeline, and start a run."""
+    from workflows.pipeline import submit
+
+    arguments = {"ray_address": ray_address} if ray_address is not None else {}
+    _echo_json(submit(host, load_params(params), raw_uri, experiment, run_name, namespace, arguments))
 
 
 @pipeline_app.command("run-local")

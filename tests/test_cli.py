@@ -21,7 +21,7 @@ def test_top_level_help_lists_every_step():
 @pytest.mark.parametrize("command, option", [
     (["demo-data"], "--train-images"), (["ingest"], "--shard-rows"), (["validate"], "--quarantine"),
     (["train"], "--stage"), (["evaluate"], "--model"), (["register"], "--metrics"), (["embed"], "--image"),
-    (["pipeline", "compile"], "--out"), (["pipeline", "run-local"], "--root"),
+    (["pipeline", "compile"], "--out"), (["pipeline", "run-local"], "--root"), (["pipeline", "submit"], "--ray-address"),
 ])
 def test_each_command_explains_its_options(command, option):
     result = run_cli(*command, "--help")

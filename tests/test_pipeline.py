@@ -1,18 +1,42 @@
-"""The Kubeflow pipeline: compiles to valid v2 YAML with params.yaml defaults, and runs with kfp.local."""
+"""The Kubeflow pipeline: compiles to valid v2 YAML with params.yaml defaults and Kubernetes task
+settings, runs with kfp.local, and is submitted through the KFP API."""
 
 import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
+from google.protobuf import json_format
+from kfp.kubernetes import kubernetes_executor_config_pb2
+from kfp.pipeline_spec import pipeline_spec_pb2
 from mlflow import MlflowClient
 
-from components.common import load_params
-from workflows.pipeline import compile_pipeline, run_local, step_configs
+from components.common import ZhclipError, load_params
+from conftest import copy_project, run_cli, run_tool
+from workflows.pipeline import compile_pipeline, step_configs
+
+TRAINING = ("train-op", "train-op-2")
+STEPS = ("ingest-op", "validate-op", "evaluate-op", "register-op")
+
+
+def _compiled(tmp_path, params) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
+    """The compiled YAML parsed back into KFP's PipelineSpec, and each executor's Kubernetes config."""
+    pipeline_doc, platform_doc = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text())
+    spec = json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec())
+    platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
+    executors = json_format.MessageToDict(platform.platforms["kubernetes"].deployment_spec)["executors"]
+    k8s = {name.removeprefix("exec-"): json_format.ParseDict(config, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
+           for name, config in executors.items()}
+    return spec, k8s
 
 
 def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     params = load_params("params.yaml")
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text())
+    spec = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()).__next__()
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"importer", "ingest-op", "validate-op", "train-op", "train-op-2", "evaluate-op", "register-op"}
     assert tasks["train-op"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"] == {
@@ -21,25 +45,217 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["stage1_config"]["lr"] == params["stage1"]["lr"]
+    assert defaults["stage1_config"]["use_gpu"] is True and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
 
 
 @pytest.mark.slow
-def test_pipeline_runs_locally_end_to_end(raw_dir, tmp_path):
+def test_run_local_reproduces_dvc_repro(tmp_path):
+    """The whole pipeline under kfp.local scores the model exactly as `dvc repro` does, same params and seed."""
+    (tmp_path / "project").mkdir()
+    project = copy_project(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = {"stage1": {"epochs": 1}, "stage2": {"epochs": 1}, "train": {"batch_size": 32, "storage_path": str(tmp_path / "ray")},
-              "register": {"tracking_uri": uri, "model_name": "zhclip-kfp"}}
-    outputs = run_local(raw_dir, tmp_path / "root", params)
-    assert set(outputs["scores"]) >= {"t2i_r1", "i2t_r10", "mean_recall", "chance_mean_recall"}
-    assert outputs["register"] == {"version": 1, "champion_version": 1}
-    client = MlflowClient(uri, uri)
-    version = client.get_model_version_by_alias("zhclip-kfp", "champion")
-    assert float(version.tags["mean_recall"]) == outputs["scores"]["mean_recall"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["demo_data"].update(train_images=96, valid_images=8, test_images=24, captions_per_image=2,
+                               train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1)
+    params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
+    params["train"].update(batch_size=32, storage_path=str(tmp_path / "ray"))
+    params["register"].update(tracking_uri=uri, model_name="zhclip-kfp")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    run_tool("dvc", "repro", cwd=project)
+    expected = json.loads((project / "metrics" / "evaluate_stage2.json").read_text())
+
+    result = run_cli("pipeline", "run-local", "--raw", str(project / "data" / "raw"), "--root", str(tmp_path / "root"),
+                     "--params", str(project / "params.yaml"), cwd=project, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout[result.stdout.rindex('{\n  "run_dir"'):])  # after the tasks' logs
+    scores = outputs["scores"]
+    assert set(scores) >= {"t2i_r1", "i2t_r10", "mean_recall", "chance_mean_recall"}
+    for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall", "chance_mean_recall"):
+        assert scores[key] == pytest.approx(expected[key], abs=1e-6), key
+    # the same training, step for step: both stages' losses agree, and they moved
+    for stage, task in ((1, "train-op"), (2, "train-op-2")):
+        dvc_train = json.loads((project / "metrics" / f"train_stage{stage}.json").read_text())
+        kfp_train = json.loads((Path(outputs["run_dir"]) / task / "executor_output.json").read_text())
+        logged = kfp_train["artifacts"]["summary"]["artifacts"][0]["metadata"]
+        assert logged["steps"] == dvc_train["steps"] and logged["first_loss"] != logged["final_loss"]
+        assert logged["final_loss"] == pytest.approx(dvc_train["final_loss"], abs=1e-6)
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
+
+    # dvc repro registered version 1; the pipeline's equally good model is version 2
+    assert outputs["register"]["version"] == 2
+    client = MlflowClient(uri, uri)
+    version = client.get_model_version("zhclip-kfp", "2")
+    assert float(version.tags["mean_recall"]) == pytest.approx(scores["mean_recall"])
+    card = next((tmp_path / "root").glob("zhclip-*/register-op/card")).read_text()
+    assert "zhclip-kfp version 2" in card and f"{scores['mean_recall']}" in card
 
 
 def test_step_configs_are_plain_json():
     configs = step_configs(load_params("params.yaml"))
     assert json.loads(json.dumps(configs)) == configs
+
+
+def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_path):
+    params = load_params("params.yaml")
+    cluster = params["kubeflow"]
+    spec, k8s = _compiled(tmp_path, params)
+    tasks, executors = spec.root.dag.tasks, spec.deployment_spec["executors"]
+    for name in TRAINING:
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert int(resources["accelerator"]["resourceCount"]) == cluster["gpus"]
+        assert resources["resourceCpuLimit"] == resources["resourceCpuRequest"] == cluster["train_cpu"]
+        assert resources["resourceMemoryLimit"] == cluster["train_memory"]
+        retry = tasks[name].retry_policy
+        assert retry.max_retry_count == cluster["train_retries"] and retry.backoff_duration.seconds == 60 and retry.backoff_factor == 2
+        assert not tasks[name].caching_options.enable_cache
+        config = k8s[name]
+        assert dict(config.node_selector.labels) == cluster["gpu_node_selector"]
+        assert [(t.key, t.operator, t.effect) for t in config.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
+        assert config.empty_dir_mounts[0].mount_path == "/dev/shm"
+    for name in ("ingest-op", "validate-op"):
+        assert tasks[name].caching_options.enable_cache
+    for name in STEPS:
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        assert "accelerator" not in resources and resources["resourceMemoryRequest"] == cluster["step_memory"]
+        assert not tasks[name].HasField("retry_policy")
+    for name in (*TRAINING, "register-op"):
+        secrets = {s.secret_name: {e.secret_key: e.env_var for e in s.key_to_env} for s in k8s[name].secret_as_env}
+        assert secrets == {"minio-credentials": {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"},
+                           "mlflow-credentials": {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}}
+        env = {e["name"]: e["value"] for e in executors[f"exec-{name}"]["container"]["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == cluster["mlflow_uri"] and env["AWS_ENDPOINT_URL"] == cluster["s3_endpoint"]
+    for name in ("ingest-op", "validate-op", "evaluate-op"):
+        assert not k8s[name].secret_as_env
+    for name in (*TRAINING, *STEPS):  # the NetworkPolicies let exactly these pods reach MinIO and MLflow
+        assert dict(k8s[name].pod_metadata.labels) == {"zhclip.io/client": "true"}
+        assert k8s[name].security_context.run_as_non_root
+    assert spec.root.input_definitions.parameters["ray_address"].default_value.string_value == ""
+
+
+def test_cpu_cluster_requests_no_gpu_and_bad_kubeflow_settings_are_named(tmp_path):
+    params = load_params("params.yaml")
+    params["kubeflow"] = {**params["kubeflow"], "gpus": 0}
+    spec, k8s = _compiled(tmp_path, params)
+    resources = spec.deployment_spec["executors"]["exec-train-op"]["container"]["resources"]
+    assert "accelerator" not in resources and not k8s["train-op"].tolerations and not k8s["train-op"].node_selector.labels
+    defaults = spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value
+    assert defaults["use_gpu"] is False
+    with pytest.raises(ZhclipError, match="section 'kubeflow': unknown keys \\['gpu'\\]"):
+        compile_pipeline(tmp_path / "bad.yaml", {"kubeflow": {"gpu": 2}})
+
+
+class FakeKfpApi(ThreadingHTTPServer):
+    """A loopback stand-in for the KFP v2beta1 REST API: remembers requests, answers like the server."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeKfpHandler)
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.pipelines: dict[str, str] = {}  # display name -> id
+        self.versions: list[str] = []
+
+
+class FakeKfpHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        api: FakeKfpApi = self.server
+        url = urlparse(self.path)
+        api.requests.append(("GET", url.path, b""))
+        if url.path == "/apis/v2beta1/healthz":
+            self._reply({"multi_user": False})
+        elif url.path == "/apis/v2beta1/pipelines":
+            name = json.loads(parse_qs(url.query)["filter"][0])["predicates"][0]["stringValue"]
+            found = [{"pipeline_id": api.pipelines[name], "display_name": name}] if name in api.pipelines else []
+            self._reply({"pipelines": found, "total_size": len(found)})
+        elif url.path.endswith("/versions"):
+            self._reply({"pipeline_versions": [{"pipeline_version_id": api.versions[-1], "pipeline_id": "p1"}]})
+        elif url.path == "/apis/v2beta1/experiments":
+            self._reply({})
+        else:
+            self.send_error(404)
+
+    def do_POST(self):
+        api: FakeKfpApi = self.server
+        url = urlparse(self.path)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        api.requests.append(("POST", url.path, body))
+        if url.path == "/apis/v2beta1/pipelines/upload":
+            api.pipelines[parse_qs(url.query)["name"][0]] = "p1"
+            api.versions.append("v1")
+            self._reply({"pipeline_id": "p1", "display_name": parse_qs(url.query)["name"][0]})
+        elif url.path == "/apis/v2beta1/pipelines/upload_version":
+            api.versions.append(f"v{len(api.versions) + 1}")
+            self._reply({"pipeline_id": "p1", "pipeline_version_id": api.versions[-1]})
+        elif url.path == "/apis/v2beta1/experiments":
+            self._reply({"experiment_id": "e1", **json.loads(body)})
+        elif url.path == "/apis/v2beta1/runs":
+            self._reply({"run_id": f"r{len(api.versions)}", **json.loads(body)})
+        else:
+            self.send_error(404)
+
+
+@pytest.fixture
+def kfp_api():
+    api = FakeKfpApi()
+    thread = threading.Thread(target=api.serve_forever, daemon=True)
+    thread.start()
+    yield api
+    api.shutdown()
+    api.server_close()
+
+
+def _uploaded_spec(body: bytes) -> dict:
+    """The pipeline YAML inside a multipart upload request."""
+    part = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+    return next(yaml.safe_load_all(part))
+
+
+def test_submit_uploads_the_compiled_package_and_starts_a_run(kfp_api, tmp_path):
+    host = f"http://127.0.0.1:{kfp_api.server_address[1]}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"stage1": {"epochs": 7}}))
+    first = run_cli("pipeline", "submit", "--host", host, "--raw-uri", "s3://zhclip-data/raw/v1", "--run-name", "first",
+                    "--params", str(tmp_path / "params.yaml"), timeout=120)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("pipeline", "submit", "--host", host, "--raw-uri", "s3://zhclip-data/raw/v2", "--run-name", "second",
+                     "--ray-address", "ray://zhclip-head-svc:10001", "--params", str(tmp_path / "params.yaml"), timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout[second.stdout.index("{"):])["version_id"] == "v2"
+
+    uploads = [body for method, path, body in kfp_api.requests if path.startswith("/apis/v2beta1/pipelines/upload")]
+    assert [path for _, path, _ in kfp_api.requests if "upload" in path] == [
+        "/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version"]
+    for body in uploads:  # the request carries the whole compiled package, params file defaults included
+        spec = json_format.ParseDict(_uploaded_spec(body), pipeline_spec_pb2.PipelineSpec())
+        assert set(spec.root.dag.tasks) >= {"ingest-op", "train-op", "train-op-2", "register-op"}
+        assert spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value["epochs"] == 7
+    runs = [json.loads(body) for method, path, body in kfp_api.requests if path == "/apis/v2beta1/runs"]
+    assert [run["pipeline_version_reference"] for run in runs] == [
+        {"pipeline_id": "p1", "pipeline_version_id": "v1"}, {"pipeline_id": "p1", "pipeline_version_id": "v2"}]
+    assert [run["display_name"] for run in runs] == ["first", "second"]
+    assert runs[0]["runtime_config"]["parameters"] == {"raw_uri": "s3://zhclip-data/raw/v1"}
+    assert runs[1]["runtime_config"]["parameters"] == {"raw_uri": "s3://zhclip-data/raw/v2",
+                                                       "ray_address": "ray://zhclip-head-svc:10001"}
+    assert all(run["experiment_id"] == "e1" for run in runs)
+
+
+def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli("pipeline", "submit", "--host", f"http://127.0.0.1:{port}", "--raw-uri", "s3://b/raw",
+                     "--params", str(tmp_path / "none.yaml"), timeout=120)
+    assert result.returncode == 2
+    assert f"Kubeflow Pipelines API at http://127.0.0.1:{port}" in result.stderr

@@ -1,32 +1,65 @@
 """The Kubeflow pipeline: ingest -> validate -> train stage 1 -> train stage 2 -> evaluate -> register.
 
 Each component body only calls the step function from `components/` that the DVC stage calls too.
-Defaults of every pipeline parameter come from params.yaml at compile time.
+Defaults of every pipeline parameter come from params.yaml at compile time; the Kubernetes settings
+of the tasks (GPUs, resources, node selection, secrets, retries) from its `kubeflow` section.
 """
-
 
 import json
 import os
-from dataclasses import asdict
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kfp import compiler, dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components.common import config_from
+from components.common import ZhclipError, config_from
 from components.evaluate import EvaluateConfig
 from components.ingest import IngestConfig
 from components.register import RegisterConfig
 from components.train import TrainConfig
 from components.validate import ValidateConfig
 
-# The component image (built from infra/); the project and its locked dependencies are inside it.
+PIPELINE_NAME = "zhclip"
+# The component image (built from infra/Dockerfile); the project and its locked dependencies are inside
+# it. Read when this module is imported, since the component decorators below bake it in.
 IMAGE = os.environ.get("ZHCLIP_IMAGE", "zhclip:latest")
+# Pods carrying this label may reach MinIO and MLflow (infra/base/networkpolicies.yaml).
+CLIENT_LABEL = ("zhclip.io/client", "true")
+RUN_AS_USER = 1000  # the image's non-root user
 
 
 def _component(func):
     return dsl.component(func, base_image=IMAGE, install_kfp_package=False)
+
+
+@dataclass
+class KubeflowConfig:
+    """How the pipeline's tasks run on Kubernetes (params.yaml section `kubeflow`)."""
+
+    gpus: int = 1  # per training task; 0 trains on CPU or, with ray_address, on a KubeRay cluster
+    accelerator: str = "nvidia.com/gpu"
+    gpu_node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    gpu_toleration: str = "nvidia.com/gpu"  # taint key of the GPU nodes (effect NoSchedule)
+    train_cpu: str = "8"
+    train_memory: str = "32Gi"
+    step_cpu: str = "2"
+    step_memory: str = "8Gi"
+    train_retries: int = 2
+    retry_backoff: str = "60s"  # first wait; doubles on every further retry
+    minio_secret: str = "minio-credentials"  # keys access-key, secret-key
+    mlflow_secret: str = "mlflow-credentials"  # keys username, password
+    s3_endpoint: str = "http://minio.zhclip.svc.cluster.local:9000"
+    mlflow_uri: str = "http://mlflow.zhclip.svc.cluster.local:5000"
+    ray_address: str = ""  # default of the pipeline parameter: "" trains with in-process Ray on the pod's GPUs
+    ray_storage: str = "/tmp/ray_results"  # Ray Train's storage inside the pod (in-process Ray)
+
+    def __post_init__(self):
+        if self.gpus < 0 or self.train_retries < 0:
+            raise ValueError("gpus and train_retries must be at least 0")
 
 
 @_component
@@ -55,10 +88,14 @@ def validate_op(prepared: Input[Dataset], validated: Output[Dataset], quarantine
 
 @_component
 def train_op(prepared: Input[Dataset], model: Output[Model], summary: Output[Metrics], config: dict,
-             init_model: Input[Model] = None):
+             init_model: Input[Model] = None, ray_address: str = ""):
+    import os
+
     from components.common import build_config
     from components.train import TrainConfig, train
 
+    if ray_address:  # join this KubeRay cluster instead of starting Ray on the pod's own GPUs
+        os.environ["RAY_ADDRESS"] = ray_address
     result = train(prepared.path, model.path, build_config(TrainConfig, config, "pipeline parameter"), init_model.path if init_model else None)
     for key in ("steps", "first_loss", "final_loss", "samples_per_s"):
         summary.log_metric(key, result[key])
@@ -76,13 +113,22 @@ def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Me
 
 
 @_component
-def register_op(model: Input[Model], scores: Input[Metrics], decision: Output[Metrics], config: dict) -> int:
+def register_op(model: Input[Model], scores: Input[Metrics], decision: Output[Metrics], card: Output[Markdown],
+                config: dict) -> int:
+    from pathlib import Path
+
     from components.common import build_config
     from components.register import RegisterConfig, register
 
-    result = register(model.path, scores.path, build_config(RegisterConfig, config, "pipeline parameter"))
+    settings = build_config(RegisterConfig, config, "pipeline parameter")
+    result = register(model.path, scores.path, settings)
     decision.log_metric("version", result["version"])
     decision.log_metric("champion_version", result["champion_version"])
+    Path(card.path).write_text(
+        f"# {settings.model_name} version {result['version']}\n\n"
+        f"| | |\n|---|---|\n| {settings.metric} | {result['candidate_value']} |\n"
+        f"| promoted to champion | {result['promoted']} |\n| champion version | {result['champion_version']} |\n\n"
+        f"Pull it: `mlflow.pyfunc.load_model(\"models:/{settings.model_name}@champion\")`\n", encoding="utf-8")
     return result["version"]
 
 
@@ -98,11 +144,30 @@ def step_configs(params: dict[str, Any]) -> dict[str, dict]:
     }
 
 
-def build_pipeline(params: dict[str, Any]):
-    """The pipeline function, its parameter defaults taken from `params`."""
-    defaults = step_configs(params)
+def kubeflow_config(params: dict[str, Any]) -> KubeflowConfig:
+    """The `kubeflow` section of params.yaml (task resources, secrets, retries)."""
+    return config_from(KubeflowConfig, params, "kubeflow")
 
-    @dsl.pipeline(name="zhclip", description="Two-stage Chinese CLIP training, evaluation and registration.")
+
+def cluster_step_configs(params: dict[str, Any], cluster: KubeflowConfig) -> dict[str, dict]:
+    """Step configs for a cluster run: training uses the pod's GPUs (one Ray worker each) and pod-local
+    Ray storage; everything else is params.yaml as it is."""
+    configs = step_configs(params)
+    for stage in ("stage1", "stage2"):
+        configs[stage]["storage_path"] = cluster.ray_storage
+        if cluster.gpus:
+            configs[stage].update(use_gpu=True, num_workers=cluster.gpus)
+    return configs
+
+
+def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = None):
+    """The pipeline function with `defaults` (from `step_configs`) as parameter defaults.
+
+    With `cluster`, tasks get their Kubernetes settings; without, the pipeline is the same DAG with
+    nothing that needs a cluster (what `run_local` runs).
+    """
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Two-stage Chinese CLIP training, evaluation and registration.")
     def zhclip_pipeline(
         raw_uri: str,
         ingest_config: dict = defaults["ingest"],
@@ -111,40 +176,110 @@ def build_pipeline(params: dict[str, Any]):
         stage2_config: dict = defaults["stage2"],
         evaluate_config: dict = defaults["evaluate"],
         register_config: dict = defaults["register"],
+        ray_address: str = cluster.ray_address if cluster else "",
     ):
         raw = dsl.importer(artifact_uri=raw_uri, artifact_class=Dataset, reimport=False)
         ingested = ingest_op(raw=raw.output, config=ingest_config)
-        validated = validate_op(prepared=ingested.outputs["prepared"], config=validate_config).outputs["validated"]
-        stage1 = train_op(prepared=validated, config=stage1_config)
-        stage2 = train_op(prepared=validated, config=stage2_config, init_model=stage1.outputs["model"])
-        for task in (stage1, stage2):
-            task.set_caching_options(False)
+        checked = validate_op(prepared=ingested.outputs["prepared"], config=validate_config)
+        validated = checked.outputs["validated"]
+        stage1 = train_op(prepared=validated, config=stage1_config, ray_address=ray_address)
+        stage2 = train_op(prepared=validated, config=stage2_config, init_model=stage1.outputs["model"],
+                          ray_address=ray_address)
         scored = evaluate_op(model=stage2.outputs["model"], prepared=validated, config=evaluate_config)
-        register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], config=register_config)
+        registered = register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], config=register_config)
+        # Data steps are pure functions of their inputs: reuse earlier outputs. Training and
+        # registration always run (a new model version is the point of a run).
+        for task in (ingested, checked):
+            task.set_caching_options(True)
+        for task in (stage1, stage2, scored, registered):
+            task.set_caching_options(False)
+        if cluster:
+            _on_kubernetes(cluster, steps=(ingested, checked, scored, registered), training=(stage1, stage2),
+                           tracked=(stage1, stage2, registered))
 
     return zhclip_pipeline
 
 
+def _on_kubernetes(cluster: KubeflowConfig, steps: tuple, training: tuple, tracked: tuple) -> None:
+    """Resources, GPU placement, retries, credentials and network labels of every task."""
+    for task in (*steps, *training):
+        kubernetes.add_pod_label(task, *CLIENT_LABEL)
+        kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_non_root=True)
+    for task in steps:
+        task.set_cpu_request(cluster.step_cpu).set_cpu_limit(cluster.step_cpu)
+        task.set_memory_request(cluster.step_memory).set_memory_limit(cluster.step_memory)
+    for task in training:
+        task.set_cpu_request(cluster.train_cpu).set_cpu_limit(cluster.train_cpu)
+        task.set_memory_request(cluster.train_memory).set_memory_limit(cluster.train_memory)
+        task.set_retry(num_retries=cluster.train_retries, backoff_duration=cluster.retry_backoff, backoff_factor=2.0)
+        # PyTorch data loaders and Ray's object store need more shared memory than a pod's default 64 MB.
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        if cluster.gpus:
+            task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
+            for label, value in cluster.gpu_node_selector.items():
+                kubernetes.add_node_selector(task, label_key=label, label_value=value)
+            kubernetes.add_toleration(task, key=cluster.gpu_toleration, operator="Exists", effect="NoSchedule")
+    for task in tracked:
+        kubernetes.use_secret_as_env(task, secret_name=cluster.minio_secret, secret_key_to_env={
+            "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"})
+        kubernetes.use_secret_as_env(task, secret_name=cluster.mlflow_secret, secret_key_to_env={
+            "username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"})
+        for name, value in (("MLFLOW_TRACKING_URI", cluster.mlflow_uri), ("AWS_ENDPOINT_URL", cluster.s3_endpoint),
+                            ("MLFLOW_S3_ENDPOINT_URL", cluster.s3_endpoint)):
+            task.set_env_variable(name, value)
+
+
 def compile_pipeline(out: str | Path, params: dict[str, Any]) -> Path:
-    """Write the pipeline YAML (Kubeflow Pipelines v2 IR)."""
+    """Write the pipeline YAML (Kubeflow Pipelines v2 IR with the Kubernetes platform spec)."""
+    cluster = kubeflow_config(params)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(params), str(out))
+    compiler.Compiler().compile(build_pipeline(cluster_step_configs(params, cluster), cluster), str(out))
     return out
+
+
+def submit(host: str, params: dict[str, Any], raw_uri: str, experiment: str = "zhclip",
+           run_name: str | None = None, namespace: str | None = None,
+           arguments: dict[str, Any] | None = None) -> dict[str, str]:
+    """Compile, upload as a new version of the `zhclip` pipeline and start a run on the KFP API at `host`.
+
+    Authentication follows kfp.Client (e.g. `KF_PIPELINES_SA_TOKEN_PATH` inside a cluster).
+    """
+    import kfp
+    import kfp_server_api
+    import urllib3
+
+    run_name = run_name or f"zhclip-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory() as tmp:
+        package = str(compile_pipeline(Path(tmp) / "pipeline.yaml", params))
+        try:
+            client = kfp.Client(host=host, namespace=namespace or "kubeflow")
+            pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+            if pipeline_id is None:
+                pipeline_id = client.upload_pipeline(package, PIPELINE_NAME, namespace=namespace).pipeline_id
+                version_id = client.list_pipeline_versions(pipeline_id, page_size=1, sort_by="created_at desc") \
+                    .pipeline_versions[0].pipeline_version_id
+            else:
+                version_id = client.upload_pipeline_version(package, run_name, pipeline_id=pipeline_id).pipeline_version_id
+            experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+            run = client.run_pipeline(experiment_id, run_name, params={"raw_uri": raw_uri, **(arguments or {})},
+                                      pipeline_id=pipeline_id, version_id=version_id)
+        except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, TimeoutError) as err:
+            raise ZhclipError(f"Kubeflow Pipelines API at {host}: {err}") from err
+    return {"pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": experiment_id,
+            "run_id": run.run_id, "run_name": run_name}
 
 
 def run_local(raw_dir: str | Path, root: str | Path, params: dict[str, Any]) -> dict[str, Any]:
     """Run the whole pipeline in subprocesses of this environment with kfp.local; returns the outputs."""
     from kfp import local
 
-    from components.common import ZhclipError
-
     raw_dir = Path(raw_dir).resolve()
     if not (raw_dir / "train_imgs.tsv").is_file():
         raise ZhclipError(f"{raw_dir} has no train_imgs.tsv; run `zhclip demo-data --out {raw_dir}` first")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(root).resolve()))
     try:
-        build_pipeline(params)(raw_uri=str(raw_dir))
+        build_pipeline(step_configs(params))(raw_uri=str(raw_dir))
     except RuntimeError as err:
         raise ZhclipError(f"local pipeline run failed ({err}); the failing task's log is printed above") from err
     return _local_outputs(Path(root).resolve())
