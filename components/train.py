@@ -50,6 +50,7 @@ from components.training import (
 )
 from model import PRESETS, build_model, embed_images, embed_texts, load_model, lock_image_tower
 from model.embedding import decode_image
+from model.fast import COMPILE_SCOPES, SDPA_BACKENDS, apply_speedups
 from model.pretrained import init_from_pretrained
 
 HISTORY_FILE = "training_history.json"
@@ -78,6 +79,10 @@ class TrainConfig:
     augment: bool = False  # random resized crops (90-100% of the image), as Chinese-CLIP
     grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
     fused_adamw: bool = False  # single-kernel AdamW update (GPU)
+    fused_qkv: bool = False  # one matmul for query/key/value in every attention (saved in the standard layout)
+    sdpa_backend: str = ""  # preferred attention kernel (needs fused_qkv): flash, cudnn, efficient, math; "" = PyTorch's choice
+    channels_last: bool = False  # channels-last patch embedding (GPU)
+    compile: str = "none"  # torch.compile: none, regional (each encoder layer) or model
     num_workers: int = 1  # Ray Train workers (one process each; DDP when more than one)
     cpus_per_worker: int = 2
     use_gpu: bool = False  # one GPU per worker
@@ -112,6 +117,10 @@ class TrainConfig:
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} must split into accum_steps={self.accum_steps} equal micro-batches")
         self.step_config()  # validates precision
+        if self.compile not in COMPILE_SCOPES:
+            raise ValueError(f"compile must be one of {COMPILE_SCOPES}, got {self.compile!r}")
+        if self.sdpa_backend and (self.sdpa_backend not in SDPA_BACKENDS or not self.fused_qkv):
+            raise ValueError(f"sdpa_backend {self.sdpa_backend!r} needs fused_qkv: true and one of {sorted(SDPA_BACKENDS)}")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mask_ratio and "resnet_layers" in PRESETS.get(self.preset, {}).get("vision", {}):
@@ -202,6 +211,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
     if cfg.grad_checkpointing:  # renamed activation_checkpointing_enable in newer transformers
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     raw_model = model.to(ctx.device)
+    apply_speedups(raw_model, fused_qkv=cfg.fused_qkv, sdpa_backend=cfg.sdpa_backend or None,
+                   channels_last=cfg.channels_last, compile_scope=cfg.compile)
     model = ctx.wrap_model(raw_model)
 
     pairs = read_pairs(config["prepared_dir"], "train")

@@ -164,6 +164,18 @@ def test_summary_says_where_the_checkpoint_is_and_how_fast_it_ran(trained):
     assert not (trained["root"] / "stage2" / "training_state.pt").exists(), "the model folder has no optimizer state"
 
 
+def test_speed_switches_keep_the_loss_trajectory(prepared_dir, tmp_path):
+    model, processor = build_model("tiny")
+    model.config.text_config.hidden_dropout_prob = model.config.text_config.attention_probs_dropout_prob = 0.0
+    save_model(model, processor, tmp_path / "no-dropout")  # dropout draws differ between attention kernels
+    start = str(tmp_path / "no-dropout")
+    plain, _ = _loop(prepared_dir, tmp_path, init_dir=start, stage=2, max_steps=4, lr=1e-3)
+    fast, state = _loop(prepared_dir, tmp_path, init_dir=start, stage=2, max_steps=4, lr=1e-3,
+                        fused_qkv=True, channels_last=True)
+    assert [h["loss"] for h in fast] == pytest.approx([h["loss"] for h in plain], abs=1e-4)
+    assert "text_model.encoder.layer.0.attention.self.query.weight" in state, "saved in the standard layout"
+
+
 def test_config_rejects_settings_that_cannot_work():
     with pytest.raises(ValueError, match="accum_steps=3"):
         TrainConfig(batch_size=32, accum_steps=3)
@@ -171,6 +183,10 @@ def test_config_rejects_settings_that_cannot_work():
         TrainConfig(preset="tiny-rn", mask_ratio=0.5)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="everything")
+    with pytest.raises(ValueError, match="needs fused_qkv"):
+        TrainConfig(sdpa_backend="flash")
 
 
 @pytest.mark.slow
