@@ -305,9 +305,15 @@ def ingest(raw_dir: str | Path, out_dir: str | Path, config: IngestConfig, summa
 
 
 def read_pairs(prepared_dir: str | Path, split: str):
-    """All pairs of a prepared split as a pandas DataFrame."""
-    split_dir = Path(prepared_dir) / split
-    shards = sorted(split_dir.glob("part-*.parquet"))
+    """All pairs of a prepared split as a pandas DataFrame; `prepared_dir` may be an s3:// URI
+    (workers of a Ray cluster read the shards from MinIO, see `components.storage.arrow_filesystem`)."""
+    from pyarrow import fs
+
+    from components.storage import arrow_filesystem
+
+    filesystem, root = arrow_filesystem(str(prepared_dir))
+    listing = filesystem.get_file_info(fs.FileSelector(f"{root}/{split}", allow_not_found=True))
+    shards = sorted(info.path for info in listing if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"))
     if not shards:
-        raise ZhclipError(f"no Parquet shards in {split_dir}; run `zhclip ingest` first")
-    return pq.ParquetDataset(shards).read().to_pandas()
+        raise ZhclipError(f"no Parquet shards in {prepared_dir}/{split}; run `zhclip ingest` first")
+    return pq.ParquetDataset(shards, filesystem=filesystem).read().to_pandas()

@@ -7,6 +7,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from components.storage import arrow_filesystem
+
 
 def git_commit(repo_dir: str | Path = ".") -> str:
     """The checked-out commit, with `-dirty` when tracked files differ from it; "unknown" outside git."""
@@ -20,25 +22,29 @@ def git_commit(repo_dir: str | Path = ".") -> str:
         return "unknown"
 
 
-def _file_md5(path: Path) -> str:
+def _file_md5(filesystem, path: str) -> str:
     digest = hashlib.md5()
-    with open(path, "rb") as handle:
+    with filesystem.open_input_stream(path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def dvc_hash(path: str | Path) -> str:
-    """The md5 DVC records for `path` in dvc.lock (`<md5>.dir` for a folder), computed from the files.
+    """The md5 DVC records for `path` in dvc.lock (`<md5>.dir` for a folder), computed from the files;
+    `path` may be a local path or an s3:// URI.
 
     DVC's own API only hashes paths inside a DVC repository with its cache; KFP components and Ray
-    workers see plain folders, so the same recipe (md5 of the sorted `{md5, relpath}` JSON list) is
-    computed here. A test checks it against dvc.lock.
+    workers see plain folders or buckets, so the same recipe (md5 of the sorted `{md5, relpath}` JSON
+    list) is computed here. A test checks it against what DVC writes.
     """
-    path = Path(path)
-    if path.is_file():
-        return _file_md5(path)
-    entries = [{"md5": _file_md5(file), "relpath": file.relative_to(path).as_posix()}
-               for file in sorted(path.rglob("*")) if file.is_file()]
-    entries.sort(key=lambda entry: entry["relpath"])
+    from pyarrow import fs
+
+    filesystem, root = arrow_filesystem(str(path))
+    if filesystem.get_file_info(root).type == fs.FileType.File:
+        return _file_md5(filesystem, root)
+    files = [info.path for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+             if info.type == fs.FileType.File]
+    entries = sorted(({"md5": _file_md5(filesystem, file), "relpath": file[len(root):].lstrip("/")} for file in files),
+                     key=lambda entry: entry["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"

@@ -32,6 +32,52 @@ def client(endpoint: str | None = None):
                  secure=parsed.scheme == "https", region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
 
 
+def arrow_filesystem(uri: str, endpoint: str | None = None):
+    """(pyarrow filesystem, path inside it) for a local path or an s3://bucket/prefix URI; S3 goes to
+    `endpoint` or $AWS_ENDPOINT_URL (MinIO) with the AWS_* credentials of the environment."""
+    from pyarrow import fs
+
+    if not str(uri).startswith("s3://"):
+        return fs.LocalFileSystem(), str(Path(uri).resolve())
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    scheme, _, host = endpoint.rpartition("://")
+    filesystem = fs.S3FileSystem(
+        endpoint_override=host or None, scheme=scheme or "https",
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
+    return filesystem, str(uri).removeprefix("s3://").rstrip("/")
+
+
+def location(path: str | Path) -> str:
+    """An s3:// URI as given, a local path made absolute (what Ray workers elsewhere can use)."""
+    return str(path) if str(path).startswith("s3://") else str(Path(path).resolve())
+
+
+def is_file(path: str) -> bool:
+    from pyarrow import fs
+
+    filesystem, inner = arrow_filesystem(path)
+    return filesystem.get_file_info(inner).type == fs.FileType.File
+
+
+def read_text(path: str) -> str:
+    filesystem, inner = arrow_filesystem(path)
+    with filesystem.open_input_stream(inner) as handle:
+        return handle.read().decode("utf-8")
+
+
+def local_folder(path: str, scratch: str | Path) -> str:
+    """`path` itself when local; an s3:// folder is first copied under `scratch`."""
+    if not path.startswith("s3://"):
+        return path
+    from pyarrow import fs
+
+    filesystem, inner = arrow_filesystem(path)
+    fs.copy_files(inner, str(scratch), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+    return str(scratch)
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:

@@ -53,11 +53,12 @@ def _experiment_id(client, name: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
-def parent_run_from(model_dir: str | Path | None) -> str | None:
-    """The parent run recorded in a trained model folder, if any."""
-    run_file = Path(model_dir) / RUN_FILE if model_dir else None
-    if run_file and run_file.is_file():
-        return json.loads(run_file.read_text(encoding="utf-8")).get("parent_run_id")
+def parent_run_from(model_dir: str | None) -> str | None:
+    """The parent run recorded in a trained model folder (local or s3://), if any."""
+    from components.storage import is_file, read_text
+
+    if model_dir and is_file(f"{model_dir}/{RUN_FILE}"):
+        return json.loads(read_text(f"{model_dir}/{RUN_FILE}")).get("parent_run_id")
     return None
 
 

@@ -27,6 +27,7 @@ import torch
 
 from components.common import ZhclipError, build_config, section, write_summary
 from components.ingest import read_pairs
+from components.storage import arrow_filesystem, is_file, local_folder, location
 from components.lineage import dvc_hash, git_commit
 from components.tracking import (
     RUN_FILE,
@@ -159,7 +160,8 @@ class WorkerContext:
 
 def _initial_model(cfg: TrainConfig, init_dir: str | None):
     if init_dir:
-        return load_model(init_dir)
+        with tempfile.TemporaryDirectory() as scratch:
+            return load_model(local_folder(init_dir, scratch))
     model, processor = build_model(cfg.preset, context_length=cfg.context_length, seed=cfg.seed)
     init_from_pretrained(model, cfg.pretrained_vision or None, cfg.pretrained_text or None)
     return model, processor
@@ -323,20 +325,11 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 
 def _storage(config: TrainConfig) -> tuple[str, Any]:
-    """Ray's (storage_path, storage_filesystem): a local folder, or S3 through pyarrow with the
-    MinIO endpoint and the AWS_* credentials from the environment."""
+    """Ray's (storage_path, storage_filesystem): a local folder, or an S3 bucket (MinIO)."""
     if not config.storage_path.startswith("s3://"):
         return str(Path(config.storage_path).resolve()), None
-    from pyarrow import fs
-
-    endpoint = config.storage_endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
-    scheme, _, host = endpoint.rpartition("://")
-    filesystem = fs.S3FileSystem(
-        endpoint_override=host or None, scheme=scheme or "https",
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-    )
-    return config.storage_path.removeprefix("s3://"), filesystem
+    filesystem, path = arrow_filesystem(config.storage_path, config.storage_endpoint or None)
+    return path, filesystem
 
 
 def run_name(config: TrainConfig, data_hash: str, init_hash: str) -> str:
@@ -381,11 +374,11 @@ def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any], name: str):
             ray.shutdown()
 
 
-def _check_inputs(prepared_dir: Path, config: TrainConfig, init_dir: str | Path | None) -> None:
+def _check_inputs(prepared_dir: str, config: TrainConfig, init_dir: str | None) -> None:
     read_pairs(prepared_dir, "train")  # fail here, with a clear message, before starting Ray
     if config.stage == 2 and not init_dir:
         raise ZhclipError("stage 2 starts from stage 1's model: pass --init <stage 1 output folder>")
-    if init_dir and not (Path(init_dir) / "config.json").is_file():
+    if init_dir and not is_file(f"{init_dir}/config.json"):
         raise ZhclipError(f"--init {init_dir} is not a model folder (no config.json); train stage 1 first")
     for name in ("pretrained_vision", "pretrained_text"):
         folder = getattr(config, name)
@@ -405,20 +398,23 @@ def train(
 ) -> dict:
     """Train one stage with Ray Train and write its Hugging Face model folder to `out_dir`.
 
+    `prepared_dir` and `init_dir` are folders, or s3:// URIs that every worker of a Ray cluster can read.
+
     Stage 2 requires `init_dir` (stage 1's output). Tracks the stage as an MLflow run nested under
     the pipeline's parent run. Returns the summary (steps, losses, speed, validation, checkpoint).
     """
-    prepared_dir, out_dir = Path(prepared_dir).resolve(), Path(out_dir)
+    out_dir, prepared_dir = Path(out_dir), location(prepared_dir)
+    init_dir = location(init_dir) if init_dir else None
     _check_inputs(prepared_dir, config, init_dir)
     data_hash = dvc_hash(prepared_dir)
-    init_hash = dvc_hash(Path(init_dir) / "model.safetensors") if init_dir else ""
+    init_hash = dvc_hash(f"{init_dir}/model.safetensors") if init_dir else ""
     name = run_name(config, data_hash, init_hash)
-    tags = {"git_commit": git_commit(), "data_dvc_hash": data_hash, "data_path": str(prepared_dir),
+    tags = {"git_commit": git_commit(), "data_dvc_hash": data_hash, "data_path": prepared_dir,
             **({"init_model_hash": init_hash} if init_hash else {})}
     ids = start_stage_run(resolve_tracking_uri(config.tracking_uri), config.experiment, config.stage, name,
                           asdict(config), tags, parent_run_from(init_dir))
-    loop_config = {**asdict(config), "prepared_dir": str(prepared_dir), "mlflow": ids, "interactive": sys.stderr.isatty(),
-                   "init_dir": str(Path(init_dir).resolve()) if init_dir else None,
+    loop_config = {**asdict(config), "prepared_dir": prepared_dir, "mlflow": ids, "interactive": sys.stderr.isatty(),
+                   "init_dir": init_dir,
                    **{key: str(Path(getattr(config, key)).resolve()) if getattr(config, key) else ""
                       for key in ("pretrained_vision", "pretrained_text")}}
     start = time.perf_counter()

@@ -104,17 +104,27 @@ def test_dvc_push_and_pull_round_trip_through_the_s3_remote(s3_endpoint, raw_dir
 
 
 @pytest.mark.slow
-def test_training_checkpoints_go_to_an_s3_bucket(s3_env, prepared_dir, tmp_path):
+def test_training_reads_its_data_from_and_checkpoints_to_s3(s3_env, prepared_dir, tmp_path):
+    """As on a KubeRay cluster, where workers share no disk: shards and checkpoints in MinIO."""
+    from components.lineage import dvc_hash
     from components.train import TrainConfig, train
 
+    upload(prepared_dir, "s3://zhclip-data/prepared")
+    assert dvc_hash("s3://zhclip-data/prepared") == dvc_hash(prepared_dir)
     _s3(s3_env).create_bucket(Bucket="zhclip-ray")
     config = TrainConfig(stage=1, max_steps=6, batch_size=32, warmup_steps=1, checkpoint_every=3,
                          storage_path="s3://zhclip-ray/checkpoints", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    summary = train(prepared_dir, tmp_path / "out", config)
+    stage1 = train("s3://zhclip-data/prepared", tmp_path / "stage1", config)
+    upload(tmp_path / "stage1", "s3://zhclip-data/models/stage1")  # as KFP stores a Model artifact
+    config2 = TrainConfig(stage=2, max_steps=2, batch_size=32, warmup_steps=1, storage_path="s3://zhclip-ray/checkpoints",
+                          tracking_uri=config.tracking_uri)
+    stage2 = train("s3://zhclip-data/prepared", tmp_path / "stage2", config2, init_dir="s3://zhclip-data/models/stage1")
+    assert stage2["steps"] == 2 and stage2["mlflow"]["parent_run_id"] == stage1["mlflow"]["parent_run_id"]
+    summary = stage1
     keys = _objects(s3_env, "zhclip-ray")
     run = f"checkpoints/{summary['ray_run']}/"
     checkpoints = {key.split("/")[2] for key in keys if key.startswith(run + "checkpoint_") and key.endswith("model.safetensors")}
+    assert (tmp_path / "stage1" / "model.safetensors").is_file()
     assert len(checkpoints) == 2, f"checkpoints at steps 3 and 6 in the bucket, got {sorted(keys)}"
     assert any(key.endswith("training_state.pt") for key in keys)
     assert summary["checkpoint"].startswith(f"s3://zhclip-ray/{run}checkpoint_") and summary["steps"] == 6
-    assert (tmp_path / "out" / "model.safetensors").is_file()

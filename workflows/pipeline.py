@@ -94,9 +94,11 @@ def train_op(prepared: Input[Dataset], model: Output[Model], summary: Output[Met
     from components.common import build_config
     from components.train import TrainConfig, train
 
-    if ray_address:  # join this KubeRay cluster instead of starting Ray on the pod's own GPUs
-        os.environ["RAY_ADDRESS"] = ray_address
-    result = train(prepared.path, model.path, build_config(TrainConfig, config, "pipeline parameter"), init_model.path if init_model else None)
+    data, init = prepared.path, init_model.path if init_model else None
+    if ray_address:  # join this KubeRay cluster instead of starting Ray on the pod's own GPUs; its
+        os.environ["RAY_ADDRESS"] = ray_address  # workers read the artifacts from the object store
+        data, init = prepared.uri, init_model.uri if init_model else None
+    result = train(data, model.path, build_config(TrainConfig, config, "pipeline parameter"), init)
     for key in ("steps", "first_loss", "final_loss", "samples_per_s"):
         summary.log_metric(key, result[key])
 
