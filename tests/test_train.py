@@ -176,6 +176,15 @@ def test_speed_switches_keep_the_loss_trajectory(prepared_dir, tmp_path):
     assert "text_model.encoder.layer.0.attention.self.query.weight" in state, "saved in the standard layout"
 
 
+def test_decoding_processes_and_augmentation_keep_the_run_reproducible(prepared_dir, tmp_path):
+    """Augmentation draws per pair from (seed, epoch, pair), so loader processes change nothing."""
+    inline, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=0)
+    parallel, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2)
+    plain, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=False)
+    assert [h["loss"] for h in parallel] == pytest.approx([h["loss"] for h in inline], abs=1e-6)
+    assert [h["loss"] for h in plain] != pytest.approx([h["loss"] for h in inline], abs=1e-6)
+
+
 def test_config_rejects_settings_that_cannot_work():
     with pytest.raises(ValueError, match="accum_steps=3"):
         TrainConfig(batch_size=32, accum_steps=3)
@@ -200,3 +209,25 @@ def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path):
     assert summary["steps"] == len(losses) == 12 * per_epoch
     first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
     assert last < first - 0.1, f"mean epoch loss did not fall with 2 workers: {first:.3f} -> {last:.3f}"
+
+
+def test_random_resized_crop_keeps_90_to_100_percent_of_the_image():
+    import random
+
+    from PIL import Image
+
+    from components.train_data import random_resized_crop
+
+    image = Image.new("RGB", (200, 100))
+    areas = [c.size[0] * c.size[1] / 20000 for c in (random_resized_crop(image, random.Random(i)) for i in range(200))]
+    assert min(areas) >= 0.88 and max(areas) <= 1.0 and len(set(areas)) > 20
+
+
+def test_each_worker_reads_its_own_slice_of_the_epoch_and_resumes_mid_epoch():
+    from components.train_data import EpochBatches
+
+    workers = [list(EpochBatches(100, 8, rank, 2, seed=0, epoch=3)) for rank in range(2)]
+    flat = [i for batches in workers for batch in batches for i in batch]
+    assert len(flat) == len(set(flat)) == 2 * 6 * 8, "disjoint, full batches only"
+    assert list(EpochBatches(100, 8, 0, 2, seed=0, epoch=3, start=4)) == workers[0][4:]
+    assert list(EpochBatches(100, 8, 0, 2, seed=0, epoch=4)) != workers[0]
