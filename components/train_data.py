@@ -36,7 +36,11 @@ def random_resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
         if 0 < crop_w <= width and 0 < crop_h <= height:
             left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
             return image.crop((left, top, left + crop_w, top + crop_h))
-    return image
+    # As torchvision: a centre crop at the nearest allowed aspect ratio (very wide or tall images).
+    ratio = min(max(width / height, CROP_RATIO[0]), CROP_RATIO[1])
+    crop_w, crop_h = min(width, round(height * ratio)), min(height, round(width / ratio))
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    return image.crop((left, top, left + crop_w, top + crop_h))
 
 
 class PairDataset(Dataset):

@@ -218,9 +218,10 @@ def test_random_resized_crop_keeps_90_to_100_percent_of_the_image():
 
     from components.train_data import random_resized_crop
 
-    image = Image.new("RGB", (200, 100))
-    areas = [c.size[0] * c.size[1] / 20000 for c in (random_resized_crop(image, random.Random(i)) for i in range(200))]
+    image = Image.new("RGB", (200, 160))
+    areas = [c.size[0] * c.size[1] / 32000 for c in (random_resized_crop(image, random.Random(i)) for i in range(200))]
     assert min(areas) >= 0.88 and max(areas) <= 1.0 and len(set(areas)) > 20
+    assert random_resized_crop(Image.new("RGB", (400, 100)), random.Random(0)).size == (133, 100), "centre crop at 4:3"
 
 
 def test_each_worker_reads_its_own_slice_of_the_epoch_and_resumes_mid_epoch():
