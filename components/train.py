@@ -58,7 +58,7 @@ HISTORY_FILE = "training_history.json"
 HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
 # Settings that change neither the result nor the order of the work: a re-run that differs only in
 # these still resumes the interrupted run.
-_NOT_IN_RUN_IDENTITY = {"storage_path", "storage_endpoint", "max_failures", "keep_checkpoints", "num_workers",
+_NOT_IN_RUN_IDENTITY = {"storage_path", "storage_endpoint", "max_failures", "keep_checkpoints",
                         "cpus_per_worker", "use_gpu", "loader_workers", "tracking_uri", "experiment", "log_every",
                         "checkpoint_every", "validate_every"}
 
