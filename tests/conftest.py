@@ -83,3 +83,12 @@ def trained(prepared_dir, tmp_path_factory) -> dict:
     stage2 = train(prepared_dir, root / "stage2", TrainConfig(stage=2, lr=5e-4, **common), init_dir=root / "stage1",
                    summary_path=root / "stage2.json")
     return {"root": root, "stage1": stage1, "stage2": stage2}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> list[Path]:
+    """Three untrained tiny-preset model folders with different weights (seeds 0, 1, 2), built in seconds."""
+    from model import build_model, save_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return [save_model(*build_model("tiny", seed=seed), root / f"seed{seed}") for seed in range(3)]
