@@ -9,8 +9,10 @@ the training run (when the training summary records one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -142,7 +144,9 @@ def _log_and_register(model_dir: Path, metrics: dict[str, float], config: Regist
     from transformers import AutoConfig
 
     mlflow.set_experiment(config.experiment)
-    with mlflow.start_run() as run:
+    # MLflow prints the run's URL on stdout when the run ends (HTTP tracking); stdout is the
+    # summary JSON of `zhclip register`, so that note goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr), mlflow.start_run() as run:
         mlflow.set_tags({key: value for key, value in lineage.items() if key != "params"})
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
         mlflow.log_metrics(metrics)
