@@ -19,6 +19,7 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
         "outputArtifactKey": "validated", "producerTask": "validate-op"}
     assert tasks["train-op-2"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == "train-op"
     assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op"
+    assert tasks["register-op"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "validate-op"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["stage1_config"]["lr"] == params["stage1"]["lr"]
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]

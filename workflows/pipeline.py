@@ -76,11 +76,13 @@ def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Me
 
 
 @_component
-def register_op(model: Input[Model], scores: Input[Metrics], decision: Output[Metrics], config: dict) -> int:
+def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset], decision: Output[Metrics],
+                config: dict) -> int:
     from components.common import build_config
     from components.register import RegisterConfig, register
 
-    result = register(model.path, scores.path, build_config(RegisterConfig, config, "pipeline parameter"))
+    result = register(model.path, scores.path, build_config(RegisterConfig, config, "pipeline parameter"),
+                      data_dir=data.path)
     decision.log_metric("version", result["version"])
     decision.log_metric("champion_version", result["champion_version"])
     return result["version"]
@@ -120,7 +122,7 @@ def build_pipeline(params: dict[str, Any]):
         for task in (stage1, stage2):
             task.set_caching_options(False)
         scored = evaluate_op(model=stage2.outputs["model"], prepared=validated, config=evaluate_config)
-        register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], config=register_config)
+        register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], data=validated, config=register_config)
 
     return zhclip_pipeline
 
