@@ -101,15 +101,17 @@ def _version_of_checkpoint(client, name: str, model_hash: str):
 
 
 def _champion(client, name: str, metric: str) -> tuple[str | None, float | None]:
-    """The champion's version and its metric, as its MLflow run recorded it."""
-    from mlflow.exceptions import MlflowException
+    """The champion's version and its metric, as its MLflow run recorded it; (None, None) without one.
 
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+    Read from the registered model's aliases rather than by catching a failed alias lookup, so that
+    a registry error stops the step instead of passing for "no champion" and promoting.
+    """
+    version = client.get_registered_model(name).aliases.get("champion")
+    if version is None:
         return None, None
+    champion = client.get_model_version(name, version)
     value = client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
-    return champion.version, value
+    return str(version), value
 
 
 def _gate(client, name: str, version: str, candidate: float, config: RegisterConfig) -> dict[str, Any]:

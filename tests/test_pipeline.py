@@ -37,7 +37,8 @@ def test_pipeline_runs_locally_end_to_end(raw_dir, tmp_path):
     assert outputs["register"] == {"version": 1, "champion_version": 1}
     client = MlflowClient(uri, uri)
     version = client.get_model_version_by_alias("zhclip-kfp", "champion")
-    assert float(version.tags["mean_recall"]) == outputs["scores"]["mean_recall"]
+    assert float(version.tags["metric.mean_recall"]) == outputs["scores"]["mean_recall"]
+    assert version.tags["data_dvc_hash"].endswith(".dir")
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
 
 

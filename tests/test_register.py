@@ -66,6 +66,16 @@ def test_tolerance_lets_a_slightly_worse_model_through(tiny_models, registry, tm
     assert not register(tiny_models[2], _metrics(tmp_path, "c", 39.0), registry)["promoted"]
 
 
+def test_a_champion_without_the_gate_metric_keeps_its_alias(tiny_models, registry, tmp_path):
+    register(tiny_models[0], _metrics(tmp_path, "a", 40.0), registry)
+    registry.metric = "i2t_r1"  # the first champion's run never recorded it
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"i2t_r1": 90.0}))
+    result = register(tiny_models[1], other, registry)
+    assert not result["promoted"] and "version 1 has no i2t_r1 to compare" in result["decision"]
+    assert _aliases(MlflowClient(registry.tracking_uri, registry.tracking_uri)) == {"champion": 1, "challenger": 2}
+
+
 def test_lineage_tags_and_the_run(tiny_models, registry, tmp_path):
     data = tmp_path / "validated"
     (data / "train").mkdir(parents=True)
