@@ -26,6 +26,7 @@ from components.lineage import dvc_hash, git_commit
 from model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
 # What a pulled model needs at inference, pinned to the versions it was trained with.
 INFERENCE_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "pillow", "pandas")
 
@@ -157,8 +158,8 @@ def _log_and_register(model_dir: Path, metrics: dict[str, float], config: Regist
             mlflow.log_artifact(str(artifact), artifact_path="step_summaries")
         info = mlflow.pyfunc.log_model(
             name="model",
-            loader_module="model.pyfunc",
-            data_path=str(model_dir),
+            python_model=str(SERVED_MODEL),
+            artifacts={"model_dir": str(model_dir)},
             code_paths=[str(Path(model_package.__file__).parent)],
             pip_requirements=_pinned_requirements(),
             signature=_signature(AutoConfig.from_pretrained(model_dir).projection_dim),

@@ -1,8 +1,7 @@
-"""MLflow pyfunc flavour of a zhclip model, as a loader module.
+"""The inference side of a zhclip model as MLflow serves it, kept free of mlflow imports.
 
-MLflow calls `_load_pyfunc(data_path, model_config)` with the logged Hugging Face directory. Using a
-loader module instead of subclassing `mlflow.pyfunc.PythonModel` keeps this package free of an
-mlflow import, so it stays a plain model library.
+`components/served_model.py` wraps `ZhclipEmbedder` in an `mlflow.pyfunc.PythonModel` ("models from
+code"); this package travels with the model as its code, so a pull needs no zhclip repository.
 
 Input: a DataFrame with a `text` column (strings) and/or an `image` column (encoded image bytes, or
 base64 strings as sent over REST). Params (`predict(..., params=...)`, or `"params"` in a REST
@@ -151,9 +150,10 @@ class ZhclipEmbedder:
         return vectors
 
 
-def _load_pyfunc(data_path: str, model_config: dict | None = None) -> ZhclipEmbedder:
+def load_embedder(model_dir: str, model_config: dict | None = None) -> ZhclipEmbedder:
+    """The embedder of a model folder, with `model_config` (see DEFAULT_CONFIG) over the defaults."""
     config = {**DEFAULT_CONFIG, **(model_config or {})}
     unknown = set(config) - set(DEFAULT_CONFIG)
     if unknown:
         raise ValueError(f"unknown model_config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
-    return ZhclipEmbedder(data_path, **config)
+    return ZhclipEmbedder(model_dir, **config)

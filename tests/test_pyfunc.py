@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from model.pyfunc import ZhclipEmbedder, _load_pyfunc
+from model.pyfunc import ZhclipEmbedder, load_embedder
 
 
 def _png(colour: str, size: tuple[int, int] = (32, 32)) -> bytes:
@@ -71,6 +71,6 @@ def test_bad_input_is_named(embedder, frame, params, message):
 
 
 def test_model_config_overrides_and_rejects_unknown_keys(tiny_models):
-    assert _load_pyfunc(str(tiny_models[0]), {"batch_size": 3}).batch_size == 3
+    assert load_embedder(str(tiny_models[0]), {"batch_size": 3}).batch_size == 3
     with pytest.raises(ValueError, match=r"unknown model_config keys \['batchsize'\]"):
-        _load_pyfunc(str(tiny_models[0]), {"batchsize": 3})
+        load_embedder(str(tiny_models[0]), {"batchsize": 3})
