@@ -88,17 +88,31 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Passes over the training pairs."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW)."),
     batch_size: Optional[int] = typer.Option(None, help="Pairs per step and worker."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (0: all epochs)."),
+    accum_steps: Optional[int] = typer.Option(None, help="Micro-batches per step (same loss, less memory)."),
+    precision: Optional[str] = typer.Option(None, help="fp32, or bf16 autocast on GPUs."),
+    mask_ratio: Optional[float] = typer.Option(None, help="FLIP: share of image patches dropped while training."),
     num_workers: Optional[int] = typer.Option(None, help="Ray Train workers."),
     use_gpu: Optional[bool] = typer.Option(None, help="One GPU per worker."),
+    storage_path: Optional[str] = typer.Option(None, help="Checkpoint storage: a folder or s3://bucket/prefix."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (0: only at the end)."),
     pretrained_vision: Optional[Path] = typer.Option(None, help="Stage 1: OpenAI-CLIP folder (HF format) for the image tower."),
     pretrained_text: Optional[Path] = typer.Option(None, help="Stage 1: Chinese RoBERTa-wwm folder (BertModel format) for the text tower."),
     params: Path = ParamsOption,
 ) -> None:
-    """Train one stage with Ray Train (in-process Ray, or the cluster at $RAY_ADDRESS)."""
+    """Train one stage with Ray Train (in-process Ray, or the cluster at $RAY_ADDRESS).
+
+    Checkpoints go to the storage path every --checkpoint-every steps; re-running an interrupted
+    stage with the same settings and data resumes from its last checkpoint. The stage is tracked as
+    an MLflow run (params, per-step loss/lr/logit scale/speed, validation recall) under the
+    pipeline's parent run. All settings: params.yaml sections train and stage1/stage2.
+    """
     from components.train import TrainConfig, train as run
 
     config = TrainConfig.from_params(load_params(params), stage, epochs=epochs, lr=lr, batch_size=batch_size,
-                                     num_workers=num_workers, use_gpu=use_gpu,
+                                     max_steps=max_steps, accum_steps=accum_steps, precision=precision,
+                                     mask_ratio=mask_ratio, num_workers=num_workers, use_gpu=use_gpu,
+                                     storage_path=storage_path, checkpoint_every=checkpoint_every,
                                      pretrained_vision=str(pretrained_vision) if pretrained_vision else None,
                                      pretrained_text=str(pretrained_text) if pretrained_text else None)
     _echo_json(run(data, out, config, init, summary, history))

@@ -1,33 +1,63 @@
 """Train: the two-stage Chinese-CLIP recipe as Ray Train `TorchTrainer` jobs.
 
-`train_worker_loop` is plain PyTorch (it runs without Ray too: benchmarks call it directly); Ray
-Train adds scheduling, process groups and checkpoint storage around it. Stage 1 locks the image
-tower (LiT); stage 2 starts from stage 1's model with both towers learning.
+`train_worker_loop` is one worker's plain PyTorch loop over components/training.py's step (it runs
+without Ray too). Ray Train adds the worker group (in-process, or the cluster at $RAY_ADDRESS),
+process groups for DDP, checkpoint storage (a folder or S3/MinIO) and recovery: a failed worker
+group is restarted from the latest checkpoint (`max_failures`), and re-running an interrupted stage
+with the same settings and data resumes it, because the Ray run is named after both.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import math
 import os
-import random
+import shutil
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from components.common import ZhclipError, build_config, section, write_summary
 from components.ingest import read_pairs
-from model import build_model, contrastive_loss, decode_image, load_model, lock_image_tower, save_model
+from components.lineage import dvc_hash, git_commit
+from components.tracking import (
+    RUN_FILE,
+    StepLogger,
+    finish_stage_run,
+    parent_run_from,
+    resolve_tracking_uri,
+    start_stage_run,
+)
+from components.train_data import EpochBatches, PairDataset, epoch_loader, steps_per_epoch
+from components.training import (
+    TRAINING_STATE_FILE,
+    StepConfig,
+    TrainStep,
+    build_optimizer,
+    load_checkpoint,
+    restore_state,
+    save_checkpoint,
+    seed_everything,
+    warmup_cosine,
+)
+from model import PRESETS, build_model, embed_images, embed_texts, load_model, lock_image_tower
+from model.embedding import decode_image
 from model.pretrained import init_from_pretrained
 
 HISTORY_FILE = "training_history.json"
+HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
+# Settings that change neither the result nor the order of the work: a re-run that differs only in
+# these still resumes the interrupted run.
+_NOT_IN_RUN_IDENTITY = {"storage_path", "storage_endpoint", "max_failures", "keep_checkpoints", "num_workers",
+                        "cpus_per_worker", "use_gpu", "loader_workers", "tracking_uri", "experiment", "log_every"}
 
 
 @dataclass
@@ -36,36 +66,68 @@ class TrainConfig:
     preset: str = "tiny"
     context_length: int = 52
     epochs: int = 10
-    batch_size: int = 64
+    max_steps: int = 0  # stop after this many optimizer steps (0: epochs x steps per epoch)
+    batch_size: int = 64  # pairs per optimizer step and worker
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 10
     seed: int = 0
-    num_workers: int = 1
+    accum_steps: int = 1  # split each batch into this many micro-batches (same loss, less memory)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
+    mask_ratio: float = 0.0  # FLIP: share of image patches dropped while training (ViT only)
+    augment: bool = False  # random resized crops (90-100% of the image), as Chinese-CLIP
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% slower)
+    fused_adamw: bool = False  # single-kernel AdamW update (GPU)
+    num_workers: int = 1  # Ray Train workers (one process each; DDP when more than one)
     cpus_per_worker: int = 2
-    use_gpu: bool = False
-    storage_path: str = "ray_results"
+    use_gpu: bool = False  # one GPU per worker
+    loader_workers: int = 0  # decoding processes per worker (0: decode in the training process)
+    storage_path: str = "ray_results"  # checkpoints: a folder, or s3://bucket/prefix (MinIO)
+    storage_endpoint: str = ""  # S3 endpoint for s3:// storage; empty: $AWS_ENDPOINT_URL
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint before giving up
+    validate_every: int = 0  # steps between validation passes on the valid split (0: each epoch's end)
+    log_every: int = 10  # steps per batch of MLflow metric writes and progress-bar updates
     pretrained_vision: str = ""  # stage 1 from scratch: an OpenAI-CLIP folder (HF format) for the image tower
     pretrained_text: str = ""  # ... and a Chinese RoBERTa-wwm folder (BertModel format) for the text tower
     unlocked_groups: int = 0  # stage 1: leave this many last image-tower groups trainable
     local_loss: bool = False  # multi-worker: score local rows against the global batch (less memory)
     gather_with_grad: bool = False  # multi-worker: let gradients flow through other workers' features
+    tracking_uri: str = ""  # MLflow; empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "zhclip"
 
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "context_length"):
+        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "context_length", "accum_steps",
+                     "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "validate_every", "loader_workers", "warmup_steps", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} must split into accum_steps={self.accum_steps} equal micro-batches")
+        self.step_config()  # validates precision
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.mask_ratio and "resnet_layers" in PRESETS.get(self.preset, {}).get("vision", {}):
+            raise ValueError(f"mask_ratio {self.mask_ratio}: patch masking needs a ViT preset, not {self.preset}")
+
+    def step_config(self) -> StepConfig:
+        return StepConfig(precision=self.precision, accum_steps=self.accum_steps, mask_ratio=self.mask_ratio,
+                          local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
 
     @classmethod
     def from_params(cls, params: dict[str, Any], stage: int, **overrides: Any) -> "TrainConfig":
-        """Merge params sections `model`, `train` and `stage<N>` (later wins), then CLI overrides."""
+        """Merge params sections `model`, `mlflow`, `train` and `stage<N>` (later wins), then CLI overrides."""
         names = {f.name for f in fields(cls)} - {"stage"}
         values = {
             **section(params, "model", {"preset", "context_length"}),
+            **section(params, "mlflow", {"tracking_uri", "experiment"}),
             **section(params, "train", names),
             **section(params, f"stage{stage}", names),
         }
@@ -73,144 +135,217 @@ class TrainConfig:
         return build_config(cls, {"stage": stage, **values}, f"training config for stage {stage}")
 
 
-class PairDataset(Dataset):
-    """(token ids, pixel values) per (text, image) pair; images are decoded as they are read."""
+@dataclass
+class WorkerContext:
+    """What the loop needs from its runner (Ray Train, or nothing for a plain local run)."""
 
-    def __init__(self, pairs, processor, context_length: int):
-        tokens = processor.tokenizer(
-            list(pairs["text"]), padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
-        )
-        self.input_ids, self.attention_mask = tokens["input_ids"], tokens["attention_mask"]
-        self.images = list(pairs["image"])
-        self.image_processor = processor.image_processor
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        pixels = self.image_processor(images=decode_image(self.images[index]), return_tensors="pt")["pixel_values"][0]
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "pixel_values": pixels}
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
+    resume_dir: str | None = None  # a checkpoint folder to continue from
+    report: Callable[[dict, str | None], None] | None = None  # (metrics, checkpoint folder or None)
+    progress_bar: Callable[..., Any] | None = None  # tqdm-like factory, rank 0
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as in Chinese-CLIP: no decay for biases, norms, embeddings and logit scale."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim < 2 or "embeddings" in name or "logit_scale" in name or "norm" in name.lower()
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _initial_model(cfg: TrainConfig, init_dir: str | None):
+    if init_dir:
+        return load_model(init_dir)
+    model, processor = build_model(cfg.preset, context_length=cfg.context_length, seed=cfg.seed)
+    init_from_pretrained(model, cfg.pretrained_vision or None, cfg.pretrained_text or None)
+    return model, processor
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warmup to the base learning rate, then cosine decay to zero."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def train_worker_loop(
-    config: dict[str, Any],
-    rank: int = 0,
-    world_size: int = 1,
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-    report: Callable[[dict, str | None], None] | None = None,
-) -> list[dict]:
-    """One worker's training; returns the per-step history. `config` holds TrainConfig fields plus
-    `prepared_dir` and `init_dir`. `report(metrics, checkpoint_dir)` is called after every epoch,
-    with a saved model directory at the end (rank 0 only)."""
-    cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig)})
-    seed_everything(cfg.seed + rank)
-    torch.set_num_threads(cfg.cpus_per_worker)
-    if config["init_dir"]:
-        model, processor = load_model(config["init_dir"])
-    else:
-        model, processor = build_model(cfg.preset, context_length=cfg.context_length, seed=cfg.seed)
-        init_from_pretrained(model, cfg.pretrained_vision or None, cfg.pretrained_text or None)
-    pairs = read_pairs(config["prepared_dir"], "train").iloc[rank::world_size]
-    loader = DataLoader(
-        PairDataset(pairs, processor, cfg.context_length),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(pairs) > cfg.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed + rank),
-    )
+def _set_train_mode(model, cfg: TrainConfig) -> None:
     model.train()
-    if cfg.stage == 1:
+    if cfg.stage == 1:  # also puts the locked tower back in eval mode after validation
         lock_image_tower(model, cfg.unlocked_groups)
-    raw_model = model
-    model = wrap_model(model)
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(parameter_groups(raw_model, cfg.weight_decay), lr=cfg.lr)
-    scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.epochs * len(loader))
-    history: list[dict] = []
-    for epoch in range(cfg.epochs):
-        epoch_start, epoch_losses = time.perf_counter(), []
-        for batch in loader:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            outputs = model(**batch)
-            loss = contrastive_loss(outputs.image_embeds, outputs.text_embeds, raw_model.logit_scale,
-                                    local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():  # as the reference: the temperature stays within [1, 100]
-                raw_model.logit_scale.clamp_(0, math.log(100))
-            epoch_losses.append(loss.item())
-            history.append({"step": len(history) + 1, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
-        metrics = {"epoch": epoch + 1, "loss": float(np.mean(epoch_losses)),
-                   "samples_per_s": len(epoch_losses) * cfg.batch_size / (time.perf_counter() - epoch_start)}
-        last = epoch == cfg.epochs - 1
+
+
+def validation_metrics(model, processor, pairs, batch_size: int) -> dict[str, float]:
+    """In-batch accuracy (image->text and text->image, batches of `batch_size` pairs) and retrieval
+    recall on the held-out pairs."""
+    from components.evaluate import retrieval_metrics
+
+    model.eval()
+    with torch.no_grad():
+        texts = embed_texts(model, processor, list(pairs["text"]), batch_size)
+        images = embed_images(model, processor, [decode_image(b) for b in pairs["image"]], batch_size)
+    hits = []
+    for start in range(0, len(pairs), batch_size):
+        scores = texts[start:start + batch_size] @ images[start:start + batch_size].T
+        diagonal = np.arange(len(scores))
+        hits += [(scores.argmax(1) == diagonal).mean(), (scores.argmax(0) == diagonal).mean()]
+    same_image = pairs["image_id"].to_numpy()
+    positives = [set(np.flatnonzero(same_image == image_id)) for image_id in same_image]
+    recall = retrieval_metrics(texts, images, positives)
+    return {"valid_inbatch_accuracy": round(100 * float(np.mean(hits)), 4), "valid_mean_recall": recall["mean_recall"]}
+
+
+def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = None) -> list[dict]:
+    """One worker's training; returns the per-step history (the whole run's, after a resume).
+
+    `config` holds TrainConfig fields plus `prepared_dir`, `init_dir` and `mlflow` (run ids or None).
+    Every `checkpoint_every` steps and at the end all ranks call `context.report`; rank 0 passes a
+    checkpoint folder (model + training state + history).
+    """
+    ctx = context or WorkerContext()
+    cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig)})
+    seed_everything(cfg.seed + ctx.rank)
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    if ctx.resume_dir:
+        model, processor, state = load_checkpoint(ctx.resume_dir)
+    else:
+        (model, processor), state = _initial_model(cfg, config["init_dir"]), None
+    _set_train_mode(model, cfg)
+    if cfg.grad_checkpointing:  # renamed activation_checkpointing_enable in newer transformers
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    raw_model = model.to(ctx.device)
+    model = ctx.wrap_model(raw_model)
+
+    pairs = read_pairs(config["prepared_dir"], "train")
+    per_epoch = steps_per_epoch(len(pairs), cfg.batch_size, ctx.world_size)
+    if per_epoch == 0:
+        raise ZhclipError(f"{len(pairs)} training pairs give no full batch of {cfg.batch_size} per worker "
+                          f"across {ctx.world_size} workers; lower train.batch_size or num_workers")
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    dataset = PairDataset(pairs, processor, cfg.context_length, cfg.augment, cfg.seed)
+    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
+    step = TrainStep(model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model)
+
+    progress = {"step": 0, "history": [], "validation": [], "resumed_at": []}
+    if state:
+        progress = restore_state(step, state)
+        progress["resumed_at"].append(progress["step"])
+        if ctx.rank:  # only rank 0's RNG state is saved; other ranks draw from fresh, distinct streams
+            seed_everything(cfg.seed + ctx.rank + 7919 * progress["step"])
+    valid = _valid_pairs(config["prepared_dir"]) if ctx.rank == 0 else None
+    logger = StepLogger(config.get("mlflow") if ctx.rank == 0 else None, every=cfg.log_every)
+    bar = ctx.progress_bar(total=total_steps, desc=f"stage {cfg.stage}", unit="step") if ctx.progress_bar and ctx.rank == 0 else None
+    if bar:
+        bar.update(progress["step"])
+
+    def checkpoint(metrics: dict[str, Any]) -> None:
+        logger.flush()
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint_dir = None
-            if last and rank == 0:
-                checkpoint_dir = str(save_model(raw_model, processor, tmp))
-                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history), encoding="utf-8")
-            if report:
-                report(metrics, checkpoint_dir)
-    return history
+            folder = None
+            if ctx.rank == 0:
+                folder = str(save_checkpoint(tmp, raw_model, processor, step, progress))
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(progress["history"]), encoding="utf-8")
+            if ctx.report:
+                ctx.report(metrics, folder)
+
+    samples_per_step = cfg.batch_size * ctx.world_size
+    while progress["step"] < total_steps:
+        epoch, start = divmod(progress["step"], per_epoch)
+        batches = EpochBatches(len(pairs), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, epoch, start)
+        loader = epoch_loader(dataset, batches, epoch, cfg.loader_workers, pin_memory=ctx.device.type == "cuda")
+        waited_from = time.perf_counter()
+        for batch in loader:
+            batch = {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+            data_wait = time.perf_counter() - waited_from
+            result = step(batch)
+            elapsed = time.perf_counter() - waited_from
+            progress["step"] += 1
+            record = {"step": progress["step"], "epoch": epoch + 1, **result,
+                      "samples_per_s": samples_per_step / elapsed, "data_wait_s": data_wait, "step_s": elapsed}
+            progress["history"].append(record)
+            logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
+            if bar:
+                bar.update(1)
+                bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")
+            end_of_epoch = progress["step"] % per_epoch == 0
+            if end_of_epoch and ctx.rank == 0 and not bar:
+                _log_epoch(cfg.stage, progress["history"], total_steps, per_epoch)
+            due = cfg.validate_every and progress["step"] % cfg.validate_every == 0
+            if valid is not None and (due or (end_of_epoch and not cfg.validate_every) or progress["step"] == total_steps):
+                scores = {"step": progress["step"], **validation_metrics(raw_model, processor, valid, cfg.batch_size)}
+                progress["validation"].append(scores)
+                logger.log(progress["step"], {k: v for k, v in scores.items() if k != "step"})
+                _set_train_mode(raw_model, cfg)
+            last = progress["step"] == total_steps
+            if last or (cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0):
+                checkpoint({"step": progress["step"], "loss": result["loss"], "epoch": epoch + 1})
+            if last:
+                break
+            waited_from = time.perf_counter()
+    if bar:
+        bar.close()
+    return progress["history"]
+
+
+def _log_epoch(stage: int, history: list[dict], total_steps: int, per_epoch: int) -> None:
+    """One line per epoch where no progress bar can redraw (logs, CI, `dvc repro` output)."""
+    epoch = history[-per_epoch:]
+    seconds_per_step = sum(h["step_s"] for h in epoch) / len(epoch)
+    print(f"stage {stage} step {history[-1]['step']}/{total_steps}: loss {np.mean([h['loss'] for h in epoch]):.4f}, "
+          f"{np.mean([h['samples_per_s'] for h in epoch]):.0f} samples/s, "
+          f"ETA {seconds_per_step * (total_steps - history[-1]['step']):.0f} s", flush=True)
+
+
+def _valid_pairs(prepared_dir: str):
+    try:
+        return read_pairs(prepared_dir, "valid")
+    except ZhclipError:
+        return None  # no valid split: no validation metrics
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker: plain loop, Ray's DDP wrapper and reporting."""
+    """Entry point of each Ray Train worker: the plain loop with Ray's DDP, storage and progress bar."""
     import ray.train
     import ray.train.torch
+    from ray.experimental.tqdm_ray import tqdm
 
-    context = ray.train.get_context()
+    train_context = ray.train.get_context()
+    resume = ray.train.get_checkpoint()
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        if context.get_world_rank() == 0:
-            print(f"stage {config['stage']} epoch {metrics['epoch']}/{config['epochs']}: "
-                  f"loss {metrics['loss']:.4f}, {metrics['samples_per_s']:.0f} samples/s", flush=True)
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    train_worker_loop(config, context.get_world_rank(), context.get_world_size(), ray.train.torch.prepare_model, report)
+    with resume.as_directory() if resume else nullcontext() as resume_dir:
+        train_worker_loop(config, WorkerContext(
+            rank=train_context.get_world_rank(), world_size=train_context.get_world_size(),
+            device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model,
+            resume_dir=resume_dir, report=report, progress_bar=tqdm if config["interactive"] else None))
 
 
-def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any]):
+def _storage(config: TrainConfig) -> tuple[str, Any]:
+    """Ray's (storage_path, storage_filesystem): a local folder, or S3 through pyarrow with the
+    MinIO endpoint and the AWS_* credentials from the environment."""
+    if not config.storage_path.startswith("s3://"):
+        return str(Path(config.storage_path).resolve()), None
+    from pyarrow import fs
+
+    endpoint = config.storage_endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    scheme, _, host = endpoint.rpartition("://")
+    filesystem = fs.S3FileSystem(
+        endpoint_override=host or None, scheme=scheme or "https",
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
+    return config.storage_path.removeprefix("s3://"), filesystem
+
+
+def run_name(config: TrainConfig, data_hash: str, init_hash: str) -> str:
+    """Names the Ray run after what determines its result, so a re-run resumes only the same work."""
+    identity = {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_IDENTITY}
+    digest = hashlib.sha256(json.dumps([identity, data_hash, init_hash], sort_keys=True).encode()).hexdigest()[:12]
+    return f"zhclip-stage{config.stage}-{digest}"
+
+
+def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any], name: str):
     import ray
     import ray.train
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if started_here:
         ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker),
                  include_dashboard=False, log_to_driver=True, configure_logging=False)
+    storage_path, filesystem = _storage(config)
     try:
         trainer = TorchTrainer(
             _ray_worker,
@@ -220,32 +355,22 @@ def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any]):
                 resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=f"zhclip-stage{config.stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(Path(config.storage_path).resolve()),
+                name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                failure_config=FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             ),
         )
         try:
             return trainer.fit()
         except ray.train.TrainingFailedError as err:
-            raise ZhclipError(f"training stage {config.stage} failed: {err}; the worker's log is above") from err
+            raise ZhclipError(f"training stage {config.stage} failed: {err}; the worker's log is above. "
+                              f"Re-running the same command resumes from the last checkpoint in {config.storage_path}/{name}") from err
     finally:
         if started_here:
             ray.shutdown()
 
 
-def train(
-    prepared_dir: str | Path,
-    out_dir: str | Path,
-    config: TrainConfig,
-    init_dir: str | Path | None = None,
-    summary_path: str | Path | None = None,
-    history_csv: str | Path | None = None,
-) -> dict:
-    """Train one stage with Ray Train and write its Hugging Face model directory to `out_dir`.
-
-    Stage 2 requires `init_dir` (stage 1's output). Returns the summary (losses, steps, duration).
-    """
-    prepared_dir, out_dir = Path(prepared_dir).resolve(), Path(out_dir)
+def _check_inputs(prepared_dir: Path, config: TrainConfig, init_dir: str | Path | None) -> None:
     read_pairs(prepared_dir, "train")  # fail here, with a clear message, before starting Ray
     if config.stage == 2 and not init_dir:
         raise ZhclipError("stage 2 starts from stage 1's model: pass --init <stage 1 output folder>")
@@ -257,30 +382,88 @@ def train(
             raise ZhclipError(f"{name}: pretrained checkpoint folder {folder} not found (local folders only)")
         if folder and init_dir:
             raise ZhclipError(f"{name} initialises a fresh model; it cannot be combined with --init {init_dir}")
-    loop_config = {**asdict(config), "prepared_dir": str(prepared_dir), "init_dir": str(Path(init_dir).resolve()) if init_dir else None,
-                   **{name: str(Path(getattr(config, name)).resolve()) if getattr(config, name) else ""
-                      for name in ("pretrained_vision", "pretrained_text")}}
+
+
+def train(
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    config: TrainConfig,
+    init_dir: str | Path | None = None,
+    summary_path: str | Path | None = None,
+    history_csv: str | Path | None = None,
+) -> dict:
+    """Train one stage with Ray Train and write its Hugging Face model folder to `out_dir`.
+
+    Stage 2 requires `init_dir` (stage 1's output). Tracks the stage as an MLflow run nested under
+    the pipeline's parent run. Returns the summary (steps, losses, speed, validation, checkpoint).
+    """
+    prepared_dir, out_dir = Path(prepared_dir).resolve(), Path(out_dir)
+    _check_inputs(prepared_dir, config, init_dir)
+    data_hash = dvc_hash(prepared_dir)
+    init_hash = dvc_hash(Path(init_dir) / "model.safetensors") if init_dir else ""
+    name = run_name(config, data_hash, init_hash)
+    tags = {"git_commit": git_commit(), "data_dvc_hash": data_hash, "data_path": str(prepared_dir),
+            **({"init_model_hash": init_hash} if init_hash else {})}
+    ids = start_stage_run(resolve_tracking_uri(config.tracking_uri), config.experiment, config.stage, name,
+                          asdict(config), tags, parent_run_from(init_dir))
+    loop_config = {**asdict(config), "prepared_dir": str(prepared_dir), "mlflow": ids, "interactive": sys.stderr.isatty(),
+                   "init_dir": str(Path(init_dir).resolve()) if init_dir else None,
+                   **{key: str(Path(getattr(config, key)).resolve()) if getattr(config, key) else ""
+                      for key in ("pretrained_vision", "pretrained_text")}}
     start = time.perf_counter()
-    result = _run_with_ray(config, loop_config)
-    result.checkpoint.to_directory(str(out_dir))
-    history = json.loads((out_dir / HISTORY_FILE).read_text(encoding="utf-8"))
-    summary = {
-        "stage": config.stage, "model_dir": str(out_dir), "steps": len(history), "epochs": config.epochs,
-        "first_loss": history[0]["loss"], "final_loss": result.metrics["loss"],
-        "samples_per_s": result.metrics["samples_per_s"], "duration_s": round(time.perf_counter() - start, 3),
-        "config": asdict(config),
-    }
+    try:
+        result = _run_with_ray(config, loop_config, name)
+    except BaseException:
+        finish_stage_run(ids, {}, status="FAILED")
+        raise
+    summary = _export(result.checkpoint, out_dir, config, ids, name)
+    summary["duration_s"] = round(time.perf_counter() - start, 3)
+    finish_stage_run(ids, summary)
     if history_csv:
-        _write_history_csv(history, history_csv)
+        _write_history_csv(json.loads((out_dir / HISTORY_FILE).read_text(encoding="utf-8")), history_csv)
     if summary_path:
         write_summary(summary_path, summary)
+    _print_summary(summary)
     return summary
+
+
+def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str], name: str) -> dict:
+    """The final checkpoint as a clean model folder (no optimizer state), and the run's summary."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    checkpoint.to_directory(str(out_dir))
+    state = torch.load(out_dir / TRAINING_STATE_FILE, map_location="cpu", weights_only=False)
+    (out_dir / TRAINING_STATE_FILE).unlink()
+    (out_dir / RUN_FILE).write_text(json.dumps(ids), encoding="utf-8")
+    progress, history = state["progress"], state["progress"]["history"]
+    validation = progress["validation"]
+    timed = history[len(history) // 10:] or history  # leave out the first steps' warm-up
+    return {
+        "stage": config.stage, "model_dir": str(out_dir), "steps": len(history), "epochs": history[-1]["epoch"],
+        "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+        "samples_per_s": round(float(np.median([h["samples_per_s"] for h in timed])), 2),
+        "data_wait_share": round(sum(h["data_wait_s"] for h in timed) / sum(h["step_s"] for h in timed), 4),
+        "best_valid_mean_recall": max((v["valid_mean_recall"] for v in validation), default=None),
+        "final_valid_inbatch_accuracy": validation[-1]["valid_inbatch_accuracy"] if validation else None,
+        "resumed_at_steps": progress["resumed_at"],
+        "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path, "ray_run": name, "mlflow": ids,
+        "config": asdict(config),
+    }
+
+
+def _print_summary(summary: dict) -> None:
+    best = summary["best_valid_mean_recall"]
+    print(f"stage {summary['stage']}: {summary['steps']} steps in {summary['duration_s']:.0f} s, "
+          f"{summary['samples_per_s']:.0f} samples/s, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
+          + (f", best valid mean recall {best:.2f}" if best is not None else "")
+          + (f", resumed at step {summary['resumed_at_steps']}" if summary["resumed_at_steps"] else "")
+          + f"\n  model: {summary['model_dir']}\n  checkpoint: {summary['checkpoint']}", file=sys.stderr)
 
 
 def _write_history_csv(history: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=["step", "epoch", "loss", "lr"])
+        writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)

@@ -138,7 +138,8 @@ def trained(prepared_dir, tmp_path_factory) -> dict:
     from components.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")
-    common = {"epochs": 2, "batch_size": 32, "storage_path": str(root / "ray"), "warmup_steps": 2}
+    common = {"epochs": 2, "batch_size": 32, "storage_path": str(root / "ray"), "warmup_steps": 2,
+              "checkpoint_every": 4, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
     stage1 = train(prepared_dir, root / "stage1", TrainConfig(stage=1, lr=1e-3, **common),
                    summary_path=root / "stage1.json", history_csv=root / "stage1.csv")
     stage2 = train(prepared_dir, root / "stage2", TrainConfig(stage=2, lr=5e-4, **common), init_dir=root / "stage1",

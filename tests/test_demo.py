@@ -37,6 +37,22 @@ def test_demo_learns_well_above_chance_and_stage2_is_no_worse(project):
     assert f"chance level {chance:.2f}" in report and f"stage 2: {stage2['mean_recall']:.2f}" in report
 
 
+def test_one_repro_is_tracked_as_a_parent_run_with_a_run_per_stage(project):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("zhclip").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`zhclip.kind` = 'pipeline'")
+    stages = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    training = {r.data.tags["zhclip.stage"]: r for r in stages if r.data.tags.get("zhclip.kind") == "training"}
+    assert sorted(training) == ["1", "2"]
+    for stage, run in training.items():
+        steps = _metrics(project, f"train_stage{stage}")["steps"]
+        for curve in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_s"):
+            assert len(client.get_metric_history(run.info.run_id, curve)) == steps, (stage, curve)
+        assert client.get_metric_history(run.info.run_id, "valid_mean_recall")
+
+
 def test_repro_with_nothing_changed_runs_nothing(project):
     before = {p: p.stat().st_mtime_ns for p in (project / "metrics").iterdir()}
     out = _run("dvc", "repro", cwd=project)

@@ -75,3 +75,20 @@ def test_dvc_push_and_pull_round_trip_through_the_s3_remote(s3_endpoint, raw_dir
     shutil.rmtree(tmp_path / ".dvc" / "cache")
     _dvc("pull", cwd=tmp_path, env=env)
     assert _files(tmp_path / "raw") == original and len(original) > 6
+
+
+@pytest.mark.slow
+def test_training_checkpoints_go_to_an_s3_bucket(s3_env, prepared_dir, tmp_path):
+    from components.train import TrainConfig, train
+
+    _s3(s3_env).create_bucket(Bucket="zhclip-ray")
+    config = TrainConfig(stage=1, max_steps=6, batch_size=32, warmup_steps=1, checkpoint_every=3,
+                         storage_path="s3://zhclip-ray/checkpoints", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    summary = train(prepared_dir, tmp_path / "out", config)
+    keys = _objects(s3_env, "zhclip-ray")
+    run = f"checkpoints/{summary['ray_run']}/"
+    checkpoints = {key.split("/")[2] for key in keys if key.startswith(run + "checkpoint_") and key.endswith("model.safetensors")}
+    assert len(checkpoints) == 2, f"checkpoints at steps 3 and 6 in the bucket, got {sorted(keys)}"
+    assert any(key.endswith("training_state.pt") for key in keys)
+    assert summary["checkpoint"].startswith(f"s3://zhclip-ray/{run}checkpoint_") and summary["steps"] == 6
+    assert (tmp_path / "out" / "model.safetensors").is_file()

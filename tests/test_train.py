@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
 from components.common import ZhclipError, load_params
-from components.train import TrainConfig, parameter_groups, train, train_worker_loop, warmup_cosine
+from components.train import TrainConfig, WorkerContext, train, train_worker_loop
 from model import build_model, load_model, save_model
 
 
@@ -25,7 +25,7 @@ def _loop(prepared_dir, tmp_path, init_dir=None, **overrides):
 
     config = {**asdict(TrainConfig(**{"batch_size": 32, "warmup_steps": 2, **overrides})),
               "prepared_dir": str(prepared_dir), "init_dir": init_dir}
-    return train_worker_loop(config, report=report), saved["state"]
+    return train_worker_loop(config, WorkerContext(report=report)), saved["state"]
 
 
 def test_stage1_learns_the_text_tower_and_keeps_the_image_tower(prepared_dir, tmp_path):
@@ -46,30 +46,6 @@ def test_same_seed_same_trajectory(prepared_dir, tmp_path):
     a, _ = _loop(prepared_dir, tmp_path, stage=2, epochs=1, lr=1e-3)
     b, _ = _loop(prepared_dir, tmp_path, stage=2, epochs=1, lr=1e-3)
     assert [round(h["loss"], 5) for h in a] == [round(h["loss"], 5) for h in b]
-
-
-def test_warmup_then_cosine_schedule():
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = warmup_cosine(optimizer, warmup_steps=4, total_steps=12)
-    rates = []
-    for _ in range(12):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert rates[8] == pytest.approx(0.5)
-    assert rates == sorted(rates[:4]) + sorted(rates[4:], reverse=True)
-
-
-def test_no_weight_decay_on_biases_norms_embeddings_and_logit_scale():
-    model, _ = build_model("tiny")
-    decay, no_decay = parameter_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    exempt = {names[id(p)] for p in no_decay["params"]}
-    assert "logit_scale" in exempt and "text_model.embeddings.word_embeddings.weight" in exempt
-    assert all(n.endswith("bias") or "norm" in n.lower() or "embed" in n or n == "logit_scale" for n in exempt)
-    assert "text_model.encoder.layer.0.attention.self.query.weight" in {names[id(p)] for p in decay["params"]}
-    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
 
 def test_config_merges_params_sections_and_rejects_typos():
@@ -153,3 +129,58 @@ def test_rn_stage1_trains_the_text_side_only(prepared_dir, tmp_path):
             assert torch.equal(state[name], tensor), f"{name} changed in stage 1"
     assert not torch.equal(state["text_projection.weight"], initial.state_dict()["text_projection.weight"])
     assert len(history) == 192 // 32
+
+
+def test_training_is_tracked_as_one_parent_run_with_a_run_per_stage(trained):
+    from mlflow import MlflowClient
+
+    ids = trained["stage1"]["mlflow"]
+    assert trained["stage2"]["mlflow"]["parent_run_id"] == ids["parent_run_id"]
+    client = MlflowClient(ids["tracking_uri"])
+    runs = client.search_runs([ids["experiment_id"]])
+    assert len(runs) == 3, "one parent and one run per stage; no other rank created runs"
+    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == ids["parent_run_id"]]
+    assert sorted(r.data.tags["zhclip.stage"] for r in stages) == ["1", "2"]
+    for run in stages:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["data_dvc_hash"].endswith(".dir") and run.data.tags["git_commit"] != "unknown"
+        assert run.data.params["batch_size"] == "32" and run.data.params["accum_steps"] == "1"
+        losses = client.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in losses] == list(range(1, 13))
+        for name in ("lr", "logit_scale", "samples_per_s", "data_wait_s"):
+            assert len(client.get_metric_history(run.info.run_id, name)) == 12, name
+        recall = client.get_metric_history(run.info.run_id, "valid_mean_recall")
+        assert [m.step for m in recall] == [6, 12] and all(0 <= m.value <= 100 for m in recall)
+        assert client.get_metric_history(run.info.run_id, "valid_inbatch_accuracy")
+        best = trained[f"stage{run.data.tags['zhclip.stage']}"]["best_valid_mean_recall"]
+        assert best == max(m.value for m in recall)
+
+
+def test_summary_says_where_the_checkpoint_is_and_how_fast_it_ran(trained):
+    summary = trained["stage2"]
+    assert summary["steps"] == 12 and summary["resumed_at_steps"] == []
+    assert summary["checkpoint"].startswith(str(trained["root"] / "ray")) and summary["samples_per_s"] > 0
+    assert 0 <= summary["data_wait_share"] < 1
+    assert not (trained["root"] / "stage2" / "training_state.pt").exists(), "the model folder has no optimizer state"
+
+
+def test_config_rejects_settings_that_cannot_work():
+    with pytest.raises(ValueError, match="accum_steps=3"):
+        TrainConfig(batch_size=32, accum_steps=3)
+    with pytest.raises(ValueError, match="needs a ViT preset"):
+        TrainConfig(preset="tiny-rn", mask_ratio=0.5)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+
+
+@pytest.mark.slow
+def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path):
+    config = TrainConfig(stage=1, epochs=12, batch_size=16, lr=2e-3, warmup_steps=2, num_workers=2, cpus_per_worker=1,
+                         storage_path=str(tmp_path / "ray"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    summary = train(prepared_dir, tmp_path / "out", config, history_csv=tmp_path / "history.csv")
+    with open(tmp_path / "history.csv") as rows:
+        losses = [float(r["loss"]) for r in csv.DictReader(rows)]
+    per_epoch = (192 // 2) // 16
+    assert summary["steps"] == len(losses) == 12 * per_epoch
+    first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
+    assert last < first - 0.1, f"mean epoch loss did not fall with 2 workers: {first:.3f} -> {last:.3f}"

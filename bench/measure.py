@@ -1,0 +1,137 @@
+"""Shared measuring for the GPU benchmarks: timing, FLOPs, matmul peak, peak memory, environment.
+
+Needs only torch and transformers (the benchmarks run on bare GPU hosts). Every figure is measured here, none is
+taken from a data sheet: the matmul peak is timed on the device the benchmark runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` is the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of `fn` (matmuls, convolutions, attention), counted by torch's own counter.
+
+    Call it on the uncompiled step: the counter sees the aten operations that eager mode runs.
+    """
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per call of `fn`, after `warmup` untimed calls (compilation, autotuning, allocator)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def matmul_peak_tflops(device: torch.device, size: int = 8192, dtype: torch.dtype = torch.bfloat16,
+                       steps: int = 50) -> float:
+    """Achieved dense matmul TFLOP/s: the best of a few timed runs of size x size x size products."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = min(time_calls(lambda: a @ b, device, warmup=3, steps=steps) for _ in range(3))
+    return 2 * size**3 / seconds / 1e12
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated since the last reset; on CPU the process's peak resident size."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1)
+
+
+def environment(device: torch.device) -> dict[str, str | None]:
+    """Date, device name, torch, CUDA, transformers and Python versions: the context of a run."""
+    import transformers
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": gpu, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def emit(record: dict) -> None:
+    """One JSON line on stdout, flushed at once so a time-limited run keeps what it finished."""
+    print(json.dumps(record, ensure_ascii=False), flush=True)
+    sys.stdout.flush()
+
+
+def case_names(parser: argparse.ArgumentParser, requested: list[str], catalogue: dict) -> list[str]:
+    """The requested case names (`all` for every one), or a usage error naming the unknown ones."""
+    names = list(catalogue) if requested == ["all"] else requested
+    unknown = [name for name in names if name not in catalogue]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {', '.join(catalogue)}")
+    return names
+
+
+def start(device_name: str, peak_tflops: float | None) -> tuple[torch.device, float | None]:
+    """The device and the matmul peak for MFU (measured on GPUs unless given), announced as the
+    first JSON line with the date, device and versions."""
+    device = pick_device(device_name)
+    torch.backends.cudnn.benchmark = True  # as cn-clip's training sets it, for every case alike
+    peak = peak_tflops or (matmul_peak_tflops(device) if device.type == "cuda" else None)
+    emit({"bench": "environment", **environment(device), "matmul_peak_tflops": peak and round(peak, 1)})
+    return device, peak
+
+
+def run_cases(bench: str, names: list[str], run: Callable[[str], dict], device: torch.device,
+              budget_s: float | None = None) -> None:
+    """Run and emit each case; a failing case (e.g. a kernel this GPU lacks) is reported and the
+    others still run; cases starting after `budget_s` seconds are reported as skipped."""
+    started = time.perf_counter()
+    for name in names:
+        if budget_s and time.perf_counter() - started > budget_s:
+            emit({"bench": bench, "case": name, "skipped": f"over the {budget_s:.0f} s budget"})
+            continue
+        try:
+            emit(run(name))
+        except Exception as err:  # reported in the output, never hidden
+            emit({"bench": bench, "case": name, "error": f"{type(err).__name__}: {err}"[:2000]})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def rates(count: int, unit: str, seconds: float, flops: int, peak_tflops: float | None, device: torch.device) -> dict:
+    """The figures every case reports: `unit`s per second for `count` items per call taking
+    `seconds`, FLOPs per item (4 significant digits), achieved TFLOP/s, MFU and peak memory."""
+    achieved = flops / seconds / 1e12
+    return {f"{unit}s_per_s": round(count / seconds, 1), f"gflop_per_{unit}": float(f"{flops / count / 1e9:.4g}"),
+            "tflops": float(f"{achieved:.4g}"), "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
+            "peak_memory_mb": peak_memory_mb(device)}

@@ -1,0 +1,127 @@
+"""MLflow tracking of training: one parent run per pipeline run, one nested run per stage.
+
+The driver opens the stage run (params, lineage tags) and closes it with the summary; rank 0 of the
+training workers logs the step metrics into it through `StepLogger`, so no other rank creates runs.
+Stage 2 finds the parent through stage 1's model folder (RUN_FILE), so both stages of one `dvc repro`
+or one Kubeflow run sit under one parent. A re-run of an interrupted stage continues its run, found
+by the Ray run name it was tagged with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from components.common import ZhclipError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_FILE = "mlflow_run.json"  # in a trained model folder: {"parent_run_id", "run_id", "tracking_uri"}
+RAY_RUN_TAG = "zhclip.ray_run"
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else ./mlflow.db; a relative SQLite or file path is made
+    absolute, since Ray workers do not run in the caller's directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)[:6000]
+    return flat
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def parent_run_from(model_dir: str | Path | None) -> str | None:
+    """The parent run recorded in a trained model folder, if any."""
+    run_file = Path(model_dir) / RUN_FILE if model_dir else None
+    if run_file and run_file.is_file():
+        return json.loads(run_file.read_text(encoding="utf-8")).get("parent_run_id")
+    return None
+
+
+def start_stage_run(uri: str, experiment: str, stage: int, ray_run_name: str, params: dict[str, Any],
+                    tags: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
+    """Open (or reopen, for a resumed stage) the stage's run under `parent_run_id`, creating a parent
+    when there is none. Returns {"tracking_uri", "experiment_id", "parent_run_id", "run_id"}."""
+    from mlflow.entities import Param, RunTag
+
+    try:
+        client = _client(uri)
+        experiment_id = _experiment_id(client, experiment)
+    except Exception as err:  # MLflow raises many types for an unreachable or misconfigured store
+        raise ZhclipError(f"MLflow tracking store {uri} is not usable ({err}); set mlflow.tracking_uri "
+                          "in params.yaml or MLFLOW_TRACKING_URI") from err
+    previous = client.search_runs([experiment_id], filter_string=f"tags.`{RAY_RUN_TAG}` = '{ray_run_name}'",
+                                  max_results=1)
+    if previous:
+        run = previous[0]
+        client.update_run(run.info.run_id, status="RUNNING")
+        return {"tracking_uri": uri, "experiment_id": experiment_id,
+                "parent_run_id": run.data.tags.get("mlflow.parentRunId", ""), "run_id": run.info.run_id}
+    if not parent_run_id:
+        parent_run_id = client.create_run(experiment_id, run_name="pipeline", tags={"zhclip.kind": "pipeline", **tags}).info.run_id
+    run = client.create_run(experiment_id, run_name=f"stage{stage}",
+                            tags={"mlflow.parentRunId": parent_run_id, "zhclip.kind": "training",
+                                  "zhclip.stage": str(stage), RAY_RUN_TAG: ray_run_name, **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _flatten(params).items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    return {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id, "run_id": run.info.run_id}
+
+
+def finish_stage_run(ids: dict[str, str], summary: dict[str, Any], status: str = "FINISHED") -> None:
+    """Log the summary's numbers as run metrics and close the run."""
+    from mlflow.entities import Metric
+
+    client = _client(ids["tracking_uri"])
+    numbers = {f"summary.{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numbers:
+        client.log_batch(ids["run_id"], metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()])
+    client.set_terminated(ids["run_id"], status=status)
+
+
+class StepLogger:
+    """Rank 0's per-step metrics, sent to the stage run in batches (one call per `every` steps)."""
+
+    def __init__(self, ids: dict[str, str] | None, every: int = 20):
+        self.ids, self.every, self.pending = ids, every, []
+        self.client = _client(ids["tracking_uri"]) if ids else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.client:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        if len(self.pending) >= self.every * len(metrics):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client and self.pending:
+            for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
+                self.client.log_batch(self.ids["run_id"], metrics=self.pending[start:start + 1000])
+            self.pending = []

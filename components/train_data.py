@@ -1,0 +1,96 @@
+"""Training input: each worker's shard of the prepared pairs, in a resumable, reproducible order.
+
+The order of an epoch depends only on (seed, epoch), each worker takes every world_size-th pair of
+it, and augmentation draws from a generator seeded by (seed, epoch, pair), so a run resumed at any
+step reads exactly the batches an uninterrupted run would have read, whatever the number of loader
+processes. Decoding and augmentation run in DataLoader worker processes with prefetching.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from model import decode_image
+
+CROP_SCALE = (0.9, 1.0)  # Chinese-CLIP's training RandomResizedCrop
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A random crop covering 90-100% of the image with aspect ratio 3/4..4/3 (torchvision's
+    RandomResizedCrop sampling, with Chinese-CLIP's scale); the processor then resizes it. Written
+    here because torchvision cannot be installed beside the pinned CPU torch."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        crop_w, crop_h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+            return image.crop((left, top, left + crop_w, top + crop_h))
+    return image
+
+
+class PairDataset(Dataset):
+    """(token ids, pixel values) per (text, image) pair; images are decoded (and augmented) as read."""
+
+    def __init__(self, pairs: pd.DataFrame, processor, context_length: int, augment: bool = False, seed: int = 0):
+        tokens = processor.tokenizer(list(pairs["text"]), padding="max_length", truncation=True,
+                                     max_length=context_length, return_tensors="pt")
+        self.input_ids, self.attention_mask = tokens["input_ids"], tokens["attention_mask"]
+        self.images = list(pairs["image"])
+        self.image_processor = processor.image_processor
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = decode_image(self.images[index])
+        if self.augment:
+            image = random_resized_crop(image, random.Random(f"{self.seed}-{self.epoch}-{index}"))
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "pixel_values": pixels}
+
+
+def steps_per_epoch(pairs: int, batch_size: int, world_size: int) -> int:
+    """Full batches each worker gets per epoch (the remainder is dropped, as in the reference)."""
+    return (pairs // world_size) // batch_size
+
+
+class EpochBatches(Sampler[list[int]]):
+    """This worker's batches of one epoch, from batch `start` on (to resume mid-epoch)."""
+
+    def __init__(self, pairs: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, start: int = 0):
+        order = torch.randperm(pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        self.indices = order[rank::world_size].tolist()
+        self.batch_size, self.start = batch_size, start
+        self.steps = steps_per_epoch(pairs, batch_size, world_size)
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.steps):
+            yield self.indices[step * self.batch_size:(step + 1) * self.batch_size]
+
+
+def epoch_loader(dataset: PairDataset, batches: EpochBatches, epoch: int, loader_workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over `batches`, decoding in `loader_workers` processes (0: in this process)."""
+    dataset.epoch = epoch
+    return DataLoader(
+        dataset, batch_sampler=batches, num_workers=loader_workers, pin_memory=pin_memory,
+        prefetch_factor=4 if loader_workers else None, persistent_workers=False,
+        # Its own generator: creating the loader must not draw from the global RNG that the
+        # checkpoint restores, or a resumed run would drift from an uninterrupted one.
+        generator=torch.Generator().manual_seed(epoch),
+    )

@@ -1,0 +1,216 @@
+"""Speed switches for training and inference, applied in place to a built or loaded model.
+
+Each switch computes what the plain model computes (tested on CPU against it) and keeps the
+Hugging Face state-dict layout, so a sped-up model saves, loads and converts like any other.
+Apply them before building the optimizer (fused QKV replaces parameters) and before `.to(device)`
+or after it, as convenient:
+
+    apply_speedups(model, fused_qkv=True, channels_last=True, sdpa_backend="cudnn", compile_scope="regional")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.models.chinese_clip.modeling_chinese_clip import (
+    ChineseCLIPTextSelfAttention,
+    ChineseCLIPVisionAttention,
+)
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+COMPILE_SCOPES = ("none", "regional", "model")
+
+
+class FusedQKVAttention(nn.Module):
+    """Self-attention whose query, key and value projections are one matmul, then SDPA.
+
+    Replaces transformers' ChineseCLIP attention modules (the text tower's self-attention and the
+    vision tower's attention with its output projection). `state_dict` and `load_state_dict` use
+    the replaced module's per-projection names, so checkpoints keep the standard layout.
+    """
+
+    def __init__(self, projections: dict[str, nn.Linear], num_heads: int, scaling: float, dropout: float,
+                 out_proj: nn.Linear | None = None, sdpa_backend: str | None = None):
+        super().__init__()
+        self.projection_names = tuple(projections)  # query, key, value order
+        first = next(iter(projections.values()))
+        self.qkv = nn.Linear(first.in_features, 3 * first.out_features, device=first.weight.device,
+                             dtype=first.weight.dtype)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([p.weight for p in projections.values()]))
+            self.qkv.bias.copy_(torch.cat([p.bias for p in projections.values()]))
+        self.qkv.requires_grad_(first.weight.requires_grad)
+        self.out_proj = out_proj
+        self.num_heads, self.scaling, self.dropout = num_heads, scaling, dropout
+        # The chosen kernel first, the others as fallbacks: flash takes no attention mask, so padded
+        # text falls back to the next kernel that does instead of failing.
+        self.backends = None
+        if sdpa_backend:
+            preferred = SDPA_BACKENDS[sdpa_backend]
+            self.backends = [preferred, *(backend for backend in SDPA_BACKENDS.values() if backend != preferred)]
+        self.register_state_dict_post_hook(_split_qkv)
+        self.register_load_state_dict_pre_hook(_merge_qkv)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_args, **_kwargs):
+        # Extra arguments (head masks, output_attentions...) are what other transformers versions
+        # pass the replaced modules; self-attention of a CLIP tower uses none of them.
+        batch, length, _ = hidden_states.shape
+        query, key, value = (self.qkv(hidden_states).view(batch, length, 3, self.num_heads, -1)
+                             .permute(2, 0, 3, 1, 4).unbind(0))
+        with sdpa_kernel(self.backends, set_priority=True) if self.backends else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        if self.out_proj is not None:
+            out = self.out_proj(out)
+        return out, None  # (output, attention weights) as the replaced modules return
+
+
+def _split_qkv(module: FusedQKVAttention, state_dict: dict, prefix: str, _metadata) -> None:
+    for kind in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}qkv.{kind}")
+        # clones: safetensors refuses tensors that share storage
+        for name, part in zip(module.projection_names, fused.chunk(3)):
+            state_dict[f"{prefix}{name}.{kind}"] = part.clone()
+
+
+def _merge_qkv(module: FusedQKVAttention, state_dict: dict, prefix: str, *_args) -> None:
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{kind}" for name in module.projection_names]
+        if all(key in state_dict for key in keys):
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
+
+
+def _fused(attention: nn.Module, sdpa_backend: str | None) -> FusedQKVAttention:
+    # Heads, head size and dropout probability from attributes that transformers 5.17 (the GPU
+    # hosts') and 5.24 (the lock) both have.
+    if isinstance(attention, ChineseCLIPTextSelfAttention):
+        projections = {"query": attention.query, "key": attention.key, "value": attention.value}
+        fused = FusedQKVAttention(projections, attention.num_attention_heads, attention.attention_head_size**-0.5,
+                                  attention.dropout.p, sdpa_backend=sdpa_backend)
+    else:
+        projections = {"q_proj": attention.q_proj, "k_proj": attention.k_proj, "v_proj": attention.v_proj}
+        fused = FusedQKVAttention(projections, attention.num_heads, attention.scale, attention.dropout,
+                                  out_proj=attention.out_proj, sdpa_backend=sdpa_backend)
+    return fused.train(attention.training)
+
+
+def _attention_modules(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    attention_types = (ChineseCLIPTextSelfAttention, ChineseCLIPVisionAttention)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, attention_types):
+                yield parent, name, child
+
+
+def fuse_qkv(model: nn.Module, sdpa_backend: str | None = None) -> int:
+    """Replace every text and vision attention with FusedQKVAttention; returns how many were replaced.
+
+    `sdpa_backend` (flash, cudnn, efficient, math) puts that scaled-dot-product attention kernel first
+    in PyTorch's choice (the others remain as fallbacks for inputs it cannot take); None keeps
+    PyTorch's default order.
+    """
+    if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend must be one of {sorted(SDPA_BACKENDS)}, got {sdpa_backend!r}")
+    replaced = 0
+    for parent, name, attention in _attention_modules(model):
+        setattr(parent, name, _fused(attention, sdpa_backend))
+        replaced += 1
+    return replaced
+
+
+def channels_last_patch_embedding(model: nn.Module) -> bool:
+    """Run the ViT patch-embedding convolution in channels-last layout (cuDNN's fast NHWC kernels).
+
+    Returns False for towers without a patch embedding (ResNet presets), which are left alone.
+    """
+    vision = getattr(model, "vision_model", None)
+    if vision is None:
+        return False
+    conv = vision.embeddings.patch_embedding
+    conv.to(memory_format=torch.channels_last)
+    conv.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(memory_format=torch.channels_last),
+                                                          *args[1:]))
+    # safetensors saves contiguous tensors only
+    conv.register_state_dict_post_hook(
+        lambda _module, state_dict, prefix, _metadata: state_dict.update(
+            {f"{prefix}weight": state_dict[f"{prefix}weight"].contiguous()}))
+    return True
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of both towers (ResNet image towers have none)."""
+    text = model.text_model.encoder.layer
+    vision = model.vision_model.encoder.layers if hasattr(model, "vision_model") else []
+    return [*text, *vision]
+
+
+def compile_model(model: nn.Module, scope: str = "regional", **options: object) -> None:
+    """torch.compile in place: `regional` compiles each encoder layer (the layers share one
+    compiled graph, so warm-up is short); `model` compiles the whole forward. `options` go to
+    torch.compile (e.g. mode="max-autotune-no-cudagraphs", or mode="reduce-overhead" for CUDA
+    graphs when shapes are static)."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+    if scope == "regional":
+        for layer in encoder_layers(model):
+            layer.compile(**options)
+    elif scope == "model":
+        model.compile(**options)
+
+
+def pixels_on_device(images: Sequence[torch.Tensor] | torch.Tensor, size: int, mean: Sequence[float],
+                     std: Sequence[float]) -> torch.Tensor:
+    """Decoded uint8 (3, H, W) images on the device (e.g. from nvJPEG, or a batch already resized by
+    the loader) -> the normalised float (N, 3, size, size) batch the model's image processor makes
+    on the CPU: squashed to size x size (no crop) with antialiased bicubic, rounded to 8 bits,
+    scaled and normalised. Images already size x size are only normalised."""
+    if not isinstance(images, torch.Tensor) and len({tuple(image.shape) for image in images}) > 1:
+        resized = torch.cat([_resized(image[None], size) for image in images])
+    else:
+        resized = _resized(images if isinstance(images, torch.Tensor) else torch.stack(images), size)
+    mean_t = torch.tensor(mean, device=resized.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=resized.device).view(1, 3, 1, 1)
+    return (resized / 255 - mean_t) / std_t
+
+
+def _resized(batch: torch.Tensor, size: int) -> torch.Tensor:
+    if batch.shape[-2:] == (size, size):
+        return batch.float()
+    resized = F.interpolate(batch.float(), size=(size, size), mode="bicubic", antialias=True)
+    return resized.clamp(0, 255).round()
+
+
+def apply_speedups(
+    model: nn.Module,
+    fused_qkv: bool = False,
+    sdpa_backend: str | None = None,
+    channels_last: bool = False,
+    compile_scope: str = "none",
+    compile_options: dict | None = None,
+) -> dict[str, object]:
+    """Apply the chosen switches in place; returns what was applied (for logs and benchmarks).
+
+    `sdpa_backend` needs `fused_qkv` (the backend is pinned inside the fused attention).
+    """
+    if sdpa_backend and not fused_qkv:
+        raise ValueError("sdpa_backend is applied by the fused attention: set fused_qkv as well")
+    applied: dict[str, object] = {}
+    if fused_qkv:
+        applied["fused_qkv"] = fuse_qkv(model, sdpa_backend)
+        applied["sdpa_backend"] = sdpa_backend or "auto"
+    if channels_last:
+        applied["channels_last"] = channels_last_patch_embedding(model)
+    compile_model(model, compile_scope, **(compile_options or {}))
+    applied["compile"] = compile_scope
+    return applied

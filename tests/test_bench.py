@@ -1,0 +1,93 @@
+"""bench/: the GPU benchmarks run end to end on CPU with the tiny preset and report sound figures.
+
+Speed is never asserted here (benchmarks are not timed tests); what is checked is that every case
+runs the code it names, counts its work and, where it compares, finds the same results.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHES = ("train_throughput", "embed_throughput", "input_pipeline")
+
+
+def run_bench(module: str, *args: str) -> dict[str, dict]:
+    """Run `python -m bench.<module>` from the repository root; its JSON lines keyed by case."""
+    result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--device", "cpu", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["bench"] == "environment" and lines[0]["torch"]
+    return {line["case"]: line for line in lines[1:]}
+
+
+def python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_benchmarks_need_nothing_a_bare_gpu_host_lacks():
+    imports = "; ".join(f"import bench.{name}" for name in BENCHES)
+    loaded = python(f"import json, sys; {imports}; print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))")
+    assert not {"ray", "mlflow", "great_expectations", "kfp", "dvc", "minio", "onnxruntime"} & set(json.loads(loaded))
+
+
+def test_gpu_suite_names_only_existing_cases():
+    script = (REPO / "bench" / "gpu_suite.sh").read_text().replace("\\\n", " ")
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_suite.sh")]).returncode == 0
+    runs = re.findall(r"bench\.(\w+)[^\n]*--cases ([^\n]*)", script)
+    assert {module for module, _ in runs} == {"train_throughput", "embed_throughput"}
+    catalogues = json.loads(python("import json; from bench import embed_throughput, train_throughput; "
+                                   "print(json.dumps({m.__name__.split('.')[1]: list(m.CASES) "
+                                   "for m in (embed_throughput, train_throughput)}))"))
+    for module, arguments in runs:
+        names = arguments.split("--")[0].split()
+        assert names and set(names) <= set(catalogues[module]), f"{module}: unknown {set(names) - set(catalogues[module])}"
+
+
+@pytest.mark.slow
+def test_training_benchmark_runs_reference_and_zhclip_steps():
+    cases = run_bench("train_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+                      "--cases", "reference-s2", "reference-s1", "eager-s2", "bf16-s2")
+    for name, case in cases.items():
+        assert "error" not in case, f"{name}: {case.get('error')}"
+        assert case["samples_per_s"] > 0 and case["gflop_per_sample"] > 0 and case["peak_memory_mb"] > 0
+    # the locked tower has no backward pass: stage 1 does less work per sample than stage 2
+    assert cases["reference-s1"]["gflop_per_sample"] < cases["reference-s2"]["gflop_per_sample"]
+    # fused QKV, fused AdamW, channels-last and bf16 give the plain fp32 model's loss and embeddings
+    eager = cases["eager-s2"]
+    assert eager["applied"]["fused_qkv"] == 4 and eager["loss_matches"] is True
+    assert eager["embed_cosine_min"] > 0.99 and abs(eager["loss_fast"] - eager["loss_plain"]) < 0.05
+    # the same architecture and batch: zhclip counts the reference's work (to within its text pooler)
+    assert cases["bf16-s2"]["gflop_per_sample"] == pytest.approx(cases["reference-s2"]["gflop_per_sample"], rel=0.1)
+
+
+def test_training_benchmark_rejects_unknown_cases():
+    result = subprocess.run([sys.executable, "-m", "bench.train_throughput", "--cases", "fastest"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown cases ['fastest']" in result.stderr
+
+
+@pytest.mark.slow
+def test_embedding_benchmark_runs_reference_and_zhclip():
+    cases = run_bench("embed_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+                      "--cases", "reference-fp16", "fp32", "bf16")
+    for name, case in cases.items():
+        assert "error" not in case, f"{name}: {case.get('error')}"
+        assert case["images_per_s"] > 0 and case["gflop_per_image"] > 0
+    assert cases["bf16"]["gflop_per_image"] == cases["fp32"]["gflop_per_image"]
+
+
+@pytest.mark.slow
+def test_input_pipeline_benchmark_gives_the_processors_pixels():
+    cases = run_bench("input_pipeline", "--images", "24", "--width", "64", "--height", "48", "--batch-size", "8",
+                      "--workers", "0", "--gpu-decode")
+    assert cases["cpu-0-workers"]["images_per_s"] > 0
+    assert cases["cpu-uint8-0-workers"]["max_abs_diff_vs_processor"] == 0.0
+    assert "error" in cases["gpu-nvjpeg"] or cases["gpu-nvjpeg"]["max_abs_diff_vs_processor"] < 0.1
