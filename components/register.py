@@ -76,20 +76,18 @@ def _pinned_requirements() -> list[str]:
 
 
 def _training_runs(train_summary: str | Path | None) -> dict[str, str]:
-    """The MLflow runs of training, from the summary's `mlflow` section; older summaries have none."""
-    if train_summary is None:
-        return {}
-    runs = read_summary(train_summary).get("mlflow")
-    if not isinstance(runs, dict):
-        return {}
-    return {f"training_{key}": str(runs[key]) for key in ("parent_run_id", "run_id") if runs.get(key)}
+    """The training summary's `mlflow` section (tracking_uri, experiment_id, parent_run_id, run_id);
+    {} without a summary or in older summaries, which have none."""
+    runs = read_summary(train_summary).get("mlflow") if train_summary is not None else None
+    return {key: str(value) for key, value in runs.items() if value} if isinstance(runs, dict) else {}
 
 
 def _lineage(model_hash: str, metrics: dict[str, float], params: dict[str, Any], data_dir: str | Path | None,
-             train_summary: str | Path | None) -> dict[str, str]:
+             training: dict[str, str]) -> dict[str, str]:
     tags = {"git_commit": git_commit(), "model_dvc_hash": model_hash,
             "params": json.dumps(params, sort_keys=True, ensure_ascii=False, default=str),
-            **{f"metric.{name}": str(value) for name, value in metrics.items()}, **_training_runs(train_summary)}
+            **{f"metric.{name}": str(value) for name, value in metrics.items()},
+            **{f"training_{key}": training[key] for key in ("parent_run_id", "run_id") if key in training}}
     if data_dir is not None:
         tags["data_dvc_hash"] = dvc_hash(data_dir)
     return tags
@@ -141,15 +139,22 @@ def _gate(client, name: str, version: str, candidate: float, config: RegisterCon
 
 
 def _log_and_register(model_dir: Path, metrics: dict[str, float], config: RegisterConfig, params: dict[str, Any],
-                      lineage: dict[str, str], artifacts: list[str | Path]) -> tuple[str, str]:
-    """One MLflow run holding params, metrics, step summaries and the pyfunc model; returns (run id, version)."""
+                      lineage: dict[str, str], artifacts: list[str | Path], training: dict[str, str]) -> tuple[str, str]:
+    """One MLflow run holding params, metrics, step summaries and the pyfunc model; returns (run id, version).
+
+    When training tracked into this same server and experiment, the run nests under the pipeline's
+    parent run, beside the training stages.
+    """
     import mlflow
     from transformers import AutoConfig
 
-    mlflow.set_experiment(config.experiment)
+    experiment = mlflow.set_experiment(config.experiment)
+    nested = (training.get("parent_run_id") and training.get("tracking_uri") == tracking_uri(config)
+              and training.get("experiment_id") == experiment.experiment_id)
     # MLflow prints the run's URL on stdout when the run ends (HTTP tracking); stdout is the
     # summary JSON of `zhclip register`, so that note goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr), mlflow.start_run() as run:
+    with (contextlib.redirect_stdout(sys.stderr),
+          mlflow.start_run(tags={"mlflow.parentRunId": training["parent_run_id"]} if nested else None) as run):
         mlflow.set_tags({key: value for key, value in lineage.items() if key != "params"})
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
         mlflow.log_metrics(metrics)
@@ -207,9 +212,10 @@ def register(
         model_hash = dvc_hash(model_dir)
         existing = _version_of_checkpoint(client, config.model_name, model_hash)
         if existing is None:
-            lineage = _lineage(model_hash, metrics, params or {}, data_dir, train_summary)
+            training = _training_runs(train_summary)
+            lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
             artifacts = [*step_summaries, *([train_summary] if train_summary and train_summary not in step_summaries else [])]
-            run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts)
+            run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts, training)
             summary.update(version=int(new_version), run_id=run_id, already_registered=False,
                            lineage={k: v for k, v in lineage.items() if k != "params"},
                            **_gate(client, config.model_name, new_version, metrics[config.metric], config))

@@ -80,14 +80,17 @@ def test_lineage_tags_and_the_run(tiny_models, registry, tmp_path):
     data = tmp_path / "validated"
     (data / "train").mkdir(parents=True)
     (data / "train" / "part-00000.parquet").write_bytes(b"pairs")
+    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
+    experiment = client.create_experiment(registry.experiment)
+    parent = client.create_run(experiment, run_name="pipeline").info.run_id  # as training leaves it
     train_summary = tmp_path / "train_stage2.json"
-    train_summary.write_text(json.dumps({"stage": 2, "mlflow": {"parent_run_id": "p123", "run_id": "r456"}}))
+    train_summary.write_text(json.dumps({"stage": 2, "mlflow": {"tracking_uri": registry.tracking_uri, "experiment_id": experiment,
+                                                                "parent_run_id": parent, "run_id": "r456"}}))
     stage1_summary = tmp_path / "train_stage1.json"
     stage1_summary.write_text(json.dumps({"stage": 1}))  # older summaries carry no mlflow section
     params = {"train": {"lr": 0.1}, "register": {"metric": "mean_recall"}}
     summary = register(tiny_models[0], _metrics(tmp_path, "a", 40.0), registry, params, tmp_path / "register.json",
                        step_summaries=[stage1_summary], train_summary=train_summary, data_dir=data)
-    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
     version = client.get_model_version(NAME, "1")
     assert version.run_id == summary["run_id"]
     tags = version.tags
@@ -95,10 +98,10 @@ def test_lineage_tags_and_the_run(tiny_models, registry, tmp_path):
     assert tags["model_dvc_hash"] == dvc_hash(tiny_models[0]) and tags["data_dvc_hash"] == dvc_hash(data)
     assert json.loads(tags["params"]) == params
     assert (tags["metric.mean_recall"], tags["metric.t2i_r1"]) == ("40.0", "1.0")
-    assert (tags["training_parent_run_id"], tags["training_run_id"]) == ("p123", "r456")
+    assert (tags["training_parent_run_id"], tags["training_run_id"]) == (parent, "r456")
     run = client.get_run(summary["run_id"])
     assert run.data.metrics["mean_recall"] == 40.0 and run.data.params["train.lr"] == "0.1"
-    assert run.data.tags["training_parent_run_id"] == "p123"
+    assert run.data.tags["training_parent_run_id"] == run.data.tags["mlflow.parentRunId"] == parent
     assert sorted(a.path for a in client.list_artifacts(summary["run_id"], "step_summaries")) == \
         ["step_summaries/train_stage1.json", "step_summaries/train_stage2.json"]
     assert json.loads((tmp_path / "register.json").read_text())["lineage"]["data_dvc_hash"] == dvc_hash(data)
