@@ -140,14 +140,19 @@ def register(
     name: Optional[str] = typer.Option(None, help="Registered model name."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
     log_summary: list[Path] = typer.Option([], help="An earlier step's JSON summary to attach to the MLflow run (repeatable)."),
+    train_summary: Optional[Path] = typer.Option(None, help="Stage 2's training summary; its MLflow runs become lineage tags."),
+    data: Optional[Path] = typer.Option(None, help="The data training read (e.g. data/validated), recorded by its DVC hash."),
     params: Path = ParamsOption,
 ) -> None:
-    """Log an MLflow pyfunc, register a version (alias challenger) and promote it to champion if it is no worse."""
+    """Log an MLflow pyfunc, register a version (alias challenger) and promote it to champion if it is no worse.
+
+    Lineage goes into version tags; a checkpoint registered before keeps its version (no duplicate).
+    """
     from components.register import RegisterConfig, register as run
 
     all_params = load_params(params)
     config = config_from(RegisterConfig, all_params, "register", model_name=name, tracking_uri=tracking_uri)
-    _echo_json(run(model, metrics, config, all_params, summary, log_summary))
+    _echo_json(run(model, metrics, config, all_params, summary, log_summary, train_summary, data))
 
 
 @app.command()

@@ -54,9 +54,11 @@ def embed(model: str, texts: list[str], images: list[Path], tracking_uri: str | 
         raise ZhclipError("nothing to embed: pass --text and/or --image")
     frame = pd.DataFrame({"text": [_checked_text(t) for t in texts] + [None] * len(images),
                           "image": [None] * len(texts) + [_checked_image(p) for p in images]})
-    try:
+    from mlflow.exceptions import MlflowException
+
+    try:  # a model folder raises ValueError on bad input, a registry model MlflowException
         vectors = np.asarray(load_embedder(model, tracking_uri).predict(frame))
-    except ValueError as err:
+    except (ValueError, MlflowException) as err:
         raise ZhclipError(str(err)) from err
     labels = [("text", t) for t in texts] + [("image", str(p)) for p in images]
     records = [{kind: label, "embedding": np.round(vector, 6).tolist()} for (kind, label), vector in zip(labels, vectors)]

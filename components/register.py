@@ -1,12 +1,18 @@
 """Register: log the model as an MLflow pyfunc, register a version, and gate the `champion` alias.
 
 The new version always gets alias `challenger`; `champion` moves to it only if its metric is at
-least the current champion's (minus a tolerance). Versions are never deleted or overwritten.
+least the current champion's (minus a tolerance). Versions are never deleted or overwritten, and
+a checkpoint is registered once: its DVC hash (tag `model_dvc_hash`) finds an earlier version.
+Lineage travels as version tags: git commit, DVC hashes of model and data, params, metrics and
+the training run (when the training summary records one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -16,9 +22,11 @@ import pandas as pd
 
 import model as model_package
 from components.common import ZhclipError, read_summary, timed, write_summary
-from components.lineage import git_commit
+from components.lineage import dvc_hash, git_commit
+from model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
 # What a pulled model needs at inference, pinned to the versions it was trained with.
 INFERENCE_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "pillow", "pandas")
 
@@ -38,11 +46,17 @@ def tracking_uri(config: RegisterConfig) -> str:
 
 def _signature(projection_dim: int):
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
     import numpy as np
 
-    inputs = Schema([ColSpec("string", "text", required=False), ColSpec("binary", "image", required=False)])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("float32"), (-1, projection_dim))]))
+    # `image` is declared a string column: MLflow's serving layer base64-decodes `binary` columns
+    # itself, failing on the empty cells of text rows with an error that names no row. As a string
+    # column it reaches the model untouched (raw bytes pass too), which decodes and checks each row.
+    inputs = Schema([ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)])
+    params = ParamSchema([ParamSpec("output", "string", "embedding"), ParamSpec("labels", "string", [], shape=(-1,)),
+                          ParamSpec("template", "string", DEFAULT_TEMPLATE)])
+    outputs = Schema([TensorSpec(np.dtype("float32"), (-1, projection_dim))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,15 +69,110 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _champion_metric(client, name: str, metric: str) -> tuple[str | None, float | None]:
-    from mlflow.exceptions import MlflowException
+def _pinned_requirements() -> list[str]:
+    # A local version label (torch's "+cpu") names a build only its own index serves; the public
+    # version resolves anywhere, and pip picks the build that suits the puller's machine.
+    return [f"{package}=={version(package).split('+')[0]}" for package in INFERENCE_PACKAGES]
 
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+
+def _training_runs(train_summary: str | Path | None) -> dict[str, str]:
+    """The training summary's `mlflow` section (tracking_uri, experiment_id, parent_run_id, run_id);
+    {} without a summary or in older summaries, which have none."""
+    runs = read_summary(train_summary).get("mlflow") if train_summary is not None else None
+    return {key: str(value) for key, value in runs.items() if value} if isinstance(runs, dict) else {}
+
+
+def _lineage(model_hash: str, metrics: dict[str, float], params: dict[str, Any], data_dir: str | Path | None,
+             training: dict[str, str]) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "model_dvc_hash": model_hash,
+            "params": json.dumps(params, sort_keys=True, ensure_ascii=False, default=str),
+            **{f"metric.{name}": str(value) for name, value in metrics.items()},
+            **{f"training_{key}": training[key] for key in ("parent_run_id", "run_id") if key in training}}
+    if data_dir is not None:
+        tags["data_dvc_hash"] = dvc_hash(data_dir)
+    return tags
+
+
+def _version_of_checkpoint(client, name: str, model_hash: str):
+    """The earliest version registered from this exact checkpoint, or None."""
+    versions = client.search_model_versions(f"name = '{name}' and tags.model_dvc_hash = '{model_hash}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _champion(client, name: str, metric: str) -> tuple[str | None, float | None]:
+    """The champion's version and its metric, as its MLflow run recorded it; (None, None) without one.
+
+    Read from the registered model's aliases rather than by catching a failed alias lookup, so that
+    a registry error stops the step instead of passing for "no champion" and promoting.
+    """
+    version = client.get_registered_model(name).aliases.get("champion")
+    if version is None:
         return None, None
-    value = champion.tags.get(metric)
-    return champion.version, float(value) if value is not None else None
+    champion = client.get_model_version(name, version)
+    value = client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
+    return str(version), value
+
+
+def _gate(client, name: str, version: str, candidate: float, config: RegisterConfig) -> dict[str, Any]:
+    """Alias `challenger` to `version`; `champion` too when it is no worse. Records the decision on the version."""
+    client.set_registered_model_alias(name, "challenger", version)
+    champion_version, champion_value = _champion(client, name, config.metric)
+    if champion_version is None:
+        promote, decision = True, "promoted: no champion yet"
+    elif champion_value is None:
+        promote = False
+        decision = (f"kept current champion: version {champion_version} has no {config.metric} to compare; "
+                    f"move the alias by hand if this version should replace it")
+    else:
+        promote = candidate >= champion_value - config.tolerance
+        decision = (f"{'promoted' if promote else 'kept current champion'}: {config.metric} {candidate} vs champion "
+                    f"version {champion_version} {champion_value} (tolerance {config.tolerance})")
+    if promote:
+        client.set_registered_model_alias(name, "champion", version)
+    for key, value in {"promotion": decision, "promotion.candidate_value": candidate,
+                       "promotion.champion_value": champion_value, "promotion.champion_version": champion_version}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return {"candidate_value": candidate, "promoted": promote, "decision": decision,
+            "previous_champion_version": int(champion_version) if champion_version else None,
+            "previous_champion_value": champion_value,
+            "champion_version": int(version if promote else champion_version)}
+
+
+def _log_and_register(model_dir: Path, metrics: dict[str, float], config: RegisterConfig, params: dict[str, Any],
+                      lineage: dict[str, str], artifacts: list[str | Path], training: dict[str, str]) -> tuple[str, str]:
+    """One MLflow run holding params, metrics, step summaries and the pyfunc model; returns (run id, version).
+
+    When training tracked into this same server and experiment, the run nests under the pipeline's
+    parent run, beside the training stages.
+    """
+    import mlflow
+    from transformers import AutoConfig
+
+    experiment = mlflow.set_experiment(config.experiment)
+    nested = (training.get("parent_run_id") and training.get("tracking_uri") == tracking_uri(config)
+              and training.get("experiment_id") == experiment.experiment_id)
+    # MLflow prints the run's URL on stdout when the run ends (HTTP tracking); stdout is the
+    # summary JSON of `zhclip register`, so that note goes to stderr.
+    with (contextlib.redirect_stdout(sys.stderr),
+          mlflow.start_run(tags={"mlflow.parentRunId": training["parent_run_id"]} if nested else None) as run):
+        mlflow.set_tags({key: value for key, value in lineage.items() if key != "params"})
+        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
+        mlflow.log_metrics(metrics)
+        for artifact in artifacts:
+            read_summary(artifact)  # a missing or broken file fails here, named
+            mlflow.log_artifact(str(artifact), artifact_path="step_summaries")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVED_MODEL),
+            artifacts={"model_dir": str(model_dir)},
+            code_paths=[str(Path(model_package.__file__).parent)],
+            pip_requirements=_pinned_requirements(),
+            signature=_signature(AutoConfig.from_pretrained(model_dir).projection_dim),
+            input_example=pd.DataFrame({"text": ["一只红色的圆形在左上角"]}),
+            model_config=DEFAULT_CONFIG,
+        )
+        registered = mlflow.register_model(info.model_uri, config.model_name, tags=lineage)
+    return run.info.run_id, registered.version
 
 
 def register(
@@ -73,59 +182,48 @@ def register(
     params: dict[str, Any] | None = None,
     summary_path: str | Path | None = None,
     step_summaries: list[str | Path] = (),
+    train_summary: str | Path | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict:
-    """Log, register and gate; returns the summary (version, aliases, decision and both figures).
+    """Log, register and gate; returns the summary (version, lineage, decision and both figures).
 
-    `step_summaries` (the JSON summaries of earlier steps) are attached to the MLflow run.
+    `step_summaries` (the JSON summaries of earlier steps) and `train_summary` (stage 2's, whose
+    `mlflow` section names the training runs) are attached to the MLflow run; `data_dir` is the
+    training data, recorded by its DVC hash. A checkpoint registered before is not registered again:
+    the summary names its existing version.
     """
     import mlflow
     from mlflow import MlflowClient
-    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise ZhclipError(f"{model_dir} is not a trained model folder (needs config.json and model.safetensors)")
-    metrics = {k: v for k, v in read_summary(metrics_path).items() if isinstance(v, (int, float))}
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ZhclipError(f"training data folder {data_dir} not found (pass the folder training read, e.g. data/validated)")
+    metrics = {k: v for k, v in read_summary(metrics_path).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if config.metric not in metrics:
         raise ZhclipError(f"{metrics_path} has no metric {config.metric!r}; it has {sorted(metrics)}")
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mlflow.set_experiment(config.experiment)
     client = MlflowClient()
     summary: dict[str, Any] = {"model_name": config.model_name, "tracking_uri": uri, "metric": config.metric}
-    with timed(summary), mlflow.start_run() as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params or {}).items()})
-        mlflow.log_metrics(metrics)
-        for step_summary in step_summaries:
-            read_summary(step_summary)  # a missing or broken file fails here, named
-            mlflow.log_artifact(str(step_summary), artifact_path="step_summaries")
-        projection_dim = AutoConfig.from_pretrained(model_dir).projection_dim
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            loader_module="model.pyfunc",
-            data_path=str(model_dir),
-            code_paths=[str(Path(model_package.__file__).parent)],
-            pip_requirements=[f"{package}=={version(package)}" for package in INFERENCE_PACKAGES],
-            signature=_signature(projection_dim),
-            input_example=pd.DataFrame({"text": ["一只红色的圆形在左上角"]}),
-        )
-        registered = mlflow.register_model(info.model_uri, config.model_name,
-                                           tags={config.metric: str(metrics[config.metric]), "git_commit": git_commit()})
-        summary["run_id"] = run.info.run_id
-    new_version = registered.version
-    client.set_registered_model_alias(config.model_name, "challenger", new_version)
-    champion_version, champion_value = _champion_metric(client, config.model_name, config.metric)
-    promote = champion_value is None or metrics[config.metric] >= champion_value - config.tolerance
-    if promote:
-        client.set_registered_model_alias(config.model_name, "champion", new_version)
-    decision = "promoted" if promote else "kept current champion"
-    client.set_model_version_tag(config.model_name, new_version, "promotion",
-                                 f"{decision}: {metrics[config.metric]} vs champion {champion_value}")
-    summary.update(version=int(new_version), candidate_value=metrics[config.metric],
-                   previous_champion_version=int(champion_version) if champion_version else None,
-                   previous_champion_value=champion_value, promoted=promote,
-                   champion_version=int(new_version if promote else champion_version))
+    with timed(summary):
+        model_hash = dvc_hash(model_dir)
+        existing = _version_of_checkpoint(client, config.model_name, model_hash)
+        if existing is None:
+            training = _training_runs(train_summary)
+            lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
+            artifacts = [*step_summaries, *([train_summary] if train_summary and train_summary not in step_summaries else [])]
+            run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts, training)
+            summary.update(version=int(new_version), run_id=run_id, already_registered=False,
+                           lineage={k: v for k, v in lineage.items() if k != "params"},
+                           **_gate(client, config.model_name, new_version, metrics[config.metric], config))
+        else:
+            champion_version, _ = _champion(client, config.model_name, config.metric)
+            summary.update(version=int(existing.version), run_id=existing.run_id, already_registered=True,
+                           decision=existing.tags.get("promotion"),
+                           champion_version=int(champion_version) if champion_version else None)
     if summary_path:
         write_summary(summary_path, summary)
     return summary

@@ -11,11 +11,22 @@ from PIL import Image
 from transformers import ChineseCLIPProcessor, PreTrainedModel
 
 
-def decode_image(blob: bytes) -> Image.Image:
-    """Decode encoded image bytes (PNG, JPEG, ...) to an RGB image."""
+def decode_image(blob: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, ...) to an RGB image.
+
+    With `max_pixels`, a larger image is rejected from its header, before its pixels are decoded.
+    """
     try:
-        return Image.open(io.BytesIO(blob)).convert("RGB")
+        image = Image.open(io.BytesIO(blob))  # reads the header only
     except Exception as err:  # PIL raises several types for corrupt data
+        raise ValueError(f"not a decodable image ({err})") from err
+    pixels = image.width * image.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ValueError(f"image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, "
+                         f"above the limit of {max_pixels / 1e6:.1f}")
+    try:
+        return image.convert("RGB")
+    except Exception as err:
         raise ValueError(f"not a decodable image ({err})") from err
 
 

@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -37,6 +44,60 @@ def run_tool(*args: str, cwd: Path, timeout: int = 900) -> str:
     result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        return True  # an HTTP error status is still a server answering
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def running(args: list[str], ready_url: str, log: Path, timeout: float = 120, **popen) -> Iterator[subprocess.Popen]:
+    """Run a server (in its own process group, so its workers stop with it) until the block ends.
+
+    Waits at most `timeout` seconds for `ready_url` to answer; fails the test with the server's log otherwise.
+    """
+    with open(log, "wb") as out:
+        server = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(ready_url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{Path(args[0]).name} did not answer {ready_url} within {timeout} s:\n"
+                            f"{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=10)
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory) -> Iterator[str]:
+    """A loopback S3 server (moto_server) for this module's tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with running([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}/", log, 30):
+        yield f"http://127.0.0.1:{port}"
 
 
 def copy_project(root: Path) -> Path:
@@ -84,3 +145,12 @@ def trained(prepared_dir, tmp_path_factory) -> dict:
     stage2 = train(prepared_dir, root / "stage2", TrainConfig(stage=2, lr=5e-4, **common), init_dir=root / "stage1",
                    summary_path=root / "stage2.json")
     return {"root": root, "stage1": stage1, "stage2": stage2}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> list[Path]:
+    """Three untrained tiny-preset model folders with different weights (seeds 0, 1, 2), built in seconds."""
+    from model import build_model, save_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return [save_model(*build_model("tiny", seed=seed), root / f"seed{seed}") for seed in range(3)]

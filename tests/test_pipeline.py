@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
@@ -43,6 +44,7 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
         "outputArtifactKey": "validated", "producerTask": "validate-op"}
     assert tasks["train-op-2"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == "train-op"
     assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op"
+    assert tasks["register-op"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "validate-op"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["stage1_config"]["lr"] == params["stage1"]["lr"]
     assert defaults["stage1_config"]["use_gpu"] is True and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
@@ -82,6 +84,10 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
         logged = kfp_train["artifacts"]["summary"]["artifacts"][0]["metadata"]
         assert logged["steps"] == dvc_train["steps"] and logged["first_loss"] != logged["final_loss"]
         assert logged["final_loss"] == pytest.approx(dvc_train["final_loss"], abs=1e-6)
+    client = MlflowClient(uri, uri)
+    version = client.get_model_version_by_alias("zhclip-kfp", "champion")
+    assert float(version.tags["metric.mean_recall"]) == scores["mean_recall"]
+    assert version.tags["data_dvc_hash"].endswith(".dir")
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
 
     # dvc repro registered version 1; the pipeline's equally good model is version 2

@@ -1,47 +1,21 @@
-"""S3 paths against a loopback S3 server (moto_server), started here and stopped after:
+"""S3 paths against a loopback S3 server (moto_server, the `s3_endpoint` fixture of conftest):
 DVC push/pull through an S3 remote, and uploads with the minio client."""
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 
 import boto3
 import pytest
 
 from components.common import ZhclipError
 from components.storage import upload
-from conftest import BIN
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("moto_server did not start within 30 s")
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(timeout=10)
+from conftest import BIN, S3_CREDENTIALS
 
 
 @pytest.fixture
 def s3_env(s3_endpoint, monkeypatch):
-    for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+    for key, value in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
         monkeypatch.setenv(key, value)
     return s3_endpoint
 

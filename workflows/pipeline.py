@@ -115,15 +115,15 @@ def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Me
 
 
 @_component
-def register_op(model: Input[Model], scores: Input[Metrics], decision: Output[Metrics], card: Output[Markdown],
-                config: dict) -> int:
+def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset], decision: Output[Metrics],
+                card: Output[Markdown], config: dict) -> int:
     from pathlib import Path
 
     from components.common import build_config
     from components.register import RegisterConfig, register
 
     settings = build_config(RegisterConfig, config, "pipeline parameter")
-    result = register(model.path, scores.path, settings)
+    result = register(model.path, scores.path, settings, data_dir=data.path)
     decision.log_metric("version", result["version"])
     decision.log_metric("champion_version", result["champion_version"])
     Path(card.path).write_text(
@@ -188,7 +188,8 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         stage2 = train_op(prepared=validated, config=stage2_config, init_model=stage1.outputs["model"],
                           ray_address=ray_address)
         scored = evaluate_op(model=stage2.outputs["model"], prepared=validated, config=evaluate_config)
-        registered = register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], config=register_config)
+        registered = register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], data=validated,
+                                 config=register_config)
         # Data steps are pure functions of their inputs: reuse earlier outputs. Training and
         # registration always run (a new model version is the point of a run).
         for task in (ingested, checked):
