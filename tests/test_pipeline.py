@@ -24,6 +24,9 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
+    evaluate_outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]["artifacts"]
+    assert evaluate_outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert evaluate_outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
 
 
 @pytest.mark.slow
@@ -38,6 +41,8 @@ def test_pipeline_runs_locally_end_to_end(raw_dir, tmp_path):
     version = client.get_model_version_by_alias("zhclip-kfp", "champion")
     assert float(version.tags["mean_recall"]) == outputs["scores"]["mean_recall"]
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
+    html = next((tmp_path / "root").glob("zhclip-*/evaluate-op/report")).read_text(encoding="utf-8")
+    assert "<table" in html and "data:image/png;base64," in html
 
 
 def test_step_configs_are_plain_json():
