@@ -81,35 +81,39 @@ def accelerated(model: torch.nn.Module) -> Iterator[torch.device]:
 def _stable_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Row-wise top k of a score block, ties going to the lower column as a stable descending sort would.
 
-    torch.topk finds the k best without sorting the row but breaks ties arbitrarily; the chosen k
-    are reordered by (score desc, index asc), and the rare rows whose k-th score is tied beyond
-    the cut are sorted in full.
+    torch.topk finds the best without sorting the whole row but breaks ties arbitrarily, so it takes
+    one extra column: the k chosen are reordered by (score desc, index asc), and the rare rows whose
+    k-th score equals the (k+1)-th (a tie across the cut) are sorted in full.
     """
-    values, indices = torch.topk(scores, k, dim=1)
+    extra = min(k + 1, scores.shape[1])
+    values, indices = torch.topk(scores, extra, dim=1)
+    tied_at_cut = (values[:, k - 1] == values[:, k]).nonzero().flatten().tolist() if extra > k else []
+    values, indices = values[:, :k], indices[:, :k]
     indices, by_index = indices.sort(dim=1)
     order = torch.sort(-values.gather(1, by_index), dim=1, stable=True).indices
     ranked = indices.gather(1, order)
-    tied_at_cut = ((scores >= values[:, -1:]).sum(dim=1) > k).nonzero().flatten()
-    for row in tied_at_cut.tolist():
+    for row in tied_at_cut:
         ranked[row] = torch.sort(-scores[row], stable=True).indices[:k]
     return ranked
 
 
 def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int = 1024,
-          device: torch.device | str | None = None) -> np.ndarray:
-    """Indices of the k best gallery rows per query, by dot product, chunk by chunk.
+          device: torch.device | str | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
+    """Indices of the k best gallery rows per query (the `rows` of `queries`, default all), by dot product.
 
-    Only a chunk_size x gallery block of scores exists at a time, so memory stays bounded whatever
-    the number of queries. Ties go to the lower gallery index, as in the reference's stable sort.
+    Queries are scored chunk_size at a time, so only a chunk_size x gallery block of scores exists at
+    once, whatever the number of queries. Ties go to the lower gallery index, as in the reference's
+    stable sort.
     """
+    rows = np.arange(len(queries)) if rows is None else np.asarray(rows, dtype=np.int64)
     k = min(k, len(gallery))
     dtype = torch.float64 if np.result_type(queries, gallery) == np.float64 else torch.float32
     gallery_t = torch.as_tensor(gallery, dtype=dtype, device=device)
-    ranked = np.zeros((len(queries), k), dtype=np.int64)
+    ranked = np.zeros((len(rows), k), dtype=np.int64)
     if k == 0:
         return ranked
-    for start in range(0, len(queries), chunk_size):
-        block = torch.as_tensor(queries[start : start + chunk_size], dtype=dtype, device=device)
+    for start in range(0, len(rows), chunk_size):
+        block = torch.as_tensor(queries[rows[start : start + chunk_size]], dtype=dtype, device=device)
         ranked[start : start + len(block)] = _stable_top_k(block @ gallery_t.T, k).cpu().numpy()
     return ranked
 
@@ -150,10 +154,10 @@ def rank(text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[s
     device = "cuda" if torch.cuda.is_available() else None
     return Rankings(
         t2i_queries=t2i_queries,
-        t2i=top_k(text_emb[t2i_queries], image_emb, k, chunk_size, device),
+        t2i=top_k(text_emb, image_emb, k, chunk_size, device, rows=t2i_queries),
         t2i_positives=[set(text_to_images[t]) for t in t2i_queries],
         i2t_queries=i2t_queries,
-        i2t=top_k(image_emb[i2t_queries], text_emb, k, chunk_size, device),
+        i2t=top_k(image_emb, text_emb, k, chunk_size, device, rows=i2t_queries),
         i2t_positives=[image_to_texts[i] for i in i2t_queries],
     )
 
