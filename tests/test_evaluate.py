@@ -215,3 +215,22 @@ def test_report_renders_its_images_and_table_in_a_real_browser(evaluated, tmp_pa
     assert rendered["images"] == 1 + 3 * 5  # the recall@k plot and five results for each of three queries
     assert rendered["decoded"] == rendered["images"]
     assert rendered["rows"] == 4 and rendered["tableWidth"] > 100
+
+
+def test_metrics_and_report_are_logged_to_an_existing_mlflow_run(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from components.evaluate import evaluate_features
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the default artifact root is relative to the working directory
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("eval")).info.run_id
+    files = _random_retrieval_files(tmp_path, np.random.default_rng(5))
+    metrics = evaluate_features(files["images"], files["texts"], files["annotations"], EvaluateConfig(),
+                                report_dir=tmp_path / "report", mlflow_run_id=run_id)
+    logged = client.get_run(run_id).data.metrics
+    assert logged["mean_recall"] == metrics["mean_recall"] and logged["i2t_r10"] == metrics["i2t_r10"]
+    artifacts = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluate")}
+    assert {"report.html", "report.md", "score_t2i.json", "predictions_i2t.jsonl"} <= artifacts
