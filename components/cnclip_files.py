@@ -33,8 +33,7 @@ def _json_lines(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             yield number, record
 
 
-def _integer(path: Path, number: int, record: dict[str, Any], field: str) -> int:
-    value = record.get(field)
+def _integer(path: Path, number: int, field: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ZhclipError(f"{path} line {number}: field '{field}' must be an integer id, got {value!r}")
     return value
@@ -47,7 +46,7 @@ def read_features(path: str | Path, id_field: str) -> tuple[list[int], np.ndarra
     rows: list[list[float]] = []
     seen: set[int] = set()
     for number, record in _json_lines(path):
-        item = _integer(path, number, record, id_field)
+        item = _integer(path, number, id_field, record.get(id_field))
         feature = record.get("feature")
         if not isinstance(feature, list) or not feature:
             raise ZhclipError(f"{path} line {number}: field 'feature' must be a non-empty list of numbers")
@@ -87,13 +86,13 @@ def read_annotations(path: str | Path) -> tuple[dict[int, list[int]], dict[int, 
     positives: dict[int, list[int]] = {}
     texts: dict[int, str] = {}
     for number, record in _json_lines(path):
-        text_id = _integer(path, number, record, "text_id")
+        text_id = _integer(path, number, "text_id", record.get("text_id"))
         image_ids = record.get("image_ids")
         if not isinstance(image_ids, list) or not image_ids:
             raise ZhclipError(f"{path} line {number}: text_id {text_id} needs a non-empty list 'image_ids'")
         if text_id in positives:
             raise ZhclipError(f"{path} line {number}: duplicate text_id {text_id}")
-        positives[text_id] = [_integer(path, number, {"image_id": i}, "image_id") for i in image_ids]
+        positives[text_id] = [_integer(path, number, "image_ids", i) for i in image_ids]
         if isinstance(record.get("text"), str):
             texts[text_id] = record["text"]
     if not positives:

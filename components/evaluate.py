@@ -329,7 +329,9 @@ def _retrieval_report(data: RetrievalSet, rankings: Rankings, metrics: dict[str,
         headline.append([name] + [f"{metrics[f'{direction}_r{k}']:.2f}" for k in KS] + [f"{metrics[f'{direction}_mean_recall']:.2f}"])
     headline.append(["both", "", "", "", f"{metrics['mean_recall']:.2f}"])
     shown = []
-    for query, ranked, positives in list(zip(rankings.t2i_queries, rankings.t2i, rankings.t2i_positives))[:examples]:
+    # Spread over the split: neighbouring texts are often captions of the same image.
+    for row in np.unique(np.linspace(0, len(rankings.t2i_queries) - 1, examples).astype(int)) if examples else []:
+        query, ranked, positives = rankings.t2i_queries[row], rankings.t2i[row], rankings.t2i_positives[row]
         shown.append(report.Example(
             query=data.texts[query] if data.texts else f"text {data.text_ids[query]}",
             results=[report.Result(label=f"image {data.image_ids[row]}", hit=int(row) in positives,

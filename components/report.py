@@ -65,7 +65,7 @@ th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .example { margin-bottom: 1em; }
 .result { display: inline-block; margin-right: 0.5em; text-align: center; font-size: 0.8em; }
-.result img { border: 4px solid #ccc; display: block; }
+.result img { border: 4px solid #ccc; display: block; width: 96px; image-rendering: pixelated; }
 .hit img { border-color: #2a2; }
 .hit .mark { color: #2a2; font-weight: bold; }
 </style></head>
