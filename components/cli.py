@@ -120,16 +120,50 @@ def train(
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., help="Trained model folder."),
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
+    model: Optional[Path] = typer.Option(None, help="Trained model folder (or score feature files instead: --image-feats, --text-feats, --annotations)."),
+    data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest` (with --model)."),
+    image_feats: Optional[Path] = typer.Option(None, help="Image features in Chinese-CLIP's jsonl ({\"image_id\", \"feature\"})."),
+    text_feats: Optional[Path] = typer.Option(None, help="Text features in Chinese-CLIP's jsonl ({\"text_id\", \"feature\"})."),
+    annotations: Optional[Path] = typer.Option(None, help="Positives per text ({\"text_id\", \"image_ids\"} lines, e.g. test_texts.jsonl)."),
     out: Optional[Path] = typer.Option(None, help="Write the metrics JSON here."),
+    plots: Optional[Path] = typer.Option(None, help="Write recall@k (k=1..10, both directions) as CSV here, for `dvc plots`."),
+    report_dir: Optional[Path] = typer.Option(None, help="Write report.html/.md and Chinese-CLIP's prediction and score files here."),
     split: Optional[str] = typer.Option(None, help="Split to score (default: test)."),
+    chunk_size: Optional[int] = typer.Option(None, help="Queries scored at once; memory is chunk size x gallery scores."),
+    write_features: Optional[bool] = typer.Option(None, help="Also write the features as Chinese-CLIP jsonl into --report-dir."),
     params: Path = ParamsOption,
 ) -> None:
     """Text-to-image and image-to-text recall@1/5/10 and mean recall (percent), with the chance level."""
-    from components.evaluate import EvaluateConfig, evaluate as run
+    from components.evaluate import EvaluateConfig, evaluate as run, evaluate_features
 
-    _echo_json(run(model, data, config_from(EvaluateConfig, load_params(params), "evaluate", split=split), out))
+    config = config_from(EvaluateConfig, load_params(params), "evaluate", split=split, chunk_size=chunk_size,
+                         write_features=write_features)
+    feature_files = (image_feats, text_feats, annotations)
+    if model and any(feature_files):
+        raise ZhclipError("give either --model or --image-feats/--text-feats/--annotations, not both")
+    if model:
+        _echo_json(run(model, data, config, out, plots, report_dir))
+    elif all(feature_files):
+        _echo_json(evaluate_features(image_feats, text_feats, annotations, config, out, plots, report_dir))
+    else:
+        raise ZhclipError("give --model, or all of --image-feats, --text-feats and --annotations")
+
+
+@app.command()
+def zeroshot(
+    model: Path = typer.Option(..., help="Trained model folder."),
+    images: Path = typer.Option(..., help="Image folder: <images>/<class name>/<image files>; the folder names are the labels."),
+    out: Optional[Path] = typer.Option(None, help="Write the metrics JSON (top-1, top-5, per-class accuracy) here."),
+    predictions: Optional[Path] = typer.Option(None, help="Write image, actual, predicted as CSV here (DVC confusion plot)."),
+    report_dir: Optional[Path] = typer.Option(None, help="Write report.html/.md (accuracy, confusion matrix, examples) here."),
+    template: list[str] = typer.Option([], help="A prompt with {} for the class name, e.g. '{}的照片' (repeatable; default: params.yaml)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Zero-shot classification with Chinese prompt ensembles: top-1/top-5 and per-class accuracy, confusion matrix."""
+    from components.zeroshot import ZeroshotConfig, zeroshot as run
+
+    config = config_from(ZeroshotConfig, load_params(params), "zeroshot", templates=template or None)
+    _echo_json(run(model, images, config, out, predictions, report_dir))
 
 
 @app.command()

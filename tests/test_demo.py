@@ -33,6 +33,9 @@ def test_demo_learns_well_above_chance_and_stage2_is_no_worse(project):
     assert stage2["mean_recall"] >= stage1["mean_recall"]
     registered = _metrics(project, "register")
     assert registered["version"] == 1 and registered["champion_version"] == 1
+    digits = _metrics(project, "zeroshot_digits")
+    assert digits["images"] == 80 and digits["top1"] > 2 * digits["chance_top1"], digits  # real digit scans, zero-shot
+    assert (project / "reports" / "evaluate_stage2" / "report.html").is_file()
     report = _run("zhclip", "results", cwd=project)
     assert f"chance level {chance:.2f}" in report and f"stage 2: {stage2['mean_recall']:.2f}" in report
 

@@ -51,6 +51,9 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
+    evaluate_outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]["artifacts"]
+    assert evaluate_outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert evaluate_outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
 
 
 @pytest.mark.slow
@@ -89,6 +92,8 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     assert float(version.tags["metric.mean_recall"]) == scores["mean_recall"]
     assert version.tags["data_dvc_hash"].endswith(".dir")
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
+    html = next((tmp_path / "root").glob("zhclip-*/evaluate-op/report")).read_text(encoding="utf-8")
+    assert "<table" in html and "data:image/png;base64," in html
 
     # dvc repro registered version 1; the pipeline's equally good model is version 2
     assert outputs["register"]["version"] == 2

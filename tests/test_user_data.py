@@ -11,7 +11,8 @@ from conftest import REPO, copy_project
 from conftest import run_tool as _run
 
 pytestmark = pytest.mark.slow
-DOWNSTREAM = ["ingest", "validate", "train_stage1", "train_stage2", "evaluate@stage1", "evaluate@stage2", "register"]
+DOWNSTREAM = ["ingest", "validate", "train_stage1", "train_stage2", "evaluate@stage1", "evaluate@stage2",
+              "zeroshot@digits", "zeroshot@shapes", "register"]
 
 
 def _ran(output):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp import compiler, dsl, kubernetes
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.common import ZhclipError, config_from
 from components.evaluate import EvaluateConfig
@@ -104,14 +104,22 @@ def train_op(prepared: Input[Dataset], model: Output[Model], summary: Output[Met
 
 
 @_component
-def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Metrics], config: dict):
+def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Metrics], report: Output[HTML],
+                summary: Output[Markdown], files: Output[Artifact], config: dict):
+    import shutil
+    from pathlib import Path
+
     from components.common import build_config
     from components.evaluate import EvaluateConfig, evaluate
 
-    result = evaluate(model.path, prepared.path, build_config(EvaluateConfig, config, "pipeline parameter"), summary_path=scores.path)
+    result = evaluate(model.path, prepared.path, build_config(EvaluateConfig, config, "pipeline parameter"),
+                      summary_path=scores.path, report_dir=files.path)
     for key, value in result.items():
         if isinstance(value, float):
             scores.log_metric(key, value)
+    # The Kubeflow UI renders HTML and Markdown artifacts when the artifact file itself is the page.
+    shutil.copy(Path(files.path) / "report.html", report.path)
+    shutil.copy(Path(files.path) / "report.md", summary.path)
 
 
 @_component
