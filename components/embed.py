@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from components.common import ZhclipError
-from components.register import DEFAULT_TRACKING_URI
+from components.tracking import resolve_tracking_uri
 
 
 def load_embedder(model: str, tracking_uri: str | None = None):
@@ -22,7 +21,7 @@ def load_embedder(model: str, tracking_uri: str | None = None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri or ""))
     try:
         return mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as err:

@@ -26,6 +26,7 @@ from PIL import Image
 from components import cnclip_files, report
 from components.common import ZhclipError, timed, write_summary
 from components.ingest import read_pairs
+from components.tracking import training_run
 from model import decode_image, embed_images, embed_texts, load_model
 
 KS = (1, 5, 10)
@@ -198,7 +199,7 @@ def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateCo
 
     Optional outputs: the recall@k curve as CSV (`plots_path`), the reference's prediction and score
     files with an HTML/Markdown report (`report_dir`), and the metrics and report logged to an
-    existing MLflow run (`mlflow_run_id`).
+    existing MLflow run (`mlflow_run_id`; by default the run that trained the model, when recorded).
     """
     pairs = read_pairs(prepared_dir, config.split)
     try:
@@ -219,10 +220,17 @@ def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateCo
                             text_emb=text_emb, image_emb=image_emb,
                             text_to_images=[grouped[text_id] for text_id in texts["text_id"]],
                             texts=list(texts["text"]), images=decoded)
-        summary.update(_score(data, config, plots_path, report_dir, mlflow_run_id, summary))
+        summary.update(_score(data, config, plots_path, report_dir, _run(mlflow_run_id, model_dir), summary))
     if summary_path:
         write_summary(summary_path, summary)
     return summary
+
+
+def _run(mlflow_run_id: str | None, model_dir: str | Path | None = None) -> dict[str, str] | None:
+    """The MLflow run to log into: the one named, else the one that trained `model_dir`."""
+    if mlflow_run_id:
+        return {"run_id": mlflow_run_id}
+    return training_run(model_dir) if model_dir else None
 
 
 def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotations: str | Path, config: EvaluateConfig,
@@ -253,14 +261,14 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
     data = RetrievalSet(text_ids=text_ids, image_ids=image_ids, text_emb=text_emb, image_emb=image_emb,
                         text_to_images=text_to_images, texts=[captions.get(t, f"text {t}") for t in text_ids])
     with timed(summary):
-        summary.update(_score(data, config, plots_path, report_dir, mlflow_run_id, summary))
+        summary.update(_score(data, config, plots_path, report_dir, _run(mlflow_run_id), summary))
     if summary_path:
         write_summary(summary_path, summary)
     return summary
 
 
 def _score(data: RetrievalSet, config: EvaluateConfig, plots_path: str | Path | None, report_dir: str | Path | None,
-           mlflow_run_id: str | None, context: dict[str, Any]) -> dict[str, float]:
+           mlflow_run: dict[str, str] | None, context: dict[str, Any]) -> dict[str, float]:
     rankings = rank(data.text_emb, data.image_emb, data.text_to_images, config.chunk_size)
     metrics = metrics_of(rankings, len(data.image_ids), len(data.text_ids))
     curves = recall_curves(rankings)
@@ -270,8 +278,8 @@ def _score(data: RetrievalSet, config: EvaluateConfig, plots_path: str | Path | 
     if report_dir:
         artifacts = write_retrieval_files(report_dir, data, rankings, config.write_features)
         artifacts += report.write(_retrieval_report(data, rankings, metrics, curves, context, config.examples), report_dir)
-    if mlflow_run_id:
-        report.log_to_mlflow(mlflow_run_id, metrics, artifacts, "evaluate")
+    if mlflow_run:
+        report.log_to_mlflow(mlflow_run, metrics, artifacts, "evaluate")
     return metrics
 
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+from components.common import ZhclipError
 from components.storage import arrow_filesystem
 
 
@@ -41,7 +42,10 @@ def dvc_hash(path: str | Path) -> str:
     from pyarrow import fs
 
     filesystem, root = arrow_filesystem(str(path))
-    if filesystem.get_file_info(root).type == fs.FileType.File:
+    kind = filesystem.get_file_info(root).type
+    if kind == fs.FileType.NotFound:
+        raise ZhclipError(f"{path} not found; nothing to hash")
+    if kind == fs.FileType.File:
         return _file_md5(filesystem, root)
     files = [info.path for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True))
              if info.type == fs.FileType.File]

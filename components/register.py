@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -23,9 +22,9 @@ import pandas as pd
 import model as model_package
 from components.common import ZhclipError, read_summary, timed, write_summary
 from components.lineage import dvc_hash, git_commit
+from components.tracking import resolve_tracking_uri
 from model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
 # What a pulled model needs at inference, pinned to the versions it was trained with.
 INFERENCE_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "pillow", "pandas")
@@ -41,7 +40,7 @@ class RegisterConfig:
 
 
 def tracking_uri(config: RegisterConfig) -> str:
-    return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return resolve_tracking_uri(config.tracking_uri)
 
 
 def _signature(projection_dim: int):

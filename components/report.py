@@ -140,17 +140,15 @@ def write(report: Report, out_dir: str | Path) -> list[Path]:
     return [html, markdown]
 
 
-def log_to_mlflow(run_id: str, metrics: dict[str, float], files: Sequence[Path], artifact_path: str) -> None:
-    """Log metrics and files (under artifact_path) to an existing MLflow run.
-
-    The run lives at $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, as for `zhclip register`.
-    """
+def log_to_mlflow(run: dict[str, str], metrics: dict[str, float], files: Sequence[Path], artifact_path: str) -> None:
+    """Log metrics and files (under artifact_path) to an existing MLflow run: `run["run_id"]` at
+    `run["tracking_uri"]`, else at $MLFLOW_TRACKING_URI or sqlite:///mlflow.db."""
     from mlflow.tracking import MlflowClient
 
-    from components.register import RegisterConfig, tracking_uri
+    from components.tracking import resolve_tracking_uri
 
-    client = MlflowClient(tracking_uri(RegisterConfig()))
+    client = MlflowClient(resolve_tracking_uri(run.get("tracking_uri", "")))
     for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+        client.log_metric(run["run_id"], key, value)
     for path in files:
-        client.log_artifact(run_id, str(path), artifact_path)
+        client.log_artifact(run["run_id"], str(path), artifact_path)

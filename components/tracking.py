@@ -62,6 +62,12 @@ def parent_run_from(model_dir: str | None) -> str | None:
     return None
 
 
+def training_run(model_dir: str | Path) -> dict[str, str] | None:
+    """The MLflow run that trained a model folder ({"tracking_uri", "run_id", ...}), if recorded."""
+    run_file = Path(model_dir) / RUN_FILE
+    return json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+
+
 def start_stage_run(uri: str, experiment: str, stage: int, ray_run_name: str, params: dict[str, Any],
                     tags: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
     """Open (or reopen, for a resumed stage) the stage's run under `parent_run_id`, creating a parent

@@ -408,7 +408,7 @@ def train(
     init_dir = location(init_dir) if init_dir else None
     _check_inputs(prepared_dir, config, init_dir)
     data_hash = dvc_hash(prepared_dir)
-    init_hash = dvc_hash(f"{init_dir}/model.safetensors") if init_dir else ""
+    init_hash = dvc_hash(init_dir) if init_dir else ""
     name = run_name(config, data_hash, init_hash)
     tags = {"git_commit": git_commit(), "data_dvc_hash": data_hash, "data_path": prepared_dir,
             **({"init_model_hash": init_hash} if init_hash else {})}

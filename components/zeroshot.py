@@ -21,6 +21,7 @@ from tqdm import tqdm
 from components import report
 from components.common import ZhclipError, timed, write_summary
 from components.evaluate import accelerated, top_k
+from components.tracking import training_run
 from model import embed_images, embed_texts, load_model
 
 # A subset of the Chinese prompts the reference ships (`eval/cvinw_zeroshot_templates.py`, openai_templates).
@@ -86,7 +87,8 @@ def zeroshot(model_dir: str | Path, images_dir: str | Path, config: ZeroshotConf
     """Classify every image of the folder; returns top-1/top-5 and per-class accuracy (percent).
 
     Optional outputs: one CSV row per image (path, actual, predicted) for DVC's confusion plot, an
-    HTML/Markdown report with the confusion matrix, and the metrics and report logged to an existing MLflow run.
+    HTML/Markdown report with the confusion matrix, and the metrics and report logged to an existing MLflow run
+    (`mlflow_run_id`; by default the run that trained the model, when recorded).
     """
     classes, paths, labels = image_folder(images_dir)
     try:
@@ -115,9 +117,10 @@ def zeroshot(model_dir: str | Path, images_dir: str | Path, config: ZeroshotConf
     if predictions_path:
         _write_predictions(predictions_path, paths, images_dir, [classes[i] for i in labels], [classes[i] for i in predicted])
     artifacts = report.write(_report(summary, classes, paths, labels, ranked, matrix), report_dir) if report_dir else []
-    if mlflow_run_id:
+    run = {"run_id": mlflow_run_id} if mlflow_run_id else training_run(model_dir)
+    if run:
         name = Path(images_dir).name
-        report.log_to_mlflow(mlflow_run_id, {f"zeroshot_{name}_{k}": summary[k] for k in ("top1", "top5")}, artifacts,
+        report.log_to_mlflow(run, {f"zeroshot_{name}_{k}": summary[k] for k in ("top1", "top5")}, artifacts,
                              f"zeroshot_{name}")
     return summary
 

@@ -232,3 +232,14 @@ def test_each_worker_reads_its_own_slice_of_the_epoch_and_resumes_mid_epoch():
     assert len(flat) == len(set(flat)) == 2 * 6 * 8, "disjoint, full batches only"
     assert list(EpochBatches(100, 8, 0, 2, seed=0, epoch=3, start=4)) == workers[0][4:]
     assert list(EpochBatches(100, 8, 0, 2, seed=0, epoch=4)) != workers[0]
+
+
+def test_evaluation_is_logged_into_the_run_that_trained_the_model(trained, prepared_dir):
+    from mlflow import MlflowClient
+
+    from components.evaluate import EvaluateConfig, evaluate
+
+    scores = evaluate(trained["root"] / "stage2", prepared_dir, EvaluateConfig())
+    ids = trained["stage2"]["mlflow"]
+    logged = MlflowClient(ids["tracking_uri"]).get_run(ids["run_id"]).data.metrics
+    assert logged["mean_recall"] == scores["mean_recall"]
