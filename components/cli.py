@@ -185,7 +185,7 @@ def register(
     from components.register import RegisterConfig, register as run
 
     all_params = load_params(params)
-    config = config_from(RegisterConfig, all_params, "register", model_name=name, tracking_uri=tracking_uri)
+    config = RegisterConfig.from_params(all_params, model_name=name, tracking_uri=tracking_uri)
     _echo_json(run(model, metrics, config, all_params, summary, log_summary, train_summary, data))
 
 

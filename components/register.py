@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 import model as model_package
-from components.common import ZhclipError, read_summary, timed, write_summary
+from components.common import ZhclipError, build_config, read_summary, section, timed, write_summary
 from components.lineage import dvc_hash, git_commit
 from components.tracking import resolve_tracking_uri
 from model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
@@ -37,6 +37,15 @@ class RegisterConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     metric: str = "mean_recall"
     tolerance: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> "RegisterConfig":
+        """Section `register`, with the tracking server and experiment from section `mlflow` (shared
+        with training, so a version nests under its pipeline run); non-None overrides win."""
+        values = {**section(params, "mlflow", {"tracking_uri", "experiment"}),
+                  **section(params, "register", {f.name for f in fields(cls)} - {"tracking_uri", "experiment"})}
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return build_config(cls, values, "params.yaml sections 'mlflow' and 'register'")
 
 
 def tracking_uri(config: RegisterConfig) -> str:

@@ -67,7 +67,8 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
                                train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1)
     params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
     params["train"].update(batch_size=32, storage_path=str(tmp_path / "ray"))
-    params["register"].update(tracking_uri=uri, model_name="zhclip-kfp")
+    params["register"].update(model_name="zhclip-kfp")
+    params["mlflow"].update(tracking_uri=uri)
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     run_tool("dvc", "repro", cwd=project)
     expected = json.loads((project / "metrics" / "evaluate_stage2.json").read_text())

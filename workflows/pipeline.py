@@ -150,7 +150,7 @@ def step_configs(params: dict[str, Any]) -> dict[str, dict]:
         "stage1": asdict(TrainConfig.from_params(params, 1)),
         "stage2": asdict(TrainConfig.from_params(params, 2)),
         "evaluate": asdict(config_from(EvaluateConfig, params, "evaluate")),
-        "register": asdict(config_from(RegisterConfig, params, "register")),
+        "register": asdict(RegisterConfig.from_params(params)),
     }
 
 
