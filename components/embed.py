@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from components.common import ZhclipError
-from components.tracking import resolve_tracking_uri
+from components.tracking import resolve_tracking_uri, using_tracking_uri
 
 
 def load_embedder(model: str, tracking_uri: str | None = None):
@@ -21,9 +21,9 @@ def load_embedder(model: str, tracking_uri: str | None = None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri or ""))
     try:
-        return mlflow.pyfunc.load_model(model)
+        with using_tracking_uri(resolve_tracking_uri(tracking_uri or "")):
+            return mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as err:
         raise ZhclipError(f"cannot load model {model!r}: {err}") from err
 

@@ -22,7 +22,7 @@ import pandas as pd
 import model as model_package
 from components.common import ZhclipError, build_config, read_summary, section, timed, write_summary
 from components.lineage import dvc_hash, git_commit
-from components.tracking import resolve_tracking_uri
+from components.tracking import resolve_tracking_uri, using_tracking_uri
 from model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
 SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
@@ -200,7 +200,6 @@ def register(
     training data, recorded by its DVC hash. A checkpoint registered before is not registered again:
     the summary names its existing version.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     model_dir = Path(model_dir)
@@ -212,26 +211,26 @@ def register(
     if config.metric not in metrics:
         raise ZhclipError(f"{metrics_path} has no metric {config.metric!r}; it has {sorted(metrics)}")
     uri = tracking_uri(config)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient()
-    summary: dict[str, Any] = {"model_name": config.model_name, "tracking_uri": uri, "metric": config.metric}
-    with timed(summary):
-        model_hash = dvc_hash(model_dir)
-        existing = _version_of_checkpoint(client, config.model_name, model_hash)
-        if existing is None:
-            training = _training_runs(train_summary)
-            lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
-            artifacts = [*step_summaries, *([train_summary] if train_summary and train_summary not in step_summaries else [])]
-            run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts, training)
-            summary.update(version=int(new_version), run_id=run_id, already_registered=False,
-                           lineage={k: v for k, v in lineage.items() if k != "params"},
-                           **_gate(client, config.model_name, new_version, metrics[config.metric], config))
-        else:
-            champion_version, _ = _champion(client, config.model_name, config.metric)
-            summary.update(version=int(existing.version), run_id=existing.run_id, already_registered=True,
-                           decision=existing.tags.get("promotion"),
-                           champion_version=int(champion_version) if champion_version else None)
+    with using_tracking_uri(uri):
+        client = MlflowClient()
+        summary: dict[str, Any] = {"model_name": config.model_name, "tracking_uri": uri, "metric": config.metric,
+                                   "candidate_value": metrics[config.metric]}
+        with timed(summary):
+            model_hash = dvc_hash(model_dir)
+            existing = _version_of_checkpoint(client, config.model_name, model_hash)
+            if existing is None:
+                training = _training_runs(train_summary)
+                lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
+                artifacts = [*step_summaries, *([train_summary] if train_summary and train_summary not in step_summaries else [])]
+                run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts, training)
+                summary.update(version=int(new_version), run_id=run_id, already_registered=False,
+                               lineage={k: v for k, v in lineage.items() if k != "params"},
+                               **_gate(client, config.model_name, new_version, metrics[config.metric], config))
+            else:
+                champion_version, _ = _champion(client, config.model_name, config.metric)
+                summary.update(version=int(existing.version), run_id=existing.run_id, already_registered=True,
+                               promoted=False, decision=existing.tags.get("promotion"),
+                               champion_version=int(champion_version) if champion_version else None)
     if summary_path:
         write_summary(summary_path, summary)
     return summary

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from components.common import ZhclipError
 
@@ -30,6 +31,26 @@ def resolve_tracking_uri(uri: str = "") -> str:
     if "://" not in uri:
         return str(Path(uri).resolve())
     return uri
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """`mlflow.set_tracking_uri`/`set_registry_uri` for the duration of the block only. MLflow keeps
+    them in globals and exports them as environment variables for child processes, which would
+    otherwise leak into everything a long-lived caller (a notebook, a test session) does later."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -117,6 +117,16 @@ def test_the_same_checkpoint_registers_once(tiny_models, registry, tmp_path):
     assert again["champion_version"] == 1
     assert len(client.search_model_versions(f"name='{NAME}'")) == 1
     assert len(client.search_runs([client.get_experiment_by_name(registry.experiment).experiment_id])) == 1
+    assert again["promoted"] is False and again["candidate_value"] == 40.0
+
+
+def test_registering_leaves_no_tracking_uri_behind(tiny_models, registry, tmp_path):
+    """MLflow exports its tracking URI to the environment; register must not leak it to later work."""
+    import mlflow
+
+    register(tiny_models[0], _metrics(tmp_path, "a", 40.0), registry)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() != registry.tracking_uri
 
 
 def test_register_rejects_missing_metric_data_and_non_model(tiny_models, registry, tmp_path):

@@ -83,16 +83,16 @@ def test_training_reads_its_data_from_and_checkpoints_to_s3(s3_env, prepared_dir
     from components.lineage import dvc_hash
     from components.train import TrainConfig, train
 
-    upload(prepared_dir, "s3://zhclip-data/prepared")
-    assert dvc_hash("s3://zhclip-data/prepared") == dvc_hash(prepared_dir)
+    upload(prepared_dir, "s3://zhclip-train/prepared")
+    assert dvc_hash("s3://zhclip-train/prepared") == dvc_hash(prepared_dir)
     _s3(s3_env).create_bucket(Bucket="zhclip-ray")
     config = TrainConfig(stage=1, max_steps=6, batch_size=32, warmup_steps=1, checkpoint_every=3,
                          storage_path="s3://zhclip-ray/checkpoints", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    stage1 = train("s3://zhclip-data/prepared", tmp_path / "stage1", config)
-    upload(tmp_path / "stage1", "s3://zhclip-data/models/stage1")  # as KFP stores a Model artifact
+    stage1 = train("s3://zhclip-train/prepared", tmp_path / "stage1", config)
+    upload(tmp_path / "stage1", "s3://zhclip-train/models/stage1")  # as KFP stores a Model artifact
     config2 = TrainConfig(stage=2, max_steps=2, batch_size=32, warmup_steps=1, storage_path="s3://zhclip-ray/checkpoints",
                           tracking_uri=config.tracking_uri)
-    stage2 = train("s3://zhclip-data/prepared", tmp_path / "stage2", config2, init_dir="s3://zhclip-data/models/stage1")
+    stage2 = train("s3://zhclip-train/prepared", tmp_path / "stage2", config2, init_dir="s3://zhclip-train/models/stage1")
     assert stage2["steps"] == 2 and stage2["mlflow"]["parent_run_id"] == stage1["mlflow"]["parent_run_id"]
     summary = stage1
     keys = _objects(s3_env, "zhclip-ray")

@@ -137,7 +137,8 @@ def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset
     Path(card.path).write_text(
         f"# {settings.model_name} version {result['version']}\n\n"
         f"| | |\n|---|---|\n| {settings.metric} | {result['candidate_value']} |\n"
-        f"| promoted to champion | {result['promoted']} |\n| champion version | {result['champion_version']} |\n\n"
+        f"| promoted to champion | {result['promoted']} |\n| champion version | {result['champion_version']} |\n"
+        f"| already registered (same weights) | {result['already_registered']} |\n\n"
         f"Pull it: `mlflow.pyfunc.load_model(\"models:/{settings.model_name}@champion\")`\n", encoding="utf-8")
     return result["version"]
 
