@@ -32,6 +32,15 @@ os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@zhclip.invalid")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left_behind():
+    """MLflow exports the tracking URI it is given to the environment; a test that leaves one behind
+    would send every later test's runs to a server that is gone."""
+    yield
+    leaked = {name: os.environ.pop(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if name in os.environ}
+    assert not leaked, f"this test left {leaked} in the environment"
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed `zhclip` command; output captured as text."""
     return subprocess.run([str(BIN / "zhclip"), *args], cwd=cwd, capture_output=True, text=True,

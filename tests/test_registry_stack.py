@@ -115,7 +115,9 @@ def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(tiny_model
 
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_server)
-    pulled = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    from components.tracking import using_tracking_uri
+
+    with using_tracking_uri(tracking_server):  # the pull goes to the server; nothing stays set afterwards
+        pulled = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     frame = pd.DataFrame({"text": ["红色的圆形在左上角", "蓝色十字在右下角"]})
     np.testing.assert_allclose(pulled.predict(frame), ZhclipEmbedder(str(tiny_models[0])).predict(frame), atol=1e-5)
