@@ -20,6 +20,7 @@ from PIL import Image
 from components.common import ZhclipError
 from components.lineage import dvc_hash, git_commit
 from components.register import RegisterConfig, register
+from components.tracking import using_tracking_uri
 from conftest import BIN, free_port, run_cli, running
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,9 @@ def test_lineage_tags_and_the_run(tiny_models, registry, tmp_path):
     assert sorted(a.path for a in client.list_artifacts(summary["run_id"], "step_summaries")) == \
         ["step_summaries/train_stage1.json", "step_summaries/train_stage2.json"]
     assert json.loads((tmp_path / "register.json").read_text())["lineage"]["data_dvc_hash"] == dvc_hash(data)
-    requirements = Path(client.download_artifacts(summary["run_id"], "model/requirements.txt", str(tmp_path))).read_text()
+    # MLflow resolves a run's logged-model artifacts through the global tracking URI, not the client's.
+    with using_tracking_uri(registry.tracking_uri):
+        requirements = Path(client.download_artifacts(summary["run_id"], "model/requirements.txt", str(tmp_path))).read_text()
     assert "torch==" in requirements and "+cpu" not in requirements
 
 
