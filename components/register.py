@@ -22,7 +22,7 @@ import pandas as pd
 import model as model_package
 from components.common import ZhclipError, build_config, read_summary, section, timed, write_summary
 from components.lineage import dvc_hash, git_commit
-from components.tracking import resolve_tracking_uri, using_tracking_uri
+from components.tracking import flatten_params, resolve_tracking_uri, using_tracking_uri
 from model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
 SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
@@ -65,16 +65,6 @@ def _signature(projection_dim: int):
                           ParamSpec("template", "string", DEFAULT_TEMPLATE)])
     outputs = Schema([TensorSpec(np.dtype("float32"), (-1, projection_dim))])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _pinned_requirements() -> list[str]:
@@ -164,7 +154,7 @@ def _log_and_register(model_dir: Path, metrics: dict[str, float], config: Regist
     with (contextlib.redirect_stdout(sys.stderr),
           mlflow.start_run(tags={"mlflow.parentRunId": training["parent_run_id"]} if nested else None) as run):
         mlflow.set_tags({key: value for key, value in lineage.items() if key != "params"})
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten_params(params).items()})
         mlflow.log_metrics(metrics)
         for artifact in artifacts:
             read_summary(artifact)  # a missing or broken file fails here, named

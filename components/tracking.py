@@ -53,13 +53,14 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
                 os.environ.pop(name, None)
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
+def flatten_params(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as MLflow param names: {"train": {"lr": 0.1}} -> {"train.lr": 0.1}."""
+    flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_params(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = str(value)[:6000]
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -113,7 +114,7 @@ def start_stage_run(uri: str, experiment: str, stage: int, ray_run_name: str, pa
     run = client.create_run(experiment_id, run_name=f"stage{stage}",
                             tags={"mlflow.parentRunId": parent_run_id, "zhclip.kind": "training",
                                   "zhclip.stage": str(stage), RAY_RUN_TAG: ray_run_name, **tags})
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in _flatten(params).items()],
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten_params(params).items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     return {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id, "run_id": run.info.run_id}
 
