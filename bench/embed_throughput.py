@@ -35,6 +35,7 @@ class Case:
     fused_qkv: bool = False
     channels_last: bool = False
     compile_scope: str = "none"
+    compile_mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs: static shapes)
 
 
 CASES = {
@@ -43,6 +44,9 @@ CASES = {
     "bf16": Case(),
     "bf16-fast": Case(fused_qkv=True, channels_last=True, compile_scope="regional"),
     "bf16-fast-model": Case(fused_qkv=True, channels_last=True, compile_scope="model"),
+    "bf16-fast-cudagraphs": Case(fused_qkv=True, channels_last=True, compile_scope="regional", compile_mode="reduce-overhead"),
+    "bf16-fast-model-cudagraphs": Case(fused_qkv=True, channels_last=True, compile_scope="model",
+                                       compile_mode="reduce-overhead"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,9 +75,10 @@ def embedder(case: Case, preset: str, device: torch.device) -> tuple[Callable, C
         return F.normalize(features, dim=-1)
 
     def compiled() -> Callable:
+        mode = {"mode": case.compile_mode} if case.compile_mode else {}
         if case.compile_scope == "model":
-            return torch.compile(embed, dynamic=False)
-        compile_model(model, case.compile_scope, dynamic=False)
+            return torch.compile(embed, dynamic=False, **mode)
+        compile_model(model, case.compile_scope, dynamic=False, **mode)
         return embed
 
     return embed, compiled

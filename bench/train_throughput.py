@@ -46,7 +46,9 @@ class Case:
     fused_adamw: bool = False
     fused_qkv: bool = False
     sdpa_backend: str | None = None
+    padding_free: bool = False  # text tower on real tokens only (model/fast.py PaddingFreeTextModel)
     channels_last: bool = False
+    activation_checkpointing: bool = False  # recompute each layer in backward (less memory, more work)
     compile_scope: str = "none"  # none | regional | model
     compile_mode: str | None = None  # torch.compile mode, e.g. reduce-overhead (CUDA graphs)
     mask_ratio: float = 0.0  # FLIP patch masking: changes the work, reported separately
@@ -62,6 +64,12 @@ CASES: dict[str, Case] = {
     "fast-s2": replace(FAST, check_loss=True),
     "fast-s1": replace(FAST, stage=1, check_loss=True),
     "fast-s1-cached": replace(FAST, stage=1, cache_image_embeds=True),
+    "fast-pf-s2": replace(FAST, padding_free=True, check_loss=True),
+    "fast-pf-s1": replace(FAST, stage=1, padding_free=True, check_loss=True),
+    "fast-pf-s1-cached": replace(FAST, stage=1, padding_free=True, cache_image_embeds=True),
+    "fast-pf-model-s2": replace(FAST, padding_free=True, compile_scope="model"),
+    "eager-pf-s2": replace(EAGER, padding_free=True, check_loss=True),
+    "fast-pf-ckpt-s2": replace(FAST, padding_free=True, activation_checkpointing=True),
     # each switch on its own, eager, to show what it brings
     "fp32-s2": Case(precision="fp32"),
     "bf16-s2": Case(),
@@ -178,8 +186,10 @@ def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, cont
     if case.stage == 1:
         lock_image_tower(model)
     plain = copy.deepcopy(model) if case.check_loss else None
+    if case.activation_checkpointing:  # renamed activation_checkpointing_enable in newer transformers
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     applied = apply_speedups(model, fused_qkv=case.fused_qkv, sdpa_backend=case.sdpa_backend,
-                             channels_last=case.channels_last)
+                             padding_free=case.padding_free, channels_last=case.channels_last)
     model.train()
     if case.stage == 1:
         lock_image_tower(model)  # locked modules back in eval mode after model.train()

@@ -83,6 +83,7 @@ class TrainConfig:
     fused_adamw: bool = False  # single-kernel AdamW update (GPU)
     fused_qkv: bool = False  # one matmul for query/key/value in every attention (saved in the standard layout)
     sdpa_backend: str = ""  # preferred attention kernel (needs fused_qkv): flash, cudnn, efficient, math; "" = PyTorch's choice
+    padding_free: bool = False  # text tower computes real tokens only, no padding (needs fused_qkv)
     channels_last: bool = False  # channels-last patch embedding (GPU)
     compile: str = "none"  # torch.compile: none, regional (each encoder layer) or model
     num_workers: int = 1  # Ray Train workers (one process each; DDP when more than one)
@@ -123,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"compile must be one of {COMPILE_SCOPES}, got {self.compile!r}")
         if self.sdpa_backend and (self.sdpa_backend not in SDPA_BACKENDS or not self.fused_qkv):
             raise ValueError(f"sdpa_backend {self.sdpa_backend!r} needs fused_qkv: true and one of {sorted(SDPA_BACKENDS)}")
+        if self.padding_free and not self.fused_qkv:
+            raise ValueError("padding_free needs fused_qkv: true (the packed attention is the fused one)")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mask_ratio and "resnet_layers" in PRESETS.get(self.preset, {}).get("vision", {}):
@@ -215,7 +218,7 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     raw_model = model.to(ctx.device)
     apply_speedups(raw_model, fused_qkv=cfg.fused_qkv, sdpa_backend=cfg.sdpa_backend or None,
-                   channels_last=cfg.channels_last, compile_scope=cfg.compile)
+                   padding_free=cfg.padding_free, channels_last=cfg.channels_last, compile_scope=cfg.compile)
     model = ctx.wrap_model(raw_model)
 
     pairs = read_pairs(config["prepared_dir"], "train")

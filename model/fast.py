@@ -5,18 +5,19 @@ Hugging Face state-dict layout, so a sped-up model saves, loads and converts lik
 Apply them before building the optimizer (fused QKV replaces parameters) and before `.to(device)`
 or after it, as convenient:
 
-    apply_speedups(model, fused_qkv=True, channels_last=True, sdpa_backend="cudnn", compile_scope="regional")
+    apply_speedups(model, fused_qkv=True, padding_free=True, channels_last=True, compile_scope="regional")
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.chinese_clip.modeling_chinese_clip import (
     ChineseCLIPTextSelfAttention,
     ChineseCLIPVisionAttention,
@@ -61,19 +62,57 @@ class FusedQKVAttention(nn.Module):
         self.register_state_dict_post_hook(_split_qkv)
         self.register_load_state_dict_pre_hook(_merge_qkv)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_args, **_kwargs):
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_args,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, **_kwargs):
+        """Padded (batch, length, width) input with an optional attention mask, or, with `cu_seqlens`,
+        a packed (1, tokens, width) input whose sequences start at those offsets (PaddingFreeTextModel)."""
         # Extra arguments (head masks, output_attentions...) are what other transformers versions
         # pass the replaced modules; self-attention of a CLIP tower uses none of them.
-        batch, length, _ = hidden_states.shape
-        query, key, value = (self.qkv(hidden_states).view(batch, length, 3, self.num_heads, -1)
-                             .permute(2, 0, 3, 1, 4).unbind(0))
+        batch, length, width = hidden_states.shape
+        qkv = self.qkv(hidden_states)
         with sdpa_kernel(self.backends, set_priority=True) if self.backends else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling,
-                                                 dropout_p=self.dropout if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
+            if cu_seqlens is not None:
+                out = self._packed_attention(qkv[0], cu_seqlens, max_seqlen).view(batch, length, width)
+            else:
+                query, key, value = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+                out = self._attention(query, key, value, attention_mask).transpose(1, 2).reshape(batch, length, width)
         if self.out_proj is not None:
             out = self.out_proj(out)
         return out, None  # (output, attention weights) as the replaced modules return
+
+    def _attention(self, query, key, value, attention_mask=None):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+    def _packed_attention(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        query, key, value = qkv.view(qkv.shape[0], 3, self.num_heads, -1).unbind(1)  # (tokens, heads, head size)
+        attention = jagged_attention if qkv.is_cuda else per_sequence_attention
+        return attention(query, key, value, cu_seqlens, max_seqlen, self._attention)
+
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def jagged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, attention: Attention) -> torch.Tensor:
+    """Attention within each packed sequence through jagged nested tensors: on GPUs the flash and
+    memory-efficient kernels take the sequences' offsets, so there is neither a mask nor a padded
+    position, and attention dropout is kept (torch's varlen_attn has none). (tokens, heads, head
+    size) in and out; `max_seqlen` may be an upper bound (the kernels size their grids by it)."""
+    # nested SDPA wants each of query, key and value contiguous
+    nested = (torch.nested.nested_tensor_from_jagged(part.contiguous(), cu_seqlens, max_seqlen=max_seqlen).transpose(1, 2)
+              for part in (query, key, value))
+    return attention(*nested).transpose(1, 2).values()
+
+
+def per_sequence_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                           _max_seqlen: int, attention: Attention) -> torch.Tensor:
+    """What jagged_attention computes, one sequence at a time: the CPU path. On the CPU torch's nested
+    SDPA falls back to strided nested tensors that neither non-reentrant activation checkpointing
+    nor the FLOP counter can follow."""
+    bounds = cu_seqlens.tolist()
+    return torch.cat([attention(*(part[start:end].transpose(0, 1) for part in (query, key, value))).transpose(0, 1)
+                      for start, end in zip(bounds, bounds[1:])])
 
 
 def _split_qkv(module: FusedQKVAttention, state_dict: dict, prefix: str, _metadata) -> None:
@@ -127,6 +166,59 @@ def fuse_qkv(model: nn.Module, sdpa_backend: str | None = None) -> int:
         setattr(parent, name, _fused(attention, sdpa_backend))
         replaced += 1
     return replaced
+
+
+class PaddingFreeTextModel(nn.Module):
+    """The text tower computing only the real tokens of each caption.
+
+    Captions are padded to the context length, and the plain tower runs every layer, matmuls
+    included, over the padding too. This one packs the tokens the attention mask keeps into one
+    sequence, runs the embeddings and every layer on it (attention within each caption only, see
+    FusedQKVAttention) and scatters the result back to (batch, length, width), zeros at the padded
+    positions, so the towers' pooling ([CLS]) and everything downstream are unchanged. The real tokens
+    get what the plain tower gives them. It holds the replaced tower's own submodules under their
+    own names: state dicts and saved folders keep the standard layout.
+    """
+
+    def __init__(self, text_model: nn.Module):
+        super().__init__()
+        self.config = text_model.config
+        self.embeddings, self.encoder, self.pooler = text_model.embeddings, text_model.encoder, text_model.pooler
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutputWithPooling:
+        unsupported = [name for name in ("inputs_embeds", "output_attentions", "output_hidden_states") if kwargs.get(name)]
+        if unsupported:
+            raise NotImplementedError(f"the padding-free text tower does not take {unsupported}; "
+                                      "build the model without padding_free for them")
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        kept = attention_mask.flatten().nonzero().squeeze(1)
+        lengths = attention_mask.sum(1)
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        packed = [ids.flatten()[kept][None] for ids in (input_ids, token_type_ids, position_ids)]
+        hidden = self.embeddings(input_ids=packed[0], token_type_ids=packed[1], position_ids=packed[2])
+        for layer in self.encoder.layer:
+            hidden = layer(hidden, None, cu_seqlens=cu_seqlens, max_seqlen=length)
+        unpacked = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, kept, hidden[0])
+        sequence = unpacked.view(batch, length, -1)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence,
+                                          pooler_output=self.pooler(sequence) if self.pooler is not None else None)
+
+
+def padding_free_text(model: nn.Module) -> None:
+    """Swap the text tower for PaddingFreeTextModel; its attention must be fused first (fuse_qkv),
+    since the packed attention lives in FusedQKVAttention."""
+    attention = model.text_model.encoder.layer[0].attention.self
+    if not isinstance(attention, FusedQKVAttention):
+        raise ValueError("padding_free needs the fused attention: set fused_qkv as well")
+    model.text_model = PaddingFreeTextModel(model.text_model)
 
 
 def channels_last_patch_embedding(model: nn.Module) -> bool:
@@ -195,13 +287,14 @@ def apply_speedups(
     model: nn.Module,
     fused_qkv: bool = False,
     sdpa_backend: str | None = None,
+    padding_free: bool = False,
     channels_last: bool = False,
     compile_scope: str = "none",
     compile_options: dict | None = None,
 ) -> dict[str, object]:
     """Apply the chosen switches in place; returns what was applied (for logs and benchmarks).
 
-    `sdpa_backend` needs `fused_qkv` (the backend is pinned inside the fused attention).
+    `sdpa_backend` and `padding_free` need `fused_qkv` (both live in the fused attention).
     """
     if sdpa_backend and not fused_qkv:
         raise ValueError("sdpa_backend is applied by the fused attention: set fused_qkv as well")
@@ -209,6 +302,9 @@ def apply_speedups(
     if fused_qkv:
         applied["fused_qkv"] = fuse_qkv(model, sdpa_backend)
         applied["sdpa_backend"] = sdpa_backend or "auto"
+    if padding_free:
+        padding_free_text(model)
+        applied["padding_free"] = True
     if channels_last:
         applied["channels_last"] = channels_last_patch_embedding(model)
     compile_model(model, compile_scope, **(compile_options or {}))

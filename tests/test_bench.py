@@ -54,7 +54,7 @@ def test_gpu_suite_names_only_existing_cases():
 @pytest.mark.slow
 def test_training_benchmark_runs_reference_and_zhclip_steps():
     cases = run_bench("train_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                      "--cases", "reference-s2", "reference-s1", "eager-s2", "bf16-s2")
+                      "--cases", "reference-s2", "reference-s1", "eager-s2", "bf16-s2", "eager-pf-s2")
     for name, case in cases.items():
         assert "error" not in case, f"{name}: {case.get('error')}"
         assert case["samples_per_s"] > 0 and case["gflop_per_sample"] > 0 and case["peak_memory_mb"] > 0
@@ -64,6 +64,10 @@ def test_training_benchmark_runs_reference_and_zhclip_steps():
     eager = cases["eager-s2"]
     assert eager["applied"]["fused_qkv"] == 4 and eager["loss_matches"] is True
     assert eager["embed_cosine_min"] > 0.99 and abs(eager["loss_fast"] - eager["loss_plain"]) < 0.05
+    # the padding-free text tower gives the same loss and skips the padded positions' work
+    padding_free = cases["eager-pf-s2"]
+    assert padding_free["applied"]["padding_free"] is True and padding_free["loss_matches"] is True
+    assert padding_free["gflop_per_sample"] < eager["gflop_per_sample"]
     # the same architecture and batch: zhclip counts the reference's work (to within its text pooler)
     assert cases["bf16-s2"]["gflop_per_sample"] == pytest.approx(cases["reference-s2"]["gflop_per_sample"], rel=0.1)
 

@@ -9,7 +9,14 @@ from PIL import Image
 from transformers import ChineseCLIPModel
 
 from model import build_model, load_model, lock_image_tower, save_model
-from model.fast import FusedQKVAttention, apply_speedups, pixels_on_device
+from model.fast import (
+    FusedQKVAttention,
+    PaddingFreeTextModel,
+    apply_speedups,
+    jagged_attention,
+    per_sequence_attention,
+    pixels_on_device,
+)
 from model.presets import CLIP_MEAN, CLIP_STD
 
 
@@ -47,7 +54,10 @@ def sped_up(plain_model, **switches):
     {"channels_last": True},
     {"fused_qkv": True, "channels_last": True, "compile_scope": "regional", "compile_options": {"backend": "aot_eager"}},
     {"compile_scope": "model", "compile_options": {"backend": "aot_eager"}},
-], ids=["fused", "fused-math", "fused-flash", "channels-last", "all-regional-compile", "model-compile"])
+    {"fused_qkv": True, "padding_free": True},
+    {"fused_qkv": True, "padding_free": True, "compile_scope": "regional", "compile_options": {"backend": "aot_eager"}},
+], ids=["fused", "fused-math", "fused-flash", "channels-last", "all-regional-compile", "model-compile",
+        "padding-free", "padding-free-compiled"])
 def test_switches_give_the_plain_models_embeddings(plain, batch, switches):
     model = sped_up(plain[0], **switches)
     with torch.no_grad():
@@ -73,8 +83,71 @@ def test_fused_qkv_replaces_every_attention_and_gives_the_same_gradients(plain, 
                                                  original.v_proj.bias.grad]), atol=1e-5, rtol=1e-4)
 
 
+def _text_gradients(model, batch, parameter_names):
+    model(**batch).text_embeds.square().sum().backward()
+    parameters = dict(model.named_parameters())
+    return [parameters[name].grad for name in parameter_names]
+
+
+def test_padding_free_text_tower_computes_real_tokens_only_with_the_same_gradients(plain, batch):
+    model = sped_up(plain[0], fused_qkv=True, padding_free=True)
+    assert isinstance(model.text_model, PaddingFreeTextModel)
+    names = ["text_model.embeddings.word_embeddings.weight", "text_model.encoder.layer.1.output.dense.weight",
+             "text_model.encoder.layer.0.attention.output.LayerNorm.weight", "text_projection.weight"]
+    reference = copy.deepcopy(plain[0])
+    for got, expected in zip(_text_gradients(model, batch, names), _text_gradients(reference, batch, names)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    fused = model.text_model.encoder.layer[0].attention.self.qkv.weight.grad
+    original = reference.text_model.encoder.layer[0].attention.self
+    torch.testing.assert_close(fused, torch.cat([original.query.weight.grad, original.key.weight.grad,
+                                                 original.value.weight.grad]), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        hidden = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        padded = plain[0].text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(hidden[real], padded[real], atol=1e-5, rtol=1e-5)
+    assert not hidden[~real].any(), "padded positions are never computed: zeros"
+
+
+def test_jagged_attention_the_gpu_path_equals_one_sequence_at_a_time():
+    """The GPU's packed attention (nested tensors) against the CPU's, here on the CPU's math kernel."""
+    generator = torch.Generator().manual_seed(3)
+    cu_seqlens = torch.tensor([0, 3, 8, 10, 16])
+    query, key, value = (torch.randn(16, 2, 4, generator=generator, requires_grad=True) for _ in range(3))
+    outputs, gradients = [], []
+    for attention in (jagged_attention, per_sequence_attention):
+        out = attention(query, key, value, cu_seqlens, 6, torch.nn.functional.scaled_dot_product_attention)
+        outputs.append(out)
+        gradients.append(torch.autograd.grad(out.square().sum(), (query, key, value)))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for jagged, sequential in zip(*gradients):
+        torch.testing.assert_close(jagged, sequential)
+    # and it is attention within each sequence: the first three tokens see only each other
+    alone = torch.nn.functional.scaled_dot_product_attention(*(t[:3].transpose(0, 1) for t in (query, key, value)))
+    torch.testing.assert_close(outputs[0][:3], alone.transpose(0, 1))
+
+
+def test_padding_free_keeps_attention_dropout_and_activation_checkpointing(plain, batch):
+    model = sped_up(plain[0], fused_qkv=True, padding_free=True).train()
+    for module in model.modules():  # only attention dropout left on
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for layer in model.text_model.encoder.layer:
+        layer.attention.self.dropout = 0.5
+    torch.manual_seed(0)
+    first, second = model(**batch).text_embeds, model(**batch).text_embeds
+    assert not torch.allclose(first, second), "attention dropout draws anew at each call"
+    for layer in model.text_model.encoder.layer:
+        layer.attention.self.dropout = 0.0
+    names = ["text_model.encoder.layer.0.intermediate.dense.weight"]
+    expected = _text_gradients(model, batch, names)[0].clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    torch.testing.assert_close(_text_gradients(model, batch, names)[0], expected, atol=1e-6, rtol=1e-5)
+
+
 def test_sped_up_model_keeps_the_standard_layout_and_round_trips(plain, batch, tmp_path):
-    model = sped_up(plain[0], fused_qkv=True, channels_last=True)
+    model = sped_up(plain[0], fused_qkv=True, padding_free=True, channels_last=True)
     assert model.state_dict().keys() == plain[0].state_dict().keys()
     save_model(model, plain[1], tmp_path)
     reloaded = ChineseCLIPModel.from_pretrained(tmp_path).eval()  # plain transformers reads it
@@ -109,6 +182,8 @@ def test_bad_switches_are_clear_errors(plain):
         sped_up(plain[0], fused_qkv=True, sdpa_backend="fastest")
     with pytest.raises(ValueError, match="set fused_qkv as well"):
         sped_up(plain[0], sdpa_backend="flash")
+    with pytest.raises(ValueError, match="padding_free needs the fused attention"):
+        sped_up(plain[0], padding_free=True)
     with pytest.raises(ValueError, match="compile scope must be one of"):
         sped_up(plain[0], compile_scope="everything")
 

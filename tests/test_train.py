@@ -171,7 +171,7 @@ def test_speed_switches_keep_the_loss_trajectory(prepared_dir, tmp_path):
     start = str(tmp_path / "no-dropout")
     plain, _ = _loop(prepared_dir, tmp_path, init_dir=start, stage=2, max_steps=4, lr=1e-3)
     fast, state = _loop(prepared_dir, tmp_path, init_dir=start, stage=2, max_steps=4, lr=1e-3,
-                        fused_qkv=True, channels_last=True)
+                        fused_qkv=True, padding_free=True, channels_last=True)
     assert [h["loss"] for h in fast] == pytest.approx([h["loss"] for h in plain], abs=1e-4)
     assert "text_model.encoder.layer.0.attention.self.query.weight" in state, "saved in the standard layout"
 
@@ -196,6 +196,8 @@ def test_config_rejects_settings_that_cannot_work():
         TrainConfig(compile="everything")
     with pytest.raises(ValueError, match="needs fused_qkv"):
         TrainConfig(sdpa_backend="flash")
+    with pytest.raises(ValueError, match="padding_free needs fused_qkv"):
+        TrainConfig(padding_free=True)
 
 
 @pytest.mark.slow
