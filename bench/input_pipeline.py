@@ -9,9 +9,10 @@ image_format: JPEG` stores them) and measures two ways to turn it into model-rea
 - `cpu`: zhclip's training data path, `components.train_data` (PairDataset: PIL decode, the
   model's ChineseCLIP image processor; epoch_loader: a DataLoader with N worker processes, one
   per core, and prefetching); `--augment` adds training's random resized crop;
-- `cpu-uint8`: the same decoding and PIL resize in the loader workers, but the workers hand over
-  8-bit 224x224 images and normalisation runs on the device (`model.fast.pixels_on_device`):
-  identical pixels, less CPU work per image and a quarter of the bytes to copy;
+- `cpu-uint8`: the same path with `train.normalize_on_device` (PairDataset `eight_bit`): the same
+  decoding and PIL resize in the loader workers, which hand over 8-bit 224x224 images, and the
+  scaling and normalisation run on the device: identical pixels, less CPU work per image and a
+  quarter of the bytes to copy;
 - `gpu`: shard bytes decoded by nvJPEG (`torchvision.io.decode_jpeg` on the GPU), resized and
   normalised there (`model.fast.pixels_on_device`); needs torchvision and a GPU, and JPEG shards.
 
@@ -34,12 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from bench.measure import emit, environment, pick_device, synchronize
 from components.ingest import PAIR_SCHEMA, read_pairs
 from components.train_data import EpochBatches, PairDataset, epoch_loader
-from model import decode_image
 from model.fast import pixels_on_device
 from model.presets import CLIP_MEAN, CLIP_STD, PRESETS, build_processor, default_vocab_path
 
@@ -71,49 +70,31 @@ def write_prepared(folder: Path, images: int, width: int, height: int, workers: 
     return folder
 
 
-def cpu_images_per_s(prepared: Path, processor, workers: int, batch_size: int, augment: bool) -> float:
-    """Images/s of zhclip's training loader over the shards, reading included."""
+def cpu_images_per_s(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
+                     device: torch.device) -> tuple[float, torch.Tensor]:
+    """Images/s of zhclip's training input (PairDataset + epoch_loader, then `to_device`), reading
+    included, and the first batch's pixels. `eight_bit`: the loader hands over 8-bit resized images,
+    normalised on `device` (train.normalize_on_device)."""
     started = time.perf_counter()
-    dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment)
+    dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment,
+                          eight_bit=eight_bit)
     batches = EpochBatches(len(dataset), batch_size, rank=0, world_size=1, seed=0, epoch=0)
-    images = sum(len(batch["pixel_values"]) for batch in epoch_loader(dataset, batches, epoch=0, loader_workers=workers))
-    return images / (time.perf_counter() - started)
-
-
-class ResizedImages(Dataset):
-    """Decoded and resized to the model's input size in the loader worker, still 8-bit: the image
-    processor's own PIL resize, without its (CPU-bound) float conversion and normalisation."""
-
-    def __init__(self, blobs: list[bytes], size: int):
-        self.blobs, self.size = blobs, size
-
-    def __len__(self) -> int:
-        return len(self.blobs)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = decode_image(self.blobs[index]).resize((self.size, self.size), Image.BICUBIC)
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
-def uint8_images_per_s(prepared: Path, size: int, workers: int, batch_size: int,
-                       device: torch.device) -> tuple[float, torch.Tensor]:
-    """Images/s of 8-bit loading plus normalisation on the device, and the first batch's pixels."""
-    started = time.perf_counter()
-    loader = DataLoader(ResizedImages(list(read_pairs(prepared, "train")["image"]), size), batch_size=batch_size,
-                        num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+    loader = epoch_loader(dataset, batches, epoch=0, loader_workers=workers, pin_memory=device.type == "cuda")
     first, images = None, 0
     for batch in loader:
-        pixels = pixels_on_device(batch.to(device, non_blocking=True), size, CLIP_MEAN, CLIP_STD)
+        pixels = dataset.to_device(batch, device)["pixel_values"]
         first = pixels if first is None else first
         images += len(pixels)
     synchronize(device)
     return images / (time.perf_counter() - started), first
 
 
-def max_difference_from_processor(pixels: torch.Tensor, prepared: Path, processor) -> float:
-    """Largest difference of a path's first pixels from zhclip's image processor on the same images."""
-    dataset = PairDataset(read_pairs(prepared, "train").head(8), processor, context_length=52)
-    on_cpu = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+def max_difference_from_processor(pixels: torch.Tensor, prepared: Path, processor, indices: list[int],
+                                  augment: bool = False) -> float:
+    """Largest difference of a path's first pixels, the images at `indices`, from zhclip's image
+    processor on the same images."""
+    dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment)
+    on_cpu = torch.stack([dataset[i]["pixel_values"] for i in indices])
     return round((pixels[:len(on_cpu)].float().cpu() - on_cpu).abs().max().item(), 4)
 
 
@@ -155,20 +136,22 @@ def main() -> None:
     size = PRESETS["ViT-B-16"]["vision"]["image_size"]
     processor = build_processor(default_vocab_path(), size, context_length=52)
     common = {"bench": "input", "images": args.images, "stored_size": f"{args.width}x{args.height}", "batch_size": args.batch_size}
+    loader_order = next(iter(EpochBatches(args.images, args.batch_size, rank=0, world_size=1, seed=0, epoch=0)))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = write_prepared(Path(tmp), args.images, args.width, args.height, max(1, *args.workers))
         for workers in args.workers:
-            rate = cpu_images_per_s(prepared, processor, workers, args.batch_size, args.augment)
-            emit({**common, "case": f"cpu-{workers}-workers", "workers": workers, "augment": args.augment,
-                  "images_per_s": round(rate, 1)})
-            rate, pixels = uint8_images_per_s(prepared, size, workers, args.batch_size, device)
-            emit({**common, "case": f"cpu-uint8-{workers}-workers", "workers": workers, "images_per_s": round(rate, 1),
-                  "max_abs_diff_vs_processor": max_difference_from_processor(pixels, prepared, processor)})
+            for eight_bit in (False, True):
+                rate, pixels = cpu_images_per_s(prepared, processor, workers, args.batch_size, args.augment,
+                                                eight_bit, device)
+                emit({**common, "case": f"cpu-{'uint8-' if eight_bit else ''}{workers}-workers", "workers": workers,
+                      "augment": args.augment, "images_per_s": round(rate, 1),
+                      "max_abs_diff_vs_processor": max_difference_from_processor(
+                          pixels, prepared, processor, loader_order[:8], args.augment)})
         if args.gpu_decode:
             try:
                 rate, pixels = gpu_images_per_s(prepared, size, args.batch_size, device)
                 emit({**common, "case": "gpu-nvjpeg", "images_per_s": round(rate, 1),
-                      "max_abs_diff_vs_processor": max_difference_from_processor(pixels, prepared, processor)})
+                      "max_abs_diff_vs_processor": max_difference_from_processor(pixels, prepared, processor, list(range(8)))})
             except Exception as err:  # e.g. no torchvision or no GPU: reported, the CPU figures stand
                 emit({**common, "case": "gpu-nvjpeg", "error": f"{type(err).__name__}: {err}"[:2000]})
 

@@ -59,8 +59,8 @@ HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s",
 # Settings that change neither the result nor the order of the work: a re-run that differs only in
 # these still resumes the interrupted run.
 _NOT_IN_RUN_IDENTITY = {"storage_path", "storage_endpoint", "max_failures", "keep_checkpoints",
-                        "cpus_per_worker", "use_gpu", "loader_workers", "tracking_uri", "experiment", "log_every",
-                        "checkpoint_every", "validate_every"}
+                        "cpus_per_worker", "use_gpu", "loader_workers", "normalize_on_device", "tracking_uri",
+                        "experiment", "log_every", "checkpoint_every", "validate_every"}
 
 
 @dataclass
@@ -90,6 +90,7 @@ class TrainConfig:
     cpus_per_worker: int = 2
     use_gpu: bool = False  # one GPU per worker
     loader_workers: int = 0  # decoding processes per worker (0: decode in the training process)
+    normalize_on_device: bool = False  # loaders hand over 8-bit resized images; the device scales and normalises them
     storage_path: str = "ray_results"  # checkpoints: a folder, or s3://bucket/prefix (MinIO)
     storage_endpoint: str = ""  # S3 endpoint for s3:// storage; empty: $AWS_ENDPOINT_URL
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -227,7 +228,7 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         raise ZhclipError(f"{len(pairs)} training pairs give no full batch of {cfg.batch_size} per worker "
                           f"across {ctx.world_size} workers; lower train.batch_size or num_workers")
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    dataset = PairDataset(pairs, processor, cfg.context_length, cfg.augment, cfg.seed)
+    dataset = PairDataset(pairs, processor, cfg.context_length, cfg.augment, cfg.seed, eight_bit=cfg.normalize_on_device)
     optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
     step = TrainStep(model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model)
 
@@ -260,7 +261,7 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         loader = epoch_loader(dataset, batches, epoch, cfg.loader_workers, pin_memory=ctx.device.type == "cuda")
         waited_from = time.perf_counter()
         for batch in loader:
-            batch = {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+            batch = dataset.to_device(batch, ctx.device)
             data_wait = time.perf_counter() - waited_from
             result = step(batch)
             elapsed = time.perf_counter() - waited_from

@@ -12,12 +12,14 @@ import math
 import random
 from collections.abc import Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from model import decode_image
+from model.fast import pixels_on_device
 
 CROP_SCALE = (0.9, 1.0)  # Chinese-CLIP's training RandomResizedCrop
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -44,15 +46,21 @@ def random_resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
 
 
 class PairDataset(Dataset):
-    """(token ids, pixel values) per (text, image) pair; images are decoded (and augmented) as read."""
+    """(token ids, pixel values) per (text, image) pair; images are decoded (and augmented) as read.
 
-    def __init__(self, pairs: pd.DataFrame, processor, context_length: int, augment: bool = False, seed: int = 0):
+    With `eight_bit` the pixels stay 8-bit after the processor's resize, and `to_device` scales and
+    normalises them on the training device: the same pixels, without the float conversion and
+    normalisation that take about half of a loader process's time per image.
+    """
+
+    def __init__(self, pairs: pd.DataFrame, processor, context_length: int, augment: bool = False, seed: int = 0,
+                 eight_bit: bool = False):
         tokens = processor.tokenizer(list(pairs["text"]), padding="max_length", truncation=True,
                                      max_length=context_length, return_tensors="pt")
         self.input_ids, self.attention_mask = tokens["input_ids"], tokens["attention_mask"]
         self.images = list(pairs["image"])
         self.image_processor = processor.image_processor
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.augment, self.seed, self.epoch, self.eight_bit = augment, seed, 0, eight_bit
 
     def __len__(self) -> int:
         return len(self.images)
@@ -61,8 +69,23 @@ class PairDataset(Dataset):
         image = decode_image(self.images[index])
         if self.augment:
             image = random_resized_crop(image, random.Random(f"{self.seed}-{self.epoch}-{index}"))
-        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pixels = self._eight_bit(image) if self.eight_bit else self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "pixel_values": pixels}
+
+    def _eight_bit(self, image: Image.Image) -> torch.Tensor:
+        # the processor's own first step (RGB, squashed to its size with its resampling filter)
+        size = self.image_processor.size
+        resized = image.convert("RGB").resize((size["width"], size["height"]), Image.Resampling(self.image_processor.resample))
+        return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """A loader batch on `device`, its 8-bit pixels (if any) scaled and normalised there as the processor does."""
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        if batch["pixel_values"].dtype == torch.uint8:
+            processor = self.image_processor
+            batch["pixel_values"] = pixels_on_device(batch["pixel_values"], processor.size["height"],
+                                                     processor.image_mean, processor.image_std)
+        return batch
 
 
 def steps_per_epoch(pairs: int, batch_size: int, world_size: int) -> int:

@@ -180,8 +180,11 @@ def test_decoding_processes_and_augmentation_keep_the_run_reproducible(prepared_
     """Augmentation draws per pair from (seed, epoch, pair), so loader processes change nothing."""
     inline, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=0)
     parallel, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2)
+    eight_bit, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2,
+                         normalize_on_device=True)
     plain, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=False)
     assert [h["loss"] for h in parallel] == pytest.approx([h["loss"] for h in inline], abs=1e-6)
+    assert [h["loss"] for h in eight_bit] == pytest.approx([h["loss"] for h in inline], abs=1e-6)
     assert [h["loss"] for h in plain] != pytest.approx([h["loss"] for h in inline], abs=1e-6)
 
 
@@ -224,6 +227,24 @@ def test_random_resized_crop_keeps_90_to_100_percent_of_the_image():
     areas = [c.size[0] * c.size[1] / 32000 for c in (random_resized_crop(image, random.Random(i)) for i in range(200))]
     assert min(areas) >= 0.88 and max(areas) <= 1.0 and len(set(areas)) > 20
     assert random_resized_crop(Image.new("RGB", (400, 100)), random.Random(0)).size == (133, 100), "centre crop at 4:3"
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_eight_bit_loading_normalised_on_the_device_gives_the_processors_pixels(prepared_dir, augment):
+    from components.ingest import read_pairs
+    from components.train_data import PairDataset
+
+    pairs = read_pairs(prepared_dir, "train").head(6)
+    _, processor = build_model("tiny")
+    float_pixels = PairDataset(pairs, processor, 52, augment=augment)
+    eight_bit = PairDataset(pairs, processor, 52, augment=augment, eight_bit=True)
+    item = eight_bit[0]
+    assert item["pixel_values"].dtype == torch.uint8 and item["pixel_values"].shape == (3, 32, 32)
+    batch = {key: torch.stack([eight_bit[i][key] for i in range(6)]) for key in item}
+    expected = torch.stack([float_pixels[i]["pixel_values"] for i in range(6)])
+    got = eight_bit.to_device(batch, torch.device("cpu"))
+    torch.testing.assert_close(got["pixel_values"], expected, atol=1e-6, rtol=0)
+    assert torch.equal(got["input_ids"], batch["input_ids"])
 
 
 def test_each_worker_reads_its_own_slice_of_the_epoch_and_resumes_mid_epoch():
