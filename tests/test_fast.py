@@ -217,3 +217,25 @@ def test_regional_compile_traces_one_graph_per_layer_kind_without_breaks(plain, 
             embeddings(model, batch)
     # the text layers share one graph and the vision layers another: compiled once, reused, unbroken
     assert len(graphs) == 2
+
+
+def test_padding_free_compiled_layers_stop_recompiling_as_token_counts_change(plain, batch):
+    graphs = []
+
+    def counting_backend(graph_module, _inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    model = sped_up(plain[0], fused_qkv=True, padding_free=True, compile_scope="regional",
+                    compile_options={"backend": counting_backend})
+    counts = []
+    for cut in (16, 12, 9, 5):  # a different number of real tokens in every batch
+        shorter = {**batch, "attention_mask": batch["attention_mask"].clone()}
+        shorter["attention_mask"][:, cut:] = 0
+        with torch.no_grad():
+            torch.testing.assert_close(embeddings(model, shorter)[1], embeddings(plain[0], shorter)[1],
+                                       atol=1e-5, rtol=1e-5)
+        counts.append(len(graphs))
+    # the second token count makes the graphs dynamic; later ones reuse them
+    assert counts[1] > counts[0] and counts[3] == counts[2] == counts[1]
