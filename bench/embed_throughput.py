@@ -12,16 +12,14 @@ weights converted by its own `convert_weights` (fp16 matmuls, fp32 norms), as it
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from bench.measure import case_names, count_flops, rates, reset_peak_memory, run_cases, start, time_calls
+from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
 from bench.train_throughput import VIT_PRESETS, reference_model
 from model import build_model
 from model.fast import apply_speedups, compile_model
@@ -90,31 +88,22 @@ def run_case(name: str, case: Case, args, device: torch.device, peak_tflops: flo
     size = PRESETS[args.preset]["vision"]["image_size"]
     pixels = torch.randn(args.batch_size, 3, size, size, device=device)
     embed, compiled = embedder(case, args.preset, device)
+    def finish() -> tuple[Callable, dict]:
+        compiled_embed = compiled()
+        return lambda: compiled_embed(pixels), {}
+
     with torch.inference_mode():
-        flops = count_flops(lambda: embed(pixels))
-        embed = compiled()
-        started = time.perf_counter()
-        reset_peak_memory(device)
-        seconds = time_calls(lambda: embed(pixels), device, args.warmup, args.steps)
+        flops, seconds, _, elapsed = count_then_time(lambda: embed(pixels), finish, device, args.warmup, args.steps)
     return {"bench": "embed", "case": name, "preset": args.preset, "batch_size": args.batch_size, **asdict(case),
-            **rates(args.batch_size, "image", seconds, flops, peak_tflops, device),
-            "warmup_and_timing_s": round(time.perf_counter() - started, 1)}
+            **rates(args.batch_size, "image", seconds, flops, peak_tflops, device), "warmup_and_timing_s": round(elapsed, 1)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["bf16", "bf16-fast"],
-                        help=f"cases to run, in order, or `all`: {', '.join(CASES)}")
-    parser.add_argument("--preset", default="ViT-B-16", choices=VIT_PRESETS)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser = model_bench_parser(__doc__, CASES, ["bf16", "bf16-fast"], batch_size=1024, presets=VIT_PRESETS)
     args = parser.parse_args()
     names = case_names(parser, args.cases, CASES)
     device, peak = start(args.device, args.peak_tflops)
-    run_cases("embed", names, lambda name: run_case(name, CASES[name], args, device, peak), device)
+    run_cases("embed", names, lambda name: run_case(name, CASES[name], args, device, peak), device, args.budget_s)
 
 
 if __name__ == "__main__":

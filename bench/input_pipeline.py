@@ -135,7 +135,8 @@ def main() -> None:
     emit({"bench": "environment", **environment(device)})
     size = PRESETS["ViT-B-16"]["vision"]["image_size"]
     processor = build_processor(default_vocab_path(), size, context_length=52)
-    common = {"bench": "input", "images": args.images, "stored_size": f"{args.width}x{args.height}", "batch_size": args.batch_size}
+    common = {"bench": "input", "images": args.images, "stored_size": f"{args.width}x{args.height}",
+              "batch_size": args.batch_size}
     loader_order = next(iter(EpochBatches(args.images, args.batch_size, rank=0, world_size=1, seed=0, epoch=0)))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = write_prepared(Path(tmp), args.images, args.width, args.height, max(1, *args.workers))

@@ -91,6 +91,36 @@ def emit(record: dict) -> None:
     sys.stdout.flush()
 
 
+def model_bench_parser(doc: str, catalogue: dict, default_cases: list[str], batch_size: int,
+                       presets: list[str]) -> argparse.ArgumentParser:
+    """The options every model benchmark takes: cases, preset, batch, steps, device, matmul peak, budget."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=default_cases,
+                        help=f"cases to run, in order, or `all`: {', '.join(catalogue)}")
+    parser.add_argument("--preset", default="ViT-B-16", choices=presets)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--steps", type=int, default=20, help="timed calls per case")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per case (compilation happens here)")
+    parser.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cuda, cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="matmul peak for MFU; measured (bf16, 8192^3) when not given")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the remaining cases after this many seconds")
+    return parser
+
+
+def count_then_time(eager: Callable[[], object], finish: Callable[[], tuple[Callable[[], object], dict]],
+                    device: torch.device, warmup: int, steps: int) -> tuple[int, float, dict, float]:
+    """A case's measurement: FLOPs of one `eager` call (the counter needs eager code), then `finish()`
+    (compilation, checks) giving the call to time and extra figures, then seconds per call after the
+    warm-up. Returns (FLOPs, seconds per call, extra figures, seconds from `finish` to the end)."""
+    flops = count_flops(eager)
+    started = time.perf_counter()
+    timed, extra = finish()
+    reset_peak_memory(device)
+    seconds = time_calls(timed, device, warmup, steps)
+    return flops, seconds, extra, time.perf_counter() - started
+
+
 def case_names(parser: argparse.ArgumentParser, requested: list[str], catalogue: dict) -> list[str]:
     """The requested case names (`all` for every one), or a usage error naming the unknown ones."""
     names = list(catalogue) if requested == ["all"] else requested

@@ -16,18 +16,16 @@ Needs only torch, transformers and the cn-clip wheel: no Ray, MLflow or Great Ex
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from bench.measure import case_names, count_flops, rates, reset_peak_memory, run_cases, start, time_calls
+from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
 from components.training import StepConfig, TrainStep, build_optimizer, warmup_cosine
 from model import build_model, lock_image_tower
 from model.fast import apply_speedups, compile_model
@@ -229,29 +227,15 @@ def run_case(name: str, case: Case, args, device: torch.device, peak_tflops: flo
         finish = dict
     else:
         step, finish = zhclip_step(case, args.preset, batch, device, args.context_length)
-    flops = count_flops(step)
-    started = time.perf_counter()
-    extra = finish()
-    reset_peak_memory(device)
-    seconds = time_calls(step, device, args.warmup, args.steps)
+    flops, seconds, extra, elapsed = count_then_time(step, lambda: (step, finish()), device, args.warmup, args.steps)
     return {"bench": "train", "case": name, "preset": args.preset, "batch_size": args.batch_size, **asdict(case),
             **extra, **rates(args.batch_size, "sample", seconds, flops, peak_tflops, device),
-            "warmup_and_timing_s": round(time.perf_counter() - started, 1)}
+            "warmup_and_timing_s": round(elapsed, 1)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["reference-s2", "fast-s2"],
-                        help=f"cases to run, in order, or `all`: {', '.join(CASES)}")
-    parser.add_argument("--preset", default="ViT-B-16", choices=VIT_PRESETS)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser = model_bench_parser(__doc__, CASES, ["reference-s2", "fast-s2"], batch_size=256, presets=VIT_PRESETS)
     parser.add_argument("--context-length", type=int, default=52)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per case (compilation happens here)")
-    parser.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cuda, cpu")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="matmul peak for MFU; measured (bf16, 8192^3) when not given")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip the remaining cases after this many seconds")
     args = parser.parse_args()
     names = case_names(parser, args.cases, CASES)
     device, peak = start(args.device, args.peak_tflops)

@@ -202,16 +202,22 @@ def test_on_device_preprocessing_matches_the_image_processor(plain):
     assert (got - expected).abs().mean() < 0.01
 
 
-def test_regional_compile_traces_one_graph_per_layer_kind_without_breaks(plain, batch):
+def graph_counting_backend() -> tuple[list, object]:
+    """A torch.compile backend that runs each graph as traced and records it: (graphs, backend)."""
     graphs = []
 
-    def counting_backend(graph_module, _inputs):
+    def backend(graph_module, _inputs):
         graphs.append(graph_module)
         return graph_module.forward
 
     torch._dynamo.reset()
+    return graphs, backend
+
+
+def test_regional_compile_traces_one_graph_per_layer_kind_without_breaks(plain, batch):
+    graphs, backend = graph_counting_backend()
     model = sped_up(plain[0], fused_qkv=True, compile_scope="regional",
-                    compile_options={"backend": counting_backend, "dynamic": False})
+                    compile_options={"backend": backend, "dynamic": False})
     for _ in range(2):
         with torch.no_grad():
             embeddings(model, batch)
@@ -220,15 +226,9 @@ def test_regional_compile_traces_one_graph_per_layer_kind_without_breaks(plain, 
 
 
 def test_padding_free_compiled_layers_stop_recompiling_as_token_counts_change(plain, batch):
-    graphs = []
-
-    def counting_backend(graph_module, _inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
+    graphs, backend = graph_counting_backend()
     model = sped_up(plain[0], fused_qkv=True, padding_free=True, compile_scope="regional",
-                    compile_options={"backend": counting_backend})
+                    compile_options={"backend": backend})
     counts = []
     for cut in (16, 12, 9, 5):  # a different number of real tokens in every batch
         shorter = {**batch, "attention_mask": batch["attention_mask"].clone()}
