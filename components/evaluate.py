@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -54,6 +55,24 @@ class RetrievalSet:
     text_to_images: list[set[int]]
     texts: list[str] = field(default_factory=list)         # for the report; may be empty
     images: list[Image.Image] = field(default_factory=list)  # for the report; may be empty
+
+
+@dataclass
+class SplitIndex:
+    """A split's pairs as retrieval sees them: each text once, each image once, and the image rows
+    positive for each text row."""
+
+    texts: pd.DataFrame
+    images: pd.DataFrame
+    text_to_images: list[set[int]]
+
+    @classmethod
+    def of(cls, pairs: pd.DataFrame) -> SplitIndex:
+        texts = pairs.drop_duplicates("text_id").reset_index(drop=True)
+        images = pairs.drop_duplicates("image_id").reset_index(drop=True)
+        image_row = {image_id: row for row, image_id in enumerate(images["image_id"])}
+        grouped = pairs.groupby("text_id")["image_id"].apply(lambda ids: {image_row[i] for i in ids})
+        return cls(texts, images, [grouped[text_id] for text_id in texts["text_id"]])
 
 
 @dataclass
@@ -206,10 +225,8 @@ def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateCo
         model, processor = load_model(model_dir)
     except (FileNotFoundError, OSError) as err:
         raise ZhclipError(f"cannot load model from {model_dir}: {err}") from err
-    texts = pairs.drop_duplicates("text_id").reset_index(drop=True)
-    images = pairs.drop_duplicates("image_id").reset_index(drop=True)
-    image_row = {image_id: row for row, image_id in enumerate(images["image_id"])}
-    grouped = pairs.groupby("text_id")["image_id"].apply(lambda ids: {image_row[i] for i in ids})
+    split = SplitIndex.of(pairs)
+    texts, images = split.texts, split.images
     summary: dict = {"model_dir": str(model_dir), "split": config.split, "texts": len(texts), "images": len(images)}
     with timed(summary):
         decoded = [decode_image(blob) for blob in images["image"]]
@@ -218,7 +235,7 @@ def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateCo
             image_emb = embed_images(model, processor, decoded, config.batch_size)
         data = RetrievalSet(text_ids=[int(i) for i in texts["text_id"]], image_ids=[int(i) for i in images["image_id"]],
                             text_emb=text_emb, image_emb=image_emb,
-                            text_to_images=[grouped[text_id] for text_id in texts["text_id"]],
+                            text_to_images=split.text_to_images,
                             texts=list(texts["text"]), images=decoded)
         summary.update(_score(data, config, plots_path, report_dir, _run(mlflow_run_id, model_dir), summary))
     if summary_path:

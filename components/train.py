@@ -180,21 +180,23 @@ def _set_train_mode(model, cfg: TrainConfig) -> None:
 
 def validation_metrics(model, processor, pairs, batch_size: int) -> dict[str, float]:
     """In-batch accuracy (image->text and text->image, batches of `batch_size` pairs) and retrieval
-    recall on the held-out pairs."""
-    from components.evaluate import retrieval_metrics
+    mean recall on the held-out pairs, the latter exactly as `zhclip evaluate` scores a split."""
+    from components.evaluate import SplitIndex, retrieval_metrics
 
+    split = SplitIndex.of(pairs)
     model.eval()
     with torch.no_grad():
-        texts = embed_texts(model, processor, list(pairs["text"]), batch_size)
-        images = embed_images(model, processor, [decode_image(b) for b in pairs["image"]], batch_size)
+        texts = embed_texts(model, processor, list(split.texts["text"]), batch_size)
+        images = embed_images(model, processor, [decode_image(b) for b in split.images["image"]], batch_size)
+    text_row = {text_id: row for row, text_id in enumerate(split.texts["text_id"])}
+    image_row = {image_id: row for row, image_id in enumerate(split.images["image_id"])}
+    pair_texts, pair_images = texts[pairs["text_id"].map(text_row)], images[pairs["image_id"].map(image_row)]
     hits = []
     for start in range(0, len(pairs), batch_size):
-        scores = texts[start:start + batch_size] @ images[start:start + batch_size].T
+        scores = pair_texts[start:start + batch_size] @ pair_images[start:start + batch_size].T
         diagonal = np.arange(len(scores))
         hits += [(scores.argmax(1) == diagonal).mean(), (scores.argmax(0) == diagonal).mean()]
-    same_image = pairs["image_id"].to_numpy()
-    positives = [set(np.flatnonzero(same_image == image_id)) for image_id in same_image]
-    recall = retrieval_metrics(texts, images, positives)
+    recall = retrieval_metrics(texts, images, split.text_to_images)
     return {"valid_inbatch_accuracy": round(100 * float(np.mean(hits)), 4), "valid_mean_recall": recall["mean_recall"]}
 
 

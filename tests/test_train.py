@@ -266,3 +266,16 @@ def test_evaluation_is_logged_into_the_run_that_trained_the_model(trained, prepa
     ids = trained["stage2"]["mlflow"]
     logged = MlflowClient(ids["tracking_uri"]).get_run(ids["run_id"]).data.metrics
     assert logged["mean_recall"] == scores["mean_recall"]
+
+
+def test_validation_recall_is_the_evaluate_steps_recall_on_the_valid_split(prepared_dir, tmp_path):
+    from components.evaluate import EvaluateConfig, evaluate
+    from components.ingest import read_pairs
+    from components.train import validation_metrics
+
+    model, processor = build_model("tiny", seed=3)
+    save_model(model, processor, tmp_path / "model")
+    scores = validation_metrics(model, processor, read_pairs(prepared_dir, "valid"), batch_size=16)
+    evaluated = evaluate(tmp_path / "model", prepared_dir, EvaluateConfig(split="valid", batch_size=16))
+    assert scores["valid_mean_recall"] == pytest.approx(evaluated["mean_recall"], abs=1e-3)
+    assert 0 <= scores["valid_inbatch_accuracy"] <= 100
