@@ -35,6 +35,9 @@ EXAMPLES_PER_CLASS = 5
 class ZeroshotConfig:
     templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # each with one "{}" for the class name
     batch_size: int = 256
+    # Image sets the pipelines classify: data/raw/zeroshot/<set> (dvc.yaml's zeroshot stages and the
+    # Kubeflow pipeline's zero-shot tasks); `zhclip zeroshot --images` takes any folder instead.
+    sets: list[str] = field(default_factory=lambda: ["digits", "shapes"])
 
     def __post_init__(self):
         bad = [t for t in self.templates if t.count("{}") != 1]

@@ -21,6 +21,7 @@ from workflows.pipeline import compile_pipeline, step_configs
 
 TRAINING = ("train-op", "train-op-2")
 STEPS = ("ingest-op", "validate-op", "evaluate-op", "register-op")
+TRACKED = (*TRAINING, "evaluate-op", "zeroshot-op", "register-op")  # log to MLflow: its and MinIO's credentials
 
 
 def _compiled(tmp_path, params) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
@@ -38,7 +39,8 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     params = load_params("params.yaml")
     spec = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()).__next__()
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"importer", "ingest-op", "validate-op", "train-op", "train-op-2", "evaluate-op", "register-op"}
+    assert set(tasks) == {"importer", "ingest-op", "validate-op", "train-op", "train-op-2", "evaluate-op", "register-op",
+                          "for-loop-1"}
     assert tasks["train-op"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"] == {
         "outputArtifactKey": "validated", "producerTask": "validate-op"}
     assert tasks["train-op-2"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == "train-op"
@@ -50,6 +52,12 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
+    # one zero-shot task per image set of params.yaml, on stage 2's model and the raw data's zeroshot/ folders
+    assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and tasks["for-loop-1"]["parameterIterator"]
+    zeroshot = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["zeroshot-op"]["inputs"]
+    assert zeroshot["artifacts"]["model"]["componentInputArtifact"] == "pipelinechannel--train-op-2-model"
+    assert zeroshot["artifacts"]["raw"]["componentInputArtifact"] == "pipelinechannel--importer-artifact"
+    assert zeroshot["parameters"]["image_set"]["componentInputParameter"] == "pipelinechannel--zeroshot_sets-loop-item"
     evaluate_outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]["artifacts"]
     assert evaluate_outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
     assert evaluate_outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
@@ -92,6 +100,10 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     assert float(version.tags["metric.mean_recall"]) == scores["mean_recall"]
     assert version.tags["data_dvc_hash"].endswith(".dir")
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
+    # zero-shot: one task per image set, each the same accuracy as dvc repro's stage for that set
+    expected_top1 = sorted(json.loads((project / "metrics" / f"zeroshot_{name}.json").read_text())["top1"]
+                           for name in params["zeroshot"]["sets"])
+    assert sorted(task["top1"] for task in outputs["zeroshot"]) == pytest.approx(expected_top1, abs=1e-6)
     html = next((tmp_path / "root").glob("zhclip-*/evaluate-op/report")).read_text(encoding="utf-8")
     assert "<table" in html and "data:image/png;base64," in html
 
@@ -130,15 +142,18 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
         resources = executors[f"exec-{name}"]["container"]["resources"]
         assert "accelerator" not in resources and resources["resourceMemoryRequest"] == cluster["step_memory"]
         assert not tasks[name].HasField("retry_policy")
-    for name in (*TRAINING, "register-op"):
+    loop = spec.components["comp-for-loop-1"].dag.tasks["zeroshot-op"]
+    assert not loop.caching_options.enable_cache and not loop.HasField("retry_policy")
+    assert "accelerator" not in executors["exec-zeroshot-op"]["container"]["resources"]
+    for name in TRACKED:
         secrets = {s.secret_name: {e.secret_key: e.env_var for e in s.key_to_env} for s in k8s[name].secret_as_env}
         assert secrets == {"minio-credentials": {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"},
                            "mlflow-credentials": {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}}
         env = {e["name"]: e["value"] for e in executors[f"exec-{name}"]["container"]["env"]}
         assert env["MLFLOW_TRACKING_URI"] == cluster["mlflow_uri"] and env["AWS_ENDPOINT_URL"] == cluster["s3_endpoint"]
-    for name in ("ingest-op", "validate-op", "evaluate-op"):
+    for name in ("ingest-op", "validate-op"):
         assert not k8s[name].secret_as_env
-    for name in (*TRAINING, *STEPS):  # the NetworkPolicies let exactly these pods reach MinIO and MLflow
+    for name in (*TRAINING, *STEPS, "zeroshot-op"):  # the NetworkPolicies let exactly these pods reach MinIO and MLflow
         assert dict(k8s[name].pod_metadata.labels) == {"zhclip.io/client": "true"}
         assert k8s[name].security_context.run_as_non_root
     assert spec.root.input_definitions.parameters["ray_address"].default_value.string_value == ""

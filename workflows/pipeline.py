@@ -1,4 +1,5 @@
-"""The Kubeflow pipeline: ingest -> validate -> train stage 1 -> train stage 2 -> evaluate -> register.
+"""The Kubeflow pipeline: ingest -> validate -> train stage 1 -> train stage 2 -> evaluate -> register,
+with zero-shot classification of each image set under the raw data's `zeroshot/` beside evaluation.
 
 Each component body only calls the step function from `components/` that the DVC stage calls too.
 Defaults of every pipeline parameter come from params.yaml at compile time; the Kubernetes settings
@@ -22,6 +23,7 @@ from components.ingest import IngestConfig
 from components.register import RegisterConfig
 from components.train import TrainConfig
 from components.validate import ValidateConfig
+from components.zeroshot import ZeroshotConfig
 
 PIPELINE_NAME = "zhclip"
 # The component image (built from infra/Dockerfile); the project and its locked dependencies are inside
@@ -123,6 +125,24 @@ def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Me
 
 
 @_component
+def zeroshot_op(model: Input[Model], raw: Input[Dataset], image_set: str, scores: Output[Metrics],
+                report: Output[HTML], summary: Output[Markdown], files: Output[Artifact], config: dict):
+    import shutil
+    from pathlib import Path
+
+    from components.common import build_config
+    from components.zeroshot import ZeroshotConfig, zeroshot
+
+    result = zeroshot(model.path, Path(raw.path) / "zeroshot" / image_set,
+                      build_config(ZeroshotConfig, config, "pipeline parameter"), summary_path=scores.path,
+                      predictions_path=Path(files.path) / "predictions.csv", report_dir=files.path)
+    for key in ("top1", "top5", "chance_top1"):
+        scores.log_metric(key, result[key])
+    shutil.copy(Path(files.path) / "report.html", report.path)
+    shutil.copy(Path(files.path) / "report.md", summary.path)
+
+
+@_component
 def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset], decision: Output[Metrics],
                 card: Output[Markdown], config: dict) -> int:
     from pathlib import Path
@@ -151,6 +171,7 @@ def step_configs(params: dict[str, Any]) -> dict[str, dict]:
         "stage1": asdict(TrainConfig.from_params(params, 1)),
         "stage2": asdict(TrainConfig.from_params(params, 2)),
         "evaluate": asdict(config_from(EvaluateConfig, params, "evaluate")),
+        "zeroshot": asdict(config_from(ZeroshotConfig, params, "zeroshot")),
         "register": asdict(RegisterConfig.from_params(params)),
     }
 
@@ -186,6 +207,8 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         stage1_config: dict = defaults["stage1"],
         stage2_config: dict = defaults["stage2"],
         evaluate_config: dict = defaults["evaluate"],
+        zeroshot_config: dict = defaults["zeroshot"],
+        zeroshot_sets: list = defaults["zeroshot"]["sets"],
         register_config: dict = defaults["register"],
         ray_address: str = cluster.ray_address if cluster else "",
     ):
@@ -199,15 +222,21 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         scored = evaluate_op(model=stage2.outputs["model"], prepared=validated, config=evaluate_config)
         registered = register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], data=validated,
                                  config=register_config)
+        evaluations = [scored]
+        if defaults["zeroshot"]["sets"]:  # a loop over no sets does not compile: none at compile time, no tasks
+            with dsl.ParallelFor(zeroshot_sets) as image_set:
+                evaluations.append(zeroshot_op(model=stage2.outputs["model"], raw=raw.output, image_set=image_set,
+                                               config=zeroshot_config))
         # Data steps are pure functions of their inputs: reuse earlier outputs. Training and
-        # registration always run (a new model version is the point of a run).
+        # registration always run (a new model version is the point of a run), and so do the
+        # evaluations, which log into the training run.
         for task in (ingested, checked):
             task.set_caching_options(True)
-        for task in (stage1, stage2, scored, registered):
+        for task in (stage1, stage2, *evaluations, registered):
             task.set_caching_options(False)
         if cluster:
-            _on_kubernetes(cluster, steps=(ingested, checked, scored, registered), training=(stage1, stage2),
-                           tracked=(stage1, stage2, registered))
+            _on_kubernetes(cluster, steps=(ingested, checked, *evaluations, registered), training=(stage1, stage2),
+                           tracked=(stage1, stage2, *evaluations, registered))
 
     return zhclip_pipeline
 
@@ -303,7 +332,9 @@ def _task_metrics(run_dir: Path, task: str, artifact: str) -> dict[str, Any]:
 
 
 def _local_outputs(root: Path) -> dict[str, Any]:
-    """The newest local run's folder and the metrics its evaluate and register tasks logged."""
+    """The newest local run's folder and the metrics its evaluate, zero-shot and register tasks logged."""
     run_dir = max(root.glob("zhclip-*"), key=lambda path: path.stat().st_mtime)
     return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, "evaluate-op", "scores"),
+            "zeroshot": [_task_metrics(task.parent, task.name, "scores") for task in sorted(run_dir.rglob("zeroshot-op*"))
+                         if (task / "executor_output.json").is_file()],
             "register": _task_metrics(run_dir, "register-op", "decision")}
