@@ -7,7 +7,8 @@
 # Needs python3 with torch, transformers, numpy, pillow, pyarrow, pandas, pyyaml, tqdm (torchvision
 # for the nvJPEG case) and the cn-clip wheel in .whl/ (`python3 -m pip download --no-deps
 # cn-clip==1.6.0 -d .whl`); no Ray, MLflow or network. Writes JSON lines to $OUT/train.jsonl,
-# embed.jsonl, input.jsonl and ablations.jsonl, and everything else the runs print to $OUT/suite.log.
+# embed.jsonl, input.jsonl and ablations.jsonl, and everything else the runs print to $OUT/suite.log;
+# `python -m bench.report $OUT --plot chart.png` turns them into RESULTS.md's verdict, tables and chart.
 # Each part has its own time limit, and every case is written as soon as it finishes, so an
 # interrupted run keeps what it measured. BENCH_ARGS and INPUT_ARGS are added to the model and
 # input benchmarks' arguments, e.g. for a CPU dry run of the plumbing:
