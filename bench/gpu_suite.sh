@@ -59,6 +59,6 @@ part input.jsonl 40 bench.input_pipeline --images 4096 --workers 16 --gpu-decode
 
 # Padding-free variants, then the switches measured before, as time allows.
 part ablations.jsonl "$(left)" bench.train_throughput "${EXTRA[@]}" "${PEAK_ARGS[@]}" --budget-s "$(( $(left) - 40 ))" \
-  --cases eager-pf-s2 fast-pf-model-s2 fast-pf-ckpt-s2 eager-s2 fast-model-s2 fast-cudagraphs-s2
+  --cases eager-pf-s2 fast-pf-model-s2 fast-pf-ckpt-s2 eager-s2 fast-model-s2 fast-cudagraphs-s2 fast-pf-autotune-s2
 
 echo "suite done in $((SECONDS - START))s" >>"$LOG"

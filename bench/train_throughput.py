@@ -68,6 +68,7 @@ CASES: dict[str, Case] = {
     "fast-pf-model-s2": replace(FAST, padding_free=True, compile_scope="model"),
     "eager-pf-s2": replace(EAGER, padding_free=True, check_loss=True),
     "fast-pf-ckpt-s2": replace(FAST, padding_free=True, activation_checkpointing=True),
+    "fast-pf-autotune-s2": replace(FAST, padding_free=True, compile_mode="max-autotune-no-cudagraphs"),
     # each switch on its own, eager, to show what it brings
     "fp32-s2": Case(precision="fp32"),
     "bf16-s2": Case(),
