@@ -63,7 +63,7 @@ class FusedQKVAttention(nn.Module):
         self.register_load_state_dict_pre_hook(_merge_qkv)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_args,
-                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, **_kwargs):
+                cu_seqlens: torch.Tensor | None = None, min_seqlen: int = 0, max_seqlen: int = 0, **_kwargs):
         """Padded (batch, length, width) input with an optional attention mask, or, with `cu_seqlens`,
         a packed (1, tokens, width) input whose sequences start at those offsets (PaddingFreeTextModel)."""
         # Extra arguments (head masks, output_attentions...) are what other transformers versions
@@ -72,7 +72,7 @@ class FusedQKVAttention(nn.Module):
         qkv = self.qkv(hidden_states)
         with sdpa_kernel(self.backends, set_priority=True) if self.backends else contextlib.nullcontext():
             if cu_seqlens is not None:
-                out = self._packed_attention(qkv[0], cu_seqlens, max_seqlen).view(batch, length, width)
+                out = self._packed_attention(qkv[0], cu_seqlens, min_seqlen, max_seqlen).view(batch, length, width)
             else:
                 query, key, value = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
                 out = self._attention(query, key, value, attention_mask).transpose(1, 2).reshape(batch, length, width)
@@ -84,29 +84,33 @@ class FusedQKVAttention(nn.Module):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling,
                                               dropout_p=self.dropout if self.training else 0.0)
 
-    def _packed_attention(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def _packed_attention(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, min_seqlen: int,
+                          max_seqlen: int) -> torch.Tensor:
         query, key, value = qkv.view(qkv.shape[0], 3, self.num_heads, -1).unbind(1)  # (tokens, heads, head size)
         attention = jagged_attention if qkv.is_cuda else per_sequence_attention
-        return attention(query, key, value, cu_seqlens, max_seqlen, self._attention)
+        return attention(query, key, value, cu_seqlens, (min_seqlen, max_seqlen), self._attention)
 
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def jagged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, attention: Attention) -> torch.Tensor:
+                     seqlens: tuple[int, int], attention: Attention) -> torch.Tensor:
     """Attention within each packed sequence through jagged nested tensors: on GPUs the flash and
     memory-efficient kernels take the sequences' offsets, so there is neither a mask nor a padded
     position, and attention dropout is kept (torch's varlen_attn has none). (tokens, heads, head
-    size) in and out; `max_seqlen` may be an upper bound (the kernels size their grids by it)."""
-    # nested SDPA wants each of query, key and value contiguous
-    nested = (torch.nested.nested_tensor_from_jagged(part.contiguous(), cu_seqlens, max_seqlen=max_seqlen).transpose(1, 2)
+    size) in and out; `seqlens` is the (shortest, longest) sequence length."""
+    # Given the extremes, nested SDPA need not compute them (a GPU sync each) for every tensor of
+    # every layer; and it wants each of query, key and value contiguous.
+    shortest, longest = seqlens
+    nested = (torch.nested.nested_tensor_from_jagged(part.contiguous(), cu_seqlens, min_seqlen=shortest,
+                                                     max_seqlen=longest).transpose(1, 2)
               for part in (query, key, value))
     return attention(*nested).transpose(1, 2).values()
 
 
 def per_sequence_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                           _max_seqlen: int, attention: Attention) -> torch.Tensor:
+                           _seqlens: tuple[int, int], attention: Attention) -> torch.Tensor:
     """What jagged_attention computes, one sequence at a time: the CPU path. On the CPU torch's nested
     SDPA falls back to strided nested tensors that neither non-reentrant activation checkpointing
     nor the FLOP counter can follow."""
@@ -198,6 +202,7 @@ class PaddingFreeTextModel(nn.Module):
         kept = attention_mask.flatten().nonzero().squeeze(1)
         lengths = attention_mask.sum(1)
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
+        shortest, longest = torch.stack([lengths.min(), lengths.max()]).tolist()  # one sync, as nonzero's
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         if token_type_ids is None:
@@ -205,7 +210,7 @@ class PaddingFreeTextModel(nn.Module):
         packed = [ids.flatten()[kept][None] for ids in (input_ids, token_type_ids, position_ids)]
         hidden = self.embeddings(input_ids=packed[0], token_type_ids=packed[1], position_ids=packed[2])
         for layer in self.encoder.layer:
-            hidden = layer(hidden, None, cu_seqlens=cu_seqlens, max_seqlen=length)
+            hidden = layer(hidden, None, cu_seqlens=cu_seqlens, min_seqlen=shortest, max_seqlen=longest)
         unpacked = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, kept, hidden[0])
         sequence = unpacked.view(batch, length, -1)
         return BaseModelOutputWithPooling(last_hidden_state=sequence,

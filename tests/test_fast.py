@@ -117,7 +117,7 @@ def test_jagged_attention_the_gpu_path_equals_one_sequence_at_a_time():
     outputs, gradients = [], []
     compiled = torch.compile(jagged_attention, backend="aot_eager")  # as regional compile runs it on GPUs
     for attention in (jagged_attention, per_sequence_attention, compiled):
-        out = attention(query, key, value, cu_seqlens, 6, torch.nn.functional.scaled_dot_product_attention)
+        out = attention(query, key, value, cu_seqlens, (2, 6), torch.nn.functional.scaled_dot_product_attention)
         outputs.append(out)
         gradients.append(torch.autograd.grad(out.square().sum(), (query, key, value)))
     for output, grads in zip(outputs[1:], gradients[1:]):
