@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
 from bench.train_throughput import VIT_PRESETS, reference_model
 from model import build_model
+from model.embedding import projected_features
 from model.fast import apply_speedups, compile_model
 from model.presets import PRESETS
 
@@ -68,9 +69,7 @@ def embedder(case: Case, preset: str, device: torch.device) -> tuple[Callable, C
     apply_speedups(model, fused_qkv=case.fused_qkv, channels_last=case.channels_last)
 
     def embed(pixels: torch.Tensor) -> torch.Tensor:
-        features = model.get_image_features(pixel_values=pixels.to(dtype))
-        features = features if isinstance(features, torch.Tensor) else features.pooler_output
-        return F.normalize(features, dim=-1)
+        return F.normalize(projected_features(model.get_image_features(pixel_values=pixels.to(dtype))), dim=-1)
 
     def compiled() -> Callable:
         mode = {"mode": case.compile_mode} if case.compile_mode else {}

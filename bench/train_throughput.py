@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
 from components.training import StepConfig, TrainStep, build_optimizer, warmup_cosine
 from model import build_model, lock_image_tower
+from model.embedding import projected_features
 from model.fast import apply_speedups, compile_model
 from model.loss import MAX_LOGIT_SCALE
 from model.presets import PRESETS
@@ -199,7 +200,7 @@ def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, cont
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16"):
             images = model.get_image_features(pixel_values=batch["pixel_values"])
         batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                 "image_embeds": images if isinstance(images, torch.Tensor) else images.pooler_output}
+                 "image_embeds": projected_features(images)}
 
     def finish() -> dict:
         nonlocal plain

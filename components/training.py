@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from model import contrastive_loss, load_model, save_model
+from model.embedding import projected_features
 from model.locking import image_tower_groups
 from model.loss import MAX_LOGIT_SCALE
 from model.masking import enable_patch_masking
@@ -82,11 +83,6 @@ def image_tower_locked(model: PreTrainedModel) -> bool:
     return not any(p.requires_grad for group in image_tower_groups(model) for module in group for p in module.parameters())
 
 
-def _features(output: Any) -> torch.Tensor:
-    # transformers 5 returns a model output whose pooler_output holds the projected features.
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 class TrainStep:
     """One optimizer step on one worker's batch: forward, symmetric InfoNCE, backward, update.
 
@@ -119,7 +115,7 @@ class TrainStep:
     def _encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast(batch["input_ids"].device):
             if "image_embeds" in batch:
-                text = _features(self.raw_model.get_text_features(input_ids=batch["input_ids"],
+                text = projected_features(self.raw_model.get_text_features(input_ids=batch["input_ids"],
                                                                   attention_mask=batch["attention_mask"]))
                 return batch["image_embeds"].float(), text.float()
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

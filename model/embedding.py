@@ -30,8 +30,9 @@ def decode_image(blob: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ValueError(f"not a decodable image ({err})") from err
 
 
-def _features(output: torch.Tensor | object) -> torch.Tensor:
-    # transformers 5 returns a model output whose pooler_output holds the projected features.
+def projected_features(output: torch.Tensor | object) -> torch.Tensor:
+    """The projected embeddings of `get_text_features` / `get_image_features`: transformers 5 returns a
+    model output whose pooler_output holds them, earlier versions the tensor itself."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
@@ -51,7 +52,7 @@ def embed_texts(
             max_length=context_length,
             return_tensors="pt",
         ).to(device)
-        chunks.append(_features(model.get_text_features(**batch)).float())
+        chunks.append(projected_features(model.get_text_features(**batch)).float())
     return _normalise(chunks, model.config.projection_dim)
 
 
@@ -67,7 +68,7 @@ def embed_images(
     chunks = []
     for start in range(0, len(images), batch_size):
         pixels = processor.image_processor(images=list(images[start : start + batch_size]), return_tensors="pt")
-        chunks.append(_features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device))).float())
+        chunks.append(projected_features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device))).float())
     return _normalise(chunks, model.config.projection_dim)
 
 
