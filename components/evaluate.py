@@ -27,7 +27,7 @@ from PIL import Image
 from components import cnclip_files, report
 from components.common import ZhclipError, timed, write_summary
 from components.ingest import read_pairs
-from components.tracking import training_run
+from components.tracking import run_to_log_into
 from model import decode_image, embed_images, embed_texts, load_model
 
 KS = (1, 5, 10)
@@ -237,17 +237,10 @@ def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateCo
                             text_emb=text_emb, image_emb=image_emb,
                             text_to_images=split.text_to_images,
                             texts=list(texts["text"]), images=decoded)
-        summary.update(_score(data, config, plots_path, report_dir, _run(mlflow_run_id, model_dir), summary))
+        summary.update(_score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id, model_dir), summary))
     if summary_path:
         write_summary(summary_path, summary)
     return summary
-
-
-def _run(mlflow_run_id: str | None, model_dir: str | Path | None = None) -> dict[str, str] | None:
-    """The MLflow run to log into: the one named, else the one that trained `model_dir`."""
-    if mlflow_run_id:
-        return {"run_id": mlflow_run_id}
-    return training_run(model_dir) if model_dir else None
 
 
 def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotations: str | Path, config: EvaluateConfig,
@@ -278,7 +271,7 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
     data = RetrievalSet(text_ids=text_ids, image_ids=image_ids, text_emb=text_emb, image_emb=image_emb,
                         text_to_images=text_to_images, texts=[captions.get(t, f"text {t}") for t in text_ids])
     with timed(summary):
-        summary.update(_score(data, config, plots_path, report_dir, _run(mlflow_run_id), summary))
+        summary.update(_score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id), summary))
     if summary_path:
         write_summary(summary_path, summary)
     return summary

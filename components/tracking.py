@@ -75,19 +75,26 @@ def _experiment_id(client, name: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
-def parent_run_from(model_dir: str | None) -> str | None:
-    """The parent run recorded in a trained model folder (local or s3://), if any."""
+def training_run(model_dir: str | Path) -> dict[str, str] | None:
+    """The MLflow run that trained a model folder (local or s3://): {"tracking_uri", "run_id",
+    "parent_run_id", ...}, if recorded."""
     from components.storage import is_file, read_text
 
-    if model_dir and is_file(f"{model_dir}/{RUN_FILE}"):
-        return json.loads(read_text(f"{model_dir}/{RUN_FILE}")).get("parent_run_id")
-    return None
+    run_file = f"{model_dir}/{RUN_FILE}"
+    return json.loads(read_text(run_file)) if is_file(run_file) else None
 
 
-def training_run(model_dir: str | Path) -> dict[str, str] | None:
-    """The MLflow run that trained a model folder ({"tracking_uri", "run_id", ...}), if recorded."""
-    run_file = Path(model_dir) / RUN_FILE
-    return json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else None
+def parent_run_from(model_dir: str | None) -> str | None:
+    """The parent run recorded in a trained model folder (local or s3://), if any."""
+    run = training_run(model_dir) if model_dir else None
+    return run.get("parent_run_id") if run else None
+
+
+def run_to_log_into(run_id: str | None, model_dir: str | Path | None = None) -> dict[str, str] | None:
+    """Where an evaluation logs: the run named, else the run that trained `model_dir`, if recorded."""
+    if run_id:
+        return {"run_id": run_id}
+    return training_run(model_dir) if model_dir else None
 
 
 def start_stage_run(uri: str, experiment: str, stage: int, ray_run_name: str, params: dict[str, Any],

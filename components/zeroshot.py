@@ -21,7 +21,7 @@ from tqdm import tqdm
 from components import report
 from components.common import ZhclipError, timed, write_summary
 from components.evaluate import accelerated, top_k
-from components.tracking import training_run
+from components.tracking import run_to_log_into
 from model import embed_images, embed_texts, load_model
 
 # A subset of the Chinese prompts the reference ships (`eval/cvinw_zeroshot_templates.py`, openai_templates).
@@ -120,7 +120,7 @@ def zeroshot(model_dir: str | Path, images_dir: str | Path, config: ZeroshotConf
     if predictions_path:
         _write_predictions(predictions_path, paths, images_dir, [classes[i] for i in labels], [classes[i] for i in predicted])
     artifacts = report.write(_report(summary, classes, paths, labels, ranked, matrix), report_dir) if report_dir else []
-    run = {"run_id": mlflow_run_id} if mlflow_run_id else training_run(model_dir)
+    run = run_to_log_into(mlflow_run_id, model_dir)
     if run:
         name = Path(images_dir).name
         report.log_to_mlflow(run, {f"zeroshot_{name}_{k}": summary[k] for k in ("top1", "top5")}, artifacts,
