@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
-from components.training import StepConfig, TrainStep, build_optimizer, warmup_cosine
+from components.training import StepConfig, TrainStep, build_optimizer, enable_activation_checkpointing, warmup_cosine
 from model import build_model, lock_image_tower
 from model.embedding import projected_features
 from model.fast import apply_speedups, compile_model
@@ -186,8 +186,8 @@ def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, cont
     if case.stage == 1:
         lock_image_tower(model)
     plain = copy.deepcopy(model) if case.check_loss else None
-    if case.activation_checkpointing:  # renamed activation_checkpointing_enable in newer transformers
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    if case.activation_checkpointing:
+        enable_activation_checkpointing(model)
     applied = apply_speedups(model, fused_qkv=case.fused_qkv, sdpa_backend=case.sdpa_backend,
                              padding_free=case.padding_free, channels_last=case.channels_last)
     model.train()

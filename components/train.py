@@ -43,6 +43,7 @@ from components.training import (
     StepConfig,
     TrainStep,
     build_optimizer,
+    enable_activation_checkpointing,
     load_checkpoint,
     restore_state,
     save_checkpoint,
@@ -217,8 +218,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
     else:
         (model, processor), state = _initial_model(cfg, config["init_dir"]), None
     _set_train_mode(model, cfg)
-    if cfg.grad_checkpointing:  # renamed activation_checkpointing_enable in newer transformers
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    if cfg.grad_checkpointing:
+        enable_activation_checkpointing(model)
     raw_model = model.to(ctx.device)
     apply_speedups(raw_model, fused_qkv=cfg.fused_qkv, sdpa_backend=cfg.sdpa_backend or None,
                    padding_free=cfg.padding_free, channels_last=cfg.channels_last, compile_scope=cfg.compile)

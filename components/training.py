@@ -78,6 +78,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward (less memory, more work)."""
+    # renamed activation_checkpointing_enable in newer transformers; the GPU hosts' 5.17 has the old name
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+
+
 def image_tower_locked(model: PreTrainedModel) -> bool:
     """True when no image-tower parameter learns (stage 1 with unlocked_groups 0)."""
     return not any(p.requires_grad for group in image_tower_groups(model) for module in group for p in module.parameters())
