@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.report import markdown_table
+
 STAGE_TARGETS = {2: 2.0, 1: 2.1}  # x the reference's samples/s
 EMBED_TARGET = 12_000  # images/s, bf16
 MAX_INPUT_WORKERS = 16  # CPU cores the input path may use
@@ -85,8 +87,7 @@ def verdict(suite: Suite) -> list[dict]:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join([*lines, *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)])
+    return "\n".join(markdown_table([header, *rows]))
 
 
 def _mfu(record: dict) -> str:

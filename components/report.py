@@ -117,13 +117,18 @@ def render_html(report: Report) -> str:
     return _HTML.render(r=report, thumbnail=image_uri)
 
 
+def markdown_table(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines; the first row is the header."""
+    header, *body = rows
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(map(str, row)) + " |" for row in body)]
+
+
 def render_markdown(report: Report) -> str:
     """The tables and example retrievals as Markdown (the Kubeflow UI's Markdown viewer shows it)."""
     lines = [f"# {report.title}", ""] + [f"- **{key}**: {value}" for key, value in report.notes.items()] + [""]
     for table in report.tables:
-        header, *body = table.rows
-        lines += [f"## {table.title}", "", "| " + " | ".join(map(str, header)) + " |",
-                  "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, row)) + " |" for row in body] + [""]
+        lines += [f"## {table.title}", "", *markdown_table(table.rows), ""]
     if report.examples:
         lines += [f"## {report.examples_title}", ""]
         lines += [f"- {e.query}: " + ", ".join(("✓ " if r.hit else "") + r.label for r in e.results) for e in report.examples]
