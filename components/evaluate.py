@@ -352,8 +352,9 @@ def _retrieval_report(data: RetrievalSet, rankings: Rankings, metrics: dict[str,
         query, ranked, positives = rankings.t2i_queries[row], rankings.t2i[row], rankings.t2i_positives[row]
         shown.append(report.Example(
             query=data.texts[query] if data.texts else f"text {data.text_ids[query]}",
-            results=[report.Result(label=f"image {data.image_ids[row]}", hit=int(row) in positives,
-                                   image=data.images[row] if data.images else None) for row in ranked[:EXAMPLE_IMAGES]]))
+            results=[report.Result(label=f"image {data.image_ids[image]}", hit=int(image) in positives,
+                                   image=data.images[image] if data.images else None)
+                     for image in ranked[:EXAMPLE_IMAGES]]))
     notes = {key: context[key] for key in ("model_dir", "split", "image_feats", "text_feats", "annotations") if key in context}
     notes |= {"texts": len(data.text_ids), "images": len(data.image_ids), "chance mean recall": f"{metrics['chance_mean_recall']:.2f}"}
     return report.Report(
