@@ -335,7 +335,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
 def _storage(config: TrainConfig) -> tuple[str, Any]:
     """Ray's (storage_path, storage_filesystem): a local folder, or an S3 bucket (MinIO)."""
     if not config.storage_path.startswith("s3://"):
-        return str(Path(config.storage_path).resolve()), None
+        return location(config.storage_path), None
     filesystem, path = arrow_filesystem(config.storage_path, config.storage_endpoint or None)
     return path, filesystem
 
