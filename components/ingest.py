@@ -41,6 +41,7 @@ PAIR_SCHEMA = pa.schema(
 @dataclass
 class IngestConfig:
     shard_rows: int = 2000
+    row_group_rows: int = 256  # the unit training, validation and evaluation read at once (bounds their memory)
     max_image_side: int = 0  # 0 keeps the original size
     image_format: str = "PNG"
     max_image_pixels: int = 25_000_000  # larger images are quarantined without being decoded
@@ -48,7 +49,7 @@ class IngestConfig:
     batch_lines: int = 256  # image lines in flight at once
 
     def __post_init__(self):
-        for name in ("shard_rows", "max_image_pixels", "batch_lines"):
+        for name in ("shard_rows", "row_group_rows", "max_image_pixels", "batch_lines"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.image_format.upper() not in ("PNG", "JPEG"):
@@ -77,8 +78,8 @@ class _Quarantine:
 
 
 class _ShardWriter:
-    def __init__(self, out_dir: Path, shard_rows: int):
-        self.out_dir, self.shard_rows = out_dir, shard_rows
+    def __init__(self, out_dir: Path, shard_rows: int, row_group_rows: int):
+        self.out_dir, self.shard_rows, self.row_group_rows = out_dir, shard_rows, row_group_rows
         self.rows: list[dict] = []
         self.shards = 0
         self.total = 0
@@ -93,7 +94,7 @@ class _ShardWriter:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(self.rows, schema=PAIR_SCHEMA)
-        pq.write_table(table, self.out_dir / f"part-{self.shards:05d}.parquet")
+        pq.write_table(table, self.out_dir / f"part-{self.shards:05d}.parquet", row_group_size=self.row_group_rows)
         self.shards += 1
         self.total += len(self.rows)
         self.rows = []
@@ -262,7 +263,7 @@ def _sources(raw_dir: Path, split: str, quarantine: _Quarantine):
 def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig) -> dict:
     quarantine = _Quarantine(out_dir / "quarantine" / f"{split}.jsonl")
     by_image, lines, decode, images_path, texts_path = _sources(raw_dir, split, quarantine)
-    writer = _ShardWriter(out_dir / split, config.shard_rows)
+    writer = _ShardWriter(out_dir / split, config.shard_rows, config.row_group_rows)
     found: set[int] = set()
     for number, line, (image_id, blob, problem) in _decoded(lines, config, decode):
         if problem:
@@ -302,18 +303,3 @@ def ingest(raw_dir: str | Path, out_dir: str | Path, config: IngestConfig, summa
     if summary_path:
         write_summary(summary_path, summary)
     return summary
-
-
-def read_pairs(prepared_dir: str | Path, split: str):
-    """All pairs of a prepared split as a pandas DataFrame; `prepared_dir` may be an s3:// URI
-    (workers of a Ray cluster read the shards from MinIO, see `components.storage.arrow_filesystem`)."""
-    from pyarrow import fs
-
-    from components.storage import arrow_filesystem
-
-    filesystem, root = arrow_filesystem(str(prepared_dir))
-    listing = filesystem.get_file_info(fs.FileSelector(f"{root}/{split}", allow_not_found=True))
-    shards = sorted(info.path for info in listing if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"))
-    if not shards:
-        raise ZhclipError(f"no Parquet shards in {prepared_dir}/{split}; run `zhclip ingest` first")
-    return pq.ParquetDataset(shards, filesystem=filesystem).read().to_pandas()

@@ -1,11 +1,17 @@
-"""Validate: a Great Expectations gate over the prepared pairs that loses nothing.
+"""Validate: a Great Expectations gate over the prepared pairs that loses nothing, streamed.
 
-Each split is profiled (caption length and Chinese share, image decodes, size, aspect, bytes, id
-consistency, duplicates, train/eval leakage) and checked by one expectation suite through a GE
-checkpoint that also renders Data Docs. A row that breaks a row-level expectation is bad. If the
-share of bad rows is within `max_bad_fraction`, they are removed from the validated data and written
-to the quarantine file with every reason that applies; otherwise the step fails, naming each failed
-expectation with example ids. Rows in = rows out + rows quarantined, always.
+Each split is checked in two passes, so memory holds a few hashes per pair, never the split:
+1. every row group is profiled (caption length and Chinese share; image decodes, size, aspect, bytes,
+   content hash) by a Ray task, on any CPU of the cluster; the profiles (no image bytes) are spilled
+   to a scratch Parquet file, and only the ids and hashes the cross-row checks need stay in memory;
+2. the cross-row flags (duplicate pairs, conflicting ids, train/eval leakage by image hash) are
+   computed from those, and the profile is checked `rows_per_check` rows at a time by one expectation
+   suite through a GE checkpoint that renders every batch into one Data Docs site; the split's size is
+   checked by a second, split-level suite.
+A row that breaks a row-level expectation is bad. If the share of bad rows is within
+`max_bad_fraction`, they are removed from the validated data (written shard by shard by Ray tasks)
+and written to the quarantine file with every reason that applies; otherwise the step fails, naming
+each failed expectation with example ids. Rows in = rows out + rows quarantined, always.
 """
 
 from __future__ import annotations
@@ -15,19 +21,25 @@ import io
 import json
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 
+from components.cluster import ordered_map, ray_runtime
 from components.common import ZhclipError, timed, write_summary
-from components.ingest import PAIR_SCHEMA, SPLITS, read_pairs
+from components.ingest import PAIR_SCHEMA, SPLITS
+from components.shards import PreparedSplit
 
 COLUMNS = ["text_id", "text", "image_id", "image"]
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
+FLAGS = ("duplicate_pair", "text_id_conflict", "image_id_conflict", "leaked_from_train")
 
 
 @dataclass
@@ -41,6 +53,11 @@ class ValidateConfig:
     max_image_bytes: int = 20_000_000
     min_pairs_per_split: int = 1
     max_bad_fraction: float = 0.0  # above it the gate fails; at or below, bad rows are quarantined
+    rows_per_check: int = 50_000  # profiled rows checked by the suite at once (bounds memory; one Data Docs page each)
+
+    def __post_init__(self):
+        if self.rows_per_check < 1:
+            raise ValueError(f"rows_per_check must be positive, got {self.rows_per_check}")
 
 
 def _image_facts(blob: bytes) -> dict:
@@ -54,7 +71,12 @@ def _image_facts(blob: bytes) -> dict:
         decodes = False
     return {"image_decodes": decodes, "image_width": width, "image_height": height,
             "image_aspect": max(width, height) / max(1, min(width, height)), "image_bytes": len(blob),
-            "image_sha": hashlib.sha256(blob).hexdigest()}
+            "image_hash": _hash64(blob)}
+
+
+def _hash64(data: bytes) -> int:
+    """The first 8 bytes of SHA-256, as a signed integer (what numpy and Parquet hold compactly)."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little", signed=True)
 
 
 def _chinese_ratio(text: str) -> float:
@@ -62,32 +84,46 @@ def _chinese_ratio(text: str) -> float:
     return sum(bool(HAN.match(ch)) for ch in visible) / max(1, len(visible))
 
 
-def profile(pairs: pd.DataFrame, train_images: set[str]) -> pd.DataFrame:
-    """The pairs plus the derived columns the suite checks (the image blob itself is dropped)."""
-    missing = [c for c in COLUMNS if c not in pairs.columns]
-    if missing:
-        raise ZhclipError(f"prepared data lacks column(s) {missing}; re-run `zhclip ingest`")
-    facts = pd.DataFrame([_image_facts(blob) for blob in pairs["image"]], index=pairs.index)
+def profile_group(split: PreparedSplit, group: int) -> pd.DataFrame:
+    """One row group's rows with the derived columns the suite checks; the image bytes are dropped.
+    A Ray task: the row groups of a split are profiled in parallel."""
+    pairs = split.read(group, COLUMNS).to_pandas()
+    facts = pd.DataFrame([_image_facts(blob) for blob in pairs["image"]], index=pairs.index,
+                         columns=["image_decodes", "image_width", "image_height", "image_aspect", "image_bytes", "image_hash"])
     frame = pd.concat([pairs.drop(columns=["image"]), facts], axis=1)
-    frame["row"] = range(len(frame))
-    frame["text_chars"] = frame["text"].fillna("").str.len()
-    frame["chinese_ratio"] = frame["text"].fillna("").map(_chinese_ratio)
-    frame["duplicate_pair"] = frame.duplicated(["text_id", "image_id"])
-    frame["text_id_conflict"] = frame.groupby("text_id")["text"].transform("nunique") > 1
-    frame["image_id_conflict"] = frame.groupby("image_id")["image_sha"].transform("nunique") > 1
-    frame["leaked_from_train"] = frame["image_sha"].isin(train_images)
+    texts = frame["text"].fillna("")
+    frame["text_chars"] = texts.str.len()
+    frame["chinese_ratio"] = texts.map(_chinese_ratio)
+    frame["text_hash"] = texts.map(lambda text: _hash64(text.encode("utf-8"))).astype("int64")
     return frame
 
 
+def cross_row_flags(text_ids: np.ndarray, text_hashes: np.ndarray, image_ids: np.ndarray, image_hashes: np.ndarray,
+                    train_images: np.ndarray) -> dict[str, np.ndarray]:
+    """The checks that compare rows, over a whole split: an exact duplicate of an earlier pair (the
+    first copy is kept), a text_id with several captions or an image_id with several images (every
+    row of it), and an image whose content is in the train split (`train_images`, sorted hashes)."""
+    first = np.unique(np.stack([text_ids, image_ids], axis=1), axis=0, return_index=True)[1]
+    duplicate = np.ones(len(text_ids), dtype=bool)
+    duplicate[first] = False
+
+    def conflicting(ids: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+        distinct_ids = np.unique(np.stack([ids, hashes], axis=1), axis=0)[:, 0]
+        values, counts = np.unique(distinct_ids, return_counts=True)
+        return np.isin(ids, values[counts > 1])
+
+    return {"duplicate_pair": duplicate, "text_id_conflict": conflicting(text_ids, text_hashes),
+            "image_id_conflict": conflicting(image_ids, image_hashes),
+            "leaked_from_train": np.isin(image_hashes, train_images)}
+
+
 def build_suite(config: ValidateConfig):
-    """The expectation suite every profiled split must meet. Table-level checks come first."""
+    """The row-level expectation suite every batch of profiled rows must meet."""
     import great_expectations as gx
 
     e = gx.expectations
     suite = gx.ExpectationSuite(name="prepared_pairs")
-    flags = ("duplicate_pair", "text_id_conflict", "image_id_conflict", "leaked_from_train")
     for expectation in [
-        e.ExpectTableRowCountToBeBetween(min_value=config.min_pairs_per_split),
         e.ExpectColumnValuesToBeInTypeList(column="text_id", type_list=["int64", "int32"]),
         e.ExpectColumnValuesToBeInTypeList(column="image_id", type_list=["int64", "int32"]),
         *[e.ExpectColumnValuesToNotBeNull(column=c) for c in ("text_id", "text", "image_id")],
@@ -98,13 +134,23 @@ def build_suite(config: ValidateConfig):
         e.ExpectColumnValuesToBeBetween(column="image_height", min_value=config.min_image_side, max_value=config.max_image_side),
         e.ExpectColumnValuesToBeBetween(column="image_aspect", max_value=config.max_aspect_ratio),
         e.ExpectColumnValuesToBeBetween(column="image_bytes", min_value=1, max_value=config.max_image_bytes),
-        *[e.ExpectColumnValuesToBeInSet(column=flag, value_set=[False]) for flag in flags],
+        *[e.ExpectColumnValuesToBeInSet(column=flag, value_set=[False]) for flag in FLAGS],
     ]:
         suite.add_expectation(expectation)
     return suite
 
 
-def _checkpoint(config: ValidateConfig, docs_dir: Path | None):
+def build_split_suite(config: ValidateConfig):
+    """The split-level suite, over one row per split (its size): what no batch of rows can tell."""
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name="split_size")
+    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="pairs", min_value=config.min_pairs_per_split))
+    return suite
+
+
+def _checkpoints(config: ValidateConfig, docs_dir: Path | None):
+    """GE checkpoints (rows, split size) over pandas batches, both rendering into one Data Docs site."""
     import great_expectations as gx
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -116,26 +162,124 @@ def _checkpoint(config: ValidateConfig, docs_dir: Path | None):
             "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())}})
         actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs"))
-    suite = context.suites.add(build_suite(config))
-    batch = context.data_sources.add_pandas("prepared").add_dataframe_asset("pairs").add_batch_definition_whole_dataframe("split")
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name="pairs", data=batch, suite=suite))
-    return context.checkpoints.add(gx.Checkpoint(
-        name="prepared_pairs", validation_definitions=[definition], actions=actions,
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]}))
+    source = context.data_sources.add_pandas("prepared")
+    checkpoints = []
+    for name, suite in (("prepared_pairs", build_suite(config)), ("split_size", build_split_suite(config))):
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=context.suites.add(suite)))
+        checkpoints.append(context.checkpoints.add(gx.Checkpoint(
+            name=name, validation_definitions=[definition], actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]})))
+    return checkpoints
 
 
-def _outcomes(result, frame: pd.DataFrame) -> list[dict]:
-    """One entry per expectation: its name, success, and the rows (positions) it rejected."""
+def _run(checkpoint, frame: pd.DataFrame) -> list[dict]:
+    """One entry per expectation: its name, success, and the rows (split-wide numbers) it rejected."""
+    result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()))
     outcomes = []
     for item in result.results:
         kwargs = item.expectation_config.kwargs
-        rows = [entry["row"] for entry in item.result.get("unexpected_index_list") or []]
-        examples = frame.iloc[rows[:3]][["text_id", "image_id"]].to_dict("records") if rows else []
+        rows = [int(entry["row"]) for entry in item.result.get("unexpected_index_list") or []]
+        examples = frame.set_index("row").loc[rows[:3], ["text_id", "image_id"]].to_dict("records") if rows else []
         outcomes.append({"expectation": item.expectation_config.type,
                          "column": kwargs.get("column"), "success": bool(item.success), "rows": rows,
                          "unexpected_count": len(rows), "examples": examples,
                          "observed": item.result.get("observed_value")})
     return outcomes
+
+
+def _merge(outcomes: list[list[dict]]) -> list[dict]:
+    """One expectation's outcomes over all batches of a split, as if checked at once."""
+    merged = []
+    for runs in zip(*outcomes):
+        rows = [row for run in runs for row in run["rows"]]
+        merged.append({**runs[0], "success": all(run["success"] for run in runs), "rows": rows, "unexpected_count": len(rows),
+                       "examples": [example for run in runs for example in run["examples"]][:3],
+                       "observed": next((run["observed"] for run in runs if not run["success"]), runs[0]["observed"])})
+    return merged
+
+
+@dataclass
+class _Profiled:
+    """A split's profile spilled to Parquet, with the ids and hashes the cross-row checks need."""
+
+    path: Path
+    rows: int
+    columns: dict[str, np.ndarray]
+
+
+def _profile_split(split: PreparedSplit, scratch: Path) -> _Profiled:
+    first = split.read(0)
+    missing = [c for c in COLUMNS if c not in first.column_names]
+    if missing:
+        raise ZhclipError(f"prepared data {split.uri}/{split.split} lacks column(s) {missing}; re-run `zhclip ingest`")
+    keys: dict[str, list[np.ndarray]] = {name: [] for name in ("text_id", "text_hash", "image_id", "image_hash")}
+    path, rows, writer = scratch / f"{split.split}.parquet", 0, None
+    profiles = ordered_map(profile_group, ((split, group) for group in range(len(split.groups))))
+    for frame in tqdm(profiles, total=len(split.groups), desc=f"validate {split.split}", unit=" row groups",
+                      leave=False, disable=None):
+        frame.insert(0, "row", np.arange(rows, rows + len(frame)))
+        rows += len(frame)
+        for name, parts in keys.items():
+            parts.append(frame[name].to_numpy(dtype=np.int64))
+        table = pa.Table.from_pandas(frame.drop(columns=["text_hash"]), preserve_index=False)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+    return _Profiled(path, rows, {name: np.concatenate(parts) for name, parts in keys.items()})
+
+
+def _check_split(profiled: _Profiled, train_images: np.ndarray, checkpoints, config: ValidateConfig) -> tuple[list[dict], dict[int, dict]]:
+    """Every expectation's outcome over the split, and each bad row's record with its reasons."""
+    rows_check, size_check = checkpoints
+    keys = profiled.columns
+    flags = cross_row_flags(keys["text_id"], keys["text_hash"], keys["image_id"], keys["image_hash"], train_images)
+    runs, bad = [], {}
+    for batch in pq.ParquetFile(profiled.path).iter_batches(batch_size=config.rows_per_check):
+        frame = batch.to_pandas()
+        for name, flag in flags.items():
+            frame[name] = flag[frame["row"].to_numpy()]
+        runs.append(_run(rows_check, frame))
+        by_row = frame.set_index("row")
+        for outcome in runs[-1]:
+            for row in outcome["rows"]:
+                record = bad.setdefault(row, {"text_id": int(by_row.at[row, "text_id"]), "image_id": int(by_row.at[row, "image_id"]),
+                                              "text": by_row.at[row, "text"], "reasons": []})
+                record["reasons"].append(f"{outcome['expectation']}({outcome['column']})")
+    return _run(size_check, pd.DataFrame({"pairs": [profiled.rows], "row": [0]})) + _merge(runs), bad
+
+
+def _write_kept(split: PreparedSplit, shard: str, groups: list[int], first_row: int, bad_rows: list[int], out_path: str) -> int:
+    """One prepared shard without its bad rows (`first_row`: the split-wide number of its first row). A Ray task."""
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    bad = np.asarray(bad_rows, dtype=np.int64)
+    kept = 0
+    with pq.ParquetWriter(out_path, PAIR_SCHEMA) as writer:
+        for group in groups:
+            table = split.read(group, COLUMNS)
+            rows = np.arange(first_row, first_row + len(table))
+            first_row += len(table)
+            table = table.filter(pa.array(~np.isin(rows, bad)))
+            writer.write_table(table.cast(PAIR_SCHEMA), row_group_size=max(1, split.groups[group].rows))
+            kept += len(table)
+    return kept
+
+
+def _write_split(split: PreparedSplit, out_dir: Path, bad_rows: set[int]) -> int:
+    """The split's kept rows into `out_dir`, one output shard per input shard, written by Ray tasks."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("part-*.parquet"):
+        stale.unlink()
+    shards: dict[str, list[int]] = {}
+    for number, group in enumerate(split.groups):
+        shards.setdefault(group.path, []).append(number)
+    first_rows, bad = split.first_rows(), np.array(sorted(bad_rows), dtype=np.int64)
+    calls = []
+    for shard, groups in shards.items():
+        start, end = int(first_rows[groups[0]]), int(first_rows[groups[-1]] + split.groups[groups[-1]].rows)
+        mine = bad[(bad >= start) & (bad < end)].tolist()
+        calls.append((split, shard, groups, start, mine, str(out_dir / Path(shard).name)))
+    return sum(ordered_map(_write_kept, calls))
 
 
 def validate(
@@ -148,44 +292,38 @@ def validate(
 ) -> dict:
     """Check every split; write the good rows to `out_dir` and the bad ones to `quarantine_path`.
 
-    Raises ZhclipError (after writing the report and Data Docs) when a table-level expectation fails
+    Raises ZhclipError (after writing the report and Data Docs) when a split-level expectation fails
     or a split's share of bad rows exceeds `max_bad_fraction`.
     """
-    prepared_dir, out_dir, quarantine_path = Path(prepared_dir), Path(out_dir), Path(quarantine_path)
-    splits = {split: read_pairs(prepared_dir, split) for split in SPLITS}
+    out_dir, quarantine_path = Path(out_dir), Path(quarantine_path)
+    splits = {split: PreparedSplit.open(str(prepared_dir), split) for split in SPLITS}
     report: dict = {"prepared_dir": str(prepared_dir), "validated_dir": str(out_dir),
                     "max_bad_fraction": config.max_bad_fraction, "splits": {}}
-    quarantined, failures = [], []
-    with timed(report):
-        checkpoint = _checkpoint(config, docs_dir)
-        train_images: set[str] = set()
-        for split, pairs in splits.items():  # train first: its image hashes define leakage
-            frame = profile(pairs, train_images)
-            if split == "train":
-                train_images = set(frame["image_sha"])
-            result = next(iter(checkpoint.run(batch_parameters={"dataframe": frame}).run_results.values()))
-            outcomes = _outcomes(result, frame)
-            reasons: dict[int, list[str]] = {}
-            for outcome in outcomes:
-                for row in outcome["rows"]:
-                    reasons.setdefault(row, []).append(f"{outcome['expectation']}({outcome['column']})")
-            table_failures = [o for o in outcomes if not o["success"] and not o["rows"]]
-            bad_fraction = len(reasons) / max(1, len(frame))
-            passed = not table_failures and bad_fraction <= config.max_bad_fraction
+    quarantine_path.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    with timed(report), ray_runtime(), tempfile.TemporaryDirectory() as scratch, \
+            open(quarantine_path, "w", encoding="utf-8") as quarantine:
+        checkpoints = _checkpoints(config, Path(docs_dir) if docs_dir else None)
+        train_images = np.zeros(0, dtype=np.int64)
+        for name, split in splits.items():  # train first: its image hashes define leakage
+            profiled = _profile_split(split, Path(scratch))
+            if name == "train":
+                train_images = np.unique(profiled.columns["image_hash"])
+            outcomes, bad = _check_split(profiled, train_images if name != "train" else np.zeros(0, np.int64), checkpoints, config)
+            split_failures = [o for o in outcomes if not o["success"] and not o["rows"]]
+            bad_fraction = len(bad) / max(1, profiled.rows)
+            passed = not split_failures and bad_fraction <= config.max_bad_fraction
             if not passed:
-                failures += [(split, o) for o in outcomes if not o["success"]]
-            keep = [row for row in range(len(frame)) if row not in reasons]
-            _write_split(out_dir / split, pairs.iloc[keep])
-            quarantined += [{"split": split, "text_id": int(frame.text_id.iloc[row]), "image_id": int(frame.image_id.iloc[row]),
-                             "text": frame.text.iloc[row], "reasons": why} for row, why in sorted(reasons.items())]
-            report["splits"][split] = {
-                "rows_in": len(frame), "rows_out": len(keep), "rows_quarantined": len(reasons),
+                failures += [(name, o) for o in outcomes if not o["success"]]
+            kept = _write_split(split, out_dir / name, set(bad))
+            for row in sorted(bad):
+                quarantine.write(json.dumps({"split": name, **bad[row]}, ensure_ascii=False) + "\n")
+            report["splits"][name] = {
+                "rows_in": profiled.rows, "rows_out": kept, "rows_quarantined": len(bad),
                 "bad_fraction": round(bad_fraction, 6), "passed": passed,
                 "checked": len(outcomes), "failed": sum(not o["success"] for o in outcomes),
                 "expectations": {f"{o['expectation']}({o['column']})" if o["column"] else o["expectation"]: o["unexpected_count"]
                                  for o in outcomes}}
-    quarantine_path.parent.mkdir(parents=True, exist_ok=True)
-    quarantine_path.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantined), encoding="utf-8")
     report.update(quarantine=str(quarantine_path), data_docs=str(docs_dir) if docs_dir else None,
                   success=not failures, checked=sum(s["checked"] for s in report["splits"].values()),
                   failed=sum(s["failed"] for s in report["splits"].values()))
@@ -194,13 +332,6 @@ def validate(
     if failures:
         raise ZhclipError(_explain(failures, config, quarantine_path))
     return report
-
-
-def _write_split(folder: Path, pairs: pd.DataFrame) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("part-*.parquet"):
-        stale.unlink()
-    pq.write_table(pa.Table.from_pandas(pairs[COLUMNS], schema=PAIR_SCHEMA, preserve_index=False), folder / "part-00000.parquet")
 
 
 def _explain(failures: list[tuple[str, dict]], config: ValidateConfig, quarantine_path: Path) -> str:

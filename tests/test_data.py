@@ -14,7 +14,8 @@ from PIL import Image
 from components.common import ZhclipError
 from conftest import run_tool
 from components.demo_data import DemoDataConfig, generate_demo_data
-from components.ingest import PAIR_SCHEMA, IngestConfig, ingest, read_pairs
+from components.ingest import PAIR_SCHEMA, IngestConfig, ingest
+from components.shards import read_pairs
 from components.validate import ValidateConfig, validate
 
 
