@@ -1,22 +1,24 @@
-"""Input-pipeline throughput: prepared Parquet shard -> decode -> resize -> normalise, in images/s.
+"""Input-pipeline throughput: prepared Parquet shards -> decode -> resize -> normalise, in images/s.
 
     python -m bench.input_pipeline --images 8192 --workers 4 16 --gpu-decode
     python -m bench.input_pipeline --images 64 --workers 1 --width 64 --height 48   # CPU smoke run
 
 Writes a prepared split of photo-like JPEGs (--width x --height, as `zhclip ingest
-image_format: JPEG` stores them) and measures two ways to turn it into model-ready pixels:
+image_format: JPEG` stores them) and measures, side by side, the ways to turn it into model-ready
+pixels (each case: images/s, and images/s per decoding core):
 
-- `cpu`: zhclip's training data path, `components.train_data` (PairDataset: PIL decode, the
-  model's ChineseCLIP image processor; epoch_loader: a DataLoader with N worker processes, one
-  per core, and prefetching); `--augment` adds training's random resized crop;
-- `cpu-uint8`: the same path with `train.normalize_on_device` (PairDataset `eight_bit`): the same
-  decoding and PIL resize in the loader workers, which hand over 8-bit 224x224 images, and the
-  scaling and normalisation run on the device: identical pixels, less CPU work per image and a
-  quarter of the bytes to copy;
+- `stream`: zhclip's training input, `components.train_data` (the epoch plan's windows read from
+  the row groups; `BatchDecoder`: PIL decode, tokenising, the model's ChineseCLIP image processor)
+  with N local decoding processes, what a bare GPU host runs; `--ray` adds `stream-ray`, the same
+  with N Ray Data actors, what training under Ray runs; `--augment` adds the random resized crop;
+- `stream-uint8`: the same with `train.normalize_on_device`: the decoders hand over 8-bit images
+  and the scaling and normalisation run on the device (identical pixels, less CPU per image);
+- `legacy`: the loader before streaming (`bench/legacy_loader.py`: the whole split in pandas,
+  captions tokenised up front, a DataLoader with N worker processes), the baseline;
 - `gpu`: shard bytes decoded by nvJPEG (`torchvision.io.decode_jpeg` on the GPU), resized and
   normalised there (`model.fast.pixels_on_device`); needs torchvision and a GPU, and JPEG shards.
 
-Each prints one JSON line with images/s and, for the last two, the largest pixel difference from
+Each prints one JSON line; the uint8 and nvJPEG cases also give the largest pixel difference from
 the image processor's on the same images (nvJPEG and torch's antialiased bicubic differ slightly
 from PIL's decoder and resize; the uint8 path should not differ at all).
 """
@@ -27,6 +29,8 @@ import argparse
 import io
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,8 +41,10 @@ import torch
 from PIL import Image
 
 from bench.measure import emit, environment, pick_device, synchronize
-from components.ingest import PAIR_SCHEMA, read_pairs
-from components.train_data import EpochBatches, PairDataset, epoch_loader
+from bench.legacy_loader import EpochBatches, PairDataset, epoch_loader
+from components.ingest import PAIR_SCHEMA, IngestConfig
+from components.shards import PreparedSplit, read_pairs
+from components.train_data import BatchDecoder, EpochPlan, read_window, training_batches
 from model.fast import pixels_on_device
 from model.presets import CLIP_MEAN, CLIP_STD, PRESETS, build_processor, default_vocab_path
 
@@ -66,35 +72,64 @@ def write_prepared(folder: Path, images: int, width: int, height: int, workers: 
         ids = list(range(start, min(start + SHARD_ROWS, images)))
         table = pa.Table.from_pydict({"text_id": ids, "text": [f"第{i}张图片里有一只猫" for i in ids], "image_id": ids,
                                       "image": blobs[ids[0]:ids[-1] + 1]}, schema=PAIR_SCHEMA)
-        pq.write_table(table, split / f"part-{start // SHARD_ROWS:05d}.parquet")
+        pq.write_table(table, split / f"part-{start // SHARD_ROWS:05d}.parquet", row_group_size=IngestConfig().row_group_rows)
     return folder
 
 
-def cpu_images_per_s(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
-                     device: torch.device) -> tuple[float, torch.Tensor]:
-    """Images/s of zhclip's training input (PairDataset + epoch_loader, then `to_device`), reading
-    included, and the first batch's pixels. `eight_bit`: the loader hands over 8-bit resized images,
-    normalised on `device` (train.normalize_on_device)."""
+@dataclass
+class Rate:
+    images_per_s: float  # after the first batch: the rate training sees once the decoders are up
+    overall_images_per_s: float  # with the startup
+    startup_s: float  # until the first batch (processes or actors started, the first window or the whole split read)
+    first: torch.Tensor  # the first batch's pixels
+
+
+def delivered(batches, to_pixels, device: torch.device) -> Rate:
+    """Consume a loader's batches, turning each into pixels on `device`; time it."""
     started = time.perf_counter()
-    dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment,
-                          eight_bit=eight_bit)
-    batches = EpochBatches(len(dataset), batch_size, rank=0, world_size=1, seed=0, epoch=0)
-    loader = epoch_loader(dataset, batches, epoch=0, loader_workers=workers, pin_memory=device.type == "cuda")
-    first, images = None, 0
-    for batch in loader:
-        pixels = dataset.to_device(batch, device)["pixel_values"]
-        first = pixels if first is None else first
-        images += len(pixels)
+    first, images, first_at = None, 0, 0.0
+    for batch in batches:
+        pixels = to_pixels(batch)
+        if first is None:
+            synchronize(device)
+            first, first_at = pixels, time.perf_counter()
+        else:
+            images += len(pixels)
     synchronize(device)
-    return images / (time.perf_counter() - started), first
+    ended = time.perf_counter()
+    return Rate(images / max(ended - first_at, 1e-9), (images + len(first)) / (ended - started), first_at - started, first)
 
 
-def max_difference_from_processor(pixels: torch.Tensor, prepared: Path, processor, indices: list[int],
-                                  augment: bool = False) -> float:
-    """Largest difference of a path's first pixels, the images at `indices`, from zhclip's image
-    processor on the same images."""
-    dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment)
-    on_cpu = torch.stack([dataset[i]["pixel_values"] for i in indices])
+def legacy_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, device: torch.device) -> Rate:
+    """The pre-streaming loader (whole split read, then a DataLoader), reading included."""
+    def batches():
+        dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment)
+        order = EpochBatches(len(dataset), batch_size, rank=0, world_size=1, seed=0, epoch=0)
+        for batch in epoch_loader(dataset, order, epoch=0, loader_workers=workers, pin_memory=device.type == "cuda"):
+            yield dataset.to_device(batch, device)["pixel_values"]
+
+    return delivered(batches(), lambda pixels: pixels, device)
+
+
+def stream_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
+                on_ray: bool, device: torch.device) -> Rate:
+    """zhclip's streaming training input, reading included."""
+    plan = EpochPlan(PreparedSplit.open(str(prepared), "train"), batch_size, rank=0, world_size=1, seed=0)
+    decoder = BatchDecoder(processor, 52, augment=augment, eight_bit=eight_bit)
+    batches = training_batches(plan, decoder, 0, plan.steps_per_epoch, workers, on_ray)
+    return delivered(batches, lambda batch: decoder.to_device(batch, device)["pixel_values"], device)
+
+
+def _first_rows(plan: EpochPlan):
+    window = next(iter(plan.windows(0, 1)))
+    table = read_window(plan, window)
+    yield {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def max_difference_from_processor(pixels: torch.Tensor, rows: dict, processor, augment: bool = False) -> float:
+    """Largest difference of a path's first pixels from zhclip's image processor on the same (first 8) images."""
+    first = {name: values[:8] for name, values in rows.items()}
+    on_cpu = torch.from_numpy(BatchDecoder(processor, 52, augment=augment)(first)["pixel_values"])
     return round((pixels[:len(on_cpu)].float().cpu() - on_cpu).abs().max().item(), 4)
 
 
@@ -104,7 +139,8 @@ def gpu_images_per_s(prepared: Path, size: int, batch_size: int, device: torch.d
     from torchvision.io import decode_jpeg
 
     def run() -> tuple[int, torch.Tensor]:
-        blobs = read_pairs(prepared, "train")["image"]
+        blobs = [blob for table in PreparedSplit.open(str(prepared), "train").tables(["image"])
+                 for blob in table["image"].to_pylist()]
         first = None
         for start in range(0, len(blobs), batch_size):
             encoded = [torch.frombuffer(blob, dtype=torch.uint8) for blob in blobs[start:start + batch_size]]
@@ -119,12 +155,28 @@ def gpu_images_per_s(prepared: Path, size: int, batch_size: int, device: torch.d
     return count / (time.perf_counter() - started), first
 
 
+@contextmanager
+def ray_session(wanted: bool, workers: int):
+    """A local Ray with room for `workers` decoders, for the Ray Data case only (bare GPU hosts have no Ray)."""
+    if not wanted:
+        yield
+        return
+    import ray
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8192)
     parser.add_argument("--width", type=int, default=500, help="stored image width (typical web photos: 500x375)")
     parser.add_argument("--height", type=int, default=375)
-    parser.add_argument("--workers", type=int, nargs="+", default=[16], help="DataLoader worker counts to measure")
+    parser.add_argument("--workers", type=int, nargs="+", default=[16], help="decoding process counts to measure")
+    parser.add_argument("--ray", action="store_true", help="also measure Ray Data decoders (needs Ray)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--augment", action="store_true", help="CPU path with training's random resized crop")
     parser.add_argument("--gpu-decode", action="store_true", help="also measure nvJPEG decoding (needs torchvision, a GPU)")
@@ -136,23 +188,31 @@ def main() -> None:
     size = PRESETS["ViT-B-16"]["vision"]["image_size"]
     processor = build_processor(default_vocab_path(), size, context_length=52)
     common = {"bench": "input", "images": args.images, "stored_size": f"{args.width}x{args.height}",
-              "batch_size": args.batch_size}
-    loader_order = next(iter(EpochBatches(args.images, args.batch_size, rank=0, world_size=1, seed=0, epoch=0)))
+              "batch_size": args.batch_size, "augment": args.augment}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = write_prepared(Path(tmp), args.images, args.width, args.height, max(1, *args.workers))
+        plan = EpochPlan(PreparedSplit.open(str(prepared), "train"), args.batch_size, rank=0, world_size=1, seed=0)
+        first_rows = next(_first_rows(plan))
         for workers in args.workers:
-            for eight_bit in (False, True):
-                rate, pixels = cpu_images_per_s(prepared, processor, workers, args.batch_size, args.augment,
-                                                eight_bit, device)
-                emit({**common, "case": f"cpu-{'uint8-' if eight_bit else ''}{workers}-workers", "workers": workers,
-                      "augment": args.augment, "images_per_s": round(rate, 1),
-                      "max_abs_diff_vs_processor": max_difference_from_processor(
-                          pixels, prepared, processor, loader_order[:8], args.augment)})
+            for name, eight_bit, on_ray in (("legacy", False, False), ("stream", False, False),
+                                            ("stream-uint8", True, False), ("stream-ray", False, True),
+                                            ("stream-ray-uint8", True, True)):
+                if on_ray and not args.ray:
+                    continue
+                with ray_session(on_ray, workers):
+                    rate = (legacy_rate(prepared, processor, workers, args.batch_size, args.augment, device) if name == "legacy"
+                            else stream_rate(prepared, processor, workers, args.batch_size, args.augment, eight_bit, on_ray, device))
+                emit({**common, "case": f"{name}-{workers}-workers", "workers": workers, "images_per_s": round(rate.images_per_s, 1),
+                      "images_per_s_per_core": round(rate.images_per_s / max(workers, 1), 1),  # 0: the consumer decodes
+                      "overall_images_per_s": round(rate.overall_images_per_s, 1), "startup_s": round(rate.startup_s, 2),
+                      **({"max_abs_diff_vs_processor": max_difference_from_processor(rate.first, first_rows, processor, args.augment)}
+                         if eight_bit else {})})
         if args.gpu_decode:
             try:
                 rate, pixels = gpu_images_per_s(prepared, size, args.batch_size, device)
+                in_file_order = {name: values[np.argsort(first_rows["row"])] for name, values in first_rows.items()}
                 emit({**common, "case": "gpu-nvjpeg", "images_per_s": round(rate, 1),
-                      "max_abs_diff_vs_processor": max_difference_from_processor(pixels, prepared, processor, list(range(8)))})
+                      "max_abs_diff_vs_processor": max_difference_from_processor(pixels, in_file_order, processor)})
             except Exception as err:  # e.g. no torchvision or no GPU: reported, the CPU figures stand
                 emit({**common, "case": "gpu-nvjpeg", "error": f"{type(err).__name__}: {err}"[:2000]})
 

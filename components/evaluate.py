@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from components import cnclip_files, report
 from components.common import ZhclipError, timed, write_summary
-from components.ingest import read_pairs
+from components.shards import PreparedSplit
 from components.tracking import run_to_log_into
 from model import decode_image, embed_images, embed_texts, load_model
 
@@ -53,26 +55,86 @@ class RetrievalSet:
     text_emb: np.ndarray
     image_emb: np.ndarray
     text_to_images: list[set[int]]
-    texts: list[str] = field(default_factory=list)         # for the report; may be empty
-    images: list[Image.Image] = field(default_factory=list)  # for the report; may be empty
+    texts: list[str] = field(default_factory=list)  # for the report; may be empty
+    # image rows -> decoded images, for the few the report shows (the split's images are never all held)
+    load_images: Callable[[Sequence[int]], dict[int, Image.Image]] | None = None
 
 
 @dataclass
-class SplitIndex:
-    """A split's pairs as retrieval sees them: each text once, each image once, and the image rows
-    positive for each text row."""
+class EmbeddedSplit:
+    """A prepared split as retrieval sees it (each text and each image once, in order of first
+    appearance), embedded, with the text row and image row of every pair in the split's order."""
 
-    texts: pd.DataFrame
-    images: pd.DataFrame
-    text_to_images: list[set[int]]
+    data: RetrievalSet
+    pair_texts: np.ndarray
+    pair_images: np.ndarray
 
-    @classmethod
-    def of(cls, pairs: pd.DataFrame) -> SplitIndex:
-        texts = pairs.drop_duplicates("text_id").reset_index(drop=True)
-        images = pairs.drop_duplicates("image_id").reset_index(drop=True)
-        image_row = {image_id: row for row, image_id in enumerate(images["image_id"])}
-        grouped = pairs.groupby("text_id")["image_id"].apply(lambda ids: {image_row[i] for i in ids})
-        return cls(texts, images, [grouped[text_id] for text_id in texts["text_id"]])
+
+def embed_split(model, processor, prepared_dir: str | Path, split: str, batch_size: int) -> EmbeddedSplit:
+    """Embed a prepared split streamed row group by row group: memory holds the ids, captions and
+    embeddings, one row group and one batch of decoded images, never the split's images."""
+    shards = PreparedSplit.open(str(prepared_dir), split)
+    ids = pa.concat_tables(shards.tables(["text_id", "text", "image_id"]))
+    pair_texts, text_ids = pd.factorize(ids["text_id"].to_numpy())
+    pair_images, image_ids = pd.factorize(ids["image_id"].to_numpy())
+    first_text_pair = np.unique(pair_texts, return_index=True)[1]
+    texts = ids["text"].take(first_text_pair).to_pylist()
+    text_to_images: list[set[int]] = [set() for _ in text_ids]
+    for text, image in zip(pair_texts.tolist(), pair_images.tolist()):
+        text_to_images[text].add(image)
+    text_emb = embed_texts(model, processor, texts, batch_size)
+    image_emb = _embed_images_streamed(model, processor, shards, pd.Index(image_ids), batch_size)
+
+    def load_images(rows: Sequence[int]) -> dict[int, Image.Image]:
+        return _images_of(shards, {int(image_ids[row]): row for row in rows})
+
+    data = RetrievalSet(text_ids=text_ids.tolist(), image_ids=image_ids.tolist(), text_emb=text_emb, image_emb=image_emb,
+                        text_to_images=text_to_images, texts=texts, load_images=load_images)
+    return EmbeddedSplit(data, pair_texts, pair_images)
+
+
+def _embed_images_streamed(model, processor, shards: PreparedSplit, image_index: pd.Index, batch_size: int) -> np.ndarray:
+    """One embedding per image id of `image_index` (in its order), decoding each image once as the row groups stream by."""
+    embedded = np.zeros(len(image_index), dtype=bool)
+    out: np.ndarray | None = None
+    rows: list[int] = []
+    images: list[Image.Image] = []
+
+    def flush() -> None:
+        nonlocal out
+        if images:
+            emb = embed_images(model, processor, images, batch_size)
+            out = np.zeros((len(image_index), emb.shape[1]), dtype=np.float32) if out is None else out
+            out[rows] = emb
+            rows.clear()
+            images.clear()
+
+    for table in tqdm(shards.tables(["image_id", "image"]), total=len(shards.groups), desc=f"embed {shards.split} images",
+                      unit=" row groups", leave=False, disable=None):
+        for row, blob in zip(image_index.get_indexer(table["image_id"].to_numpy()).tolist(), table["image"].to_pylist()):
+            if not embedded[row]:
+                embedded[row] = True
+                rows.append(row)
+                images.append(decode_image(blob))
+                if len(images) == batch_size:
+                    flush()
+    flush()
+    return out if out is not None else np.zeros((0, model.config.projection_dim), dtype=np.float32)
+
+
+def _images_of(shards: PreparedSplit, rows_by_id: dict[int, int]) -> dict[int, Image.Image]:
+    """Decoded images for a few image ids (image row -> image), reading the image column only of the row groups that hold them."""
+    found: dict[int, Image.Image] = {}
+    wanted = np.fromiter(rows_by_id, dtype=np.int64, count=len(rows_by_id))
+    for group in range(len(shards.groups)):
+        if len(found) == len(rows_by_id):
+            break
+        if np.isin(shards.read(group, ["image_id"])["image_id"].to_numpy(), wanted).any():
+            table = shards.read(group, ["image_id", "image"])
+            for image_id, blob in zip(table["image_id"].to_pylist(), table["image"].to_pylist()):
+                if image_id in rows_by_id and rows_by_id[image_id] not in found:
+                    found[rows_by_id[image_id]] = decode_image(blob)
+    return found
 
 
 @dataclass
@@ -220,23 +282,15 @@ def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateCo
     files with an HTML/Markdown report (`report_dir`), and the metrics and report logged to an
     existing MLflow run (`mlflow_run_id`; by default the run that trained the model, when recorded).
     """
-    pairs = read_pairs(prepared_dir, config.split)
     try:
         model, processor = load_model(model_dir)
     except (FileNotFoundError, OSError) as err:
         raise ZhclipError(f"cannot load model from {model_dir}: {err}") from err
-    split = SplitIndex.of(pairs)
-    texts, images = split.texts, split.images
-    summary: dict = {"model_dir": str(model_dir), "split": config.split, "texts": len(texts), "images": len(images)}
+    summary: dict = {"model_dir": str(model_dir), "split": config.split}
     with timed(summary):
-        decoded = [decode_image(blob) for blob in images["image"]]
         with accelerated(model):
-            text_emb = embed_texts(model, processor, list(texts["text"]), config.batch_size)
-            image_emb = embed_images(model, processor, decoded, config.batch_size)
-        data = RetrievalSet(text_ids=[int(i) for i in texts["text_id"]], image_ids=[int(i) for i in images["image_id"]],
-                            text_emb=text_emb, image_emb=image_emb,
-                            text_to_images=split.text_to_images,
-                            texts=list(texts["text"]), images=decoded)
+            data = embed_split(model, processor, prepared_dir, config.split, config.batch_size).data
+        summary.update(texts=len(data.text_ids), images=len(data.image_ids))
         summary.update(_score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id, model_dir), summary))
     if summary_path:
         write_summary(summary_path, summary)
@@ -348,12 +402,14 @@ def _retrieval_report(data: RetrievalSet, rankings: Rankings, metrics: dict[str,
     headline.append(["both", "", "", "", f"{metrics['mean_recall']:.2f}"])
     shown = []
     # Spread over the split: neighbouring texts are often captions of the same image.
-    for row in np.unique(np.linspace(0, len(rankings.t2i_queries) - 1, examples).astype(int)) if examples else []:
+    rows = np.unique(np.linspace(0, len(rankings.t2i_queries) - 1, examples).astype(int)) if examples else []
+    pictures = data.load_images({int(i) for row in rows for i in rankings.t2i[row][:EXAMPLE_IMAGES]}) if data.load_images else {}
+    for row in rows:
         query, ranked, positives = rankings.t2i_queries[row], rankings.t2i[row], rankings.t2i_positives[row]
         shown.append(report.Example(
             query=data.texts[query] if data.texts else f"text {data.text_ids[query]}",
             results=[report.Result(label=f"image {data.image_ids[image]}", hit=int(image) in positives,
-                                   image=data.images[image] if data.images else None)
+                                   image=pictures.get(int(image)))
                      for image in ranked[:EXAMPLE_IMAGES]]))
     notes = {key: context[key] for key in ("model_dir", "split", "image_feats", "text_feats", "annotations") if key in context}
     notes |= {"texts": len(data.text_ids), "images": len(data.image_ids), "chance mean recall": f"{metrics['chance_mean_recall']:.2f}"}

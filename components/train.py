@@ -25,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from components.cluster import ray_runtime
 from components.common import ZhclipError, build_config, section, write_summary
-from components.ingest import read_pairs
 from components.storage import arrow_filesystem, is_file, local_folder, location
 from components.lineage import dvc_hash, git_commit
 from components.tracking import (
@@ -37,7 +37,8 @@ from components.tracking import (
     resolve_tracking_uri,
     start_stage_run,
 )
-from components.train_data import EpochBatches, PairDataset, epoch_loader, steps_per_epoch
+from components.shards import PreparedSplit
+from components.train_data import BatchDecoder, EpochPlan, pair_digest, training_batches
 from components.training import (
     TRAINING_STATE_FILE,
     StepConfig,
@@ -50,8 +51,7 @@ from components.training import (
     seed_everything,
     warmup_cosine,
 )
-from model import PRESETS, build_model, embed_images, embed_texts, load_model, lock_image_tower
-from model.embedding import decode_image
+from model import PRESETS, build_model, load_model, lock_image_tower
 from model.fast import COMPILE_SCOPES, SDPA_BACKENDS, apply_speedups
 from model.pretrained import init_from_pretrained
 
@@ -90,7 +90,8 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (one process each; DDP when more than one)
     cpus_per_worker: int = 2
     use_gpu: bool = False  # one GPU per worker
-    loader_workers: int = 0  # decoding processes per worker (0: decode in the training process)
+    loader_workers: int = 0  # decoders per worker: Ray Data actors under Ray, else processes (0: the training process)
+    shuffle_window: int = 4096  # rows shuffled together (from several shards); memory holds about one window per worker
     normalize_on_device: bool = False  # loaders hand over 8-bit resized images; the device scales and normalises them
     storage_path: str = "ray_results"  # checkpoints: a folder, or s3://bucket/prefix (MinIO)
     storage_endpoint: str = ""  # S3 endpoint for s3:// storage; empty: $AWS_ENDPOINT_URL
@@ -111,7 +112,7 @@ class TrainConfig:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "context_length", "accum_steps",
-                     "keep_checkpoints", "log_every"):
+                     "keep_checkpoints", "log_every", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "checkpoint_every", "validate_every", "loader_workers", "warmup_steps", "max_failures"):
@@ -162,6 +163,7 @@ class WorkerContext:
     resume_dir: str | None = None  # a checkpoint folder to continue from
     report: Callable[[dict, str | None], None] | None = None  # (metrics, checkpoint folder or None)
     progress_bar: Callable[..., Any] | None = None  # tqdm-like factory, rank 0
+    on_ray: bool = False  # decoders are Ray Data actors (else local processes)
 
 
 def _initial_model(cfg: TrainConfig, init_dir: str | None):
@@ -179,25 +181,22 @@ def _set_train_mode(model, cfg: TrainConfig) -> None:
         lock_image_tower(model, cfg.unlocked_groups)
 
 
-def validation_metrics(model, processor, pairs, batch_size: int) -> dict[str, float]:
+def validation_metrics(model, processor, prepared_dir: str, batch_size: int) -> dict[str, float]:
     """In-batch accuracy (image->text and text->image, batches of `batch_size` pairs) and retrieval
-    mean recall on the held-out pairs, the latter exactly as `zhclip evaluate` scores a split."""
-    from components.evaluate import SplitIndex, retrieval_metrics
+    mean recall on the valid split, the latter exactly as `zhclip evaluate` scores a split."""
+    from components.evaluate import embed_split, retrieval_metrics
 
-    split = SplitIndex.of(pairs)
     model.eval()
     with torch.no_grad():
-        texts = embed_texts(model, processor, list(split.texts["text"]), batch_size)
-        images = embed_images(model, processor, [decode_image(b) for b in split.images["image"]], batch_size)
-    text_row = {text_id: row for row, text_id in enumerate(split.texts["text_id"])}
-    image_row = {image_id: row for row, image_id in enumerate(split.images["image_id"])}
-    pair_texts, pair_images = texts[pairs["text_id"].map(text_row)], images[pairs["image_id"].map(image_row)]
+        split = embed_split(model, processor, prepared_dir, "valid", batch_size)
+    data = split.data
+    pair_texts, pair_images = data.text_emb[split.pair_texts], data.image_emb[split.pair_images]
     hits = []
-    for start in range(0, len(pairs), batch_size):
+    for start in range(0, len(pair_texts), batch_size):
         scores = pair_texts[start:start + batch_size] @ pair_images[start:start + batch_size].T
         diagonal = np.arange(len(scores))
         hits += [(scores.argmax(1) == diagonal).mean(), (scores.argmax(0) == diagonal).mean()]
-    recall = retrieval_metrics(texts, images, split.text_to_images)
+    recall = retrieval_metrics(data.text_emb, data.image_emb, data.text_to_images)
     return {"valid_inbatch_accuracy": round(100 * float(np.mean(hits)), 4), "valid_mean_recall": recall["mean_recall"]}
 
 
@@ -225,13 +224,14 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
                    padding_free=cfg.padding_free, channels_last=cfg.channels_last, compile_scope=cfg.compile)
     model = ctx.wrap_model(raw_model)
 
-    pairs = read_pairs(config["prepared_dir"], "train")
-    per_epoch = steps_per_epoch(len(pairs), cfg.batch_size, ctx.world_size)
+    plan = EpochPlan(PreparedSplit.open(config["prepared_dir"], "train"), cfg.batch_size, ctx.rank, ctx.world_size,
+                     cfg.seed, cfg.shuffle_window)
+    per_epoch = plan.steps_per_epoch
     if per_epoch == 0:
-        raise ZhclipError(f"{len(pairs)} training pairs give no full batch of {cfg.batch_size} per worker "
+        raise ZhclipError(f"{plan.pairs} training pairs give no full batch of {cfg.batch_size} per worker "
                           f"across {ctx.world_size} workers; lower train.batch_size or num_workers")
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    dataset = PairDataset(pairs, processor, cfg.context_length, cfg.augment, cfg.seed, eight_bit=cfg.normalize_on_device)
+    decoder = BatchDecoder(processor, cfg.context_length, cfg.augment, cfg.seed, eight_bit=cfg.normalize_on_device)
     optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
     step = TrainStep(model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model)
 
@@ -241,7 +241,7 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         progress["resumed_at"].append(progress["step"])
         if ctx.rank:  # only rank 0's RNG state is saved; other ranks draw from fresh, distinct streams
             seed_everything(cfg.seed + ctx.rank + 7919 * progress["step"])
-    valid = _valid_pairs(config["prepared_dir"]) if ctx.rank == 0 else None
+    valid = config["prepared_dir"] if ctx.rank == 0 and _has_valid_split(config["prepared_dir"]) else None
     logger = StepLogger(config.get("mlflow") if ctx.rank == 0 else None, every=cfg.log_every)
     bar = ctx.progress_bar(total=total_steps, desc=f"stage {cfg.stage}", unit="step") if ctx.progress_bar and ctx.rank == 0 else None
     if bar:
@@ -258,39 +258,33 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
                 ctx.report(metrics, folder)
 
     samples_per_step = cfg.batch_size * ctx.world_size
-    while progress["step"] < total_steps:
-        epoch, start = divmod(progress["step"], per_epoch)
-        batches = EpochBatches(len(pairs), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, epoch, start)
-        loader = epoch_loader(dataset, batches, epoch, cfg.loader_workers, pin_memory=ctx.device.type == "cuda")
+    waited_from = time.perf_counter()
+    for batch in training_batches(plan, decoder, progress["step"], total_steps, cfg.loader_workers, ctx.on_ray):
+        epoch = progress["step"] // per_epoch
+        inputs = decoder.to_device(batch, ctx.device)
+        data_wait = time.perf_counter() - waited_from
+        result = step(inputs)
+        elapsed = time.perf_counter() - waited_from
+        progress["step"] += 1
+        record = {"step": progress["step"], "epoch": epoch + 1, **result,
+                  "samples_per_s": samples_per_step / elapsed, "data_wait_s": data_wait, "step_s": elapsed}
+        logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
+        progress["history"].append({**record, "pairs": pair_digest(batch["text_id"], batch["image_id"])})
+        if bar:
+            bar.update(1)
+            bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")
+        end_of_epoch = progress["step"] % per_epoch == 0
+        if end_of_epoch and ctx.rank == 0 and not bar:
+            _log_epoch(cfg.stage, progress["history"], total_steps, per_epoch)
+        due = cfg.validate_every and progress["step"] % cfg.validate_every == 0
+        if valid is not None and (due or (end_of_epoch and not cfg.validate_every) or progress["step"] == total_steps):
+            scores = {"step": progress["step"], **validation_metrics(raw_model, processor, valid, cfg.batch_size)}
+            progress["validation"].append(scores)
+            logger.log(progress["step"], {k: v for k, v in scores.items() if k != "step"})
+            _set_train_mode(raw_model, cfg)
+        if progress["step"] == total_steps or (cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0):
+            checkpoint({"step": progress["step"], "loss": result["loss"], "epoch": epoch + 1})
         waited_from = time.perf_counter()
-        for batch in loader:
-            batch = dataset.to_device(batch, ctx.device)
-            data_wait = time.perf_counter() - waited_from
-            result = step(batch)
-            elapsed = time.perf_counter() - waited_from
-            progress["step"] += 1
-            record = {"step": progress["step"], "epoch": epoch + 1, **result,
-                      "samples_per_s": samples_per_step / elapsed, "data_wait_s": data_wait, "step_s": elapsed}
-            progress["history"].append(record)
-            logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
-            if bar:
-                bar.update(1)
-                bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")
-            end_of_epoch = progress["step"] % per_epoch == 0
-            if end_of_epoch and ctx.rank == 0 and not bar:
-                _log_epoch(cfg.stage, progress["history"], total_steps, per_epoch)
-            due = cfg.validate_every and progress["step"] % cfg.validate_every == 0
-            if valid is not None and (due or (end_of_epoch and not cfg.validate_every) or progress["step"] == total_steps):
-                scores = {"step": progress["step"], **validation_metrics(raw_model, processor, valid, cfg.batch_size)}
-                progress["validation"].append(scores)
-                logger.log(progress["step"], {k: v for k, v in scores.items() if k != "step"})
-                _set_train_mode(raw_model, cfg)
-            last = progress["step"] == total_steps
-            if last or (cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0):
-                checkpoint({"step": progress["step"], "loss": result["loss"], "epoch": epoch + 1})
-            if last:
-                break
-            waited_from = time.perf_counter()
     if bar:
         bar.close()
     return progress["history"]
@@ -305,11 +299,12 @@ def _log_epoch(stage: int, history: list[dict], total_steps: int, per_epoch: int
           f"ETA {seconds_per_step * (total_steps - history[-1]['step']):.0f} s", flush=True)
 
 
-def _valid_pairs(prepared_dir: str):
+def _has_valid_split(prepared_dir: str) -> bool:
     try:
-        return read_pairs(prepared_dir, "valid")
+        PreparedSplit.open(prepared_dir, "valid")
     except ZhclipError:
-        return None  # no valid split: no validation metrics
+        return False  # no valid split: no validation metrics
+    return True
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
@@ -329,7 +324,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         train_worker_loop(config, WorkerContext(
             rank=train_context.get_world_rank(), world_size=train_context.get_world_size(),
             device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model,
-            resume_dir=resume_dir, report=report, progress_bar=tqdm if config["interactive"] else None))
+            resume_dir=resume_dir, report=report, progress_bar=tqdm if config["interactive"] else None, on_ray=True))
 
 
 def _storage(config: TrainConfig) -> tuple[str, Any]:
@@ -353,12 +348,10 @@ def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any], name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if started_here:
-        ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker),
-                 include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # Room for the training workers and their Ray Data decoders, even where that oversubscribes the cores.
+    wanted = config.num_workers * (config.cpus_per_worker + config.loader_workers)
     storage_path, filesystem = _storage(config)
-    try:
+    with ray_runtime(max(os.cpu_count() or 1, wanted)):
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config=loop_config,
@@ -377,13 +370,10 @@ def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any], name: str):
         except ray.train.TrainingFailedError as err:
             raise ZhclipError(f"training stage {config.stage} failed: {err}; the worker's log is above. "
                               f"Re-running the same command resumes from the last checkpoint in {config.storage_path}/{name}") from err
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _check_inputs(prepared_dir: str, config: TrainConfig, init_dir: str | None) -> None:
-    read_pairs(prepared_dir, "train")  # fail here, with a clear message, before starting Ray
+    PreparedSplit.open(prepared_dir, "train")  # fail here, with a clear message, before starting Ray
     if config.stage == 2 and not init_dir:
         raise ZhclipError("stage 2 starts from stage 1's model: pass --init <stage 1 output folder>")
     if init_dir and not is_file(f"{init_dir}/config.json"):

@@ -1,5 +1,6 @@
 """Checkpoints and recovery: a killed worker is replaced, an interrupted stage resumes, and both
-continue the loss trajectory of an uninterrupted run (same seed)."""
+continue inside the epoch: the same pairs, batch for batch, and the same loss trajectory as an
+uninterrupted run (same seed)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,10 +29,10 @@ def _config(tmp_path: Path, **overrides) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(prepared_dir) -> list[float]:
-    """Losses of the same run without Ray and without interruption."""
+def uninterrupted(prepared_dir) -> list[dict]:
+    """The history of the same run without Ray and without interruption."""
     config = {**asdict(_config(Path("/unused"))), "prepared_dir": str(prepared_dir), "init_dir": None}
-    return [h["loss"] for h in train_worker_loop(config)]
+    return train_worker_loop(config)
 
 
 def _latest_checkpoint_step(storage: Path) -> int:
@@ -80,20 +82,24 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, seen: dict, timeout: fl
     return thread
 
 
-def _losses(out_dir: Path) -> list[float]:
-    return [h["loss"] for h in json.loads((out_dir / "training_history.json").read_text())]
+def _assert_continues_the_uninterrupted_run(out_dir: Path, uninterrupted: list[dict]) -> None:
+    history = json.loads((out_dir / "training_history.json").read_text())
+    # Each step's pairs (an order-free digest of the batch): none repeated, none skipped, batch for batch.
+    assert Counter(h["pairs"] for h in history) == Counter(h["pairs"] for h in uninterrupted)
+    assert [h["pairs"] for h in history] == [h["pairs"] for h in uninterrupted]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in uninterrupted], abs=1e-4)
 
 
 def test_a_killed_worker_is_replaced_and_continues_from_the_last_checkpoint(prepared_dir, tmp_path, uninterrupted):
     seen: dict = {}
     watcher = _kill_a_worker_after_first_checkpoint(tmp_path / "ray", seen)
-    summary = train(prepared_dir, tmp_path / "out", _config(tmp_path, max_failures=1))
+    summary = train(prepared_dir, tmp_path / "out", _config(tmp_path, max_failures=1, loader_workers=1))
     watcher.join(timeout=5)
     assert seen.get("killed"), "the worker was not killed during the run"
     (resumed_at,) = summary["resumed_at_steps"]
     assert resumed_at % EVERY == 0 and resumed_at >= seen["checkpoint_step"], "more steps lost than since the last checkpoint"
     assert summary["steps"] == STEPS
-    assert _losses(tmp_path / "out") == pytest.approx(uninterrupted, abs=1e-4)
+    _assert_continues_the_uninterrupted_run(tmp_path / "out", uninterrupted)
 
 
 def test_an_interrupted_stage_resumes_when_run_again(prepared_dir, tmp_path, uninterrupted):
@@ -105,4 +111,4 @@ def test_an_interrupted_stage_resumes_when_run_again(prepared_dir, tmp_path, uni
     summary = train(prepared_dir, tmp_path / "out", _config(tmp_path, max_failures=0))
     (resumed_at,) = summary["resumed_at_steps"]
     assert resumed_at >= seen["checkpoint_step"] and summary["steps"] == STEPS
-    assert _losses(tmp_path / "out") == pytest.approx(uninterrupted, abs=1e-4)
+    _assert_continues_the_uninterrupted_run(tmp_path / "out", uninterrupted)

@@ -5,6 +5,7 @@ import json
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -231,30 +232,20 @@ def test_random_resized_crop_keeps_90_to_100_percent_of_the_image():
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_eight_bit_loading_normalised_on_the_device_gives_the_processors_pixels(prepared_dir, augment):
-    from components.ingest import read_pairs
-    from components.train_data import PairDataset
+    from components.shards import PreparedSplit
+    from components.train_data import BatchDecoder, EpochPlan, Window, read_window
 
-    pairs = read_pairs(prepared_dir, "train").head(6)
+    plan = EpochPlan(PreparedSplit.open(str(prepared_dir), "train"), batch_size=6, rank=0, world_size=1, seed=0)
+    window = read_window(plan, Window(epoch=1, index=0, skip=0, take=6))
+    rows = {name: window.column(name).to_numpy(zero_copy_only=False) for name in window.column_names}
     _, processor = build_model("tiny")
-    float_pixels = PairDataset(pairs, processor, 52, augment=augment)
-    eight_bit = PairDataset(pairs, processor, 52, augment=augment, eight_bit=True)
-    item = eight_bit[0]
-    assert item["pixel_values"].dtype == torch.uint8 and item["pixel_values"].shape == (3, 32, 32)
-    batch = {key: torch.stack([eight_bit[i][key] for i in range(6)]) for key in item}
-    expected = torch.stack([float_pixels[i]["pixel_values"] for i in range(6)])
+    float_pixels = BatchDecoder(processor, 52, augment=augment)(rows)
+    eight_bit = BatchDecoder(processor, 52, augment=augment, eight_bit=True)
+    batch = eight_bit(rows)
+    assert batch["pixel_values"].dtype == np.uint8 and batch["pixel_values"].shape == (6, 3, 32, 32)
     got = eight_bit.to_device(batch, torch.device("cpu"))
-    torch.testing.assert_close(got["pixel_values"], expected, atol=1e-6, rtol=0)
-    assert torch.equal(got["input_ids"], batch["input_ids"])
-
-
-def test_each_worker_reads_its_own_slice_of_the_epoch_and_resumes_mid_epoch():
-    from components.train_data import EpochBatches
-
-    workers = [list(EpochBatches(100, 8, rank, 2, seed=0, epoch=3)) for rank in range(2)]
-    flat = [i for batches in workers for batch in batches for i in batch]
-    assert len(flat) == len(set(flat)) == 2 * 6 * 8, "disjoint, full batches only"
-    assert list(EpochBatches(100, 8, 0, 2, seed=0, epoch=3, start=4)) == workers[0][4:]
-    assert list(EpochBatches(100, 8, 0, 2, seed=0, epoch=4)) != workers[0]
+    torch.testing.assert_close(got["pixel_values"], torch.from_numpy(float_pixels["pixel_values"]), atol=1e-6, rtol=0)
+    assert torch.equal(got["input_ids"], torch.from_numpy(float_pixels["input_ids"]))
 
 
 def test_evaluation_is_logged_into_the_run_that_trained_the_model(trained, prepared_dir):
@@ -270,12 +261,11 @@ def test_evaluation_is_logged_into_the_run_that_trained_the_model(trained, prepa
 
 def test_validation_recall_is_the_evaluate_steps_recall_on_the_valid_split(prepared_dir, tmp_path):
     from components.evaluate import EvaluateConfig, evaluate
-    from components.ingest import read_pairs
     from components.train import validation_metrics
 
     model, processor = build_model("tiny", seed=3)
     save_model(model, processor, tmp_path / "model")
-    scores = validation_metrics(model, processor, read_pairs(prepared_dir, "valid"), batch_size=16)
+    scores = validation_metrics(model, processor, str(prepared_dir), batch_size=16)
     evaluated = evaluate(tmp_path / "model", prepared_dir, EvaluateConfig(split="valid", batch_size=16))
     assert scores["valid_mean_recall"] == pytest.approx(evaluated["mean_recall"], abs=1e-3)
     assert 0 <= scores["valid_inbatch_accuracy"] <= 100
