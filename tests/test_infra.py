@@ -83,14 +83,19 @@ def test_raycluster_has_what_kuberay_requires(objects):
     head = spec["headGroupSpec"]
     assert head["template"]["spec"]["containers"][0]["image"].split(":")[0].endswith("zhclip")
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
-    (gpu,) = spec["workerGroupSpecs"]
-    assert gpu["groupName"] and isinstance(gpu["rayStartParams"], dict)
-    assert 0 <= gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] and gpu["maxReplicas"] >= 1
-    worker = gpu["template"]["spec"]
+    groups = {group["groupName"]: group for group in spec["workerGroupSpecs"]}
+    assert set(groups) == {"gpu", "cpu"}
+    for group in groups.values():
+        assert isinstance(group["rayStartParams"], dict)
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] >= 1
+    worker = groups["gpu"]["template"]["spec"]
     limits = worker["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] >= 1
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
     assert worker["nodeSelector"] == KubeflowConfig().gpu_node_selector  # the same GPU nodes as pipeline tasks
+    data_worker = groups["cpu"]["template"]["spec"]  # decoding and validation: CPU nodes, no GPU held
+    assert "nvidia.com/gpu" not in data_worker["containers"][0]["resources"]["limits"] and "nodeSelector" not in data_worker
+    assert data_worker["containers"][0]["env"] == worker["containers"][0]["env"], "the same MinIO and MLflow access"
 
 
 def test_every_container_is_non_root_unprivileged_and_bounded(objects):
@@ -165,7 +170,8 @@ def test_only_labelled_clients_reach_minio_and_mlflow(objects):
     assert postgres == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}],
                          "ports": [{"port": 5432}]}]
     templates = pod_templates(objects)
-    for owner in ("Deployment/mlflow", "RayCluster/zhclip/head", "RayCluster/zhclip/gpu", "Job/minio-buckets"):
+    for owner in ("Deployment/mlflow", "RayCluster/zhclip/head", "RayCluster/zhclip/gpu", "RayCluster/zhclip/cpu",
+                  "Job/minio-buckets"):
         assert templates[owner]["metadata"]["labels"].items() >= client.items(), owner
     assert "zhclip.io/client" not in templates["StatefulSet/postgres"]["metadata"]["labels"]
 
