@@ -112,11 +112,11 @@ def legacy_rate(prepared: Path, processor, workers: int, batch_size: int, augmen
 
 
 def stream_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
-                on_ray: bool, device: torch.device) -> Rate:
-    """zhclip's streaming training input, reading included."""
+                on_ray: bool, device: torch.device, max_batches: int | None = None) -> Rate:
+    """zhclip's streaming training input, reading included (one epoch, or its first `max_batches`)."""
     plan = EpochPlan(PreparedSplit.open(str(prepared), "train"), batch_size, rank=0, world_size=1, seed=0)
     decoder = BatchDecoder(processor, 52, augment=augment, eight_bit=eight_bit)
-    batches = training_batches(plan, decoder, 0, plan.steps_per_epoch, workers, on_ray)
+    batches = training_batches(plan, decoder, 0, min(plan.steps_per_epoch, max_batches or plan.steps_per_epoch), workers, on_ray)
     return delivered(batches, lambda batch: decoder.to_device(batch, device)["pixel_values"], device)
 
 

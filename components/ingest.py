@@ -5,11 +5,13 @@ Two raw formats, chosen per split by the files present:
 - captions CSV: `{split}.csv` with columns `text_id`, `text`, `image` (an image file path relative to
   the raw folder), one row per (text, image) pair; image ids follow the order of first appearance.
 
-Streaming: texts (small) are indexed first, then image lines are read in batches of `batch_lines`,
-decoded and re-encoded by `workers` processes, and each image's pairs are written as soon as it is
-done. Memory is bounded by the text index, one batch of raw lines and their re-encoded images, one
-decoded image per worker (images above `max_image_pixels` are rejected before decoding), and one
-shard of `shard_rows` pairs, whatever the size of the split.
+The raw folder may be local or an s3:// prefix (MinIO). Streaming: texts (small) are indexed first,
+then image lines are read in batches of `batch_lines`, decoded and re-encoded by Ray tasks (on any
+CPU of the cluster at $RAY_ADDRESS, or of a local Ray with `workers` CPUs; `workers: 1` decodes in
+this process), and each image's pairs are written as soon as it is done. Memory is bounded by the
+text index, two batches of raw lines and their re-encoded images per CPU in flight, one decoded
+image per task (images above `max_image_pixels` are rejected before decoding), and one shard of
+`shard_rows` pairs, whatever the size of the split.
 """
 
 from __future__ import annotations
@@ -17,20 +19,23 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+from array import array
+from collections import deque
 import json
-import os
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from components.cluster import ordered_map, ray_runtime
 from components.common import ZhclipError, timed, write_summary
+from components.storage import Folder
 
 SPLITS = ("train", "valid", "test")
 PAIR_SCHEMA = pa.schema(
@@ -45,7 +50,7 @@ class IngestConfig:
     max_image_side: int = 0  # 0 keeps the original size
     image_format: str = "PNG"
     max_image_pixels: int = 25_000_000  # larger images are quarantined without being decoded
-    workers: int = 0  # decoding processes; 0 = one per CPU core
+    workers: int = 0  # CPUs of the local Ray that decodes (0: every core; 1: no Ray); a cluster at $RAY_ADDRESS uses all of its
     batch_lines: int = 256  # image lines in flight at once
 
     def __post_init__(self):
@@ -64,11 +69,11 @@ class _Quarantine:
         self.count = 0
         self._file = None
 
-    def add(self, source: Path, line: int, reason: str, record: str) -> None:
+    def add(self, source: str, line: int, reason: str, record: str) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "w", encoding="utf-8")
-        entry = {"file": str(source), "line": line, "reason": reason, "record": record[:200]}
+        entry = {"file": source, "line": line, "reason": reason, "record": record[:200]}
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self.count += 1
 
@@ -119,14 +124,14 @@ def _reencode(blob: bytes, config: IngestConfig) -> bytes:
     return buffer.getvalue()
 
 
-def _lines(path: Path, quarantine: _Quarantine, desc: str | None = None) -> Iterator[tuple[int, str]]:
+def _lines(raw: Folder, name: str, quarantine: _Quarantine, desc: str | None = None) -> Iterator[tuple[int, str]]:
     """(line number, text) of the non-blank lines of a UTF-8 file; undecodable lines are quarantined."""
-    with open(path, "rb") as raw:
-        for number, data in enumerate(tqdm(raw, desc=desc, unit=" lines", leave=False, disable=desc is None), 1):
+    with raw.open(name) as lines:
+        for number, data in enumerate(tqdm(lines, desc=desc, unit=" lines", leave=False, disable=desc is None), 1):
             try:
                 line = data.decode("utf-8")
             except UnicodeDecodeError as err:
-                quarantine.add(path, number, f"not UTF-8 ({err})", data.decode("utf-8", "replace"))
+                quarantine.add(raw.name(name), number, f"not UTF-8 ({err})", data.decode("utf-8", "replace"))
                 continue
             if line.strip():
                 yield number, line
@@ -136,9 +141,9 @@ class _Rejected(Exception):
     """An image that decodes but breaks a configured bound."""
 
 
-def _decode_line(line: str, config: IngestConfig) -> tuple[int | None, bytes | None, str | None]:
+def _decode_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
     """One `image_id<TAB>base64` line -> (image_id, re-encoded image, None), or a reason in place of
-    the image. Runs in the worker processes, so it returns rather than raises."""
+    the image. Runs in Ray tasks, so it returns rather than raises."""
     try:
         id_field, b64 = line.rstrip("\n").split("\t")
         image_id = int(id_field)
@@ -160,144 +165,206 @@ def _reencoded(image_id: int, blob: bytes, config: IngestConfig) -> tuple[int, b
         return image_id, None, f"image does not decode ({err})"
 
 
-def _decode_file_line(line: str, config: IngestConfig) -> tuple[int | None, bytes | None, str | None]:
-    """`image_id<TAB>path` (built from a captions CSV) -> the same result as `_decode_line`."""
+def _decode_file_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
+    """`image_id<TAB>path` (built from a captions CSV, the path relative to the raw folder) -> the same result as `_decode_line`."""
     id_field, path = line.split("\t", 1)
     try:
-        blob = Path(path).read_bytes()
+        blob = raw.read_bytes(path)
     except OSError as err:
-        return int(id_field), None, f"image file cannot be read ({err.strerror}: {path})"
+        return int(id_field), None, f"image file cannot be read ({err}: {raw.name(path)})"
     return _reencoded(int(id_field), blob, config)
 
 
-def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig, decode=_decode_line) -> Iterator[tuple[int, str, tuple]]:
-    """(line number, line, decode result) in input order, `batch_lines` lines at a time."""
-    workers = config.workers or os.cpu_count() or 1
+def _decode_batch(lines: list[str], config: IngestConfig, raw: Folder, decode) -> list[tuple]:
+    return [decode(line, config, raw) for line in lines]
+
+
+def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig, raw: Folder, decode) -> Iterator[tuple[int, str, tuple]]:
+    """(line number, line, decode result) in input order, `batch_lines` lines per Ray task (in this process for `workers: 1`)."""
     batches = iter(lambda: list(itertools.islice(lines, config.batch_lines)), [])
-    if workers == 1:
+    if config.workers == 1:
         for batch in batches:
-            yield from ((number, line, decode(line, config)) for number, line in batch)
+            decoded = _decode_batch([line for _, line in batch], config, raw, decode)
+            yield from ((number, line, result) for (number, line), result in zip(batch, decoded))
         return
-    with ProcessPoolExecutor(workers) as pool:
+    in_flight: deque[list[tuple[int, str]]] = deque()  # the batches whose results ordered_map has yet to yield
+
+    def calls() -> Iterator[tuple]:
         for batch in batches:
-            results = pool.map(partial(decode, config=config), [line for _, line in batch],
-                               chunksize=max(1, len(batch) // (4 * workers)))
-            yield from ((number, line, result) for (number, line), result in zip(batch, results))
+            in_flight.append(batch)
+            yield [line for _, line in batch], config, raw, decode
+
+    for decoded in ordered_map(_decode_batch, calls()):
+        yield from ((number, line, result) for (number, line), result in zip(in_flight.popleft(), decoded))
 
 
-def _index_texts(path: Path, quarantine: _Quarantine) -> dict[int, list[tuple[int, str]]]:
-    """image_id -> [(text_id, text)] from a texts jsonl, quarantining malformed lines."""
-    by_image: dict[int, list[tuple[int, str]]] = {}
+class _TextIndex:
+    """The captions of a split by image id, in arrays (about 20 bytes plus the caption's UTF-8 per
+    (text, image) reference) rather than Python objects (several hundred), since a split's texts are
+    held while its images stream past."""
+
+    CHUNK = 65_536  # captions collected as Python strings before they are packed into an Arrow array
+
+    def __init__(self):
+        self._image_ids, self._text_ids = array("q"), array("q")
+        self._chunks: list[pa.Array] = []
+        self._pending: list[str] = []
+
+    def add(self, image_id: int, text_id: int, text: str) -> None:
+        self._image_ids.append(image_id)
+        self._text_ids.append(text_id)
+        self._pending.append(text)
+        if len(self._pending) == self.CHUNK:
+            self._chunks.append(pa.array(self._pending, pa.string()))
+            self._pending = []
+
+    def freeze(self) -> _TextIndex:
+        """Sort by image id (captions of one image keep their file order) for lookups."""
+        image_ids = np.frombuffer(self._image_ids, dtype=np.int64)
+        order = np.argsort(image_ids, kind="stable")
+        texts = pa.chunked_array(self._chunks + [pa.array(self._pending, pa.string())], pa.string())
+        self.image_ids, self.text_ids = image_ids[order], np.frombuffer(self._text_ids, dtype=np.int64)[order]
+        self.texts = texts.take(pa.array(order))
+        self.images = np.unique(self.image_ids)  # every referenced image id, sorted
+        self.found = np.zeros(len(self.images), dtype=bool)
+        del self._image_ids, self._text_ids, self._chunks, self._pending
+        return self
+
+    def position(self, image_id: int) -> int | None:
+        """The referenced image's place in `images`, None for an image no text references."""
+        at = int(np.searchsorted(self.images, image_id))
+        return at if at < len(self.images) and self.images[at] == image_id else None
+
+    def captions(self, image_id: int) -> list[tuple[int, str]]:
+        start, end = np.searchsorted(self.image_ids, [image_id, image_id + 1])
+        return list(zip(self.text_ids[start:end].tolist(), self.texts[int(start):int(end)].to_pylist()))
+
+    def texts_of_found_images(self) -> int:
+        return int(np.unique(self.text_ids[self.found[np.searchsorted(self.images, self.image_ids)]]).size)
+
+
+def _index_texts(raw: Folder, name: str, quarantine: _Quarantine) -> _TextIndex:
+    """The captions of a texts jsonl by image id, quarantining malformed lines."""
+    index = _TextIndex()
     seen: set[int] = set()
-    for number, line in _lines(path, quarantine):
+    source = raw.name(name)
+    for number, line in _lines(raw, name, quarantine):
         try:
             record = json.loads(line)
             text_id, text, image_ids = int(record["text_id"]), record["text"], record["image_ids"]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            quarantine.add(path, number, f"not a text record with text_id, text, image_ids ({err!r})", line)
+            quarantine.add(source, number, f"not a text record with text_id, text, image_ids ({err!r})", line)
             continue
         if not isinstance(text, str) or not text.strip():
-            quarantine.add(path, number, "empty or non-string text", line)
+            quarantine.add(source, number, "empty or non-string text", line)
         elif not isinstance(image_ids, list) or not image_ids or not all(isinstance(i, int) for i in image_ids):
-            quarantine.add(path, number, "image_ids must be a non-empty list of integers", line)
+            quarantine.add(source, number, "image_ids must be a non-empty list of integers", line)
         elif text_id in seen:
-            quarantine.add(path, number, f"duplicate text_id {text_id}", line)
+            quarantine.add(source, number, f"duplicate text_id {text_id}", line)
         else:
             seen.add(text_id)
             for image_id in image_ids:
-                by_image.setdefault(image_id, []).append((text_id, text.strip()))
-    return by_image
+                index.add(image_id, text_id, text.strip())
+    return index.freeze()
 
 
 CSV_COLUMNS = ("text_id", "text", "image")
 
 
-def _index_csv(path: Path, raw_dir: Path, quarantine: _Quarantine) -> tuple[dict, list[tuple[int, str]]]:
-    """Texts by image id and `image_id<TAB>path` lines from a captions CSV, quarantining bad rows."""
+def _index_csv(raw: Folder, name: str, quarantine: _Quarantine) -> tuple[_TextIndex, list[tuple[int, str]]]:
+    """Captions by image id and `image_id<TAB>path` lines from a captions CSV, quarantining bad rows."""
     import csv
+    import io
 
-    by_image: dict[int, list[tuple[int, str]]] = {}
+    index = _TextIndex()
     ids: dict[str, int] = {}
     first_row: dict[int, int] = {}
     text_of: dict[int, str] = {}
-    with open(path, encoding="utf-8", newline="") as rows:
+    source = raw.name(name)
+    with io.TextIOWrapper(raw.open(name), encoding="utf-8", newline="") as rows:
         reader = csv.DictReader(rows)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ZhclipError(f"{path}: missing column(s) {missing}; a captions CSV needs {list(CSV_COLUMNS)}"
+            raise ZhclipError(f"{source}: missing column(s) {missing}; a captions CSV needs {list(CSV_COLUMNS)}"
                               + (" (the file is empty)" if not reader.fieldnames else ""))
         for number, row in enumerate(reader, 2):
             record = json.dumps(row, ensure_ascii=False)
             try:
                 text_id = int(row["text_id"])
             except (TypeError, ValueError):
-                quarantine.add(path, number, f"text_id {row['text_id']!r} is not an integer", record)
+                quarantine.add(source, number, f"text_id {row['text_id']!r} is not an integer", record)
                 continue
             text, image = (row["text"] or "").strip(), (row["image"] or "").strip()
             if not text:
-                quarantine.add(path, number, "empty or non-string text", record)
+                quarantine.add(source, number, "empty or non-string text", record)
             elif not image:
-                quarantine.add(path, number, "empty image path", record)
+                quarantine.add(source, number, "empty image path", record)
             elif text_of.setdefault(text_id, text) != text:
-                quarantine.add(path, number, f"duplicate text_id {text_id} with another caption", record)
+                quarantine.add(source, number, f"duplicate text_id {text_id} with another caption", record)
             else:
                 image_id = ids.setdefault(image, len(ids) + 1)
                 first_row.setdefault(image_id, number)
-                by_image.setdefault(image_id, []).append((text_id, text))
-    return by_image, [(first_row[image_id], f"{image_id}\t{raw_dir / image}") for image, image_id in ids.items()]
+                index.add(image_id, text_id, text)
+    return index.freeze(), [(first_row[image_id], f"{image_id}\t{image}") for image, image_id in ids.items()]
 
 
-def _sources(raw_dir: Path, split: str, quarantine: _Quarantine):
-    """(texts by image id, numbered image lines, decoder, images file, texts file) for whichever format the split uses."""
-    images_path, texts_path, csv_path = raw_dir / f"{split}_imgs.tsv", raw_dir / f"{split}_texts.jsonl", raw_dir / f"{split}.csv"
-    if csv_path.is_file() and not images_path.exists():
-        by_image, lines = _index_csv(csv_path, raw_dir, quarantine)
-        return by_image, iter(lines), _decode_file_line, csv_path, csv_path
-    for path in (images_path, texts_path):
-        if not path.is_file():
-            raise ZhclipError(f"{path} not found: a split needs {split}_imgs.tsv and {split}_texts.jsonl, or {split}.csv")
-    by_image = _index_texts(texts_path, quarantine)
-    return by_image, _lines(images_path, quarantine, desc=f"ingest {split}"), _decode_line, images_path, texts_path
+def _sources(raw: Folder, split: str, quarantine: _Quarantine):
+    """(caption index, numbered image lines, decoder, images file, texts file) for whichever format the split uses."""
+    from pyarrow import fs
+
+    images_file, texts_file, csv_file = f"{split}_imgs.tsv", f"{split}_texts.jsonl", f"{split}.csv"
+    if raw.kind(csv_file) == fs.FileType.File and raw.kind(images_file) == fs.FileType.NotFound:
+        index, lines = _index_csv(raw, csv_file, quarantine)
+        return index, iter(lines), _decode_file_line, csv_file, csv_file
+    for name in (images_file, texts_file):
+        if raw.kind(name) != fs.FileType.File:
+            raise ZhclipError(f"{raw.name(name)} not found: a split needs {images_file} and {texts_file}, or {csv_file}")
+    return _index_texts(raw, texts_file, quarantine), _lines(raw, images_file, quarantine, desc=f"ingest {split}"), _decode_line, images_file, texts_file
 
 
-def _ingest_split(raw_dir: Path, out_dir: Path, split: str, config: IngestConfig) -> dict:
+def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig) -> dict:
     quarantine = _Quarantine(out_dir / "quarantine" / f"{split}.jsonl")
-    by_image, lines, decode, images_path, texts_path = _sources(raw_dir, split, quarantine)
+    index, lines, decode, images_file, texts_file = _sources(raw, split, quarantine)
     writer = _ShardWriter(out_dir / split, config.shard_rows, config.row_group_rows)
-    found: set[int] = set()
-    for number, line, (image_id, blob, problem) in _decoded(lines, config, decode):
+    unreferenced: set[int] = set()  # images no text names (rare): kept only to catch their duplicates
+    for number, line, (image_id, blob, problem) in _decoded(lines, config, raw, decode):
         if problem:
-            quarantine.add(images_path, number, problem, line)
+            quarantine.add(raw.name(images_file), number, problem, line)
             continue
-        if image_id in found:
-            quarantine.add(images_path, number, f"duplicate image_id {image_id}", line)
+        at = index.position(image_id)
+        if (index.found[at] if at is not None else image_id in unreferenced):
+            quarantine.add(raw.name(images_file), number, f"duplicate image_id {image_id}", line)
             continue
-        found.add(image_id)
-        for text_id, text in by_image.get(image_id, []):
+        if at is None:
+            unreferenced.add(image_id)
+            continue
+        index.found[at] = True
+        for text_id, text in index.captions(image_id):
             writer.add({"text_id": text_id, "text": text, "image_id": image_id, "image": blob})
     writer.flush()
-    missing = sorted(set(by_image) - found)
-    for image_id in missing:
-        quarantine.add(texts_path, 0, f"image_id {image_id} is referenced by texts but has no usable image in {images_path.name}",
-                       json.dumps(by_image[image_id], ensure_ascii=False))
+    for image_id in index.images[~index.found].tolist():
+        quarantine.add(raw.name(texts_file), 0, f"image_id {image_id} is referenced by texts but has no usable image in {images_file}",
+                       json.dumps(index.captions(image_id), ensure_ascii=False))
     quarantine.close()
     if writer.total == 0:
-        empty = [path.name for path in (images_path, texts_path) if path.stat().st_size == 0]
+        empty = [name for name in dict.fromkeys((images_file, texts_file)) if raw.size(name) == 0]
         raise ZhclipError(f"{split}: no usable (text, image) pairs" + (f"; {', '.join(empty)} is empty" if empty else "")
                           + (f"; see {quarantine.path} for the rejected rows" if quarantine.count else ""))
-    return {"pairs": writer.total, "images": len(found & set(by_image)), "unreferenced_images": len(found - set(by_image)),
-            "texts": len({t for image_id in found for t, _ in by_image.get(image_id, [])}),
-            "quarantined": quarantine.count, "shards": writer.shards}
+    return {"pairs": writer.total, "images": int(index.found.sum()), "unreferenced_images": len(unreferenced),
+            "texts": index.texts_of_found_images(), "quarantined": quarantine.count, "shards": writer.shards}
 
 
 def ingest(raw_dir: str | Path, out_dir: str | Path, config: IngestConfig, summary_path: str | Path | None = None) -> dict:
-    """Ingest every split under `raw_dir` into `out_dir/{split}/part-*.parquet`; returns the summary."""
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    if not raw_dir.is_dir():
+    """Ingest every split under `raw_dir` (a folder or an s3:// prefix) into `out_dir/{split}/part-*.parquet`;
+    returns the summary."""
+    from pyarrow import fs
+
+    raw, out_dir = Folder(raw_dir), Path(out_dir)
+    if raw.kind() != fs.FileType.Directory:
         raise ZhclipError(f"raw data folder {raw_dir} not found; generate it with `zhclip demo-data` or point --raw at yours")
-    summary: dict = {"out_dir": str(out_dir)}
-    with timed(summary):
-        summary["splits"] = {split: _ingest_split(raw_dir, out_dir, split, config) for split in SPLITS}
+    summary: dict = {"raw_dir": str(raw_dir), "out_dir": str(out_dir)}
+    with timed(summary), ray_runtime(config.workers or None) if config.workers != 1 else nullcontext():
+        summary["splits"] = {split: _ingest_split(raw, out_dir, split, config) for split in SPLITS}
     images = sum(s["images"] + s["unreferenced_images"] for s in summary["splits"].values())
     summary["images_per_s"] = round(images / max(summary["duration_s"], 1e-9), 1)
     if summary_path:

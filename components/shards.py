@@ -2,15 +2,15 @@
 
 Every step that reads prepared data goes through here, so its memory is bounded by a row group (a
 few hundred pairs: ingest's `row_group_rows`), never by the split. The folder may be local or an
-s3:// URI (MinIO); a `PreparedSplit` pickles without its filesystem, so Ray tasks on other nodes
-open their own with the credentials of their environment.
+s3:// URI (MinIO); a `PreparedSplit` pickles without its filesystem (`storage.Folder`), so Ray
+tasks on other nodes open their own with the credentials of their environment.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common import ZhclipError
+from components.storage import Folder
 
 FOOTER_READERS = 16  # shards whose footers are read at once (S3 round trips dominate on MinIO)
 
@@ -33,21 +34,18 @@ class RowGroup:
 class PreparedSplit:
     """One split of a prepared folder: its row groups in a fixed order (shards by name, then groups)."""
 
-    uri: str
+    folder: Folder
     split: str
     groups: list[RowGroup]
-    _filesystem: object = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, prepared_dir: str, split: str) -> PreparedSplit:
         """List the split's shards and read their footers; fails naming the folder when there are none."""
         from pyarrow import fs
 
-        from components.storage import arrow_filesystem
-
-        uri = str(prepared_dir)
-        filesystem, root = arrow_filesystem(uri)
-        listing = filesystem.get_file_info(fs.FileSelector(f"{root}/{split}", allow_not_found=True))
+        folder = Folder(prepared_dir)
+        filesystem = folder.filesystem
+        listing = filesystem.get_file_info(fs.FileSelector(folder.path(split), allow_not_found=True))
         shards = sorted(info.path for info in listing if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"))
         if not shards:
             raise ZhclipError(f"no Parquet shards in {prepared_dir}/{split}; run `zhclip ingest` first")
@@ -59,18 +57,11 @@ class PreparedSplit:
 
         with ThreadPoolExecutor(FOOTER_READERS) as pool:
             groups = [group for shard in pool.map(footer, shards) for group in shard if group.rows]
-        return cls(uri, split, groups, filesystem)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_filesystem": None}
+        return cls(folder, split, groups)
 
     @property
-    def filesystem(self):
-        if self._filesystem is None:
-            from components.storage import arrow_filesystem
-
-            self._filesystem = arrow_filesystem(self.uri)[0]
-        return self._filesystem
+    def uri(self) -> str:
+        return self.folder.uri
 
     @property
     def rows(self) -> int:
@@ -83,7 +74,7 @@ class PreparedSplit:
     def read(self, group: int, columns: Sequence[str] | None = None) -> pa.Table:
         """Row group number `group` (of `self.groups`), only `columns` if given."""
         where = self.groups[group]
-        with self.filesystem.open_input_file(where.path) as handle:
+        with self.folder.filesystem.open_input_file(where.path) as handle:
             return pq.ParquetFile(handle).read_row_group(where.index, columns=list(columns) if columns else None)
 
     def tables(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:

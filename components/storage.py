@@ -49,6 +49,47 @@ def arrow_filesystem(uri: str, endpoint: str | None = None):
     return filesystem, str(uri).removeprefix("s3://").rstrip("/")
 
 
+class Folder:
+    """A local folder or an s3:// prefix as pyarrow reads it. It pickles without its filesystem, so a
+    Ray task on another node opens its own, with the credentials of its own environment."""
+
+    def __init__(self, uri: str | Path):
+        self.uri = str(uri)
+        self._filesystem, self.root = arrow_filesystem(self.uri)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_filesystem": None}
+
+    @property
+    def filesystem(self):
+        if self._filesystem is None:
+            self._filesystem = arrow_filesystem(self.uri)[0]
+        return self._filesystem
+
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}" if relative else self.root
+
+    def name(self, relative: str) -> str:
+        """How messages and quarantine records name a file: the URI as given, then the relative path."""
+        return f"{self.uri.rstrip('/')}/{relative}"
+
+    def kind(self, relative: str = ""):
+        return self.filesystem.get_file_info(self.path(relative)).type
+
+    def size(self, relative: str) -> int:
+        return self.filesystem.get_file_info(self.path(relative)).size
+
+    def open(self, relative: str):
+        """A buffered binary stream of the file (iterating it gives its lines)."""
+        import io
+
+        return io.BufferedReader(self.filesystem.open_input_stream(self.path(relative)))
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.filesystem.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+
 def location(path: str | Path) -> str:
     """An s3:// URI as given, a local path made absolute (what Ray workers elsewhere can use)."""
     return str(path) if str(path).startswith("s3://") else str(Path(path).resolve())

@@ -78,6 +78,21 @@ def test_dvc_push_and_pull_round_trip_through_the_s3_remote(s3_endpoint, raw_dir
 
 
 @pytest.mark.slow
+def test_ingest_reads_raw_splits_from_s3_with_ray_tasks(s3_env, raw_dir, prepared_dir, tmp_path):
+    """The raw data in MinIO, decoded by Ray tasks that read it themselves: the same shards as from the local folder."""
+    from components.ingest import IngestConfig, ingest
+    from components.shards import read_pairs
+
+    upload(raw_dir, "s3://zhclip-raw/v1")
+    summary = ingest("s3://zhclip-raw/v1", tmp_path / "prepared", IngestConfig(shard_rows=50, workers=2))
+    assert summary["raw_dir"] == "s3://zhclip-raw/v1"
+    for split in ("train", "valid", "test"):
+        assert read_pairs(tmp_path / "prepared", split).equals(read_pairs(prepared_dir, split)), split
+    with pytest.raises(ZhclipError, match="s3://zhclip-raw/missing not found"):
+        ingest("s3://zhclip-raw/missing", tmp_path / "other", IngestConfig(workers=1))
+
+
+@pytest.mark.slow
 def test_training_reads_its_data_from_and_checkpoints_to_s3(s3_env, prepared_dir, tmp_path):
     """As on a KubeRay cluster, where workers share no disk: shards and checkpoints in MinIO."""
     from components.lineage import dvc_hash
