@@ -9,7 +9,7 @@ Each split is checked in two passes, so memory holds a few hashes per pair, neve
    suite through a GE checkpoint that renders every batch into one Data Docs site; the split's size is
    checked by a second, split-level suite.
 A row that breaks a row-level expectation is bad. If the share of bad rows is within
-`max_bad_fraction`, they are removed from the validated data (written shard by shard by Ray tasks)
+`max_bad_fraction`, they are removed from the validated data (written shard by shard)
 and written to the quarantine file with every reason that applies; otherwise the step fails, naming
 each failed expectation with example ids. Rows in = rows out + rows quarantined, always.
 """
@@ -249,37 +249,25 @@ def _check_split(profiled: _Profiled, train_images: np.ndarray, checkpoints, con
     return _run(size_check, pd.DataFrame({"pairs": [profiled.rows], "row": [0]})) + _merge(runs), bad
 
 
-def _write_kept(split: PreparedSplit, shard: str, groups: list[int], first_row: int, bad_rows: list[int], out_path: str) -> int:
-    """One prepared shard without its bad rows (`first_row`: the split-wide number of its first row). A Ray task."""
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    bad = np.asarray(bad_rows, dtype=np.int64)
-    kept = 0
-    with pq.ParquetWriter(out_path, PAIR_SCHEMA) as writer:
-        for group in groups:
-            table = split.read(group, COLUMNS)
-            rows = np.arange(first_row, first_row + len(table))
-            first_row += len(table)
-            table = table.filter(pa.array(~np.isin(rows, bad)))
-            writer.write_table(table.cast(PAIR_SCHEMA), row_group_size=max(1, split.groups[group].rows))
-            kept += len(table)
-    return kept
-
-
 def _write_split(split: PreparedSplit, out_dir: Path, bad_rows: set[int]) -> int:
-    """The split's kept rows into `out_dir`, one output shard per input shard, written by Ray tasks."""
+    """The split's kept rows into `out_dir`, one output shard per input shard, row group by row group.
+    Written here, not by Ray tasks: `out_dir` is this machine's folder, and filtering costs no decoding."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("part-*.parquet"):
         stale.unlink()
+    bad, first_rows = np.array(sorted(bad_rows), dtype=np.int64), split.first_rows()
     shards: dict[str, list[int]] = {}
     for number, group in enumerate(split.groups):
         shards.setdefault(group.path, []).append(number)
-    first_rows, bad = split.first_rows(), np.array(sorted(bad_rows), dtype=np.int64)
-    calls = []
-    for shard, groups in shards.items():
-        start, end = int(first_rows[groups[0]]), int(first_rows[groups[-1]] + split.groups[groups[-1]].rows)
-        mine = bad[(bad >= start) & (bad < end)].tolist()
-        calls.append((split, shard, groups, start, mine, str(out_dir / Path(shard).name)))
-    return sum(ordered_map(_write_kept, calls))
+    kept = 0
+    for shard, numbers in shards.items():
+        with pq.ParquetWriter(out_dir / Path(shard).name, PAIR_SCHEMA) as writer:
+            for number in numbers:
+                rows = np.arange(first_rows[number], first_rows[number] + split.groups[number].rows)
+                table = split.read(number, COLUMNS).filter(pa.array(~np.isin(rows, bad)))
+                writer.write_table(table.cast(PAIR_SCHEMA), row_group_size=split.groups[number].rows)
+                kept += len(table)
+    return kept
 
 
 def validate(
