@@ -13,8 +13,8 @@ pixels (each case: images/s, and images/s per decoding core):
   with N Ray Data actors, what training under Ray runs; `--augment` adds the random resized crop;
 - `stream-uint8`: the same with `train.normalize_on_device`: the decoders hand over 8-bit images
   and the scaling and normalisation run on the device (identical pixels, less CPU per image);
-- `legacy`: the loader before streaming (`bench/legacy_loader.py`: the whole split in pandas,
-  captions tokenised up front, a DataLoader with N worker processes), the baseline;
+- `legacy`, `legacy-uint8`: the loader before streaming (`bench/legacy_loader.py`: the whole split
+  in pandas, captions tokenised up front, a DataLoader with N worker processes), the baseline;
 - `gpu`: shard bytes decoded by nvJPEG (`torchvision.io.decode_jpeg` on the GPU), resized and
   normalised there (`model.fast.pixels_on_device`); needs torchvision and a GPU, and JPEG shards.
 
@@ -100,10 +100,11 @@ def delivered(batches, to_pixels, device: torch.device) -> Rate:
     return Rate(images / max(ended - first_at, 1e-9), (images + len(first)) / (ended - started), first_at - started, first)
 
 
-def legacy_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, device: torch.device) -> Rate:
+def legacy_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
+                device: torch.device) -> Rate:
     """The pre-streaming loader (whole split read, then a DataLoader), reading included."""
     def batches():
-        dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment)
+        dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment, eight_bit=eight_bit)
         order = EpochBatches(len(dataset), batch_size, rank=0, world_size=1, seed=0, epoch=0)
         for batch in epoch_loader(dataset, order, epoch=0, loader_workers=workers, pin_memory=device.type == "cuda"):
             yield dataset.to_device(batch, device)["pixel_values"]
@@ -194,19 +195,20 @@ def main() -> None:
         plan = EpochPlan(PreparedSplit.open(str(prepared), "train"), args.batch_size, rank=0, world_size=1, seed=0)
         first_rows = next(_first_rows(plan))
         for workers in args.workers:
-            for name, eight_bit, on_ray in (("legacy", False, False), ("stream", False, False),
-                                            ("stream-uint8", True, False), ("stream-ray", False, True),
+            for name, eight_bit, on_ray in (("legacy", False, False), ("stream", False, False), ("stream-ray", False, True),
+                                            ("legacy-uint8", True, False), ("stream-uint8", True, False),
                                             ("stream-ray-uint8", True, True)):
                 if on_ray and not args.ray:
                     continue
                 with ray_session(on_ray, workers):
-                    rate = (legacy_rate(prepared, processor, workers, args.batch_size, args.augment, device) if name == "legacy"
+                    rate = (legacy_rate(prepared, processor, workers, args.batch_size, args.augment, eight_bit, device)
+                            if name.startswith("legacy")
                             else stream_rate(prepared, processor, workers, args.batch_size, args.augment, eight_bit, on_ray, device))
                 emit({**common, "case": f"{name}-{workers}-workers", "workers": workers, "images_per_s": round(rate.images_per_s, 1),
                       "images_per_s_per_core": round(rate.images_per_s / max(workers, 1), 1),  # 0: the consumer decodes
                       "overall_images_per_s": round(rate.overall_images_per_s, 1), "startup_s": round(rate.startup_s, 2),
                       **({"max_abs_diff_vs_processor": max_difference_from_processor(rate.first, first_rows, processor, args.augment)}
-                         if eight_bit else {})})
+                         if eight_bit and name.startswith("stream") else {})})
         if args.gpu_decode:
             try:
                 rate, pixels = gpu_images_per_s(prepared, size, args.batch_size, device)
