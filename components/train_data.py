@@ -172,8 +172,10 @@ class BatchDecoder:
 
     def to_device(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         """The model's inputs of a decoded batch on `device`, 8-bit pixels scaled and normalised there."""
-        moved = {key: torch.as_tensor(batch[key]).to(device, non_blocking=True)
-                 for key in ("input_ids", "attention_mask", "pixel_values")}
+        # Pinned host memory lets the copy to a GPU overlap the previous step.
+        host = {key: torch.as_tensor(batch[key]) for key in ("input_ids", "attention_mask", "pixel_values")}
+        moved = {key: (value.pin_memory() if device.type == "cuda" else value).to(device, non_blocking=True)
+                 for key, value in host.items()}
         if moved["pixel_values"].dtype == torch.uint8:
             processor = self.image_processor
             moved["pixel_values"] = pixels_on_device(moved["pixel_values"], processor.size["height"],
