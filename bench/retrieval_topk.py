@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--block-mb", type=int, default=64, help="largest block of scores (evaluate.score_block_mb)")
     parser.add_argument("--queries", type=int, default=0, help="queries per direction (default: every text and image)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -56,7 +57,7 @@ def main() -> None:
     features_mb = (images.nbytes + texts.nbytes) / 2**20
     before_mb = peak_rss_mb()
     start = time.perf_counter()
-    rankings = rank(texts, images, positives, args.chunk_size)
+    rankings = rank(texts, images, positives, args.chunk_size, block_mb=args.block_mb)
     seconds = time.perf_counter() - start
     queries = len(rankings.t2i_queries) + len(rankings.i2t_queries)
     metrics = metrics_of(rankings, args.images, args.texts)
@@ -67,7 +68,7 @@ def main() -> None:
         "full_run_s_estimate": round((args.texts + min(args.texts, args.images)) * seconds / queries),
         "features_mb": round(features_mb), "peak_rss_before_scoring_mb": round(before_mb), "peak_rss_mb": round(peak_rss_mb()),
         "scoring_peak_increase_mb": round(peak_rss_mb() - before_mb),
-        "score_block_mb": round(args.chunk_size * max(args.images, args.texts) * 4 / 2**20),
+        "score_block_mb": round(min(args.chunk_size * max(args.images, args.texts) * 4 / 2**20, args.block_mb)),
         "t2i_r1": metrics["t2i_r1"], "i2t_r1": metrics["i2t_r1"],
     }))
 

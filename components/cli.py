@@ -129,7 +129,7 @@ def evaluate(
     plots: Optional[Path] = typer.Option(None, help="Write recall@k (k=1..10, both directions) as CSV here, for `dvc plots`."),
     report_dir: Optional[Path] = typer.Option(None, help="Write report.html/.md and Chinese-CLIP's prediction and score files here."),
     split: Optional[str] = typer.Option(None, help="Split to score (default: test)."),
-    chunk_size: Optional[int] = typer.Option(None, help="Queries scored at once; memory is chunk size x gallery scores."),
+    chunk_size: Optional[int] = typer.Option(None, help="At most this many queries scored at once (fewer when their scores pass evaluate.score_block_mb)."),
     write_features: Optional[bool] = typer.Option(None, help="Also write the features as Chinese-CLIP jsonl into --report-dir."),
     params: Path = ParamsOption,
 ) -> None:

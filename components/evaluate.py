@@ -41,7 +41,8 @@ EXAMPLE_IMAGES = 5
 class EvaluateConfig:
     split: str = "test"
     batch_size: int = 256
-    chunk_size: int = 1024   # query rows scored at once; memory is chunk_size x gallery scores
+    chunk_size: int = 1024   # at most this many query rows scored at once ...
+    score_block_mb: int = 64  # ... and fewer when their scores would pass this: memory does not grow with the gallery
     examples: int = 8        # query texts shown with their top images in the HTML report
     write_features: bool = False  # also write the reference's feature jsonl files (large for big splits)
 
@@ -180,14 +181,15 @@ def _stable_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int = 1024,
-          device: torch.device | str | None = None, rows: Sequence[int] | None = None) -> np.ndarray:
+          device: torch.device | str | None = None, rows: Sequence[int] | None = None, block_mb: int = 64) -> np.ndarray:
     """Indices of the k best gallery rows per query (the `rows` of `queries`, default all), by dot product.
 
-    Queries are scored chunk_size at a time, so only a chunk_size x gallery block of scores exists at
-    once, whatever the number of queries. Ties go to the lower gallery index, as in the reference's
-    stable sort.
+    Queries are scored chunk_size at a time, fewer if their block of scores would exceed `block_mb`,
+    so memory holds one block of at most `block_mb` (or one row), whatever the number of queries and
+    the size of the gallery. Ties go to the lower gallery index, as in the reference's stable sort.
     """
     rows = np.arange(len(queries)) if rows is None else np.asarray(rows, dtype=np.int64)
+    chunk_size = max(1, min(chunk_size, block_mb * 2**20 // (4 * max(1, len(gallery)))))
     k = min(k, len(gallery))
     dtype = torch.float64 if np.result_type(queries, gallery) == np.float64 else torch.float32
     gallery_t = torch.as_tensor(gallery, dtype=dtype, device=device)
@@ -225,7 +227,7 @@ def chance_recalls(positives: Sequence[set[int]], gallery_size: int, ks: Sequenc
 
 
 def rank(text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[set[int]], chunk_size: int = 1024,
-         k: int = TOP_K) -> Rankings:
+         k: int = TOP_K, block_mb: int = 64) -> Rankings:
     """Top-k retrieval both ways. Text rows without positives are no T2I query but stay in the I2T gallery."""
     t2i_queries = [text for text, images in enumerate(text_to_images) if images]
     image_to_texts: dict[int, set[int]] = {}
@@ -236,10 +238,10 @@ def rank(text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[s
     device = "cuda" if torch.cuda.is_available() else None
     return Rankings(
         t2i_queries=t2i_queries,
-        t2i=top_k(text_emb, image_emb, k, chunk_size, device, rows=t2i_queries),
+        t2i=top_k(text_emb, image_emb, k, chunk_size, device, rows=t2i_queries, block_mb=block_mb),
         t2i_positives=[set(text_to_images[t]) for t in t2i_queries],
         i2t_queries=i2t_queries,
-        i2t=top_k(image_emb, text_emb, k, chunk_size, device, rows=i2t_queries),
+        i2t=top_k(image_emb, text_emb, k, chunk_size, device, rows=i2t_queries, block_mb=block_mb),
         i2t_positives=[image_to_texts[i] for i in i2t_queries],
     )
 
@@ -333,7 +335,7 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
 
 def _score(data: RetrievalSet, config: EvaluateConfig, plots_path: str | Path | None, report_dir: str | Path | None,
            mlflow_run: dict[str, str] | None, context: dict[str, Any]) -> dict[str, float]:
-    rankings = rank(data.text_emb, data.image_emb, data.text_to_images, config.chunk_size)
+    rankings = rank(data.text_emb, data.image_emb, data.text_to_images, config.chunk_size, block_mb=config.score_block_mb)
     metrics = metrics_of(rankings, len(data.image_ids), len(data.text_ids))
     curves = recall_curves(rankings)
     if plots_path:

@@ -198,8 +198,29 @@ def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig, raw: Folder
         yield from ((number, line, result) for (number, line), result in zip(in_flight.popleft(), decoded))
 
 
+class _IdSet:
+    """A set of int64 ids in about 8 bytes each (a Python set takes about 60): a sorted array, plus
+    a small Python set of recent additions merged into it once it grows past an eighth of the array."""
+
+    def __init__(self):
+        self._sorted = np.zeros(0, dtype=np.int64)
+        self._recent: set[int] = set()
+
+    def __contains__(self, value: int) -> bool:
+        if value in self._recent:
+            return True
+        at = int(np.searchsorted(self._sorted, value))
+        return at < len(self._sorted) and self._sorted[at] == value
+
+    def add(self, value: int) -> None:
+        self._recent.add(value)
+        if len(self._recent) > max(4096, len(self._sorted) // 8):
+            self._sorted = np.union1d(self._sorted, np.fromiter(self._recent, dtype=np.int64, count=len(self._recent)))
+            self._recent = set()
+
+
 class _TextIndex:
-    """The captions of a split by image id, in arrays (about 20 bytes plus the caption's UTF-8 per
+    """The captions of a split by image id, in arrays (about 30 bytes plus the caption's UTF-8 per
     (text, image) reference) rather than Python objects (several hundred), since a split's texts are
     held while its images stream past."""
 
@@ -221,10 +242,9 @@ class _TextIndex:
     def freeze(self) -> _TextIndex:
         """Sort by image id (captions of one image keep their file order) for lookups."""
         image_ids = np.frombuffer(self._image_ids, dtype=np.int64)
-        order = np.argsort(image_ids, kind="stable")
-        texts = pa.chunked_array(self._chunks + [pa.array(self._pending, pa.string())], pa.string())
-        self.image_ids, self.text_ids = image_ids[order], np.frombuffer(self._text_ids, dtype=np.int64)[order]
-        self.texts = texts.take(pa.array(order))
+        self.order = np.argsort(image_ids, kind="stable")  # the captions stay in file order: no copy of them
+        self.texts = pa.chunked_array(self._chunks + [pa.array(self._pending, pa.string())], pa.string())
+        self.image_ids, self.text_ids = image_ids[self.order], np.frombuffer(self._text_ids, dtype=np.int64)[self.order]
         self.images = np.unique(self.image_ids)  # every referenced image id, sorted
         self.found = np.zeros(len(self.images), dtype=bool)
         del self._image_ids, self._text_ids, self._chunks, self._pending
@@ -237,7 +257,7 @@ class _TextIndex:
 
     def captions(self, image_id: int) -> list[tuple[int, str]]:
         start, end = np.searchsorted(self.image_ids, [image_id, image_id + 1])
-        return list(zip(self.text_ids[start:end].tolist(), self.texts[int(start):int(end)].to_pylist()))
+        return list(zip(self.text_ids[start:end].tolist(), self.texts.take(self.order[start:end]).to_pylist()))
 
     def texts_of_found_images(self) -> int:
         return int(np.unique(self.text_ids[self.found[np.searchsorted(self.images, self.image_ids)]]).size)
@@ -246,7 +266,7 @@ class _TextIndex:
 def _index_texts(raw: Folder, name: str, quarantine: _Quarantine) -> _TextIndex:
     """The captions of a texts jsonl by image id, quarantining malformed lines."""
     index = _TextIndex()
-    seen: set[int] = set()
+    seen = _IdSet()
     source = raw.name(name)
     for number, line in _lines(raw, name, quarantine):
         try:

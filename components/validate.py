@@ -53,7 +53,7 @@ class ValidateConfig:
     max_image_bytes: int = 20_000_000
     min_pairs_per_split: int = 1
     max_bad_fraction: float = 0.0  # above it the gate fails; at or below, bad rows are quarantined
-    rows_per_check: int = 50_000  # profiled rows checked by the suite at once (bounds memory; one Data Docs page each)
+    rows_per_check: int = 20_000  # profiled rows checked by the suite at once (bounds memory; one Data Docs page each)
 
     def __post_init__(self):
         if self.rows_per_check < 1:
@@ -102,15 +102,18 @@ def cross_row_flags(text_ids: np.ndarray, text_hashes: np.ndarray, image_ids: np
                     train_images: np.ndarray) -> dict[str, np.ndarray]:
     """The checks that compare rows, over a whole split: an exact duplicate of an earlier pair (the
     first copy is kept), a text_id with several captions or an image_id with several images (every
-    row of it), and an image whose content is in the train split (`train_images`, sorted hashes)."""
-    first = np.unique(np.stack([text_ids, image_ids], axis=1), axis=0, return_index=True)[1]
-    duplicate = np.ones(len(text_ids), dtype=bool)
-    duplicate[first] = False
+    row of it), and an image whose content is in the train split (`train_images`, sorted hashes).
+    Sorting-based, so memory is a few arrays of the split's length."""
+    order = np.lexsort((image_ids, text_ids))  # stable: equal pairs stay in row order
+    repeat = (text_ids[order][1:] == text_ids[order][:-1]) & (image_ids[order][1:] == image_ids[order][:-1])
+    duplicate = np.zeros(len(text_ids), dtype=bool)
+    duplicate[order[1:][repeat]] = True
 
     def conflicting(ids: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        distinct_ids = np.unique(np.stack([ids, hashes], axis=1), axis=0)[:, 0]
-        values, counts = np.unique(distinct_ids, return_counts=True)
-        return np.isin(ids, values[counts > 1])
+        by_id = np.lexsort((hashes, ids))
+        ids_sorted, hashes_sorted = ids[by_id], hashes[by_id]
+        differs = (ids_sorted[1:] == ids_sorted[:-1]) & (hashes_sorted[1:] != hashes_sorted[:-1])
+        return np.isin(ids, np.unique(ids_sorted[1:][differs]))
 
     return {"duplicate_pair": duplicate, "text_id_conflict": conflicting(text_ids, text_hashes),
             "image_id_conflict": conflicting(image_ids, image_hashes),
@@ -208,25 +211,35 @@ class _Profiled:
     columns: dict[str, np.ndarray]
 
 
-def _profile_split(split: PreparedSplit, scratch: Path) -> _Profiled:
+def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> _Profiled:
     first = split.read(0)
     missing = [c for c in COLUMNS if c not in first.column_names]
     if missing:
         raise ZhclipError(f"prepared data {split.uri}/{split.split} lacks column(s) {missing}; re-run `zhclip ingest`")
-    keys: dict[str, list[np.ndarray]] = {name: [] for name in ("text_id", "text_hash", "image_id", "image_hash")}
-    path, rows, writer = scratch / f"{split.split}.parquet", 0, None
+    keys = {name: np.zeros(split.rows, dtype=np.int64) for name in ("text_id", "text_hash", "image_id", "image_hash")}
+    path, rows, writer, pending = scratch / f"{split.split}.parquet", 0, None, []
+
+    def spill() -> None:  # in batches of batch_rows: a Parquet row group per row group of the data would bloat the footer
+        nonlocal writer
+        table = pa.concat_tables(pending)
+        writer = writer or pq.ParquetWriter(path, table.schema, write_statistics=False)
+        writer.write_table(table)
+        pending.clear()
+
     profiles = ordered_map(profile_group, ((split, group) for group in range(len(split.groups))))
     for frame in tqdm(profiles, total=len(split.groups), desc=f"validate {split.split}", unit=" row groups",
                       leave=False, disable=None):
         frame.insert(0, "row", np.arange(rows, rows + len(frame)))
+        for name, values in keys.items():
+            values[rows:rows + len(frame)] = frame[name].to_numpy(dtype=np.int64)
         rows += len(frame)
-        for name, parts in keys.items():
-            parts.append(frame[name].to_numpy(dtype=np.int64))
-        table = pa.Table.from_pandas(frame.drop(columns=["text_hash"]), preserve_index=False)
-        writer = writer or pq.ParquetWriter(path, table.schema)
-        writer.write_table(table)
+        pending.append(pa.Table.from_pandas(frame.drop(columns=["text_hash"]), preserve_index=False))
+        if sum(len(table) for table in pending) >= batch_rows:
+            spill()
+    if pending:
+        spill()
     writer.close()
-    return _Profiled(path, rows, {name: np.concatenate(parts) for name, parts in keys.items()})
+    return _Profiled(path, rows, keys)
 
 
 def _check_split(profiled: _Profiled, train_images: np.ndarray, checkpoints, config: ValidateConfig) -> tuple[list[dict], dict[int, dict]]:
@@ -294,7 +307,7 @@ def validate(
         checkpoints = _checkpoints(config, Path(docs_dir) if docs_dir else None)
         train_images = np.zeros(0, dtype=np.int64)
         for name, split in splits.items():  # train first: its image hashes define leakage
-            profiled = _profile_split(split, Path(scratch))
+            profiled = _profile_split(split, Path(scratch), config.rows_per_check)
             if name == "train":
                 train_images = np.unique(profiled.columns["image_hash"])
             outcomes, bad = _check_split(profiled, train_images if name != "train" else np.zeros(0, np.int64), checkpoints, config)
