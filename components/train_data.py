@@ -23,7 +23,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,7 @@ CROP_SCALE = (0.9, 1.0)  # Chinese-CLIP's training RandomResizedCrop
 CROP_RATIO = (3 / 4, 4 / 3)
 PAIR_COLUMNS = ["text_id", "text", "image_id", "image"]
 PREFETCH_BATCHES = 4  # decoded batches in flight per training worker (bounds the loader's memory)
+WINDOW_READERS = 8  # row groups of a window read at once
 
 
 def random_resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -126,11 +127,15 @@ class EpochPlan:
 def read_window(plan: EpochPlan, window: Window) -> pa.Table:
     """The window's pairs in order, with their split-wide row number and epoch (augmentation seeds)."""
     groups, offsets = plan.rows(window)
-    pieces, places = [], []
-    for group in np.unique(groups):
-        chosen = np.flatnonzero(groups == group)
-        pieces.append(plan.split.read(int(group), PAIR_COLUMNS).take(offsets[chosen]))
-        places.append(chosen)
+    wanted = np.unique(groups)
+    places = [np.flatnonzero(groups == group) for group in wanted]
+
+    def piece(group: int, chosen: np.ndarray) -> pa.Table:
+        return plan.split.read(int(group), PAIR_COLUMNS).take(offsets[chosen])
+
+    # The row groups of a window at once: from MinIO each read is a round trip (Arrow releases the GIL).
+    with ThreadPoolExecutor(WINDOW_READERS) as pool:
+        pieces = list(pool.map(piece, wanted, places))
     table = pa.concat_tables(pieces).take(np.argsort(np.concatenate(places), kind="stable"))
     rows = plan.first_rows[groups] + offsets
     return table.append_column("row", pa.array(rows)).append_column("epoch", pa.array(np.full(len(rows), window.epoch)))
