@@ -243,7 +243,7 @@ class _TextIndex:
         """Sort by image id (captions of one image keep their file order) for lookups."""
         image_ids = np.frombuffer(self._image_ids, dtype=np.int64)
         self.order = np.argsort(image_ids, kind="stable")  # the captions stay in file order: no copy of them
-        self.texts = pa.chunked_array(self._chunks + [pa.array(self._pending, pa.string())], pa.string())
+        self.texts = self._chunks + [pa.array(self._pending, pa.string())]  # caption i: texts[i // CHUNK][i % CHUNK]
         self.image_ids, self.text_ids = image_ids[self.order], np.frombuffer(self._text_ids, dtype=np.int64)[self.order]
         self.images = np.unique(self.image_ids)  # every referenced image id, sorted
         self.found = np.zeros(len(self.images), dtype=bool)
@@ -257,7 +257,8 @@ class _TextIndex:
 
     def captions(self, image_id: int) -> list[tuple[int, str]]:
         start, end = np.searchsorted(self.image_ids, [image_id, image_id + 1])
-        return list(zip(self.text_ids[start:end].tolist(), self.texts.take(self.order[start:end]).to_pylist()))
+        return [(text_id, self.texts[i // self.CHUNK][i % self.CHUNK].as_py())
+                for text_id, i in zip(self.text_ids[start:end].tolist(), self.order[start:end].tolist())]
 
     def texts_of_found_images(self) -> int:
         return int(np.unique(self.text_ids[self.found[np.searchsorted(self.images, self.image_ids)]]).size)
