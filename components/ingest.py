@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from components.cluster import ordered_map, ray_runtime
-from components.common import ZhclipError, timed, write_summary
+from components.common import ZhclipError, release_freed_memory, timed, write_summary
 from components.storage import Folder
 
 SPLITS = ("train", "valid", "test")
@@ -220,34 +220,30 @@ class _IdSet:
 
 
 class _TextIndex:
-    """The captions of a split by image id, in arrays (about 30 bytes plus the caption's UTF-8 per
-    (text, image) reference) rather than Python objects (several hundred), since a split's texts are
-    held while its images stream past."""
-
-    CHUNK = 65_536  # captions collected as Python strings before they are packed into an Arrow array
+    """The captions of a split by image id, in flat arrays (about 40 bytes plus the caption's UTF-8
+    per (text, image) reference) rather than Python objects (several hundred), since a split's texts
+    are held while its images stream past. (Arrow arrays built chunk by chunk would hold the same
+    bytes, but its allocator kept twice as much again resident.)"""
 
     def __init__(self):
         self._image_ids, self._text_ids = array("q"), array("q")
-        self._chunks: list[pa.Array] = []
-        self._pending: list[str] = []
+        self._utf8, self._ends = bytearray(), array("q")  # caption i: _utf8[_ends[i - 1]:_ends[i]]
 
     def add(self, image_id: int, text_id: int, text: str) -> None:
         self._image_ids.append(image_id)
         self._text_ids.append(text_id)
-        self._pending.append(text)
-        if len(self._pending) == self.CHUNK:
-            self._chunks.append(pa.array(self._pending, pa.string()))
-            self._pending = []
+        self._utf8 += text.encode("utf-8")
+        self._ends.append(len(self._utf8))
 
     def freeze(self) -> _TextIndex:
         """Sort by image id (captions of one image keep their file order) for lookups."""
         image_ids = np.frombuffer(self._image_ids, dtype=np.int64)
         self.order = np.argsort(image_ids, kind="stable")  # the captions stay in file order: no copy of them
-        self.texts = self._chunks + [pa.array(self._pending, pa.string())]  # caption i: texts[i // CHUNK][i % CHUNK]
         self.image_ids, self.text_ids = image_ids[self.order], np.frombuffer(self._text_ids, dtype=np.int64)[self.order]
+        del image_ids, self._image_ids, self._text_ids
         self.images = np.unique(self.image_ids)  # every referenced image id, sorted
         self.found = np.zeros(len(self.images), dtype=bool)
-        del self._image_ids, self._text_ids, self._chunks, self._pending
+        release_freed_memory()  # what parsing the texts left behind, before the images stream
         return self
 
     def position(self, image_id: int) -> int | None:
@@ -257,7 +253,7 @@ class _TextIndex:
 
     def captions(self, image_id: int) -> list[tuple[int, str]]:
         start, end = np.searchsorted(self.image_ids, [image_id, image_id + 1])
-        return [(text_id, self.texts[i // self.CHUNK][i % self.CHUNK].as_py())
+        return [(text_id, self._utf8[self._ends[i - 1] if i else 0:self._ends[i]].decode("utf-8"))
                 for text_id, i in zip(self.text_ids[start:end].tolist(), self.order[start:end].tolist())]
 
     def texts_of_found_images(self) -> int:

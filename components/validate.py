@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from components.cluster import ordered_map, ray_runtime
-from components.common import ZhclipError, timed, write_summary
+from components.common import ZhclipError, release_freed_memory, timed, write_summary
 from components.ingest import PAIR_SCHEMA, SPLITS
 from components.shards import PreparedSplit
 
@@ -310,6 +310,7 @@ def validate(
             profiled = _profile_split(split, Path(scratch), config.rows_per_check)
             if name == "train":
                 train_images = np.unique(profiled.columns["image_hash"])
+            release_freed_memory()  # the profiles' pandas frames, before the checks' peak
             outcomes, bad = _check_split(profiled, train_images if name != "train" else np.zeros(0, np.int64), checkpoints, config)
             split_failures = [o for o in outcomes if not o["success"] and not o["rows"]]
             bad_fraction = len(bad) / max(1, profiled.rows)
