@@ -78,8 +78,8 @@ def write_prepared(folder: Path, images: int, width: int, height: int, workers: 
 
 @dataclass
 class Rate:
-    images_per_s: float  # after the first batch: the rate training sees once the decoders are up
-    overall_images_per_s: float  # with the startup
+    images_per_s: float  # over the second half of the batches: the rate once buffers filled during start-up are spent
+    overall_images_per_s: float  # with the start-up
     startup_s: float  # until the first batch (processes or actors started, the first window or the whole split read)
     first: torch.Tensor  # the first batch's pixels
 
@@ -87,17 +87,15 @@ class Rate:
 def delivered(batches, to_pixels, device: torch.device) -> Rate:
     """Consume a loader's batches, turning each into pixels on `device`; time it."""
     started = time.perf_counter()
-    first, images, first_at = None, 0, 0.0
+    first, marks = None, []  # (time, images so far) after each batch
     for batch in batches:
         pixels = to_pixels(batch)
-        if first is None:
-            synchronize(device)
-            first, first_at = pixels, time.perf_counter()
-        else:
-            images += len(pixels)
-    synchronize(device)
-    ended = time.perf_counter()
-    return Rate(images / max(ended - first_at, 1e-9), (images + len(first)) / (ended - started), first_at - started, first)
+        synchronize(device)
+        first = pixels if first is None else first
+        marks.append((time.perf_counter(), (marks[-1][1] if marks else 0) + len(pixels)))
+    (mid_at, mid_images), (end_at, images) = marks[len(marks) // 2], marks[-1]
+    steady = (images - mid_images) / (end_at - mid_at) if end_at > mid_at else images / (end_at - started)
+    return Rate(steady, images / (end_at - started), marks[0][0] - started, first)
 
 
 def legacy_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
