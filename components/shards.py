@@ -82,9 +82,10 @@ class PreparedSplit:
         for group in range(len(self.groups)):
             yield self.read(group, columns)
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        """One (small) column of the whole split, read row group by row group: ids and captions, not images."""
-        return pa.chunked_array([table.column(name) for table in self.tables([name])])
+    def columns(self) -> list[str]:
+        """The column names, from the first shard's footer."""
+        with self.folder.filesystem.open_input_file(self.groups[0].path) as handle:
+            return pq.ParquetFile(handle).schema_arrow.names
 
 
 def read_pairs(prepared_dir: str | Path, split: str):

@@ -91,12 +91,9 @@ class EpochPlan:
     def __post_init__(self):
         self.group_rows = np.array([group.rows for group in self.split.groups], dtype=np.int64)
         self.first_rows = self.split.first_rows()
-        self.steps_per_epoch = steps_per_epoch(int(self.group_rows.sum()), self.batch_size, self.world_size)
+        self.pairs = self.split.rows
+        self.steps_per_epoch = steps_per_epoch(self.pairs, self.batch_size, self.world_size)
         self.window_batches = max(1, round(self.window_rows / self.batch_size))
-
-    @property
-    def pairs(self) -> int:
-        return int(self.group_rows.sum())
 
     def windows(self, start_step: int, end_step: int) -> Iterator[Window]:
         """The windows covering this worker's steps [start_step, end_step), across epochs."""

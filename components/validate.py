@@ -212,8 +212,7 @@ class _Profiled:
 
 
 def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> _Profiled:
-    first = split.read(0)
-    missing = [c for c in COLUMNS if c not in first.column_names]
+    missing = [c for c in COLUMNS if c not in split.columns()]
     if missing:
         raise ZhclipError(f"prepared data {split.uri}/{split.split} lacks column(s) {missing}; re-run `zhclip ingest`")
     keys = {name: np.zeros(split.rows, dtype=np.int64) for name in ("text_id", "text_hash", "image_id", "image_hash")}

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.shards import PreparedSplit
+from components.shards import PreparedSplit, read_pairs
 from components.train_data import BatchDecoder, EpochPlan, pair_digest, read_window, training_batches
 from model import build_model
 
@@ -32,7 +32,8 @@ def _epoch_pairs(plan: EpochPlan, epoch: int) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_every_pair_once_per_epoch_and_workers_disjoint(small_groups, world_size):
-    everything = set(zip(small_groups.column("text_id").to_pylist(), small_groups.column("image_id").to_pylist()))
+    pairs = read_pairs(small_groups.uri, "train")
+    everything = set(zip(pairs["text_id"], pairs["image_id"]))
     for epoch in range(3):
         shares = [_epoch_pairs(EpochPlan(small_groups, 8, rank, world_size, seed=5, window_rows=40), epoch)
                   for rank in range(world_size)]
