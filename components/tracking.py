@@ -127,13 +127,15 @@ def start_stage_run(uri: str, experiment: str, stage: int, ray_run_name: str, pa
 
 
 def finish_stage_run(ids: dict[str, str], summary: dict[str, Any], status: str = "FINISHED") -> None:
-    """Log the summary's numbers as run metrics and close the run."""
-    from mlflow.entities import Metric
+    """Log the summary's numbers as run metrics, its warnings as the run's note (the first thing the
+    MLflow UI shows of a run) and tag `zhclip.warnings`, and close the run."""
+    from mlflow.entities import Metric, RunTag
 
     client = _client(ids["tracking_uri"])
     numbers = {f"summary.{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if numbers:
-        client.log_batch(ids["run_id"], metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()])
+    warnings = summary.get("warnings") or []
+    tags = [RunTag("zhclip.warnings", "\n".join(warnings)), RunTag("mlflow.note.content", "\n\n".join(f"**Warning:** {w}" for w in warnings))]
+    client.log_batch(ids["run_id"], metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()], tags=tags if warnings else [])
     client.set_terminated(ids["run_id"], status=status)
 
 

@@ -53,7 +53,6 @@ from components.training import (
 )
 from model import PRESETS, build_model, load_model, lock_image_tower
 from model.fast import COMPILE_SCOPES, SDPA_BACKENDS, apply_speedups
-from model.pretrained import init_from_pretrained
 
 HISTORY_FILE = "training_history.json"
 HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
@@ -100,8 +99,6 @@ class TrainConfig:
     max_failures: int = 0  # worker-group restarts from the latest checkpoint before giving up
     validate_every: int = 0  # steps between validation passes on the valid split (0: each epoch's end)
     log_every: int = 10  # steps per batch of MLflow metric writes and progress-bar updates
-    pretrained_vision: str = ""  # stage 1 from scratch: an OpenAI-CLIP folder (HF format) for the image tower
-    pretrained_text: str = ""  # ... and a Chinese RoBERTa-wwm folder (BertModel format) for the text tower
     unlocked_groups: int = 0  # stage 1: leave this many last image-tower groups trainable
     local_loss: bool = False  # multi-worker: score local rows against the global batch (less memory)
     gather_with_grad: bool = False  # multi-worker: let gradients flow through other workers' features
@@ -170,9 +167,7 @@ def _initial_model(cfg: TrainConfig, init_dir: str | None):
     if init_dir:
         with tempfile.TemporaryDirectory() as scratch:
             return load_model(local_folder(init_dir, scratch))
-    model, processor = build_model(cfg.preset, context_length=cfg.context_length, seed=cfg.seed)
-    init_from_pretrained(model, cfg.pretrained_vision or None, cfg.pretrained_text or None)
-    return model, processor
+    return build_model(cfg.preset, context_length=cfg.context_length, seed=cfg.seed)
 
 
 def _set_train_mode(model, cfg: TrainConfig) -> None:
@@ -242,6 +237,9 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         if ctx.rank:  # only rank 0's RNG state is saved; other ranks draw from fresh, distinct streams
             seed_everything(cfg.seed + ctx.rank + 7919 * progress["step"])
     valid = config["prepared_dir"] if ctx.rank == 0 and _has_valid_split(config["prepared_dir"]) else None
+    if valid is not None and not state:  # the starting point, which the stage must improve on (see training_warnings)
+        progress["validation"].append({"step": 0, **validation_metrics(raw_model, processor, valid, cfg.batch_size)})
+        _set_train_mode(raw_model, cfg)
     logger = StepLogger(config.get("mlflow") if ctx.rank == 0 else None, every=cfg.log_every)
     bar = ctx.progress_bar(total=total_steps, desc=f"stage {cfg.stage}", unit="step") if ctx.progress_bar and ctx.rank == 0 else None
     if bar:
@@ -378,12 +376,6 @@ def _check_inputs(prepared_dir: str, config: TrainConfig, init_dir: str | None) 
         raise ZhclipError("stage 2 starts from stage 1's model: pass --init <stage 1 output folder>")
     if init_dir and not is_file(f"{init_dir}/config.json"):
         raise ZhclipError(f"--init {init_dir} is not a model folder (no config.json); train stage 1 first")
-    for name in ("pretrained_vision", "pretrained_text"):
-        folder = getattr(config, name)
-        if folder and not Path(folder).is_dir():
-            raise ZhclipError(f"{name}: pretrained checkpoint folder {folder} not found (local folders only)")
-        if folder and init_dir:
-            raise ZhclipError(f"{name} initialises a fresh model; it cannot be combined with --init {init_dir}")
 
 
 def train(
@@ -412,9 +404,7 @@ def train(
     ids = start_stage_run(resolve_tracking_uri(config.tracking_uri), config.experiment, config.stage, name,
                           asdict(config), tags, parent_run_from(init_dir))
     loop_config = {**asdict(config), "prepared_dir": prepared_dir, "mlflow": ids, "interactive": sys.stderr.isatty(),
-                   "init_dir": init_dir,
-                   **{key: str(Path(getattr(config, key)).resolve()) if getattr(config, key) else ""
-                      for key in ("pretrained_vision", "pretrained_text")}}
+                   "init_dir": init_dir}
     start = time.perf_counter()
     try:
         result = _run_with_ray(config, loop_config, name)
@@ -448,12 +438,37 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         "samples_per_s": round(float(np.median([h["samples_per_s"] for h in timed])), 2),
         "data_wait_share": round(sum(h["data_wait_s"] for h in timed) / sum(h["step_s"] for h in timed), 4),
-        "best_valid_mean_recall": max((v["valid_mean_recall"] for v in validation), default=None),
+        "start_valid_mean_recall": next((v["valid_mean_recall"] for v in validation if v["step"] == 0), None),
+        "best_valid_mean_recall": max((v["valid_mean_recall"] for v in validation if v["step"]), default=None),
+        "final_valid_mean_recall": validation[-1]["valid_mean_recall"] if validation and validation[-1]["step"] else None,
         "final_valid_inbatch_accuracy": validation[-1]["valid_inbatch_accuracy"] if validation else None,
         "resumed_at_steps": progress["resumed_at"],
         "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path, "ray_run": name, "mlflow": ids,
         "config": asdict(config),
-    }
+    } | {"warnings": training_warnings(history, validation, config.stage)}
+
+
+# What usually stops a stage from learning, and how to look for better settings (README: "When a stage does not learn").
+TUNING_ADVICE = ("usual causes: a learning rate too high for pretrained weights (the reference fine-tunes at 1e-5 to 5e-5) "
+                 "or too low to move, too few warm-up steps, or a batch too small for enough in-batch negatives. "
+                 "Sweep them: dvc exp run --queue -S 'stage{stage}.lr=1e-5,5e-5,1e-4' -S 'train.warmup_steps=20,100' "
+                 "&& dvc queue start, then dvc exp show")
+LOSS_FALL = 0.98  # the last tenth of the steps must average below this share of the first tenth's loss
+
+
+def training_warnings(history: list[dict], validation: list[dict], stage: int) -> list[str]:
+    """Plain-words warnings for the failure users report most: a loss that does not fall, or a model
+    that ends below where it started (valid mean recall of the start, step 0, against the last pass)."""
+    found = []
+    tenth = max(1, len(history) // 10)
+    first, last = np.mean([h["loss"] for h in history[:tenth]]), np.mean([h["loss"] for h in history[-tenth:]])
+    if last >= LOSS_FALL * first:
+        found.append(f"stage {stage}: the loss has not fallen ({first:.4f} over the first {tenth} steps, {last:.4f} over the last)")
+    start = next((v["valid_mean_recall"] for v in validation if v["step"] == 0), None)
+    if start is not None and validation[-1]["step"] and validation[-1]["valid_mean_recall"] < start:
+        found.append(f"stage {stage}: ended below its start (valid mean recall {start:.2f} at step 0, "
+                     f"{validation[-1]['valid_mean_recall']:.2f} at the end)")
+    return [f"{warning}; {TUNING_ADVICE.format(stage=stage)}" for warning in found]
 
 
 def _print_summary(summary: dict) -> None:
@@ -462,7 +477,8 @@ def _print_summary(summary: dict) -> None:
           f"{summary['samples_per_s']:.0f} samples/s, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
           + (f", best valid mean recall {best:.2f}" if best is not None else "")
           + (f", resumed at step {summary['resumed_at_steps']}" if summary["resumed_at_steps"] else "")
-          + f"\n  model: {summary['model_dir']}\n  checkpoint: {summary['checkpoint']}", file=sys.stderr)
+          + f"\n  model: {summary['model_dir']}\n  checkpoint: {summary['checkpoint']}"
+          + "".join(f"\n  WARNING {warning}" for warning in summary["warnings"]), file=sys.stderr)
 
 
 def _write_history_csv(history: list[dict], path: str | Path) -> None:

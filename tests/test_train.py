@@ -110,11 +110,12 @@ def test_logit_scale_is_clamped_to_ln_100_after_each_step(prepared_dir, tmp_path
 
 
 def test_stage1_starts_from_pretrained_towers_and_keeps_the_image_tower(prepared_dir, tmp_path):
+    from components.start import StartConfig, prepare_start
     from test_pretrained import _clip, _roberta
 
     clip, bert = _clip(tmp_path / "clip"), _roberta(tmp_path / "roberta")
-    _, state = _loop(prepared_dir, tmp_path, stage=1, epochs=1, lr=1e-3,
-                     pretrained_vision=str(tmp_path / "clip"), pretrained_text=str(tmp_path / "roberta"))
+    prepare_start(tmp_path / "start", StartConfig(source="towers", vision=str(tmp_path / "clip"), text=str(tmp_path / "roberta")))
+    _, state = _loop(prepared_dir, tmp_path, init_dir=str(tmp_path / "start"), stage=1, epochs=1, lr=1e-3)
     for name, tensor in clip.state_dict().items():
         if name.startswith(("vision_model.", "visual_projection.")):
             torch.testing.assert_close(state[name], tensor, msg=name)
@@ -269,3 +270,32 @@ def test_validation_recall_is_the_evaluate_steps_recall_on_the_valid_split(prepa
     evaluated = evaluate(tmp_path / "model", prepared_dir, EvaluateConfig(split="valid", batch_size=16))
     assert scores["valid_mean_recall"] == pytest.approx(evaluated["mean_recall"], abs=1e-3)
     assert 0 <= scores["valid_inbatch_accuracy"] <= 100
+
+
+def test_training_warnings_name_the_known_failures_and_the_sweep():
+    from components.train import training_warnings
+
+    falling = [{"loss": 4.0 - i * 0.1} for i in range(20)]
+    flat = [{"loss": 4.0} for _ in range(20)]
+    improved = [{"step": 0, "valid_mean_recall": 30.0}, {"step": 20, "valid_mean_recall": 40.0}]
+    worse = [{"step": 0, "valid_mean_recall": 30.0}, {"step": 20, "valid_mean_recall": 25.0}]
+    assert training_warnings(falling, improved, 2) == []
+    (loss,) = training_warnings(flat, improved, 2)
+    assert "stage 2: the loss has not fallen (4.0000" in loss and "dvc exp run --queue -S 'stage2.lr=" in loss
+    (below,) = training_warnings(falling, worse, 1)
+    assert "ended below its start (valid mean recall 30.00 at step 0, 25.00 at the end)" in below
+    assert "learning rate" in below and "warm-up" in below and "batch" in below
+    assert training_warnings(falling, [{"step": 20, "valid_mean_recall": 1.0}], 1) == []  # resumed: no start measured
+
+
+def test_a_stage_that_does_not_learn_says_so_in_its_summary_and_mlflow_run(prepared_dir, trained, tmp_path):
+    from mlflow import MlflowClient
+
+    assert trained["stage1"]["start_valid_mean_recall"] is not None  # the start is measured before the first step
+    config = TrainConfig(stage=2, lr=1e-9, epochs=1, batch_size=32, warmup_steps=0, storage_path=str(tmp_path / "ray"),
+                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    summary = train(prepared_dir, tmp_path / "stuck", config, init_dir=trained["root"] / "stage2")
+    assert any("the loss has not fallen" in warning for warning in summary["warnings"]), summary["warnings"]
+    run = MlflowClient(config.tracking_uri).get_run(summary["mlflow"]["run_id"])
+    assert "the loss has not fallen" in run.data.tags["zhclip.warnings"]
+    assert run.data.tags["mlflow.note.content"].startswith("**Warning:** stage 2: the loss has not fallen")

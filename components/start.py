@@ -1,0 +1,130 @@
+"""Start: the model training starts from, as one Hugging Face folder (evaluated as the baseline).
+
+Three starting points (params.yaml section `start`, key `source`):
+- `scratch`: random towers of the preset (only for comparisons: nobody trains a CLIP from nothing);
+- `towers`: the paper's start: an OpenAI-CLIP folder for the image tower and a Chinese RoBERTa-wwm
+  folder for the text tower (model/pretrained.py names any tensor that does not fit the preset);
+- `checkpoint`: a released Chinese-CLIP `.pt` (the reference's format, converted here) or a
+  ChineseCLIP / zhclip model folder, to fine-tune.
+
+`stages` says which training stages run and what each starts from: the paper's recipe
+`{stage1: start, stage2: stage1}`, or fine-tuning as the reference's finetune scripts do
+`{stage2: start}`. dvc.yaml runs one training stage per entry.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components.common import ZhclipError, build_config, section, timed, write_summary
+from components.lineage import dvc_hash
+from components.storage import arrow_filesystem
+
+SOURCES = ("scratch", "towers", "checkpoint")
+# The recipes a pipeline can run: stage 2's model is what gets registered, so every recipe ends there.
+RECIPES = ({"stage1": "start", "stage2": "stage1"}, {"stage2": "start"})
+
+
+@dataclass
+class StartConfig:
+    source: str = "scratch"  # scratch | towers | checkpoint
+    vision: str = ""  # towers: OpenAI-CLIP folder (CLIPModel / CLIPVisionModel, Hugging Face format)
+    text: str = ""  # towers: Chinese RoBERTa-wwm folder (BertModel / BertForMaskedLM)
+    checkpoint: str = ""  # checkpoint: a Chinese-CLIP .pt, or a ChineseCLIP / zhclip model folder
+    stages: dict[str, str] = field(default_factory=lambda: dict(RECIPES[0]))
+    preset: str = "tiny"  # scratch and towers: the architecture (section `model`)
+    context_length: int = 52
+    seed: int = 0  # scratch: the random initialisation (section `train`)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.stages not in RECIPES:
+            raise ValueError(f"stages {self.stages} is not a recipe zhclip runs; use {RECIPES[0]} (the paper's two stages) "
+                             f"or {RECIPES[1]} (fine-tuning the start)")
+        if self.source == "towers" and not (self.vision or self.text):
+            raise ValueError("source towers needs start.vision and/or start.text (pretrained folders)")
+        if self.source == "checkpoint" and not self.checkpoint:
+            raise ValueError("source checkpoint needs start.checkpoint (a Chinese-CLIP .pt or a model folder)")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> "StartConfig":
+        """Section `start`, with the preset and text length from `model` and the seed from `train`."""
+        values = {**section(params, "model", {"preset", "context_length"}),
+                  **{k: v for k, v in (params.get("train") or {}).items() if k == "seed"},
+                  **section(params, "start", {"source", "vision", "text", "checkpoint", "stages"})}
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return build_config(cls, values, "params.yaml section 'start'")
+
+    def weights(self) -> dict[str, str]:
+        """The starting weights this config reads, by role."""
+        chosen = {"towers": {"vision": self.vision, "text": self.text}, "checkpoint": {"checkpoint": self.checkpoint}}
+        return {role: path for role, path in chosen.get(self.source, {}).items() if path}
+
+
+def _local(path: str, scratch: Path) -> Path:
+    """A local copy of an s3:// file or folder (the Kubeflow pipeline passes MinIO URIs); local paths as they are."""
+    if not path.startswith("s3://"):
+        if not Path(path).exists():
+            raise ZhclipError(f"starting weights {path} not found; `dvc add` or `dvc import` them there first (README: Starting weights)")
+        return Path(path)
+    from pyarrow import fs
+
+    filesystem, inner = arrow_filesystem(path)
+    target = scratch / Path(inner).name  # a file or a whole folder: copy_files takes either
+    fs.copy_files(inner, str(target), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+    return target
+
+
+def _build(config: StartConfig, out_dir: Path, scratch: Path) -> dict[str, Any]:
+    from model import build_model, load_model, save_model
+    from model.convert import convert_checkpoint
+    from model.pretrained import init_from_pretrained
+
+    if config.source == "checkpoint":
+        source = _local(config.checkpoint, scratch)
+        try:
+            if source.is_file():
+                convert_checkpoint(source, out_dir, context_length=config.context_length)
+                return {"converted": True}
+            save_model(*load_model(source), out_dir)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise ZhclipError(f"start.checkpoint {config.checkpoint}: {err}") from err
+        return {"converted": False}
+    try:
+        model, processor = build_model(config.preset, context_length=config.context_length, seed=config.seed)
+    except ValueError as err:
+        raise ZhclipError(f"params.yaml section 'model': {err}") from err
+    loaded = {}
+    if config.source == "towers":
+        folders = {role: _local(path, scratch) for role, path in config.weights().items()}
+        try:
+            loaded = init_from_pretrained(model, folders.get("vision"), folders.get("text"))
+        except (FileNotFoundError, ValueError) as err:
+            raise ZhclipError(f"start towers: {err}") from err
+    save_model(model, processor, out_dir)
+    return {"tensors_loaded": loaded}
+
+
+def prepare_start(out_dir: str | Path, config: StartConfig, summary_path: str | Path | None = None) -> dict:
+    """Write the starting model folder to `out_dir`; returns the summary (source, weights and their hashes, recipe)."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    summary: dict[str, Any] = {"source": config.source, "model_dir": str(out_dir), "stages": config.stages,
+                               "weights": config.weights()}
+    with timed(summary), tempfile.TemporaryDirectory() as scratch:
+        summary.update(_build(config, out_dir, Path(scratch)))
+        summary["weights_dvc_hash"] = {role: dvc_hash(path) for role, path in config.weights().items()}
+    model_config = AutoConfig.from_pretrained(out_dir)
+    summary.update(architecture=model_config.model_type, projection_dim=model_config.projection_dim)
+    if summary_path:
+        write_summary(summary_path, summary)
+    return summary
