@@ -27,12 +27,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from components import cnclip_files, report
-from components.common import ZhclipError, release_freed_memory, timed, write_summary
+from components.common import ZhclipError, read_summary, release_freed_memory, timed, write_summary
 from components.shards import PreparedSplit
 from components.tracking import run_to_log_into
 from model import decode_image, embed_images, embed_texts, load_model
 
 KS = (1, 5, 10)
+HEADLINE = ("mean_recall", *(f"{d}_r{k}" for d in ("t2i", "i2t") for k in KS))  # what the chain keeps of each model
 TOP_K = 10  # predictions per query in the reference's files, and the recall@k curve's range
 EXAMPLE_IMAGES = 5
 
@@ -298,23 +299,28 @@ def retrieval_metrics(text_emb: np.ndarray, image_emb: np.ndarray, text_to_image
 
 def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateConfig, summary_path: str | Path | None = None,
              plots_path: str | Path | None = None, report_dir: str | Path | None = None,
-             mlflow_run_id: str | None = None) -> dict:
+             mlflow_run_id: str | None = None, init_metrics: str | Path | None = None, label: str | None = None) -> dict:
     """Embed the split's texts and images with the model and score retrieval; returns the metrics.
 
     Optional outputs: the recall@k curve as CSV (`plots_path`), the reference's prediction and score
     files with an HTML/Markdown report (`report_dir`), and the metrics and report logged to an
     existing MLflow run (`mlflow_run_id`; by default the run that trained the model, when recorded).
+
+    `init_metrics` is the evaluation summary of the model this one was trained from: its `chain`
+    (start, then each stage) is carried on, so the summary and report set this model beside every
+    model before it, with the gain over the start. `label` names the model there (default: its folder).
     """
     try:
         model, processor = load_model(model_dir)
     except (FileNotFoundError, OSError) as err:
         raise ZhclipError(f"cannot load model from {model_dir}: {err}") from err
-    summary: dict = {"model_dir": str(model_dir), "split": config.split}
+    earlier = read_summary(init_metrics).get("chain", []) if init_metrics else []
+    summary: dict = {"model": label or Path(model_dir).name, "model_dir": str(model_dir), "split": config.split}
     with timed(summary):
         with accelerated(model):
             data = embed_split(model, processor, prepared_dir, config.split, config.batch_size).data
         summary.update(texts=len(data.text_ids), images=len(data.image_ids))
-        summary.update(_score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id, model_dir), summary))
+        summary.update(_score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id, model_dir), summary, earlier))
     if summary_path:
         write_summary(summary_path, summary)
     return summary
@@ -343,8 +349,8 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
         if missing:
             raise ZhclipError(f"{annotations}: text_id {text_id} references image_ids {missing[:5]} with no feature in {image_feats}")
         text_to_images[text_row[text_id]] = {image_row[i] for i in wanted}
-    summary: dict = {"image_feats": str(image_feats), "text_feats": str(text_feats), "annotations": str(annotations),
-                     "texts": len(text_ids), "images": len(image_ids)}
+    summary: dict = {"model": "features", "image_feats": str(image_feats), "text_feats": str(text_feats),
+                     "annotations": str(annotations), "texts": len(text_ids), "images": len(image_ids)}
     data = RetrievalSet(text_ids=text_ids, image_ids=image_ids, text_emb=text_emb, image_emb=image_emb,
                         text_to_images=text_to_images, texts=[captions.get(t, f"text {t}") for t in text_ids])
     with timed(summary):
@@ -355,19 +361,29 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
 
 
 def _score(data: RetrievalSet, config: EvaluateConfig, plots_path: str | Path | None, report_dir: str | Path | None,
-           mlflow_run: dict[str, str] | None, context: dict[str, Any]) -> dict[str, float]:
+           mlflow_run: dict[str, str] | None, context: dict[str, Any], earlier: list[dict] = ()) -> dict[str, Any]:
     rankings = rank(data.text_emb, data.image_emb, data.text_to_images, config.chunk_size, block_mb=config.score_block_mb)
     metrics = metrics_of(rankings, len(data.image_ids), len(data.text_ids))
     curves = recall_curves(rankings)
+    chain = [*earlier, {"model": context["model"], **{k: metrics[k] for k in HEADLINE}, "recall_at_k": curves}]
+    metrics |= gain_over_start(chain)
     if plots_path:
         write_recall_curves(plots_path, curves)
     artifacts: list[Path] = []
     if report_dir:
         artifacts = write_retrieval_files(report_dir, data, rankings, config.write_features)
-        artifacts += report.write(_retrieval_report(data, rankings, metrics, curves, context, config.examples), report_dir)
+        artifacts += report.write(_retrieval_report(data, rankings, metrics, curves, context, config.examples, chain), report_dir)
     if mlflow_run:
         report.log_to_mlflow(mlflow_run, metrics, artifacts, "evaluate")
-    return metrics
+    return {**metrics, "chain": chain}
+
+
+def gain_over_start(chain: Sequence[dict]) -> dict[str, float]:
+    """This model's (the chain's last) mean recall against the start's (its first); {} for the start itself."""
+    if len(chain) < 2:
+        return {}
+    start, last = chain[0]["mean_recall"], chain[-1]["mean_recall"]
+    return {"start_mean_recall": start, "gain_over_start": round(last - start, 4)}
 
 
 def write_recall_curves(path: str | Path, curves: dict[str, list[float]]) -> Path:
@@ -418,7 +434,7 @@ def write_retrieval_files(out_dir: str | Path, data: RetrievalSet, rankings: Ran
 
 
 def _retrieval_report(data: RetrievalSet, rankings: Rankings, metrics: dict[str, float], curves: dict[str, list[float]],
-                      context: dict[str, Any], examples: int) -> report.Report:
+                      context: dict[str, Any], examples: int, chain: Sequence[dict]) -> report.Report:
     headline = [["", "R@1", "R@5", "R@10", "mean recall"]]
     for direction, name in (("t2i", "text → image"), ("i2t", "image → text")):
         headline.append([name] + [f"{metrics[f'{direction}_r{k}']:.2f}" for k in KS] + [f"{metrics[f'{direction}_mean_recall']:.2f}"])
@@ -436,10 +452,20 @@ def _retrieval_report(data: RetrievalSet, rankings: Rankings, metrics: dict[str,
                      for image in ranked[:EXAMPLE_IMAGES]]))
     notes = {key: context[key] for key in ("model_dir", "split", "image_feats", "text_feats", "annotations") if key in context}
     notes |= {"texts": len(data.text_ids), "images": len(data.image_ids), "chance mean recall": f"{metrics['chance_mean_recall']:.2f}"}
-    return report.Report(
-        title="zhclip retrieval evaluation",
-        notes=notes,
-        tables=[report.Table("Recall (%)", headline)],
-        figures=[report.Figure("Recall@k", report.line_plot(curves, "k", "recall@k (%)"))],
-        examples=shown,
-    )
+    tables, figures = [report.Table("Recall (%)", headline)], [report.Figure("Recall@k", report.line_plot(curves, "k", "recall@k (%)"))]
+    if len(chain) > 1:
+        tables.append(comparison_table(chain))
+        figures.append(report.Figure("Recall@k: the start and every stage (T2I solid, I2T dashed)", report.line_plot(
+            {f"{entry['model']} {d.upper()}": entry["recall_at_k"][d] for entry in chain for d in ("t2i", "i2t")},
+            "k", "recall@k (%)", dashed=lambda name: name.endswith("I2T"))))
+    return report.Report(title="zhclip retrieval evaluation", notes=notes, tables=tables, figures=figures, examples=shown)
+
+
+def comparison_table(chain: Sequence[dict]) -> report.Table:
+    """The start and each stage side by side: recall figures and the gain in mean recall over the start."""
+    rows = [["model", *(f"{d.upper()} R@{k}" for d in ("t2i", "i2t") for k in KS), "mean recall", "gain over start"]]
+    for entry in chain:
+        gain = entry["mean_recall"] - chain[0]["mean_recall"]
+        rows.append([entry["model"], *(f"{entry[f'{d}_r{k}']:.2f}" for d in ("t2i", "i2t") for k in KS),
+                     f"{entry['mean_recall']:.2f}", "" if entry is chain[0] else f"{gain:+.2f}"])
+    return report.Table("Start → stages (%)", rows)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ import jinja2
 from PIL import Image
 
 THUMBNAIL = 96
+# Reports are Chinese documents: fonts with Han glyphs first, on Linux, macOS and Windows, then any sans-serif.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "PingFang SC",
+             "Microsoft YaHei", "SimHei")
+CSS_FONT_STACK = ", ".join([*(f'"{name}"' for name in CJK_FONTS), "sans-serif"])
 
 
 @dataclass
@@ -59,7 +64,7 @@ class Report:
 _HTML = jinja2.Environment(autoescape=True).from_string("""<!DOCTYPE html>
 <html lang="zh"><head><meta charset="utf-8"><title>{{ r.title }}</title>
 <style>
-body { font-family: sans-serif; margin: 2em; color: #222; }
+body { font-family: {{ fonts | safe }}; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
@@ -94,27 +99,69 @@ def image_uri(image: Image.Image, size: int = THUMBNAIL) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def line_plot(series: dict[str, Sequence[float]], xlabel: str, ylabel: str) -> str:
-    """Lines over x = 1..n, one per series, as a PNG data URI."""
+def _pyplot():
+    """matplotlib's pyplot, headless, drawing text with a CJK font when one is installed."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also keeps worker processes free of GUI backends
+    from matplotlib import font_manager, pyplot as plt
+
+    cjk = _installed_cjk_fonts(font_manager.fontManager)
+    if not cjk:  # matplotlib caches its font list: a font installed after the cache was built is added here
+        for path in font_manager.findSystemFonts():
+            if "cjk" in Path(path).name.lower():
+                font_manager.fontManager.addfont(path)
+        cjk = _installed_cjk_fonts(font_manager.fontManager)
+    if not cjk:
+        warnings.warn("no CJK font is installed, so Chinese text in figures shows as empty boxes; install one "
+                      "(Debian: apt-get install fonts-noto-cjk, which `make system-deps` does)", stacklevel=3)
+    plt.rcParams["font.family"] = [*cjk, "DejaVu Sans"]
+    plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack the Unicode minus sign
+    return plt
+
+
+def _installed_cjk_fonts(manager) -> list[str]:
+    installed = {font.name for font in manager.ttflist}
+    return [name for name in CJK_FONTS if name in installed]
+
+
+def _png_uri(fig) -> str:
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for name, values in series.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 100))
-    ax.grid(alpha=0.3)
-    ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def line_plot(series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
+              dashed: Callable[[str], bool] = lambda name: False) -> str:
+    """Lines over x = 1..n, one per series (dashed where `dashed(name)`), as a PNG data URI."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    for name, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name, linestyle="--" if dashed(name) else "-")
+    ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 100))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _png_uri(fig)
+
+
+def bar_plot(values: dict[str, float], ylabel: str, reference: float | None = None, reference_label: str = "") -> str:
+    """One bar per label (Chinese labels drawn with the CJK font), an optional horizontal reference line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(values) + 1.5), 3.2), dpi=100)
+    ax.bar(list(values), list(values.values()), color="#3a6fc4")
+    if reference is not None:
+        ax.axhline(reference, color="#c33", linestyle="--", label=reference_label)
+        ax.legend(fontsize="small")
+    ax.set(ylabel=ylabel, ylim=(0, 100))
+    ax.grid(alpha=0.3, axis="y")
+    return _png_uri(fig)
+
+
 def render_html(report: Report) -> str:
-    return _HTML.render(r=report, thumbnail=image_uri)
+    return _HTML.render(r=report, thumbnail=image_uri, fonts=CSS_FONT_STACK)
 
 
 def markdown_table(rows: Sequence[Sequence[Any]]) -> list[str]:

@@ -157,5 +157,7 @@ def _report(summary: dict[str, Any], classes: list[str], paths: list[Path], labe
         title="zhclip zero-shot classification",
         notes={key: summary[key] for key in ("model_dir", "images_dir", "classes", "images", "templates")},
         tables=[report.Table("Accuracy", accuracy), report.Table("Per-class accuracy", per_class), confusion],
+        figures=[report.Figure("Top-1 accuracy per class", report.bar_plot(
+            summary["per_class_accuracy"], "top-1 accuracy (%)", summary["chance_top1"], "chance"))],
         examples=examples, examples_title="Images per class with their top-1 prediction (correct marked ✓)",
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from browser import assert_chinese_renders
 from components.common import ZhclipError
 from components.evaluate import EvaluateConfig, chance_recalls, evaluate, recalls, retrieval_metrics, top_k
 from conftest import run_cli
@@ -215,6 +216,23 @@ def test_report_renders_its_images_and_table_in_a_real_browser(evaluated, tmp_pa
     assert rendered["images"] == 1 + 3 * 5  # the recall@k plot and five results for each of three queries
     assert rendered["decoded"] == rendered["images"]
     assert rendered["rows"] == 4 and rendered["tableWidth"] > 100
+    # The query captions, as a person sees them: drawn with a CJK font (no empty boxes), screenshot kept
+    fonts = assert_chinese_renders(evaluated["root"] / "report" / "report.html", tmp_path / "evaluate.png", tmp_path / "cdp")
+    assert len(fonts) == 3 and (tmp_path / "evaluate.png").stat().st_size > 10_000
+
+
+def test_a_trained_model_is_set_beside_its_start_with_the_gain(trained, prepared_dir, tmp_path):
+    start = evaluate(trained["root"] / "stage1", prepared_dir, EvaluateConfig(examples=0), tmp_path / "start.json",
+                     label="start")
+    assert [entry["model"] for entry in start["chain"]] == ["start"] and "gain_over_start" not in start
+    final = evaluate(trained["root"] / "stage2", prepared_dir, EvaluateConfig(examples=0), tmp_path / "final.json",
+                     report_dir=tmp_path / "report", init_metrics=tmp_path / "start.json")
+    assert [entry["model"] for entry in final["chain"]] == ["start", "stage2"]
+    assert final["start_mean_recall"] == start["mean_recall"]
+    assert final["gain_over_start"] == pytest.approx(final["mean_recall"] - start["mean_recall"], abs=1e-4)
+    assert len(final["chain"][1]["recall_at_k"]["t2i"]) == 10
+    html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    assert "Start → stages" in html and f"{final['gain_over_start']:+.2f}" in html and html.count("<img") == 2
 
 
 def test_metrics_and_report_are_logged_to_an_existing_mlflow_run(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import pytest
 
 from components.common import ZhclipError
 from components.zeroshot import ZeroshotConfig, class_embeddings, image_folder, zeroshot
+from browser import assert_chinese_renders
 from conftest import run_cli
 from model import embed_texts, load_model
 
@@ -38,8 +39,11 @@ def test_zeroshot_reports_consistent_accuracies_predictions_and_report(trained, 
     for row in rows:  # one image per class here, so each class is right or wrong entirely
         assert summary["per_class_accuracy"][row["actual"]] == (100.0 if row["actual"] == row["predicted"] else 0.0)
     html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
-    assert "Confusion matrix" in html and html.count("<img") == 10
+    assert "Confusion matrix" in html and html.count("<img") == 10 + 1  # an image per class and the accuracy chart
     assert f"{summary['top1']:.2f}" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    # Chinese class names as a person sees them: drawn with a CJK font in a real browser (no empty boxes)
+    fonts = assert_chinese_renders(tmp_path / "report" / "report.html", tmp_path / "zeroshot.png", tmp_path / "profile")
+    assert {"零", "九"} <= set(fonts)  # class names in the tables
 
 
 def test_bad_folders_and_templates_are_rejected_clearly(tmp_path, trained):
