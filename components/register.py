@@ -1,7 +1,8 @@
 """Register: log the model as an MLflow pyfunc, register a version, and gate the `champion` alias.
 
 The new version always gets alias `challenger`; `champion` moves to it only if its metric is at
-least the current champion's (minus a tolerance). Versions are never deleted or overwritten, and
+least its own starting model's (plus `min_gain_over_start`: fine-tuning must never make a model
+worse than what it started from) and at least the current champion's (minus a tolerance). Versions are never deleted or overwritten, and
 a checkpoint is registered once: its DVC hash (tag `model_dvc_hash`) finds an earlier version.
 Lineage travels as version tags: git commit, DVC hashes of model and data, params, metrics and
 the training run (when the training summary records one).
@@ -36,7 +37,8 @@ class RegisterConfig:
     experiment: str = "zhclip"
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     metric: str = "mean_recall"
-    tolerance: float = 0.0
+    tolerance: float = 0.0  # promote when at least the champion's metric minus this
+    min_gain_over_start: float = 0.0  # ... and at least the starting model's metric plus this
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "RegisterConfig":
@@ -111,29 +113,62 @@ def _champion(client, name: str, metric: str) -> tuple[str | None, float | None]
     return str(version), value
 
 
-def _gate(client, name: str, version: str, candidate: float, config: RegisterConfig) -> dict[str, Any]:
-    """Alias `challenger` to `version`; `champion` too when it is no worse. Records the decision on the version."""
+def _start_value(metrics_summary: dict[str, Any], metric: str, where: str | Path) -> float | None:
+    """The starting model's value of `metric`, from the evaluation's chain (None: no start was evaluated)."""
+    chain = metrics_summary.get("chain") or []
+    if len(chain) < 2:
+        return None
+    if metric not in chain[0]:
+        raise ZhclipError(f"{where}: the start's evaluation has no {metric!r} to gate on; it has {sorted(chain[0])}")
+    return float(chain[0][metric])
+
+
+def _decide(candidate: float, start: float | None, champion_version: str | None, champion_value: float | None,
+            config: RegisterConfig) -> tuple[bool, str, str]:
+    """(promote, the rule that decided, the decision in words). The start comes first: a model worse
+    than what it was trained from is never promoted, whatever the champion."""
+    metric = config.metric
+    if start is not None and candidate < start + config.min_gain_over_start:
+        return False, "start", (f"kept current champion: {metric} {candidate} is below its own start {start} "
+                                f"(min gain {config.min_gain_over_start}); training made it worse")
+    versus_start = f"; start {start}, gain {candidate - start:+.4f}" if start is not None else ""
+    if champion_version is None:
+        return True, "first", f"promoted: no champion yet ({metric} {candidate}{versus_start})"
+    if champion_value is None:
+        return False, "champion", (f"kept current champion: version {champion_version} has no {metric} to compare; "
+                                   f"move the alias by hand if this version should replace it")
+    promote = candidate >= champion_value - config.tolerance
+    return promote, "champion", (f"{'promoted' if promote else 'kept current champion'}: {metric} {candidate} vs champion "
+                                 f"version {champion_version} {champion_value} (tolerance {config.tolerance}){versus_start}")
+
+
+def registration_card(chain: list[dict], decision: str, rule: str, metric: str) -> str:
+    """The version's description in the registry (Markdown): the start and every stage, and how the gate decided."""
+    lines = ["## Evaluation: the start and every stage", "", f"| model | {metric} | gain over start |", "|---|---|---|"]
+    lines += [f"| {entry['model']} | {entry.get(metric, '')} | "
+              f"{'' if entry is chain[0] or metric not in entry else format(entry[metric] - chain[0][metric], '+.2f')} |"
+              for entry in chain]
+    return "\n".join([*lines, "", f"**Gate** (rule: {rule}): {decision}", ""])
+
+
+def _gate(client, name: str, version: str, candidate: float, start: float | None, config: RegisterConfig,
+          chain: list[dict]) -> dict[str, Any]:
+    """Alias `challenger` to `version`; `champion` too when it passes `_decide`. Records the decision on the
+    version, in tags and in its description (the registration card)."""
     client.set_registered_model_alias(name, "challenger", version)
     champion_version, champion_value = _champion(client, name, config.metric)
-    if champion_version is None:
-        promote, decision = True, "promoted: no champion yet"
-    elif champion_value is None:
-        promote = False
-        decision = (f"kept current champion: version {champion_version} has no {config.metric} to compare; "
-                    f"move the alias by hand if this version should replace it")
-    else:
-        promote = candidate >= champion_value - config.tolerance
-        decision = (f"{'promoted' if promote else 'kept current champion'}: {config.metric} {candidate} vs champion "
-                    f"version {champion_version} {champion_value} (tolerance {config.tolerance})")
+    promote, rule, decision = _decide(candidate, start, champion_version, champion_value, config)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
-    for key, value in {"promotion": decision, "promotion.candidate_value": candidate,
-                       "promotion.champion_value": champion_value, "promotion.champion_version": champion_version}.items():
+    client.update_model_version(name, version, description=registration_card(chain, decision, rule, config.metric))
+    for key, value in {"promotion": decision, "promotion.rule": rule, "promotion.candidate_value": candidate,
+                       "promotion.start_value": start, "promotion.champion_value": champion_value,
+                       "promotion.champion_version": champion_version}.items():
         client.set_model_version_tag(name, version, key, str(value))
-    return {"candidate_value": candidate, "promoted": promote, "decision": decision,
+    return {"candidate_value": candidate, "start_value": start, "promoted": promote, "rule": rule, "decision": decision,
             "previous_champion_version": int(champion_version) if champion_version else None,
             "previous_champion_value": champion_value,
-            "champion_version": int(version if promote else champion_version)}
+            "champion_version": int(version) if promote else (int(champion_version) if champion_version else None)}
 
 
 def _log_and_register(model_dir: Path, metrics: dict[str, float], config: RegisterConfig, params: dict[str, Any],
@@ -197,9 +232,13 @@ def register(
         raise ZhclipError(f"{model_dir} is not a trained model folder (needs config.json and model.safetensors)")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise ZhclipError(f"training data folder {data_dir} not found (pass the folder training read, e.g. data/validated)")
-    metrics = {k: v for k, v in read_summary(metrics_path).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    evaluation = read_summary(metrics_path)
+    metrics = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if config.metric not in metrics:
         raise ZhclipError(f"{metrics_path} has no metric {config.metric!r}; it has {sorted(metrics)}")
+    start = _start_value(evaluation, config.metric, metrics_path)
+    # Every model of the chain (start, stage 1, stage 2) side by side in the run, e.g. `start.mean_recall`.
+    metrics |= {f"{entry['model']}.{key}": entry[key] for entry in evaluation.get("chain", []) for key in ("mean_recall",)}
     uri = tracking_uri(config)
     with using_tracking_uri(uri):
         client = MlflowClient()
@@ -215,7 +254,8 @@ def register(
                 run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts, training)
                 summary.update(version=int(new_version), run_id=run_id, already_registered=False,
                                lineage={k: v for k, v in lineage.items() if k != "params"},
-                               **_gate(client, config.model_name, new_version, metrics[config.metric], config))
+                               **_gate(client, config.model_name, new_version, metrics[config.metric], start, config,
+                                       evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}]))
             else:
                 champion_version, _ = _champion(client, config.model_name, config.metric)
                 summary.update(version=int(existing.version), run_id=existing.run_id, already_registered=True,

@@ -52,12 +52,44 @@ def test_worse_model_stays_challenger_better_one_takes_champion(tiny_models, reg
     assert _aliases(client) == {"champion": 1, "challenger": 2}
     tags = client.get_model_version(NAME, "2").tags
     assert tags["promotion"] == "kept current champion: mean_recall 30.0 vs champion version 1 40.0 (tolerance 0.0)"
+    assert tags["promotion.rule"] == "champion" and tags["promotion.start_value"] == "None"  # no start evaluated
     assert (tags["promotion.candidate_value"], tags["promotion.champion_value"]) == ("30.0", "40.0")
 
     better = register(tiny_models[2], _metrics(tmp_path, "c", 45.0), registry)
     assert (better["version"], better["promoted"], better["previous_champion_version"]) == (3, True, 1)
     assert _aliases(client) == {"champion": 3, "challenger": 3}
     assert len(client.search_model_versions(f"name='{NAME}'")) == 3
+
+
+def _metrics_with_start(tmp_path, name, mean_recall, start):
+    """An evaluation summary of a trained model whose chain starts at a model scoring `start`."""
+    chain = [{"model": "start", "mean_recall": start}, {"model": "stage2", "mean_recall": mean_recall}]
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"mean_recall": mean_recall, "gain_over_start": mean_recall - start, "chain": chain}))
+    return path
+
+
+def test_a_model_worse_than_its_start_is_registered_but_never_promoted(tiny_models, registry, tmp_path):
+    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
+    worse = register(tiny_models[0], _metrics_with_start(tmp_path, "a", 30.0, start=35.0), registry)
+    assert (worse["version"], worse["promoted"], worse["rule"], worse["champion_version"]) == (1, False, "start", None)
+    model = client.get_registered_model(NAME)
+    assert {k: int(v) for k, v in model.aliases.items()} == {"challenger": 1}  # registered, but no champion: it is worse than where it started
+    tags = client.get_model_version(NAME, "1").tags
+    assert tags["promotion.rule"] == "start" and tags["promotion.start_value"] == "35.0"
+    assert "below its own start 35.0" in tags["promotion"]
+    card = client.get_model_version(NAME, "1").description
+    assert "| start | 35.0 |" in card and "| stage2 | 30.0 | -5.00 |" in card and "rule: start" in card
+
+    better = register(tiny_models[1], _metrics_with_start(tmp_path, "b", 36.0, start=35.0), registry)
+    assert (better["promoted"], better["rule"], better["champion_version"]) == (True, "first", 2)
+    assert _aliases(client) == {"champion": 2, "challenger": 2}
+
+    # Better than the champion but not by the required gain over its own start: the start rule decides.
+    registry.min_gain_over_start = 5.0
+    short = register(tiny_models[2], _metrics_with_start(tmp_path, "c", 38.0, start=35.0), registry)
+    assert (short["promoted"], short["rule"]) == (False, "start")
+    assert _aliases(client) == {"champion": 2, "challenger": 3}
 
 
 def test_tolerance_lets_a_slightly_worse_model_through(tiny_models, registry, tmp_path):
