@@ -33,6 +33,14 @@ TEMPLATES = [
     "画面的{position}画着一个{colour}{shape}",
 ]
 DIGIT_NAMES = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
+# English words for the pretraining corpus of the demo's stand-in for OpenAI CLIP (see demo_towers.py).
+ENGLISH = {"红色": "red", "绿色": "green", "蓝色": "blue", "黄色": "yellow", "紫色": "purple", "白色": "white",
+           "圆形": "circle", "正方形": "square", "三角形": "triangle", "十字": "cross",
+           "左上角": "top left", "右上角": "top right", "左下角": "bottom left", "右下角": "bottom right"}
+ENGLISH_DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+ENGLISH_TEMPLATES = ["a {colour} {shape} in the {position}", "a picture of a {colour} {shape} at the {position}",
+                     "there is a {colour} {shape} in the {position} corner", "{position} corner shows a {colour} {shape}"]
+ENGLISH_DIGIT_TEMPLATES = ["a handwritten digit {digit}", "the number {digit} written by hand", "a scan of a handwritten {digit}"]
 DIGIT_TEMPLATES = ["手写数字{digit}", "一个手写的数字{digit}", "这是数字{digit}的手写图片", "黑底白字写着{digit}", "图中是手写的{digit}"]
 SPLITS = ("train", "valid", "test")
 
@@ -42,6 +50,7 @@ class _Picture:
     same_as: tuple  # pictures with equal `same_as` show the same thing (shared positives)
     image: Image.Image
     captions: list[str]  # every paraphrase; captions_per_image of them are sampled
+    english: list[str]  # English paraphrases, for the pretraining corpus
 
 
 @dataclass
@@ -56,6 +65,7 @@ class DemoDataConfig:
     valid_digits: int = 30
     test_digits: int = 60
     zeroshot_per_class: int = 8
+    pretrain_images: int = 1500  # fresh shapes (plus the train split's digit scans) in the pretraining corpus
 
     def __post_init__(self):
         if not 1 <= self.captions_per_image <= len(TEMPLATES):
@@ -105,7 +115,9 @@ def _shapes(count: int, config: DemoDataConfig, rng: random.Random) -> list[_Pic
     for _ in range(count):
         colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
         captions = [t.format(colour=colour, shape=shape, position=position) for t in TEMPLATES]
-        pictures.append(_Picture(("shape", colour, shape, position), draw_image(colour, shape, position, config.image_size, rng), captions))
+        english = [t.format(colour=ENGLISH[colour], shape=ENGLISH[shape], position=ENGLISH[position]) for t in ENGLISH_TEMPLATES]
+        pictures.append(_Picture(("shape", colour, shape, position), draw_image(colour, shape, position, config.image_size, rng),
+                                 captions, english))
     return pictures
 
 
@@ -117,7 +129,8 @@ def digit_image(scan, size: int) -> Image.Image:
 
 def _digits(scans, labels, config: DemoDataConfig) -> list[_Picture]:
     return [_Picture(("digit", int(label)), digit_image(scan, config.image_size),
-                     [t.format(digit=DIGIT_NAMES[label]) for t in DIGIT_TEMPLATES]) for scan, label in zip(scans, labels)]
+                     [t.format(digit=DIGIT_NAMES[label]) for t in DIGIT_TEMPLATES],
+                     [t.format(digit=ENGLISH_DIGITS[label]) for t in ENGLISH_DIGIT_TEMPLATES]) for scan, label in zip(scans, labels)]
 
 
 def _write_split(out_dir: Path, split: str, pictures: list[_Picture], config: DemoDataConfig, rng: random.Random, ids: dict) -> dict:
@@ -150,6 +163,18 @@ def _write_zeroshot(folder: Path, pictures: list[_Picture], class_of) -> dict:
         picture.image.save(folder / name / f"{counts.get(name, 0):03d}.png")
         counts[name] = counts.get(name, 0) + 1
     return {"classes": len(counts), "images": sum(counts.values())}
+
+
+def _write_pretraining_corpus(folder: Path, pictures: list[_Picture]) -> dict:
+    """What the demo's stand-in pretrained towers learn from: images with English captions (for the
+    English CLIP) and Chinese sentences (for the masked-language-model BERT). No test, valid or zero-shot image is in it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "english_pairs.jsonl", "w", encoding="utf-8") as pairs:
+        for picture in pictures:
+            pairs.write(json.dumps({"image": encode_image(picture.image), "captions": picture.english}) + "\n")
+    sentences = sorted({caption for picture in pictures for caption in picture.captions})
+    (folder / "chinese_text.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    return {"english_pairs": len(pictures), "chinese_sentences": len(sentences)}
 
 
 def generate_demo_data(out_dir: str | Path, config: DemoDataConfig, summary_path: str | Path | None = None) -> dict:
@@ -186,6 +211,11 @@ def generate_demo_data(out_dir: str | Path, config: DemoDataConfig, summary_path
             "shapes": _write_zeroshot(out_dir / "zeroshot" / "shapes", _shapes(len(SHAPES) * config.zeroshot_per_class, config, rng),
                                       lambda picture: picture.same_as[2]),
         }
+        # Fresh shapes from their own generator (the splits stay as they were) and the train split's digit scans.
+        train_digits = order[: config.train_digits]
+        corpus = (_shapes(config.pretrain_images, config, random.Random(f"{config.seed}-pretrain"))
+                  + _digits(digits.images[train_digits], digits.target[train_digits], config))
+        summary["pretrain"] = _write_pretraining_corpus(out_dir / "pretrain", corpus)
     if summary_path:
         write_summary(summary_path, summary)
     return summary
