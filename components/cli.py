@@ -28,6 +28,14 @@ def _echo_json(summary: dict) -> None:
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
 
 
+def _finish(summary: dict, summary_path: Optional[Path], line: str) -> None:
+    """The step's result: one line for people when the JSON went to a file (as under `dvc repro`), else the JSON."""
+    if summary_path:
+        typer.echo(f"{line}  [summary: {summary_path}]")
+    else:
+        _echo_json(summary)
+
+
 @app.command("demo-data")
 def demo_data_command(
     out: Path = typer.Option(Path("data/raw"), help="Folder for the Chinese-CLIP-format splits."),
@@ -41,7 +49,31 @@ def demo_data_command(
     from components.demo_data import DemoDataConfig, generate_demo_data
 
     config = config_from(DemoDataConfig, load_params(params), "demo_data", seed=seed, train_images=train_images, test_images=test_images)
-    _echo_json(generate_demo_data(out, config, summary))
+    result = generate_demo_data(out, config, summary)
+    _finish(result, summary, f"demo data in {out}: " + ", ".join(f"{split} {counts['images']} images / {counts['texts']} captions"
+                                                              for split, counts in result["splits"].items()))
+
+
+@app.command("demo-towers")
+def demo_towers_command(
+    corpus: Path = typer.Option(Path("data/raw/pretrain"), help="The pretraining corpus `zhclip demo-data` writes."),
+    out: Path = typer.Option(Path("weights/demo"), help="Folder for vision/ (CLIPModel) and text/ (BertForMaskedLM)."),
+    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    params: Path = ParamsOption,
+) -> None:
+    """Pretrain the demo's stand-ins for OpenAI CLIP (English captions) and Chinese RoBERTa (masked LM).
+
+    The paper starts from those; no download is possible here, so the demo makes small ones the same
+    way, and `zhclip start` loads them exactly as it loads real checkpoints.
+    """
+    from components.demo_towers import DemoTowersConfig, pretrain_demo_towers
+
+    all_params = load_params(params)
+    preset = (all_params.get("model") or {}).get("preset")
+    config = config_from(DemoTowersConfig, all_params, "demo_towers", preset=preset)
+    result = pretrain_demo_towers(corpus, out, config, summary)
+    typer.echo(f"demo towers in {out}: English CLIP loss {result['vision']['first_loss']} -> {result['vision']['final_loss']}, "
+               f"Chinese BERT masked-LM loss {result['text']['first_loss']} -> {result['text']['final_loss']}")
 
 
 @app.command()
@@ -55,7 +87,9 @@ def ingest(
     """Decode, normalise and shard the raw splits; malformed rows go to OUT/quarantine/ with a reason."""
     from components.ingest import IngestConfig, ingest as run
 
-    _echo_json(run(raw, out, config_from(IngestConfig, load_params(params), "ingest", shard_rows=shard_rows), summary))
+    result = run(raw, out, config_from(IngestConfig, load_params(params), "ingest", shard_rows=shard_rows), summary)
+    _finish(result, summary, f"ingest into {out}: " + ", ".join(f"{split} {counts['pairs']} pairs"
+                                                             for split, counts in result["splits"].items()))
 
 
 @app.command()
@@ -77,12 +111,43 @@ def validate(
     typer.echo(f"validation passed: {counts}; quarantine: {result['quarantine']}")
 
 
+def _stage_number(stage: str) -> int:
+    number = stage.removeprefix("stage")
+    if number not in ("1", "2"):
+        raise ZhclipError(f"--stage {stage!r}: give 1 or 2 (stage1, stage2 also work, as dvc.yaml passes them)")
+    return int(number)
+
+
+@app.command()
+def start(
+    out: Path = typer.Option(Path("models/start"), help="Folder for the starting model (Hugging Face format)."),
+    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    source: Optional[str] = typer.Option(None, help="scratch, towers or checkpoint (default: params.yaml start.source)."),
+    vision: Optional[str] = typer.Option(None, help="towers: an OpenAI-CLIP folder (Hugging Face format), local or s3://."),
+    text: Optional[str] = typer.Option(None, help="towers: a Chinese RoBERTa-wwm folder (BertModel format), local or s3://."),
+    checkpoint: Optional[str] = typer.Option(None, help="checkpoint: a Chinese-CLIP .pt or a model folder, local or s3://."),
+    params: Path = ParamsOption,
+) -> None:
+    """Build the model training starts from: random towers, pretrained towers, or a released checkpoint.
+
+    The pipeline evaluates it as the baseline every stage must beat; params.yaml section `start` also
+    says which stages run ({stage1: start, stage2: stage1}, or {stage2: start} to fine-tune).
+    """
+    from components.start import StartConfig, prepare_start
+
+    config = StartConfig.from_params(load_params(params), source=source, vision=vision, text=text, checkpoint=checkpoint)
+    result = prepare_start(out, config, summary)
+    _finish(result, summary, f"start ({result['source']}{': ' + ', '.join(result['weights'].values()) if result['weights'] else ''}) "
+                             f"written to {out}")
+
+
 @app.command()
 def train(
-    stage: int = typer.Option(..., min=1, max=2, help="1: image tower locked (LiT); 2: both towers learn."),
+    stage: str = typer.Option(..., help="1 (or stage1): image tower locked (LiT); 2 (or stage2): both towers learn."),
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
     out: Path = typer.Option(..., help="Folder for the trained Hugging Face model."),
-    init: Optional[Path] = typer.Option(None, help="Model folder to start from (stage 2: stage 1's output)."),
+    init: Optional[Path] = typer.Option(None, help="Model folder to start from: `zhclip start`'s, or stage 1's for stage 2 "
+                                              "(without it stage 1 starts from random towers)."),
     summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
     history: Optional[Path] = typer.Option(None, help="Write the per-step loss and learning rate as CSV here."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the training pairs."),
@@ -96,8 +161,6 @@ def train(
     use_gpu: Optional[bool] = typer.Option(None, help="One GPU per worker."),
     storage_path: Optional[str] = typer.Option(None, help="Checkpoint storage: a folder or s3://bucket/prefix."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints (0: only at the end)."),
-    pretrained_vision: Optional[Path] = typer.Option(None, help="Stage 1: OpenAI-CLIP folder (HF format) for the image tower."),
-    pretrained_text: Optional[Path] = typer.Option(None, help="Stage 1: Chinese RoBERTa-wwm folder (BertModel format) for the text tower."),
     params: Path = ParamsOption,
 ) -> None:
     """Train one stage with Ray Train (in-process Ray, or the cluster at $RAY_ADDRESS).
@@ -109,13 +172,12 @@ def train(
     """
     from components.train import TrainConfig, train as run
 
-    config = TrainConfig.from_params(load_params(params), stage, epochs=epochs, lr=lr, batch_size=batch_size,
+    config = TrainConfig.from_params(load_params(params), _stage_number(stage), epochs=epochs, lr=lr, batch_size=batch_size,
                                      max_steps=max_steps, accum_steps=accum_steps, precision=precision,
                                      mask_ratio=mask_ratio, num_workers=num_workers, use_gpu=use_gpu,
-                                     storage_path=storage_path, checkpoint_every=checkpoint_every,
-                                     pretrained_vision=str(pretrained_vision) if pretrained_vision else None,
-                                     pretrained_text=str(pretrained_text) if pretrained_text else None)
-    _echo_json(run(data, out, config, init, summary, history))
+                                     storage_path=storage_path, checkpoint_every=checkpoint_every)
+    result = run(data, out, config, init, summary, history)
+    _finish(result, summary, f"stage {result['stage']} model in {out}")
 
 
 @app.command()
@@ -131,6 +193,9 @@ def evaluate(
     split: Optional[str] = typer.Option(None, help="Split to score (default: test)."),
     chunk_size: Optional[int] = typer.Option(None, help="At most this many queries scored at once (fewer when their scores pass evaluate.score_block_mb)."),
     write_features: Optional[bool] = typer.Option(None, help="Also write the features as Chinese-CLIP jsonl into --report-dir."),
+    init_metrics: Optional[Path] = typer.Option(None, help="The evaluation JSON of the model this one was trained from: "
+                                                       "the summary and report then show the start, every stage and the gain."),
+    label: Optional[str] = typer.Option(None, help="The model's name in that comparison (default: its folder's name)."),
     params: Path = ParamsOption,
 ) -> None:
     """Text-to-image and image-to-text recall@1/5/10 and mean recall (percent), with the chance level."""
@@ -142,7 +207,10 @@ def evaluate(
     if model and any(feature_files):
         raise ZhclipError("give either --model or --image-feats/--text-feats/--annotations, not both")
     if model:
-        _echo_json(run(model, data, config, out, plots, report_dir))
+        result = run(model, data, config, out, plots, report_dir, init_metrics=init_metrics, label=label)
+        gain = f", {result['gain_over_start']:+.2f} over the start" if "gain_over_start" in result else ""
+        _finish(result, out, f"{result['model']}: {result['split']} mean recall {result['mean_recall']:.2f} "
+                             f"(chance {result['chance_mean_recall']:.2f}){gain}")
     elif all(feature_files):
         _echo_json(evaluate_features(image_feats, text_feats, annotations, config, out, plots, report_dir))
     else:
@@ -163,7 +231,9 @@ def zeroshot(
     from components.zeroshot import ZeroshotConfig, zeroshot as run
 
     config = config_from(ZeroshotConfig, load_params(params), "zeroshot", templates=template or None)
-    _echo_json(run(model, images, config, out, predictions, report_dir))
+    result = run(model, images, config, out, predictions, report_dir)
+    _finish(result, out, f"zero-shot {images.name} with {model}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} % "
+                         f"(chance {result['chance_top1']:.2f} %)")
 
 
 @app.command()
@@ -186,7 +256,8 @@ def register(
 
     all_params = load_params(params)
     config = RegisterConfig.from_params(all_params, model_name=name, tracking_uri=tracking_uri)
-    _echo_json(run(model, metrics, config, all_params, summary, log_summary, train_summary, data))
+    result = run(model, metrics, config, all_params, summary, log_summary, train_summary, data)
+    _finish(result, summary, f"{result['model_name']} version {result['version']}: {result['decision']}")
 
 
 @app.command()

@@ -5,29 +5,72 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+
+RAY_LOG = Path("logs/ray.log")  # Ray's own messages from this process (relative to where the step runs)
+# Ray Train's print patch sends every print of a worker to a logger that writes it to the console as
+# well, so each line came twice; without it a worker's print reaches the driver once, as printed. Its
+# own logging setup of the controller and workers prints every report and checkpoint at INFO; without
+# it they log at the level of `ray.init(logging_config=...)` (errors).
+QUIET_RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+                 "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0"}
+# A local machine is not preempted: Ray Train's watcher for that only adds an error line at start.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def _ray_messages_to_file() -> Path:
+    """Send the `ray` loggers of this process to RAY_LOG instead of the console (once per process)."""
+    ray_logger = logging.getLogger("ray")
+    if not any(getattr(handler, "zhclip", False) for handler in ray_logger.handlers):
+        RAY_LOG.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(RAY_LOG, encoding="utf-8")
+        handler.zhclip = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.handlers = [handler]
+        ray_logger.propagate = False
+    return RAY_LOG.resolve()
 
 
 @contextmanager
 def ray_runtime(num_cpus: int | None = None) -> Iterator[None]:
-    """Ray connected for the block; a local instance gets `num_cpus` (default: this machine's cores)."""
+    """Ray connected for the block; a local instance gets `num_cpus` (default: this machine's cores).
+
+    The console keeps what people read (steps, progress, results, errors): Ray's own messages go to
+    RAY_LOG, and Ray's worker processes log only errors; their full logs stay in Ray's session folder.
+    Both paths are printed once.
+    """
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
+        log_file = _ray_messages_to_file()
+        os.environ.update(QUIET_RAY_ENV)
+        quiet_workers = ray.LoggingConfig(log_level="ERROR")
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=logging.WARNING)
+            ray.init(logging_level=logging.WARNING, configure_logging=False, logging_config=quiet_workers)
         else:
+            os.environ.update(LOCAL_RAY_ENV)
             ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
-                     configure_logging=False, logging_level=logging.WARNING)
+                     configure_logging=False, logging_level=logging.WARNING, logging_config=quiet_workers)
+        workers = "the cluster's dashboard, Logs tab" if os.environ.get("RAY_ADDRESS") else _session_logs()
+        print(f"Ray's messages: {log_file} (worker logs: {workers})", file=sys.stderr, flush=True)
     try:
         yield
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _session_logs() -> str:
+    import ray
+
+    return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
 
 
 def ordered_map(fn: Callable[..., Any], calls: Iterable[tuple], in_flight_per_cpu: int = 2) -> Iterator[Any]:
