@@ -15,7 +15,7 @@ REF_VENV  := .venv-reference
 REF_STAMP := $(REF_VENV)/.installed-stamp
 REF_PINS  := torch==2.14.1 torchvision==0.29.1 $(shell grep -i -E '^(pillow|numpy|six)==' requirements.lock)
 
-.PHONY: install reference-env system-deps demo test test-fast lock clean-demo
+.PHONY: install reference-env system-deps cjk-font demo test test-fast lock clean-demo
 
 # Services and tools the tests start: PostgreSQL (MLflow backend store), headless Chromium (HTML
 # report rendering) and kubectl (offline `kubectl kustomize`). Installed from Debian when missing.
@@ -35,7 +35,15 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-system-deps:
+# Reports and figures are Chinese documents: without a CJK font every caption and class name is an
+# empty box (in matplotlib figures and in the browser tests). Debian's Noto CJK, when none is installed.
+cjk-font:
+	@if ! fc-list :lang=zh 2>/dev/null | grep -q .; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fontconfig fonts-noto-cjk; \
+	fi
+
+system-deps: cjk-font
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
@@ -51,8 +59,10 @@ $(REF_STAMP): requirements.lock
 
 reference-env: $(REF_STAMP)
 
-demo: install
-	$(RUN) dvc repro
+# DVC's own notes (stage headers, lock-file updates) are left out (--quiet): each step prints its
+# progress and a one-line result; `dvc repro` without it shows them.
+demo: install cjk-font
+	$(RUN) dvc repro --quiet
 	$(RUN) zhclip results
 
 test: install reference-env system-deps
