@@ -248,7 +248,7 @@ def register(
     data: Optional[Path] = typer.Option(None, help="The data training read (e.g. data/validated), recorded by its DVC hash."),
     params: Path = ParamsOption,
 ) -> None:
-    """Log an MLflow pyfunc, register a version (alias challenger) and promote it to champion if it is no worse.
+    """Log an MLflow pyfunc, register a version (alias challenger); champion if no worse than its start and the champion.
 
     Lineage goes into version tags; a checkpoint registered before keeps its version (no duplicate).
     """

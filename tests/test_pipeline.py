@@ -20,8 +20,10 @@ from conftest import copy_project, run_cli, run_tool
 from workflows.pipeline import compile_pipeline, step_configs
 
 TRAINING = ("train-op", "train-op-2")
-STEPS = ("ingest-op", "validate-op", "evaluate-op", "register-op")
-TRACKED = (*TRAINING, "evaluate-op", "zeroshot-op", "register-op")  # log to MLflow: its and MinIO's credentials
+EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3")  # the start, stage 1, stage 2
+STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, "register-op")
+# log to MLflow or read MinIO: its and MinIO's credentials
+TRACKED = (*TRAINING, "start-op", *EVALUATIONS, "zeroshot-op", "zeroshot-op-2", "register-op")
 
 
 def _compiled(tmp_path, params) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
@@ -39,22 +41,34 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     params = load_params("params.yaml")
     spec = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()).__next__()
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"importer", "ingest-op", "validate-op", "train-op", "train-op-2", "evaluate-op", "register-op",
+    assert set(tasks) == {"importer", "ingest-op", "validate-op", "start-op", *TRAINING, *EVALUATIONS, "register-op",
                           "for-loop-1"}
-    assert tasks["train-op"]["inputs"]["artifacts"]["prepared"]["taskOutputArtifact"] == {
-        "outputArtifactKey": "validated", "producerTask": "validate-op"}
-    assert tasks["train-op-2"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == "train-op"
-    assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op"
-    assert tasks["register-op"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "validate-op"
+
+    def source(task, name):
+        return tasks[task]["inputs"]["artifacts"][name]["taskOutputArtifact"]
+
+    assert source("train-op", "prepared") == {"outputArtifactKey": "validated", "producerTask": "validate-op"}
+    # start -> stage 1 -> stage 2, each evaluated beside the evaluation of the model it started from
+    assert source("train-op", "init_model")["producerTask"] == "start-op"
+    assert source("train-op-2", "init_model")["producerTask"] == "train-op"
+    assert source("evaluate-op", "model")["producerTask"] == "start-op" and "init_scores" not in tasks["evaluate-op"]["inputs"]["artifacts"]
+    assert source("evaluate-op-3", "init_scores")["producerTask"] == "evaluate-op-2"
+    assert source("evaluate-op-2", "init_scores")["producerTask"] == "evaluate-op"
+    assert source("register-op", "scores")["producerTask"] == "evaluate-op-3"
+    assert source("register-op", "model")["producerTask"] == "train-op-2"
+    assert source("register-op", "data")["producerTask"] == "validate-op"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["stage1_config"]["lr"] == params["stage1"]["lr"]
     assert defaults["stage1_config"]["use_gpu"] is True and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
+    assert defaults["start_config"]["source"] == params["start"]["source"] and defaults["start_config"]["stages"] == params["start"]["stages"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
-    # one zero-shot task per image set of params.yaml, on stage 2's model and the raw data's zeroshot/ folders
+    # per image set of params.yaml, zero-shot tasks for the start and stage 2 on the raw data's zeroshot/ folders
     assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and tasks["for-loop-1"]["parameterIterator"]
-    zeroshot = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["zeroshot-op"]["inputs"]
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert loop["zeroshot-op"]["inputs"]["artifacts"]["model"]["componentInputArtifact"] == "pipelinechannel--start-op-model"
+    zeroshot = loop["zeroshot-op-2"]["inputs"]
     assert zeroshot["artifacts"]["model"]["componentInputArtifact"] == "pipelinechannel--train-op-2-model"
     assert zeroshot["artifacts"]["raw"]["componentInputArtifact"] == "pipelinechannel--importer-artifact"
     assert zeroshot["parameters"]["image_set"]["componentInputParameter"] == "pipelinechannel--zeroshot_sets-loop-item"
@@ -71,7 +85,8 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["demo_data"].update(train_images=96, valid_images=8, test_images=24, captions_per_image=2,
-                               train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1)
+                               train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1, pretrain_images=40)
+    params["demo_towers"].update(clip_steps=20, mlm_steps=20)
     params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
     params["train"].update(batch_size=32, storage_path=str(tmp_path / "ray"))
     params["register"].update(model_name="zhclip-kfp")
@@ -86,8 +101,12 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     outputs = json.loads(result.stdout[result.stdout.rindex('{\n  "run_dir"'):])  # after the tasks' logs
     scores = outputs["scores"]
     assert set(scores) >= {"t2i_r1", "i2t_r10", "mean_recall", "chance_mean_recall"}
-    for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall", "chance_mean_recall"):
+    for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall", "chance_mean_recall",
+                "gain_over_start"):
         assert scores[key] == pytest.approx(expected[key], abs=1e-6), key
+    # the same start, from the same pretrained towers, scored the same
+    start = json.loads((project / "metrics" / "evaluate_start.json").read_text())
+    assert outputs["start_scores"]["mean_recall"] == pytest.approx(start["mean_recall"], abs=1e-6)
     # the same training, step for step: both stages' losses agree, and they moved
     for stage, task in ((1, "train-op"), (2, "train-op-2")):
         dvc_train = json.loads((project / "metrics" / f"train_stage{stage}.json").read_text())
@@ -99,18 +118,44 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     version = client.get_model_version_by_alias("zhclip-kfp", "champion")
     assert float(version.tags["metric.mean_recall"]) == scores["mean_recall"]
     assert version.tags["data_dvc_hash"].endswith(".dir")
-    assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op/scores")).read_text())["texts"] == 48
+    assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op-3/scores")).read_text())["texts"] == 48
     # zero-shot: one task per image set, each the same accuracy as dvc repro's stage for that set
-    expected_top1 = sorted(json.loads((project / "metrics" / f"zeroshot_{name}.json").read_text())["top1"]
-                           for name in params["zeroshot"]["sets"])
-    assert sorted(task["top1"] for task in outputs["zeroshot"]) == pytest.approx(expected_top1, abs=1e-6)
-    html = next((tmp_path / "root").glob("zhclip-*/evaluate-op/report")).read_text(encoding="utf-8")
-    assert "<table" in html and "data:image/png;base64," in html
+    for model, tasks in (("start", outputs["zeroshot_start"]), ("stage2", outputs["zeroshot"])):
+        expected_top1 = sorted(json.loads((project / "metrics" / f"zeroshot_{model}_{name}.json").read_text())["top1"]
+                               for name in params["zeroshot"]["sets"])
+        assert sorted(task["top1"] for task in tasks) == pytest.approx(expected_top1, abs=1e-6), model
+    html = next((tmp_path / "root").glob("zhclip-*/evaluate-op-3/report")).read_text(encoding="utf-8")
+    assert "<table" in html and "data:image/png;base64," in html and "Start → stages" in html
 
     # The pipeline trained the very weights dvc repro registered as version 1: no second version.
     assert outputs["register"]["version"] == 1 and len(client.search_model_versions("name='zhclip-kfp'")) == 1
     card = next((tmp_path / "root").glob("zhclip-*/register-op/card")).read_text()
     assert "zhclip-kfp version 1" in card and f"{scores['mean_recall']}" in card and "| already registered (same weights) | True |" in card
+
+
+def test_fine_tuning_recipe_compiles_to_one_training_task_from_the_start(tmp_path):
+    params = load_params("params.yaml")
+    params["start"] = {**params["start"], "source": "checkpoint", "checkpoint": "s3://zhclip-weights/clip_cn_vit-b-16.pt",
+                       "stages": {"stage2": "start"}}
+    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"train-op", "evaluate-op-2"} <= set(tasks) and "train-op-2" not in tasks and "evaluate-op-3" not in tasks
+    assert tasks["train-op"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == "start-op"
+    assert tasks["train-op"]["inputs"]["parameters"]["config"]["componentInputParameter"] == "stage2_config"
+    assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op-2"
+    defaults = spec["root"]["inputDefinitions"]["parameters"]["start_config"]["defaultValue"]
+    assert defaults["checkpoint"] == "s3://zhclip-weights/clip_cn_vit-b-16.pt"
+
+
+def test_start_task_refuses_stages_the_pipeline_was_not_compiled_for(tmp_path):
+    from types import SimpleNamespace
+
+    from workflows.pipeline import start_op
+
+    with pytest.raises(ZhclipError, match="compiled with .*set start.stages in params.yaml and compile again"):
+        start_op.python_func(model=SimpleNamespace(path=str(tmp_path / "m")), summary=None,
+                             config={"source": "scratch", "stages": {"stage2": "start"}},
+                             compiled_stages={"stage1": "start", "stage2": "stage1"})
 
 
 def test_step_configs_are_plain_json():

@@ -1,5 +1,6 @@
-"""The Kubeflow pipeline: ingest -> validate -> train stage 1 -> train stage 2 -> evaluate -> register,
-with zero-shot classification of each image set under the raw data's `zeroshot/` beside evaluation.
+"""The Kubeflow pipeline: ingest -> validate -> start (evaluated as the baseline) -> train stage 1 ->
+train stage 2 (or only stage 2 from the start: `recipe` fine-tune) -> evaluate each -> register, with
+zero-shot classification of each image set under the raw data's `zeroshot/` for the start and the final model.
 
 Each component body only calls the step function from `components/` that the DVC stage calls too.
 Defaults of every pipeline parameter come from params.yaml at compile time; the Kubernetes settings
@@ -21,6 +22,7 @@ from components.common import ZhclipError, config_from
 from components.evaluate import EvaluateConfig
 from components.ingest import IngestConfig
 from components.register import RegisterConfig
+from components.start import StartConfig
 from components.train import TrainConfig
 from components.validate import ValidateConfig
 from components.zeroshot import ZeroshotConfig
@@ -106,8 +108,22 @@ def train_op(prepared: Input[Dataset], model: Output[Model], summary: Output[Met
 
 
 @_component
+def start_op(model: Output[Model], summary: Output[Metrics], config: dict, compiled_stages: dict):
+    from components.common import ZhclipError, build_config
+    from components.start import StartConfig, prepare_start
+
+    if config.get("stages") != compiled_stages:
+        raise ZhclipError(f"start_config stages {config.get('stages')} differ from the stages this pipeline was compiled "
+                          f"with ({compiled_stages}); set start.stages in params.yaml and compile again")
+    # The starting weights are object-store URIs (s3://...) in config's vision/text/checkpoint, read from MinIO.
+    result = prepare_start(model.path, build_config(StartConfig, config, "pipeline parameter start_config"))
+    summary.log_metric("projection_dim", result["projection_dim"])
+
+
+@_component
 def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Metrics], report: Output[HTML],
-                summary: Output[Markdown], files: Output[Artifact], config: dict):
+                summary: Output[Markdown], files: Output[Artifact], config: dict, label: str,
+                init_scores: Input[Metrics] = None):
     import shutil
     from pathlib import Path
 
@@ -115,7 +131,8 @@ def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Me
     from components.evaluate import EvaluateConfig, evaluate
 
     result = evaluate(model.path, prepared.path, build_config(EvaluateConfig, config, "pipeline parameter"),
-                      summary_path=scores.path, report_dir=files.path)
+                      summary_path=scores.path, report_dir=files.path, label=label,
+                      init_metrics=init_scores.path if init_scores else None)
     for key, value in result.items():
         if isinstance(value, float):
             scores.log_metric(key, value)
@@ -157,7 +174,9 @@ def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset
     Path(card.path).write_text(
         f"# {settings.model_name} version {result['version']}\n\n"
         f"| | |\n|---|---|\n| {settings.metric} | {result['candidate_value']} |\n"
-        f"| promoted to champion | {result['promoted']} |\n| champion version | {result['champion_version']} |\n"
+        f"| its start's {settings.metric} | {result.get('start_value')} |\n"
+        f"| promoted to champion | {result['promoted']} |\n| rule that decided | {result.get('rule')} |\n"
+        f"| decision | {result['decision']} |\n| champion version | {result['champion_version']} |\n"
         f"| already registered (same weights) | {result['already_registered']} |\n\n"
         f"Pull it: `mlflow.pyfunc.load_model(\"models:/{settings.model_name}@champion\")`\n", encoding="utf-8")
     return result["version"]
@@ -166,6 +185,7 @@ def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset
 def step_configs(params: dict[str, Any]) -> dict[str, dict]:
     """Each step's config from params.yaml, as plain dicts for pipeline parameters."""
     return {
+        "start": asdict(StartConfig.from_params(params)),
         "ingest": asdict(config_from(IngestConfig, params, "ingest")),
         "validate": asdict(config_from(ValidateConfig, params, "validate")),
         "stage1": asdict(TrainConfig.from_params(params, 1)),
@@ -199,9 +219,13 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
     nothing that needs a cluster (what `run_local` runs).
     """
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Two-stage Chinese CLIP training, evaluation and registration.")
+    stages = defaults["start"]["stages"]  # {stage1: start, stage2: stage1} or {stage2: start}, in order
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Two-stage Chinese CLIP training from a pretrained start, "
+                                                  "evaluation against the start, and registration.")
     def zhclip_pipeline(
         raw_uri: str,
+        start_config: dict = defaults["start"],
         ingest_config: dict = defaults["ingest"],
         validate_config: dict = defaults["validate"],
         stage1_config: dict = defaults["stage1"],
@@ -216,27 +240,34 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         ingested = ingest_op(raw=raw.output, config=ingest_config)
         checked = validate_op(prepared=ingested.outputs["prepared"], config=validate_config)
         validated = checked.outputs["validated"]
-        stage1 = train_op(prepared=validated, config=stage1_config, ray_address=ray_address)
-        stage2 = train_op(prepared=validated, config=stage2_config, init_model=stage1.outputs["model"],
-                          ray_address=ray_address)
-        scored = evaluate_op(model=stage2.outputs["model"], prepared=validated, config=evaluate_config)
-        registered = register_op(model=stage2.outputs["model"], scores=scored.outputs["scores"], data=validated,
-                                 config=register_config)
-        evaluations = [scored]
+        start = start_op(config=start_config, compiled_stages=stages)
+        baseline = evaluate_op(model=start.outputs["model"], prepared=validated, config=evaluate_config, label="start")
+        # The recipe is fixed when the pipeline is compiled (params.yaml start.stages), as dvc.yaml's
+        # stages are: kfp.local runs no dsl.OneOf, which choosing it at run time would need.
+        stage_configs = {"stage1": stage1_config, "stage2": stage2_config}
+        init, earlier, training, evaluations = start.outputs["model"], baseline.outputs["scores"], [], [baseline]
+        for stage in stages:
+            trained = train_op(prepared=validated, config=stage_configs[stage], init_model=init, ray_address=ray_address)
+            scored = evaluate_op(model=trained.outputs["model"], prepared=validated, config=evaluate_config,
+                                 label=stage, init_scores=earlier)
+            init, earlier = trained.outputs["model"], scored.outputs["scores"]
+            training.append(trained)
+            evaluations.append(scored)
+        registered = register_op(model=init, scores=earlier, data=validated, config=register_config)
         if defaults["zeroshot"]["sets"]:  # a loop over no sets does not compile: none at compile time, no tasks
             with dsl.ParallelFor(zeroshot_sets) as image_set:
-                evaluations.append(zeroshot_op(model=stage2.outputs["model"], raw=raw.output, image_set=image_set,
-                                               config=zeroshot_config))
+                for model in (start.outputs["model"], init):
+                    evaluations.append(zeroshot_op(model=model, raw=raw.output, image_set=image_set, config=zeroshot_config))
         # Data steps are pure functions of their inputs: reuse earlier outputs. Training and
         # registration always run (a new model version is the point of a run), and so do the
         # evaluations, which log into the training run.
-        for task in (ingested, checked):
+        for task in (ingested, checked, start):
             task.set_caching_options(True)
-        for task in (stage1, stage2, *evaluations, registered):
+        for task in (*training, *evaluations, registered):
             task.set_caching_options(False)
         if cluster:
-            _on_kubernetes(cluster, steps=(ingested, checked, *evaluations, registered), training=(stage1, stage2),
-                           tracked=(stage1, stage2, *evaluations, registered))
+            _on_kubernetes(cluster, steps=(ingested, checked, start, *evaluations, registered), training=training,
+                           tracked=(start, *training, *evaluations, registered))
 
     return zhclip_pipeline
 
@@ -319,8 +350,12 @@ def run_local(raw_dir: str | Path, root: str | Path, params: dict[str, Any]) -> 
     if not (raw_dir / "train_imgs.tsv").is_file():
         raise ZhclipError(f"{raw_dir} has no train_imgs.tsv; run `zhclip demo-data --out {raw_dir}` first")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(root).resolve()))
+    configs = step_configs(params)
+    for role in ("vision", "text", "checkpoint"):  # the tasks run elsewhere: local starting weights by absolute path
+        if configs["start"][role] and "://" not in configs["start"][role]:
+            configs["start"][role] = str(Path(configs["start"][role]).resolve())
     try:
-        build_pipeline(step_configs(params))(raw_uri=str(raw_dir))
+        build_pipeline(configs)(raw_uri=str(raw_dir))
     except RuntimeError as err:
         raise ZhclipError(f"local pipeline run failed ({err}); the failing task's log is printed above") from err
     return _local_outputs(Path(root).resolve())
@@ -332,9 +367,17 @@ def _task_metrics(run_dir: Path, task: str, artifact: str) -> dict[str, Any]:
 
 
 def _local_outputs(root: Path) -> dict[str, Any]:
-    """The newest local run's folder and the metrics its evaluate, zero-shot and register tasks logged."""
+    """The newest local run's folder and the metrics its tasks logged: the final model's evaluation
+    (`scores`, the last evaluate task), the start's (`start_scores`), zero-shot per model, registration."""
     run_dir = max(root.glob("zhclip-*"), key=lambda path: path.stat().st_mtime)
-    return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, "evaluate-op", "scores"),
-            "zeroshot": [_task_metrics(task.parent, task.name, "scores") for task in sorted(run_dir.rglob("zeroshot-op*"))
-                         if (task / "executor_output.json").is_file()],
+    evaluations = sorted((task.name for task in run_dir.glob("evaluate-op*")), key=lambda name: int(name.rpartition("-")[2])
+                         if name[-1].isdigit() else 1)
+
+    def zeroshot(task: str) -> list[dict[str, Any]]:  # the start's task per image set, then the final model's
+        return [_task_metrics(folder.parent, folder.name, "scores") for folder in sorted(run_dir.glob(f"for-loop-*/{task}"))
+                if (folder / "executor_output.json").is_file()]
+
+    return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations[-1], "scores"),
+            "start_scores": _task_metrics(run_dir, "evaluate-op", "scores"),
+            "zeroshot_start": zeroshot("zeroshot-op"), "zeroshot": zeroshot("zeroshot-op-2"),
             "register": _task_metrics(run_dir, "register-op", "decision")}
