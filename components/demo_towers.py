@@ -17,6 +17,7 @@ import io
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,24 +98,18 @@ def train_english_clip(images: list[Image.Image], captions: list[list[str]], out
                                    image_mean=CLIP_MEAN, image_std=CLIP_STD)
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     rng = random.Random(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
-    schedule = _schedule(optimizer, config.clip_steps)
-    losses = []
-    model.train()
-    for _ in tqdm(range(config.clip_steps), desc="pretrain English CLIP", unit="step"):
+
+    def batch_loss() -> torch.Tensor:
         rows = rng.sample(range(len(images)), min(config.batch_size, len(images)))
         tokens = tokenizer([rng.choice(captions[row]) for row in rows], padding=True, return_tensors="pt")
-        loss = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels[rows],
+        return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels[rows],
                      return_loss=True).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+
+    losses = _fit(model, batch_loss, config.clip_steps, config.lr, 0.1, "pretrain English CLIP")
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    return {"folder": str(out_dir), "pairs": len(images), "steps": config.clip_steps, **_loss_ends(losses)}
+    return {"folder": str(out_dir), "pairs": len(images), "steps": config.clip_steps, **losses}
 
 
 def train_chinese_bert(sentences: list[str], out_dir: Path, spec: dict, config: DemoTowersConfig) -> dict:
@@ -130,30 +125,36 @@ def train_chinese_bert(sentences: list[str], out_dir: Path, spec: dict, config: 
     model = BertForMaskedLM(bert_config)
     encoded = tokenizer(sentences, padding=True, truncation=True, max_length=52, return_tensors="pt")
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    schedule = _schedule(optimizer, config.mlm_steps)
-    losses = []
-    model.train()
-    for _ in tqdm(range(config.mlm_steps), desc="pretrain Chinese BERT (MLM)", unit="step"):
+
+    def batch_loss() -> torch.Tensor:
         rows = torch.randint(len(sentences), (config.batch_size,), generator=generator)
         ids, attention = encoded["input_ids"][rows], encoded["attention_mask"][rows]
         real = attention.bool() & (ids != tokenizer.cls_token_id) & (ids != tokenizer.sep_token_id)
         masked = real & (torch.rand(ids.shape, generator=generator) < MASK_SHARE)
-        inputs = ids.masked_fill(masked, tokenizer.mask_token_id)
-        hidden = model.bert(input_ids=inputs, attention_mask=attention).last_hidden_state
+        hidden = model.bert(input_ids=ids.masked_fill(masked, tokenizer.mask_token_id), attention_mask=attention).last_hidden_state
         # Vocabulary logits for the masked positions only: over all positions they are most of the step's work.
-        loss = torch.nn.functional.cross_entropy(model.cls(hidden[masked]), ids[masked])
+        return torch.nn.functional.cross_entropy(model.cls(hidden[masked]), ids[masked])
+
+    losses = _fit(model, batch_loss, config.mlm_steps, config.lr, 0.01, "pretrain Chinese BERT (MLM)")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {"folder": str(out_dir), "sentences": len(sentences), "steps": config.mlm_steps, **losses}
+
+
+def _fit(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, weight_decay: float,
+         description: str) -> dict[str, float]:
+    """`steps` AdamW steps on `batch_loss()` (warm-up, then cosine decay); the mean loss of the first and last tenth."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = _schedule(optimizer, steps)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc=description, unit="step"):
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return {"folder": str(out_dir), "sentences": len(sentences), "steps": config.mlm_steps, **_loss_ends(losses)}
-
-
-def _loss_ends(losses: list[float]) -> dict[str, float]:
     tenth = max(1, len(losses) // 10)
     return {"first_loss": round(float(np.mean(losses[:tenth])), 4), "final_loss": round(float(np.mean(losses[-tenth:])), 4)}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import warnings
 from dataclasses import dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
@@ -186,8 +187,10 @@ def _log_and_register(model_dir: Path, metrics: dict[str, float], config: Regist
               and training.get("experiment_id") == experiment.experiment_id)
     # MLflow prints the run's URL on stdout when the run ends (HTTP tracking); stdout is the
     # summary JSON of `zhclip register`, so that note goes to stderr.
-    with (contextlib.redirect_stdout(sys.stderr),
+    with (contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(),
           mlflow.start_run(tags={"mlflow.parentRunId": training["parent_run_id"]} if nested else None) as run):
+        # The model declares its signature (below); MLflow's hint to infer one from type hints is noise here.
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
         mlflow.set_tags({key: value for key, value in lineage.items() if key != "params"})
         mlflow.log_params({k: str(v)[:500] for k, v in flatten_params(params).items()})
         mlflow.log_metrics(metrics)

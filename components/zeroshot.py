@@ -104,7 +104,8 @@ def zeroshot(model_dir: str | Path, images_dir: str | Path, config: ZeroshotConf
         with accelerated(model):
             weights = class_embeddings(model, processor, classes, config.templates, config.batch_size)
             chunks = [embed_images(model, processor, [_open(p) for p in paths[start : start + config.batch_size]], config.batch_size)
-                      for start in tqdm(range(0, len(paths), config.batch_size), desc="zero-shot images", unit="batch")]
+                      for start in tqdm(range(0, len(paths), config.batch_size), unit="batch",
+                                       desc=f"zero-shot {Path(images_dir).name} with {Path(model_dir).name}")]
         ranked = top_k(np.concatenate(chunks), weights, 5)
     predicted = ranked[:, 0]
     matrix = confusion_matrix(labels, predicted, labels=range(len(classes)))
