@@ -14,6 +14,7 @@ Three starting points (params.yaml section `start`, key `source`):
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,8 +112,6 @@ def _build(config: StartConfig, out_dir: Path, scratch: Path) -> dict[str, Any]:
 
 def prepare_start(out_dir: str | Path, config: StartConfig, summary_path: str | Path | None = None) -> dict:
     """Write the starting model folder to `out_dir`; returns the summary (source, weights and their hashes, recipe)."""
-    import shutil
-
     from transformers import AutoConfig
 
     out_dir = Path(out_dir)
