@@ -27,6 +27,12 @@ from components.storage import arrow_filesystem
 SOURCES = ("scratch", "towers", "checkpoint")
 # The recipes a pipeline can run: stage 2's model is what gets registered, so every recipe ends there.
 RECIPES = ({"stage1": "start", "stage2": "stage1"}, {"stage2": "start"})
+RECIPE_NAMES = {"two-stage": RECIPES[0], "fine-tune": RECIPES[1]}  # as the Kubeflow pipeline's branches are named
+
+
+def recipe_name(stages: dict[str, str]) -> str:
+    """`two-stage` or `fine-tune` for a valid `stages`."""
+    return next(name for name, recipe in RECIPE_NAMES.items() if recipe == stages)
 
 
 @dataclass

@@ -19,11 +19,21 @@ from components.common import ZhclipError, load_params
 from conftest import copy_project, run_cli, run_tool
 from workflows.pipeline import compile_pipeline, step_configs
 
-TRAINING = ("train-op", "train-op-2")
-EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3")  # the start, stage 1, stage 2
-STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, "register-op")
+TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1, stage 2; fine-tune branch: stage 2
+EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
+REGISTRATIONS = ("register-op", "register-op-2")
+STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, *REGISTRATIONS)
+ZEROSHOT = ("zeroshot-op", "zeroshot-op-2", "zeroshot-op-3")
 # log to MLflow or read MinIO: its and MinIO's credentials
-TRACKED = (*TRAINING, "start-op", *EVALUATIONS, "zeroshot-op", "zeroshot-op-2", "register-op")
+TRACKED = (*TRAINING, "start-op", *EVALUATIONS, *ZEROSHOT, *REGISTRATIONS)
+
+
+def _all_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the compiled pipeline, at the root or inside a branch or loop, by name."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    return tasks
 
 
 def _compiled(tmp_path, params) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
@@ -40,23 +50,33 @@ def _compiled(tmp_path, params) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
 def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     params = load_params("params.yaml")
     spec = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()).__next__()
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"importer", "ingest-op", "validate-op", "start-op", *TRAINING, *EVALUATIONS, "register-op",
-                          "for-loop-1"}
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"importer", "ingest-op", "validate-op", "start-op", "evaluate-op", "condition-1", "condition-3",
+                         "for-loop-5"}
+    # start_config.stages picks the branch at run time: the start task's output names it
+    for branch, name in (("condition-1", "two-stage"), ("condition-3", "fine-tune")):
+        assert root[branch]["triggerPolicy"]["condition"].endswith(f"== '{name}'")
+    tasks = _all_tasks(spec)
 
     def source(task, name):
-        return tasks[task]["inputs"]["artifacts"][name]["taskOutputArtifact"]
+        artifact = tasks[task]["inputs"]["artifacts"][name]
+        return artifact.get("taskOutputArtifact") or {"producerTask": artifact["componentInputArtifact"].split("--")[1].rsplit("-", 1)[0]}
 
-    assert source("train-op", "prepared") == {"outputArtifactKey": "validated", "producerTask": "validate-op"}
-    # start -> stage 1 -> stage 2, each evaluated beside the evaluation of the model it started from
+    assert source("train-op", "prepared")["producerTask"] == "validate-op"
+    # two-stage: start -> stage 1 -> stage 2, each evaluated beside the evaluation of the model it started from
     assert source("train-op", "init_model")["producerTask"] == "start-op"
     assert source("train-op-2", "init_model")["producerTask"] == "train-op"
     assert source("evaluate-op", "model")["producerTask"] == "start-op" and "init_scores" not in tasks["evaluate-op"]["inputs"]["artifacts"]
-    assert source("evaluate-op-3", "init_scores")["producerTask"] == "evaluate-op-2"
     assert source("evaluate-op-2", "init_scores")["producerTask"] == "evaluate-op"
+    assert source("evaluate-op-3", "init_scores")["producerTask"] == "evaluate-op-2"
     assert source("register-op", "scores")["producerTask"] == "evaluate-op-3"
     assert source("register-op", "model")["producerTask"] == "train-op-2"
     assert source("register-op", "data")["producerTask"] == "validate-op"
+    # fine-tune: stage 2 from the start, with stage 2's settings
+    assert source("train-op-3", "init_model")["producerTask"] == "start-op"
+    assert tasks["train-op-3"]["inputs"]["parameters"]["config"]["componentInputParameter"] == "pipelinechannel--stage2_config"
+    assert source("evaluate-op-4", "init_scores")["producerTask"] == "evaluate-op"
+    assert source("register-op-2", "scores")["producerTask"] == "evaluate-op-4"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["stage1_config"]["lr"] == params["stage1"]["lr"]
     assert defaults["stage1_config"]["use_gpu"] is True and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
@@ -64,12 +84,12 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
     assert defaults["start_config"]["source"] == params["start"]["source"] and defaults["start_config"]["stages"] == params["start"]["stages"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
-    # per image set of params.yaml, zero-shot tasks for the start and stage 2 on the raw data's zeroshot/ folders
-    assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and tasks["for-loop-1"]["parameterIterator"]
-    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
-    assert loop["zeroshot-op"]["inputs"]["artifacts"]["model"]["componentInputArtifact"] == "pipelinechannel--start-op-model"
-    zeroshot = loop["zeroshot-op-2"]["inputs"]
-    assert zeroshot["artifacts"]["model"]["componentInputArtifact"] == "pipelinechannel--train-op-2-model"
+    # per image set of params.yaml, zero-shot tasks for the start and for each branch's final model
+    assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and root["for-loop-5"]["parameterIterator"]
+    models = {name: tasks[name]["inputs"]["artifacts"]["model"]["componentInputArtifact"] for name in ZEROSHOT}
+    assert models == {"zeroshot-op": "pipelinechannel--train-op-2-model", "zeroshot-op-2": "pipelinechannel--train-op-3-model",
+                      "zeroshot-op-3": "pipelinechannel--start-op-model"}
+    zeroshot = tasks["zeroshot-op"]["inputs"]
     assert zeroshot["artifacts"]["raw"]["componentInputArtifact"] == "pipelinechannel--importer-artifact"
     assert zeroshot["parameters"]["image_set"]["componentInputParameter"] == "pipelinechannel--zeroshot_sets-loop-item"
     evaluate_outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]["artifacts"]
@@ -119,6 +139,7 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     assert float(version.tags["metric.mean_recall"]) == scores["mean_recall"]
     assert version.tags["data_dvc_hash"].endswith(".dir")
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op-3/scores")).read_text())["texts"] == 48
+    assert not list((tmp_path / "root").glob("zhclip-*/train-op-3"))  # the fine-tune branch did not run
     # zero-shot: one task per image set, each the same accuracy as dvc repro's stage for that set
     for model, tasks in (("start", outputs["zeroshot_start"]), ("stage2", outputs["zeroshot"])):
         expected_top1 = sorted(json.loads((project / "metrics" / f"zeroshot_{model}_{name}.json").read_text())["top1"]
@@ -133,29 +154,20 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     assert "zhclip-kfp version 1" in card and f"{scores['mean_recall']}" in card and "| already registered (same weights) | True |" in card
 
 
-def test_fine_tuning_recipe_compiles_to_one_training_task_from_the_start(tmp_path):
-    params = load_params("params.yaml")
-    params["start"] = {**params["start"], "source": "checkpoint", "checkpoint": "s3://zhclip-weights/clip_cn_vit-b-16.pt",
-                       "stages": {"stage2": "start"}}
-    spec = next(yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()))
-    tasks = spec["root"]["dag"]["tasks"]
-    assert {"train-op", "evaluate-op-2"} <= set(tasks) and "train-op-2" not in tasks and "evaluate-op-3" not in tasks
-    assert tasks["train-op"]["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == "start-op"
-    assert tasks["train-op"]["inputs"]["parameters"]["config"]["componentInputParameter"] == "stage2_config"
-    assert tasks["register-op"]["inputs"]["artifacts"]["scores"]["taskOutputArtifact"]["producerTask"] == "evaluate-op-2"
-    defaults = spec["root"]["inputDefinitions"]["parameters"]["start_config"]["defaultValue"]
-    assert defaults["checkpoint"] == "s3://zhclip-weights/clip_cn_vit-b-16.pt"
-
-
-def test_start_task_refuses_stages_the_pipeline_was_not_compiled_for(tmp_path):
+def test_start_task_names_the_branch_of_its_stages(tmp_path):
     from types import SimpleNamespace
 
     from workflows.pipeline import start_op
 
-    with pytest.raises(ZhclipError, match="compiled with .*set start.stages in params.yaml and compile again"):
-        start_op.python_func(model=SimpleNamespace(path=str(tmp_path / "m")), summary=None,
-                             config={"source": "scratch", "stages": {"stage2": "start"}},
-                             compiled_stages={"stage1": "start", "stage2": "stage1"})
+    class Summary:
+        def log_metric(self, key, value):
+            self.logged = (key, value)
+
+    for stages, branch in (({"stage1": "start", "stage2": "stage1"}, "two-stage"), ({"stage2": "start"}, "fine-tune")):
+        summary = Summary()
+        assert start_op.python_func(model=SimpleNamespace(path=str(tmp_path / branch)), summary=summary,
+                                    config={"source": "scratch", "stages": stages}) == branch
+        assert summary.logged == ("projection_dim", 64) and (tmp_path / branch / "model.safetensors").is_file()
 
 
 def test_step_configs_are_plain_json():
@@ -167,7 +179,8 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
     params = load_params("params.yaml")
     cluster = params["kubeflow"]
     spec, k8s = _compiled(tmp_path, params)
-    tasks, executors = spec.root.dag.tasks, spec.deployment_spec["executors"]
+    executors = spec.deployment_spec["executors"]
+    tasks = {**spec.root.dag.tasks, **{name: task for component in spec.components.values() for name, task in component.dag.tasks.items()}}
     for name in TRAINING:
         resources = executors[f"exec-{name}"]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -187,7 +200,7 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
         resources = executors[f"exec-{name}"]["container"]["resources"]
         assert "accelerator" not in resources and resources["resourceMemoryRequest"] == cluster["step_memory"]
         assert not tasks[name].HasField("retry_policy")
-    loop = spec.components["comp-for-loop-1"].dag.tasks["zeroshot-op"]
+    loop = spec.components["comp-for-loop-2"].dag.tasks["zeroshot-op"]
     assert not loop.caching_options.enable_cache and not loop.HasField("retry_policy")
     assert "accelerator" not in executors["exec-zeroshot-op"]["container"]["resources"]
     for name in TRACKED:
@@ -198,7 +211,7 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
         assert env["MLFLOW_TRACKING_URI"] == cluster["mlflow_uri"] and env["AWS_ENDPOINT_URL"] == cluster["s3_endpoint"]
     for name in ("ingest-op", "validate-op"):
         assert not k8s[name].secret_as_env
-    for name in (*TRAINING, *STEPS, "zeroshot-op"):  # the NetworkPolicies let exactly these pods reach MinIO and MLflow
+    for name in (*TRAINING, *STEPS, *ZEROSHOT):  # the NetworkPolicies let exactly these pods reach MinIO and MLflow
         assert dict(k8s[name].pod_metadata.labels) == {"zhclip.io/client": "true"}
         assert k8s[name].security_context.run_as_non_root
     assert spec.root.input_definitions.parameters["ray_address"].default_value.string_value == ""
@@ -307,7 +320,8 @@ def test_submit_uploads_the_compiled_package_and_starts_a_run(kfp_api, tmp_path)
         "/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version"]
     for body in uploads:  # the request carries the whole compiled package, params file defaults included
         spec = json_format.ParseDict(_uploaded_spec(body), pipeline_spec_pb2.PipelineSpec())
-        assert set(spec.root.dag.tasks) >= {"ingest-op", "train-op", "train-op-2", "register-op"}
+        assert set(spec.root.dag.tasks) >= {"ingest-op", "start-op", "condition-1", "condition-3"}
+        assert set(spec.components["comp-condition-1"].dag.tasks) >= {"train-op", "train-op-2", "register-op"}
         assert spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value["epochs"] == 7
     runs = [json.loads(body) for method, path, body in kfp_api.requests if path == "/apis/v2beta1/runs"]
     assert [run["pipeline_version_reference"] for run in runs] == [

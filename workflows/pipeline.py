@@ -1,5 +1,5 @@
 """The Kubeflow pipeline: ingest -> validate -> start (evaluated as the baseline) -> train stage 1 ->
-train stage 2 (or only stage 2 from the start: `recipe` fine-tune) -> evaluate each -> register, with
+train stage 2 (or only stage 2 from the start, by start_config.stages) -> evaluate each -> register, with
 zero-shot classification of each image set under the raw data's `zeroshot/` for the start and the final model.
 
 Each component body only calls the step function from `components/` that the DVC stage calls too.
@@ -22,7 +22,7 @@ from components.common import ZhclipError, config_from
 from components.evaluate import EvaluateConfig
 from components.ingest import IngestConfig
 from components.register import RegisterConfig
-from components.start import StartConfig
+from components.start import RECIPE_NAMES, StartConfig
 from components.train import TrainConfig
 from components.validate import ValidateConfig
 from components.zeroshot import ZeroshotConfig
@@ -108,16 +108,15 @@ def train_op(prepared: Input[Dataset], model: Output[Model], summary: Output[Met
 
 
 @_component
-def start_op(model: Output[Model], summary: Output[Metrics], config: dict, compiled_stages: dict):
-    from components.common import ZhclipError, build_config
-    from components.start import StartConfig, prepare_start
+def start_op(model: Output[Model], summary: Output[Metrics], config: dict) -> str:
+    from components.common import build_config
+    from components.start import StartConfig, prepare_start, recipe_name
 
-    if config.get("stages") != compiled_stages:
-        raise ZhclipError(f"start_config stages {config.get('stages')} differ from the stages this pipeline was compiled "
-                          f"with ({compiled_stages}); set start.stages in params.yaml and compile again")
     # The starting weights are object-store URIs (s3://...) in config's vision/text/checkpoint, read from MinIO.
-    result = prepare_start(model.path, build_config(StartConfig, config, "pipeline parameter start_config"))
+    settings = build_config(StartConfig, config, "pipeline parameter start_config")
+    result = prepare_start(model.path, settings)
     summary.log_metric("projection_dim", result["projection_dim"])
+    return recipe_name(settings.stages)  # which branch of the pipeline trains: two-stage or fine-tune
 
 
 @_component
@@ -219,8 +218,6 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
     nothing that needs a cluster (what `run_local` runs).
     """
 
-    stages = defaults["start"]["stages"]  # {stage1: start, stage2: stage1} or {stage2: start}, in order
-
     @dsl.pipeline(name=PIPELINE_NAME, description="Two-stage Chinese CLIP training from a pretrained start, "
                                                   "evaluation against the start, and registration.")
     def zhclip_pipeline(
@@ -240,34 +237,47 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         ingested = ingest_op(raw=raw.output, config=ingest_config)
         checked = validate_op(prepared=ingested.outputs["prepared"], config=validate_config)
         validated = checked.outputs["validated"]
-        start = start_op(config=start_config, compiled_stages=stages)
+        start = start_op(config=start_config)
         baseline = evaluate_op(model=start.outputs["model"], prepared=validated, config=evaluate_config, label="start")
-        # The recipe is fixed when the pipeline is compiled (params.yaml start.stages), as dvc.yaml's
-        # stages are: kfp.local runs no dsl.OneOf, which choosing it at run time would need.
         stage_configs = {"stage1": stage1_config, "stage2": stage2_config}
-        init, earlier, training, evaluations = start.outputs["model"], baseline.outputs["scores"], [], [baseline]
-        for stage in stages:
-            trained = train_op(prepared=validated, config=stage_configs[stage], init_model=init, ray_address=ray_address)
-            scored = evaluate_op(model=trained.outputs["model"], prepared=validated, config=evaluate_config,
-                                 label=stage, init_scores=earlier)
-            init, earlier = trained.outputs["model"], scored.outputs["scores"]
-            training.append(trained)
-            evaluations.append(scored)
-        registered = register_op(model=init, scores=earlier, data=validated, config=register_config)
-        if defaults["zeroshot"]["sets"]:  # a loop over no sets does not compile: none at compile time, no tasks
+        training, evaluations, registrations = [], [baseline], []
+        zeroshot_sets_known = bool(defaults["zeroshot"]["sets"])  # a loop over no sets does not compile
+
+        def stages_after_start(recipe: dict[str, str]) -> None:
+            """The recipe's stages, each evaluated beside the model it started from; register the last."""
+            init, earlier = start.outputs["model"], baseline.outputs["scores"]
+            for stage in recipe:
+                trained = train_op(prepared=validated, config=stage_configs[stage], init_model=init,
+                                   ray_address=ray_address).set_display_name(f"train {stage}")
+                scored = evaluate_op(model=trained.outputs["model"], prepared=validated, config=evaluate_config,
+                                     label=stage, init_scores=earlier).set_display_name(f"evaluate {stage}")
+                init, earlier = trained.outputs["model"], scored.outputs["scores"]
+                training.append(trained)
+                evaluations.append(scored)
+            registrations.append(register_op(model=init, scores=earlier, data=validated, config=register_config))
+            if zeroshot_sets_known:
+                with dsl.ParallelFor(zeroshot_sets) as image_set:
+                    evaluations.append(zeroshot_op(model=init, raw=raw.output, image_set=image_set, config=zeroshot_config)
+                                       .set_display_name("zero-shot stage2"))
+
+        # start_config.stages picks the branch per run (the UI's choice, as params.yaml's is dvc's).
+        for name, recipe in RECIPE_NAMES.items():
+            with dsl.If(start.outputs["Output"] == name, name=name):
+                stages_after_start(recipe)
+        if zeroshot_sets_known:
             with dsl.ParallelFor(zeroshot_sets) as image_set:
-                for model in (start.outputs["model"], init):
-                    evaluations.append(zeroshot_op(model=model, raw=raw.output, image_set=image_set, config=zeroshot_config))
+                evaluations.append(zeroshot_op(model=start.outputs["model"], raw=raw.output, image_set=image_set,
+                                               config=zeroshot_config).set_display_name("zero-shot start"))
         # Data steps are pure functions of their inputs: reuse earlier outputs. Training and
         # registration always run (a new model version is the point of a run), and so do the
         # evaluations, which log into the training run.
         for task in (ingested, checked, start):
             task.set_caching_options(True)
-        for task in (*training, *evaluations, registered):
+        for task in (*training, *evaluations, *registrations):
             task.set_caching_options(False)
         if cluster:
-            _on_kubernetes(cluster, steps=(ingested, checked, start, *evaluations, registered), training=training,
-                           tracked=(start, *training, *evaluations, registered))
+            _on_kubernetes(cluster, steps=(ingested, checked, start, *evaluations, *registrations), training=training,
+                           tracked=(start, *training, *evaluations, *registrations))
 
     return zhclip_pipeline
 
@@ -368,16 +378,22 @@ def _task_metrics(run_dir: Path, task: str, artifact: str) -> dict[str, Any]:
 
 def _local_outputs(root: Path) -> dict[str, Any]:
     """The newest local run's folder and the metrics its tasks logged: the final model's evaluation
-    (`scores`, the last evaluate task), the start's (`start_scores`), zero-shot per model, registration."""
+    (`scores`), the start's (`start_scores`), zero-shot per model, and the registration (of the branch that ran)."""
     run_dir = max(root.glob("zhclip-*"), key=lambda path: path.stat().st_mtime)
-    evaluations = sorted((task.name for task in run_dir.glob("evaluate-op*")), key=lambda name: int(name.rpartition("-")[2])
-                         if name[-1].isdigit() else 1)
 
-    def zeroshot(task: str) -> list[dict[str, Any]]:  # the start's task per image set, then the final model's
-        return [_task_metrics(folder.parent, folder.name, "scores") for folder in sorted(run_dir.glob(f"for-loop-*/{task}"))
-                if (folder / "executor_output.json").is_file()]
+    def ran(pattern: str) -> list[Path]:
+        return sorted(task for task in run_dir.glob(pattern) if (task / "executor_output.json").is_file())
 
-    return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations[-1], "scores"),
-            "start_scores": _task_metrics(run_dir, "evaluate-op", "scores"),
-            "zeroshot_start": zeroshot("zeroshot-op"), "zeroshot": zeroshot("zeroshot-op-2"),
-            "register": _task_metrics(run_dir, "register-op", "decision")}
+    def summary(task: Path) -> dict[str, Any]:  # the step's own JSON summary, kept as the scores artifact's file
+        return json.loads((task / "scores").read_text(encoding="utf-8"))
+
+    evaluations = {summary(task)["model"]: task for task in ran("evaluate-op*")}
+    zeroshot = {"start": [], "final": []}
+    for task in ran("for-loop-*/zeroshot-op*"):
+        model = "start" if Path(summary(task)["model_dir"]).parent.name == "start-op" else "final"
+        zeroshot[model].append(_task_metrics(task.parent, task.name, "scores"))
+    (registered,) = ran("register-op*")
+    return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
+            "start_scores": _task_metrics(run_dir, evaluations["start"].name, "scores"),
+            "zeroshot_start": zeroshot["start"], "zeroshot": zeroshot["final"],
+            "register": _task_metrics(run_dir, registered.name, "decision")}
