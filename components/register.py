@@ -241,7 +241,7 @@ def register(
         raise ZhclipError(f"{metrics_path} has no metric {config.metric!r}; it has {sorted(metrics)}")
     start = _start_value(evaluation, config.metric, metrics_path)
     # Every model of the chain (start, stage 1, stage 2) side by side in the run, e.g. `start.mean_recall`.
-    metrics |= {f"{entry['model']}.{key}": entry[key] for entry in evaluation.get("chain", []) for key in ("mean_recall",)}
+    metrics |= {f"{entry['model']}.mean_recall": entry["mean_recall"] for entry in evaluation.get("chain", [])}
     uri = tracking_uri(config)
     with using_tracking_uri(uri):
         client = MlflowClient()

@@ -8,6 +8,7 @@ tables (the confusion matrix among them) are HTML, so Chinese labels render with
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import warnings
 from collections.abc import Callable, Sequence
@@ -104,7 +105,17 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display; also keeps worker processes free of GUI backends
-    from matplotlib import font_manager, pyplot as plt
+    from matplotlib import pyplot as plt
+
+    plt.rcParams["font.family"] = [*_cjk_fonts(), "DejaVu Sans"]
+    plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack the Unicode minus sign
+    return plt
+
+
+@functools.cache
+def _cjk_fonts() -> tuple[str, ...]:
+    """The CJK_FONTS matplotlib can draw with, found once per process (the search walks the font folders)."""
+    from matplotlib import font_manager
 
     cjk = _installed_cjk_fonts(font_manager.fontManager)
     if not cjk:  # matplotlib caches its font list: a font installed after the cache was built is added here
@@ -114,10 +125,8 @@ def _pyplot():
         cjk = _installed_cjk_fonts(font_manager.fontManager)
     if not cjk:
         warnings.warn("no CJK font is installed, so Chinese text in figures shows as empty boxes; install one "
-                      "(Debian: apt-get install fonts-noto-cjk, which `make system-deps` does)", stacklevel=3)
-    plt.rcParams["font.family"] = [*cjk, "DejaVu Sans"]
-    plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack the Unicode minus sign
-    return plt
+                      "(Debian: apt-get install fonts-noto-cjk, which `make system-deps` does)", stacklevel=4)
+    return tuple(cjk)
 
 
 def _installed_cjk_fonts(manager) -> list[str]:

@@ -26,13 +26,13 @@ from components.storage import arrow_filesystem
 
 SOURCES = ("scratch", "towers", "checkpoint")
 # The recipes a pipeline can run: stage 2's model is what gets registered, so every recipe ends there.
-RECIPES = ({"stage1": "start", "stage2": "stage1"}, {"stage2": "start"})
-RECIPE_NAMES = {"two-stage": RECIPES[0], "fine-tune": RECIPES[1]}  # as the Kubeflow pipeline's branches are named
+# By name, as the Kubeflow pipeline's branches are named.
+RECIPES = {"two-stage": {"stage1": "start", "stage2": "stage1"}, "fine-tune": {"stage2": "start"}}
 
 
 def recipe_name(stages: dict[str, str]) -> str:
     """`two-stage` or `fine-tune` for a valid `stages`."""
-    return next(name for name, recipe in RECIPE_NAMES.items() if recipe == stages)
+    return next(name for name, recipe in RECIPES.items() if recipe == stages)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class StartConfig:
     vision: str = ""  # towers: OpenAI-CLIP folder (CLIPModel / CLIPVisionModel, Hugging Face format)
     text: str = ""  # towers: Chinese RoBERTa-wwm folder (BertModel / BertForMaskedLM)
     checkpoint: str = ""  # checkpoint: a Chinese-CLIP .pt, or a ChineseCLIP / zhclip model folder
-    stages: dict[str, str] = field(default_factory=lambda: dict(RECIPES[0]))
+    stages: dict[str, str] = field(default_factory=lambda: dict(RECIPES["two-stage"]))
     preset: str = "tiny"  # scratch and towers: the architecture (section `model`)
     context_length: int = 52
     seed: int = 0  # scratch: the random initialisation (section `train`)
@@ -49,9 +49,9 @@ class StartConfig:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
-        if self.stages not in RECIPES:
-            raise ValueError(f"stages {self.stages} is not a recipe zhclip runs; use {RECIPES[0]} (the paper's two stages) "
-                             f"or {RECIPES[1]} (fine-tuning the start)")
+        if self.stages not in RECIPES.values():
+            raise ValueError(f"stages {self.stages} is not a recipe zhclip runs; use {RECIPES['two-stage']} (the paper's "
+                             f"two stages) or {RECIPES['fine-tune']} (fine-tuning the start)")
         if self.source == "towers" and not (self.vision or self.text):
             raise ValueError("source towers needs start.vision and/or start.text (pretrained folders)")
         if self.source == "checkpoint" and not self.checkpoint:

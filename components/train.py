@@ -433,14 +433,15 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
     progress, history = state["progress"], state["progress"]["history"]
     validation = progress["validation"]
     timed = history[len(history) // 10:] or history  # leave out the first steps' warm-up
+    start_recall, final_recall = start_and_final(validation)
     return {
         "stage": config.stage, "model_dir": str(out_dir), "steps": len(history), "epochs": history[-1]["epoch"],
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         "samples_per_s": round(float(np.median([h["samples_per_s"] for h in timed])), 2),
         "data_wait_share": round(sum(h["data_wait_s"] for h in timed) / sum(h["step_s"] for h in timed), 4),
-        "start_valid_mean_recall": next((v["valid_mean_recall"] for v in validation if v["step"] == 0), None),
+        "start_valid_mean_recall": start_recall,
         "best_valid_mean_recall": max((v["valid_mean_recall"] for v in validation if v["step"]), default=None),
-        "final_valid_mean_recall": validation[-1]["valid_mean_recall"] if validation and validation[-1]["step"] else None,
+        "final_valid_mean_recall": final_recall,
         "final_valid_inbatch_accuracy": validation[-1]["valid_inbatch_accuracy"] if validation else None,
         "resumed_at_steps": progress["resumed_at"],
         "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path, "ray_run": name, "mlflow": ids,
@@ -456,6 +457,13 @@ TUNING_ADVICE = ("usual causes: a learning rate too high for pretrained weights 
 LOSS_FALL = 0.98  # the last tenth of the steps must average below this share of the first tenth's loss
 
 
+def start_and_final(validation: list[dict]) -> tuple[float | None, float | None]:
+    """Valid mean recall of the start (the pass at step 0) and of the last pass after training (None: no such pass)."""
+    start = next((v["valid_mean_recall"] for v in validation if v["step"] == 0), None)
+    final = validation[-1]["valid_mean_recall"] if validation and validation[-1]["step"] else None
+    return start, final
+
+
 def training_warnings(history: list[dict], validation: list[dict], stage: int) -> list[str]:
     """Plain-words warnings for the failure users report most: a loss that does not fall, or a model
     that ends below where it started (valid mean recall of the start, step 0, against the last pass)."""
@@ -464,10 +472,9 @@ def training_warnings(history: list[dict], validation: list[dict], stage: int) -
     first, last = np.mean([h["loss"] for h in history[:tenth]]), np.mean([h["loss"] for h in history[-tenth:]])
     if last >= LOSS_FALL * first:
         found.append(f"stage {stage}: the loss has not fallen ({first:.4f} over the first {tenth} steps, {last:.4f} over the last)")
-    start = next((v["valid_mean_recall"] for v in validation if v["step"] == 0), None)
-    if start is not None and validation[-1]["step"] and validation[-1]["valid_mean_recall"] < start:
-        found.append(f"stage {stage}: ended below its start (valid mean recall {start:.2f} at step 0, "
-                     f"{validation[-1]['valid_mean_recall']:.2f} at the end)")
+    start, final = start_and_final(validation)
+    if start is not None and final is not None and final < start:
+        found.append(f"stage {stage}: ended below its start (valid mean recall {start:.2f} at step 0, {final:.2f} at the end)")
     return [f"{warning}; {TUNING_ADVICE.format(stage=stage)}" for warning in found]
 
 

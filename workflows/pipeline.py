@@ -22,7 +22,7 @@ from components.common import ZhclipError, config_from
 from components.evaluate import EvaluateConfig
 from components.ingest import IngestConfig
 from components.register import RegisterConfig
-from components.start import RECIPE_NAMES, StartConfig
+from components.start import RECIPES, StartConfig
 from components.train import TrainConfig
 from components.validate import ValidateConfig
 from components.zeroshot import ZeroshotConfig
@@ -261,7 +261,7 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
                                        .set_display_name("zero-shot stage2"))
 
         # start_config.stages picks the branch per run (the UI's choice, as params.yaml's is dvc's).
-        for name, recipe in RECIPE_NAMES.items():
+        for name, recipe in RECIPES.items():
             with dsl.If(start.outputs["Output"] == name, name=name):
                 stages_after_start(recipe)
         if zeroshot_sets_known:
