@@ -30,7 +30,8 @@ from model.loss import MAX_LOGIT_SCALE
 from model.presets import load_model
 
 # Recorded as the logged model's `model_config`; `mlflow.pyfunc.load_model(uri, model_config=...)` overrides.
-DEFAULT_CONFIG = {"batch_size": 64, "max_image_pixels": 25_000_000}
+# `device`: "auto" is the first GPU when there is one (indexing a gallery, serving), else the CPU.
+DEFAULT_CONFIG = {"batch_size": 64, "max_image_pixels": 25_000_000, "device": "auto"}
 DEFAULT_TEMPLATE = "一张{}的照片。"  # Chinese-CLIP's first zero-shot prompt
 # Per output: the columns the input must have, the combinations of filled columns a row may have,
 # and that rule in words.
@@ -100,8 +101,11 @@ class ZhclipEmbedder:
     """Embeds, compares or classifies the texts and images of a DataFrame with one Chinese CLIP model."""
 
     def __init__(self, model_dir: str, batch_size: int = DEFAULT_CONFIG["batch_size"],
-                 max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"]):
+                 max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"], device: str = DEFAULT_CONFIG["device"]):
         self.model, self.processor = load_model(model_dir)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(device)
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
         self.dim = self.model.config.projection_dim
