@@ -274,6 +274,72 @@ def embed(
         typer.echo(json.dumps(line, ensure_ascii=False))
 
 
+def _champion_uri(params: dict, model: Optional[str]) -> str:
+    """`model`, else the registry's champion of params.yaml's register.model_name (what the pipelines index)."""
+    if model:
+        return model
+    name = (params.get("register") or {}).get("model_name", "zhclip-demo")
+    alias = (params.get("search") or {}).get("alias", "champion")
+    return f"models:/{name}@{alias}"
+
+
+def _tracking_uri(params: dict, tracking_uri: Optional[str]) -> Optional[str]:
+    return tracking_uri or (params.get("mlflow") or {}).get("tracking_uri") or None
+
+
+@app.command()
+def index(
+    gallery: str = typer.Option(..., help="Images to index: a folder, a Chinese-CLIP *_imgs.tsv, or a prepared split "
+                                          "(e.g. data/validated/test); local or s3://."),
+    out: str = typer.Option(..., help="Index folder to write (local or s3://, e.g. on MinIO)."),
+    model: Optional[str] = typer.Option(None, help="A model folder or registry URI (default: models:/<register.model_name>@champion)."),
+    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    factory: Optional[str] = typer.Option(None, help="FAISS index_factory string: HNSW32 (default), Flat (exact), IVF4096,PQ64 (huge galleries)."),
+    search_params: Optional[str] = typer.Option(None, help="FAISS search setting stored with the index, e.g. efSearch=128."),
+    batch_size: Optional[int] = typer.Option(None, help="Images embedded at once."),
+    workers: Optional[int] = typer.Option(None, help="Ray Data actors that embed pieces of the gallery (one GPU each on a "
+                                                     "GPU cluster, e.g. $RAY_ADDRESS); 0: in this process."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ URIs (default: params mlflow.tracking_uri)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Embed a gallery with a model into a FAISS index that `zhclip serve` searches.
+
+    The index records the model's registered version and weights hash; the server refuses other
+    weights. After `champion` moves, run the same command again (or `dvc repro index`).
+    """
+    from components.index import IndexConfig, build_index
+
+    all_params = load_params(params)
+    config = config_from(IndexConfig, all_params, "index", factory=factory, search_params=search_params, batch_size=batch_size,
+                         workers=workers)
+    result = build_index(gallery, out, _champion_uri(all_params, model), config, _tracking_uri(all_params, tracking_uri), summary)
+    rejected = f", {result['rejected']} rejected (see the summary)" if result["rejected"] else ""
+    _finish(result, summary, f"index {out}: {result['images']} images{rejected}, built by {result['model']['uri']}"
+                             f"{' version ' + result['model']['version'] if result['model']['version'] else ''}")
+
+
+@app.command()
+def serve(
+    index: list[str] = typer.Option(..., help="An index folder from `zhclip index` (local or s3://), or NAME=URI (repeatable)."),
+    model: Optional[str] = typer.Option(None, help="The model that built the indexes: a folder or registry URI "
+                                              "(default: models:/<register.model_name>@champion)."),
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default 127.0.0.1; 0.0.0.0 in a container)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ URIs (default: params mlflow.tracking_uri)."),
+    params: Path = ParamsOption,
+) -> None:
+    """Search API and web page: Chinese text -> images, image -> similar images (open http://HOST:PORT/).
+
+    /healthz answers while the model and indexes load, /readyz once they are loaded. Limits on k,
+    paging, query length and uploads: params.yaml section `serve`.
+    """
+    from components.search import ServeConfig, serve as run
+
+    all_params = load_params(params)
+    config = config_from(ServeConfig, all_params, "serve", host=host, port=port)
+    run(index, _champion_uri(all_params, model), config, _tracking_uri(all_params, tracking_uri))
+
+
 @app.command()
 def upload(
     src: Path = typer.Option(Path("data/prepared"), help="Local folder to upload (e.g. prepared shards)."),

@@ -66,3 +66,35 @@ def embed(model: str, texts: list[str], images: list[Path], tracking_uri: str | 
         for j, path in enumerate(images):
             records.append({"text": text, "image": str(path), "cosine": round(float(text_vectors[i] @ image_vectors[j]), 4)})
     return records
+
+
+def model_identity(model: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """What an index records of the model that built it: the URI as given, the registered name and
+    version behind a models:/ URI, and the weights hash (the folder's DVC hash, which `zhclip
+    register` tags every version with as `model_dvc_hash`). Two URIs of the same weights match."""
+    from components.lineage import dvc_hash
+
+    if Path(model).is_dir():
+        return {"uri": str(Path(model).resolve()), "name": None, "version": None, "weights_hash": dvc_hash(model)}
+    if not model.startswith("models:/"):
+        raise ZhclipError(f"model {model!r}: give a model folder or a registry URI (models:/<name>@<alias> or models:/<name>/<version>)")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, _, which = model.removeprefix("models:/").partition("@")
+    try:
+        with using_tracking_uri(resolve_tracking_uri(tracking_uri or "")):
+            client = mlflow.MlflowClient()
+            if which:
+                version = client.get_model_version_by_alias(name, which)
+            else:
+                name, _, number = name.partition("/")
+                version = client.get_model_version(name, number)
+    except MlflowException as err:
+        hint = (f"; no version of {name} has alias {which!r} yet (the gate promoted none, see `zhclip results`)"
+                if which and "alias" in err.message.lower() else "")
+        raise ZhclipError(f"cannot resolve {model!r} in the registry: {err.message}{hint}") from err
+    weights = version.tags.get("model_dvc_hash")
+    if not weights:
+        raise ZhclipError(f"{model!r} (version {version.version}) has no model_dvc_hash tag; register it with `zhclip register`")
+    return {"uri": model, "name": name, "version": str(version.version), "weights_hash": weights}

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from components.index import describe_model
+
 # The output paths declared in dvc.yaml.
 FINAL_EVALUATION = Path("metrics/evaluate_stage2.json")
 START_EVALUATION = Path("metrics/evaluate_start.json")
 ZEROSHOT = "metrics/zeroshot_{model}_{set}.json"
 REGISTER_SUMMARY = Path("metrics/register.json")
+INDEX_SUMMARIES = "metrics/index_*.json"
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -40,7 +43,7 @@ def _zeroshot_lines(models: list[str]) -> list[str]:
 
 
 def headline() -> str:
-    """A short report: model folders, metric files, start -> stages with the gains, zero-shot, registry state."""
+    """A short report: model folders, metric files, start -> stages with the gains, zero-shot, registry state, search indexes."""
     lines = ["zhclip results", "  models:   models/start, models/stage1, models/stage2 (Hugging Face folders)",
              "  metrics:  metrics/*.json (dvc metrics show), plots/*.csv (dvc plots show), reports/*/report.html"]
     final = _load(FINAL_EVALUATION) or _load(START_EVALUATION)
@@ -56,4 +59,8 @@ def headline() -> str:
                      f"champion is version {registered['champion_version']}")
         lines.append(f"    gate: {registered['decision']}")
         lines.append(f"  pull it:  mlflow.pyfunc.load_model(\"models:/{registered['model_name']}@champion\")")
+    for path in sorted(Path().glob(INDEX_SUMMARIES)):
+        built = _load(path)
+        lines.append(f"  search:   zhclip serve --index {built['index']}, then open http://127.0.0.1:8000/ "
+                     f"({built['images']} images, built by {describe_model(built['model'])})")
     return "\n".join(lines)

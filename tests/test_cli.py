@@ -8,7 +8,7 @@ from PIL import Image
 from components.demo_data import DemoDataConfig
 from conftest import run_cli
 
-COMMANDS = ["demo-data", "ingest", "validate", "train", "evaluate", "zeroshot", "register", "embed", "results"]
+COMMANDS = ["demo-data", "ingest", "validate", "train", "evaluate", "zeroshot", "register", "embed", "index", "serve", "results"]
 
 
 def test_top_level_help_lists_every_step():
@@ -22,6 +22,7 @@ def test_top_level_help_lists_every_step():
     (["demo-data"], "--train-images"), (["ingest"], "--shard-rows"), (["validate"], "--quarantine"),
     (["train"], "--stage"), (["evaluate"], "--model"), (["evaluate"], "--image-feats"),
     (["zeroshot"], "--images"), (["register"], "--metrics"), (["embed"], "--image"),
+    (["index"], "--gallery"), (["index"], "--workers"), (["serve"], "--index"),
     (["pipeline", "compile"], "--out"), (["pipeline", "run-local"], "--root"), (["pipeline", "submit"], "--ray-address"),
 ])
 def test_each_command_explains_its_options(command, option):
