@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from collections import Counter
 
 import pytest
@@ -100,3 +101,39 @@ def test_experiment_variant_is_compared_with_the_baseline(project):
     diff = json.loads(_run("dvc", "metrics", "diff", "--json", cwd=project))
     assert diff["metrics/train_stage2.json"]["epochs"] == {"old": 10, "new": 2, "diff": -8}
     assert "mean_recall" in diff["metrics/evaluate_stage2.json"]
+
+
+def test_the_demo_index_answers_captions_over_http_as_well_as_evaluate_says(project):
+    """`dvc repro` indexed the test split with the champion; `zhclip serve` finds a caption's image in
+    its top 10 for at least as many captions as the evaluation's text-to-image R@10."""
+    import urllib.parse
+    import urllib.request
+
+    from components.shards import read_pairs
+    from conftest import BIN, free_port, running
+
+    built, registered = _metrics(project, "index_test"), _metrics(project, "register")
+    assert built["model"]["version"] == str(registered["champion_version"]) and built["rejected"] == 0
+    pairs = read_pairs(project / "data" / "validated", "test")
+    positives = pairs.groupby("text_id").agg(text=("text", "first"), images=("image_id", lambda ids: {str(i) for i in ids}))
+    port = free_port()
+    with running([str(BIN / "zhclip"), "serve", "--index", "indexes/test", "--port", str(port)],
+                 f"http://127.0.0.1:{port}/healthz", project / "serve.log", cwd=project):
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/readyz", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, (project / "serve.log").read_text()
+                time.sleep(0.5)
+        hits = 0
+        for text, images in zip(positives["text"], positives["images"]):
+            query = urllib.parse.urlencode({"q": text, "k": 10})
+            with urllib.request.urlopen(f"{base}/api/search?{query}", timeout=60) as response:
+                found = {result["id"] for result in json.load(response)["results"]}
+            hits += bool(images & found)
+    recall = 100 * hits / len(positives)
+    assert recall >= _metrics(project, "evaluate_stage2")["t2i_r10"] - 1e-6
+    assert f"zhclip serve --index {built['index']}" in _run("zhclip", "results", cwd=project)

@@ -22,10 +22,11 @@ from workflows.pipeline import compile_pipeline, step_configs
 TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1, stage 2; fine-tune branch: stage 2
 EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
 REGISTRATIONS = ("register-op", "register-op-2")
-STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, *REGISTRATIONS)
+INDEXING = ("index-op", "index-op-2")  # after each branch's registration, when index_split names a split
+STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, *REGISTRATIONS, *INDEXING)
 ZEROSHOT = ("zeroshot-op", "zeroshot-op-2", "zeroshot-op-3")
 # log to MLflow or read MinIO: its and MinIO's credentials
-TRACKED = (*TRAINING, "start-op", *EVALUATIONS, *ZEROSHOT, *REGISTRATIONS)
+TRACKED = (*TRAINING, "start-op", *EVALUATIONS, *ZEROSHOT, *REGISTRATIONS, *INDEXING)
 
 
 def _all_tasks(spec: dict) -> dict[str, dict]:
@@ -51,10 +52,10 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     params = load_params("params.yaml")
     spec = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()).__next__()
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"importer", "ingest-op", "validate-op", "start-op", "evaluate-op", "condition-1", "condition-3",
-                         "for-loop-5"}
+    assert set(root) == {"importer", "ingest-op", "validate-op", "start-op", "evaluate-op", "condition-1", "condition-4",
+                         "for-loop-7"}
     # start_config.stages picks the branch at run time: the start task's output names it
-    for branch, name in (("condition-1", "two-stage"), ("condition-3", "fine-tune")):
+    for branch, name in (("condition-1", "two-stage"), ("condition-4", "fine-tune")):
         assert root[branch]["triggerPolicy"]["condition"].endswith(f"== '{name}'")
     tasks = _all_tasks(spec)
 
@@ -85,7 +86,14 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert defaults["start_config"]["source"] == params["start"]["source"] and defaults["start_config"]["stages"] == params["start"]["stages"]
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
     # per image set of params.yaml, zero-shot tasks for the start and for each branch's final model
-    assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and root["for-loop-5"]["parameterIterator"]
+    assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and root["for-loop-7"]["parameterIterator"]
+    # each branch indexes a validated split with the champion after registering, when index_split names one
+    for condition, registration, index in (("condition-3", "register-op", "index-op"), ("condition-6", "register-op-2", "index-op-2")):
+        assert tasks[condition]["dependentTasks"] == [registration]
+        assert tasks[condition]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--index_split'] != ''"
+        assert source(index, "validated")["producerTask"] == "validate-op"
+    assert defaults["index_split"] == params["kubeflow"]["index_split"] and defaults["index_uri"] == params["kubeflow"]["index_uri"]
+    assert defaults["index_config"]["factory"] == params["index"]["factory"] and defaults["index_config"]["alias"] == "champion"
     models = {name: tasks[name]["inputs"]["artifacts"]["model"]["componentInputArtifact"] for name in ZEROSHOT}
     assert models == {"zeroshot-op": "pipelinechannel--train-op-2-model", "zeroshot-op-2": "pipelinechannel--train-op-3-model",
                       "zeroshot-op-3": "pipelinechannel--start-op-model"}
@@ -150,6 +158,9 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
 
     # The pipeline trained the very weights dvc repro registered as version 1: no second version.
     assert outputs["register"]["version"] == 1 and len(client.search_model_versions("name='zhclip-kfp'")) == 1
+    # the index task embedded the test split with the champion, as dvc repro's index stage did
+    indexed = json.loads((project / "metrics" / "index_test.json").read_text())
+    assert outputs["index"]["images"] == indexed["images"] == 24 and outputs["index"]["rejected"] == 0
     card = next((tmp_path / "root").glob("zhclip-*/register-op/card")).read_text()
     assert "zhclip-kfp version 1" in card and f"{scores['mean_recall']}" in card and "| already registered (same weights) | True |" in card
 
@@ -320,7 +331,7 @@ def test_submit_uploads_the_compiled_package_and_starts_a_run(kfp_api, tmp_path)
         "/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version"]
     for body in uploads:  # the request carries the whole compiled package, params file defaults included
         spec = json_format.ParseDict(_uploaded_spec(body), pipeline_spec_pb2.PipelineSpec())
-        assert set(spec.root.dag.tasks) >= {"ingest-op", "start-op", "condition-1", "condition-3"}
+        assert set(spec.root.dag.tasks) >= {"ingest-op", "start-op", "condition-1", "condition-4"}
         assert set(spec.components["comp-condition-1"].dag.tasks) >= {"train-op", "train-op-2", "register-op"}
         assert spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value["epochs"] == 7
     runs = [json.loads(body) for method, path, body in kfp_api.requests if path == "/apis/v2beta1/runs"]

@@ -105,10 +105,12 @@ def test_fine_tuning_a_converted_reference_checkpoint_through_dvc_repro(tmp_path
     params["start"].update(source="checkpoint", checkpoint="weights/released/clip_cn_tiny.pt", stages={"stage2": "start"})
     params["stage2"]["epochs"] = 2
     params["train"].update(batch_size=32, warmup_steps=2, storage_path=str(tmp_path / "ray"))
+    params["search"]["galleries"] = {}  # the optional index stage left out
     (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     run_tool("dvc", "add", "weights/released/clip_cn_tiny.pt", cwd=project)
     out = run_tool("dvc", "repro", cwd=project, timeout=1200)
     assert "Running stage 'train@stage2'" in out and "train@stage1" not in out
+    assert "index@" not in out and not list((project / "metrics").glob("index_*.json"))
 
     final = json.loads((project / "metrics" / "evaluate_stage2.json").read_text())
     start = json.loads((project / "metrics" / "evaluate_start.json").read_text())

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 # What a changed raw file re-runs: everything after ingest except the start (its weights did not change)
 # and the start's zero-shot scores (nor did its model or the zero-shot images).
 DOWNSTREAM = ["ingest", "validate", "evaluate_start", "train@stage1", "train@stage2", "evaluate@stage1", "evaluate@stage2",
-              "zeroshot@stage2-digits", "zeroshot@stage2-shapes", "register"]
+              "zeroshot@stage2-digits", "zeroshot@stage2-shapes", "register", "index@test"]
 
 
 def _ran(output):

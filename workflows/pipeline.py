@@ -1,6 +1,7 @@
 """The Kubeflow pipeline: ingest -> validate -> start (evaluated as the baseline) -> train stage 1 ->
-train stage 2 (or only stage 2 from the start, by start_config.stages) -> evaluate each -> register, with
-zero-shot classification of each image set under the raw data's `zeroshot/` for the start and the final model.
+train stage 2 (or only stage 2 from the start, by start_config.stages) -> evaluate each -> register -> index
+(the champion embeds a validated split into a search index, when index_split names one), with zero-shot
+classification of each image set under the raw data's `zeroshot/` for the start and the final model.
 
 Each component body only calls the step function from `components/` that the DVC stage calls too.
 Defaults of every pipeline parameter come from params.yaml at compile time; the Kubernetes settings
@@ -20,6 +21,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 
 from components.common import ZhclipError, config_from
 from components.evaluate import EvaluateConfig
+from components.index import IndexConfig
 from components.ingest import IngestConfig
 from components.register import RegisterConfig
 from components.start import RECIPES, StartConfig
@@ -60,6 +62,8 @@ class KubeflowConfig:
     mlflow_uri: str = "http://mlflow.zhclip.svc.cluster.local:5000"
     ray_address: str = ""  # default of the pipeline parameter: "" trains with in-process Ray on the pod's GPUs
     ray_storage: str = "/tmp/ray_results"  # Ray Train's storage inside the pod (in-process Ray)
+    index_split: str = "test"  # default of the pipeline parameter: the validated split the champion indexes ("": no index task)
+    index_uri: str = ""  # where the index task also publishes it, e.g. s3://zhclip-index/test (what the search Deployment reads)
 
     def __post_init__(self):
         if self.gpus < 0 or self.train_retries < 0:
@@ -181,6 +185,29 @@ def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset
     return result["version"]
 
 
+@_component
+def index_op(validated: Input[Dataset], index: Output[Artifact], summary: Output[Metrics], split: str, publish_uri: str,
+             config: dict, register_config: dict):
+    from pyarrow import fs
+
+    from components.common import build_config
+    from components.index import IndexConfig, build_index
+    from components.register import RegisterConfig
+    from components.storage import arrow_filesystem
+
+    settings = dict(config)
+    alias = settings.pop("alias")
+    registry = build_config(RegisterConfig, register_config, "pipeline parameter register_config")
+    # The gallery by its URI (s3://... on a cluster), so each image's location is one the search Deployment can read.
+    result = build_index(f"{validated.uri.rstrip('/')}/{split}", index.path, f"models:/{registry.model_name}@{alias}",
+                         build_config(IndexConfig, settings, "pipeline parameter index_config"), registry.tracking_uri or None)
+    summary.log_metric("images", result["images"])
+    summary.log_metric("rejected", result["rejected"])
+    if publish_uri:  # a fixed place for the search service, beside this run's own copy in the pipeline root
+        target, path = arrow_filesystem(publish_uri)
+        fs.copy_files(index.path, path, source_filesystem=fs.LocalFileSystem(), destination_filesystem=target)
+
+
 def step_configs(params: dict[str, Any]) -> dict[str, dict]:
     """Each step's config from params.yaml, as plain dicts for pipeline parameters."""
     return {
@@ -192,6 +219,7 @@ def step_configs(params: dict[str, Any]) -> dict[str, dict]:
         "evaluate": asdict(config_from(EvaluateConfig, params, "evaluate")),
         "zeroshot": asdict(config_from(ZeroshotConfig, params, "zeroshot")),
         "register": asdict(RegisterConfig.from_params(params)),
+        "index": {**asdict(config_from(IndexConfig, params, "index")), "alias": (params.get("search") or {}).get("alias", "champion")},
     }
 
 
@@ -231,6 +259,9 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         zeroshot_config: dict = defaults["zeroshot"],
         zeroshot_sets: list = defaults["zeroshot"]["sets"],
         register_config: dict = defaults["register"],
+        index_config: dict = defaults["index"],
+        index_split: str = (cluster or KubeflowConfig()).index_split,
+        index_uri: str = cluster.index_uri if cluster else "",
         ray_address: str = cluster.ray_address if cluster else "",
     ):
         raw = dsl.importer(artifact_uri=raw_uri, artifact_class=Dataset, reimport=False)
@@ -240,7 +271,7 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         start = start_op(config=start_config)
         baseline = evaluate_op(model=start.outputs["model"], prepared=validated, config=evaluate_config, label="start")
         stage_configs = {"stage1": stage1_config, "stage2": stage2_config}
-        training, evaluations, registrations = [], [baseline], []
+        training, evaluations, registrations, indexing = [], [baseline], [], []
         zeroshot_sets_known = bool(defaults["zeroshot"]["sets"])  # a loop over no sets does not compile
 
         def stages_after_start(recipe: dict[str, str]) -> None:
@@ -254,11 +285,15 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
                 init, earlier = trained.outputs["model"], scored.outputs["scores"]
                 training.append(trained)
                 evaluations.append(scored)
-            registrations.append(register_op(model=init, scores=earlier, data=validated, config=register_config))
+            registration = register_op(model=init, scores=earlier, data=validated, config=register_config)
+            registrations.append(registration)
             if zeroshot_sets_known:
                 with dsl.ParallelFor(zeroshot_sets) as image_set:
                     evaluations.append(zeroshot_op(model=init, raw=raw.output, image_set=image_set, config=zeroshot_config)
                                        .set_display_name("zero-shot stage2"))
+            with dsl.If(index_split != "", name="index"):  # the champion, which this registration may have moved
+                indexing.append(index_op(validated=validated, split=index_split, publish_uri=index_uri, config=index_config,
+                                         register_config=register_config).after(registration).set_display_name("index"))
 
         # start_config.stages picks the branch per run (the UI's choice, as params.yaml's is dvc's).
         for name, recipe in RECIPES.items():
@@ -273,11 +308,11 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         # evaluations, which log into the training run.
         for task in (ingested, checked, start):
             task.set_caching_options(True)
-        for task in (*training, *evaluations, *registrations):
+        for task in (*training, *evaluations, *registrations, *indexing):
             task.set_caching_options(False)
         if cluster:
-            _on_kubernetes(cluster, steps=(ingested, checked, start, *evaluations, *registrations), training=training,
-                           tracked=(start, *training, *evaluations, *registrations))
+            _on_kubernetes(cluster, steps=(ingested, checked, start, *evaluations, *registrations, *indexing), training=training,
+                           tracked=(start, *training, *evaluations, *registrations, *indexing))
 
     return zhclip_pipeline
 
@@ -365,7 +400,7 @@ def run_local(raw_dir: str | Path, root: str | Path, params: dict[str, Any]) -> 
         if configs["start"][role] and "://" not in configs["start"][role]:
             configs["start"][role] = str(Path(configs["start"][role]).resolve())
     try:
-        build_pipeline(configs)(raw_uri=str(raw_dir))
+        build_pipeline(configs)(raw_uri=str(raw_dir), index_split=kubeflow_config(params).index_split)
     except RuntimeError as err:
         raise ZhclipError(f"local pipeline run failed ({err}); the failing task's log is printed above") from err
     return _local_outputs(Path(root).resolve())
@@ -378,7 +413,7 @@ def _task_metrics(run_dir: Path, task: str, artifact: str) -> dict[str, Any]:
 
 def _local_outputs(root: Path) -> dict[str, Any]:
     """The newest local run's folder and the metrics its tasks logged: the final model's evaluation
-    (`scores`), the start's (`start_scores`), zero-shot per model, and the registration (of the branch that ran)."""
+    (`scores`), the start's (`start_scores`), zero-shot per model, the registration and the index (of the branch that ran)."""
     run_dir = max(root.glob("zhclip-*"), key=lambda path: path.stat().st_mtime)
 
     def ran(pattern: str) -> list[Path]:
@@ -393,7 +428,8 @@ def _local_outputs(root: Path) -> dict[str, Any]:
         model = "start" if Path(summary(task)["model_dir"]).parent.name == "start-op" else "final"
         zeroshot[model].append(_task_metrics(task.parent, task.name, "scores"))
     (registered,) = ran("register-op*")
-    return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
+    indexed = ran("index-op*")
+    return {"index": _task_metrics(run_dir, indexed[0].name, "summary") if indexed else None,"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
             "start_scores": _task_metrics(run_dir, evaluations["start"].name, "scores"),
             "zeroshot_start": zeroshot["start"], "zeroshot": zeroshot["final"],
             "register": _task_metrics(run_dir, registered.name, "decision")}
