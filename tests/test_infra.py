@@ -193,3 +193,27 @@ def test_image_is_cuda_pytorch_non_root_and_installs_the_lock():
     assert "pip install -r requirements.lock" in dockerfile
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+def test_search_service_reads_the_index_the_pipeline_publishes(objects):
+    from components.common import load_params
+
+    deployment = by_kind(objects, "Deployment")["zhclip-search"]
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+    params = load_params(INFRA.parent / "params.yaml")
+    assert container["command"] == ["zhclip", "serve"] and args["host"] == "0.0.0.0"
+    assert args["index"] == f"test={params['kubeflow']['index_uri']}"
+    assert args["model"] == f"models:/{params['register']['model_name']}@{params['search']['alias']}"
+    bucket = params["kubeflow"]["index_uri"].removeprefix("s3://").split("/")[0]
+    job = by_kind(objects, "Job")["minio-buckets"]["spec"]["template"]["spec"]["containers"][0]
+    assert bucket in next(env["value"] for env in job["env"] if env["name"] == "BUCKETS").split()
+    env = {item["name"]: item for item in container["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000" and env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["metadata"]["labels"].items() >= dict([CLIENT_LABEL]).items()  # MinIO and MLflow let it in
+    service = by_kind(objects, "Service")["zhclip-search"]["spec"]
+    assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
