@@ -95,3 +95,12 @@ def test_input_pipeline_benchmark_gives_the_processors_pixels():
     assert cases["legacy-0-workers"]["images_per_s"] > 0 and cases["stream-0-workers"]["images_per_s"] > 0
     assert cases["stream-uint8-0-workers"]["max_abs_diff_vs_processor"] == 0.0
     assert "error" in cases["gpu-nvjpeg"] or cases["gpu-nvjpeg"]["max_abs_diff_vs_processor"] < 0.1
+
+
+def test_search_benchmark_scores_an_index_against_exact_search(tmp_path):
+    out = tmp_path / "search.jsonl"
+    result = subprocess.run([sys.executable, "bench/search.py", "ann", "--vectors", "2000", "--queries", "50", "--data", "lowdim",
+                             "--factory", "Flat", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [json.loads(text) for text in out.read_text().splitlines()]
+    assert line["recall_at_10"] == 1.0 and line["vectors"] == 2000 and line["index_mb"] > 2000 * 512 * 4 / 2**20 * 0.99

@@ -1,0 +1,251 @@
+"""Search quality and speed: the FAISS index `zhclip index` builds, alone and behind `zhclip serve`.
+
+    python bench/search.py ann --vectors 1000000 --data uniform --factory HNSW32 --search efSearch=128 --search efSearch=512
+    python bench/search.py http --vectors 1000000 --concurrency 1 --concurrency 8 --seconds 30
+
+`ann`: random 512-d unit vectors, indexed with a FAISS factory string; for each search setting, the
+recall@10 against exact search (FAISS Flat) over `--queries` queries, the latency of one query at a
+time (as the service sends them) and the throughput of batched queries; plus build time and memory.
+Two kinds of data, queries drawn like the gallery: `uniform` (i.i.d. on the sphere, the worst case:
+every point is about as far from a query as any other, so no index can skip much of the gallery)
+and `lowdim` (points near a random 32-dimensional subspace, plus noise: embeddings of real images
+vary along far fewer directions than their width, which is what makes graph indexes work).
+
+`http`: a gallery of `--vectors` random vectors served by `zhclip serve` with a random model of
+`--preset` (tiny, or ViT-B-16 whose text tower is RoBERTa-base) embedding 512 wide, under `--concurrency` clients sending Chinese queries; latency p50/p99 and
+queries/s as the clients see them (both on this machine, so they share its cores).
+
+One JSON line per measurement on stdout (and appended to `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+from components.index import IndexConfig, new_index, set_search_params
+
+K = 10
+LOW_DIM, LOW_DIM_NOISE = 32, 0.1
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def process_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def unit_rows(rows: int, dim: int, rng: np.random.Generator, basis: np.ndarray | None = None) -> np.ndarray:
+    """`rows` unit vectors made 50k at a time: uniform, or in the span of `basis` plus noise of norm LOW_DIM_NOISE."""
+    out = np.empty((rows, dim), dtype=np.float32)
+    for start in range(0, rows, 50_000):
+        count = min(50_000, rows - start)
+        block = rng.standard_normal((count, dim), dtype=np.float32)
+        if basis is not None:
+            inside = rng.standard_normal((count, basis.shape[0]), dtype=np.float32) @ basis / np.sqrt(basis.shape[0])
+            block = inside + LOW_DIM_NOISE * block / np.sqrt(dim)
+        out[start : start + count] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def dataset(kind: str, vectors: int, queries: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((dim, LOW_DIM)))[0].T.astype(np.float32) if kind == "lowdim" else None
+    return unit_rows(vectors, dim, rng, basis), unit_rows(queries, dim, rng, basis)
+
+
+def emit(record: dict, out: Path | None) -> None:
+    line = json.dumps(record, ensure_ascii=False)
+    print(line, flush=True)
+    if out:
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def bench_ann(args) -> None:
+    import faiss
+
+    gallery, queries = dataset(args.data, args.vectors, args.queries, args.dim)
+    started = time.perf_counter()
+    exact = faiss.IndexFlatIP(args.dim)
+    exact.add(gallery)
+    _, truth = exact.search(queries, K)
+    exact_s = time.perf_counter() - started
+    del exact
+    before = rss_mb()
+    started = time.perf_counter()
+    index = new_index(args.factory, args.dim)
+    if not index.is_trained:
+        index.train(gallery[: IndexConfig.train_size])
+    index.add(gallery)
+    build_s = time.perf_counter() - started
+    memory = {"index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1), "rss_growth_mb": round(rss_mb() - before, 1)}
+    common = {"bench": "ann", "data": args.data, "vectors": args.vectors, "dim": args.dim, "queries": args.queries,
+              "factory": args.factory, "build_s": round(build_s, 1), **memory, "threads": faiss.omp_get_max_threads(),
+              "exact_ms_per_query_batched": round(exact_s / args.queries * 1000, 2), "machine": args.machine}
+    for params in args.search or [""]:
+        set_search_params(index, params)
+        started = time.perf_counter()
+        _, found = index.search(queries, K)
+        batched_qps = args.queries / (time.perf_counter() - started)
+        recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(truth, found)]))
+        single = []
+        for query in queries[: args.single_queries]:
+            started = time.perf_counter()
+            index.search(query[None], K)
+            single.append(time.perf_counter() - started)
+        emit({**common, "search": params, "recall_at_10": round(recall, 4), "batched_qps": round(batched_qps, 1),
+              **{f"single_{key}": value for key, value in percentiles(single).items()}}, args.out)
+
+
+def random_model(root: Path, preset: str, dim: int) -> Path:
+    """A random model of `preset` whose embeddings are `dim` wide (its text tower is what a query costs)."""
+    from transformers import AutoModel
+
+    from model.presets import PRESETS, build_processor, default_vocab_path, make_config, save_model
+
+    spec = {**PRESETS[preset], "projection_dim": dim}
+    processor = build_processor(default_vocab_path(), spec["vision"]["image_size"], 52)
+    return save_model(AutoModel.from_config(make_config(spec, vocab_size=len(processor.tokenizer))), processor, root / "model")
+
+
+def synthetic_index(root: Path, model_dir: Path, vectors: int, dim: int, factory: str, search: str) -> tuple[Path, float]:
+    """An index folder of random vectors that `zhclip serve` accepts for `model_dir`; returns it and its build time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.embed import model_identity
+    from components.index import ITEM_SCHEMA, ITEMS_FILE, save_index
+
+    gallery, _ = dataset("lowdim", vectors, 1, dim)
+    started = time.perf_counter()
+    index = new_index(factory, gallery.shape[1])
+    if not index.is_trained:
+        index.train(gallery[: IndexConfig.train_size])
+    index.add(gallery)
+    build_s = time.perf_counter() - started
+    out = root / "index"
+    out.mkdir()
+    ids = [f"img{row}" for row in range(vectors)]
+    pq.write_table(pa.table({"id": ids, "location": ["synthetic"] * vectors, "caption": [""] * vectors}, schema=ITEM_SCHEMA),
+                   out / ITEMS_FILE)
+    save_index(str(out), index, {"gallery": "synthetic", "model": model_identity(str(model_dir)), "factory": factory,
+                                 "search_params": search, "dim": gallery.shape[1], "images": vectors})
+    return out, build_s
+
+
+QUERIES = ["红色的圆形", "一只小狗在草地上奔跑", "蓝色背景上的黄色三角形", "手写的数字七", "城市夜景", "穿着汉服的女孩", "一碗热腾腾的面条",
+           "海边的日落", "绿色的正方形", "白色的猫"]
+
+
+def load(port: int, concurrency: int, seconds: float) -> dict:
+    """`concurrency` clients, each on its own keep-alive connection, querying for `seconds`."""
+    latencies: list[float] = []
+    errors = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(number: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        done = 0
+        while time.monotonic() < deadline:
+            query = urllib.parse.quote(QUERIES[(number + done) % len(QUERIES)] + str(done % 97))
+            started = time.perf_counter()
+            connection.request("GET", f"/api/search?q={query}&k={K}")
+            response = connection.getresponse()
+            body = response.read()
+            elapsed = time.perf_counter() - started
+            with lock:
+                (latencies.append(elapsed) if response.status == 200 else errors.append(body[:200]))
+            done += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
+            "qps": round(len(latencies) / wall, 1), **percentiles(latencies)}
+
+
+def bench_http(args) -> None:
+    from urllib.request import urlopen
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        model_dir = random_model(root, args.preset, args.dim)
+        index, build_s = synthetic_index(root, model_dir, args.vectors, args.dim, args.factory, args.search[0] if args.search else IndexConfig.search_params)
+        port = int(args.port)
+        (root / "params.yaml").write_text(json.dumps({"serve": {"text_batch": args.text_batch}}))  # JSON is YAML
+        log = open(root / "serve.log", "wb")
+        server = subprocess.Popen([str(Path(sys.executable).parent / "zhclip"), "serve", "--index", str(index), "--model",
+                                   str(model_dir), "--port", str(port), "--params", str(root / "params.yaml")],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    if urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                        break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"zhclip serve did not become ready:\n{(root / 'serve.log').read_text()[-3000:]}")
+                time.sleep(1)
+            load(port, 1, 3)  # warm-up
+            server_mb = round(process_rss_mb(server.pid), 1)
+            for concurrency in args.concurrency or [1, 8]:
+                emit({"bench": "http", "preset": args.preset, "text_batch": args.text_batch, "vectors": args.vectors, "factory": args.factory, "search": args.search[0] if args.search else IndexConfig.search_params,
+                      "index_build_s": round(build_s, 1), "server_rss_mb": server_mb, "seconds": args.seconds, "machine": args.machine,
+                      **load(port, concurrency, args.seconds)}, args.out)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["ann", "http"])
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--data", choices=["uniform", "lowdim"], default="uniform")
+    parser.add_argument("--factory", default=IndexConfig.factory, help="FAISS index_factory string")
+    parser.add_argument("--search", action="append", help="a FAISS search setting, e.g. efSearch=128 (repeatable)")
+    parser.add_argument("--queries", type=int, default=1000, help="queries scored against exact search")
+    parser.add_argument("--single-queries", type=int, default=200, help="of them, timed one at a time")
+    parser.add_argument("--concurrency", type=int, action="append", help="http: concurrent clients (repeatable)")
+    parser.add_argument("--seconds", type=float, default=30, help="http: load duration per concurrency")
+    parser.add_argument("--preset", default="tiny", help="http: the model's shape (tiny, or ViT-B-16: a RoBERTa-base text tower)")
+    parser.add_argument("--text-batch", type=int, default=32, help="http: serve.text_batch (1: no batching of queries)")
+    parser.add_argument("--port", default="8765")
+    parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")
+    parser.add_argument("--out", type=Path, help="append the JSON lines to this file")
+    args = parser.parse_args()
+    (bench_ann if args.part == "ann" else bench_http)(args)
+
+
+if __name__ == "__main__":
+    main()
