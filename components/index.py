@@ -301,7 +301,8 @@ class SearchIndex:
         if built["weights_hash"] != identity["weights_hash"]:
             raise ZhclipError(
                 f"index {self.uri} was built by {describe_model(built)}, but the model given is {describe_model(identity)}: "
-                f"their embeddings do not compare. Re-index with `zhclip index --model {identity['uri']} --out {self.uri}` "
+                f"their embeddings do not compare. Re-index with `zhclip index --gallery {self.meta['gallery']} --model {identity['uri']} "
+                f"--out {self.uri}` "
                 "(or `dvc repro index`), or serve the model that built it")
 
 
