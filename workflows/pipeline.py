@@ -429,7 +429,8 @@ def _local_outputs(root: Path) -> dict[str, Any]:
         zeroshot[model].append(_task_metrics(task.parent, task.name, "scores"))
     (registered,) = ran("register-op*")
     indexed = ran("index-op*")
-    return {"index": _task_metrics(run_dir, indexed[0].name, "summary") if indexed else None,"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
+    return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
             "start_scores": _task_metrics(run_dir, evaluations["start"].name, "scores"),
             "zeroshot_start": zeroshot["start"], "zeroshot": zeroshot["final"],
-            "register": _task_metrics(run_dir, registered.name, "decision")}
+            "register": _task_metrics(run_dir, registered.name, "decision"),
+            "index": _task_metrics(run_dir, indexed[0].name, "summary") if indexed else None}
