@@ -8,6 +8,7 @@ row in its message, instead of a generic "unexpected error" hiding it in a stack
 """
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
@@ -18,7 +19,9 @@ class ZhclipModel(PythonModel):
     def load_context(self, context) -> None:
         self.embedder = load_embedder(context.artifacts["model_dir"], context.model_config)
 
-    def predict(self, context, model_input, params: dict | None = None):
+    # The DataFrame hint only says what MLflow passes: it validates against the logged signature, and
+    # without a hint it warns at every load that one is missing.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         try:
             return self.embedder.predict(model_input, params)
         except ValueError as err:
