@@ -320,7 +320,8 @@ def index(
 
 @app.command()
 def serve(
-    index: list[str] = typer.Option(..., help="An index folder from `zhclip index` (local or s3://), or NAME=URI (repeatable)."),
+    index: list[str] = typer.Option([], help="An index folder from `zhclip index` (local or s3://), or NAME=URI (repeatable; "
+                                             "default: indexes/<name> of each params search.galleries, as dvc repro builds them)."),
     model: Optional[str] = typer.Option(None, help="The model that built the indexes: a folder or registry URI "
                                               "(default: models:/<register.model_name>@champion)."),
     host: Optional[str] = typer.Option(None, help="Address to listen on (default 127.0.0.1; 0.0.0.0 in a container)."),
@@ -337,7 +338,9 @@ def serve(
 
     all_params = load_params(params)
     config = config_from(ServeConfig, all_params, "serve", host=host, port=port)
-    run(index, _champion_uri(all_params, model), config, _tracking_uri(all_params, tracking_uri))
+    galleries = (all_params.get("search") or {}).get("galleries") or {}
+    indexes = index or [f"{name}=indexes/{name}" for name in galleries]
+    run(indexes, _champion_uri(all_params, model), config, _tracking_uri(all_params, tracking_uri))
 
 
 @app.command()

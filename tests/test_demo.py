@@ -117,7 +117,7 @@ def test_the_demo_index_answers_captions_over_http_as_well_as_evaluate_says(proj
     pairs = read_pairs(project / "data" / "validated", "test")
     positives = pairs.groupby("text_id").agg(text=("text", "first"), images=("image_id", lambda ids: {str(i) for i in ids}))
     port = free_port()
-    with running([str(BIN / "zhclip"), "serve", "--index", "indexes/test", "--port", str(port)],
+    with running([str(BIN / "zhclip"), "serve", "--port", str(port)],  # by default the indexes dvc repro built, the champion
                  f"http://127.0.0.1:{port}/healthz", project / "serve.log", cwd=project):
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
