@@ -110,7 +110,7 @@ def test_a_model_other_than_the_indexing_one_is_refused(tiny_models, prepared_di
     build_index(str(prepared_dir / "test"), tmp_path / "index", str(tiny_models[0]), EXACT)
     from components.embed import model_identity
 
-    with pytest.raises(ZhclipError, match=r"was built by .*seed0.*but the model given is .*seed1.*zhclip index --model"):
+    with pytest.raises(ZhclipError, match=r"was built by .*seed0.*but the model given is .*seed1.*zhclip index --gallery .*test --model .*seed1"):
         SearchIndex(tmp_path / "index").check_model(model_identity(str(tiny_models[1])))
     result = run_cli("serve", "--index", str(tmp_path / "index"), "--model", str(tiny_models[1]), "--port", str(free_port()),
                      timeout=120)
