@@ -277,7 +277,9 @@ class SearchIndex:
         self.index = faiss.deserialize_index(np.frombuffer(folder.read_bytes(INDEX_FILE), dtype=np.uint8))
         set_search_params(self.index, self.meta.get("search_params", ""))
         with folder.filesystem.open_input_file(folder.path(ITEMS_FILE)) as handle:
-            self.items = pq.read_table(handle)
+            # One chunk: `zhclip index` writes a row group per batch, and looking a row up across
+            # thousands of chunks took 0.76 ms per result at 1M images (0.004 ms in one chunk).
+            self.items = pq.read_table(handle).combine_chunks()
         self.load_s = round(time.perf_counter() - started, 3)
         if self.items.num_rows != self.index.ntotal:
             raise ZhclipError(f"{self.uri}: {self.items.num_rows} items for {self.index.ntotal} vectors; rebuild the index")

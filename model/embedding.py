@@ -46,7 +46,7 @@ def embed_texts(
     chunks = []
     for start in range(0, len(texts), batch_size):
         # Padded to the batch's longest text, not to the context length: masked positions change
-        # nothing (1e-8), and a short query then costs its own tokens only (5x faster for a search).
+        # nothing (1e-8), and a short query costs only its own tokens (a RoBERTa-base query: 80 -> 44 ms on CPU).
         batch = processor.tokenizer(
             list(texts[start : start + batch_size]),
             padding="longest",
