@@ -97,6 +97,37 @@ def running(args: list[str], ready_url: str, log: Path, timeout: float = 120, **
                 server.wait(timeout=10)
 
 
+@contextmanager
+def serving(args: list[str], log: Path, timeout: float = 120, **popen) -> Iterator[str]:
+    """`zhclip serve <args>` on a free port until the block ends; yields its base URL once /readyz answers 200."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with running([str(BIN / "zhclip"), "serve", *args, "--port", str(port)], f"{base}/healthz", log, timeout, **popen):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/readyz", timeout=5).close()
+                break
+            except OSError:  # 503 while loading, as an HTTPError
+                assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(0.5)
+        yield base
+
+
+def caption_recall_at_10(base: str, pairs) -> float:
+    """The percentage of a split's captions (`read_pairs` rows grouped by text) with one of their images
+    among the server's top 10: `zhclip evaluate`'s text-to-image R@10, asked over HTTP."""
+    import json
+    import urllib.parse
+
+    positives = pairs.groupby("text_id").agg(text=("text", "first"), images=("image_id", lambda ids: {str(i) for i in ids}))
+    hits = 0
+    for text, images in zip(positives["text"], positives["images"]):
+        with urllib.request.urlopen(f"{base}/api/search?" + urllib.parse.urlencode({"q": text, "k": 10}), timeout=60) as response:
+            hits += bool(images & {result["id"] for result in json.load(response)["results"]})
+    return 100 * hits / len(positives)
+
+
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import time
 from collections import Counter
 
 import pytest
@@ -106,34 +105,13 @@ def test_experiment_variant_is_compared_with_the_baseline(project):
 def test_the_demo_index_answers_captions_over_http_as_well_as_evaluate_says(project):
     """`dvc repro` indexed the test split with the champion; `zhclip serve` finds a caption's image in
     its top 10 for at least as many captions as the evaluation's text-to-image R@10."""
-    import urllib.parse
-    import urllib.request
-
     from components.shards import read_pairs
-    from conftest import BIN, free_port, running
+    from conftest import caption_recall_at_10, serving
 
     built, registered = _metrics(project, "index_test"), _metrics(project, "register")
     assert built["model"]["version"] == str(registered["champion_version"]) and built["rejected"] == 0
-    pairs = read_pairs(project / "data" / "validated", "test")
-    positives = pairs.groupby("text_id").agg(text=("text", "first"), images=("image_id", lambda ids: {str(i) for i in ids}))
-    port = free_port()
-    with running([str(BIN / "zhclip"), "serve", "--port", str(port)],  # by default the indexes dvc repro built, the champion
-                 f"http://127.0.0.1:{port}/healthz", project / "serve.log", cwd=project):
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/readyz", timeout=5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, (project / "serve.log").read_text()
-                time.sleep(0.5)
-        hits = 0
-        for text, images in zip(positives["text"], positives["images"]):
-            query = urllib.parse.urlencode({"q": text, "k": 10})
-            with urllib.request.urlopen(f"{base}/api/search?{query}", timeout=60) as response:
-                found = {result["id"] for result in json.load(response)["results"]}
-            hits += bool(images & found)
-    recall = 100 * hits / len(positives)
+    # by default `zhclip serve` serves the indexes dvc repro built, with the champion
+    with serving([], project / "serve.log", cwd=project) as base:
+        recall = caption_recall_at_10(base, read_pairs(project / "data" / "validated", "test"))
     assert recall >= _metrics(project, "evaluate_stage2")["t2i_r10"] - 1e-6
     assert f"zhclip serve --index {built['index']}" in _run("zhclip", "results", cwd=project)

@@ -25,7 +25,7 @@ from components.gallery import read_image
 from components.index import IndexConfig, SearchIndex, build_index
 from components.register import RegisterConfig, register
 from components.shards import read_pairs
-from conftest import BIN, S3_CREDENTIALS, free_port, run_cli, running
+from conftest import S3_CREDENTIALS, caption_recall_at_10, free_port, run_cli, serving
 
 EXACT = IndexConfig(factory="Flat", search_params="")
 
@@ -179,27 +179,13 @@ def served(trained, prepared_dir, tmp_path_factory):
     built = run_cli("index", "--gallery", str(prepared_dir / "test"), "--out", str(root / "test"), "--model", model,
                     "--tracking-uri", tracking, "--summary", str(root / "index.json"), timeout=300)
     assert built.returncode == 0, built.stderr
-    port = free_port()
-    with running([str(BIN / "zhclip"), "serve", "--index", str(root / "test"), "--model", model, "--tracking-uri", tracking,
-                  "--port", str(port)], f"http://127.0.0.1:{port}/healthz", root / "serve.log"):
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while _get(f"{base}/readyz")[0] != 200:
-            assert time.monotonic() < deadline, (root / "serve.log").read_text()
-            time.sleep(0.5)
+    with serving(["--index", str(root / "test"), "--model", model, "--tracking-uri", tracking], root / "serve.log") as base:
         yield {"base": base, "root": root, "scores": scores, "version": registered["version"]}
 
 
 @pytest.mark.slow
 def test_captions_find_their_images_as_often_as_evaluate_says(served, prepared_dir):
-    pairs = read_pairs(prepared_dir, "test")
-    positives = pairs.groupby("text_id").agg(text=("text", "first"), images=("image_id", lambda ids: {str(i) for i in ids}))
-    hits = 0
-    for text, images in zip(positives["text"], positives["images"]):  # as evaluate: any positive image among the top 10
-        status, answer = _search(served["base"], text, k=10)
-        assert status == 200, answer
-        hits += bool(images & {result["id"] for result in answer["results"]})
-    recall = 100 * hits / len(positives)
+    recall = caption_recall_at_10(served["base"], read_pairs(prepared_dir, "test"))
     assert recall >= served["scores"]["t2i_r10"] - 1e-6, (recall, served["scores"]["t2i_r10"])
     status, ready = _get(f"{served['base']}/readyz")
     assert ready["model"]["version"] == str(served["version"]) and ready["model"]["name"] == "zhclip-search"
