@@ -16,7 +16,7 @@ pixels (each case: images/s, and images/s per decoding core):
 - `legacy`, `legacy-uint8`: the loader before streaming (`bench/legacy_loader.py`: the whole split
   in pandas, captions tokenised up front, a DataLoader with N worker processes), the baseline;
 - `gpu`: shard bytes decoded by nvJPEG (`torchvision.io.decode_jpeg` on the GPU), resized and
-  normalised there (`model.fast.pixels_on_device`); needs torchvision and a GPU, and JPEG shards.
+  normalised there (`model.pixels.pixels_on_device`); needs torchvision and a GPU, and JPEG shards.
 
 Each prints one JSON line; the uint8 and nvJPEG cases also give the largest pixel difference from
 the image processor's on the same images (nvJPEG and torch's antialiased bicubic differ slightly
@@ -45,7 +45,7 @@ from bench.legacy_loader import EpochBatches, PairDataset, epoch_loader
 from components.ingest import PAIR_SCHEMA, IngestConfig
 from components.shards import PreparedSplit, read_pairs
 from components.train_data import BatchDecoder, EpochPlan, read_window, training_batches
-from model.fast import pixels_on_device
+from model.pixels import pixels_on_device
 from model.presets import CLIP_MEAN, CLIP_STD, PRESETS, build_processor, default_vocab_path
 
 SHARD_ROWS = 2000

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from components.shards import read_pairs
 from components.train_data import random_resized_crop, steps_per_epoch
 from model import decode_image
-from model.fast import pixels_on_device
+from model.pixels import pixels_on_device
 
 
 class PairDataset(Dataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from components.tracking import (
     start_stage_run,
 )
 from components.shards import PreparedSplit
-from components.train_data import BatchDecoder, EpochPlan, pair_digest, training_batches
+from components.train_data import BatchDecoder, EpochPlan, on_device, pair_digest, training_batches
 from components.training import (
     TRAINING_STATE_FILE,
     StepConfig,
@@ -92,6 +93,7 @@ class TrainConfig:
     loader_workers: int = 0  # decoders per worker: Ray Data actors under Ray, else processes (0: the training process)
     shuffle_window: int = 4096  # rows shuffled together (from several shards); memory holds about one window per worker
     normalize_on_device: bool = False  # loaders hand over 8-bit resized images; the device scales and normalises them
+    decode_on_device: bool = False  # loaders hand over JPEG bytes; the device decodes (nvJPEG), crops, resizes them (needs torchvision)
     storage_path: str = "ray_results"  # checkpoints: a folder, or s3://bucket/prefix (MinIO)
     storage_endpoint: str = ""  # S3 endpoint for s3:// storage; empty: $AWS_ENDPOINT_URL
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
@@ -128,6 +130,10 @@ class TrainConfig:
             raise ValueError("padding_free needs fused_qkv: true (the packed attention is the fused one)")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.decode_on_device and importlib.util.find_spec("torchvision") is None:
+            raise ValueError("decode_on_device needs torchvision, the build matching your torch (for CUDA 13: "
+                             "pip install torchvision --index-url https://download.pytorch.org/whl/cu130), "
+                             "or pip install 'zhclip[gpu-decode]'; or set train.decode_on_device: false")
         if self.mask_ratio and "resnet_layers" in PRESETS.get(self.preset, {}).get("vision", {}):
             raise ValueError(f"mask_ratio {self.mask_ratio}: patch masking needs a ViT preset, not {self.preset}")
 
@@ -226,7 +232,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         raise ZhclipError(f"{plan.pairs} training pairs give no full batch of {cfg.batch_size} per worker "
                           f"across {ctx.world_size} workers; lower train.batch_size or num_workers")
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    decoder = BatchDecoder(processor, cfg.context_length, cfg.augment, cfg.seed, eight_bit=cfg.normalize_on_device)
+    decoder = BatchDecoder(processor, cfg.context_length, cfg.augment, cfg.seed, eight_bit=cfg.normalize_on_device,
+                           on_device=cfg.decode_on_device)
     optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
     step = TrainStep(model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model)
 
@@ -257,9 +264,9 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
 
     samples_per_step = cfg.batch_size * ctx.world_size
     waited_from = time.perf_counter()
-    for batch in training_batches(plan, decoder, progress["step"], total_steps, cfg.loader_workers, ctx.on_ray):
+    batches = training_batches(plan, decoder, progress["step"], total_steps, cfg.loader_workers, ctx.on_ray)
+    for batch, inputs in on_device(batches, decoder, ctx.device):
         epoch = progress["step"] // per_epoch
-        inputs = decoder.to_device(batch, ctx.device)
         data_wait = time.perf_counter() - waited_from
         result = step(inputs)
         elapsed = time.perf_counter() - waited_from

@@ -19,12 +19,15 @@ host, `bench/`), local processes run the same `BatchDecoder`; with 0 workers, th
 
 from __future__ import annotations
 
+import io
 import math
 import random
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import Full, Queue
 
 import numpy as np
 import pyarrow as pa
@@ -33,20 +36,26 @@ from PIL import Image
 
 from components.shards import PreparedSplit
 from model import decode_image
-from model.fast import pixels_on_device
+from model.pixels import Box, decode_jpegs, pixels_on_device
 
 CROP_SCALE = (0.9, 1.0)  # Chinese-CLIP's training RandomResizedCrop
 CROP_RATIO = (3 / 4, 4 / 3)
 PAIR_COLUMNS = ["text_id", "text", "image_id", "image"]
 PREFETCH_BATCHES = 4  # decoded batches in flight per training worker (bounds the loader's memory)
 WINDOW_READERS = 8  # row groups of a window read at once
+DEVICE_PREFETCH_BATCHES = 2  # batches prepared on the GPU ahead of the step (decoded images held there)
 
 
 def random_resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
     """A random crop covering 90-100% of the image with aspect ratio 3/4..4/3 (torchvision's
-    RandomResizedCrop sampling, with Chinese-CLIP's scale); the processor then resizes it. Written
-    here because torchvision cannot be installed beside the pinned CPU torch."""
-    width, height = image.size
+    RandomResizedCrop sampling, with Chinese-CLIP's scale); the processor then resizes it."""
+    return image.crop(crop_box(*image.size, rng))
+
+
+def crop_box(width: int, height: int, rng: random.Random) -> Box:
+    """random_resized_crop's box (left, top, right, bottom) for an image of that size. Written here
+    because torchvision cannot be installed beside the pinned CPU torch; the box alone serves the
+    images decoded on the device too."""
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(*CROP_SCALE)
@@ -54,12 +63,12 @@ def random_resized_crop(image: Image.Image, rng: random.Random) -> Image.Image:
         crop_w, crop_h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < crop_w <= width and 0 < crop_h <= height:
             left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
-            return image.crop((left, top, left + crop_w, top + crop_h))
+            return left, top, left + crop_w, top + crop_h
     # As torchvision: a centre crop at the nearest allowed aspect ratio (very wide or tall images).
     ratio = min(max(width / height, CROP_RATIO[0]), CROP_RATIO[1])
     crop_w, crop_h = min(width, round(height * ratio)), min(height, round(width / ratio))
     left, top = (width - crop_w) // 2, (height - crop_h) // 2
-    return image.crop((left, top, left + crop_w, top + crop_h))
+    return left, top, left + crop_w, top + crop_h
 
 
 def steps_per_epoch(pairs: int, batch_size: int, world_size: int) -> int:
@@ -145,26 +154,41 @@ class BatchDecoder:
     processes a batch is decoded changes nothing. With `eight_bit` the pixels stay 8-bit after the
     processor's resize and `to_device` scales and normalises them on the training device: the same
     pixels, without the float conversion that takes about half a loader core's time per image.
+
+    With `on_device` the loaders decode no JPEG at all: they read each image's header (size, for the
+    crop box), tokenise, and hand over the bytes with the box; `to_device` decodes them on the
+    training device (nvJPEG on a GPU, through torchvision), crops, resizes and normalises there.
+    Images a GPU decoder cannot take (PNG, CMYK or progressive JPEG) are decoded by the loaders as with
+    `eight_bit`, so a mixed split trains as it is.
     """
 
-    def __init__(self, processor, context_length: int, augment: bool = False, seed: int = 0, eight_bit: bool = False):
+    def __init__(self, processor, context_length: int, augment: bool = False, seed: int = 0, eight_bit: bool = False,
+                 on_device: bool = False):
         self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
-        self.context_length, self.augment, self.seed, self.eight_bit = context_length, augment, seed, eight_bit
+        self.context_length, self.augment, self.seed = context_length, augment, seed
+        self.eight_bit, self.on_device = eight_bit or on_device, on_device
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = self.tokenizer(list(rows["text"]), padding="max_length", truncation=True,
                                 max_length=self.context_length, return_tensors="np")
-        images = [self._image(blob, int(epoch), int(row)) for blob, epoch, row in zip(rows["image"], rows["epoch"], rows["row"])]
+        batch = {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64),
+                 "text_id": np.asarray(rows["text_id"]), "image_id": np.asarray(rows["image_id"])}
+        samples = list(zip(rows["image"], rows["epoch"], rows["row"]))
+        if self.on_device:
+            return {**batch, **self._for_device(samples)}
+        images = [self._image(blob, int(epoch), int(row)) for blob, epoch, row in samples]
         if self.eight_bit:
             pixels = np.stack([self._eight_bit(image) for image in images])
         else:
             pixels = self.image_processor(images=images, return_tensors="np")["pixel_values"]
-        return {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64),
-                "pixel_values": pixels, "text_id": np.asarray(rows["text_id"]), "image_id": np.asarray(rows["image_id"])}
+        return {**batch, "pixel_values": pixels}
+
+    def _crop(self, epoch: int, row: int, width: int, height: int) -> Box:
+        return crop_box(width, height, random.Random(f"{self.seed}-{epoch}-{row}")) if self.augment else (0, 0, width, height)
 
     def _image(self, blob: bytes, epoch: int, row: int) -> Image.Image:
         image = decode_image(blob)
-        return random_resized_crop(image, random.Random(f"{self.seed}-{epoch}-{row}")) if self.augment else image
+        return image.crop(self._crop(epoch, row, *image.size)) if self.augment else image
 
     def _eight_bit(self, image: Image.Image) -> np.ndarray:
         # the processor's own first step (RGB, squashed to its size with its resampling filter)
@@ -172,17 +196,129 @@ class BatchDecoder:
         resized = image.convert("RGB").resize((size["width"], size["height"]), Image.Resampling(self.image_processor.resample))
         return np.asarray(resized).transpose(2, 0, 1).copy()
 
+    def _for_device(self, samples: list) -> dict[str, np.ndarray]:
+        """Per image: the JPEG bytes and crop box for the device, or (`pixels`) the loader's 8-bit pixels."""
+        jpegs, pixels, boxes = [], [], []
+        for blob, epoch, row in samples:
+            header = Image.open(io.BytesIO(blob))  # the header only; decode_image below names a corrupt one
+            if device_decodable(header):
+                jpegs.append(blob)
+                pixels.append(b"")
+                boxes.append(self._crop(int(epoch), int(row), *header.size))
+            else:
+                jpegs.append(b"")
+                pixels.append(self._eight_bit(self._image(blob, int(epoch), int(row))).tobytes())
+                boxes.append((0, 0, 0, 0))
+        # object arrays of bytes: one entry per row, as Ray Data's batches need
+        return {"jpeg": np.array(jpegs, dtype=object), "pixels": np.array(pixels, dtype=object),
+                "crop_box": np.array(boxes, dtype=np.int64).reshape(-1, 4)}
+
     def to_device(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         """The model's inputs of a decoded batch on `device`, 8-bit pixels scaled and normalised there."""
-        # Pinned host memory lets the copy to a GPU overlap the previous step.
-        host = {key: torch.as_tensor(batch[key]) for key in ("input_ids", "attention_mask", "pixel_values")}
-        moved = {key: (value.pin_memory() if device.type == "cuda" else value).to(device, non_blocking=True)
-                 for key, value in host.items()}
-        if moved["pixel_values"].dtype == torch.uint8:
-            processor = self.image_processor
+        processor = self.image_processor
+        keys = ("input_ids", "attention_mask") if self.on_device else ("input_ids", "attention_mask", "pixel_values")
+        moved = {key: _moved(torch.as_tensor(batch[key]), device) for key in keys}
+        if self.on_device:
+            moved["pixel_values"] = self._decoded_on_device(batch, device)
+        elif moved["pixel_values"].dtype == torch.uint8:
             moved["pixel_values"] = pixels_on_device(moved["pixel_values"], processor.size["height"],
                                                      processor.image_mean, processor.image_std)
         return moved
+
+    def _decoded_on_device(self, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
+        processor = self.image_processor
+        size = processor.size["height"]
+        rows = [index for index, blob in enumerate(batch["jpeg"]) if len(blob)]
+        # one host buffer for the batch's JPEGs, each a view of it (torch wants writable memory)
+        buffer = torch.frombuffer(bytearray(b"".join(batch["jpeg"][rows])), dtype=torch.uint8) if rows else None
+        ends = np.cumsum([len(blob) for blob in batch["jpeg"][rows]])
+        encoded = [buffer[end - len(batch["jpeg"][index]):end] for index, end in zip(rows, ends)]
+        images: list[torch.Tensor] = [None] * len(batch["jpeg"])  # type: ignore[list-item]
+        for index, image in zip(rows, decode_jpegs(encoded, [tuple(batch["crop_box"][i]) for i in rows], device)):
+            images[index] = image
+        for index, blob in enumerate(batch["pixels"]):
+            if len(blob):
+                pixels = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(3, size, size)
+                images[index] = _moved(pixels, device)
+        return pixels_on_device(images, size, processor.image_mean, processor.image_std)
+
+
+def device_decodable(header: Image.Image) -> bool:
+    """Baseline RGB or grey JPEGs, which nvJPEG's batched decoder takes (its output equals PIL's
+    RGB conversion for both)."""
+    return header.format == "JPEG" and header.mode in ("RGB", "L") and not header.info.get("progressive")
+
+
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned host memory lets the copy to a GPU overlap the running step.
+    return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
+
+
+def on_device(batches: Iterator[dict[str, np.ndarray]], decoder: BatchDecoder, device: torch.device,
+              ahead: int = DEVICE_PREFETCH_BATCHES) -> Iterator[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]]:
+    """Each decoded batch with its model inputs on `device`. On a GPU a thread prepares the next
+    `ahead` batches (copies, nvJPEG decoding, resizing) on a CUDA stream of its own while the step
+    runs, so the GPU's decoding and the CPU's launches of it overlap training; elsewhere each batch
+    is prepared when it is asked for."""
+    if device.type != "cuda":
+        return ((batch, decoder.to_device(batch, device)) for batch in batches)
+    stream = torch.cuda.Stream(device)
+
+    def prepare(batch: dict[str, np.ndarray]):
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            inputs = decoder.to_device(batch, device)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return inputs, ready
+
+    def handed_over(items):
+        for batch, (inputs, ready) in items:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            for tensor in inputs.values():
+                tensor.record_stream(current)  # made on the side stream, freed after the step's use
+            yield batch, inputs
+
+    return handed_over(prepared_ahead(batches, prepare, ahead))
+
+
+def prepared_ahead(items: Iterator, prepare, ahead: int) -> Iterator[tuple]:
+    """(item, prepare(item)) for each item, in order, prepared by a thread up to `ahead` items ahead;
+    an error in either is raised here, and closing this generator stops the thread."""
+    queue: Queue = Queue(maxsize=ahead)
+    stop = threading.Event()
+    finished = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(entry, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((item, prepare(item))):
+                    return
+            put(finished)
+        except BaseException as err:  # handed to the consumer, raised there
+            put(err)
+
+    thread = threading.Thread(target=work, name="zhclip-device-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (entry := queue.get()) is not finished:
+            if isinstance(entry, BaseException):
+                raise entry
+            yield entry
+    finally:
+        stop.set()
+        thread.join()
+        if hasattr(items, "close"):
+            items.close()  # the thread no longer runs it: free its processes or Ray actors now
 
 
 def _batches_of(table: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -205,9 +341,11 @@ def _start_decoder(decoder: BatchDecoder) -> None:
     _process_decoder = decoder
 
 
-def _decode_in_process(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    # As tensors: torch hands them back through shared memory, where numpy arrays would be pickled through a pipe.
-    return {name: torch.from_numpy(values) for name, values in _process_decoder(rows).items()}
+def _decode_in_process(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor | np.ndarray]:
+    # As tensors: torch hands them back through shared memory, where numpy arrays would be pickled
+    # through a pipe. Byte strings (images for the device) can only be pickled.
+    return {name: values if values.dtype == object else torch.from_numpy(values)
+            for name, values in _process_decoder(rows).items()}
 
 
 def _decoded_by_processes(plan: EpochPlan, decoder: BatchDecoder, start_step: int, end_step: int,

@@ -15,8 +15,8 @@ from model.fast import (
     apply_speedups,
     jagged_attention,
     per_sequence_attention,
-    pixels_on_device,
 )
+from model.pixels import pixels_on_device
 from model.presets import CLIP_MEAN, CLIP_STD
 
 
