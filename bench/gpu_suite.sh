@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Every GPU measurement of bench/RESULTS.md in one run of at most SUITE_BUDGET_S seconds (default
-# 300) on one GPU; the headline cases come first, the per-switch ablations use what time is left.
+# 540) on one GPU; the headline cases come first, the per-switch ablations use what time is left.
 #
 #   OUT=/some/empty/folder bash bench/gpu_suite.sh            # from the repository root
 #
 # Needs python3 with torch, transformers, numpy, pillow, pyarrow, pandas, pyyaml, tqdm (torchvision
 # for the nvJPEG case) and the cn-clip wheel in .whl/ (`python3 -m pip download --no-deps
 # cn-clip==1.6.0 -d .whl`); no Ray, MLflow or network. Writes JSON lines to $OUT/train.jsonl,
-# embed.jsonl, input.jsonl and ablations.jsonl, and everything else the runs print to $OUT/suite.log;
-# `python -m bench.report $OUT --plot chart.png` turns them into RESULTS.md's verdict, tables and chart.
+# e2e.jsonl, embed.jsonl, loss.jsonl and ablations.jsonl, and everything else the runs print to
+# $OUT/suite.log; `python -m bench.report $OUT --plot chart.png --loss-plot curves.png` turns them
+# into RESULTS.md's verdict, tables and charts.
 # Each part has its own time limit, and every case is written as soon as it finishes, so an
-# interrupted run keeps what it measured. BENCH_ARGS and INPUT_ARGS are added to the model and
-# input benchmarks' arguments, e.g. for a CPU dry run of the plumbing:
-#   BENCH_ARGS="--preset tiny --batch-size 8 --steps 2 --warmup 1" INPUT_ARGS="--width 64 --height 48" ...
+# interrupted run keeps what it measured. BENCH_ARGS, E2E_ARGS and LOSS_ARGS are added to the model
+# benchmarks', the end-to-end run's and the loss curves' arguments, e.g. for a CPU dry run of the plumbing:
+#   BENCH_ARGS="--preset tiny --batch-size 8 --steps 2 --warmup 1" \
+#   E2E_ARGS="--preset tiny --batch-size 8 --images 64 --workers 2 --steps 2 --warmup 3 --width 64 --height 48" \
+#   LOSS_ARGS="--preset tiny --batch-size 8 --steps 20 --window 5 --train-images 40 --workers 2" ...
 set -uo pipefail
 
 OUT=${OUT:?set OUT to an empty folder for the results}
-BUDGET=${SUITE_BUDGET_S:-300}
+BUDGET=${SUITE_BUDGET_S:-540}
 START=$SECONDS
 mkdir -p "$OUT"
 LOG="$OUT/suite.log"
@@ -42,23 +45,28 @@ part() {
 }
 
 read -ra EXTRA <<<"${BENCH_ARGS:-}"
-read -ra INPUT_EXTRA <<<"${INPUT_ARGS:-}"
+read -ra E2E_EXTRA <<<"${E2E_ARGS:-}"
+read -ra LOSS_EXTRA <<<"${LOSS_ARGS:-}"
 
-# The headline: reference vs zhclip in both stages, padding-free text next to the previous best
-# (the first line holds the measured matmul peak).
-part train.jsonl 170 bench.train_throughput "${EXTRA[@]}" --budget-s 140 \
-  --cases reference-s2 reference-s1 fast-s2 fast-s1 fast-pf-s2 fast-pf-s1 fast-pf-s1-cached fast-flip50-s2
+# The headline: reference, peer (plain transformers + torch.compile) and zhclip in both stages, on
+# the same batch (the first line holds the measured matmul peak).
+part train.jsonl 200 bench.train_throughput "${EXTRA[@]}" --budget-s 170 \
+  --cases reference-s2 hf-compile-s2 fast-pf-s2 fast-s2 reference-s1 hf-compile-s1 fast-pf-s1 fast-s1
 PEAK=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).readline())['matmul_peak_tflops'] or '')" \
   "$OUT/train.jsonl" 2>>"$LOG")
 PEAK_ARGS=()
 [ -n "$PEAK" ] && PEAK_ARGS=(--peak-tflops "$PEAK")
 
-part embed.jsonl 70 bench.embed_throughput "${EXTRA[@]}" "${PEAK_ARGS[@]}" \
-  --cases reference-fp16 bf16-fast bf16-fast-cudagraphs bf16-fast-model-cudagraphs
-part input.jsonl 40 bench.input_pipeline --images 4096 --workers 16 --gpu-decode "${INPUT_EXTRA[@]}"
+# Real JPEG shards through the training input (16 loader processes; decoded on the CPU, then on the GPU).
+part e2e.jsonl 80 bench.train_end_to_end --case fast-pf-s2 --images 8192 --workers 16 "${E2E_EXTRA[@]}"
+part embed.jsonl 50 bench.embed_throughput "${EXTRA[@]}" "${PEAK_ARGS[@]}" \
+  --cases reference-fp16 bf16-fast bf16-fast-cudagraphs
+# 200 steps of plain fp32 and of fast-pf-s2 (GPU decoding) on the demo's shapes, plus plain again
+# with other dropout draws (the noise floor).
+part loss.jsonl 150 bench.loss_curve --batch-size 64 --steps 200 --workers 16 --noise-floor "${LOSS_EXTRA[@]}"
 
-# Padding-free variants, then the switches measured before, as time allows.
+# The switches one by one, as time allows.
 part ablations.jsonl "$(left)" bench.train_throughput "${EXTRA[@]}" "${PEAK_ARGS[@]}" --budget-s "$(( $(left) - 40 ))" \
-  --cases eager-pf-s2 fast-pf-model-s2 fast-pf-ckpt-s2 eager-s2 fast-model-s2 fast-cudagraphs-s2 fast-pf-autotune-s2
+  --cases fast-pf-model-s2 fast-pf-s1-cached eager-pf-s2 fast-pf-cudagraphs-s2 fast-pf-autotune-s2 fast-pf-ckpt-s2
 
 echo "suite done in $((SECONDS - START))s" >>"$LOG"

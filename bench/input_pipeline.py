@@ -62,15 +62,23 @@ def photo_like_jpeg(seed: int, width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_prepared(folder: Path, images: int, width: int, height: int, workers: int) -> Path:
-    """A prepared `train` split (ingest's Parquet schema) of `images` captioned JPEGs."""
+def write_prepared(folder: Path, images: int, width: int, height: int, workers: int, varied: bool = False) -> Path:
+    """A prepared `train` split (ingest's Parquet schema) of `images` captioned JPEGs. `varied`: sizes
+    within 25% of width x height and captions of 6-50 characters, as in a web-crawled split."""
     split = folder / "train"
     split.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.75, 1.25, (images, 2)) if varied else np.ones((images, 2))
+    widths, heights = (scale[:, 0] * width).astype(int).tolist(), (scale[:, 1] * height).astype(int).tolist()
     with ProcessPoolExecutor(workers) as pool:
-        blobs = list(pool.map(photo_like_jpeg, range(images), [width] * images, [height] * images, chunksize=64))
+        blobs = list(pool.map(photo_like_jpeg, range(images), widths, heights, chunksize=64))
+    lengths = rng.integers(6, 51, images) if varied else np.full(images, 0)
+    # CJK characters (one token each) from the unified block
+    texts = ["".join(map(chr, 0x4E00 + rng.integers(0, 20902, n))) if varied else f"第{i}张图片里有一只猫"
+             for i, n in enumerate(lengths)]
     for start in range(0, images, SHARD_ROWS):
         ids = list(range(start, min(start + SHARD_ROWS, images)))
-        table = pa.Table.from_pydict({"text_id": ids, "text": [f"第{i}张图片里有一只猫" for i in ids], "image_id": ids,
+        table = pa.Table.from_pydict({"text_id": ids, "text": texts[ids[0]:ids[-1] + 1], "image_id": ids,
                                       "image": blobs[ids[0]:ids[-1] + 1]}, schema=PAIR_SCHEMA)
         pq.write_table(table, split / f"part-{start // SHARD_ROWS:05d}.parquet", row_group_size=IngestConfig().row_group_rows)
     return folder

@@ -3,12 +3,15 @@
     python -m bench.train_throughput --preset ViT-B-16 --batch-size 256 --cases reference-s2 fast-s2
     python -m bench.train_throughput --preset tiny --batch-size 8 --steps 2 --cases all   # CPU smoke run
 
-Each case prints one JSON line: samples/s, FLOPs per sample (torch.utils.flop_counter, counted on
+Three implementations of the same model and batch: `reference-*` (cn-clip's own code), `hf-compile-*`
+(the peer: what a user writes with plain transformers) and zhclip's own step. Each case prints one JSON line: samples/s, FLOPs per sample (torch.utils.flop_counter, counted on
 the uncompiled step), achieved TFLOP/s, MFU against a bf16 matmul peak measured here, and peak
 memory. zhclip cases run components.training.TrainStep, the step Ray Train workers run, with the
 speed switches of model/fast.py; `reference-*` cases run cn-clip's own `CLIP` model with its
 recipe (AMP fp16 autocast + GradScaler, AdamW, symmetric InfoNCE; stage 1 freezes the image tower
-as cn-clip's `--freeze-vision` does). Cases marked `check_loss` also compare the optimised model's
+as cn-clip's `--freeze-vision` does); `hf-compile-*` cases run transformers' `ChineseCLIPModel`
+(SDPA attention) with bf16 autocast, fused AdamW, its own `return_loss` and the whole forward in
+`torch.compile` (stage 1: the image tower's parameters frozen). Cases marked `check_loss` also compare the optimised model's
 loss and embeddings with the plain fp32 model on the same batch (dropout off).
 
 Needs only torch, transformers and the cn-clip wheel: no Ray, MLflow or Great Expectations.
@@ -39,7 +42,7 @@ VIT_PRESETS = [name for name, spec in PRESETS.items() if "resnet_layers" not in 
 
 @dataclass(frozen=True)
 class Case:
-    impl: str = "zhclip"  # zhclip | reference
+    impl: str = "zhclip"  # zhclip | reference | hf (plain transformers + torch.compile)
     stage: int = 2
     precision: str = "bf16"  # zhclip: fp32 | bf16 (autocast, fp32 master weights); reference: amp-fp16
     fused_adamw: bool = False
@@ -60,6 +63,8 @@ FAST = replace(EAGER, compile_scope="regional")
 CASES: dict[str, Case] = {
     "reference-s2": Case(impl="reference", stage=2, precision="amp-fp16"),
     "reference-s1": Case(impl="reference", stage=1, precision="amp-fp16"),
+    "hf-compile-s2": Case(impl="hf", stage=2, fused_adamw=True, compile_scope="model"),
+    "hf-compile-s1": Case(impl="hf", stage=1, fused_adamw=True, compile_scope="model"),
     "fast-s2": replace(FAST, check_loss=True),
     "fast-s1": replace(FAST, stage=1, check_loss=True),
     "fast-s1-cached": replace(FAST, stage=1, cache_image_embeds=True),
@@ -70,6 +75,7 @@ CASES: dict[str, Case] = {
     "eager-pf-s2": replace(EAGER, padding_free=True, check_loss=True),
     "fast-pf-ckpt-s2": replace(FAST, padding_free=True, activation_checkpointing=True),
     "fast-pf-autotune-s2": replace(FAST, padding_free=True, compile_mode="max-autotune-no-cudagraphs"),
+    "fast-pf-cudagraphs-s2": replace(FAST, padding_free=True, compile_mode="reduce-overhead"),
     # each switch on its own, eager, to show what it brings
     "fp32-s2": Case(precision="fp32"),
     "bf16-s2": Case(),
@@ -156,6 +162,34 @@ def reference_step(preset: str, stage: int, batch: dict, device: torch.device) -
     return step
 
 
+def hf_compile_step(preset: str, stage: int, batch: dict, device: torch.device, context_length: int):
+    """The peer: transformers' ChineseCLIPModel as anyone would train it (SDPA, bf16 autocast, fused
+    AdamW, the model's own contrastive loss, the whole forward compiled by `finish`)."""
+    with device:
+        model, _ = build_model(preset, context_length=context_length)  # a plain ChineseCLIPModel, SDPA attention
+    if stage == 1:
+        for tower in (model.vision_model, model.visual_projection):
+            tower.requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, betas=(0.9, 0.98),
+                                  eps=1e-6, weight_decay=0.001, fused=device.type == "cuda")
+    forward = [model]
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = forward[0](**batch, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def finish() -> dict:
+        forward[0] = torch.compile(model)  # after the FLOP count, which needs the eager step
+        return {"applied": {"compile": "model"}}
+
+    return step, finish
+
+
 @torch.no_grad()
 def compare_with_plain(plain: torch.nn.Module, fast: torch.nn.Module, batch: dict, precision: str) -> dict:
     """Loss and embeddings of the optimised model against the plain fp32 one, on the same batch, in
@@ -178,9 +212,10 @@ def compare_with_plain(plain: torch.nn.Module, fast: torch.nn.Module, batch: dic
             "embed_cosine_min": round(cosine, 5), "loss_matches": loss_matches}
 
 
-def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, context_length: int):
-    """components.training.TrainStep on a model with the case's speed switches; compilation is
-    applied after the FLOP count (which needs the eager step) by the returned `finish` callback."""
+def build_zhclip(case: Case, preset: str, device: torch.device, context_length: int, lr: float = 5e-5,
+                 warmup_steps: int = 10, total_steps: int = 10_000):
+    """The model with the case's speed switches (compilation aside) and its TrainStep, and a plain
+    copy of the model when the case checks its loss: (model, train_step, plain or None, switches applied)."""
     with device:  # initialised where it runs: seconds saved per case on a GPU
         model, _ = build_model(preset, context_length=context_length)
     if case.stage == 1:
@@ -193,9 +228,16 @@ def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, cont
     model.train()
     if case.stage == 1:
         lock_image_tower(model)  # locked modules back in eval mode after model.train()
-    optimizer = build_optimizer(model, lr=5e-5, weight_decay=0.001, fused=case.fused_adamw)
-    train_step = TrainStep(model, optimizer, warmup_cosine(optimizer, 10, 10_000),
+    optimizer = build_optimizer(model, lr=lr, weight_decay=0.001, fused=case.fused_adamw)
+    train_step = TrainStep(model, optimizer, warmup_cosine(optimizer, warmup_steps, total_steps),
                            StepConfig(precision=case.precision, mask_ratio=case.mask_ratio))
+    return model, train_step, plain, applied
+
+
+def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, context_length: int):
+    """components.training.TrainStep on a model with the case's speed switches; compilation is
+    applied after the FLOP count (which needs the eager step) by the returned `finish` callback."""
+    model, train_step, plain, applied = build_zhclip(case, preset, device, context_length)
     if case.cache_image_embeds:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16"):
             images = model.get_image_features(pixel_values=batch["pixel_values"])
@@ -227,6 +269,8 @@ def run_case(name: str, case: Case, args, device: torch.device, peak_tflops: flo
     if case.impl == "reference":
         step = reference_step(args.preset, case.stage, batch, device)
         finish = dict
+    elif case.impl == "hf":
+        step, finish = hf_compile_step(args.preset, case.stage, batch, device, args.context_length)
     else:
         step, finish = zhclip_step(case, args.preset, batch, device, args.context_length)
     flops, seconds, extra, elapsed = count_then_time(step, lambda: (step, finish()), device, args.warmup, args.steps)

@@ -13,17 +13,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("train_throughput", "embed_throughput", "input_pipeline")
+BENCHES = ("train_throughput", "embed_throughput", "input_pipeline", "train_end_to_end", "loss_curve")
 
 
-def run_bench(module: str, *args: str) -> dict[str, dict]:
-    """Run `python -m bench.<module>` from the repository root; its JSON lines keyed by case."""
+def bench_lines(module: str, *args: str) -> list[dict]:
+    """Run `python -m bench.<module>` from the repository root; its JSON lines after the environment."""
     result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--device", "cpu", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0]["bench"] == "environment" and lines[0]["torch"]
-    return {line["case"]: line for line in lines[1:]}
+    return lines[1:]
+
+
+def run_bench(module: str, *args: str) -> dict[str, dict]:
+    """The JSON lines of `python -m bench.<module>`, keyed by case."""
+    return {line["case"]: line for line in bench_lines(module, *args)}
 
 
 def python(code: str) -> str:
@@ -43,6 +48,8 @@ def test_gpu_suite_names_only_existing_cases():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_suite.sh")]).returncode == 0
     runs = re.findall(r"bench\.(\w+)[^\n]*--cases ([^\n]*)", script)
     assert {module for module, _ in runs} == {"train_throughput", "embed_throughput"}
+    single = re.findall(r"bench\.(?:train_end_to_end|loss_curve)[^\n]*--(?:case|fast) (\S+)", script)
+    runs += [("train_throughput", name) for name in single]
     catalogues = json.loads(python("import json; from bench import embed_throughput, train_throughput; "
                                    "print(json.dumps({m.__name__.split('.')[1]: list(m.CASES) "
                                    "for m in (embed_throughput, train_throughput)}))"))
@@ -54,7 +61,7 @@ def test_gpu_suite_names_only_existing_cases():
 @pytest.mark.slow
 def test_training_benchmark_runs_reference_and_zhclip_steps():
     cases = run_bench("train_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                      "--cases", "reference-s2", "reference-s1", "eager-s2", "bf16-s2", "eager-pf-s2")
+                      "--cases", "reference-s2", "reference-s1", "eager-s2", "bf16-s2", "eager-pf-s2", "hf-compile-s1")
     for name, case in cases.items():
         assert "error" not in case, f"{name}: {case.get('error')}"
         assert case["samples_per_s"] > 0 and case["gflop_per_sample"] > 0 and case["peak_memory_mb"] > 0
@@ -70,6 +77,39 @@ def test_training_benchmark_runs_reference_and_zhclip_steps():
     assert padding_free["gflop_per_sample"] < eager["gflop_per_sample"]
     # the same architecture and batch: zhclip counts the reference's work (to within its text pooler)
     assert cases["bf16-s2"]["gflop_per_sample"] == pytest.approx(cases["reference-s2"]["gflop_per_sample"], rel=0.1)
+    # the peer is plain transformers on the same model: stage 1 without the locked tower's backward
+    peer = cases["hf-compile-s1"]
+    assert peer["impl"] == "hf" and peer["applied"] == {"compile": "model"}
+    assert cases["reference-s1"]["gflop_per_sample"] == pytest.approx(peer["gflop_per_sample"], rel=0.1)
+    assert peer["gflop_per_sample"] < cases["bf16-s2"]["gflop_per_sample"]
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmark_trains_from_jpeg_shards_and_compares_with_tensors():
+    lines = bench_lines("train_end_to_end", "--case", "eager-s2", "--preset", "tiny", "--batch-size", "8", "--images", "96",
+                        "--workers", "1", "--steps", "3", "--warmup", "1", "--width", "64", "--height", "48", "--augment")
+    by_input = {line["input"]: line for line in lines if "input" in line}
+    assert set(by_input) == {"tensors", "cpu", "gpu"}
+    assert by_input["tensors"]["x_tensors"] == 1.0 and by_input["tensors"]["data_wait_share"] == 0.0
+    cpu = by_input["cpu"]
+    assert cpu["samples_per_s"] > 0 and 0 <= cpu["data_wait_share"] < 1 and cpu["peak_memory_mb"] > 0
+    assert cpu["x_tensors"] == pytest.approx(cpu["samples_per_s"] / by_input["tensors"]["samples_per_s"], rel=0.01)
+    assert "torchvision" in by_input["gpu"]["error"], "no torchvision here: the GPU input is reported, not faked"
+
+
+@pytest.mark.slow
+def test_loss_curve_check_finds_identical_configurations_identical():
+    """fp32-s2 is plain's configuration, its images normalised on the device instead (the same
+    pixels): the curves coincide; eager-s2 (bf16, fused kernels) departs from them a little."""
+    common = ("--preset", "tiny", "--batch-size", "8", "--steps", "16", "--window", "4", "--train-images", "30",
+              "--workers", "1", "--tolerance", "0.001", "--lr", "2e-3", "--warmup-steps", "2")
+    same = {line["case"]: line for line in bench_lines("loss_curve", "--fast", "fp32-s2", *common)}
+    losses = same["plain"]["losses"]
+    assert len(losses) == len(same["fp32-s2"]["losses"]) == 16
+    assert sum(losses[:4]) > sum(losses[-4:]), "the demo's shapes are being learnt"
+    assert same["comparison"]["max_gap_nats"] < 1e-4 and same["comparison"]["curves_agree"] is True
+    other = {line["case"]: line for line in bench_lines("loss_curve", "--fast", "eager-s2", *common)}
+    assert other["comparison"]["max_gap_nats"] > 0 and other["plain"]["losses"] == same["plain"]["losses"]
 
 
 def test_training_benchmark_rejects_unknown_cases():
