@@ -64,6 +64,11 @@ _NOT_IN_RUN_IDENTITY = {"storage_path", "storage_endpoint", "max_failures", "kee
                         "experiment", "log_every", "checkpoint_every", "validate_every"}
 
 
+def torchvision_installed() -> bool:
+    """Whether torchvision (train.decode_on_device's JPEG decoder) can be imported here."""
+    return importlib.util.find_spec("torchvision") is not None
+
+
 @dataclass
 class TrainConfig:
     stage: int = 1
@@ -130,7 +135,7 @@ class TrainConfig:
             raise ValueError("padding_free needs fused_qkv: true (the packed attention is the fused one)")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.decode_on_device and importlib.util.find_spec("torchvision") is None:
+        if self.decode_on_device and not torchvision_installed():
             raise ValueError("decode_on_device needs torchvision, the build matching your torch (for CUDA 13: "
                              "pip install torchvision --index-url https://download.pytorch.org/whl/cu130), "
                              "or pip install 'zhclip[gpu-decode]'; or set train.decode_on_device: false")

@@ -228,18 +228,20 @@ class BatchDecoder:
     def _decoded_on_device(self, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
         processor = self.image_processor
         size = processor.size["height"]
+        images: list[torch.Tensor | None] = [None] * len(batch["jpeg"])
         rows = [index for index, blob in enumerate(batch["jpeg"]) if len(blob)]
-        # one host buffer for the batch's JPEGs, each a view of it (torch wants writable memory)
-        buffer = torch.frombuffer(bytearray(b"".join(batch["jpeg"][rows])), dtype=torch.uint8) if rows else None
-        ends = np.cumsum([len(blob) for blob in batch["jpeg"][rows]])
-        encoded = [buffer[end - len(batch["jpeg"][index]):end] for index, end in zip(rows, ends)]
-        images: list[torch.Tensor] = [None] * len(batch["jpeg"])  # type: ignore[list-item]
-        for index, image in zip(rows, decode_jpegs(encoded, [tuple(batch["crop_box"][i]) for i in rows], device)):
-            images[index] = image
+        if rows:
+            # one host buffer for the batch's JPEGs, each a view of it (torch wants writable memory)
+            blobs = [batch["jpeg"][index] for index in rows]
+            buffer = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+            ends = np.cumsum([len(blob) for blob in blobs])
+            encoded = [buffer[end - len(blob):end] for blob, end in zip(blobs, ends)]
+            boxes = [tuple(int(edge) for edge in batch["crop_box"][index]) for index in rows]
+            for index, image in zip(rows, decode_jpegs(encoded, boxes, device)):
+                images[index] = image
         for index, blob in enumerate(batch["pixels"]):
             if len(blob):
-                pixels = torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(3, size, size)
-                images[index] = _moved(pixels, device)
+                images[index] = _moved(torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(3, size, size), device)
         return pixels_on_device(images, size, processor.image_mean, processor.image_std)
 
 

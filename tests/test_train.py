@@ -190,6 +190,27 @@ def test_decoding_processes_and_augmentation_keep_the_run_reproducible(prepared_
     assert [h["loss"] for h in plain] != pytest.approx([h["loss"] for h in inline], abs=1e-6)
 
 
+def test_jpegs_decoded_on_the_device_train_as_the_loaders_pixels(raw_dir, tmp_path, monkeypatch):
+    """train.decode_on_device through the training loop, on JPEG shards: the losses of the 8-bit
+    loader path within the one-level difference of the two resizes (torchvision is not installable
+    here: PIL stands in for its decoder, which the reference environment checks against PIL)."""
+    from components.ingest import IngestConfig, ingest
+    from test_train_data import pil_decode_jpegs
+
+    ingest(raw_dir, tmp_path / "jpeg", IngestConfig(shard_rows=50, image_format="JPEG"))
+    monkeypatch.setattr("components.train.torchvision_installed", lambda: True)
+    decoded = []
+    monkeypatch.setattr("components.train_data.decode_jpegs",
+                        lambda encoded, boxes, device: decoded.append(len(encoded)) or pil_decode_jpegs(encoded, boxes, device))
+    loaders, _ = _loop(tmp_path / "jpeg", tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2,
+                       normalize_on_device=True)
+    on_device, _ = _loop(tmp_path / "jpeg", tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2,
+                         decode_on_device=True)
+    assert decoded == [32, 32, 32], "every image of every batch decoded on the device"
+    assert [h["pairs"] for h in on_device] == [h["pairs"] for h in loaders]
+    assert [h["loss"] for h in on_device] == pytest.approx([h["loss"] for h in loaders], abs=2e-3)
+
+
 def test_config_rejects_settings_that_cannot_work():
     with pytest.raises(ValueError, match="accum_steps=3"):
         TrainConfig(batch_size=32, accum_steps=3)

@@ -227,12 +227,9 @@ def test_on_device_hands_over_each_batch_with_its_inputs(mixed_split, monkeypatc
 
 
 def test_decode_on_device_without_torchvision_is_a_clear_error(monkeypatch):
-    import importlib.util
-
     from components.train import TrainConfig
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+    monkeypatch.setattr("components.train.torchvision_installed", lambda: False)
     with pytest.raises(ValueError, match=r"decode_on_device needs torchvision.*zhclip\[gpu-decode\]"):
         TrainConfig(decode_on_device=True)
 
