@@ -72,6 +72,7 @@ CASES: dict[str, Case] = {
     "fast-pf-s1": replace(FAST, stage=1, padding_free=True, check_loss=True),
     "fast-pf-s1-cached": replace(FAST, stage=1, padding_free=True, cache_image_embeds=True),
     "fast-pf-model-s2": replace(FAST, padding_free=True, compile_scope="model"),
+    "fast-pf-model-s1": replace(FAST, stage=1, padding_free=True, compile_scope="model"),
     "eager-pf-s2": replace(EAGER, padding_free=True, check_loss=True),
     "fast-pf-ckpt-s2": replace(FAST, padding_free=True, activation_checkpointing=True),
     "fast-pf-autotune-s2": replace(FAST, padding_free=True, compile_mode="max-autotune-no-cudagraphs"),
