@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.measure import emit, environment, pick_device
+from bench.measure import emit, environment, peak_memory_mb, pick_device, reset_peak_memory
 from bench.train_throughput import CASES, Case, VIT_PRESETS, build_zhclip
 from components.demo_data import DemoDataConfig, generate_demo_data
 from components.ingest import IngestConfig, ingest
@@ -82,6 +82,7 @@ def loss_curve(case: Case, decode: str, prepared: Path, args, device: torch.devi
     decoder = BatchDecoder(processor, args.context_length, seed=args.seed, eight_bit=decode == "uint8",
                            on_device=decode == "gpu")
     batches = training_batches(plan, decoder, 0, args.steps, args.workers)
+    reset_peak_memory(device)
     losses = [step(inputs)["loss"] for _, inputs in on_device(batches, decoder, device)]
     return losses, {**applied, "compile": case.compile_scope, "decode": decode}
 
@@ -125,7 +126,7 @@ def main() -> None:
             started = time.perf_counter()
             curves[name], applied = loss_curve(case, decode, prepared, args, device, dropout_seed)
             emit({**common, "case": name, "applied": applied, "seconds": round(time.perf_counter() - started, 1),
-                  "losses": [round(loss, 5) for loss in curves[name]]})
+                  "peak_memory_mb": peak_memory_mb(device), "losses": [round(loss, 5) for loss in curves[name]]})
     tolerance = args.tolerance
     if args.noise_floor:
         noise = compare_curves(curves["plain"], curves["plain-reseeded"], args.window, args.tolerance)

@@ -162,6 +162,13 @@ def markdown(suite: Suite) -> str:
                          [[f"`{r['case']}`", r["input"], r["workers"], f"{r['samples_per_s']:,.0f}", f"{r['x_tensors']:.2f}",
                            f"{r['data_wait_share']:.0%}", f"{r['peak_memory_mb'] / 1024:.1f}"] for r in suite.end_to_end])]
     comparisons = [r for r in suite.loss_curves if r["case"] in ("comparison", "noise-floor")]
+    runs = [r for r in suite.loss_curves if "losses" in r]
+    if runs:
+        parts += ["## Loss-curve runs",
+                  _table(["run", "images decoded by", "steps", "first loss", "last loss", "seconds", "peak memory (GiB)"],
+                         [[f"`{r['case']}`", r.get("applied", {}).get("decode", ""), len(r["losses"]), r["losses"][0],
+                           r["losses"][-1], r.get("seconds", ""),
+                           f"{r['peak_memory_mb'] / 1024:.1f}" if "peak_memory_mb" in r else ""] for r in runs])]
     if comparisons:
         parts += ["## Loss curves (plain against the fastest configuration)",
                   _table(["compared", "steps", f"largest gap of the {comparisons[0]['window']}-step means (nats)",

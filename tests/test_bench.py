@@ -107,6 +107,7 @@ def test_loss_curve_check_finds_identical_configurations_identical_and_measures_
         "--warmup-steps", "2")}
     losses = lines["plain"]["losses"]
     assert len(losses) == len(lines["fp32-s2"]["losses"]) == len(lines["plain-reseeded"]["losses"]) == 16
+    assert lines["plain"]["peak_memory_mb"] > 0
     assert sum(losses[:4]) > sum(losses[-4:]), "the demo's shapes are being learnt"
     noise, comparison = lines["noise-floor"], lines["comparison"]
     assert noise["max_gap_nats"] > 0.001 and lines["plain-reseeded"]["losses"] != losses
