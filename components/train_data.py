@@ -36,7 +36,8 @@ from PIL import Image
 
 from components.shards import PreparedSplit
 from model import decode_image
-from model.pixels import Box, decode_jpegs, pixels_on_device
+from components.gpu_decode import Box, decode_jpegs
+from model.pixels import pixels_on_device
 
 CROP_SCALE = (0.9, 1.0)  # Chinese-CLIP's training RandomResizedCrop
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -166,7 +167,7 @@ class BatchDecoder:
                  on_device: bool = False):
         self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
         self.context_length, self.augment, self.seed = context_length, augment, seed
-        self.eight_bit, self.on_device = eight_bit or on_device, on_device
+        self.eight_bit, self.on_device = eight_bit, on_device
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tokens = self.tokenizer(list(rows["text"]), padding="max_length", truncation=True,

@@ -1,9 +1,5 @@
-"""Image pixels made on the training device: 8-bit images resized and normalised there, and JPEG
-bytes decoded there (nvJPEG through torchvision).
-
-This module imports torch alone (torchvision only when JPEGs are decoded), so the reference
-environment, which has torchvision but not transformers, tests it against the CPU path.
-"""
+"""Image pixels made on the device: decoded 8-bit images resized and normalised there, as the
+model's image processor makes them on the CPU (imports torch alone)."""
 
 from __future__ import annotations
 
@@ -11,9 +7,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-Box = tuple[int, int, int, int]  # (left, top, right, bottom), as PIL's Image.crop takes it
-
 
 def pixels_on_device(images: Sequence[torch.Tensor] | torch.Tensor, size: int, mean: Sequence[float],
                      std: Sequence[float]) -> torch.Tensor:
@@ -35,13 +28,3 @@ def _resized(batch: torch.Tensor, size: int) -> torch.Tensor:
         return batch.float()
     resized = F.interpolate(batch.float(), size=(size, size), mode="bicubic", antialias=True)
     return resized.clamp(0, 255).round()
-
-
-def decode_jpegs(encoded: Sequence[torch.Tensor], boxes: Sequence[Box], device: torch.device) -> list[torch.Tensor]:
-    """JPEG bytes (1-D uint8 CPU tensors) -> RGB uint8 (3, h, w) images on `device`, each cropped to
-    its box. On a GPU torchvision decodes the whole list in one batched nvJPEG call; on the CPU it
-    decodes with libjpeg-turbo. Grey JPEGs come out as RGB, as PIL's `convert("RGB")` makes them."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    decoded = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
-    return [image[:, top:bottom, left:right] for image, (left, top, right, bottom) in zip(decoded, boxes)]

@@ -160,8 +160,8 @@ def mixed_split(tmp_path_factory) -> PreparedSplit:
 
 
 def pil_decode_jpegs(encoded, boxes, device):
-    """What model.pixels.decode_jpegs returns, made with PIL (torchvision cannot be installed beside
-    the pinned CPU torch; the reference environment checks the real one against PIL below)."""
+    """What components.gpu_decode.decode_jpegs returns, made with PIL (torchvision cannot be installed
+    beside the pinned CPU torch; the reference environment checks the real one against PIL below)."""
     images = [torch.from_numpy(np.array(Image.open(io.BytesIO(e.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
               for e in encoded]
     return [image[:, top:bottom, left:right].to(device) for image, (left, top, right, bottom) in zip(images, boxes)]
@@ -237,20 +237,20 @@ def test_decode_on_device_without_torchvision_is_a_clear_error(monkeypatch):
 REFERENCE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-reference" / "bin" / "python"
 DECODE_WITH_TORCHVISION = """
 import importlib.util, io, sys, numpy, torch
-spec = importlib.util.spec_from_file_location("pixels", sys.argv[1])
-pixels = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pixels)
+spec = importlib.util.spec_from_file_location("gpu_decode", sys.argv[1])
+gpu_decode = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_decode)
 blobs = numpy.load(sys.argv[2], allow_pickle=True)
 boxes = [tuple(int(v) for v in box) for box in numpy.load(sys.argv[3])]
-images = pixels.decode_jpegs([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs], boxes, torch.device("cpu"))
+images = gpu_decode.decode_jpegs([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs], boxes, torch.device("cpu"))
 numpy.savez(sys.argv[4], *[image.numpy() for image in images])
 """
 
 
 @pytest.mark.slow
 def test_torchvision_decodes_and_crops_the_jpegs_as_pil_does(tmp_path):
-    """model.pixels.decode_jpegs with the real torchvision (the reference environment's; on the CPU it
-    decodes with libjpeg-turbo, as nvJPEG does on a GPU) against PIL, for RGB and grey JPEGs."""
+    """components.gpu_decode.decode_jpegs with the real torchvision (the reference environment's; on
+    the CPU it decodes with libjpeg-turbo) against PIL, for RGB and grey JPEGs."""
     if not REFERENCE_PYTHON.is_file():
         pytest.fail("the reference environment is missing: run `make reference-env` (make test does)")
     blobs = [blob for blob, takes in map(_encoded, range(12)) if takes]
@@ -258,8 +258,8 @@ def test_torchvision_decodes_and_crops_the_jpegs_as_pil_does(tmp_path):
     boxes = np.array([(index % 3, 1, width - index % 2, height - 2) for index, (width, height) in enumerate(sizes)])
     np.save(tmp_path / "blobs.npy", np.array(blobs, dtype=object), allow_pickle=True)
     np.save(tmp_path / "boxes.npy", boxes)
-    pixels_module = Path(__file__).resolve().parents[1] / "model" / "pixels.py"
-    result = subprocess.run([str(REFERENCE_PYTHON), "-c", DECODE_WITH_TORCHVISION, str(pixels_module),
+    module = Path(__file__).resolve().parents[1] / "components" / "gpu_decode.py"
+    result = subprocess.run([str(REFERENCE_PYTHON), "-c", DECODE_WITH_TORCHVISION, str(module),
                              str(tmp_path / "blobs.npy"), str(tmp_path / "boxes.npy"), str(tmp_path / "out.npz")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
