@@ -56,6 +56,7 @@ from model import PRESETS, build_model, load_model, lock_image_tower
 from model.fast import COMPILE_SCOPES, SDPA_BACKENDS, apply_speedups
 
 HISTORY_FILE = "training_history.json"
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
 # Settings that change neither the result nor the order of the work: a re-run that differs only in
 # these still resumes the interrupted run.
@@ -92,6 +93,7 @@ class TrainConfig:
     padding_free: bool = False  # text tower computes real tokens only, no padding (needs fused_qkv)
     channels_last: bool = False  # channels-last patch embedding (GPU)
     compile: str = "none"  # torch.compile: none, regional (each encoder layer) or model
+    compile_mode: str = ""  # torch.compile mode: "" (its default), reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs
     num_workers: int = 1  # Ray Train workers (one process each; DDP when more than one)
     cpus_per_worker: int = 2
     use_gpu: bool = False  # one GPU per worker
@@ -129,6 +131,10 @@ class TrainConfig:
         self.step_config()  # validates precision
         if self.compile not in COMPILE_SCOPES:
             raise ValueError(f"compile must be one of {COMPILE_SCOPES}, got {self.compile!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_mode and self.compile == "none":
+            raise ValueError(f"compile_mode {self.compile_mode!r} needs compile: regional or model")
         if self.sdpa_backend and (self.sdpa_backend not in SDPA_BACKENDS or not self.fused_qkv):
             raise ValueError(f"sdpa_backend {self.sdpa_backend!r} needs fused_qkv: true and one of {sorted(SDPA_BACKENDS)}")
         if self.padding_free and not self.fused_qkv:
@@ -227,7 +233,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         enable_activation_checkpointing(model)
     raw_model = model.to(ctx.device)
     apply_speedups(raw_model, fused_qkv=cfg.fused_qkv, sdpa_backend=cfg.sdpa_backend or None,
-                   padding_free=cfg.padding_free, channels_last=cfg.channels_last, compile_scope=cfg.compile)
+                   padding_free=cfg.padding_free, channels_last=cfg.channels_last, compile_scope=cfg.compile,
+                   compile_options={"mode": cfg.compile_mode} if cfg.compile_mode else None)
     model = ctx.wrap_model(raw_model)
 
     plan = EpochPlan(PreparedSplit.open(config["prepared_dir"], "train"), cfg.batch_size, ctx.rank, ctx.world_size,

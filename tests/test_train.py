@@ -211,6 +211,22 @@ def test_jpegs_decoded_on_the_device_train_as_the_loaders_pixels(raw_dir, tmp_pa
     assert [h["loss"] for h in on_device] == pytest.approx([h["loss"] for h in loaders], abs=2e-3)
 
 
+def test_compile_mode_reaches_torch_compile(prepared_dir, tmp_path, monkeypatch):
+    """train.compile_mode goes to torch.compile with the scope (compiled here without it: CPU autotuning is slow)."""
+    import components.train as train_module
+
+    seen = {}
+    real = train_module.apply_speedups
+
+    def recording(model, **switches):
+        seen.update(switches)
+        return real(model, **{**switches, "compile_scope": "none", "compile_options": None})
+
+    monkeypatch.setattr(train_module, "apply_speedups", recording)
+    _loop(prepared_dir, tmp_path, stage=2, max_steps=1, compile="regional", compile_mode="max-autotune-no-cudagraphs")
+    assert (seen["compile_scope"], seen["compile_options"]) == ("regional", {"mode": "max-autotune-no-cudagraphs"})
+
+
 def test_config_rejects_settings_that_cannot_work():
     with pytest.raises(ValueError, match="accum_steps=3"):
         TrainConfig(batch_size=32, accum_steps=3)
@@ -220,6 +236,10 @@ def test_config_rejects_settings_that_cannot_work():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="everything")
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainConfig(compile="regional", compile_mode="fastest")
+    with pytest.raises(ValueError, match="needs compile: regional or model"):
+        TrainConfig(compile_mode="reduce-overhead")
     with pytest.raises(ValueError, match="needs fused_qkv"):
         TrainConfig(sdpa_backend="flash")
     with pytest.raises(ValueError, match="padding_free needs fused_qkv"):
