@@ -4,9 +4,9 @@
 #
 #   OUT=/some/empty/folder bash bench/gpu_suite.sh            # from the repository root
 #
-# Needs python3 with torch, transformers, numpy, pillow, pyarrow, pandas, pyyaml, tqdm (torchvision
-# for the nvJPEG case) and the cn-clip wheel in .whl/ (`python3 -m pip download --no-deps
-# cn-clip==1.6.0 -d .whl`); no Ray, MLflow or network. Writes JSON lines to $OUT/train.jsonl,
+# Needs python3 with torch, transformers, numpy, pillow, pyarrow, pandas, pyyaml, tqdm, scikit-learn
+# (the demo data's digits) and torchvision (GPU decoding), and the cn-clip wheel in .whl/
+# (`python3 -m pip download --no-deps cn-clip==1.6.0 -d .whl`); no Ray, MLflow or network. Writes JSON lines to $OUT/train.jsonl,
 # e2e.jsonl, embed.jsonl, loss.jsonl and ablations.jsonl, and everything else the runs print to
 # $OUT/suite.log; `python -m bench.report $OUT --plot chart.png --loss-plot curves.png` turns them
 # into RESULTS.md's verdict, tables and charts.
