@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from bench.measure import emit, environment, peak_memory_mb, pick_device, reset_peak_memory
-from bench.train_throughput import CASES, Case, VIT_PRESETS, build_zhclip
+from bench.train_throughput import CASES, VIT_PRESETS, Case, build_zhclip
 from components.demo_data import DemoDataConfig, generate_demo_data
 from components.ingest import IngestConfig, ingest
 from components.shards import PreparedSplit
@@ -41,7 +41,7 @@ from components.training import seed_everything
 from model.fast import compile_model
 from model.presets import PRESETS, build_processor, default_vocab_path
 
-PLAIN = Case(precision="fp32")
+PLAIN = CASES["fp32-s2"]  # fp32, no speed switch
 
 
 def smoothed(losses: list[float], window: int) -> np.ndarray:

@@ -85,8 +85,8 @@ def stage_targets(suite: Suite) -> dict[int, tuple[str, float, float]]:
 
 def verdict(suite: Suite) -> list[dict]:
     """One row per target: the best eligible case, its figure and whether it meets the target."""
-    rows = []
-    for stage, (baseline, factor, needed) in stage_targets(suite).items():
+    rows, targets = [], stage_targets(suite)
+    for stage, (baseline, factor, needed) in targets.items():
         eligible = [r for r in suite.train if r["stage"] == stage and r["impl"] == "zhclip" and not changes_work(r)]
         if eligible:
             best = max(eligible, key=lambda r: r["samples_per_s"])
@@ -100,8 +100,8 @@ def verdict(suite: Suite) -> list[dict]:
         rows.append({"target": f"image embedding >= {EMBED_TARGET:,} images/s", "case": best["case"],
                      "measured": f"{best['images_per_s']:,.0f} images/s", "met": best["images_per_s"] >= EMBED_TARGET})
     paths = [r for r in suite.input if r.get("workers", 0) <= MAX_INPUT_WORKERS]
-    if paths and 2 in stage_targets(suite):
-        needed = stage_targets(suite)[2][2]
+    if paths and 2 in targets:
+        needed = targets[2][2]
         best = max(paths, key=lambda r: r["images_per_s"])
         where = "on the GPU" if best["case"].startswith("gpu") else f"on {best['workers']} CPU cores"
         rows.append({"target": f"input >= the stage-2 target rate ({needed:,.0f} images/s)", "case": best["case"],
@@ -191,7 +191,7 @@ def plot(suite: Suite, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = sorted({r["stage"] for r in suite.train}, reverse=True)
+    stages, targets = sorted({r["stage"] for r in suite.train}, reverse=True), stage_targets(suite)
     per_stage = {stage: [r for r in training_rows(suite) if r["stage"] == stage] for stage in stages}
     figure, axes = plt.subplots(len(stages), 1, figsize=(8, 1 + 0.35 * len(suite.train) + len(stages)), squeeze=False,
                                 gridspec_kw={"height_ratios": [len(per_stage[stage]) + 1 for stage in stages]})
@@ -200,8 +200,8 @@ def plot(suite: Suite, path: str | Path) -> Path:
         colours = ["grey" if r["impl"] in ("reference", "hf") else "tab:orange" if changes_work(r) else "tab:blue"
                    for r in cases]
         axis.barh([r["case"] for r in cases], [r["samples_per_s"] for r in cases], color=colours)
-        if stage in stage_targets(suite):
-            baseline, factor, needed = stage_targets(suite)[stage]
+        if stage in targets:
+            baseline, factor, needed = targets[stage]
             axis.axvline(needed, color="tab:red", linestyle="--", label=f"target {factor}x {baseline}")
             axis.legend(loc="lower right")
         axis.invert_yaxis()
@@ -219,6 +219,8 @@ def plot_loss_curves(suite: Suite, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.loss_curve import smoothed
+
     runs = [r for r in suite.loss_curves if "losses" in r]
     if not runs:
         raise SystemExit("error: no loss-curve runs in the folder; run python -m bench.loss_curve")
@@ -227,8 +229,7 @@ def plot_loss_curves(suite: Suite, path: str | Path) -> Path:
     for run, colour in zip(runs, ("tab:grey", "tab:blue", "tab:green", "tab:orange")):
         steps = range(1, len(run["losses"]) + 1)
         axis.plot(steps, run["losses"], color=colour, alpha=0.25, linewidth=0.8)
-        means = [sum(run["losses"][i - window:i]) / window for i in range(window, len(run["losses"]) + 1)]
-        axis.plot(range(window, len(run["losses"]) + 1), means, color=colour, label=f"{run['case']} ({window}-step mean)")
+        axis.plot(range(window, len(run["losses"]) + 1), smoothed(run["losses"], window), color=colour, label=f"{run['case']} ({window}-step mean)")
     first = runs[0]
     axis.set(xlabel="step", ylabel="contrastive loss (nats)",
              title=f"{first['preset']}, batch {first['batch_size']}, same data, initialisation and seed")

@@ -3,16 +3,18 @@
     python -m bench.train_throughput --preset ViT-B-16 --batch-size 256 --cases reference-s2 fast-s2
     python -m bench.train_throughput --preset tiny --batch-size 8 --steps 2 --cases all   # CPU smoke run
 
-Three implementations of the same model and batch: `reference-*` (cn-clip's own code), `hf-compile-*`
-(the peer: what a user writes with plain transformers) and zhclip's own step. Each case prints one JSON line: samples/s, FLOPs per sample (torch.utils.flop_counter, counted on
+Three implementations of the same model and batch: `reference-*` (cn-clip's own code),
+`hf-compile-*` (the peer: what a user writes with plain transformers) and zhclip's own step. Each
+case prints one JSON line: samples/s, FLOPs per sample (torch.utils.flop_counter, counted on
 the uncompiled step), achieved TFLOP/s, MFU against a bf16 matmul peak measured here, and peak
 memory. zhclip cases run components.training.TrainStep, the step Ray Train workers run, with the
 speed switches of model/fast.py; `reference-*` cases run cn-clip's own `CLIP` model with its
 recipe (AMP fp16 autocast + GradScaler, AdamW, symmetric InfoNCE; stage 1 freezes the image tower
 as cn-clip's `--freeze-vision` does); `hf-compile-*` cases run transformers' `ChineseCLIPModel`
 (SDPA attention) with bf16 autocast, fused AdamW, its own `return_loss` and the whole forward in
-`torch.compile` (stage 1: the image tower's parameters frozen). Cases marked `check_loss` also compare the optimised model's
-loss and embeddings with the plain fp32 model on the same batch (dropout off).
+`torch.compile` (stage 1: the image tower's parameters frozen). Cases marked `check_loss` also
+compare the optimised model's loss and embeddings with the plain fp32 model on the same batch
+(dropout off).
 
 Needs only torch, transformers and the cn-clip wheel: no Ray, MLflow or Great Expectations.
 """
