@@ -22,28 +22,30 @@ from pathlib import Path
 
 import torch
 
-from components.common import load_params
-from components.evaluate import EvaluateConfig, evaluate
-from components.shards import PreparedSplit
-from components.start import StartConfig, prepare_start
-from components.train import TrainConfig, train
-from components.train_data import steps_per_epoch
+from zhclip.components.core.settings import config_from, load_params
+from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
+from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.training.start import StartConfig, prepare_start
+from zhclip.components.training.config import stage_config
+from zhclip.components.training.runner import train
+from zhclip.components.training.loader import steps_per_epoch
 
 
 def _train(data: Path, out: Path, params: dict, stage: int, init: Path, steps: int, **overrides) -> dict:
-    config = TrainConfig.from_params(params, stage, max_steps=steps, epochs=10_000, storage_path=str(out / "ray"),
-                                     tracking_uri=f"sqlite:///{out / 'mlflow.db'}", **overrides)
+    config = stage_config(params, stage, max_steps=steps, epochs=10_000, storage_path=str(out / "ray"),
+                          tracking_uri=f"sqlite:///{out / 'mlflow.db'}", **overrides)
     return train(data, out / f"{init.name}-stage{stage}-{steps}", config, init_dir=init)
 
 
 def run(data: Path, out: Path, params: dict) -> list[dict]:
-    per_epoch = steps_per_epoch(PreparedSplit.open(str(data.resolve()), "train").rows, params["train"]["batch_size"], 1)
-    stage1_steps, stage2_steps = params["stage1"]["epochs"] * per_epoch, params["stage2"]["epochs"] * per_epoch
+    stage1, stage2 = stage_config(params, 1), stage_config(params, 2)
+    per_epoch = steps_per_epoch(PreparedSplit.open(str(data.resolve()), "train").rows, stage1.batch_size, 1)
+    stage1_steps, stage2_steps = stage1.epochs * per_epoch, stage2.epochs * per_epoch
     total = stage1_steps + stage2_steps
-    scratch = prepare_start(out / "scratch", StartConfig.from_params(params, source="scratch"))["model_dir"]
-    towers = prepare_start(out / "towers", StartConfig.from_params(params))["model_dir"]
+    scratch = prepare_start(out / "scratch", config_from(StartConfig, params, "start", source="scratch"))["model_dir"]
+    towers = prepare_start(out / "towers", config_from(StartConfig, params, "start"))["model_dir"]
     runs = {
-        "scratch": lambda: _train(data, out, params, 2, Path(scratch), total, lr=params["stage1"]["lr"]),
+        "scratch": lambda: _train(data, out, params, 2, Path(scratch), total, lr=stage1.lr),
         "stage1": lambda: _train(data, out, params, 1, Path(towers), total),
         "two-stage": lambda: _train(data, out, params, 2, Path(_train(data, out, params, 1, Path(towers), stage1_steps)["model_dir"]),
                                     stage2_steps),

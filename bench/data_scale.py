@@ -168,7 +168,7 @@ def input_scaling(prepared: Path, workers: list[int], batch_size: int) -> list[d
     import torch
 
     from bench.input_pipeline import ray_session, stream_rate
-    from model import build_model
+    from zhclip.model import build_model
 
     _, processor = build_model("tiny")
     lines = []

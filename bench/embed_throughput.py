@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
 from bench.train_throughput import VIT_PRESETS, reference_model
-from model import build_model
-from model.embedding import projected_features
-from model.fast import apply_speedups, compile_model
-from model.presets import PRESETS
+from zhclip.model import build_model
+from zhclip.model.embedding import projected_features
+from zhclip.model.fast import apply_speedups, compile_model
+from zhclip.model.presets import PRESETS
 
 
 @dataclass(frozen=True)

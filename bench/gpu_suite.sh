@@ -25,6 +25,8 @@ mkdir -p "$OUT"
 LOG="$OUT/suite.log"
 
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+# The bare host runs the repository uninstalled: the `zhclip` namespace is its folders, linked.
+mkdir -p /tmp/site/zhclip && ln -sfn "$PWD/model" /tmp/site/zhclip/model && ln -sfn "$PWD/components" /tmp/site/zhclip/components
 export PYTHONPATH=/tmp/site:.
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$LOG" 2>&1
 

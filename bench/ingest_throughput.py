@@ -14,8 +14,8 @@ import random
 import tempfile
 from pathlib import Path
 
-from components.demo_data import COLOURS, POSITIONS, SHAPES, draw_image
-from components.ingest import IngestConfig, ingest
+from zhclip.components.demo.data import COLOURS, POSITIONS, SHAPES, draw_image
+from zhclip.components.data.ingest import IngestConfig, ingest
 
 
 def write_dataset(folder: Path, images: int, size: int) -> None:

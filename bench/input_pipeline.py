@@ -7,7 +7,7 @@ Writes a prepared split of photo-like JPEGs (--width x --height, as `zhclip inge
 image_format: JPEG` stores them) and measures, side by side, the ways to turn it into model-ready
 pixels (each case: images/s, and images/s per decoding core):
 
-- `stream`: zhclip's training input, `components.train_data` (the epoch plan's windows read from
+- `stream`: zhclip's training input, `zhclip.components.training.loader` (the epoch plan's windows read from
   the row groups; `BatchDecoder`: PIL decode, tokenising, the model's ChineseCLIP image processor)
   with N local decoding processes, what a bare GPU host runs; `--ray` adds `stream-ray`, the same
   with N Ray Data actors, what training under Ray runs; `--augment` adds the random resized crop;
@@ -42,11 +42,12 @@ from PIL import Image
 
 from bench.measure import emit, environment, pick_device, synchronize
 from bench.legacy_loader import EpochBatches, PairDataset, epoch_loader
-from components.ingest import PAIR_SCHEMA, IngestConfig
-from components.shards import PreparedSplit, read_pairs
-from components.train_data import BatchDecoder, EpochPlan, read_window, training_batches
-from model.pixels import pixels_on_device
-from model.presets import CLIP_MEAN, CLIP_STD, PRESETS, build_processor, default_vocab_path
+from zhclip.components.data.schema import PAIR_SCHEMA
+from zhclip.components.data.ingest import IngestConfig
+from zhclip.components.data.shards import PreparedSplit, read_pairs
+from zhclip.components.training.loader import BatchDecoder, EpochPlan, read_window, training_batches
+from zhclip.model.pixels import pixels_on_device
+from zhclip.model.presets import CLIP_MEAN, CLIP_STD, PRESETS, build_processor, default_vocab_path
 
 SHARD_ROWS = 2000
 

@@ -2,7 +2,7 @@
 
 The whole split is read into pandas (`read_pairs`) (image bytes included) and every caption tokenised up front;
 a DataLoader's worker processes decode and resize the images of each batch. `bench.input_pipeline`
-runs it beside the streaming input (`components.train_data`) to compare images/s per decoding core.
+runs it beside the streaming input (`zhclip.components.training.loader`) to compare images/s per decoding core.
 Nothing outside bench/ uses it.
 """
 
@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from components.shards import read_pairs
-from components.train_data import random_resized_crop, steps_per_epoch
-from model import decode_image
-from model.pixels import pixels_on_device
+from zhclip.components.training.loader import random_resized_crop, steps_per_epoch
+from zhclip.model import decode_image
+from zhclip.model.pixels import pixels_on_device
 
 
 class PairDataset(Dataset):

@@ -33,13 +33,13 @@ import torch
 
 from bench.measure import emit, environment, peak_memory_mb, pick_device, reset_peak_memory
 from bench.train_throughput import CASES, VIT_PRESETS, Case, build_zhclip
-from components.demo_data import DemoDataConfig, generate_demo_data
-from components.ingest import IngestConfig, ingest
-from components.shards import PreparedSplit
-from components.train_data import BatchDecoder, EpochPlan, on_device, training_batches
-from components.training import seed_everything
-from model.fast import compile_model
-from model.presets import PRESETS, build_processor, default_vocab_path
+from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
+from zhclip.components.data.ingest import IngestConfig, ingest
+from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, training_batches
+from zhclip.components.training.step import seed_everything
+from zhclip.model.fast import compile_model
+from zhclip.model.presets import PRESETS, build_processor, default_vocab_path
 
 PLAIN = CASES["fp32-s2"]  # fp32, no speed switch
 

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.report import markdown_table
+from zhclip.components.evaluation.report import markdown_table
 
 STAGE_TARGETS = {2: 2.0, 1: 2.1}  # x the reference's samples/s, where the suite ran no peer
 PEER_TARGET = 1.25  # x the peer's samples/s

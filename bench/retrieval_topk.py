@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from components.evaluate import metrics_of, rank
+from zhclip.components.evaluation.retrieval import metrics_of, rank
 
 
 def peak_rss_mb() -> float:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.index import IndexConfig, new_index, set_search_params
+from zhclip.components.search.index_build import IndexConfig, new_index
+from zhclip.components.search.index_store import set_search_params
 
 K = 10
 LOW_DIM, LOW_DIM_NOISE = 32, 0.1
@@ -122,7 +123,7 @@ def random_model(root: Path, preset: str, dim: int) -> Path:
     """A random model of `preset` whose embeddings are `dim` wide (its text tower is what a query costs)."""
     from transformers import AutoModel
 
-    from model.presets import PRESETS, build_processor, default_vocab_path, make_config, save_model
+    from zhclip.model.presets import PRESETS, build_processor, default_vocab_path, make_config, save_model
 
     spec = {**PRESETS[preset], "projection_dim": dim}
     processor = build_processor(default_vocab_path(), spec["vision"]["image_size"], 52)
@@ -134,8 +135,8 @@ def synthetic_index(root: Path, model_dir: Path, vectors: int, dim: int, factory
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from components.embed import model_identity
-    from components.index import ITEM_SCHEMA, ITEMS_FILE, save_index
+    from zhclip.components.registry.embed import model_identity
+    from zhclip.components.search.index_store import ITEM_SCHEMA, ITEMS_FILE, save_index
 
     gallery, _ = dataset("lowdim", vectors, 1, dim)
     started = time.perf_counter()

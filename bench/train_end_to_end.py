@@ -34,10 +34,10 @@ import torch
 from bench.input_pipeline import write_prepared
 from bench.measure import emit, environment, peak_memory_mb, pick_device, reset_peak_memory, synchronize
 from bench.train_throughput import CASES, VIT_PRESETS, build_zhclip
-from components.shards import PreparedSplit
-from components.train_data import BatchDecoder, EpochPlan, on_device, training_batches
-from model.fast import compile_model
-from model.presets import PRESETS, build_processor, default_vocab_path
+from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, training_batches
+from zhclip.model.fast import compile_model
+from zhclip.model.presets import PRESETS, build_processor, default_vocab_path
 
 INPUTS = ("tensors", "cpu", "gpu")
 

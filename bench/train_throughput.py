@@ -31,12 +31,18 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
-from components.training import StepConfig, TrainStep, build_optimizer, enable_activation_checkpointing, warmup_cosine
-from model import build_model, lock_image_tower
-from model.embedding import projected_features
-from model.fast import apply_speedups, compile_model
-from model.loss import MAX_LOGIT_SCALE
-from model.presets import PRESETS
+from zhclip.components.training.step import (
+    StepConfig,
+    TrainStep,
+    build_optimizer,
+    enable_activation_checkpointing,
+    warmup_cosine,
+)
+from zhclip.model import build_model, lock_image_tower
+from zhclip.model.embedding import projected_features
+from zhclip.model.fast import apply_speedups, compile_model
+from zhclip.model.loss import MAX_LOGIT_SCALE
+from zhclip.model.presets import PRESETS
 
 PAD_ID, CLS_ID, SEP_ID, FIRST_WORD_ID = 0, 101, 102, 106
 VIT_PRESETS = [name for name, spec in PRESETS.items() if "resnet_layers" not in spec["vision"]]  # what cn-clip's ViT takes
@@ -238,7 +244,7 @@ def build_zhclip(case: Case, preset: str, device: torch.device, context_length: 
 
 
 def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, context_length: int):
-    """components.training.TrainStep on a model with the case's speed switches; compilation is
+    """zhclip.components.training.step.TrainStep on a model with the case's speed switches; compilation is
     applied after the FLOP count (which needs the eager step) by the returned `finish` callback."""
     model, train_step, plain, applied = build_zhclip(case, preset, device, context_length)
     if case.cache_image_embeds:

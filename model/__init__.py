@@ -4,10 +4,10 @@ This package is shipped inside MLflow models, so it imports only torch, transfor
 PIL (plus the standard library) and nothing else from the zhclip repository.
 """
 
-from model.embedding import decode_image, embed_images, embed_texts
-from model.loss import contrastive_loss
-from model.locking import lock_image_tower
-from model.presets import PRESETS, build_model, default_vocab_path, load_model, save_model
+from .embedding import decode_image, embed_images, embed_texts
+from .loss import contrastive_loss
+from .locking import lock_image_tower
+from .presets import PRESETS, build_model, default_vocab_path, load_model, save_model
 
 __all__ = [
     "PRESETS",

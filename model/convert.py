@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, PreTrainedModel
 
-from model.presets import PRESETS, build_processor, default_vocab_path, image_size, make_config, save_model
+from .presets import PRESETS, build_processor, default_vocab_path, image_size, make_config, save_model
 
 _VISION_LAYER = {
     "ln_1": "layer_norm1",

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from model.presets import image_size
+from .presets import image_size
 
 
 class ImageEncoder(torch.nn.Module):

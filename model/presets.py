@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from model.resnet import ChineseCLIPResNetConfig
+from .resnet import ChineseCLIPResNetConfig
 
 # Preset = text tower + vision tower + shared projection size, mirroring Chinese-CLIP's released
 # models (their `model_configs/*.json`); "tiny" is for CPU tests and the demo.

@@ -25,9 +25,9 @@ import binascii
 import numpy as np
 import torch
 
-from model.embedding import decode_image, embed_images, embed_texts
-from model.loss import MAX_LOGIT_SCALE
-from model.presets import load_model
+from .embedding import decode_image, embed_images, embed_texts
+from .loss import MAX_LOGIT_SCALE
+from .presets import load_model
 
 # Recorded as the logged model's `model_config`; `mlflow.pyfunc.load_model(uri, model_config=...)` overrides.
 # `device`: "auto" is the first GPU when there is one (indexing a gallery, serving), else the CPU.

@@ -144,7 +144,11 @@ def copy_project(root: Path) -> Path:
     """The pipeline files of this repository (dvc.yaml, params, code, DVC config) in a new git repo."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    for folder in ("components", "model"):
+    import tomllib
+
+    # every code folder of the package (pyproject.toml's package-dir): dvc.yaml's stages depend on them
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    for folder in sorted(set(pyproject["tool"]["setuptools"]["package-dir"].values())):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
@@ -155,7 +159,7 @@ def copy_project(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
-    from components.demo_data import DemoDataConfig, generate_demo_data
+    from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 
     out = tmp_path_factory.mktemp("raw")
     generate_demo_data(out, DemoDataConfig(train_images=96, valid_images=8, test_images=24, captions_per_image=2,
@@ -165,7 +169,7 @@ def raw_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_dir(raw_dir, tmp_path_factory) -> Path:
-    from components.ingest import IngestConfig, ingest
+    from zhclip.components.data.ingest import IngestConfig, ingest
 
     out = tmp_path_factory.mktemp("prepared")
     ingest(raw_dir, out, IngestConfig(shard_rows=50))
@@ -175,7 +179,8 @@ def prepared_dir(raw_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(prepared_dir, tmp_path_factory) -> dict:
     """Both stages trained with Ray Train on the tiny data (two epochs each)."""
-    from components.train import TrainConfig, train
+    from zhclip.components.training.config import TrainConfig
+    from zhclip.components.training.runner import train
 
     root = tmp_path_factory.mktemp("trained")
     common = {"epochs": 2, "batch_size": 32, "storage_path": str(root / "ray"), "warmup_steps": 2,
@@ -190,7 +195,7 @@ def trained(prepared_dir, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> list[Path]:
     """Three untrained tiny-preset model folders with different weights (seeds 0, 1, 2), built in seconds."""
-    from model import build_model, save_model
+    from zhclip.model import build_model, save_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     return [save_model(*build_model("tiny", seed=seed), root / f"seed{seed}") for seed in range(3)]

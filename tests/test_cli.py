@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from components.demo_data import DemoDataConfig
+from zhclip.components.demo.data import DemoDataConfig
 from conftest import run_cli
 
 COMMANDS = ["demo-data", "ingest", "validate", "train", "evaluate", "zeroshot", "register", "embed", "index", "serve", "results"]
@@ -56,11 +56,11 @@ def test_bad_input_gives_a_clear_error_at_every_step(tmp_path, prepared_dir):
 
 def test_demo_data_and_ingest_from_the_command_line(tmp_path):
     result = run_cli("demo-data", "--out", str(tmp_path / "raw"), "--train-images", "10", "--test-images", "5",
-                     "--summary", str(tmp_path / "s.json"), cwd=tmp_path)
+                     "--summary", str(tmp_path / "s.json"), "--defaults", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     defaults = DemoDataConfig()
     assert json.loads((tmp_path / "s.json").read_text())["splits"]["test"]["images"] == 5 + defaults.test_digits
-    result = run_cli("ingest", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "prepared"), cwd=tmp_path)
+    result = run_cli("ingest", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "prepared"), "--defaults", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["splits"]["train"]["pairs"] == (10 + defaults.train_digits) * defaults.captions_per_image
 

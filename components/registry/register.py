@@ -1,0 +1,274 @@
+"""Register: log the model as an MLflow pyfunc, register a version, and gate the `champion` alias.
+
+The new version always gets alias `challenger`; `champion` moves to it only if its metric is at
+least its own starting model's (plus `min_gain_over_start`: fine-tuning must never make a model
+worse than what it started from) and at least the current champion's (minus a tolerance). Versions are never deleted or overwritten, and
+a checkpoint is registered once: its DVC hash (tag `model_dvc_hash`) finds an earlier version.
+Lineage travels as version tags: git commit, DVC hashes of model and data, params, metrics and
+the training run (when the training summary records one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+import zhclip.model as model_package
+from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.settings import setting
+from zhclip.components.core.summaries import read_summary, timed, write_summary
+from zhclip.components.core.lineage import dvc_hash, git_commit
+from zhclip.components.core.tracking import flatten_params, resolve_tracking_uri, using_tracking_uri
+from zhclip.model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
+
+SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
+# What a pulled model needs at inference, pinned to the versions it was trained with.
+INFERENCE_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "pillow", "pandas")
+
+
+@dataclass
+class RegisterConfig:
+    """Section `register`: the registered model and when `champion` moves to a new version."""
+
+    model_name: str = setting("zhclip-demo", "registered model name in the MLflow registry")
+    experiment: str = setting("zhclip", "MLflow experiment the run is filed under", shared_from="mlflow")
+    tracking_uri: str = setting("", "empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db", shared_from="mlflow")
+    metric: str = setting("mean_recall", "evaluation metric that decides promotion (higher is better)")
+    tolerance: float = setting(0.0, "promote when at least the champion's metric minus this")
+    min_gain_over_start: float = setting(0.0, "... and at least the starting model's metric plus this")
+
+
+def tracking_uri(config: RegisterConfig) -> str:
+    return resolve_tracking_uri(config.tracking_uri)
+
+
+def _signature(projection_dim: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    import numpy as np
+
+    # `image` is declared a string column: MLflow's serving layer base64-decodes `binary` columns
+    # itself, failing on the empty cells of text rows with an error that names no row. As a string
+    # column it reaches the model untouched (raw bytes pass too), which decodes and checks each row.
+    inputs = Schema([ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)])
+    params = ParamSchema([ParamSpec("output", "string", "embedding"), ParamSpec("labels", "string", [], shape=(-1,)),
+                          ParamSpec("template", "string", DEFAULT_TEMPLATE)])
+    outputs = Schema([TensorSpec(np.dtype("float32"), (-1, projection_dim))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _pinned_requirements() -> list[str]:
+    # A local version label (torch's "+cpu") names a build only its own index serves; the public
+    # version resolves anywhere, and pip picks the build that suits the puller's machine.
+    return [f"{package}=={version(package).split('+')[0]}" for package in INFERENCE_PACKAGES]
+
+
+def _training_runs(train_summary: str | Path | None) -> dict[str, str]:
+    """The training summary's `mlflow` section (tracking_uri, experiment_id, parent_run_id, run_id);
+    {} without a summary or in older summaries, which have none."""
+    runs = read_summary(train_summary).get("mlflow") if train_summary is not None else None
+    return {key: str(value) for key, value in runs.items() if value} if isinstance(runs, dict) else {}
+
+
+def _lineage(model_hash: str, metrics: dict[str, float], params: dict[str, Any], data_dir: str | Path | None,
+             training: dict[str, str]) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "model_dvc_hash": model_hash,
+            "params": json.dumps(params, sort_keys=True, ensure_ascii=False, default=str),
+            **{f"metric.{name}": str(value) for name, value in metrics.items()},
+            **{f"training_{key}": training[key] for key in ("parent_run_id", "run_id") if key in training}}
+    if data_dir is not None:
+        tags["data_dvc_hash"] = dvc_hash(data_dir)
+    return tags
+
+
+def _version_of_checkpoint(client, name: str, model_hash: str):
+    """The earliest version registered from this exact checkpoint, or None."""
+    versions = client.search_model_versions(f"name = '{name}' and tags.model_dvc_hash = '{model_hash}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _champion(client, name: str, metric: str) -> tuple[str | None, float | None]:
+    """The champion's version and its metric, as its MLflow run recorded it; (None, None) without one.
+
+    Read from the registered model's aliases rather than by catching a failed alias lookup, so that
+    a registry error stops the step instead of passing for "no champion" and promoting.
+    """
+    version = client.get_registered_model(name).aliases.get("champion")
+    if version is None:
+        return None, None
+    champion = client.get_model_version(name, version)
+    value = client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
+    return str(version), value
+
+
+def _start_value(metrics_summary: dict[str, Any], metric: str, where: str | Path) -> float | None:
+    """The starting model's value of `metric`, from the evaluation's chain (None: no start was evaluated)."""
+    chain = metrics_summary.get("chain") or []
+    if len(chain) < 2:
+        return None
+    if metric not in chain[0]:
+        raise ZhclipError(f"{where}: the start's evaluation has no {metric!r} to gate on; it has {sorted(chain[0])}")
+    return float(chain[0][metric])
+
+
+def _decide(candidate: float, start: float | None, champion_version: str | None, champion_value: float | None,
+            config: RegisterConfig) -> tuple[bool, str, str]:
+    """(promote, the rule that decided, the decision in words). The start comes first: a model worse
+    than what it was trained from is never promoted, whatever the champion."""
+    metric = config.metric
+    if start is not None and candidate < start + config.min_gain_over_start:
+        return False, "start", (f"kept current champion: {metric} {candidate} is below its own start {start} "
+                                f"(min gain {config.min_gain_over_start}); training made it worse")
+    versus_start = f"; start {start}, gain {candidate - start:+.4f}" if start is not None else ""
+    if champion_version is None:
+        return True, "first", f"promoted: no champion yet ({metric} {candidate}{versus_start})"
+    if champion_value is None:
+        return False, "champion", (f"kept current champion: version {champion_version} has no {metric} to compare; "
+                                   f"move the alias by hand if this version should replace it")
+    promote = candidate >= champion_value - config.tolerance
+    return promote, "champion", (f"{'promoted' if promote else 'kept current champion'}: {metric} {candidate} vs champion "
+                                 f"version {champion_version} {champion_value} (tolerance {config.tolerance}){versus_start}")
+
+
+def registration_card(chain: list[dict], decision: str, rule: str, metric: str) -> str:
+    """The version's description in the registry (Markdown): the start and every stage, and how the gate decided."""
+    lines = ["## Evaluation: the start and every stage", "", f"| model | {metric} | gain over start |", "|---|---|---|"]
+    lines += [f"| {entry['model']} | {entry.get(metric, '')} | "
+              f"{'' if entry is chain[0] or metric not in entry else format(entry[metric] - chain[0][metric], '+.2f')} |"
+              for entry in chain]
+    return "\n".join([*lines, "", f"**Gate** (rule: {rule}): {decision}", ""])
+
+
+def _gate(client, name: str, version: str, candidate: float, start: float | None, config: RegisterConfig,
+          chain: list[dict]) -> dict[str, Any]:
+    """Alias `challenger` to `version`; `champion` too when it passes `_decide`. Records the decision on the
+    version, in tags and in its description (the registration card)."""
+    client.set_registered_model_alias(name, "challenger", version)
+    champion_version, champion_value = _champion(client, name, config.metric)
+    promote, rule, decision = _decide(candidate, start, champion_version, champion_value, config)
+    if promote:
+        client.set_registered_model_alias(name, "champion", version)
+    client.update_model_version(name, version, description=registration_card(chain, decision, rule, config.metric))
+    for key, value in {"promotion": decision, "promotion.rule": rule, "promotion.candidate_value": candidate,
+                       "promotion.start_value": start, "promotion.champion_value": champion_value,
+                       "promotion.champion_version": champion_version}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return {"candidate_value": candidate, "start_value": start, "promoted": promote, "rule": rule, "decision": decision,
+            "previous_champion_version": int(champion_version) if champion_version else None,
+            "previous_champion_value": champion_value,
+            "champion_version": int(version) if promote else (int(champion_version) if champion_version else None)}
+
+
+def _shipped_code(scratch: Path) -> str:
+    """A `zhclip/model/` tree for MLflow's code_paths: the pulled model imports `zhclip.model` as the
+    repository does, and ships nothing else of it (`zhclip` stays a namespace package there)."""
+    shutil.copytree(Path(model_package.__file__).parent, scratch / "zhclip" / "model",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return str(scratch / "zhclip")
+
+
+def _log_and_register(model_dir: Path, metrics: dict[str, float], config: RegisterConfig, params: dict[str, Any],
+                      lineage: dict[str, str], artifacts: list[str | Path], training: dict[str, str]) -> tuple[str, str]:
+    """One MLflow run holding params, metrics, step summaries and the pyfunc model; returns (run id, version).
+
+    When training tracked into this same server and experiment, the run nests under the pipeline's
+    parent run, beside the training stages.
+    """
+    import mlflow
+    from transformers import AutoConfig
+
+    experiment = mlflow.set_experiment(config.experiment)
+    nested = (training.get("parent_run_id") and training.get("tracking_uri") == tracking_uri(config)
+              and training.get("experiment_id") == experiment.experiment_id)
+    # MLflow prints the run's URL on stdout when the run ends (HTTP tracking); stdout is the
+    # summary JSON of `zhclip register`, so that note goes to stderr.
+    with (contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch,
+          mlflow.start_run(tags={"mlflow.parentRunId": training["parent_run_id"]} if nested else None) as run):
+        # The model declares its signature (below); MLflow's hint to infer one from type hints is noise here.
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        mlflow.set_tags({key: value for key, value in lineage.items() if key != "params"})
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten_params(params).items()})
+        mlflow.log_metrics(metrics)
+        for artifact in artifacts:
+            read_summary(artifact)  # a missing or broken file fails here, named
+            mlflow.log_artifact(str(artifact), artifact_path="step_summaries")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVED_MODEL),
+            artifacts={"model_dir": str(model_dir)},
+            code_paths=[_shipped_code(Path(scratch))],
+            pip_requirements=_pinned_requirements(),
+            signature=_signature(AutoConfig.from_pretrained(model_dir).projection_dim),
+            input_example=pd.DataFrame({"text": ["一只红色的圆形在左上角"]}),
+            model_config=DEFAULT_CONFIG,
+        )
+        registered = mlflow.register_model(info.model_uri, config.model_name, tags=lineage)
+    return run.info.run_id, registered.version
+
+
+def register(
+    model_dir: str | Path,
+    metrics_path: str | Path,
+    config: RegisterConfig,
+    params: dict[str, Any] | None = None,
+    summary_path: str | Path | None = None,
+    step_summaries: list[str | Path] = (),
+    train_summary: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> dict:
+    """Log, register and gate; returns the summary (version, lineage, decision and both figures).
+
+    `step_summaries` (the JSON summaries of earlier steps) and `train_summary` (stage 2's, whose
+    `mlflow` section names the training runs) are attached to the MLflow run; `data_dir` is the
+    training data, recorded by its DVC hash. A checkpoint registered before is not registered again:
+    the summary names its existing version.
+    """
+    from mlflow import MlflowClient
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise ZhclipError(f"{model_dir} is not a trained model folder (needs config.json and model.safetensors)")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise ZhclipError(f"training data folder {data_dir} not found (pass the folder training read, e.g. data/validated)")
+    evaluation = read_summary(metrics_path)
+    metrics = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if config.metric not in metrics:
+        raise ZhclipError(f"{metrics_path} has no metric {config.metric!r}; it has {sorted(metrics)}")
+    start = _start_value(evaluation, config.metric, metrics_path)
+    # Every model of the chain (start, stage 1, stage 2) side by side in the run, e.g. `start.mean_recall`.
+    metrics |= {f"{entry['model']}.mean_recall": entry["mean_recall"] for entry in evaluation.get("chain", [])}
+    uri = tracking_uri(config)
+    with using_tracking_uri(uri):
+        client = MlflowClient()
+        summary: dict[str, Any] = {"model_name": config.model_name, "tracking_uri": uri, "metric": config.metric,
+                                   "candidate_value": metrics[config.metric]}
+        with timed(summary):
+            model_hash = dvc_hash(model_dir)
+            existing = _version_of_checkpoint(client, config.model_name, model_hash)
+            if existing is None:
+                training = _training_runs(train_summary)
+                lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
+                artifacts = [*step_summaries, *([train_summary] if train_summary and train_summary not in step_summaries else [])]
+                run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts, training)
+                summary.update(version=int(new_version), run_id=run_id, already_registered=False,
+                               lineage={k: v for k, v in lineage.items() if k != "params"},
+                               **_gate(client, config.model_name, new_version, metrics[config.metric], start, config,
+                                       evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}]))
+            else:
+                champion_version, _ = _champion(client, config.model_name, config.metric)
+                summary.update(version=int(existing.version), run_id=existing.run_id, already_registered=True,
+                               promoted=False, decision=existing.tags.get("promotion"),
+                               champion_version=int(champion_version) if champion_version else None)
+    if summary_path:
+        write_summary(summary_path, summary)
+    return summary

@@ -1,0 +1,99 @@
+"""An index folder on disk (local or s3://): how `zhclip index` writes it and how search loads it.
+
+- `index.faiss`: the vectors (inner product of L2-normalised embeddings, i.e. cosine);
+- `items.parquet`: row i of the index -> image id, location (see `search.gallery`), caption;
+- `index.json`: the model that built it (URI, registered name and version, weights hash), the
+  gallery, the FAISS settings and counts. Search refuses a model whose weights differ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.storage import Folder
+
+INDEX_FILE, ITEMS_FILE, META_FILE = "index.faiss", "items.parquet", "index.json"
+ITEM_SCHEMA = pa.schema([("id", pa.string()), ("location", pa.string()), ("caption", pa.string())])
+
+
+def set_search_params(index, params: str) -> None:
+    import faiss
+
+    if params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as err:
+            raise ZhclipError(f"search params {params!r} do not fit this index ({str(err).strip().splitlines()[-1]})") from err
+
+
+def save_index(out: str, index, meta: dict[str, Any]) -> None:
+    """Write the FAISS index and `meta` (with the build time added) into the index folder `out` (local or s3://)."""
+    import faiss
+
+    folder = Folder(out)
+    meta["built_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with folder.filesystem.open_output_stream(folder.path(INDEX_FILE)) as stream:
+        stream.write(faiss.serialize_index(index).tobytes())
+    with folder.filesystem.open_output_stream(folder.path(META_FILE)) as stream:
+        stream.write(json.dumps(meta, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+class SearchIndex:
+    """A built index folder, loaded for search: the FAISS index, its items and how it was built."""
+
+    def __init__(self, uri: str | Path):
+        import faiss
+
+        self.uri = str(uri)
+        folder = Folder(self.uri)
+        missing = [name for name in (META_FILE, ITEMS_FILE, INDEX_FILE) if folder.kind(name).name != "File"]
+        if missing:
+            raise ZhclipError(f"{self.uri} is not an index folder (no {', '.join(missing)}); build one with `zhclip index`")
+        self.meta = json.loads(folder.read_bytes(META_FILE))
+        started = time.perf_counter()
+        self.index = faiss.deserialize_index(np.frombuffer(folder.read_bytes(INDEX_FILE), dtype=np.uint8))
+        set_search_params(self.index, self.meta.get("search_params", ""))
+        with folder.filesystem.open_input_file(folder.path(ITEMS_FILE)) as handle:
+            # One chunk: `zhclip index` writes a row group per batch, and looking a row up across
+            # thousands of chunks took 0.76 ms per result at 1M images (0.004 ms in one chunk).
+            self.items = pq.read_table(handle).combine_chunks()
+        self.load_s = round(time.perf_counter() - started, 3)
+        if self.items.num_rows != self.index.ntotal:
+            raise ZhclipError(f"{self.uri}: {self.items.num_rows} items for {self.index.ntotal} vectors; rebuild the index")
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        """For each query vector, up to `k` (row, cosine) pairs, best first."""
+        scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, self.size))
+        return [[(int(row), float(score)) for row, score in zip(row_list, score_list) if row >= 0]
+                for row_list, score_list in zip(rows, scores)]
+
+    def item(self, row: int) -> dict[str, str]:
+        return {name: self.items.column(name)[row].as_py() for name in ITEM_SCHEMA.names}
+
+    def check_model(self, identity: dict[str, Any]) -> None:
+        """Fail when `identity` (from `model_identity`) is not the model that built this index."""
+        built = self.meta["model"]
+        if built["weights_hash"] != identity["weights_hash"]:
+            raise ZhclipError(
+                f"index {self.uri} was built by {describe_model(built)}, but the model given is {describe_model(identity)}: "
+                f"their embeddings do not compare. Re-index with `zhclip index --gallery {self.meta['gallery']} --model {identity['uri']} "
+                f"--out {self.uri}` "
+                "(or `dvc repro index`), or serve the model that built it")
+
+
+def describe_model(identity: dict[str, Any]) -> str:
+    version = f" ({identity['name']} version {identity['version']})" if identity.get("version") else ""
+    return f"{identity['uri']}{version}, weights {identity['weights_hash'][:12]}"

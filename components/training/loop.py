@@ -1,0 +1,199 @@
+"""One worker's training loop: plain PyTorch over the training step, with checkpoints, validation and
+progress; it runs under Ray Train (components/training/runner.py) or alone."""
+
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.storage import local_folder
+from zhclip.components.core.tracking import (
+    StepLogger,
+)
+from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.training.config import TrainConfig
+from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, pair_digest, training_batches
+from zhclip.components.training.step import (
+    TrainStep,
+    build_optimizer,
+    enable_activation_checkpointing,
+    load_checkpoint,
+    restore_state,
+    save_checkpoint,
+    seed_everything,
+    warmup_cosine,
+)
+from zhclip.model import build_model, load_model, lock_image_tower
+from zhclip.model.fast import apply_speedups
+
+HISTORY_FILE = "training_history.json"
+
+
+@dataclass
+class WorkerContext:
+    """What the loop needs from its runner (Ray Train, or nothing for a plain local run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
+    resume_dir: str | None = None  # a checkpoint folder to continue from
+    report: Callable[[dict, str | None], None] | None = None  # (metrics, checkpoint folder or None)
+    progress_bar: Callable[..., Any] | None = None  # tqdm-like factory, rank 0
+    on_ray: bool = False  # decoders are Ray Data actors (else local processes)
+
+
+def _initial_model(cfg: TrainConfig, init_dir: str | None):
+    if init_dir:
+        with tempfile.TemporaryDirectory() as scratch:
+            return load_model(local_folder(init_dir, scratch))
+    return build_model(cfg.preset, context_length=cfg.context_length, seed=cfg.seed)
+
+
+def _set_train_mode(model, cfg: TrainConfig) -> None:
+    model.train()
+    if cfg.stage == 1:  # also puts the locked tower back in eval mode after validation
+        lock_image_tower(model, cfg.unlocked_groups)
+
+
+def validation_metrics(model, processor, prepared_dir: str, batch_size: int) -> dict[str, float]:
+    """In-batch accuracy (image->text and text->image, batches of `batch_size` pairs) and retrieval
+    mean recall on the valid split, the latter exactly as `zhclip evaluate` scores a split."""
+    from zhclip.components.evaluation.split_embedding import embed_split
+    from zhclip.components.evaluation.retrieval import retrieval_metrics
+
+    model.eval()
+    with torch.no_grad():
+        split = embed_split(model, processor, prepared_dir, "valid", batch_size)
+    data = split.data
+    pair_texts, pair_images = data.text_emb[split.pair_texts], data.image_emb[split.pair_images]
+    hits = []
+    for start in range(0, len(pair_texts), batch_size):
+        scores = pair_texts[start:start + batch_size] @ pair_images[start:start + batch_size].T
+        diagonal = np.arange(len(scores))
+        hits += [(scores.argmax(1) == diagonal).mean(), (scores.argmax(0) == diagonal).mean()]
+    recall = retrieval_metrics(data.text_emb, data.image_emb, data.text_to_images)
+    return {"valid_inbatch_accuracy": round(100 * float(np.mean(hits)), 4), "valid_mean_recall": recall["mean_recall"]}
+
+
+def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = None) -> list[dict]:
+    """One worker's training; returns the per-step history (the whole run's, after a resume).
+
+    `config` holds TrainConfig fields plus `prepared_dir`, `init_dir` and `mlflow` (run ids or None).
+    Every `checkpoint_every` steps and at the end all ranks call `context.report`; rank 0 passes a
+    checkpoint folder (model + training state + history).
+    """
+    ctx = context or WorkerContext()
+    cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig)})
+    seed_everything(cfg.seed + ctx.rank)
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    if ctx.resume_dir:
+        model, processor, state = load_checkpoint(ctx.resume_dir)
+    else:
+        (model, processor), state = _initial_model(cfg, config["init_dir"]), None
+    _set_train_mode(model, cfg)
+    if cfg.grad_checkpointing:
+        enable_activation_checkpointing(model)
+    raw_model = model.to(ctx.device)
+    apply_speedups(raw_model, fused_qkv=cfg.fused_qkv, sdpa_backend=cfg.sdpa_backend or None,
+                   padding_free=cfg.padding_free, channels_last=cfg.channels_last, compile_scope=cfg.compile,
+                   compile_options={"mode": cfg.compile_mode} if cfg.compile_mode else None)
+    model = ctx.wrap_model(raw_model)
+
+    plan = EpochPlan(PreparedSplit.open(config["prepared_dir"], "train"), cfg.batch_size, ctx.rank, ctx.world_size,
+                     cfg.seed, cfg.shuffle_window)
+    per_epoch = plan.steps_per_epoch
+    if per_epoch == 0:
+        raise ZhclipError(f"{plan.pairs} training pairs give no full batch of {cfg.batch_size} per worker "
+                          f"across {ctx.world_size} workers; lower train.batch_size or num_workers")
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    decoder = BatchDecoder(processor, cfg.context_length, cfg.augment, cfg.seed, eight_bit=cfg.normalize_on_device,
+                           on_device=cfg.decode_on_device)
+    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
+    step = TrainStep(model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model)
+
+    progress = {"step": 0, "history": [], "validation": [], "resumed_at": []}
+    if state:
+        progress = restore_state(step, state)
+        progress["resumed_at"].append(progress["step"])
+        if ctx.rank:  # only rank 0's RNG state is saved; other ranks draw from fresh, distinct streams
+            seed_everything(cfg.seed + ctx.rank + 7919 * progress["step"])
+    valid = config["prepared_dir"] if ctx.rank == 0 and _has_valid_split(config["prepared_dir"]) else None
+    if valid is not None and not state:  # the starting point, which the stage must improve on (see training_warnings)
+        progress["validation"].append({"step": 0, **validation_metrics(raw_model, processor, valid, cfg.batch_size)})
+        _set_train_mode(raw_model, cfg)
+    logger = StepLogger(config.get("mlflow") if ctx.rank == 0 else None, every=cfg.log_every)
+    bar = ctx.progress_bar(total=total_steps, desc=f"stage {cfg.stage}", unit="step") if ctx.progress_bar and ctx.rank == 0 else None
+    if bar:
+        bar.update(progress["step"])
+
+    def checkpoint(metrics: dict[str, Any]) -> None:
+        logger.flush()
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = None
+            if ctx.rank == 0:
+                folder = str(save_checkpoint(tmp, raw_model, processor, step, progress))
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(progress["history"]), encoding="utf-8")
+            if ctx.report:
+                ctx.report(metrics, folder)
+
+    samples_per_step = cfg.batch_size * ctx.world_size
+    waited_from = time.perf_counter()
+    batches = training_batches(plan, decoder, progress["step"], total_steps, cfg.loader_workers, ctx.on_ray)
+    for batch, inputs in on_device(batches, decoder, ctx.device):
+        epoch = progress["step"] // per_epoch
+        data_wait = time.perf_counter() - waited_from
+        result = step(inputs)
+        elapsed = time.perf_counter() - waited_from
+        progress["step"] += 1
+        record = {"step": progress["step"], "epoch": epoch + 1, **result,
+                  "samples_per_s": samples_per_step / elapsed, "data_wait_s": data_wait, "step_s": elapsed}
+        logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
+        progress["history"].append({**record, "pairs": pair_digest(batch["text_id"], batch["image_id"])})
+        if bar:
+            bar.update(1)
+            bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")
+        end_of_epoch = progress["step"] % per_epoch == 0
+        if end_of_epoch and ctx.rank == 0 and not bar:
+            _log_epoch(cfg.stage, progress["history"], total_steps, per_epoch)
+        due = cfg.validate_every and progress["step"] % cfg.validate_every == 0
+        if valid is not None and (due or (end_of_epoch and not cfg.validate_every) or progress["step"] == total_steps):
+            scores = {"step": progress["step"], **validation_metrics(raw_model, processor, valid, cfg.batch_size)}
+            progress["validation"].append(scores)
+            logger.log(progress["step"], {k: v for k, v in scores.items() if k != "step"})
+            _set_train_mode(raw_model, cfg)
+        if progress["step"] == total_steps or (cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0):
+            checkpoint({"step": progress["step"], "loss": result["loss"], "epoch": epoch + 1})
+        waited_from = time.perf_counter()
+    if bar:
+        bar.close()
+    return progress["history"]
+
+
+def _log_epoch(stage: int, history: list[dict], total_steps: int, per_epoch: int) -> None:
+    """One line per epoch where no progress bar can redraw (logs, CI, `dvc repro` output)."""
+    epoch = history[-per_epoch:]
+    seconds_per_step = sum(h["step_s"] for h in epoch) / len(epoch)
+    print(f"stage {stage} step {history[-1]['step']}/{total_steps}: loss {np.mean([h['loss'] for h in epoch]):.4f}, "
+          f"{np.mean([h['samples_per_s'] for h in epoch]):.0f} samples/s, "
+          f"ETA {seconds_per_step * (total_steps - history[-1]['step']):.0f} s", flush=True)
+
+
+def _has_valid_split(prepared_dir: str) -> bool:
+    try:
+        PreparedSplit.open(prepared_dir, "valid")
+    except ZhclipError:
+        return False  # no valid split: no validation metrics
+    return True
+
+

@@ -1,0 +1,61 @@
+"""Zero-shot classification: template ensembling, accuracy bookkeeping, outputs and clear errors."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from zhclip.components.core.errors import ZhclipError
+from zhclip.components.evaluation.zeroshot import ZeroshotConfig, class_embeddings, image_folder, zeroshot
+from browser import assert_chinese_renders
+from conftest import run_cli
+from zhclip.model import embed_texts, load_model
+
+
+def test_class_embedding_is_the_renormalised_mean_of_normalised_prompt_embeddings(trained):
+    model, processor = load_model(trained["root"] / "stage2")
+    templates = ["{}的照片", "一张{}的图片", "这是{}"]
+    weights = class_embeddings(model, processor, ["圆形", "十字"], templates)
+    np.testing.assert_allclose(np.linalg.norm(weights, axis=1), 1, atol=1e-6)
+    prompts = embed_texts(model, processor, ["圆形的照片", "一张圆形的图片", "这是圆形"])
+    mean = prompts.mean(axis=0)
+    np.testing.assert_allclose(weights[0], mean / np.linalg.norm(mean), atol=1e-6)
+    single = class_embeddings(model, processor, ["十字", "圆形"], ["{}的照片"])
+    np.testing.assert_allclose(single[0], embed_texts(model, processor, ["十字的照片"])[0], atol=1e-6)
+
+
+def test_zeroshot_reports_consistent_accuracies_predictions_and_report(trained, raw_dir, tmp_path):
+    folder = raw_dir / "zeroshot" / "digits"
+    summary = zeroshot(trained["root"] / "stage2", folder, ZeroshotConfig(templates=["手写数字{}", "{}的照片"]),
+                       tmp_path / "z.json", tmp_path / "pred.csv", tmp_path / "report")
+    assert json.loads((tmp_path / "z.json").read_text(encoding="utf-8")) == summary
+    assert summary["classes"] == 10 and summary["images"] == 10 and summary["chance_top1"] == 10.0
+    rows = list(csv.DictReader((tmp_path / "pred.csv").open(encoding="utf-8")))
+    assert len(rows) == 10 and {row["actual"] for row in rows} == {"零", "一", "二", "三", "四", "五", "六", "七", "八", "九"}
+    correct = [row["actual"] == row["predicted"] for row in rows]
+    assert summary["top1"] == pytest.approx(100 * np.mean(correct))
+    assert summary["top1"] <= summary["top5"] <= 100
+    for row in rows:  # one image per class here, so each class is right or wrong entirely
+        assert summary["per_class_accuracy"][row["actual"]] == (100.0 if row["actual"] == row["predicted"] else 0.0)
+    html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    assert "Confusion matrix" in html and html.count("<img") == 10 + 1  # an image per class and the accuracy chart
+    assert f"{summary['top1']:.2f}" in (tmp_path / "report" / "report.md").read_text(encoding="utf-8")
+    # Chinese class names as a person sees them: drawn with a CJK font in a real browser (no empty boxes)
+    fonts = assert_chinese_renders(tmp_path / "report" / "report.html", tmp_path / "zeroshot.png", tmp_path / "profile")
+    assert {"零", "九"} <= set(fonts)  # class names in the tables
+
+
+def test_bad_folders_and_templates_are_rejected_clearly(tmp_path, trained):
+    (tmp_path / "only").mkdir()
+    with pytest.raises(ZhclipError, match="at least two class subfolders"):
+        image_folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ZhclipError, match="empty holds no images"):
+        image_folder(tmp_path)
+    (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "only" / "also.png").write_bytes(b"not a png")
+    with pytest.raises(ZhclipError, match="broken.png: not a readable image"):
+        zeroshot(trained["root"] / "stage2", tmp_path, ZeroshotConfig())
+    result = run_cli("zeroshot", "--model", str(trained["root"] / "stage2"), "--images", str(tmp_path), "--template", "照片")
+    assert result.returncode == 2 and "exactly one '{}'" in result.stderr

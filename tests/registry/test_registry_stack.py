@@ -1,0 +1,123 @@
+"""The production registry stack, started here: an MLflow tracking server with a PostgreSQL backend
+store (Debian's postgresql, a throw-away cluster) and artifacts on a loopback S3 server. Registration,
+aliasing and a pull go through it over HTTP; concurrent registrations lose no version."""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pandas as pd
+import psycopg2
+import pytest
+
+from zhclip.components.registry.register import RegisterConfig, register
+from conftest import BIN, S3_CREDENTIALS, free_port, running
+from zhclip.model.pyfunc import ZhclipEmbedder
+
+pytestmark = pytest.mark.slow
+NAME = "zhclip-stack"
+BUCKET = "mlflow"
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL server binaries not found under /usr/lib/postgresql; run `make system-deps`")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="module")
+def postgres_uri() -> str:
+    """A PostgreSQL cluster in a temp folder on 127.0.0.1 and a free port, stopped and removed afterwards.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user.
+    """
+    bin_dir = _postgres_bin()
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="zhclip-pg-"))  # directly in /tmp: pytest's folders are root-only
+    if as_owner:
+        shutil.chown(root, "postgres")
+    cluster, port = root / "cluster", free_port()
+
+    def pg(*args: str, timeout: int = 120) -> None:
+        result = subprocess.run(as_owner + list(args), capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+
+    pg(str(bin_dir / "initdb"), "-D", str(cluster), "-U", "zhclip", "--auth=trust", "-E", "UTF8")
+    pg(str(bin_dir / "pg_ctl"), "-D", str(cluster), "-l", str(root / "postgres.log"), "-w", "-t", "60",
+       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    try:
+        pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "zhclip", "mlflow")
+        # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3; the locked driver is psycopg2.
+        yield f"postgresql+psycopg2://zhclip@127.0.0.1:{port}/mlflow"
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(cluster), "-m", "fast", "-w", "stop", timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _s3(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres_uri, s3_endpoint, tmp_path_factory) -> str:
+    """`mlflow server` on PostgreSQL, proxying artifacts to s3://mlflow/artifacts; clients need no S3 credentials."""
+    _s3(s3_endpoint).create_bucket(Bucket=BUCKET)
+    port = free_port()
+    env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    server = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres_uri,
+              "--artifacts-destination", f"s3://{BUCKET}/artifacts", "-h", "127.0.0.1", "-p", str(port), "-w", "2"]
+    log = tmp_path_factory.mktemp("mlflow_server") / "server.log"
+    with running(server, f"http://127.0.0.1:{port}/health", log, timeout=300, env=env):
+        yield f"http://127.0.0.1:{port}"
+
+
+def _metrics(tmp_path: Path, name: str, mean_recall: float) -> Path:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"mean_recall": mean_recall}))
+    return path
+
+
+def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(tiny_models, tracking_server, postgres_uri,
+                                                                     s3_endpoint, tmp_path):
+    config = RegisterConfig(model_name=NAME, tracking_uri=tracking_server)
+    assert register(tiny_models[0], _metrics(tmp_path, "a", 40.0), config)["champion_version"] == 1
+
+    # Two registrations at once, both worse than the champion: two new versions, champion stays.
+    client_env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))},
+                  "MLFLOW_TRACKING_URI": tracking_server}
+    processes = [subprocess.Popen([str(BIN / "zhclip"), "register", "--model", str(model), "--name", NAME,
+                                   "--metrics", str(_metrics(tmp_path, f"m{i}", 30.0 + i))],
+                                  cwd=tmp_path, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i, model in enumerate(tiny_models[1:])]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-3000:] for _, err in outputs]
+    summaries = [json.loads(out) for out, _ in outputs]
+    assert sorted(s["version"] for s in summaries) == [2, 3]
+    assert not any(s["promoted"] for s in summaries) and {s["champion_version"] for s in summaries} == {1}
+
+    # The registry really lives in PostgreSQL, the weights really in the bucket.
+    with psycopg2.connect(postgres_uri.replace("+psycopg2", "")) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT version FROM model_versions WHERE name = %s ORDER BY version", (NAME,))
+        assert [row[0] for row in cursor.fetchall()] == [1, 2, 3]
+        cursor.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s", (NAME,))
+        aliases = dict(cursor.fetchall())
+    assert aliases["champion"] == 1 and aliases["challenger"] in (2, 3)
+    keys = [o["Key"] for page in _s3(s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])]
+    assert sum(key.endswith("/model.safetensors") for key in keys) == 3
+
+    import mlflow
+
+    from zhclip.components.core.tracking import using_tracking_uri
+
+    with using_tracking_uri(tracking_server):  # the pull goes to the server; nothing stays set afterwards
+        pulled = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    frame = pd.DataFrame({"text": ["红色的圆形在左上角", "蓝色十字在右下角"]})
+    np.testing.assert_allclose(pulled.predict(frame), ZhclipEmbedder(str(tiny_models[0])).predict(frame), atol=1e-5)

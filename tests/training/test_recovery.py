@@ -1,0 +1,116 @@
+"""Checkpoints and recovery: a killed worker is replaced, an interrupted stage resumes, and both
+continue inside the epoch: the same pairs, batch for batch, and the same loss trajectory as an
+uninterrupted run (same seed)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import pytest
+
+from zhclip.components.core.errors import ZhclipError
+from zhclip.components.training.config import TrainConfig
+from zhclip.components.training.runner import train
+from zhclip.components.training.loop import train_worker_loop
+
+STEPS, EVERY = 36, 4
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, **overrides) -> TrainConfig:
+    return TrainConfig(stage=1, max_steps=STEPS, batch_size=32, lr=1e-3, warmup_steps=2, checkpoint_every=EVERY,
+                       mask_ratio=0.25, augment=True, storage_path=str(tmp_path / "ray"),
+                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **overrides)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prepared_dir) -> list[dict]:
+    """The history of the same run without Ray and without interruption."""
+    config = {**asdict(_config(Path("/unused"))), "prepared_dir": str(prepared_dir), "init_dir": None}
+    return train_worker_loop(config)
+
+
+def _latest_checkpoint_step(storage: Path) -> int:
+    """The newest step Ray Train has recorded a checkpoint for (its run snapshot), 0 if none."""
+    steps = [0]
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            state = json.loads(snapshot.read_text())
+        except (OSError, ValueError):
+            continue  # being written
+        steps += [int(m) for m in _find_steps(state)]
+    return max(steps)
+
+
+def _find_steps(node) -> list:
+    if isinstance(node, dict):
+        found = [node["step"]] if isinstance(node.get("step"), (int, float)) else []
+        return found + [s for value in node.values() for s in _find_steps(value)]
+    if isinstance(node, list):
+        return [s for value in node for s in _find_steps(value)]
+    if isinstance(node, str) and node.startswith(("{", "[")):
+        try:
+            return _find_steps(json.loads(node))
+        except ValueError:
+            return []
+    return []
+
+
+def _kill_a_worker_after_first_checkpoint(storage: Path, seen: dict, timeout: float = 300) -> threading.Thread:
+    """In the background: once a checkpoint exists, SIGKILL the training worker process."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            step = _latest_checkpoint_step(storage)
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+            if step >= EVERY and workers:
+                seen["checkpoint_step"] = step
+                for worker in workers:
+                    worker.send_signal(signal.SIGKILL)
+                seen["killed"] = len(workers)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _assert_continues_the_uninterrupted_run(out_dir: Path, uninterrupted: list[dict]) -> None:
+    history = json.loads((out_dir / "training_history.json").read_text())
+    # Each step's pairs (an order-free digest of the batch): none repeated, none skipped, batch for batch.
+    assert Counter(h["pairs"] for h in history) == Counter(h["pairs"] for h in uninterrupted)
+    assert [h["pairs"] for h in history] == [h["pairs"] for h in uninterrupted]
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in uninterrupted], abs=1e-4)
+
+
+def test_a_killed_worker_is_replaced_and_continues_from_the_last_checkpoint(prepared_dir, tmp_path, uninterrupted):
+    seen: dict = {}
+    watcher = _kill_a_worker_after_first_checkpoint(tmp_path / "ray", seen)
+    summary = train(prepared_dir, tmp_path / "out", _config(tmp_path, max_failures=1, loader_workers=1))
+    watcher.join(timeout=5)
+    assert seen.get("killed"), "the worker was not killed during the run"
+    (resumed_at,) = summary["resumed_at_steps"]
+    assert resumed_at % EVERY == 0 and resumed_at >= seen["checkpoint_step"], "more steps lost than since the last checkpoint"
+    assert summary["steps"] == STEPS
+    _assert_continues_the_uninterrupted_run(tmp_path / "out", uninterrupted)
+
+
+def test_an_interrupted_stage_resumes_when_run_again(prepared_dir, tmp_path, uninterrupted):
+    seen: dict = {}
+    watcher = _kill_a_worker_after_first_checkpoint(tmp_path / "ray", seen)
+    with pytest.raises(ZhclipError, match="resumes from the last checkpoint"):
+        train(prepared_dir, tmp_path / "out", _config(tmp_path, max_failures=0))
+    watcher.join(timeout=5)
+    summary = train(prepared_dir, tmp_path / "out", _config(tmp_path, max_failures=0))
+    (resumed_at,) = summary["resumed_at_steps"]
+    assert resumed_at >= seen["checkpoint_step"] and summary["steps"] == STEPS
+    _assert_continues_the_uninterrupted_run(tmp_path / "out", uninterrupted)

@@ -1,0 +1,76 @@
+"""The pipeline's settings: each step's config from params.yaml as plain pipeline parameters, and how the
+tasks run on Kubernetes (section `kubeflow`)."""
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+from zhclip.components.core.settings import config_from, setting
+from zhclip.components.evaluation.evaluate import EvaluateConfig
+from zhclip.components.search.index_build import IndexConfig
+from zhclip.components.data.ingest import IngestConfig
+from zhclip.components.registry.register import RegisterConfig
+from zhclip.components.training.start import StartConfig
+from zhclip.components.training.config import stage_config
+from zhclip.components.search.service import SearchConfig
+from zhclip.components.data.validate import ValidateConfig
+from zhclip.components.evaluation.zeroshot import ZeroshotConfig
+
+
+@dataclass
+class KubeflowConfig:
+    """How the pipeline's tasks run on Kubernetes (params.yaml section `kubeflow`)."""
+
+    gpus: int = setting(1, "per training task; 0 trains on CPU or, with ray_address, on a KubeRay cluster")
+    accelerator: str = setting("nvidia.com/gpu", "the GPU resource a training task requests")
+    gpu_node_selector: dict[str, str] = setting({"nvidia.com/gpu.present": "true"}, "node labels a training task is scheduled on")
+    gpu_toleration: str = setting("nvidia.com/gpu", "taint key of the GPU nodes (effect NoSchedule)")
+    train_cpu: str = setting("8", "CPU request of a training task")
+    train_memory: str = setting("32Gi", "memory request of a training task")
+    step_cpu: str = setting("2", "CPU request of every other task")
+    step_memory: str = setting("8Gi", "memory request of every other task")
+    train_retries: int = setting(2, "retries of a failed training task (it resumes from its last checkpoint)")
+    retry_backoff: str = setting("60s", "first wait; doubles on every further retry")
+    minio_secret: str = setting("minio-credentials", "keys access-key, secret-key")
+    mlflow_secret: str = setting("mlflow-credentials", "keys username, password")
+    s3_endpoint: str = setting("http://minio.zhclip.svc.cluster.local:9000", "MinIO (S3) endpoint the tasks use")
+    mlflow_uri: str = setting("http://mlflow.zhclip.svc.cluster.local:5000", "MLflow tracking server the tasks use")
+    ray_address: str = setting("", "default of the pipeline parameter: '' trains with in-process Ray on the pod's GPUs")
+    ray_storage: str = setting("/tmp/ray_results", "Ray Train's storage inside the pod (in-process Ray)")
+    index_split: str = setting("test", "default of the pipeline parameter: the validated split the champion indexes ('': no index task)")
+    index_uri: str = setting("s3://zhclip-index/test", "where the index task also publishes the index: what infra's search Deployment reads ('': not published)")
+
+    def __post_init__(self):
+        if self.gpus < 0 or self.train_retries < 0:
+            raise ValueError("gpus and train_retries must be at least 0")
+
+
+def step_configs(params: dict[str, Any]) -> dict[str, dict]:
+    """Each step's config from params.yaml, as plain dicts for pipeline parameters."""
+    return {
+        "start": asdict(config_from(StartConfig, params, "start")),
+        "ingest": asdict(config_from(IngestConfig, params, "ingest")),
+        "validate": asdict(config_from(ValidateConfig, params, "validate")),
+        "stage1": asdict(stage_config(params, 1)),
+        "stage2": asdict(stage_config(params, 2)),
+        "evaluate": asdict(config_from(EvaluateConfig, params, "evaluate")),
+        "zeroshot": asdict(config_from(ZeroshotConfig, params, "zeroshot")),
+        "register": asdict(config_from(RegisterConfig, params, "register")),
+        "index": {**asdict(config_from(IndexConfig, params, "index")), "alias": config_from(SearchConfig, params, "search").alias},
+    }
+
+
+def kubeflow_config(params: dict[str, Any]) -> KubeflowConfig:
+    """The `kubeflow` section of params.yaml (task resources, secrets, retries)."""
+    return config_from(KubeflowConfig, params, "kubeflow")
+
+
+def cluster_step_configs(params: dict[str, Any], cluster: KubeflowConfig) -> dict[str, dict]:
+    """Step configs for a cluster run: training uses the pod's GPUs (one Ray worker each) and pod-local
+    Ray storage; everything else is params.yaml as it is."""
+    configs = step_configs(params)
+    for stage in ("stage1", "stage2"):
+        configs[stage]["storage_path"] = cluster.ray_storage
+        if cluster.gpus:
+            configs[stage].update(use_gpu=True, num_workers=cluster.gpus)
+    return configs
