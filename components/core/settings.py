@@ -1,0 +1,232 @@
+"""Settings: each step's dataclass is the one definition of its fields, defaults and help.
+
+A field is declared with `setting(default, help)`. Everything else reads those definitions: params.yaml
+holds only what a project changes (tests/core/test_settings.py checks it), the CLI's option help is
+`help_of(...)`, and `zhclip config` writes docs/configuration.md from them. Every config is built
+one way, `config_from`, from its own params.yaml section; a field that belongs to another section
+says so (`shared_from`), so what a step takes from elsewhere is visible in its definition.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from zhclip.components.core.errors import ZhclipError
+
+Config = TypeVar("Config")
+
+# Each params.yaml section and the dataclass that defines it, in the order of the reference page.
+# Strings, so this module imports no step (core is the bottom layer).
+SECTIONS = {
+    "demo_data": "zhclip.components.demo.data:DemoDataConfig",
+    "demo_towers": "zhclip.components.demo.towers:DemoTowersConfig",
+    "model": "zhclip.components.training.config:ModelConfig",
+    "start": "zhclip.components.training.start:StartConfig",
+    "ingest": "zhclip.components.data.ingest:IngestConfig",
+    "validate": "zhclip.components.data.validate:ValidateConfig",
+    "train": "zhclip.components.training.config:TrainConfig",
+    "stage1": "zhclip.components.training.config:TrainConfig",
+    "stage2": "zhclip.components.training.config:TrainConfig",
+    "evaluate": "zhclip.components.evaluation.evaluate:EvaluateConfig",
+    "zeroshot": "zhclip.components.evaluation.zeroshot:ZeroshotConfig",
+    "mlflow": "zhclip.components.core.tracking:MlflowConfig",
+    "register": "zhclip.components.registry.register:RegisterConfig",
+    "index": "zhclip.components.search.index_build:IndexConfig",
+    "search": "zhclip.components.search.service:SearchConfig",
+    "serve": "zhclip.components.search.service:ServeConfig",
+    "kubeflow": "zhclip.workflows.config:KubeflowConfig",
+}
+# Sections that override another section's fields for one stage (they have no fields of their own).
+OVERLAYS = {"stage1": "train", "stage2": "train"}
+
+
+def setting(default: Any, help: str, *, shared_from: str = "", in_params: bool = True) -> Any:
+    """A config field with its one-line help.
+
+    `shared_from`: the params.yaml section the value is read from (e.g. `model` for the preset), so
+    one value serves every step that needs it; `in_params=False`: set by the command, never by
+    params.yaml (e.g. the training stage).
+    """
+    metadata = {"help": help, "shared_from": shared_from, "in_params": in_params}
+    if isinstance(default, (dict, list, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def help_of(cls: type, name: str) -> str:
+    """The help of field `name` of config `cls` (what the CLI's option shows)."""
+    for field in dataclasses.fields(cls):
+        if field.name == name:
+            return field.metadata["help"]
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+@functools.cache
+def _helps_in_source(class_path: str) -> dict[str, str]:
+    module, name = class_path.split(":")
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
+    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
+    return {node.target.id: ast.literal_eval(node.value.args[1]) for node in cls.body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", "") == "setting"}
+
+
+def section_help(section_name: str, name: str) -> str:
+    """The help of setting `name` of a params.yaml section, read from its dataclass's source.
+
+    Read, not imported: the CLI shows these in `--help` of every command, and importing every step
+    (torch, Ray, FastAPI...) to print help would make each command start seconds slower.
+    tests/core/test_settings.py checks it equals `help_of`.
+    """
+    helps = _helps_in_source(SECTIONS[section_name])
+    if name not in helps:
+        raise KeyError(f"section {section_name!r} has no setting {name!r}")
+    return helps[name]
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def section_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of `cls` that its own params.yaml section may set."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("in_params", True)
+            and not f.metadata.get("shared_from")}
+
+
+def config_class(section_name: str) -> type:
+    module, name = SECTIONS[section_name].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_params(path: str | Path | None = "params.yaml") -> dict[str, Any]:
+    """Read a params file; `None` means the built-in defaults (the CLI's `--defaults`).
+
+    A missing file is an error, not an empty set: a command run outside the project would otherwise
+    quietly train with other settings than the project's.
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ZhclipError(f"{path} not found (looked in {path.resolve().parent}): run the command in the project "
+                          "folder, pass --params FILE, or --defaults to use the built-in defaults "
+                          "(docs/configuration.md lists them)")
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ZhclipError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(params, dict):
+        raise ZhclipError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ZhclipError(f"{path}: unknown sections {unknown}; known: {sorted(SECTIONS)}")
+    return params
+
+
+def section(params: dict[str, Any], name: str, fields: set[str] | dict) -> dict[str, Any]:
+    """Section `name` of params, rejecting unknown keys so typos never pass silently."""
+    values = params.get(name) or {}
+    if not isinstance(values, dict):
+        raise ZhclipError(f"params.yaml section '{name}': expected a mapping, got {values!r}")
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ZhclipError(f"params.yaml section '{name}': unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    return values
+
+
+def build_config(cls: type[Config], values: dict[str, Any], where: str) -> Config:
+    """Dataclass `cls` from `values`, with whole floats turned back into ints where a field is an int.
+
+    Pipeline parameters travel as JSON/protobuf, where every number is a float; `where` names the
+    source of `values` in error messages.
+    """
+    hints = typing.get_type_hints(cls)
+    coerced = {}
+    for key, value in values.items():
+        if hints.get(key) is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        coerced[key] = value
+    try:
+        return cls(**coerced)
+    except (TypeError, ValueError) as err:
+        raise ZhclipError(f"{where}: {err}") from err
+
+
+def config_from(cls: type[Config], params: dict[str, Any], *sections: str, **explicit: Any) -> Config:
+    """Build `cls` from its params.yaml section(s) (later sections win: `"train", "stage1"`), the fields it
+    shares with other sections, then the non-None `explicit` values (CLI flags, the stage)."""
+    own = section_fields(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        shared = field.metadata.get("shared_from")
+        if shared and field.name in (params.get(shared) or {}):
+            values[field.name] = params[shared][field.name]
+    for name in sections:
+        values.update(section(params, name, own))
+    values.update({key: value for key, value in explicit.items() if value is not None})
+    return build_config(cls, values, f"params.yaml section{'s' if len(sections) > 1 else ''} {', '.join(map(repr, sections))}")
+
+
+def resolved_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every section's settings with the defaults filled in: what a run actually used (MLflow logs it)."""
+    resolved = {}
+    for name in SECTIONS:
+        cls, base = config_class(name), OVERLAYS.get(name)
+        fields = section_fields(cls)
+        values = {key: default_of(field) for key, field in fields.items()}
+        values.update(params.get(base) or {} if base else {})
+        values.update(params.get(name) or {})
+        resolved[name] = values
+    return resolved
+
+
+def _cell(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    return f"`{text}`".replace("|", "\\|") if text else "`''`"
+
+
+def reference_page(params: dict[str, Any]) -> str:
+    """docs/configuration.md: every params.yaml section and setting, its default, this project's value
+    where it differs, and its help, all read from the dataclasses."""
+    lines = ["# Configuration", "",
+             "Every setting of every step, generated from the code by `zhclip config` (do not edit by hand).",
+             "params.yaml holds a project's values; a key left out takes the default below. A command-line",
+             "flag overrides params.yaml for one run, and `dvc exp run -S section.key=value` runs a variant.",
+             "Commands read `params.yaml` in the current folder (`--params FILE` for another, `--defaults`",
+             "for none of it).", ""]
+    for name in SECTIONS:
+        cls, base = config_class(name), OVERLAYS.get(name)
+        lines += [f"## `{name}`", ""]
+        if base:
+            lines += [f"Any `{base}` setting, for this stage only: it overrides `{base}`.", ""]
+            chosen = params.get(name) or {}
+            if chosen:
+                lines += ["| setting | this project |", "|---|---|"]
+                lines += [f"| `{key}` | {_cell(value)} |" for key, value in chosen.items()]
+                lines.append("")
+            continue
+        summary = " ".join(cls.__doc__.split()).removeprefix(f"Section `{name}`: ")
+        lines += [summary[:1].upper() + summary[1:], ""]
+        lines += ["| setting | default | this project | meaning |", "|---|---|---|---|"]
+        chosen = params.get(name) or {}
+        for key, field in section_fields(cls).items():
+            default = default_of(field)
+            project = _cell(chosen[key]) if key in chosen and chosen[key] != default else ""
+            lines.append(f"| `{key}` | {_cell(default)} | {project} | {field.metadata['help']} |")
+        shared = [f for f in dataclasses.fields(cls) if f.metadata.get("shared_from")]
+        if shared:
+            lines += ["", "Also used: " + ", ".join(f"`{f.metadata['shared_from']}.{f.name}`" for f in shared) + "."]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,116 @@
+"""One definition per setting: the dataclasses; params.yaml, the CLI's help and docs/configuration.md agree with them."""
+
+import dataclasses
+
+import pytest
+import typer.main
+import yaml
+
+from zhclip.components.cli import app
+from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.settings import (
+    OVERLAYS,
+    SECTIONS,
+    config_class,
+    config_from,
+    default_of,
+    help_of,
+    load_params,
+    reference_page,
+    section_fields,
+    section_help,
+)
+from conftest import REPO, run_cli
+
+# What this project (the demo) sets differently from the platform's defaults; every other value in
+# params.yaml must equal its default, so a default changed in code cannot silently disagree with it.
+PROJECT_CHOICES = {"start.source", "start.vision", "start.text", "search.galleries"}
+
+# The params.yaml sections each command reads, for the help check below.
+COMMAND_SECTIONS = {"demo-data": ["demo_data"], "demo-towers": ["demo_towers"], "ingest": ["ingest"],
+                    "validate": ["validate"], "start": ["start"], "train": ["train"], "evaluate": ["evaluate"],
+                    "zeroshot": ["zeroshot"], "register": ["register", "mlflow"], "index": ["index", "mlflow"],
+                    "serve": ["serve", "mlflow"], "embed": ["mlflow"]}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", list(SECTIONS))
+def test_each_section_is_one_documented_dataclass(name):
+    cls = config_class(name)
+    assert dataclasses.is_dataclass(cls) and cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(")
+    for field in dataclasses.fields(cls):
+        assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help: declare it with setting()"
+        assert section_help(name, field.name) == help_of(cls, field.name)  # what the CLI reads without importing
+        shared = field.metadata["shared_from"]
+        if shared:
+            assert field.name in section_fields(config_class(shared)), f"{field.name} is not a setting of {shared}"
+            assert default_of(field) == default_of(section_fields(config_class(shared))[field.name])
+
+
+def test_params_yaml_holds_every_setting_at_its_default_but_the_projects_choices(params):
+    assert list(params) == list(SECTIONS)
+    overlaid = {}  # keys a stage section sets: per-stage choices, so `train` leaves them out
+    for name, base in OVERLAYS.items():
+        keys = set(params[name])
+        overlaid[base] = overlaid.get(base, set()) | keys
+        assert keys <= set(section_fields(config_class(name))), f"params.yaml section {name}: unknown keys"
+    for name, values in params.items():
+        if name in OVERLAYS:
+            continue
+        fields = section_fields(config_class(name))
+        expected = set(fields) - overlaid.get(name, set())
+        assert set(values) == expected, f"params.yaml section {name}: add {expected - set(values)}, remove {set(values) - expected}"
+        for key, value in values.items():
+            default = default_of(fields[key])
+            if f"{name}.{key}" in PROJECT_CHOICES:
+                assert value != default, f"{name}.{key} equals its default: drop it from PROJECT_CHOICES"
+            else:
+                assert value == default, f"params.yaml {name}.{key} is {value!r}, the code's default {default!r}"
+
+
+def test_every_config_builds_from_the_repository_params(params):
+    for name in SECTIONS:
+        config_from(config_class(name), params, *([OVERLAYS[name], name] if name in OVERLAYS else [name]))
+
+
+def test_cli_help_of_each_setting_is_the_settings_own():
+    commands = typer.main.get_command(app).commands
+    checked = 0
+    for command, sections in COMMAND_SECTIONS.items():
+        for option in commands[command].params:
+            owners = [name for name in sections if option.name in section_fields(config_class(name))]
+            if not owners or option.name in ("out", "model"):
+                continue
+            expected = f"{section_help(owners[0], option.name)} (params.yaml {owners[0]}.{option.name})."
+            assert option.help == expected, f"zhclip {command} --{option.name}: write its help in the dataclass"
+            checked += 1
+    assert checked >= 25
+
+
+def test_configuration_page_is_generated_from_the_code(params):
+    page = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert page == reference_page(params), "docs/configuration.md is stale: run `zhclip config`"
+    assert "| `warmup_steps` | `20` |" in page and "| `source` | `scratch` | `towers` |" in page
+
+
+def test_a_missing_params_file_is_named_unless_told_to_use_defaults(tmp_path):
+    with pytest.raises(ZhclipError, match=r"nowhere\.yaml not found .* --defaults"):
+        load_params(tmp_path / "nowhere.yaml")
+    assert load_params(None) == {}
+    refused = run_cli("ingest", "--raw", "raw", "--out", "prepared", cwd=tmp_path)
+    assert refused.returncode == 2 and "params.yaml not found" in refused.stderr and "Traceback" not in refused.stderr
+    defaults = run_cli("ingest", "--raw", "raw", "--out", "prepared", "--defaults", cwd=tmp_path)
+    assert defaults.returncode == 2 and "params.yaml" not in defaults.stderr and "raw" in defaults.stderr
+
+
+def test_unknown_sections_and_keys_are_refused_by_name(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("trian:\n  lr: 0.1\n", encoding="utf-8")
+    with pytest.raises(ZhclipError, match=r"unknown sections \['trian'\]"):
+        load_params(path)
+    with pytest.raises(ZhclipError, match=r"section 'train': unknown keys \['preset'\]"):
+        config_from(config_class("train"), {"train": {"preset": "tiny"}}, "train")  # a `model` setting
