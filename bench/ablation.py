@@ -23,17 +23,24 @@ from pathlib import Path
 import torch
 
 from zhclip.components.core.settings import config_from, load_params
-from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
 from zhclip.components.data.shards import PreparedSplit
-from zhclip.components.training.start import StartConfig, prepare_start
+from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
 from zhclip.components.training.config import stage_config
-from zhclip.components.training.runner import train
 from zhclip.components.training.loader import steps_per_epoch
+from zhclip.components.training.runner import train
+from zhclip.components.training.start import StartConfig, prepare_start
 
 
 def _train(data: Path, out: Path, params: dict, stage: int, init: Path, steps: int, **overrides) -> dict:
-    config = stage_config(params, stage, max_steps=steps, epochs=10_000, storage_path=str(out / "ray"),
-                          tracking_uri=f"sqlite:///{out / 'mlflow.db'}", **overrides)
+    config = stage_config(
+        params,
+        stage,
+        max_steps=steps,
+        epochs=10_000,
+        storage_path=str(out / "ray"),
+        tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
+        **overrides,
+    )
     return train(data, out / f"{init.name}-stage{stage}-{steps}", config, init_dir=init)
 
 
@@ -47,17 +54,32 @@ def run(data: Path, out: Path, params: dict) -> list[dict]:
     runs = {
         "scratch": lambda: _train(data, out, params, 2, Path(scratch), total, lr=stage1.lr),
         "stage1": lambda: _train(data, out, params, 1, Path(towers), total),
-        "two-stage": lambda: _train(data, out, params, 2, Path(_train(data, out, params, 1, Path(towers), stage1_steps)["model_dir"]),
-                                    stage2_steps),
+        "two-stage": lambda: _train(
+            data,
+            out,
+            params,
+            2,
+            Path(_train(data, out, params, 1, Path(towers), stage1_steps)["model_dir"]),
+            stage2_steps,
+        ),
     }
     results = []
     for name, trained in runs.items():
         began = time.perf_counter()
         model_dir = trained()["model_dir"]
         scores = evaluate(model_dir, data, EvaluateConfig(examples=0))
-        results.append({"bench": "ablation", "run": name, "steps": total, "test_mean_recall": scores["mean_recall"],
-                        "t2i_r1": scores["t2i_r1"], "i2t_r1": scores["i2t_r1"],
-                        "chance_mean_recall": scores["chance_mean_recall"], "seconds": round(time.perf_counter() - began, 1)})
+        results.append(
+            {
+                "bench": "ablation",
+                "run": name,
+                "steps": total,
+                "test_mean_recall": scores["mean_recall"],
+                "t2i_r1": scores["t2i_r1"],
+                "i2t_r1": scores["i2t_r1"],
+                "chance_mean_recall": scores["chance_mean_recall"],
+                "seconds": round(time.perf_counter() - began, 1),
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -69,8 +91,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the models and ablation.jsonl")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    environment = {"bench": "environment", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
-                   "cpus": torch.get_num_threads(), "torch": torch.__version__}
+    environment = {
+        "bench": "environment",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     lines = [environment, *run(args.data, args.out.resolve(), load_params(args.params))]
     (args.out / "ablation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
 

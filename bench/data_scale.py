@@ -43,8 +43,10 @@ STEPS = ("ingest", "validate", "train", "evaluate")
 
 
 def _image_lines(first: int, count: int, size: int) -> str:
-    return "".join(f"{i}\t{base64.urlsafe_b64encode(photo_like_jpeg(i, size, size)).decode()}\n"
-                   for i in range(first, first + count))
+    return "".join(
+        f"{i}\t{base64.urlsafe_b64encode(photo_like_jpeg(i, size, size)).decode()}\n"
+        for i in range(first, first + count)
+    )
 
 
 def write_raw(folder: Path, pairs: int, valid: int, size: int, workers: int) -> dict[str, int]:
@@ -56,12 +58,18 @@ def write_raw(folder: Path, pairs: int, valid: int, size: int, workers: int) -> 
         for split, count in counts.items():
             chunks = [(start, min(5000, first + count - start)) for start in range(first, first + count, 5000)]
             with open(folder / f"{split}_imgs.tsv", "w") as images:
-                for text in pool.map(_image_lines, [c[0] for c in chunks], [c[1] for c in chunks], [size] * len(chunks)):
+                for text in pool.map(
+                    _image_lines, [c[0] for c in chunks], [c[1] for c in chunks], [size] * len(chunks)
+                ):
                     images.write(text)
             with open(folder / f"{split}_texts.jsonl", "w", encoding="utf-8") as texts:
                 for i in range(first, first + count):
-                    texts.write(json.dumps({"text_id": i, "text": f"第{i}张照片里有一只橘色的猫", "image_ids": [i]},
-                                           ensure_ascii=False) + "\n")
+                    texts.write(
+                        json.dumps(
+                            {"text_id": i, "text": f"第{i}张照片里有一只橘色的猫", "image_ids": [i]}, ensure_ascii=False
+                        )
+                        + "\n"
+                    )
             first += count
     return counts
 
@@ -112,15 +120,36 @@ def _bytes(folder: Path) -> int:
 
 def run_size(root: Path, pairs: int, args) -> list[dict]:
     counts = write_raw(root / "raw", pairs, args.valid, args.image_size, args.data_workers)
-    params = {"ingest": {"image_format": "JPEG", "workers": args.data_workers},
-              "train": {"batch_size": args.batch_size, "max_steps": args.steps, "warmup_steps": 1, "checkpoint_every": 0,
-                        "loader_workers": args.loader_workers, "cpus_per_worker": 1, "storage_path": str(root / "ray")},
-              "stage1": {"epochs": 1}, "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}}
+    params = {
+        "ingest": {"image_format": "JPEG", "workers": args.data_workers},
+        "train": {
+            "batch_size": args.batch_size,
+            "max_steps": args.steps,
+            "warmup_steps": 1,
+            "checkpoint_every": 0,
+            "loader_workers": args.loader_workers,
+            "cpus_per_worker": 1,
+            "storage_path": str(root / "ray"),
+        },
+        "stage1": {"epochs": 1},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+    }
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     commands = {
         "ingest": ["ingest", "--raw", "raw", "--out", "prepared", "--summary", "ingest.json"],
-        "validate": ["validate", "--data", "prepared", "--out", "validated", "--report", "validate.json",
-                     "--quarantine", "quarantine.jsonl", "--docs", "docs"],
+        "validate": [
+            "validate",
+            "--data",
+            "prepared",
+            "--out",
+            "validated",
+            "--report",
+            "validate.json",
+            "--quarantine",
+            "quarantine.jsonl",
+            "--docs",
+            "docs",
+        ],
         "train": ["train", "--stage", "1", "--data", "validated", "--out", "model", "--summary", "train.json"],
         "evaluate": ["evaluate", "--model", "model", "--data", "validated", "--out", "evaluate.json"],
     }
@@ -128,8 +157,16 @@ def run_size(root: Path, pairs: int, args) -> list[dict]:
     for step in STEPS:
         result = measured([ZHCLIP, *commands[step], "--params", "params.yaml"], root / f"{step}.log", root)
         summary = json.loads((root / f"{step}.json").read_text())
-        lines.append({"bench": "data_scale", "pairs": pairs, "step": step, **result, **_throughput(step, summary, counts, result),
-                      "prepared_mb": round(_bytes(root / "prepared") / 2**20, 1)})
+        lines.append(
+            {
+                "bench": "data_scale",
+                "pairs": pairs,
+                "step": step,
+                **result,
+                **_throughput(step, summary, counts, result),
+                "prepared_mb": round(_bytes(root / "prepared") / 2**20, 1),
+            }
+        )
         print(json.dumps(lines[-1]), flush=True)
     return lines
 
@@ -139,8 +176,11 @@ def _throughput(step: str, summary: dict, counts: dict[str, int], result: dict) 
         return {"pairs_per_s": round(sum(counts.values()) / result["seconds"], 1)}
     if step == "train":
         return {"samples_per_s": summary["samples_per_s"], "data_wait_share": summary["data_wait_share"]}
-    return {"queries_per_s": round((summary["texts"] + summary["images"]) / summary["duration_s"], 1),
-            "texts": summary["texts"], "images": summary["images"]}
+    return {
+        "queries_per_s": round((summary["texts"] + summary["images"]) / summary["duration_s"], 1),
+        "texts": summary["texts"],
+        "images": summary["images"],
+    }
 
 
 def growth(lines: list[dict]) -> list[dict]:
@@ -152,11 +192,21 @@ def growth(lines: list[dict]) -> list[dict]:
         a, b = ({line["step"]: line for line in lines if line["pairs"] == n}[step] for n in (small, large))
         extra_mb = b["prepared_mb"] - a["prepared_mb"]
         # 4 bytes x 64 dimensions (the tiny preset) per text and image
-        embeddings_mb = (b.get("texts", 0) + b.get("images", 0) - a.get("texts", 0) - a.get("images", 0)) * 4 * 64 / 2**20
-        out.append({"bench": "data_scale_growth", "step": step, "from_pairs": small, "to_pairs": large,
-                    "memory_growth_mb": round(b["peak_pss_mb"] - a["peak_pss_mb"], 1), "extra_data_mb": round(extra_mb, 1),
-                    "growth_share_of_extra_data": round((b["peak_pss_mb"] - a["peak_pss_mb"]) / max(extra_mb, 1e-9), 4),
-                    "extra_embeddings_mb": round(embeddings_mb, 1)})
+        embeddings_mb = (
+            (b.get("texts", 0) + b.get("images", 0) - a.get("texts", 0) - a.get("images", 0)) * 4 * 64 / 2**20
+        )
+        out.append(
+            {
+                "bench": "data_scale_growth",
+                "step": step,
+                "from_pairs": small,
+                "to_pairs": large,
+                "memory_growth_mb": round(b["peak_pss_mb"] - a["peak_pss_mb"], 1),
+                "extra_data_mb": round(extra_mb, 1),
+                "growth_share_of_extra_data": round((b["peak_pss_mb"] - a["peak_pss_mb"]) / max(extra_mb, 1e-9), 4),
+                "extra_embeddings_mb": round(embeddings_mb, 1),
+            }
+        )
     return out
 
 
@@ -174,9 +224,17 @@ def input_scaling(prepared: Path, workers: list[int], batch_size: int) -> list[d
     lines = []
     for count in workers:
         with ray_session(True, count):
-            rate = stream_rate(prepared, processor, count, batch_size, False, False, True, torch.device("cpu"), INPUT_BATCHES)
-        lines.append({"bench": "data_scale_input", "decoders": count, "images_per_s": round(rate.images_per_s, 1),
-                      "startup_s": round(rate.startup_s, 2)})
+            rate = stream_rate(
+                prepared, processor, count, batch_size, False, False, True, torch.device("cpu"), INPUT_BATCHES
+            )
+        lines.append(
+            {
+                "bench": "data_scale_input",
+                "decoders": count,
+                "images_per_s": round(rate.images_per_s, 1),
+                "startup_s": round(rate.startup_s, 2),
+            }
+        )
         print(json.dumps(lines[-1]), flush=True)
     return lines
 
@@ -184,15 +242,23 @@ def input_scaling(prepared: Path, workers: list[int], batch_size: int) -> list[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--valid", type=int, default=500, help="pairs of the valid split (the test split: pairs/20, at least this)")
+    parser.add_argument(
+        "--valid", type=int, default=500, help="pairs of the valid split (the test split: pairs/20, at least this)"
+    )
     parser.add_argument("--image-size", type=int, default=48, help="stored images are this many pixels square (JPEG)")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--loader-workers", type=int, default=1, help="Ray Data decoders of the training run")
-    parser.add_argument("--data-workers", type=int, default=os.cpu_count() or 1, help="processes writing the data and ingesting it")
-    parser.add_argument("--input-workers", type=int, nargs="*", default=[], help="decoder counts for the input-scaling case")
+    parser.add_argument(
+        "--data-workers", type=int, default=os.cpu_count() or 1, help="processes writing the data and ingesting it"
+    )
+    parser.add_argument(
+        "--input-workers", type=int, nargs="*", default=[], help="decoder counts for the input-scaling case"
+    )
     parser.add_argument("--out", type=Path, help="also append the JSON lines to OUT/data_scale.jsonl")
-    parser.add_argument("--keep", type=Path, help="build the datasets under this folder and keep them (default: a temporary one)")
+    parser.add_argument(
+        "--keep", type=Path, help="build the datasets under this folder and keep them (default: a temporary one)"
+    )
     args = parser.parse_args()
 
     lines: list[dict] = []
@@ -204,7 +270,9 @@ def main() -> None:
             print(json.dumps(line), flush=True)
             lines.append(line)
         if args.input_workers:
-            lines += input_scaling(Path(scratch) / f"pairs-{max(args.pairs)}" / "validated", args.input_workers, args.batch_size)
+            lines += input_scaling(
+                Path(scratch) / f"pairs-{max(args.pairs)}" / "validated", args.input_workers, args.batch_size
+            )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "data_scale.jsonl", "a") as out:

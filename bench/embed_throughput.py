@@ -43,9 +43,12 @@ CASES = {
     "bf16": Case(),
     "bf16-fast": Case(fused_qkv=True, channels_last=True, compile_scope="regional"),
     "bf16-fast-model": Case(fused_qkv=True, channels_last=True, compile_scope="model"),
-    "bf16-fast-cudagraphs": Case(fused_qkv=True, channels_last=True, compile_scope="regional", compile_mode="reduce-overhead"),
-    "bf16-fast-model-cudagraphs": Case(fused_qkv=True, channels_last=True, compile_scope="model",
-                                       compile_mode="reduce-overhead"),
+    "bf16-fast-cudagraphs": Case(
+        fused_qkv=True, channels_last=True, compile_scope="regional", compile_mode="reduce-overhead"
+    ),
+    "bf16-fast-model-cudagraphs": Case(
+        fused_qkv=True, channels_last=True, compile_scope="model", compile_mode="reduce-overhead"
+    ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,14 +90,22 @@ def run_case(name: str, case: Case, args, device: torch.device, peak_tflops: flo
     size = PRESETS[args.preset]["vision"]["image_size"]
     pixels = torch.randn(args.batch_size, 3, size, size, device=device)
     embed, compiled = embedder(case, args.preset, device)
+
     def finish() -> tuple[Callable, dict]:
         compiled_embed = compiled()
         return lambda: compiled_embed(pixels), {}
 
     with torch.inference_mode():
         flops, seconds, _, elapsed = count_then_time(lambda: embed(pixels), finish, device, args.warmup, args.steps)
-    return {"bench": "embed", "case": name, "preset": args.preset, "batch_size": args.batch_size, **asdict(case),
-            **rates(args.batch_size, "image", seconds, flops, peak_tflops, device), "warmup_and_timing_s": round(elapsed, 1)}
+    return {
+        "bench": "embed",
+        "case": name,
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        **asdict(case),
+        **rates(args.batch_size, "image", seconds, flops, peak_tflops, device),
+        "warmup_and_timing_s": round(elapsed, 1),
+    }
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import random
 import tempfile
 from pathlib import Path
 
-from zhclip.components.demo.data import COLOURS, POSITIONS, SHAPES, draw_image
 from zhclip.components.data.ingest import IngestConfig, ingest
+from zhclip.components.demo.data import COLOURS, POSITIONS, SHAPES, draw_image
 
 
 def write_dataset(folder: Path, images: int, size: int) -> None:
@@ -26,8 +26,13 @@ def write_dataset(folder: Path, images: int, size: int) -> None:
             buffer = io.BytesIO()
             draw_image(colour, shape, position, size, rng).save(buffer, format="JPEG", quality=90)
             tsv.write(f"{image_id}\t{base64.urlsafe_b64encode(buffer.getvalue()).decode()}\n")
-            texts.write(json.dumps({"text_id": image_id, "text": f"{position}有一个{colour}的{shape}",
-                                    "image_ids": [image_id]}, ensure_ascii=False) + "\n")
+            texts.write(
+                json.dumps(
+                    {"text_id": image_id, "text": f"{position}有一个{colour}的{shape}", "image_ids": [image_id]},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     for split in ("valid", "test"):  # ingest wants every split; keep them tiny
         (folder / f"{split}_imgs.tsv").write_text((folder / "train_imgs.tsv").read_text().splitlines()[0] + "\n")
         (folder / f"{split}_texts.jsonl").write_text((folder / "train_texts.jsonl").read_text().splitlines()[0] + "\n")
@@ -45,8 +50,18 @@ def main() -> None:
         write_dataset(raw, args.images, args.size)
         for workers in args.workers:
             summary = ingest(raw, Path(tmp) / f"out{workers}", IngestConfig(workers=workers, image_format="JPEG"))
-            print(json.dumps({"bench": "ingest", "images": args.images, "size": args.size, "workers": workers,
-                              "images_per_s": summary["images_per_s"], "duration_s": summary["duration_s"]}))
+            print(
+                json.dumps(
+                    {
+                        "bench": "ingest",
+                        "images": args.images,
+                        "size": args.size,
+                        "workers": workers,
+                        "images_per_s": summary["images_per_s"],
+                        "duration_s": summary["duration_s"],
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ import argparse
 import io
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +40,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from bench.measure import emit, environment, pick_device, synchronize
 from bench.legacy_loader import EpochBatches, PairDataset, epoch_loader
-from zhclip.components.data.schema import PAIR_SCHEMA
+from bench.measure import emit, environment, pick_device, synchronize
 from zhclip.components.data.ingest import IngestConfig
+from zhclip.components.data.schema import PAIR_SCHEMA
 from zhclip.components.data.shards import PreparedSplit, read_pairs
 from zhclip.components.training.loader import BatchDecoder, EpochPlan, read_window, training_batches
 from zhclip.model.pixels import pixels_on_device
@@ -75,13 +75,24 @@ def write_prepared(folder: Path, images: int, width: int, height: int, workers: 
         blobs = list(pool.map(photo_like_jpeg, range(images), widths, heights, chunksize=64))
     lengths = rng.integers(6, 51, images) if varied else np.full(images, 0)
     # CJK characters (one token each) from the unified block
-    texts = ["".join(map(chr, 0x4E00 + rng.integers(0, 20902, n))) if varied else f"第{i}张图片里有一只猫"
-             for i, n in enumerate(lengths)]
+    texts = [
+        "".join(map(chr, 0x4E00 + rng.integers(0, 20902, n))) if varied else f"第{i}张图片里有一只猫"
+        for i, n in enumerate(lengths)
+    ]
     for start in range(0, images, SHARD_ROWS):
         ids = list(range(start, min(start + SHARD_ROWS, images)))
-        table = pa.Table.from_pydict({"text_id": ids, "text": texts[ids[0]:ids[-1] + 1], "image_id": ids,
-                                      "image": blobs[ids[0]:ids[-1] + 1]}, schema=PAIR_SCHEMA)
-        pq.write_table(table, split / f"part-{start // SHARD_ROWS:05d}.parquet", row_group_size=IngestConfig().row_group_rows)
+        table = pa.Table.from_pydict(
+            {
+                "text_id": ids,
+                "text": texts[ids[0] : ids[-1] + 1],
+                "image_id": ids,
+                "image": blobs[ids[0] : ids[-1] + 1],
+            },
+            schema=PAIR_SCHEMA,
+        )
+        pq.write_table(
+            table, split / f"part-{start // SHARD_ROWS:05d}.parquet", row_group_size=IngestConfig().row_group_rows
+        )
     return folder
 
 
@@ -107,11 +118,15 @@ def delivered(batches, to_pixels, device: torch.device) -> Rate:
     return Rate(steady, images / (end_at - started), marks[0][0] - started, first)
 
 
-def legacy_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
-                device: torch.device) -> Rate:
+def legacy_rate(
+    prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool, device: torch.device
+) -> Rate:
     """The pre-streaming loader (whole split read, then a DataLoader), reading included."""
+
     def batches():
-        dataset = PairDataset(read_pairs(prepared, "train"), processor, context_length=52, augment=augment, eight_bit=eight_bit)
+        dataset = PairDataset(
+            read_pairs(prepared, "train"), processor, context_length=52, augment=augment, eight_bit=eight_bit
+        )
         order = EpochBatches(len(dataset), batch_size, rank=0, world_size=1, seed=0, epoch=0)
         for batch in epoch_loader(dataset, order, epoch=0, loader_workers=workers, pin_memory=device.type == "cuda"):
             yield dataset.to_device(batch, device)["pixel_values"]
@@ -119,12 +134,23 @@ def legacy_rate(prepared: Path, processor, workers: int, batch_size: int, augmen
     return delivered(batches(), lambda pixels: pixels, device)
 
 
-def stream_rate(prepared: Path, processor, workers: int, batch_size: int, augment: bool, eight_bit: bool,
-                on_ray: bool, device: torch.device, max_batches: int | None = None) -> Rate:
+def stream_rate(
+    prepared: Path,
+    processor,
+    workers: int,
+    batch_size: int,
+    augment: bool,
+    eight_bit: bool,
+    on_ray: bool,
+    device: torch.device,
+    max_batches: int | None = None,
+) -> Rate:
     """zhclip's streaming training input, reading included (one epoch, or its first `max_batches`)."""
     plan = EpochPlan(PreparedSplit.open(str(prepared), "train"), batch_size, rank=0, world_size=1, seed=0)
     decoder = BatchDecoder(processor, 52, augment=augment, eight_bit=eight_bit)
-    batches = training_batches(plan, decoder, 0, min(plan.steps_per_epoch, max_batches or plan.steps_per_epoch), workers, on_ray)
+    batches = training_batches(
+        plan, decoder, 0, min(plan.steps_per_epoch, max_batches or plan.steps_per_epoch), workers, on_ray
+    )
     return delivered(batches, lambda batch: decoder.to_device(batch, device)["pixel_values"], device)
 
 
@@ -138,7 +164,7 @@ def max_difference_from_processor(pixels: torch.Tensor, rows: dict, processor, a
     """Largest difference of a path's first pixels from zhclip's image processor on the same (first 8) images."""
     first = {name: values[:8] for name, values in rows.items()}
     on_cpu = torch.from_numpy(BatchDecoder(processor, 52, augment=augment)(first)["pixel_values"])
-    return round((pixels[:len(on_cpu)].float().cpu() - on_cpu).abs().max().item(), 4)
+    return round((pixels[: len(on_cpu)].float().cpu() - on_cpu).abs().max().item(), 4)
 
 
 def gpu_images_per_s(prepared: Path, size: int, batch_size: int, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -147,11 +173,14 @@ def gpu_images_per_s(prepared: Path, size: int, batch_size: int, device: torch.d
     from torchvision.io import decode_jpeg
 
     def run() -> tuple[int, torch.Tensor]:
-        blobs = [blob for table in PreparedSplit.open(str(prepared), "train").tables(["image"])
-                 for blob in table["image"].to_pylist()]
+        blobs = [
+            blob
+            for table in PreparedSplit.open(str(prepared), "train").tables(["image"])
+            for blob in table["image"].to_pylist()
+        ]
         first = None
         for start in range(0, len(blobs), batch_size):
-            encoded = [torch.frombuffer(blob, dtype=torch.uint8) for blob in blobs[start:start + batch_size]]
+            encoded = [torch.frombuffer(blob, dtype=torch.uint8) for blob in blobs[start : start + batch_size]]
             pixels = pixels_on_device(decode_jpeg(encoded, device=device), size, CLIP_MEAN, CLIP_STD)
             first = pixels if first is None else first
         synchronize(device)
@@ -187,7 +216,9 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="also measure Ray Data decoders (needs Ray)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--augment", action="store_true", help="CPU path with training's random resized crop")
-    parser.add_argument("--gpu-decode", action="store_true", help="also measure nvJPEG decoding (needs torchvision, a GPU)")
+    parser.add_argument(
+        "--gpu-decode", action="store_true", help="also measure nvJPEG decoding (needs torchvision, a GPU)"
+    )
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -195,33 +226,70 @@ def main() -> None:
     emit({"bench": "environment", **environment(device)})
     size = PRESETS["ViT-B-16"]["vision"]["image_size"]
     processor = build_processor(default_vocab_path(), size, context_length=52)
-    common = {"bench": "input", "images": args.images, "stored_size": f"{args.width}x{args.height}",
-              "batch_size": args.batch_size, "augment": args.augment}
+    common = {
+        "bench": "input",
+        "images": args.images,
+        "stored_size": f"{args.width}x{args.height}",
+        "batch_size": args.batch_size,
+        "augment": args.augment,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         prepared = write_prepared(Path(tmp), args.images, args.width, args.height, max(1, *args.workers))
         plan = EpochPlan(PreparedSplit.open(str(prepared), "train"), args.batch_size, rank=0, world_size=1, seed=0)
         first_rows = next(_first_rows(plan))
         for workers in args.workers:
-            for name, eight_bit, on_ray in (("legacy", False, False), ("stream", False, False), ("stream-ray", False, True),
-                                            ("legacy-uint8", True, False), ("stream-uint8", True, False),
-                                            ("stream-ray-uint8", True, True)):
+            for name, eight_bit, on_ray in (
+                ("legacy", False, False),
+                ("stream", False, False),
+                ("stream-ray", False, True),
+                ("legacy-uint8", True, False),
+                ("stream-uint8", True, False),
+                ("stream-ray-uint8", True, True),
+            ):
                 if on_ray and not args.ray:
                     continue
                 with ray_session(on_ray, workers):
-                    rate = (legacy_rate(prepared, processor, workers, args.batch_size, args.augment, eight_bit, device)
-                            if name.startswith("legacy")
-                            else stream_rate(prepared, processor, workers, args.batch_size, args.augment, eight_bit, on_ray, device))
-                emit({**common, "case": f"{name}-{workers}-workers", "workers": workers, "images_per_s": round(rate.images_per_s, 1),
-                      "images_per_s_per_core": round(rate.images_per_s / max(workers, 1), 1),  # 0: the consumer decodes
-                      "overall_images_per_s": round(rate.overall_images_per_s, 1), "startup_s": round(rate.startup_s, 2),
-                      **({"max_abs_diff_vs_processor": max_difference_from_processor(rate.first, first_rows, processor, args.augment)}
-                         if eight_bit and name.startswith("stream") else {})})
+                    rate = (
+                        legacy_rate(prepared, processor, workers, args.batch_size, args.augment, eight_bit, device)
+                        if name.startswith("legacy")
+                        else stream_rate(
+                            prepared, processor, workers, args.batch_size, args.augment, eight_bit, on_ray, device
+                        )
+                    )
+                emit(
+                    {
+                        **common,
+                        "case": f"{name}-{workers}-workers",
+                        "workers": workers,
+                        "images_per_s": round(rate.images_per_s, 1),
+                        "images_per_s_per_core": round(
+                            rate.images_per_s / max(workers, 1), 1
+                        ),  # 0: the consumer decodes
+                        "overall_images_per_s": round(rate.overall_images_per_s, 1),
+                        "startup_s": round(rate.startup_s, 2),
+                        **(
+                            {
+                                "max_abs_diff_vs_processor": max_difference_from_processor(
+                                    rate.first, first_rows, processor, args.augment
+                                )
+                            }
+                            if eight_bit and name.startswith("stream")
+                            else {}
+                        ),
+                    }
+                )
         if args.gpu_decode:
             try:
                 rate, pixels = gpu_images_per_s(prepared, size, args.batch_size, device)
                 in_file_order = {name: values[np.argsort(first_rows["row"])] for name, values in first_rows.items()}
-                emit({**common, "case": "gpu-nvjpeg", "images_per_s": round(rate, 1),
-                      "max_abs_diff_vs_processor": max_difference_from_processor(pixels, in_file_order, processor)})
+                emit(
+                    {
+                        **common,
+                        "case": "gpu-nvjpeg",
+                        "images_per_s": round(rate, 1),
+                        "max_abs_diff_vs_processor": max_difference_from_processor(pixels, in_file_order, processor),
+                    }
+                )
             except Exception as err:  # e.g. no torchvision or no GPU: reported, the CPU figures stand
                 emit({**common, "case": "gpu-nvjpeg", "error": f"{type(err).__name__}: {err}"[:2000]})
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from zhclip.components.training.loader import random_resized_crop, steps_per_epoch
+from zhclip.components.training.loader import random_resized_crop
 from zhclip.model import decode_image
 from zhclip.model.pixels import pixels_on_device
 
@@ -30,10 +30,18 @@ class PairDataset(Dataset):
     normalisation that take about half of a loader process's time per image.
     """
 
-    def __init__(self, pairs: pd.DataFrame, processor, context_length: int, augment: bool = False, seed: int = 0,
-                 eight_bit: bool = False):
-        tokens = processor.tokenizer(list(pairs["text"]), padding="max_length", truncation=True,
-                                     max_length=context_length, return_tensors="pt")
+    def __init__(
+        self,
+        pairs: pd.DataFrame,
+        processor,
+        context_length: int,
+        augment: bool = False,
+        seed: int = 0,
+        eight_bit: bool = False,
+    ):
+        tokens = processor.tokenizer(
+            list(pairs["text"]), padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
+        )
         self.input_ids, self.attention_mask = tokens["input_ids"], tokens["attention_mask"]
         self.images = list(pairs["image"])
         self.image_processor = processor.image_processor
@@ -46,13 +54,23 @@ class PairDataset(Dataset):
         image = decode_image(self.images[index])
         if self.augment:
             image = random_resized_crop(image, random.Random(f"{self.seed}-{self.epoch}-{index}"))
-        pixels = self._eight_bit(image) if self.eight_bit else self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index], "pixel_values": pixels}
+        pixels = (
+            self._eight_bit(image)
+            if self.eight_bit
+            else self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        )
+        return {
+            "input_ids": self.input_ids[index],
+            "attention_mask": self.attention_mask[index],
+            "pixel_values": pixels,
+        }
 
     def _eight_bit(self, image: Image.Image) -> torch.Tensor:
         # the processor's own first step (RGB, squashed to its size with its resampling filter)
         size = self.image_processor.size
-        resized = image.convert("RGB").resize((size["width"], size["height"]), Image.Resampling(self.image_processor.resample))
+        resized = image.convert("RGB").resize(
+            (size["width"], size["height"]), Image.Resampling(self.image_processor.resample)
+        )
         return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
 
     def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -60,8 +78,9 @@ class PairDataset(Dataset):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         if batch["pixel_values"].dtype == torch.uint8:
             processor = self.image_processor
-            batch["pixel_values"] = pixels_on_device(batch["pixel_values"], processor.size["height"],
-                                                     processor.image_mean, processor.image_std)
+            batch["pixel_values"] = pixels_on_device(
+                batch["pixel_values"], processor.size["height"], processor.image_mean, processor.image_std
+            )
         return batch
 
 
@@ -84,16 +103,21 @@ class EpochBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.steps):
-            yield self.indices[step * self.batch_size:(step + 1) * self.batch_size]
+            yield self.indices[step * self.batch_size : (step + 1) * self.batch_size]
 
 
-def epoch_loader(dataset: PairDataset, batches: EpochBatches, epoch: int, loader_workers: int,
-                 pin_memory: bool = False) -> DataLoader:
+def epoch_loader(
+    dataset: PairDataset, batches: EpochBatches, epoch: int, loader_workers: int, pin_memory: bool = False
+) -> DataLoader:
     """A DataLoader over `batches`, decoding in `loader_workers` processes (0: in this process)."""
     dataset.epoch = epoch
     return DataLoader(
-        dataset, batch_sampler=batches, num_workers=loader_workers, pin_memory=pin_memory,
-        prefetch_factor=4 if loader_workers else None, persistent_workers=False,
+        dataset,
+        batch_sampler=batches,
+        num_workers=loader_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if loader_workers else None,
+        persistent_workers=False,
         # Its own generator: creating the loader must not draw from the global RNG that the
         # checkpoint restores, or a resumed run would drift from an uninterrupted one.
         generator=torch.Generator().manual_seed(epoch),

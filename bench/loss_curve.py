@@ -33,9 +33,9 @@ import torch
 
 from bench.measure import emit, environment, peak_memory_mb, pick_device, reset_peak_memory
 from bench.train_throughput import CASES, VIT_PRESETS, Case, build_zhclip
-from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 from zhclip.components.data.ingest import IngestConfig, ingest
 from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, training_batches
 from zhclip.components.training.step import seed_everything
 from zhclip.model.fast import compile_model
@@ -53,34 +53,60 @@ def compare_curves(plain: list[float], fast: list[float], window: int, tolerance
     """The largest gap between the smoothed curves, where it is, and whether it is within tolerance."""
     gaps = np.abs(smoothed(fast, window) - smoothed(plain, window))
     worst = int(gaps.argmax())
-    return {"window": window, "tolerance_nats": tolerance, "max_gap_nats": round(float(gaps[worst]), 4),
-            "max_gap_at_step": worst + window, "final_plain": round(float(np.mean(plain[-window:])), 4),
-            "final_fast": round(float(np.mean(fast[-window:])), 4), "curves_agree": bool(gaps[worst] <= tolerance)}
+    return {
+        "window": window,
+        "tolerance_nats": tolerance,
+        "max_gap_nats": round(float(gaps[worst]), 4),
+        "max_gap_at_step": worst + window,
+        "final_plain": round(float(np.mean(plain[-window:])), 4),
+        "final_fast": round(float(np.mean(fast[-window:])), 4),
+        "curves_agree": bool(gaps[worst] <= tolerance),
+    }
 
 
 def write_split(folder: Path, train_images: int) -> Path:
     """The demo's shapes (no digits), three captions each, as JPEG shards in `folder/prepared`."""
     raw, prepared = folder / "raw", folder / "prepared"
-    generate_demo_data(raw, DemoDataConfig(train_images=train_images, valid_images=1, test_images=1, train_digits=0,
-                                           valid_digits=0, test_digits=0, zeroshot_per_class=0, pretrain_images=0))
+    generate_demo_data(
+        raw,
+        DemoDataConfig(
+            train_images=train_images,
+            valid_images=1,
+            test_images=1,
+            train_digits=0,
+            valid_digits=0,
+            test_digits=0,
+            zeroshot_per_class=0,
+            pretrain_images=0,
+        ),
+    )
     ingest(raw, prepared, IngestConfig(image_format="JPEG", workers=1))
     return prepared
 
 
-def loss_curve(case: Case, decode: str, prepared: Path, args, device: torch.device,
-               dropout_seed: int) -> tuple[list[float], dict]:
+def loss_curve(
+    case: Case, decode: str, prepared: Path, args, device: torch.device, dropout_seed: int
+) -> tuple[list[float], dict]:
     """Per-step losses of `args.steps` steps of `case`, its images decoded by `decode`
     (processor, uint8 or gpu), and what was applied. Initialisation and data order come from
     `args.seed`; dropout draws from `dropout_seed`."""
     torch._dynamo.reset()
-    model, step, _, applied = build_zhclip(case, args.preset, device, args.context_length, lr=args.lr,
-                                           warmup_steps=args.warmup_steps, total_steps=args.steps)
+    model, step, _, applied = build_zhclip(
+        case,
+        args.preset,
+        device,
+        args.context_length,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        total_steps=args.steps,
+    )
     seed_everything(dropout_seed)
     compile_model(model, case.compile_scope)
     processor = build_processor(default_vocab_path(), PRESETS[args.preset]["vision"]["image_size"], args.context_length)
     plan = EpochPlan(PreparedSplit.open(str(prepared), "train"), args.batch_size, rank=0, world_size=1, seed=args.seed)
-    decoder = BatchDecoder(processor, args.context_length, seed=args.seed, eight_bit=decode == "uint8",
-                           on_device=decode == "gpu")
+    decoder = BatchDecoder(
+        processor, args.context_length, seed=args.seed, eight_bit=decode == "uint8", on_device=decode == "gpu"
+    )
     batches = training_batches(plan, decoder, 0, args.steps, args.workers)
     reset_peak_memory(device)
     losses = [step(inputs)["loss"] for _, inputs in on_device(batches, decoder, device)]
@@ -101,8 +127,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16, help="loader processes")
     parser.add_argument("--window", type=int, default=20, help="steps each smoothed point averages")
     parser.add_argument("--tolerance", type=float, default=0.1, help="largest allowed gap of the smoothed curves, nats")
-    parser.add_argument("--noise-floor", action="store_true",
-                        help="also train plain with other dropout draws: the gap that chance alone makes")
+    parser.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="also train plain with other dropout draws: the gap that chance alone makes",
+    )
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     fast = CASES.get(args.fast)
@@ -114,27 +143,52 @@ def main() -> None:
     device = pick_device(args.device)
     emit({"bench": "environment", **environment(device)})
     gpu_decode = device.type == "cuda" and importlib.util.find_spec("torchvision") is not None
-    common = {"bench": "loss-curve", "preset": args.preset, "batch_size": args.batch_size, "steps": args.steps,
-              "lr": args.lr, "seed": args.seed}
+    common = {
+        "bench": "loss-curve",
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "lr": args.lr,
+        "seed": args.seed,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         prepared = write_split(Path(tmp), args.train_images)
         curves = {}
-        runs = [("plain", PLAIN, "processor", args.seed), (args.fast, fast, "gpu" if gpu_decode else "uint8", args.seed)]
+        runs = [
+            ("plain", PLAIN, "processor", args.seed),
+            (args.fast, fast, "gpu" if gpu_decode else "uint8", args.seed),
+        ]
         if args.noise_floor:
             runs.append(("plain-reseeded", PLAIN, "processor", args.seed + 1))
         for name, case, decode, dropout_seed in runs:
             started = time.perf_counter()
             curves[name], applied = loss_curve(case, decode, prepared, args, device, dropout_seed)
-            emit({**common, "case": name, "applied": applied, "seconds": round(time.perf_counter() - started, 1),
-                  "peak_memory_mb": peak_memory_mb(device), "losses": [round(loss, 5) for loss in curves[name]]})
+            emit(
+                {
+                    **common,
+                    "case": name,
+                    "applied": applied,
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "peak_memory_mb": peak_memory_mb(device),
+                    "losses": [round(loss, 5) for loss in curves[name]],
+                }
+            )
     tolerance = args.tolerance
     if args.noise_floor:
         noise = compare_curves(curves["plain"], curves["plain-reseeded"], args.window, args.tolerance)
         noise = {key: value for key, value in noise.items() if key not in ("tolerance_nats", "curves_agree")}
         emit({**common, "case": "noise-floor", "plain": "plain", "fast": "plain-reseeded", **noise})
         tolerance = max(tolerance, noise["max_gap_nats"])  # chance alone made that gap
-    emit({**common, "case": "comparison", "plain": "plain", "fast": args.fast,
-          **compare_curves(curves["plain"], curves[args.fast], args.window, tolerance)})
+    emit(
+        {
+            **common,
+            "case": "comparison",
+            "plain": "plain",
+            "fast": args.fast,
+            **compare_curves(curves["plain"], curves[args.fast], args.window, tolerance),
+        }
+    )
+
 
 if __name__ == "__main__":
     main()

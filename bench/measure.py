@@ -14,7 +14,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,8 +54,9 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, step
     return (time.perf_counter() - start) / steps
 
 
-def matmul_peak_tflops(device: torch.device, size: int = 8192, dtype: torch.dtype = torch.bfloat16,
-                       steps: int = 50) -> float:
+def matmul_peak_tflops(
+    device: torch.device, size: int = 8192, dtype: torch.dtype = torch.bfloat16, steps: int = 50
+) -> float:
     """Achieved dense matmul TFLOP/s: the best of a few timed runs of size x size x size products."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -81,8 +82,14 @@ def environment(device: torch.device) -> dict[str, str | None]:
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": gpu, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "transformers": transformers.__version__, "python": platform.python_version()}
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "device": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def emit(record: dict) -> None:
@@ -91,25 +98,33 @@ def emit(record: dict) -> None:
     sys.stdout.flush()
 
 
-def model_bench_parser(doc: str, catalogue: dict, default_cases: list[str], batch_size: int,
-                       presets: list[str]) -> argparse.ArgumentParser:
+def model_bench_parser(
+    doc: str, catalogue: dict, default_cases: list[str], batch_size: int, presets: list[str]
+) -> argparse.ArgumentParser:
     """The options every model benchmark takes: cases, preset, batch, steps, device, matmul peak, budget."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=default_cases,
-                        help=f"cases to run, in order, or `all`: {', '.join(catalogue)}")
+    parser.add_argument(
+        "--cases", nargs="+", default=default_cases, help=f"cases to run, in order, or `all`: {', '.join(catalogue)}"
+    )
     parser.add_argument("--preset", default="ViT-B-16", choices=presets)
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--steps", type=int, default=20, help="timed calls per case")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per case (compilation happens here)")
     parser.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cuda, cpu")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="matmul peak for MFU; measured (bf16, 8192^3) when not given")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="matmul peak for MFU; measured (bf16, 8192^3) when not given"
+    )
     parser.add_argument("--budget-s", type=float, default=None, help="skip the remaining cases after this many seconds")
     return parser
 
 
-def count_then_time(eager: Callable[[], object], finish: Callable[[], tuple[Callable[[], object], dict]],
-                    device: torch.device, warmup: int, steps: int) -> tuple[int, float, dict, float]:
+def count_then_time(
+    eager: Callable[[], object],
+    finish: Callable[[], tuple[Callable[[], object], dict]],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+) -> tuple[int, float, dict, float]:
     """A case's measurement: FLOPs of one `eager` call (the counter needs eager code), then `finish()`
     (compilation, checks) giving the call to time and extra figures, then seconds per call after the
     warm-up. Returns (FLOPs, seconds per call, extra figures, seconds from `finish` to the end)."""
@@ -140,8 +155,9 @@ def start(device_name: str, peak_tflops: float | None) -> tuple[torch.device, fl
     return device, peak
 
 
-def run_cases(bench: str, names: list[str], run: Callable[[str], dict], device: torch.device,
-              budget_s: float | None = None) -> None:
+def run_cases(
+    bench: str, names: list[str], run: Callable[[str], dict], device: torch.device, budget_s: float | None = None
+) -> None:
     """Run and emit each case; a failing case (e.g. a kernel this GPU lacks) is reported and the
     others still run; cases starting after `budget_s` seconds are reported as skipped."""
     started = time.perf_counter()
@@ -162,6 +178,10 @@ def rates(count: int, unit: str, seconds: float, flops: int, peak_tflops: float 
     """The figures every case reports: `unit`s per second for `count` items per call taking
     `seconds`, FLOPs per item (4 significant digits), achieved TFLOP/s, MFU and peak memory."""
     achieved = flops / seconds / 1e12
-    return {f"{unit}s_per_s": round(count / seconds, 1), f"gflop_per_{unit}": float(f"{flops / count / 1e9:.4g}"),
-            "tflops": float(f"{achieved:.4g}"), "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
-            "peak_memory_mb": peak_memory_mb(device)}
+    return {
+        f"{unit}s_per_s": round(count / seconds, 1),
+        f"gflop_per_{unit}": float(f"{flops / count / 1e9:.4g}"),
+        "tflops": float(f"{achieved:.4g}"),
+        "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
+        "peak_memory_mb": peak_memory_mb(device),
+    }

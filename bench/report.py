@@ -42,18 +42,28 @@ class Suite:
 
 def load(folder: str | Path) -> Suite:
     """Every record of the folder's JSON-lines files, by benchmark; failed and skipped cases apart."""
-    records = [json.loads(line) for path in sorted(Path(folder).glob("*.jsonl"))
-               for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [
+        json.loads(line)
+        for path in sorted(Path(folder).glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     if not records:
         raise SystemExit(f"error: no JSON lines in {folder}/*.jsonl; run bench/gpu_suite.sh with OUT={folder}")
     measured = [r for r in records if r["bench"] != "environment" and "error" not in r and "skipped" not in r]
-    environment = next((r for r in records if r["bench"] == "environment" and r.get("matmul_peak_tflops")),
-                       next((r for r in records if r["bench"] == "environment"), {}))
-    return Suite(environment=environment, train=[r for r in measured if r["bench"] == "train"],
-                 embed=[r for r in measured if r["bench"] == "embed"], input=[r for r in measured if r["bench"] == "input"],
-                 failed=[r for r in records if "error" in r or "skipped" in r],
-                 end_to_end=[r for r in measured if r["bench"] == "train-e2e" and "input" in r],
-                 loss_curves=[r for r in measured if r["bench"] == "loss-curve"])
+    environment = next(
+        (r for r in records if r["bench"] == "environment" and r.get("matmul_peak_tflops")),
+        next((r for r in records if r["bench"] == "environment"), {}),
+    )
+    return Suite(
+        environment=environment,
+        train=[r for r in measured if r["bench"] == "train"],
+        embed=[r for r in measured if r["bench"] == "embed"],
+        input=[r for r in measured if r["bench"] == "input"],
+        failed=[r for r in records if "error" in r or "skipped" in r],
+        end_to_end=[r for r in measured if r["bench"] == "train-e2e" and "input" in r],
+        loss_curves=[r for r in measured if r["bench"] == "loss-curve"],
+    )
 
 
 def changes_work(case: dict) -> bool:
@@ -91,33 +101,59 @@ def verdict(suite: Suite) -> list[dict]:
         if eligible:
             best = max(eligible, key=lambda r: r["samples_per_s"])
             ratio = best["samples_per_s"] / (needed / factor)
-            rows.append({"target": f"stage {stage} >= {factor}x {baseline} ({needed:,.0f} samples/s)",
-                         "case": best["case"], "measured": f"{best['samples_per_s']:,.0f} samples/s = {ratio:.2f}x",
-                         "met": ratio >= factor})
+            rows.append(
+                {
+                    "target": f"stage {stage} >= {factor}x {baseline} ({needed:,.0f} samples/s)",
+                    "case": best["case"],
+                    "measured": f"{best['samples_per_s']:,.0f} samples/s = {ratio:.2f}x",
+                    "met": ratio >= factor,
+                }
+            )
     embedders = [r for r in suite.embed if r["impl"] == "zhclip"]
     if embedders:
         best = max(embedders, key=lambda r: r["images_per_s"])
-        rows.append({"target": f"image embedding >= {EMBED_TARGET:,} images/s", "case": best["case"],
-                     "measured": f"{best['images_per_s']:,.0f} images/s", "met": best["images_per_s"] >= EMBED_TARGET})
+        rows.append(
+            {
+                "target": f"image embedding >= {EMBED_TARGET:,} images/s",
+                "case": best["case"],
+                "measured": f"{best['images_per_s']:,.0f} images/s",
+                "met": best["images_per_s"] >= EMBED_TARGET,
+            }
+        )
     paths = [r for r in suite.input if r.get("workers", 0) <= MAX_INPUT_WORKERS]
     if paths and 2 in targets:
         needed = targets[2][2]
         best = max(paths, key=lambda r: r["images_per_s"])
         where = "on the GPU" if best["case"].startswith("gpu") else f"on {best['workers']} CPU cores"
-        rows.append({"target": f"input >= the stage-2 target rate ({needed:,.0f} images/s)", "case": best["case"],
-                     "measured": f"{best['images_per_s']:,.0f} images/s {where}", "met": best["images_per_s"] >= needed})
+        rows.append(
+            {
+                "target": f"input >= the stage-2 target rate ({needed:,.0f} images/s)",
+                "case": best["case"],
+                "measured": f"{best['images_per_s']:,.0f} images/s {where}",
+                "met": best["images_per_s"] >= needed,
+            }
+        )
     real = [r for r in suite.end_to_end if r["input"] != "tensors" and r.get("x_tensors")]
     if real:
         best = max(real, key=lambda r: r["x_tensors"])
-        rows.append({"target": f"training from JPEG shards >= {END_TO_END_TARGET:.0%} of the random-tensor rate",
-                     "case": f"{best['case']} {best['input']}",
-                     "measured": f"{best['samples_per_s']:,.0f} samples/s = {best['x_tensors']:.0%}",
-                     "met": best["x_tensors"] >= END_TO_END_TARGET})
+        rows.append(
+            {
+                "target": f"training from JPEG shards >= {END_TO_END_TARGET:.0%} of the random-tensor rate",
+                "case": f"{best['case']} {best['input']}",
+                "measured": f"{best['samples_per_s']:,.0f} samples/s = {best['x_tensors']:.0%}",
+                "met": best["x_tensors"] >= END_TO_END_TARGET,
+            }
+        )
     for comparison in (r for r in suite.loss_curves if r["case"] == "comparison"):
-        rows.append({"target": f"loss curve of the fastest = plain's within {comparison['tolerance_nats']} nats "
-                               f"({comparison['window']}-step means)", "case": comparison["fast"],
-                     "measured": f"largest gap {comparison['max_gap_nats']} nats at step {comparison['max_gap_at_step']}",
-                     "met": comparison["curves_agree"]})
+        rows.append(
+            {
+                "target": f"loss curve of the fastest = plain's within {comparison['tolerance_nats']} nats "
+                f"({comparison['window']}-step means)",
+                "case": comparison["fast"],
+                "measured": f"largest gap {comparison['max_gap_nats']} nats at step {comparison['max_gap_at_step']}",
+                "met": comparison["curves_agree"],
+            }
+        )
     return rows
 
 
@@ -131,56 +167,160 @@ def _mfu(record: dict) -> str:
 
 def markdown(suite: Suite) -> str:
     env, references, peers = suite.environment, reference_rates(suite), reference_rates(suite, "hf")
-    parts = [f"Suite of {env.get('date', '?')} on {env.get('device', '?')}, torch {env.get('torch', '?')}, "
-             f"transformers {env.get('transformers', '?')}; measured bf16 matmul peak "
-             f"{env.get('matmul_peak_tflops') or '?'} TFLOP/s.", "## Verdict",
-             _table(["target", "best case", "measured", "met?"],
-                    [[r["target"], f"`{r['case']}`", r["measured"], "yes" if r["met"] else "**no**"] for r in verdict(suite)])]
-    train_rows = [[f"`{r['case']}`", r["stage"], f"{r['samples_per_s']:,.0f}",
-                   f"{r['samples_per_s'] / references[r['stage']]:.2f}" if r["stage"] in references else "",
-                   f"{r['samples_per_s'] / peers[r['stage']]:.2f}" if r["stage"] in peers else "",
-                   r["gflop_per_sample"], _mfu(r), f"{r['peak_memory_mb'] / 1024:.1f}",
-                   {True: "yes", False: "**no**"}.get(r.get("loss_matches"), ""), "yes" if changes_work(r) else ""]
-                  for r in training_rows(suite)]
-    parts += ["## Training (samples/s per GPU)",
-              _table(["case", "stage", "samples/s", "x reference", "x peer", "GFLOP/sample", "MFU", "peak memory (GiB)",
-                      "loss matches plain", "changes the work"], train_rows)]
+    parts = [
+        f"Suite of {env.get('date', '?')} on {env.get('device', '?')}, torch {env.get('torch', '?')}, "
+        f"transformers {env.get('transformers', '?')}; measured bf16 matmul peak "
+        f"{env.get('matmul_peak_tflops') or '?'} TFLOP/s.",
+        "## Verdict",
+        _table(
+            ["target", "best case", "measured", "met?"],
+            [[r["target"], f"`{r['case']}`", r["measured"], "yes" if r["met"] else "**no**"] for r in verdict(suite)],
+        ),
+    ]
+    train_rows = [
+        [
+            f"`{r['case']}`",
+            r["stage"],
+            f"{r['samples_per_s']:,.0f}",
+            f"{r['samples_per_s'] / references[r['stage']]:.2f}" if r["stage"] in references else "",
+            f"{r['samples_per_s'] / peers[r['stage']]:.2f}" if r["stage"] in peers else "",
+            r["gflop_per_sample"],
+            _mfu(r),
+            f"{r['peak_memory_mb'] / 1024:.1f}",
+            {True: "yes", False: "**no**"}.get(r.get("loss_matches"), ""),
+            "yes" if changes_work(r) else "",
+        ]
+        for r in training_rows(suite)
+    ]
+    parts += [
+        "## Training (samples/s per GPU)",
+        _table(
+            [
+                "case",
+                "stage",
+                "samples/s",
+                "x reference",
+                "x peer",
+                "GFLOP/sample",
+                "MFU",
+                "peak memory (GiB)",
+                "loss matches plain",
+                "changes the work",
+            ],
+            train_rows,
+        ),
+    ]
     if suite.embed:
-        parts += ["## Image embedding (images/s)",
-                  _table(["case", "batch", "images/s", "MFU", "peak memory (GiB)"],
-                         [[f"`{r['case']}`", r["batch_size"], f"{r['images_per_s']:,.0f}", _mfu(r),
-                           f"{r['peak_memory_mb'] / 1024:.1f}"] for r in suite.embed])]
+        parts += [
+            "## Image embedding (images/s)",
+            _table(
+                ["case", "batch", "images/s", "MFU", "peak memory (GiB)"],
+                [
+                    [
+                        f"`{r['case']}`",
+                        r["batch_size"],
+                        f"{r['images_per_s']:,.0f}",
+                        _mfu(r),
+                        f"{r['peak_memory_mb'] / 1024:.1f}",
+                    ]
+                    for r in suite.embed
+                ],
+            ),
+        ]
     if suite.input:
-        parts += ["## Input pipeline (images/s)",
-                  _table(["case", "images", "images/s", "largest pixel difference from the processor"],
-                         [[f"`{r['case']}`", r["images"], f"{r['images_per_s']:,.0f}", r.get("max_abs_diff_vs_processor", "")]
-                          for r in suite.input])]
+        parts += [
+            "## Input pipeline (images/s)",
+            _table(
+                ["case", "images", "images/s", "largest pixel difference from the processor"],
+                [
+                    [f"`{r['case']}`", r["images"], f"{r['images_per_s']:,.0f}", r.get("max_abs_diff_vs_processor", "")]
+                    for r in suite.input
+                ],
+            ),
+        ]
     if suite.end_to_end:
-        parts += ["## Training from JPEG shards (samples/s)",
-                  _table(["case", "input", "loader processes", "samples/s", "x random tensors", "waiting for data",
-                          "peak memory (GiB)"],
-                         [[f"`{r['case']}`", r["input"], r["workers"], f"{r['samples_per_s']:,.0f}", f"{r['x_tensors']:.2f}",
-                           f"{r['data_wait_share']:.0%}", f"{r['peak_memory_mb'] / 1024:.1f}"] for r in suite.end_to_end])]
+        parts += [
+            "## Training from JPEG shards (samples/s)",
+            _table(
+                [
+                    "case",
+                    "input",
+                    "loader processes",
+                    "samples/s",
+                    "x random tensors",
+                    "waiting for data",
+                    "peak memory (GiB)",
+                ],
+                [
+                    [
+                        f"`{r['case']}`",
+                        r["input"],
+                        r["workers"],
+                        f"{r['samples_per_s']:,.0f}",
+                        f"{r['x_tensors']:.2f}",
+                        f"{r['data_wait_share']:.0%}",
+                        f"{r['peak_memory_mb'] / 1024:.1f}",
+                    ]
+                    for r in suite.end_to_end
+                ],
+            ),
+        ]
     comparisons = [r for r in suite.loss_curves if r["case"] in ("comparison", "noise-floor")]
     runs = [r for r in suite.loss_curves if "losses" in r]
     if runs:
-        parts += ["## Loss-curve runs",
-                  _table(["run", "images decoded by", "steps", "first loss", "last loss", "seconds", "peak memory (GiB)"],
-                         [[f"`{r['case']}`", r.get("applied", {}).get("decode", ""), len(r["losses"]), r["losses"][0],
-                           r["losses"][-1], r.get("seconds", ""),
-                           f"{r['peak_memory_mb'] / 1024:.1f}" if "peak_memory_mb" in r else ""] for r in runs])]
+        parts += [
+            "## Loss-curve runs",
+            _table(
+                ["run", "images decoded by", "steps", "first loss", "last loss", "seconds", "peak memory (GiB)"],
+                [
+                    [
+                        f"`{r['case']}`",
+                        r.get("applied", {}).get("decode", ""),
+                        len(r["losses"]),
+                        r["losses"][0],
+                        r["losses"][-1],
+                        r.get("seconds", ""),
+                        f"{r['peak_memory_mb'] / 1024:.1f}" if "peak_memory_mb" in r else "",
+                    ]
+                    for r in runs
+                ],
+            ),
+        ]
     if comparisons:
-        parts += ["## Loss curves (plain against the fastest configuration)",
-                  _table(["compared", "steps", f"largest gap of the {comparisons[0]['window']}-step means (nats)",
-                          "at step", "final mean, plain", "final mean, other", "within the tolerance"],
-                         [[f"`{r['plain']}` / `{r['fast']}`", r["steps"], r["max_gap_nats"], r["max_gap_at_step"],
-                           r["final_plain"], r["final_fast"],
-                           {True: "yes", False: "**no**", None: "(the noise floor: sets it)"}[r.get("curves_agree")]]
-                          for r in comparisons])]
+        parts += [
+            "## Loss curves (plain against the fastest configuration)",
+            _table(
+                [
+                    "compared",
+                    "steps",
+                    f"largest gap of the {comparisons[0]['window']}-step means (nats)",
+                    "at step",
+                    "final mean, plain",
+                    "final mean, other",
+                    "within the tolerance",
+                ],
+                [
+                    [
+                        f"`{r['plain']}` / `{r['fast']}`",
+                        r["steps"],
+                        r["max_gap_nats"],
+                        r["max_gap_at_step"],
+                        r["final_plain"],
+                        r["final_fast"],
+                        {True: "yes", False: "**no**", None: "(the noise floor: sets it)"}[r.get("curves_agree")],
+                    ]
+                    for r in comparisons
+                ],
+            ),
+        ]
     if suite.failed:
-        parts += ["## Not measured",
-                  _table(["benchmark", "case", "why"], [[r["bench"], f"`{r['case']}`", r.get("error") or r.get("skipped")]
-                                                       for r in suite.failed])]
+        parts += [
+            "## Not measured",
+            _table(
+                ["benchmark", "case", "why"],
+                [[r["bench"], f"`{r['case']}`", r.get("error") or r.get("skipped")] for r in suite.failed],
+            ),
+        ]
     return "\n\n".join(parts) + "\n"
 
 
@@ -193,12 +333,19 @@ def plot(suite: Suite, path: str | Path) -> Path:
 
     stages, targets = sorted({r["stage"] for r in suite.train}, reverse=True), stage_targets(suite)
     per_stage = {stage: [r for r in training_rows(suite) if r["stage"] == stage] for stage in stages}
-    figure, axes = plt.subplots(len(stages), 1, figsize=(8, 1 + 0.35 * len(suite.train) + len(stages)), squeeze=False,
-                                gridspec_kw={"height_ratios": [len(per_stage[stage]) + 1 for stage in stages]})
+    figure, axes = plt.subplots(
+        len(stages),
+        1,
+        figsize=(8, 1 + 0.35 * len(suite.train) + len(stages)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [len(per_stage[stage]) + 1 for stage in stages]},
+    )
     for axis, stage in zip(axes[:, 0], stages):
         cases = per_stage[stage]
-        colours = ["grey" if r["impl"] in ("reference", "hf") else "tab:orange" if changes_work(r) else "tab:blue"
-                   for r in cases]
+        colours = [
+            "grey" if r["impl"] in ("reference", "hf") else "tab:orange" if changes_work(r) else "tab:blue"
+            for r in cases
+        ]
         axis.barh([r["case"] for r in cases], [r["samples_per_s"] for r in cases], color=colours)
         if stage in targets:
             baseline, factor, needed = targets[stage]
@@ -229,10 +376,18 @@ def plot_loss_curves(suite: Suite, path: str | Path) -> Path:
     for run, colour in zip(runs, ("tab:grey", "tab:blue", "tab:green", "tab:orange")):
         steps = range(1, len(run["losses"]) + 1)
         axis.plot(steps, run["losses"], color=colour, alpha=0.25, linewidth=0.8)
-        axis.plot(range(window, len(run["losses"]) + 1), smoothed(run["losses"], window), color=colour, label=f"{run['case']} ({window}-step mean)")
+        axis.plot(
+            range(window, len(run["losses"]) + 1),
+            smoothed(run["losses"], window),
+            color=colour,
+            label=f"{run['case']} ({window}-step mean)",
+        )
     first = runs[0]
-    axis.set(xlabel="step", ylabel="contrastive loss (nats)",
-             title=f"{first['preset']}, batch {first['batch_size']}, same data, initialisation and seed")
+    axis.set(
+        xlabel="step",
+        ylabel="contrastive loss (nats)",
+        title=f"{first['preset']}, batch {first['batch_size']}, same data, initialisation and seed",
+    )
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

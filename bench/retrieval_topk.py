@@ -61,16 +61,29 @@ def main() -> None:
     seconds = time.perf_counter() - start
     queries = len(rankings.t2i_queries) + len(rankings.i2t_queries)
     metrics = metrics_of(rankings, args.images, args.texts)
-    print(json.dumps({
-        "bench": "retrieval_topk", "texts": args.texts, "images": args.images, "dim": args.dim, "chunk_size": args.chunk_size,
-        "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-        "queries": queries, "seconds": round(seconds, 1), "queries_per_s": round(queries / seconds, 1),
-        "full_run_s_estimate": round((args.texts + min(args.texts, args.images)) * seconds / queries),
-        "features_mb": round(features_mb), "peak_rss_before_scoring_mb": round(before_mb), "peak_rss_mb": round(peak_rss_mb()),
-        "scoring_peak_increase_mb": round(peak_rss_mb() - before_mb),
-        "score_block_mb": round(min(args.chunk_size * max(args.images, args.texts) * 4 / 2**20, args.block_mb)),
-        "t2i_r1": metrics["t2i_r1"], "i2t_r1": metrics["i2t_r1"],
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "retrieval_topk",
+                "texts": args.texts,
+                "images": args.images,
+                "dim": args.dim,
+                "chunk_size": args.chunk_size,
+                "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+                "queries": queries,
+                "seconds": round(seconds, 1),
+                "queries_per_s": round(queries / seconds, 1),
+                "full_run_s_estimate": round((args.texts + min(args.texts, args.images)) * seconds / queries),
+                "features_mb": round(features_mb),
+                "peak_rss_before_scoring_mb": round(before_mb),
+                "peak_rss_mb": round(peak_rss_mb()),
+                "scoring_peak_increase_mb": round(peak_rss_mb() - before_mb),
+                "score_block_mb": round(min(args.chunk_size * max(args.images, args.texts) * 4 / 2**20, args.block_mb)),
+                "t2i_r1": metrics["t2i_r1"],
+                "i2t_r1": metrics["i2t_r1"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

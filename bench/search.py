@@ -1,6 +1,7 @@
 """Search quality and speed: the FAISS index `zhclip index` builds, alone and behind `zhclip serve`.
 
-    python bench/search.py ann --vectors 1000000 --data uniform --factory HNSW32 --search efSearch=128 --search efSearch=512
+    python bench/search.py ann --vectors 1000000 --data uniform --factory HNSW32 \
+        --search efSearch=128 --search efSearch=512
     python bench/search.py http --vectors 1000000 --concurrency 1 --concurrency 8 --seconds 30
 
 `ann`: random 512-d unit vectors, indexed with a FAISS factory string; for each search setting, the
@@ -12,7 +13,8 @@ and `lowdim` (points near a random 32-dimensional subspace, plus noise: embeddin
 vary along far fewer directions than their width, which is what makes graph indexes work).
 
 `http`: a gallery of `--vectors` random vectors served by `zhclip serve` with a random model of
-`--preset` (tiny, or ViT-B-16 whose text tower is RoBERTa-base) embedding 512 wide, under `--concurrency` clients sending Chinese queries; latency p50/p99 and
+`--preset` (tiny, or ViT-B-16 whose text tower is RoBERTa-base) embedding 512 wide, under `--concurrency`
+clients sending Chinese queries; latency p50/p99 and
 queries/s as the clients see them (both on this machine, so they share its cores).
 
 One JSON line per measurement on stdout (and appended to `--out`).
@@ -100,10 +102,23 @@ def bench_ann(args) -> None:
         index.train(gallery[: IndexConfig.train_size])
     index.add(gallery)
     build_s = time.perf_counter() - started
-    memory = {"index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1), "rss_growth_mb": round(rss_mb() - before, 1)}
-    common = {"bench": "ann", "data": args.data, "vectors": args.vectors, "dim": args.dim, "queries": args.queries,
-              "factory": args.factory, "build_s": round(build_s, 1), **memory, "threads": faiss.omp_get_max_threads(),
-              "exact_ms_per_query_batched": round(exact_s / args.queries * 1000, 2), "machine": args.machine}
+    memory = {
+        "index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1),
+        "rss_growth_mb": round(rss_mb() - before, 1),
+    }
+    common = {
+        "bench": "ann",
+        "data": args.data,
+        "vectors": args.vectors,
+        "dim": args.dim,
+        "queries": args.queries,
+        "factory": args.factory,
+        "build_s": round(build_s, 1),
+        **memory,
+        "threads": faiss.omp_get_max_threads(),
+        "exact_ms_per_query_batched": round(exact_s / args.queries * 1000, 2),
+        "machine": args.machine,
+    }
     for params in args.search or [""]:
         set_search_params(index, params)
         started = time.perf_counter()
@@ -115,8 +130,16 @@ def bench_ann(args) -> None:
             started = time.perf_counter()
             index.search(query[None], K)
             single.append(time.perf_counter() - started)
-        emit({**common, "search": params, "recall_at_10": round(recall, 4), "batched_qps": round(batched_qps, 1),
-              **{f"single_{key}": value for key, value in percentiles(single).items()}}, args.out)
+        emit(
+            {
+                **common,
+                "search": params,
+                "recall_at_10": round(recall, 4),
+                "batched_qps": round(batched_qps, 1),
+                **{f"single_{key}": value for key, value in percentiles(single).items()},
+            },
+            args.out,
+        )
 
 
 def random_model(root: Path, preset: str, dim: int) -> Path:
@@ -127,10 +150,14 @@ def random_model(root: Path, preset: str, dim: int) -> Path:
 
     spec = {**PRESETS[preset], "projection_dim": dim}
     processor = build_processor(default_vocab_path(), spec["vision"]["image_size"], 52)
-    return save_model(AutoModel.from_config(make_config(spec, vocab_size=len(processor.tokenizer))), processor, root / "model")
+    return save_model(
+        AutoModel.from_config(make_config(spec, vocab_size=len(processor.tokenizer))), processor, root / "model"
+    )
 
 
-def synthetic_index(root: Path, model_dir: Path, vectors: int, dim: int, factory: str, search: str) -> tuple[Path, float]:
+def synthetic_index(
+    root: Path, model_dir: Path, vectors: int, dim: int, factory: str, search: str
+) -> tuple[Path, float]:
     """An index folder of random vectors that `zhclip serve` accepts for `model_dir`; returns it and its build time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -148,15 +175,37 @@ def synthetic_index(root: Path, model_dir: Path, vectors: int, dim: int, factory
     out = root / "index"
     out.mkdir()
     ids = [f"img{row}" for row in range(vectors)]
-    pq.write_table(pa.table({"id": ids, "location": ["synthetic"] * vectors, "caption": [""] * vectors}, schema=ITEM_SCHEMA),
-                   out / ITEMS_FILE)
-    save_index(str(out), index, {"gallery": "synthetic", "model": model_identity(str(model_dir)), "factory": factory,
-                                 "search_params": search, "dim": gallery.shape[1], "images": vectors})
+    pq.write_table(
+        pa.table({"id": ids, "location": ["synthetic"] * vectors, "caption": [""] * vectors}, schema=ITEM_SCHEMA),
+        out / ITEMS_FILE,
+    )
+    save_index(
+        str(out),
+        index,
+        {
+            "gallery": "synthetic",
+            "model": model_identity(str(model_dir)),
+            "factory": factory,
+            "search_params": search,
+            "dim": gallery.shape[1],
+            "images": vectors,
+        },
+    )
     return out, build_s
 
 
-QUERIES = ["红色的圆形", "一只小狗在草地上奔跑", "蓝色背景上的黄色三角形", "手写的数字七", "城市夜景", "穿着汉服的女孩", "一碗热腾腾的面条",
-           "海边的日落", "绿色的正方形", "白色的猫"]
+QUERIES = [
+    "红色的圆形",
+    "一只小狗在草地上奔跑",
+    "蓝色背景上的黄色三角形",
+    "手写的数字七",
+    "城市夜景",
+    "穿着汉服的女孩",
+    "一碗热腾腾的面条",
+    "海边的日落",
+    "绿色的正方形",
+    "白色的猫",
+]
 
 
 def load(port: int, concurrency: int, seconds: float) -> dict:
@@ -188,8 +237,13 @@ def load(port: int, concurrency: int, seconds: float) -> dict:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
-            "qps": round(len(latencies) / wall, 1), **percentiles(latencies)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "qps": round(len(latencies) / wall, 1),
+        **percentiles(latencies),
+    }
 
 
 def bench_http(args) -> None:
@@ -198,13 +252,33 @@ def bench_http(args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         model_dir = random_model(root, args.preset, args.dim)
-        index, build_s = synthetic_index(root, model_dir, args.vectors, args.dim, args.factory, args.search[0] if args.search else IndexConfig.search_params)
+        index, build_s = synthetic_index(
+            root,
+            model_dir,
+            args.vectors,
+            args.dim,
+            args.factory,
+            args.search[0] if args.search else IndexConfig.search_params,
+        )
         port = int(args.port)
         (root / "params.yaml").write_text(json.dumps({"serve": {"text_batch": args.text_batch}}))  # JSON is YAML
         log = open(root / "serve.log", "wb")
-        server = subprocess.Popen([str(Path(sys.executable).parent / "zhclip"), "serve", "--index", str(index), "--model",
-                                   str(model_dir), "--port", str(port), "--params", str(root / "params.yaml")],
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "zhclip"),
+                "serve",
+                "--index",
+                str(index),
+                "--model",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--params",
+                str(root / "params.yaml"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 600
             while True:
@@ -219,9 +293,22 @@ def bench_http(args) -> None:
             load(port, 1, 3)  # warm-up
             server_mb = round(process_rss_mb(server.pid), 1)
             for concurrency in args.concurrency or [1, 8]:
-                emit({"bench": "http", "preset": args.preset, "text_batch": args.text_batch, "vectors": args.vectors, "factory": args.factory, "search": args.search[0] if args.search else IndexConfig.search_params,
-                      "index_build_s": round(build_s, 1), "server_rss_mb": server_mb, "seconds": args.seconds, "machine": args.machine,
-                      **load(port, concurrency, args.seconds)}, args.out)
+                emit(
+                    {
+                        "bench": "http",
+                        "preset": args.preset,
+                        "text_batch": args.text_batch,
+                        "vectors": args.vectors,
+                        "factory": args.factory,
+                        "search": args.search[0] if args.search else IndexConfig.search_params,
+                        "index_build_s": round(build_s, 1),
+                        "server_rss_mb": server_mb,
+                        "seconds": args.seconds,
+                        "machine": args.machine,
+                        **load(port, concurrency, args.seconds),
+                    },
+                    args.out,
+                )
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -239,7 +326,9 @@ def main() -> None:
     parser.add_argument("--single-queries", type=int, default=200, help="of them, timed one at a time")
     parser.add_argument("--concurrency", type=int, action="append", help="http: concurrent clients (repeatable)")
     parser.add_argument("--seconds", type=float, default=30, help="http: load duration per concurrency")
-    parser.add_argument("--preset", default="tiny", help="http: the model's shape (tiny, or ViT-B-16: a RoBERTa-base text tower)")
+    parser.add_argument(
+        "--preset", default="tiny", help="http: the model's shape (tiny, or ViT-B-16: a RoBERTa-base text tower)"
+    )
     parser.add_argument("--text-batch", type=int, default=32, help="http: serve.text_batch (1: no batching of queries)")
     parser.add_argument("--port", default="8765")
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")

@@ -62,8 +62,11 @@ def timed_steps(batches, step, device: torch.device, warmup: int, steps: int) ->
         samples += len(inputs["input_ids"])
     synchronize(device)
     elapsed = time.perf_counter() - started
-    return {"samples_per_s": round(samples / elapsed, 1), "data_wait_share": round(waited / elapsed, 3),
-            "peak_memory_mb": peak_memory_mb(device)}
+    return {
+        "samples_per_s": round(samples / elapsed, 1),
+        "data_wait_share": round(waited / elapsed, 3),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
 
 
 def random_pixel_batches(plan: EpochPlan, decoder: BatchDecoder, device: torch.device, count: int):
@@ -84,7 +87,9 @@ def main() -> None:
     parser.add_argument("--preset", default="ViT-B-16", choices=VIT_PRESETS)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--context-length", type=int, default=52)
-    parser.add_argument("--images", type=int, default=8192, help="pairs in the written split (more than warm-up + steps batches)")
+    parser.add_argument(
+        "--images", type=int, default=8192, help="pairs in the written split (more than warm-up + steps batches)"
+    )
     parser.add_argument("--width", type=int, default=500, help="stored image width (typical web photos: 500x375)")
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--workers", type=int, default=16, help="loader processes (tokenising; decoding for `cpu`)")
@@ -95,7 +100,9 @@ def main() -> None:
     args = parser.parse_args()
     case = CASES.get(args.case)
     if case is None or case.impl != "zhclip" or case.cache_image_embeds:
-        parser.error(f"--case must be a zhclip case of bench/train_throughput.py that trains on images, got {args.case!r}")
+        parser.error(
+            f"--case must be a zhclip case of bench/train_throughput.py that trains on images, got {args.case!r}"
+        )
 
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # as in bench/train_throughput.py
@@ -104,9 +111,17 @@ def main() -> None:
     model, train_step, _, applied = build_zhclip(case, args.preset, device, args.context_length)
     compile_model(model, case.compile_scope, **({"mode": case.compile_mode} if case.compile_mode else {}))
     applied["compile"] = case.compile_scope
-    common = {"bench": "train-e2e", "case": args.case, "preset": args.preset, "batch_size": args.batch_size,
-              "images": args.images, "stored_size": f"{args.width}x{args.height}", "workers": args.workers,
-              "augment": args.augment, "applied": applied}
+    common = {
+        "bench": "train-e2e",
+        "case": args.case,
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "images": args.images,
+        "stored_size": f"{args.width}x{args.height}",
+        "workers": args.workers,
+        "augment": args.augment,
+        "applied": applied,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         write_prepared(Path(tmp), args.images, args.width, args.height, args.workers, varied=True)
@@ -114,8 +129,9 @@ def main() -> None:
         plan = EpochPlan(PreparedSplit.open(tmp, "train"), args.batch_size, rank=0, world_size=1, seed=0)
         rates = {}
         for name in args.inputs:
-            decoder = BatchDecoder(processor, args.context_length, augment=args.augment,
-                                   eight_bit=name == "cpu", on_device=name == "gpu")
+            decoder = BatchDecoder(
+                processor, args.context_length, augment=args.augment, eight_bit=name == "cpu", on_device=name == "gpu"
+            )
             try:
                 if name == "tensors":
                     batches = random_pixel_batches(plan, decoder, device, min(8, plan.steps_per_epoch))

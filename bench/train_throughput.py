@@ -45,7 +45,9 @@ from zhclip.model.loss import MAX_LOGIT_SCALE
 from zhclip.model.presets import PRESETS
 
 PAD_ID, CLS_ID, SEP_ID, FIRST_WORD_ID = 0, 101, 102, 106
-VIT_PRESETS = [name for name, spec in PRESETS.items() if "resnet_layers" not in spec["vision"]]  # what cn-clip's ViT takes
+VIT_PRESETS = [
+    name for name, spec in PRESETS.items() if "resnet_layers" not in spec["vision"]
+]  # what cn-clip's ViT takes
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,9 @@ CASES: dict[str, Case] = {
 }
 
 
-def random_batch(batch_size: int, context_length: int, image_size: int, device: torch.device,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def random_batch(
+    batch_size: int, context_length: int, image_size: int, device: torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Token ids shaped like real captions ([CLS] words [SEP], then padding, lengths varying) and
     normally distributed pixels: the same batch for every case."""
     generator = torch.Generator().manual_seed(seed)
@@ -129,13 +132,24 @@ def reference_model(preset: str) -> torch.nn.Module:
     spec = PRESETS[preset]
     vision, text = spec["vision"], spec["text"]
     return reference().CLIP(
-        embed_dim=spec["projection_dim"], image_resolution=vision["image_size"],
-        vision_layers=vision["num_hidden_layers"], vision_width=vision["hidden_size"],
-        vision_patch_size=vision["patch_size"], vision_head_width=vision["hidden_size"] // vision["num_attention_heads"],
-        vocab_size=21128, text_attention_probs_dropout_prob=0.1, text_hidden_act="gelu", text_hidden_dropout_prob=0.1,
-        text_hidden_size=text["hidden_size"], text_initializer_range=0.02, text_intermediate_size=text["intermediate_size"],
-        text_max_position_embeddings=512, text_num_attention_heads=text["num_attention_heads"],
-        text_num_hidden_layers=text["num_hidden_layers"], text_type_vocab_size=2)
+        embed_dim=spec["projection_dim"],
+        image_resolution=vision["image_size"],
+        vision_layers=vision["num_hidden_layers"],
+        vision_width=vision["hidden_size"],
+        vision_patch_size=vision["patch_size"],
+        vision_head_width=vision["hidden_size"] // vision["num_attention_heads"],
+        vocab_size=21128,
+        text_attention_probs_dropout_prob=0.1,
+        text_hidden_act="gelu",
+        text_hidden_dropout_prob=0.1,
+        text_hidden_size=text["hidden_size"],
+        text_initializer_range=0.02,
+        text_intermediate_size=text["intermediate_size"],
+        text_max_position_embeddings=512,
+        text_num_attention_heads=text["num_attention_heads"],
+        text_num_hidden_layers=text["num_hidden_layers"],
+        text_type_vocab_size=2,
+    )
 
 
 def reference_step(preset: str, stage: int, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
@@ -148,9 +162,15 @@ def reference_step(preset: str, stage: int, batch: dict, device: torch.device) -
             param.requires_grad = False
     exclude = lambda name: any(key in name for key in ("bn", "ln", "bias", "logit_scale"))  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n)], "weight_decay": 0.0},
-                                   {"params": [p for n, p in named if not exclude(n)], "weight_decay": 0.001}],
-                                  lr=5e-5, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if exclude(n)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n)], "weight_decay": 0.001},
+        ],
+        lr=5e-5,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     scaler = torch.amp.GradScaler(device.type)
     images, texts = batch["pixel_values"], batch["input_ids"]
     labels = torch.arange(len(texts), device=device)
@@ -180,8 +200,14 @@ def hf_compile_step(preset: str, stage: int, batch: dict, device: torch.device, 
         for tower in (model.vision_model, model.visual_projection):
             tower.requires_grad_(False)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, betas=(0.9, 0.98),
-                                  eps=1e-6, weight_decay=0.001, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=5e-5,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        weight_decay=0.001,
+        fused=device.type == "cuda",
+    )
     forward = [model]
 
     def step() -> torch.Tensor:
@@ -212,17 +238,32 @@ def compare_with_plain(plain: torch.nn.Module, fast: torch.nn.Module, batch: dic
         image, text = F.normalize(out.image_embeds.float(), dim=-1), F.normalize(out.text_embeds.float(), dim=-1)
         logits = model.logit_scale.exp() * image @ text.t()
         labels = torch.arange(len(logits), device=logits.device)
-        results[name] = ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)).item() / 2, image, text)
+        results[name] = (
+            (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)).item() / 2,
+            image,
+            text,
+        )
     (plain_loss, plain_image, plain_text), (fast_loss, fast_image, fast_text) = results["plain"], results["fast"]
     cosine = min((plain_image * fast_image).sum(-1).min().item(), (plain_text * fast_text).sum(-1).min().item())
     # bf16 keeps 8 bits of mantissa: allow 1% on the loss; embeddings must point the same way
     loss_matches = abs(fast_loss - plain_loss) <= 0.01 * abs(plain_loss) and cosine >= 0.99
-    return {"loss_plain": round(plain_loss, 5), "loss_fast": round(fast_loss, 5),
-            "embed_cosine_min": round(cosine, 5), "loss_matches": loss_matches}
+    return {
+        "loss_plain": round(plain_loss, 5),
+        "loss_fast": round(fast_loss, 5),
+        "embed_cosine_min": round(cosine, 5),
+        "loss_matches": loss_matches,
+    }
 
 
-def build_zhclip(case: Case, preset: str, device: torch.device, context_length: int, lr: float = 5e-5,
-                 warmup_steps: int = 10, total_steps: int = 10_000):
+def build_zhclip(
+    case: Case,
+    preset: str,
+    device: torch.device,
+    context_length: int,
+    lr: float = 5e-5,
+    warmup_steps: int = 10,
+    total_steps: int = 10_000,
+):
     """The model with the case's speed switches (compilation aside) and its TrainStep, and a plain
     copy of the model when the case checks its loss: (model, train_step, plain or None, switches applied)."""
     with device:  # initialised where it runs: seconds saved per case on a GPU
@@ -232,14 +273,23 @@ def build_zhclip(case: Case, preset: str, device: torch.device, context_length: 
     plain = copy.deepcopy(model) if case.check_loss else None
     if case.activation_checkpointing:
         enable_activation_checkpointing(model)
-    applied = apply_speedups(model, fused_qkv=case.fused_qkv, sdpa_backend=case.sdpa_backend,
-                             padding_free=case.padding_free, channels_last=case.channels_last)
+    applied = apply_speedups(
+        model,
+        fused_qkv=case.fused_qkv,
+        sdpa_backend=case.sdpa_backend,
+        padding_free=case.padding_free,
+        channels_last=case.channels_last,
+    )
     model.train()
     if case.stage == 1:
         lock_image_tower(model)  # locked modules back in eval mode after model.train()
     optimizer = build_optimizer(model, lr=lr, weight_decay=0.001, fused=case.fused_adamw)
-    train_step = TrainStep(model, optimizer, warmup_cosine(optimizer, warmup_steps, total_steps),
-                           StepConfig(precision=case.precision, mask_ratio=case.mask_ratio))
+    train_step = TrainStep(
+        model,
+        optimizer,
+        warmup_cosine(optimizer, warmup_steps, total_steps),
+        StepConfig(precision=case.precision, mask_ratio=case.mask_ratio),
+    )
     return model, train_step, plain, applied
 
 
@@ -250,8 +300,11 @@ def zhclip_step(case: Case, preset: str, batch: dict, device: torch.device, cont
     if case.cache_image_embeds:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16"):
             images = model.get_image_features(pixel_values=batch["pixel_values"])
-        batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                 "image_embeds": projected_features(images)}
+        batch = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "image_embeds": projected_features(images),
+        }
 
     def finish() -> dict:
         nonlocal plain
@@ -283,9 +336,16 @@ def run_case(name: str, case: Case, args, device: torch.device, peak_tflops: flo
     else:
         step, finish = zhclip_step(case, args.preset, batch, device, args.context_length)
     flops, seconds, extra, elapsed = count_then_time(step, lambda: (step, finish()), device, args.warmup, args.steps)
-    return {"bench": "train", "case": name, "preset": args.preset, "batch_size": args.batch_size, **asdict(case),
-            **extra, **rates(args.batch_size, "sample", seconds, flops, peak_tflops, device),
-            "warmup_and_timing_s": round(elapsed, 1)}
+    return {
+        "bench": "train",
+        "case": name,
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        **asdict(case),
+        **extra,
+        **rates(args.batch_size, "sample", seconds, flops, peak_tflops, device),
+        "warmup_and_timing_s": round(elapsed, 1),
+    }
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,7 +21,9 @@ app.add_typer(pipeline_app, name="pipeline")
 model_app = typer.Typer(help="Import and export models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
-ParamsOption = typer.Option(Path("params.yaml"), "--params", help="The project's settings file (docs/configuration.md).")
+ParamsOption = typer.Option(
+    Path("params.yaml"), "--params", help="The project's settings file (docs/configuration.md)."
+)
 DefaultsOption = typer.Option(False, "--defaults", help="Use the built-in defaults instead of a params file.")
 
 
@@ -39,7 +40,7 @@ def _echo_json(summary: dict) -> None:
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
 
 
-def _finish(summary: dict, summary_path: Optional[Path], line: str) -> None:
+def _finish(summary: dict, summary_path: Path | None, line: str) -> None:
     """The step's result: one line for people when the JSON went to a file (as under `dvc repro`), else the JSON."""
     if summary_path:
         typer.echo(f"{line}  [summary: {summary_path}]")
@@ -50,27 +51,41 @@ def _finish(summary: dict, summary_path: Optional[Path], line: str) -> None:
 @app.command("demo-data")
 def demo_data_command(
     out: Path = typer.Option(Path("data/raw"), help="Folder for the Chinese-CLIP-format splits."),
-    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
-    seed: Optional[int] = _option("demo_data", "seed"),
-    train_images: Optional[int] = _option("demo_data", "train_images"),
-    test_images: Optional[int] = _option("demo_data", "test_images"),
+    summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
+    seed: int | None = _option("demo_data", "seed"),
+    train_images: int | None = _option("demo_data", "train_images"),
+    test_images: int | None = _option("demo_data", "test_images"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
     """Generate the bundled demo dataset: coloured shapes with Chinese captions, train/valid/test."""
     from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 
-    config = config_from(DemoDataConfig, _params(params, defaults), "demo_data", seed=seed, train_images=train_images, test_images=test_images)
+    config = config_from(
+        DemoDataConfig,
+        _params(params, defaults),
+        "demo_data",
+        seed=seed,
+        train_images=train_images,
+        test_images=test_images,
+    )
     result = generate_demo_data(out, config, summary)
-    _finish(result, summary, f"demo data in {out}: " + ", ".join(f"{split} {counts['images']} images / {counts['texts']} captions"
-                                                              for split, counts in result["splits"].items()))
+    _finish(
+        result,
+        summary,
+        f"demo data in {out}: "
+        + ", ".join(
+            f"{split} {counts['images']} images / {counts['texts']} captions"
+            for split, counts in result["splits"].items()
+        ),
+    )
 
 
 @app.command("demo-towers")
 def demo_towers_command(
     corpus: Path = typer.Option(Path("data/raw/pretrain"), help="The pretraining corpus `zhclip demo-data` writes."),
     out: Path = typer.Option(Path("weights/demo"), help="Folder for vision/ (CLIPModel) and text/ (BertForMaskedLM)."),
-    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
+    summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
@@ -83,40 +98,55 @@ def demo_towers_command(
 
     config = config_from(DemoTowersConfig, _params(params, defaults), "demo_towers")
     result = pretrain_demo_towers(corpus, out, config, summary)
-    typer.echo(f"demo towers in {out}: English CLIP loss {result['vision']['first_loss']} -> {result['vision']['final_loss']}, "
-               f"Chinese BERT masked-LM loss {result['text']['first_loss']} -> {result['text']['final_loss']}")
+    typer.echo(
+        f"demo towers in {out}: English CLIP loss {result['vision']['first_loss']} -> "
+        f"{result['vision']['final_loss']}, "
+        f"Chinese BERT masked-LM loss {result['text']['first_loss']} -> {result['text']['final_loss']}"
+    )
 
 
 @app.command()
 def ingest(
-    raw: Path = typer.Option(Path("data/raw"), help="Folder with {split}_imgs.tsv + {split}_texts.jsonl, or {split}.csv + images."),
+    raw: Path = typer.Option(
+        Path("data/raw"), help="Folder with {split}_imgs.tsv + {split}_texts.jsonl, or {split}.csv + images."
+    ),
     out: Path = typer.Option(Path("data/prepared"), help="Folder for Parquet shards and quarantine files."),
-    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
-    shard_rows: Optional[int] = _option("ingest", "shard_rows"),
+    summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
+    shard_rows: int | None = _option("ingest", "shard_rows"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
     """Decode, normalise and shard the raw splits; malformed rows go to OUT/quarantine/ with a reason."""
-    from zhclip.components.data.ingest import IngestConfig, ingest as run
+    from zhclip.components.data.ingest import IngestConfig
+    from zhclip.components.data.ingest import ingest as run
 
-    result = run(raw, out, config_from(IngestConfig, _params(params, defaults), "ingest", shard_rows=shard_rows), summary)
-    _finish(result, summary, f"ingest into {out}: " + ", ".join(f"{split} {counts['pairs']} pairs"
-                                                             for split, counts in result["splits"].items()))
+    result = run(
+        raw, out, config_from(IngestConfig, _params(params, defaults), "ingest", shard_rows=shard_rows), summary
+    )
+    _finish(
+        result,
+        summary,
+        f"ingest into {out}: "
+        + ", ".join(f"{split} {counts['pairs']} pairs" for split, counts in result["splits"].items()),
+    )
 
 
 @app.command()
 def validate(
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
     out: Path = typer.Option(Path("data/validated"), help="Folder for the rows that pass (what training reads)."),
-    report: Optional[Path] = typer.Option(None, help="Write the JSON summary (per-expectation counts) here."),
-    quarantine: Path = typer.Option(Path("reports/validation_quarantine.jsonl"), help="Where rejected rows go, with reasons."),
-    docs: Optional[Path] = typer.Option(None, help="Render Great Expectations Data Docs (HTML) into this folder."),
-    max_bad_fraction: Optional[float] = _option("validate", "max_bad_fraction"),
+    report: Path | None = typer.Option(None, help="Write the JSON summary (per-expectation counts) here."),
+    quarantine: Path = typer.Option(
+        Path("reports/validation_quarantine.jsonl"), help="Where rejected rows go, with reasons."
+    ),
+    docs: Path | None = typer.Option(None, help="Render Great Expectations Data Docs (HTML) into this folder."),
+    max_bad_fraction: float | None = _option("validate", "max_bad_fraction"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
     """Great Expectations gate: quarantines bad rows, or fails naming each failed expectation with example ids."""
-    from zhclip.components.data.validate import ValidateConfig, validate as run
+    from zhclip.components.data.validate import ValidateConfig
+    from zhclip.components.data.validate import validate as run
 
     config = config_from(ValidateConfig, _params(params, defaults), "validate", max_bad_fraction=max_bad_fraction)
     result = run(data, out, config, report, quarantine, docs)
@@ -134,11 +164,11 @@ def _stage_number(stage: str) -> int:
 @app.command()
 def start(
     out: Path = typer.Option(Path("models/start"), help="Folder for the starting model (Hugging Face format)."),
-    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
-    source: Optional[str] = _option("start", "source"),
-    vision: Optional[str] = _option("start", "vision"),
-    text: Optional[str] = _option("start", "text"),
-    checkpoint: Optional[str] = _option("start", "checkpoint"),
+    summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
+    source: str | None = _option("start", "source"),
+    vision: str | None = _option("start", "vision"),
+    text: str | None = _option("start", "text"),
+    checkpoint: str | None = _option("start", "checkpoint"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
@@ -149,11 +179,16 @@ def start(
     """
     from zhclip.components.training.start import StartConfig, prepare_start
 
-    config = config_from(StartConfig, _params(params, defaults), "start", source=source, vision=vision, text=text,
-                         checkpoint=checkpoint)
+    config = config_from(
+        StartConfig, _params(params, defaults), "start", source=source, vision=vision, text=text, checkpoint=checkpoint
+    )
     result = prepare_start(out, config, summary)
-    _finish(result, summary, f"start ({result['source']}{': ' + ', '.join(result['weights'].values()) if result['weights'] else ''}) "
-                             f"written to {out}")
+    _finish(
+        result,
+        summary,
+        f"start ({result['source']}{': ' + ', '.join(result['weights'].values()) if result['weights'] else ''}) "
+        f"written to {out}",
+    )
 
 
 @app.command()
@@ -161,21 +196,24 @@ def train(
     stage: str = typer.Option(..., help="1 (or stage1): image tower locked (LiT); 2 (or stage2): both towers learn."),
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
     out: Path = typer.Option(..., help="Folder for the trained Hugging Face model."),
-    init: Optional[Path] = typer.Option(None, help="Model folder to start from: `zhclip start`'s, or stage 1's for stage 2 "
-                                              "(without it stage 1 starts from random towers)."),
-    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
-    history: Optional[Path] = typer.Option(None, help="Write the per-step loss and learning rate as CSV here."),
-    epochs: Optional[int] = _option("train", "epochs"),
-    lr: Optional[float] = _option("train", "lr"),
-    batch_size: Optional[int] = _option("train", "batch_size"),
-    max_steps: Optional[int] = _option("train", "max_steps"),
-    accum_steps: Optional[int] = _option("train", "accum_steps"),
-    precision: Optional[str] = _option("train", "precision"),
-    mask_ratio: Optional[float] = _option("train", "mask_ratio"),
-    num_workers: Optional[int] = _option("train", "num_workers"),
-    use_gpu: Optional[bool] = _option("train", "use_gpu"),
-    storage_path: Optional[str] = _option("train", "storage_path"),
-    checkpoint_every: Optional[int] = _option("train", "checkpoint_every"),
+    init: Path | None = typer.Option(
+        None,
+        help="Model folder to start from: `zhclip start`'s, or stage 1's for stage 2 "
+        "(without it stage 1 starts from random towers).",
+    ),
+    summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
+    history: Path | None = typer.Option(None, help="Write the per-step loss and learning rate as CSV here."),
+    epochs: int | None = _option("train", "epochs"),
+    lr: float | None = _option("train", "lr"),
+    batch_size: int | None = _option("train", "batch_size"),
+    max_steps: int | None = _option("train", "max_steps"),
+    accum_steps: int | None = _option("train", "accum_steps"),
+    precision: str | None = _option("train", "precision"),
+    mask_ratio: float | None = _option("train", "mask_ratio"),
+    num_workers: int | None = _option("train", "num_workers"),
+    use_gpu: bool | None = _option("train", "use_gpu"),
+    storage_path: str | None = _option("train", "storage_path"),
+    checkpoint_every: int | None = _option("train", "checkpoint_every"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
@@ -189,46 +227,83 @@ def train(
     from zhclip.components.training.config import stage_config
     from zhclip.components.training.runner import train as run
 
-    config = stage_config(_params(params, defaults), _stage_number(stage), epochs=epochs, lr=lr, batch_size=batch_size,
-                                     max_steps=max_steps, accum_steps=accum_steps, precision=precision,
-                                     mask_ratio=mask_ratio, num_workers=num_workers, use_gpu=use_gpu,
-                                     storage_path=storage_path, checkpoint_every=checkpoint_every)
+    config = stage_config(
+        _params(params, defaults),
+        _stage_number(stage),
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        accum_steps=accum_steps,
+        precision=precision,
+        mask_ratio=mask_ratio,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        storage_path=storage_path,
+        checkpoint_every=checkpoint_every,
+    )
     result = run(data, out, config, init, summary, history)
     _finish(result, summary, f"stage {result['stage']} model in {out}")
 
 
 @app.command()
 def evaluate(
-    model: Optional[Path] = typer.Option(None, help="Trained model folder (or score feature files instead: --image-feats, --text-feats, --annotations)."),
+    model: Path | None = typer.Option(
+        None, help="Trained model folder (or score feature files instead: --image-feats, --text-feats, --annotations)."
+    ),
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest` (with --model)."),
-    image_feats: Optional[Path] = typer.Option(None, help="Image features in Chinese-CLIP's jsonl ({\"image_id\", \"feature\"})."),
-    text_feats: Optional[Path] = typer.Option(None, help="Text features in Chinese-CLIP's jsonl ({\"text_id\", \"feature\"})."),
-    annotations: Optional[Path] = typer.Option(None, help="Positives per text ({\"text_id\", \"image_ids\"} lines, e.g. test_texts.jsonl)."),
-    out: Optional[Path] = typer.Option(None, help="Write the metrics JSON here."),
-    plots: Optional[Path] = typer.Option(None, help="Write recall@k (k=1..10, both directions) as CSV here, for `dvc plots`."),
-    report_dir: Optional[Path] = typer.Option(None, help="Write report.html/.md and Chinese-CLIP's prediction and score files here."),
-    split: Optional[str] = _option("evaluate", "split"),
-    chunk_size: Optional[int] = _option("evaluate", "chunk_size"),
-    write_features: Optional[bool] = _option("evaluate", "write_features"),
-    init_metrics: Optional[Path] = typer.Option(None, help="The evaluation JSON of the model this one was trained from: "
-                                                       "the summary and report then show the start, every stage and the gain."),
-    label: Optional[str] = typer.Option(None, help="The model's name in that comparison (default: its folder's name)."),
+    image_feats: Path | None = typer.Option(
+        None, help='Image features in Chinese-CLIP\'s jsonl ({"image_id", "feature"}).'
+    ),
+    text_feats: Path | None = typer.Option(
+        None, help='Text features in Chinese-CLIP\'s jsonl ({"text_id", "feature"}).'
+    ),
+    annotations: Path | None = typer.Option(
+        None, help='Positives per text ({"text_id", "image_ids"} lines, e.g. test_texts.jsonl).'
+    ),
+    out: Path | None = typer.Option(None, help="Write the metrics JSON here."),
+    plots: Path | None = typer.Option(
+        None, help="Write recall@k (k=1..10, both directions) as CSV here, for `dvc plots`."
+    ),
+    report_dir: Path | None = typer.Option(
+        None, help="Write report.html/.md and Chinese-CLIP's prediction and score files here."
+    ),
+    split: str | None = _option("evaluate", "split"),
+    chunk_size: int | None = _option("evaluate", "chunk_size"),
+    write_features: bool | None = _option("evaluate", "write_features"),
+    init_metrics: Path | None = typer.Option(
+        None,
+        help="The evaluation JSON of the model this one was trained from: "
+        "the summary and report then show the start, every stage and the gain.",
+    ),
+    label: str | None = typer.Option(None, help="The model's name in that comparison (default: its folder's name)."),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
     """Text-to-image and image-to-text recall@1/5/10 and mean recall (percent), with the chance level."""
-    from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate as run, evaluate_features
+    from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate_features
+    from zhclip.components.evaluation.evaluate import evaluate as run
 
-    config = config_from(EvaluateConfig, _params(params, defaults), "evaluate", split=split, chunk_size=chunk_size,
-                         write_features=write_features)
+    config = config_from(
+        EvaluateConfig,
+        _params(params, defaults),
+        "evaluate",
+        split=split,
+        chunk_size=chunk_size,
+        write_features=write_features,
+    )
     feature_files = (image_feats, text_feats, annotations)
     if model and any(feature_files):
         raise ZhclipError("give either --model or --image-feats/--text-feats/--annotations, not both")
     if model:
         result = run(model, data, config, out, plots, report_dir, init_metrics=init_metrics, label=label)
         gain = f", {result['gain_over_start']:+.2f} over the start" if "gain_over_start" in result else ""
-        _finish(result, out, f"{result['model']}: {result['split']} mean recall {result['mean_recall']:.2f} "
-                             f"(chance {result['chance_mean_recall']:.2f}){gain}")
+        _finish(
+            result,
+            out,
+            f"{result['model']}: {result['split']} mean recall {result['mean_recall']:.2f} "
+            f"(chance {result['chance_mean_recall']:.2f}){gain}",
+        )
     elif all(feature_files):
         _echo_json(evaluate_features(image_feats, text_feats, annotations, config, out, plots, report_dir))
     else:
@@ -238,41 +313,62 @@ def evaluate(
 @app.command()
 def zeroshot(
     model: Path = typer.Option(..., help="Trained model folder."),
-    images: Path = typer.Option(..., help="Image folder: <images>/<class name>/<image files>; the folder names are the labels."),
-    out: Optional[Path] = typer.Option(None, help="Write the metrics JSON (top-1, top-5, per-class accuracy) here."),
-    predictions: Optional[Path] = typer.Option(None, help="Write image, actual, predicted as CSV here (DVC confusion plot)."),
-    report_dir: Optional[Path] = typer.Option(None, help="Write report.html/.md (accuracy, confusion matrix, examples) here."),
-    template: list[str] = typer.Option([], help="A prompt with {} for the class name, e.g. '{}的照片' (repeatable; default: params.yaml)."),
+    images: Path = typer.Option(
+        ..., help="Image folder: <images>/<class name>/<image files>; the folder names are the labels."
+    ),
+    out: Path | None = typer.Option(None, help="Write the metrics JSON (top-1, top-5, per-class accuracy) here."),
+    predictions: Path | None = typer.Option(
+        None, help="Write image, actual, predicted as CSV here (DVC confusion plot)."
+    ),
+    report_dir: Path | None = typer.Option(
+        None, help="Write report.html/.md (accuracy, confusion matrix, examples) here."
+    ),
+    template: list[str] = typer.Option(
+        [], help="A prompt with {} for the class name, e.g. '{}的照片' (repeatable; default: params.yaml)."
+    ),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
     """Zero-shot classification with Chinese prompt ensembles: top-1/top-5 and per-class accuracy, confusion matrix."""
-    from zhclip.components.evaluation.zeroshot import ZeroshotConfig, zeroshot as run
+    from zhclip.components.evaluation.zeroshot import ZeroshotConfig
+    from zhclip.components.evaluation.zeroshot import zeroshot as run
 
     config = config_from(ZeroshotConfig, _params(params, defaults), "zeroshot", templates=template or None)
     result = run(model, images, config, out, predictions, report_dir)
-    _finish(result, out, f"zero-shot {images.name} with {model}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} % "
-                         f"(chance {result['chance_top1']:.2f} %)")
+    _finish(
+        result,
+        out,
+        f"zero-shot {images.name} with {model}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} % "
+        f"(chance {result['chance_top1']:.2f} %)",
+    )
 
 
 @app.command()
 def register(
     model: Path = typer.Option(..., help="Trained model folder."),
     metrics: Path = typer.Option(..., help="Metrics JSON from `zhclip evaluate`."),
-    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
-    name: Optional[str] = typer.Option(None, help="Registered model name."),
-    tracking_uri: Optional[str] = _option("mlflow", "tracking_uri"),
-    log_summary: list[Path] = typer.Option([], help="An earlier step's JSON summary to attach to the MLflow run (repeatable)."),
-    train_summary: Optional[Path] = typer.Option(None, help="Stage 2's training summary; its MLflow runs become lineage tags."),
-    data: Optional[Path] = typer.Option(None, help="The data training read (e.g. data/validated), recorded by its DVC hash."),
+    summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
+    name: str | None = typer.Option(None, help="Registered model name."),
+    tracking_uri: str | None = _option("mlflow", "tracking_uri"),
+    log_summary: list[Path] = typer.Option(
+        [], help="An earlier step's JSON summary to attach to the MLflow run (repeatable)."
+    ),
+    train_summary: Path | None = typer.Option(
+        None, help="Stage 2's training summary; its MLflow runs become lineage tags."
+    ),
+    data: Path | None = typer.Option(
+        None, help="The data training read (e.g. data/validated), recorded by its DVC hash."
+    ),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
-    """Log an MLflow pyfunc, register a version (alias challenger); champion if no worse than its start and the champion.
+    """Log an MLflow pyfunc and register a version (alias challenger); it becomes champion when it is no worse
+    than its start and the champion.
 
     Lineage goes into version tags; a checkpoint registered before keeps its version (no duplicate).
     """
-    from zhclip.components.registry.register import RegisterConfig, register as run
+    from zhclip.components.registry.register import RegisterConfig
+    from zhclip.components.registry.register import register as run
 
     all_params = _params(params, defaults)
     config = config_from(RegisterConfig, all_params, "register", model_name=name, tracking_uri=tracking_uri)
@@ -285,7 +381,7 @@ def embed(
     model: str = typer.Option(..., help="A model folder, or an MLflow URI such as models:/zhclip-demo@champion."),
     text: list[str] = typer.Option([], help="A text to embed (repeatable)."),
     image: list[Path] = typer.Option([], help="An image file to embed (repeatable)."),
-    tracking_uri: Optional[str] = _option("mlflow", "tracking_uri"),
+    tracking_uri: str | None = _option("mlflow", "tracking_uri"),
 ) -> None:
     """Print L2-normalised embeddings as JSON lines and, given texts and images, their cosine similarities."""
     from zhclip.components.registry.embed import embed as run
@@ -294,7 +390,7 @@ def embed(
         typer.echo(json.dumps(line, ensure_ascii=False))
 
 
-def _model_and_tracking(params: dict, model: Optional[str], tracking_uri: Optional[str]) -> tuple[str, Optional[str]]:
+def _model_and_tracking(params: dict, model: str | None, tracking_uri: str | None) -> tuple[str, str | None]:
     """`model`, else the registry alias of params section `search` (what the pipelines index), and the
     MLflow tracking URI (the flag, else params section `mlflow`)."""
     from zhclip.components.core.tracking import MlflowConfig
@@ -306,16 +402,21 @@ def _model_and_tracking(params: dict, model: Optional[str], tracking_uri: Option
 
 @app.command()
 def index(
-    gallery: str = typer.Option(..., help="Images to index: a folder, a Chinese-CLIP *_imgs.tsv, or a prepared split "
-                                          "(e.g. data/validated/test); local or s3://."),
+    gallery: str = typer.Option(
+        ...,
+        help="Images to index: a folder, a Chinese-CLIP *_imgs.tsv, or a prepared split "
+        "(e.g. data/validated/test); local or s3://.",
+    ),
     out: str = typer.Option(..., help="Index folder to write (local or s3://, e.g. on MinIO)."),
-    model: Optional[str] = typer.Option(None, help="A model folder or registry URI (default: models:/<register.model_name>@champion)."),
-    summary: Optional[Path] = typer.Option(None, help="Write the JSON summary here."),
-    factory: Optional[str] = _option("index", "factory"),
-    search_params: Optional[str] = _option("index", "search_params"),
-    batch_size: Optional[int] = _option("index", "batch_size"),
-    workers: Optional[int] = _option("index", "workers"),
-    tracking_uri: Optional[str] = _option("mlflow", "tracking_uri"),
+    model: str | None = typer.Option(
+        None, help="A model folder or registry URI (default: models:/<register.model_name>@champion)."
+    ),
+    summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
+    factory: str | None = _option("index", "factory"),
+    search_params: str | None = _option("index", "search_params"),
+    batch_size: int | None = _option("index", "batch_size"),
+    workers: int | None = _option("index", "workers"),
+    tracking_uri: str | None = _option("mlflow", "tracking_uri"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
@@ -327,24 +428,41 @@ def index(
     from zhclip.components.search.index_build import IndexConfig, build_index
 
     all_params = _params(params, defaults)
-    config = config_from(IndexConfig, all_params, "index", factory=factory, search_params=search_params, batch_size=batch_size,
-                         workers=workers)
+    config = config_from(
+        IndexConfig,
+        all_params,
+        "index",
+        factory=factory,
+        search_params=search_params,
+        batch_size=batch_size,
+        workers=workers,
+    )
     model_uri, tracking = _model_and_tracking(all_params, model, tracking_uri)
     result = build_index(gallery, out, model_uri, config, tracking, summary)
     rejected = f", {result['rejected']} rejected (see the summary)" if result["rejected"] else ""
-    _finish(result, summary, f"index {out}: {result['images']} images{rejected}, built by {result['model']['uri']}"
-                             f"{' version ' + result['model']['version'] if result['model']['version'] else ''}")
+    _finish(
+        result,
+        summary,
+        f"index {out}: {result['images']} images{rejected}, built by {result['model']['uri']}"
+        f"{' version ' + result['model']['version'] if result['model']['version'] else ''}",
+    )
 
 
 @app.command()
 def serve(
-    index: list[str] = typer.Option([], help="An index folder from `zhclip index` (local or s3://), or NAME=URI (repeatable; "
-                                             "default: indexes/<name> of each params search.galleries, as dvc repro builds them)."),
-    model: Optional[str] = typer.Option(None, help="The model that built the indexes: a folder or registry URI "
-                                              "(default: models:/<register.model_name>@champion)."),
-    host: Optional[str] = _option("serve", "host"),
-    port: Optional[int] = _option("serve", "port"),
-    tracking_uri: Optional[str] = _option("mlflow", "tracking_uri"),
+    index: list[str] = typer.Option(
+        [],
+        help="An index folder from `zhclip index` (local or s3://), or NAME=URI (repeatable; "
+        "default: indexes/<name> of each params search.galleries, as dvc repro builds them).",
+    ),
+    model: str | None = typer.Option(
+        None,
+        help="The model that built the indexes: a folder or registry URI "
+        "(default: models:/<register.model_name>@champion).",
+    ),
+    host: str | None = _option("serve", "host"),
+    port: int | None = _option("serve", "port"),
+    tracking_uri: str | None = _option("mlflow", "tracking_uri"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
@@ -353,7 +471,8 @@ def serve(
     /healthz answers while the model and indexes load, /readyz once they are loaded. Limits on k,
     paging, query length and uploads: params.yaml section `serve`.
     """
-    from zhclip.components.search.service import SearchConfig, ServeConfig, serve as run
+    from zhclip.components.search.service import SearchConfig, ServeConfig
+    from zhclip.components.search.service import serve as run
 
     all_params = _params(params, defaults)
     config = config_from(ServeConfig, all_params, "serve", host=host, port=port)
@@ -367,7 +486,7 @@ def serve(
 def upload(
     src: Path = typer.Option(Path("data/prepared"), help="Local folder to upload (e.g. prepared shards)."),
     dest: str = typer.Option(..., help="Destination s3://bucket/prefix; the bucket is created if missing."),
-    endpoint: Optional[str] = typer.Option(None, help="S3/MinIO endpoint (default: $AWS_ENDPOINT_URL)."),
+    endpoint: str | None = typer.Option(None, help="S3/MinIO endpoint (default: $AWS_ENDPOINT_URL)."),
 ) -> None:
     """Upload a folder to MinIO or any S3 endpoint (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."""
     from zhclip.components.core.storage import upload as run
@@ -408,11 +527,12 @@ def config_command(
 def model_convert(
     checkpoint: Path = typer.Option(..., help="A released Chinese-CLIP .pt checkpoint (e.g. clip_cn_vit-b-16.pt)."),
     out: Path = typer.Option(..., help="Folder for the Hugging Face model (safetensors)."),
-    preset: Optional[str] = typer.Option(None, help="Architecture to expect (default: read from the tensor shapes)."),
-    vocab: Optional[Path] = typer.Option(None, help="vocab.txt (default: the one in the cn-clip wheel)."),
+    preset: str | None = typer.Option(None, help="Architecture to expect (default: read from the tensor shapes)."),
+    vocab: Path | None = typer.Option(None, help="vocab.txt (default: the one in the cn-clip wheel)."),
     context_length: int = typer.Option(52, help="Text length the tokenizer pads and truncates to."),
 ) -> None:
-    """Import a reference checkpoint; the result loads with transformers (AutoModel; ViT: ChineseCLIPModel) and can be --init for training."""
+    """Import a reference checkpoint: the result loads with transformers (AutoModel; ViT: ChineseCLIPModel)
+    and can be --init for training."""
     from zhclip.components.registry.import_checkpoint import convert
 
     _echo_json(convert(checkpoint, out, vocab, context_length, preset))
@@ -448,14 +568,18 @@ def pipeline_compile(
 
 @pipeline_app.command("submit")
 def pipeline_submit(
-    host: str = typer.Option(..., help="Kubeflow Pipelines API, e.g. http://localhost:8888 after "
-                                       "`kubectl port-forward -n kubeflow svc/ml-pipeline 8888`."),
+    host: str = typer.Option(
+        ...,
+        help="Kubeflow Pipelines API, e.g. http://localhost:8888 after "
+        "`kubectl port-forward -n kubeflow svc/ml-pipeline 8888`.",
+    ),
     raw_uri: str = typer.Option(..., help="Raw data the run ingests, e.g. s3://zhclip-data/raw/v1."),
     experiment: str = typer.Option("zhclip", help="KFP experiment to file the run under."),
-    run_name: Optional[str] = typer.Option(None, help="Run (and pipeline version) name; default zhclip-<time>."),
-    namespace: Optional[str] = typer.Option(None, help="Kubeflow profile namespace (multi-user installs)."),
-    ray_address: Optional[str] = typer.Option(None, help="Train on this KubeRay cluster, e.g. "
-                                                         "ray://zhclip-head-svc.zhclip:10001 (default: the pod's GPUs)."),
+    run_name: str | None = typer.Option(None, help="Run (and pipeline version) name; default zhclip-<time>."),
+    namespace: str | None = typer.Option(None, help="Kubeflow profile namespace (multi-user installs)."),
+    ray_address: str | None = typer.Option(
+        None, help="Train on this KubeRay cluster, e.g. ray://zhclip-head-svc.zhclip:10001 (default: the pod's GPUs)."
+    ),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:

@@ -5,8 +5,8 @@ PIL (plus the standard library) and nothing else from the zhclip repository.
 """
 
 from .embedding import decode_image, embed_images, embed_texts
-from .loss import contrastive_loss
 from .locking import lock_image_tower
+from .loss import contrastive_loss
 from .presets import PRESETS, build_model, default_vocab_path, load_model, save_model
 
 __all__ = [

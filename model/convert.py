@@ -51,10 +51,13 @@ def _is_resnet(state: dict[str, torch.Tensor]) -> bool:
 
 def _text_spec(state: dict[str, torch.Tensor]) -> dict:
     width = state["bert.embeddings.word_embeddings.weight"].shape[1]
-    return {"hidden_size": width, "num_hidden_layers": _count(state, r"bert\.encoder\.layer\.(\d+)\."),
-            "num_attention_heads": width // 64,
-            "intermediate_size": state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-            "type_vocab_size": state["bert.embeddings.token_type_embeddings.weight"].shape[0]}
+    return {
+        "hidden_size": width,
+        "num_hidden_layers": _count(state, r"bert\.encoder\.layer\.(\d+)\."),
+        "num_attention_heads": width // 64,
+        "intermediate_size": state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "type_vocab_size": state["bert.embeddings.token_type_embeddings.weight"].shape[0],
+    }
 
 
 def _resnet_spec(state: dict[str, torch.Tensor]) -> dict:
@@ -62,8 +65,11 @@ def _resnet_spec(state: dict[str, torch.Tensor]) -> dict:
     grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
     layers = [_count(state, rf"visual\.layer{stage}\.(\d+)\.") for stage in range(1, 5)]
     # The reference sizes the attention pool's heads as width * 32 / 64.
-    return {"projection_dim": state["visual.attnpool.c_proj.weight"].shape[0], "text": _text_spec(state),
-            "vision": {"resnet_layers": layers, "width": width, "heads": width * 32 // 64, "image_size": grid * 32}}
+    return {
+        "projection_dim": state["visual.attnpool.c_proj.weight"].shape[0],
+        "text": _text_spec(state),
+        "vision": {"resnet_layers": layers, "width": width, "heads": width * 32 // 64, "image_size": grid * 32},
+    }
 
 
 def reference_spec(state: dict[str, torch.Tensor]) -> dict:
@@ -79,23 +85,36 @@ def reference_spec(state: dict[str, torch.Tensor]) -> dict:
     vision_layers = _count(state, r"visual\.transformer\.resblocks\.(\d+)\.")
     # Head counts are not in the shapes: take them from the released preset of the same size,
     # else the 64-wide heads both towers use by default.
-    vision_heads = next((p["vision"]["num_attention_heads"] for p in PRESETS.values()
-                         if p["vision"].get("hidden_size") == width and p["vision"].get("num_hidden_layers") == vision_layers), width // 64)
+    vision_heads = next(
+        (
+            p["vision"]["num_attention_heads"]
+            for p in PRESETS.values()
+            if p["vision"].get("hidden_size") == width and p["vision"].get("num_hidden_layers") == vision_layers
+        ),
+        width // 64,
+    )
     return {
         "projection_dim": state["visual.proj"].shape[1],
         "text": _text_spec(state),
-        "vision": {"hidden_size": width, "num_hidden_layers": vision_layers, "num_attention_heads": vision_heads,
-                   "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                   "patch_size": patch, "image_size": grid * patch},
+        "vision": {
+            "hidden_size": width,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": vision_heads,
+            "intermediate_size": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            "patch_size": patch,
+            "image_size": grid * patch,
+        },
     }
 
 
 def _vision_key(key: str) -> list[str]:
     """Target names for one `visual.*` key (in_proj splits into q, k, v)."""
-    fixed = {"visual.class_embedding": "vision_model.embeddings.class_embedding",
-             "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-             "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-             "visual.proj": "visual_projection.weight"}
+    fixed = {
+        "visual.class_embedding": "vision_model.embeddings.class_embedding",
+        "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+        "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+        "visual.proj": "visual_projection.weight",
+    }
     if key in fixed:
         return [fixed[key]]
     if key.startswith(("visual.ln_pre.", "visual.ln_post.")):
@@ -135,7 +154,9 @@ def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, to
         elif key.startswith("visual."):
             key = key.replace(".in_proj_weight", ".in_proj.weight").replace(".in_proj_bias", ".in_proj.bias")
             targets = _vision_key(key)
-            parts = tensor.chunk(3) if len(targets) == 3 else [tensor.t().contiguous() if key == "visual.proj" else tensor]
+            parts = (
+                tensor.chunk(3) if len(targets) == 3 else [tensor.t().contiguous() if key == "visual.proj" else tensor]
+            )
             converted.update(zip(targets, parts))
         else:
             raise ValueError(f"unexpected tensor {key!r}: not part of a Chinese-CLIP checkpoint")
@@ -158,20 +179,30 @@ def model_from_reference_state(state: dict[str, torch.Tensor], preset: str | Non
     model = AutoModel.from_config(config)
     converted = convert_reference_state_dict(state)
     expected = model.state_dict()
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-             for k, v in converted.items() if k in expected and v.shape != expected[k].shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in converted.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     # position_ids is a buffer, not a weight, so checkpoints never carry it
     missing = sorted(set(expected) - set(converted) - {"text_model.embeddings.position_ids"})
     unexpected = sorted(set(converted) - set(expected))
     if wrong or missing or unexpected:
-        raise ValueError("checkpoint does not fit the inferred architecture: "
-                         f"shape mismatches {wrong}, missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            "checkpoint does not fit the inferred architecture: "
+            f"shape mismatches {wrong}, missing {missing}, unexpected {unexpected}"
+        )
     model.load_state_dict(converted, strict=False)
     return model.eval()
 
 
-def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, vocab_file: str | Path | None = None,
-                       context_length: int = 52, preset: str | None = None) -> Path:
+def convert_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    vocab_file: str | Path | None = None,
+    context_length: int = 52,
+    preset: str | None = None,
+) -> Path:
     """Write the Hugging Face directory (safetensors, tokenizer, processor) for a reference `.pt`."""
     model = model_from_reference_state(load_reference_checkpoint(checkpoint), preset)
     processor = build_processor(vocab_file or default_vocab_path(), image_size(model.config), context_length)

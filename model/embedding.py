@@ -22,8 +22,10 @@ def decode_image(blob: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ValueError(f"not a decodable image ({err})") from err
     pixels = image.width * image.height
     if max_pixels is not None and pixels > max_pixels:
-        raise ValueError(f"image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, "
-                         f"above the limit of {max_pixels / 1e6:.1f}")
+        raise ValueError(
+            f"image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, "
+            f"above the limit of {max_pixels / 1e6:.1f}"
+        )
     try:
         return image.convert("RGB")
     except Exception as err:
@@ -70,7 +72,9 @@ def embed_images(
     chunks = []
     for start in range(0, len(images), batch_size):
         pixels = processor.image_processor(images=list(images[start : start + batch_size]), return_tensors="pt")
-        chunks.append(projected_features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device))).float())
+        chunks.append(
+            projected_features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device))).float()
+        )
     return _normalise(chunks, model.config.projection_dim)
 
 

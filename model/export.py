@@ -41,12 +41,25 @@ def export_onnx(model: PreTrainedModel, out_dir: str | Path, context_length: int
     batch = torch.export.Dim("batch", min=1, max=65536)
     paths = {"image": out_dir / "image_encoder.onnx", "text": out_dir / "text_encoder.onnx"}
     with torch.no_grad():
-        torch.onnx.export(ImageEncoder(model), (torch.zeros(2, 3, size, size),), str(paths["image"]),
-                          input_names=["pixel_values"], output_names=["image_features"],
-                          dynamic_shapes={"pixel_values": {0: batch}}, dynamo=True, external_data=False)
+        torch.onnx.export(
+            ImageEncoder(model),
+            (torch.zeros(2, 3, size, size),),
+            str(paths["image"]),
+            input_names=["pixel_values"],
+            output_names=["image_features"],
+            dynamic_shapes={"pixel_values": {0: batch}},
+            dynamo=True,
+            external_data=False,
+        )
         ids = torch.zeros(2, context_length, dtype=torch.long)
-        torch.onnx.export(TextEncoder(model), (ids, torch.ones_like(ids)), str(paths["text"]),
-                          input_names=["input_ids", "attention_mask"], output_names=["text_features"],
-                          dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
-                          dynamo=True, external_data=False)
+        torch.onnx.export(
+            TextEncoder(model),
+            (ids, torch.ones_like(ids)),
+            str(paths["text"]),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["text_features"],
+            dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+            dynamo=True,
+            external_data=False,
+        )
     return paths

@@ -40,13 +40,21 @@ class FusedQKVAttention(nn.Module):
     the replaced module's per-projection names, so checkpoints keep the standard layout.
     """
 
-    def __init__(self, projections: dict[str, nn.Linear], num_heads: int, scaling: float, dropout: float,
-                 out_proj: nn.Linear | None = None, sdpa_backend: str | None = None):
+    def __init__(
+        self,
+        projections: dict[str, nn.Linear],
+        num_heads: int,
+        scaling: float,
+        dropout: float,
+        out_proj: nn.Linear | None = None,
+        sdpa_backend: str | None = None,
+    ):
         super().__init__()
         self.projection_names = tuple(projections)  # query, key, value order
         first = next(iter(projections.values()))
-        self.qkv = nn.Linear(first.in_features, 3 * first.out_features, device=first.weight.device,
-                             dtype=first.weight.dtype)
+        self.qkv = nn.Linear(
+            first.in_features, 3 * first.out_features, device=first.weight.device, dtype=first.weight.dtype
+        )
         with torch.no_grad():
             self.qkv.weight.copy_(torch.cat([p.weight for p in projections.values()]))
             self.qkv.bias.copy_(torch.cat([p.bias for p in projections.values()]))
@@ -62,8 +70,16 @@ class FusedQKVAttention(nn.Module):
         self.register_state_dict_post_hook(_split_qkv)
         self.register_load_state_dict_pre_hook(_merge_qkv)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *_args,
-                cu_seqlens: torch.Tensor | None = None, min_seqlen: int = 0, max_seqlen: int = 0, **_kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *_args,
+        cu_seqlens: torch.Tensor | None = None,
+        min_seqlen: int = 0,
+        max_seqlen: int = 0,
+        **_kwargs,
+    ):
         """Padded (batch, length, width) input with an optional attention mask, or, with `cu_seqlens`,
         a packed (1, tokens, width) input whose sequences start at those offsets (PaddingFreeTextModel)."""
         # Extra arguments (head masks, output_attentions...) are what other transformers versions
@@ -81,11 +97,18 @@ class FusedQKVAttention(nn.Module):
         return out, None  # (output, attention weights) as the replaced modules return
 
     def _attention(self, query, key, value, attention_mask=None):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling,
-                                              dropout_p=self.dropout if self.training else 0.0)
+        return F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            scale=self.scaling,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
 
-    def _packed_attention(self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, min_seqlen: int,
-                          max_seqlen: int) -> torch.Tensor:
+    def _packed_attention(
+        self, qkv: torch.Tensor, cu_seqlens: torch.Tensor, min_seqlen: int, max_seqlen: int
+    ) -> torch.Tensor:
         query, key, value = qkv.view(qkv.shape[0], 3, self.num_heads, -1).unbind(1)  # (tokens, heads, head size)
         attention = jagged_attention if qkv.is_cuda else per_sequence_attention
         return attention(query, key, value, cu_seqlens, (min_seqlen, max_seqlen), self._attention)
@@ -94,8 +117,14 @@ class FusedQKVAttention(nn.Module):
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def jagged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                     seqlens: tuple[int, int], attention: Attention) -> torch.Tensor:
+def jagged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seqlens: tuple[int, int],
+    attention: Attention,
+) -> torch.Tensor:
     """Attention within each packed sequence through jagged nested tensors: on GPUs the flash and
     memory-efficient kernels take the sequences' offsets, so there is neither a mask nor a padded
     position, and attention dropout is kept (torch's varlen_attn has none). (tokens, heads, head
@@ -103,20 +132,33 @@ def jagged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     # Given the extremes, nested SDPA need not compute them (a GPU sync each) for every tensor of
     # every layer; and it wants each of query, key and value contiguous.
     shortest, longest = seqlens
-    nested = (torch.nested.nested_tensor_from_jagged(part.contiguous(), cu_seqlens, min_seqlen=shortest,
-                                                     max_seqlen=longest).transpose(1, 2)
-              for part in (query, key, value))
+    nested = (
+        torch.nested.nested_tensor_from_jagged(
+            part.contiguous(), cu_seqlens, min_seqlen=shortest, max_seqlen=longest
+        ).transpose(1, 2)
+        for part in (query, key, value)
+    )
     return attention(*nested).transpose(1, 2).values()
 
 
-def per_sequence_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                           _seqlens: tuple[int, int], attention: Attention) -> torch.Tensor:
+def per_sequence_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    _seqlens: tuple[int, int],
+    attention: Attention,
+) -> torch.Tensor:
     """What jagged_attention computes, one sequence at a time: the CPU path. On the CPU torch's nested
     SDPA falls back to strided nested tensors that neither non-reentrant activation checkpointing
     nor the FLOP counter can follow."""
     bounds = cu_seqlens.tolist()
-    return torch.cat([attention(*(part[start:end].transpose(0, 1) for part in (query, key, value))).transpose(0, 1)
-                      for start, end in zip(bounds, bounds[1:])])
+    return torch.cat(
+        [
+            attention(*(part[start:end].transpose(0, 1) for part in (query, key, value))).transpose(0, 1)
+            for start, end in zip(bounds, bounds[1:])
+        ]
+    )
 
 
 def _split_qkv(module: FusedQKVAttention, state_dict: dict, prefix: str, _metadata) -> None:
@@ -139,12 +181,23 @@ def _fused(attention: nn.Module, sdpa_backend: str | None) -> FusedQKVAttention:
     # hosts') and 5.24 (the lock) both have.
     if isinstance(attention, ChineseCLIPTextSelfAttention):
         projections = {"query": attention.query, "key": attention.key, "value": attention.value}
-        fused = FusedQKVAttention(projections, attention.num_attention_heads, attention.attention_head_size**-0.5,
-                                  attention.dropout.p, sdpa_backend=sdpa_backend)
+        fused = FusedQKVAttention(
+            projections,
+            attention.num_attention_heads,
+            attention.attention_head_size**-0.5,
+            attention.dropout.p,
+            sdpa_backend=sdpa_backend,
+        )
     else:
         projections = {"q_proj": attention.q_proj, "k_proj": attention.k_proj, "v_proj": attention.v_proj}
-        fused = FusedQKVAttention(projections, attention.num_heads, attention.scale, attention.dropout,
-                                  out_proj=attention.out_proj, sdpa_backend=sdpa_backend)
+        fused = FusedQKVAttention(
+            projections,
+            attention.num_heads,
+            attention.scale,
+            attention.dropout,
+            out_proj=attention.out_proj,
+            sdpa_backend=sdpa_backend,
+        )
     return fused.train(attention.training)
 
 
@@ -189,13 +242,22 @@ class PaddingFreeTextModel(nn.Module):
         self.config = text_model.config
         self.embeddings, self.encoder, self.pooler = text_model.embeddings, text_model.encoder, text_model.pooler
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                **kwargs) -> BaseModelOutputWithPooling:
-        unsupported = [name for name in ("inputs_embeds", "output_attentions", "output_hidden_states") if kwargs.get(name)]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        unsupported = [
+            name for name in ("inputs_embeds", "output_attentions", "output_hidden_states") if kwargs.get(name)
+        ]
         if unsupported:
-            raise NotImplementedError(f"the padding-free text tower does not take {unsupported}; "
-                                      "build the model without padding_free for them")
+            raise NotImplementedError(
+                f"the padding-free text tower does not take {unsupported}; "
+                "build the model without padding_free for them"
+            )
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -213,8 +275,9 @@ class PaddingFreeTextModel(nn.Module):
             hidden = layer(hidden, None, cu_seqlens=cu_seqlens, min_seqlen=shortest, max_seqlen=longest)
         unpacked = hidden.new_zeros(batch * length, hidden.shape[-1]).index_copy(0, kept, hidden[0])
         sequence = unpacked.view(batch, length, -1)
-        return BaseModelOutputWithPooling(last_hidden_state=sequence,
-                                          pooler_output=self.pooler(sequence) if self.pooler is not None else None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence, pooler_output=self.pooler(sequence) if self.pooler is not None else None
+        )
 
 
 def padding_free_text(model: nn.Module) -> None:
@@ -236,12 +299,15 @@ def channels_last_patch_embedding(model: nn.Module) -> bool:
         return False
     conv = vision.embeddings.patch_embedding
     conv.to(memory_format=torch.channels_last)
-    conv.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(memory_format=torch.channels_last),
-                                                          *args[1:]))
+    conv.register_forward_pre_hook(
+        lambda _module, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    )
     # safetensors saves contiguous tensors only
     conv.register_state_dict_post_hook(
         lambda _module, state_dict, prefix, _metadata: state_dict.update(
-            {f"{prefix}weight": state_dict[f"{prefix}weight"].contiguous()}))
+            {f"{prefix}weight": state_dict[f"{prefix}weight"].contiguous()}
+        )
+    )
     return True
 
 

@@ -14,8 +14,11 @@ def image_tower_groups(model: PreTrainedModel) -> list[list[nn.Module]]:
         resnet = model.visual
         return [resnet.stem(), [resnet.layer1], [resnet.layer2], [resnet.layer3], [resnet.layer4], [resnet.attnpool]]
     vision = model.vision_model
-    return [[vision.embeddings, vision.pre_layrnorm], *[[layer] for layer in vision.encoder.layers],
-            [vision.post_layernorm, model.visual_projection]]
+    return [
+        [vision.embeddings, vision.pre_layrnorm],
+        *[[layer] for layer in vision.encoder.layers],
+        [vision.post_layernorm, model.visual_projection],
+    ]
 
 
 def lock_image_tower(model: PreTrainedModel, unlocked_groups: int = 0) -> int:

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-def pixels_on_device(images: Sequence[torch.Tensor] | torch.Tensor, size: int, mean: Sequence[float],
-                     std: Sequence[float]) -> torch.Tensor:
+
+def pixels_on_device(
+    images: Sequence[torch.Tensor] | torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """Decoded uint8 (3, H, W) images on the device (e.g. from nvJPEG, or a batch already resized by
     the loader) -> the normalised float (N, 3, size, size) batch the model's image processor makes
     on the CPU: squashed to size x size (no crop) with antialiased bicubic, rounded to 8 bits,

@@ -29,8 +29,14 @@ _TEXT_LARGE = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_head
 
 
 def _vit(width: int, layers: int, heads: int, patch: int, resolution: int) -> dict:
-    return {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "intermediate_size": 4 * width, "patch_size": patch, "image_size": resolution}
+    return {
+        "hidden_size": width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * width,
+        "patch_size": patch,
+        "image_size": resolution,
+    }
 
 
 PRESETS: dict[str, dict] = {
@@ -45,10 +51,16 @@ PRESETS: dict[str, dict] = {
     # ViT-H-14's attention heads are 80 wide, not 64 (the reference's `vision_head_width`).
     "ViT-H-14": {"projection_dim": 1024, "text": _TEXT_LARGE, "vision": _vit(1280, 32, 16, 14, 224)},
     # ResNet towers (model/resnet.py): blocks per stage, stem width, attention-pool heads.
-    "RN50": {"projection_dim": 1024, "text": {**_TEXT_BASE, "num_hidden_layers": 3},  # RBT3
-             "vision": {"resnet_layers": [3, 4, 6, 3], "width": 64, "heads": 32, "image_size": 224}},
-    "tiny-rn": {"projection_dim": 64, "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
-                "vision": {"resnet_layers": [1, 1, 1, 1], "width": 8, "heads": 4, "image_size": 32}},
+    "RN50": {
+        "projection_dim": 1024,
+        "text": {**_TEXT_BASE, "num_hidden_layers": 3},  # RBT3
+        "vision": {"resnet_layers": [3, 4, 6, 3], "width": 64, "heads": 32, "image_size": 224},
+    },
+    "tiny-rn": {
+        "projection_dim": 64,
+        "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+        "vision": {"resnet_layers": [1, 1, 1, 1], "width": 8, "heads": 4, "image_size": 32},
+    },
 }
 
 # OpenAI-CLIP pixel statistics, which Chinese-CLIP keeps.
@@ -108,12 +120,20 @@ def make_config(spec: dict, vocab_size: int = 21128, max_position_embeddings: in
     text = {**spec["text"], "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings}
     vision = spec["vision"]
     if "resnet_layers" in vision:
-        config = ChineseCLIPResNetConfig(text_config=text, vision_layers=list(vision["resnet_layers"]),
-                                         vision_width=vision["width"], vision_heads=vision["heads"],
-                                         image_size=vision["image_size"], projection_dim=spec["projection_dim"])
+        config = ChineseCLIPResNetConfig(
+            text_config=text,
+            vision_layers=list(vision["resnet_layers"]),
+            vision_width=vision["width"],
+            vision_heads=vision["heads"],
+            image_size=vision["image_size"],
+            projection_dim=spec["projection_dim"],
+        )
     else:
-        config = ChineseCLIPConfig(text_config=text, vision_config={**vision, "projection_dim": spec["projection_dim"]},
-                                   projection_dim=spec["projection_dim"])
+        config = ChineseCLIPConfig(
+            text_config=text,
+            vision_config={**vision, "projection_dim": spec["projection_dim"]},
+            projection_dim=spec["projection_dim"],
+        )
     config._attn_implementation = "sdpa"
     return config
 

@@ -62,19 +62,25 @@ def _bert_text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def _load_tower(model: PreTrainedModel, weights: dict[str, torch.Tensor], prefix: str, source: Path) -> int:
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     expected.pop("text_model.embeddings.position_ids", None)  # a buffer, not a weight
-    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    wrong = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
     missing = sorted(k for k in expected if k not in weights and not k.startswith("visual_projection."))
     if wrong or missing:
-        raise ValueError(f"{source} does not fit the model's tower: shape mismatches {wrong[:10]}"
-                         f"{' ...' if len(wrong) > 10 else ''}, missing {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        raise ValueError(
+            f"{source} does not fit the model's tower: shape mismatches {wrong[:10]}"
+            f"{' ...' if len(wrong) > 10 else ''}, missing {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+        )
     loadable = {k: v for k, v in weights.items() if k in expected}
     model.load_state_dict(loadable, strict=False)
     return len(loadable)
 
 
-def init_from_pretrained(model: PreTrainedModel, vision_dir: str | Path | None = None,
-                         text_dir: str | Path | None = None) -> dict[str, int]:
+def init_from_pretrained(
+    model: PreTrainedModel, vision_dir: str | Path | None = None, text_dir: str | Path | None = None
+) -> dict[str, int]:
     """Copy pretrained tower weights into `model` in place; returns tensors loaded per tower.
 
     The vision projection is taken from a CLIPModel checkpoint when present (OpenAI-CLIP's matches
@@ -82,11 +88,15 @@ def init_from_pretrained(model: PreTrainedModel, vision_dir: str | Path | None =
     """
     loaded = {}
     if vision_dir and not hasattr(model, "vision_model"):
-        raise ValueError(f"{vision_dir}: Hugging Face CLIP folders hold ViT towers only; start a ResNet model "
-                         "from a converted Chinese-CLIP checkpoint with --init instead")
+        raise ValueError(
+            f"{vision_dir}: Hugging Face CLIP folders hold ViT towers only; start a ResNet model "
+            "from a converted Chinese-CLIP checkpoint with --init instead"
+        )
     if vision_dir:
         weights = _clip_vision_weights(read_weights(vision_dir))
         loaded["vision"] = _load_tower(model, weights, ("vision_model.", "visual_projection."), Path(vision_dir))
     if text_dir:
-        loaded["text"] = _load_tower(model, _bert_text_weights(read_weights(text_dir)), ("text_model.",), Path(text_dir))
+        loaded["text"] = _load_tower(
+            model, _bert_text_weights(read_weights(text_dir)), ("text_model.",), Path(text_dir)
+        )
     return loaded

@@ -84,7 +84,9 @@ def _checked_rows(frame, output: str) -> tuple[list, list]:
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise ValueError(f"row {row}: column 'text' must be a non-empty string, got {text!r:.60}")
         if image is not None and not isinstance(image, (bytes, bytearray, str)):
-            raise ValueError(f"row {row}: column 'image' must be image bytes or base64 text, got {type(image).__name__}")
+            raise ValueError(
+                f"row {row}: column 'image' must be image bytes or base64 text, got {type(image).__name__}"
+            )
     return texts, images
 
 
@@ -100,8 +102,13 @@ def _image_bytes(value: bytes | bytearray | str) -> bytes:
 class ZhclipEmbedder:
     """Embeds, compares or classifies the texts and images of a DataFrame with one Chinese CLIP model."""
 
-    def __init__(self, model_dir: str, batch_size: int = DEFAULT_CONFIG["batch_size"],
-                 max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"], device: str = DEFAULT_CONFIG["device"]):
+    def __init__(
+        self,
+        model_dir: str,
+        batch_size: int = DEFAULT_CONFIG["batch_size"],
+        max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"],
+        device: str = DEFAULT_CONFIG["device"],
+    ):
         self.model, self.processor = load_model(model_dir)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,7 +121,9 @@ class ZhclipEmbedder:
         output, labels, template = _options(params)
         texts, images = _checked_rows(model_input, output)
         if output == "zeroshot":
-            prompts = embed_texts(self.model, self.processor, [template.format(label) for label in labels], self.batch_size)
+            prompts = embed_texts(
+                self.model, self.processor, [template.format(label) for label in labels], self.batch_size
+            )
             scale = float(self.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
         chunks = []
         for start in range(0, len(texts), self.batch_size):
@@ -126,8 +135,10 @@ class ZhclipEmbedder:
                 chunks.append((text_vectors * image_vectors).sum(axis=1))
             else:
                 probabilities = torch.softmax(torch.from_numpy(scale * image_vectors @ prompts.T), dim=1).numpy()
-                chunks.extend({"label": labels[best], "probability": float(p[best])}
-                              for p, best in zip(probabilities, probabilities.argmax(axis=1)))
+                chunks.extend(
+                    {"label": labels[best], "probability": float(p[best])}
+                    for p, best in zip(probabilities, probabilities.argmax(axis=1))
+                )
         if output == "zeroshot":
             return chunks
         empty = np.zeros((0, self.dim) if output == "embedding" else (0,), dtype=np.float32)

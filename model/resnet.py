@@ -41,11 +41,15 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride > 1 or inplanes != planes * self.expansion:
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride)),
-                ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * self.expansion)),
-            ]))
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    [
+                        ("-1", nn.AvgPool2d(stride)),
+                        ("0", nn.Conv2d(inplanes, planes * self.expansion, 1, stride=1, bias=False)),
+                        ("1", nn.BatchNorm2d(planes * self.expansion)),
+                    ]
+                )
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -72,12 +76,25 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
         x = x + self.positional_embedding[:, None, :].to(x.dtype)
         x, _ = F.multi_head_attention_forward(
-            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
-            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
-            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-            use_separate_proj_weight=True, training=self.training, need_weights=False,
+            query=x,
+            key=x,
+            value=x,
+            embed_dim_to_check=x.shape[-1],
+            num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None,
+            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None,
+            bias_v=None,
+            add_zero_attn=False,
+            dropout_p=0.0,
+            out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True,
+            training=self.training,
+            need_weights=False,
         )
         return x[0]
 
@@ -143,8 +160,13 @@ class ChineseCLIPResNetModel(ChineseCLIPPreTrainedModel):
     def __init__(self, config: ChineseCLIPResNetConfig):
         super().__init__(config)
         self.text_model = ChineseCLIPTextModel(config.text_config, add_pooling_layer=False)
-        self.visual = ModifiedResNet(list(config.vision_layers), config.projection_dim, config.vision_heads,
-                                     config.image_size, config.vision_width)
+        self.visual = ModifiedResNet(
+            list(config.vision_layers),
+            config.projection_dim,
+            config.vision_heads,
+            config.image_size,
+            config.vision_width,
+        )
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
@@ -154,13 +176,23 @@ class ChineseCLIPResNetModel(ChineseCLIPPreTrainedModel):
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         return BaseModelOutputWithPooling(pooler_output=self.visual(pixel_values))
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None, **kwargs) -> ChineseCLIPOutput:
+    def forward(
+        self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None, **kwargs
+    ) -> ChineseCLIPOutput:
         image_embeds = F.normalize(self.get_image_features(pixel_values).pooler_output, dim=-1)
-        text_embeds = F.normalize(self.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
-                                                         token_type_ids=token_type_ids).pooler_output, dim=-1)
+        text_embeds = F.normalize(
+            self.get_text_features(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).pooler_output,
+            dim=-1,
+        )
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
-        return ChineseCLIPOutput(logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text,
-                                 text_embeds=text_embeds, image_embeds=image_embeds)
+        return ChineseCLIPOutput(
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+        )
 
 
 AutoConfig.register(ChineseCLIPResNetConfig.model_type, ChineseCLIPResNetConfig)

@@ -11,9 +11,9 @@ import shutil
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -48,10 +48,16 @@ class Page:
             time.sleep(0.1)
 
     def screenshot(self, path: Path) -> Path:
-        size = self.call("Runtime.evaluate", expression="[document.body.scrollWidth, document.body.scrollHeight]",
-                         returnByValue=True)["result"]["value"]
-        self.call("Emulation.setDeviceMetricsOverride", width=max(800, size[0] + 40), height=min(size[1] + 40, 8000),
-                  deviceScaleFactor=1, mobile=False)
+        size = self.call(
+            "Runtime.evaluate", expression="[document.body.scrollWidth, document.body.scrollHeight]", returnByValue=True
+        )["result"]["value"]
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=max(800, size[0] + 40),
+            height=min(size[1] + 40, 8000),
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
         return path
 
@@ -71,7 +77,8 @@ class Page:
 def _elements_with_own_han_text(node: dict) -> Iterator[dict]:
     children = node.get("children", [])
     if node.get("nodeName") not in ("SCRIPT", "STYLE", "TITLE", "HEAD") and any(
-            child["nodeType"] == 3 and HAN.search(child["nodeValue"]) for child in children):
+        child["nodeType"] == 3 and HAN.search(child["nodeValue"]) for child in children
+    ):
         yield node
     for child in children:
         yield from _elements_with_own_han_text(child)
@@ -85,9 +92,21 @@ def chromium_page(profile: Path, timeout_s: float = 30, env: dict | None = None)
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
         pytest.skip("Chromium is not installed (`make system-deps` installs it)")
-    process = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-address=127.0.0.1",
-                                "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--remote-debugging-address=127.0.0.1",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + timeout_s
         while not port_file.is_file() or not port_file.read_text().strip():
@@ -114,7 +133,11 @@ def assert_chinese_renders(html: Path, screenshot: Path, profile: Path, env: dic
         page.screenshot(screenshot)
         fonts = page.fonts_of_chinese_text()
     assert fonts, f"{html} shows no Chinese text"
-    missing = {text: sorted(families) for text, families in fonts.items() if not any(CJK_FAMILY.search(f) for f in families)}
-    assert not missing, (f"Chinese text drawn without a CJK font (empty boxes; install fonts-noto-cjk, `make system-deps`): "
-                         f"{dict(list(missing.items())[:5])}")
+    missing = {
+        text: sorted(families) for text, families in fonts.items() if not any(CJK_FAMILY.search(f) for f in families)
+    }
+    assert not missing, (
+        f"Chinese text drawn without a CJK font (empty boxes; install fonts-noto-cjk, `make system-deps`): "
+        f"{dict(list(missing.items())[:5])}"
+    )
     return fonts

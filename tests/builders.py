@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import BertConfig, BertForMaskedLM, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from zhclip.model import PRESETS
+
 from reference import reference
 
 TINY = PRESETS["tiny"]
@@ -21,8 +22,18 @@ def pretrained_clip(folder, hidden=TINY["vision"]["hidden_size"], vision_only=Fa
     if vision_only:
         model = CLIPVisionModel(CLIPVisionConfig(**vision))
     else:
-        model = CLIPModel(CLIPConfig(vision_config=vision, text_config={"hidden_size": 32, "intermediate_size": 64,
-                                     "num_hidden_layers": 1, "num_attention_heads": 2}, projection_dim=TINY["projection_dim"]))
+        model = CLIPModel(
+            CLIPConfig(
+                vision_config=vision,
+                text_config={
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                },
+                projection_dim=TINY["projection_dim"],
+            )
+        )
     model.save_pretrained(folder)
     return model
 
@@ -37,9 +48,19 @@ def pretrained_roberta(folder):
 def reference_model(**overrides):
     """A randomly initialised reference CLIP with every tensor perturbed, so no mapping hides behind zeros/ones."""
     text = json.loads((reference().configs / "RoBERTa-wwm-ext-base-chinese.json").read_text())
-    config = {"embed_dim": 32, "image_resolution": 32, "vision_layers": 2, "vision_width": 128, "vision_patch_size": 8,
-              **text, "text_hidden_size": 128, "text_num_hidden_layers": 2, "text_num_attention_heads": 2,
-              "text_intermediate_size": 256, **overrides}
+    config = {
+        "embed_dim": 32,
+        "image_resolution": 32,
+        "vision_layers": 2,
+        "vision_width": 128,
+        "vision_patch_size": 8,
+        **text,
+        "text_hidden_size": 128,
+        "text_num_hidden_layers": 2,
+        "text_num_attention_heads": 2,
+        "text_intermediate_size": 256,
+        **overrides,
+    }
     torch.manual_seed(0)
     model = reference().CLIP(**config)
     with torch.no_grad():
@@ -55,6 +76,8 @@ def save_as_released(model, path):
 def pil_decode_jpegs(encoded, boxes, device):
     """What components.gpu_decode.decode_jpegs returns, made with PIL (torchvision cannot be installed
     beside the pinned CPU torch; the reference environment checks the real one against PIL below)."""
-    images = [torch.from_numpy(np.array(Image.open(io.BytesIO(e.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
-              for e in encoded]
+    images = [
+        torch.from_numpy(np.array(Image.open(io.BytesIO(e.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+        for e in encoded
+    ]
     return [image[:, top:bottom, left:right].to(device) for image, (left, top, right, bottom) in zip(images, boxes)]

@@ -14,9 +14,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -37,14 +37,24 @@ def no_tracking_uri_left_behind():
     """MLflow exports the tracking URI it is given to the environment; a test that leaves one behind
     would send every later test's runs to a server that is gone."""
     yield
-    leaked = {name: os.environ.pop(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if name in os.environ}
+    leaked = {
+        name: os.environ.pop(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if name in os.environ
+    }
     assert not leaked, f"this test left {leaked} in the environment"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run the installed `zhclip` command; output captured as text."""
-    return subprocess.run([str(BIN / "zhclip"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(BIN / "zhclip"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def run_tool(*args: str, cwd: Path, timeout: int = 900) -> str:
@@ -83,8 +93,10 @@ def running(args: list[str], ready_url: str, log: Path, timeout: float = 120, **
         deadline = time.monotonic() + timeout
         while not _answers(ready_url):
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"{Path(args[0]).name} did not answer {ready_url} within {timeout} s:\n"
-                            f"{log.read_text(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"{Path(args[0]).name} did not answer {ready_url} within {timeout} s:\n"
+                    f"{log.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.5)
         yield server
     finally:
@@ -120,10 +132,14 @@ def caption_recall_at_10(base: str, pairs) -> float:
     import json
     import urllib.parse
 
-    positives = pairs.groupby("text_id").agg(text=("text", "first"), images=("image_id", lambda ids: {str(i) for i in ids}))
+    positives = pairs.groupby("text_id").agg(
+        text=("text", "first"), images=("image_id", lambda ids: {str(i) for i in ids})
+    )
     hits = 0
     for text, images in zip(positives["text"], positives["images"]):
-        with urllib.request.urlopen(f"{base}/api/search?" + urllib.parse.urlencode({"q": text, "k": 10}), timeout=60) as response:
+        with urllib.request.urlopen(
+            f"{base}/api/search?" + urllib.parse.urlencode({"q": text, "k": 10}), timeout=60
+        ) as response:
             hits += bool(images & {result["id"] for result in json.load(response)["results"]})
     return 100 * hits / len(positives)
 
@@ -162,8 +178,19 @@ def raw_dir(tmp_path_factory) -> Path:
     from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 
     out = tmp_path_factory.mktemp("raw")
-    generate_demo_data(out, DemoDataConfig(train_images=96, valid_images=8, test_images=24, captions_per_image=2,
-                                           train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1))
+    generate_demo_data(
+        out,
+        DemoDataConfig(
+            train_images=96,
+            valid_images=8,
+            test_images=24,
+            captions_per_image=2,
+            train_digits=0,
+            valid_digits=0,
+            test_digits=0,
+            zeroshot_per_class=1,
+        ),
+    )
     return out
 
 
@@ -183,12 +210,28 @@ def trained(prepared_dir, tmp_path_factory) -> dict:
     from zhclip.components.training.runner import train
 
     root = tmp_path_factory.mktemp("trained")
-    common = {"epochs": 2, "batch_size": 32, "storage_path": str(root / "ray"), "warmup_steps": 2,
-              "checkpoint_every": 4, "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
-    stage1 = train(prepared_dir, root / "stage1", TrainConfig(stage=1, lr=1e-3, **common),
-                   summary_path=root / "stage1.json", history_csv=root / "stage1.csv")
-    stage2 = train(prepared_dir, root / "stage2", TrainConfig(stage=2, lr=5e-4, **common), init_dir=root / "stage1",
-                   summary_path=root / "stage2.json")
+    common = {
+        "epochs": 2,
+        "batch_size": 32,
+        "storage_path": str(root / "ray"),
+        "warmup_steps": 2,
+        "checkpoint_every": 4,
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+    }
+    stage1 = train(
+        prepared_dir,
+        root / "stage1",
+        TrainConfig(stage=1, lr=1e-3, **common),
+        summary_path=root / "stage1.json",
+        history_csv=root / "stage1.csv",
+    )
+    stage2 = train(
+        prepared_dir,
+        root / "stage2",
+        TrainConfig(stage=2, lr=5e-4, **common),
+        init_dir=root / "stage1",
+        summary_path=root / "stage2.json",
+    )
     return {"root": root, "stage1": stage1, "stage2": stage2}
 
 

@@ -49,5 +49,6 @@ def reference() -> types.SimpleNamespace:
     model = _load("cn_clip.clip.model", root / "model.py")
     _placeholder_torchvision()
     utils = _load("cn_clip.clip.utils", root / "utils.py")
-    return types.SimpleNamespace(CLIP=model.CLIP, tokenize=utils.tokenize, tokenizer=tokenizer,
-                                 configs=root / "model_configs")
+    return types.SimpleNamespace(
+        CLIP=model.CLIP, tokenize=utils.tokenize, tokenizer=tokenizer, configs=root / "model_configs"
+    )

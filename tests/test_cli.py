@@ -6,9 +6,22 @@ import pytest
 from PIL import Image
 
 from zhclip.components.demo.data import DemoDataConfig
+
 from conftest import run_cli
 
-COMMANDS = ["demo-data", "ingest", "validate", "train", "evaluate", "zeroshot", "register", "embed", "index", "serve", "results"]
+COMMANDS = [
+    "demo-data",
+    "ingest",
+    "validate",
+    "train",
+    "evaluate",
+    "zeroshot",
+    "register",
+    "embed",
+    "index",
+    "serve",
+    "results",
+]
 
 
 def test_top_level_help_lists_every_step():
@@ -18,13 +31,26 @@ def test_top_level_help_lists_every_step():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command, option", [
-    (["demo-data"], "--train-images"), (["ingest"], "--shard-rows"), (["validate"], "--quarantine"),
-    (["train"], "--stage"), (["evaluate"], "--model"), (["evaluate"], "--image-feats"),
-    (["zeroshot"], "--images"), (["register"], "--metrics"), (["embed"], "--image"),
-    (["index"], "--gallery"), (["index"], "--workers"), (["serve"], "--index"),
-    (["pipeline", "compile"], "--out"), (["pipeline", "run-local"], "--root"), (["pipeline", "submit"], "--ray-address"),
-])
+@pytest.mark.parametrize(
+    "command, option",
+    [
+        (["demo-data"], "--train-images"),
+        (["ingest"], "--shard-rows"),
+        (["validate"], "--quarantine"),
+        (["train"], "--stage"),
+        (["evaluate"], "--model"),
+        (["evaluate"], "--image-feats"),
+        (["zeroshot"], "--images"),
+        (["register"], "--metrics"),
+        (["embed"], "--image"),
+        (["index"], "--gallery"),
+        (["index"], "--workers"),
+        (["serve"], "--index"),
+        (["pipeline", "compile"], "--out"),
+        (["pipeline", "run-local"], "--root"),
+        (["pipeline", "submit"], "--ray-address"),
+    ],
+)
 def test_each_command_explains_its_options(command, option):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and option in result.stdout
@@ -38,16 +64,27 @@ def _assert_clean_error(result, *fragments):
 
 
 def test_bad_input_gives_a_clear_error_at_every_step(tmp_path, prepared_dir):
-    _assert_clean_error(run_cli("ingest", "--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "o")),
-                        "error: raw data folder", "nope")
+    _assert_clean_error(
+        run_cli("ingest", "--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "o")),
+        "error: raw data folder",
+        "nope",
+    )
     _assert_clean_error(run_cli("validate", "--data", str(tmp_path)), "no Parquet shards in", "zhclip ingest")
-    _assert_clean_error(run_cli("train", "--stage", "2", "--data", str(prepared_dir), "--out", str(tmp_path / "m")),
-                        "stage 2 starts from stage 1")
+    _assert_clean_error(
+        run_cli("train", "--stage", "2", "--data", str(prepared_dir), "--out", str(tmp_path / "m")),
+        "stage 2 starts from stage 1",
+    )
     _assert_clean_error(run_cli("evaluate", "--model", str(tmp_path), "--data", str(prepared_dir)), "cannot load model")
-    _assert_clean_error(run_cli("register", "--model", str(tmp_path), "--metrics", str(tmp_path / "m.json")),
-                        "not a trained model folder")
-    _assert_clean_error(run_cli("embed", "--model", str(tmp_path), "--image", str(tmp_path / "cat.png")),
-                        "image file", "cat.png", "not found")
+    _assert_clean_error(
+        run_cli("register", "--model", str(tmp_path), "--metrics", str(tmp_path / "m.json")),
+        "not a trained model folder",
+    )
+    _assert_clean_error(
+        run_cli("embed", "--model", str(tmp_path), "--image", str(tmp_path / "cat.png")),
+        "image file",
+        "cat.png",
+        "not found",
+    )
     (tmp_path / "params.yaml").write_text("ingest:\n  shard_rowz: 3\n")
     _assert_clean_error(run_cli("ingest", "--params", str(tmp_path / "params.yaml")), "section 'ingest'", "shard_rowz")
     usage = run_cli("train", "--stage", "3", "--out", str(tmp_path))
@@ -55,21 +92,46 @@ def test_bad_input_gives_a_clear_error_at_every_step(tmp_path, prepared_dir):
 
 
 def test_demo_data_and_ingest_from_the_command_line(tmp_path):
-    result = run_cli("demo-data", "--out", str(tmp_path / "raw"), "--train-images", "10", "--test-images", "5",
-                     "--summary", str(tmp_path / "s.json"), "--defaults", cwd=tmp_path)
+    result = run_cli(
+        "demo-data",
+        "--out",
+        str(tmp_path / "raw"),
+        "--train-images",
+        "10",
+        "--test-images",
+        "5",
+        "--summary",
+        str(tmp_path / "s.json"),
+        "--defaults",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     defaults = DemoDataConfig()
     assert json.loads((tmp_path / "s.json").read_text())["splits"]["test"]["images"] == 5 + defaults.test_digits
-    result = run_cli("ingest", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "prepared"), "--defaults", cwd=tmp_path)
+    result = run_cli(
+        "ingest", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "prepared"), "--defaults", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["splits"]["train"]["pairs"] == (10 + defaults.train_digits) * defaults.captions_per_image
+    assert (
+        json.loads(result.stdout)["splits"]["train"]["pairs"]
+        == (10 + defaults.train_digits) * defaults.captions_per_image
+    )
 
 
 def test_embed_prints_unit_embeddings_and_similarities(trained, tmp_path):
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 64), "red").save(image)
-    result = run_cli("embed", "--model", str(trained["root"] / "stage2"), "--text", "红色的圆形", "--text", "蓝色十字",
-                     "--image", str(image))
+    result = run_cli(
+        "embed",
+        "--model",
+        str(trained["root"] / "stage2"),
+        "--text",
+        "红色的圆形",
+        "--text",
+        "蓝色十字",
+        "--image",
+        str(image),
+    )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r.get("text") or r.get("image") for r in records[:3]] == ["红色的圆形", "蓝色十字", str(image)]
@@ -78,5 +140,8 @@ def test_embed_prints_unit_embeddings_and_similarities(trained, tmp_path):
     assert len(records) == 5 and all(-1 <= r["cosine"] <= 1 for r in records[3:])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
-    _assert_clean_error(run_cli("embed", "--model", str(trained["root"] / "stage2"), "--image", str(broken)),
-                        "broken.png", "not a decodable image")
+    _assert_clean_error(
+        run_cli("embed", "--model", str(trained["root"] / "stage2"), "--image", str(broken)),
+        "broken.png",
+        "not a decodable image",
+    )

@@ -45,6 +45,7 @@ DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 # Modules: dotted names <-> repository files, from pyproject.toml's package mapping
 # ---------------------------------------------------------------------------------------------------
 
+
 @cache
 def package_dirs() -> dict[str, Path]:
     """Installed package -> repository folder, e.g. "zhclip.model" -> REPO/model."""
@@ -62,7 +63,7 @@ def module_file(name: str) -> Path | None:
     """The repository file that defines module `name` (a package: its __init__.py), or None."""
     for package, folder in sorted(package_dirs().items(), key=lambda item: -len(item[0])):
         if name == package or name.startswith(package + "."):
-            base = folder.joinpath(*name[len(package):].split(".")[1:])
+            base = folder.joinpath(*name[len(package) :].split(".")[1:])
             for candidate in (base.with_suffix(".py"), base / "__init__.py"):
                 if candidate.is_file():
                     return candidate
@@ -128,8 +129,12 @@ def imports_in(path: Path, nodes: list[ast.AST]) -> set[str]:
             base = imported_module(node, path)
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-        elif (isinstance(node, ast.Call) and DYNAMIC_IMPORTS.get(called_name(node)) == "module"
-              and node.args and is_text(node.args[0])):
+        elif (
+            isinstance(node, ast.Call)
+            and DYNAMIC_IMPORTS.get(called_name(node)) == "module"
+            and node.args
+            and is_text(node.args[0])
+        ):
             names.add(node.args[0].value)
     return {parent for name in names for parent in with_parents(name)}
 
@@ -158,6 +163,7 @@ def beside(path: Path) -> frozenset[Path]:
 # ---------------------------------------------------------------------------------------------------
 # Imports at run time: which functions import modules named by strings, and whether a command reaches one
 # ---------------------------------------------------------------------------------------------------
+
 
 @cache
 def bindings(path: Path) -> dict[str, frozenset[str]]:
@@ -205,20 +211,27 @@ def definition_references(path: Path) -> dict[str, frozenset[str]]:
 @cache
 def named_modules(path: Path) -> frozenset[str]:
     """The modules that string constants in `path` name ("zhclip.x.y", or "zhclip.x.y:attr")."""
-    return frozenset(node.value.split(":")[0] for node in ast.walk(parsed(path))
-                     if is_text(node) and MODULE_STRING.match(node.value))
+    return frozenset(
+        node.value.split(":")[0] for node in ast.walk(parsed(path)) if is_text(node) and MODULE_STRING.match(node.value)
+    )
 
 
 def run_at_import(path: Path) -> list[ast.AST]:
     """What runs when `path` is imported: its module-level statements, each function's decorators and
     default values, each class's body but its methods' bodies."""
+
     def outside_bodies(node: ast.AST) -> list[ast.AST]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             return [*node.decorator_list, *node.args.defaults, *(d for d in node.args.kw_defaults if d)]
         if isinstance(node, ast.ClassDef):
-            return [*node.decorator_list, *node.bases, *node.keywords,
-                    *(part for statement in node.body for part in outside_bodies(statement))]
+            return [
+                *node.decorator_list,
+                *node.bases,
+                *node.keywords,
+                *(part for statement in node.body for part in outside_bodies(statement)),
+            ]
         return [node]
+
     return [part for node in parsed(path).body for part in outside_bodies(node)]
 
 
@@ -229,8 +242,12 @@ def importers(modules: set[Path]) -> dict[str, set[tuple[Path, str]]]:
     for path in modules:
         for name, node in definitions(path).items():
             for call in ast.walk(node):
-                if isinstance(call, ast.Call) and called_name(call) in DYNAMIC_IMPORTS and call.args \
-                        and not is_text(call.args[0]):
+                if (
+                    isinstance(call, ast.Call)
+                    and called_name(call) in DYNAMIC_IMPORTS
+                    and call.args
+                    and not is_text(call.args[0])
+                ):
                     found.setdefault(name, set()).add((path, DYNAMIC_IMPORTS[called_name(call)]))
     changed = True
     while changed:  # a function that refers to an importer is one too
@@ -258,6 +275,7 @@ def imported_at_run_time(path: Path, nodes: list[ast.AST], by_name: dict[str, se
 # Commands: `zhclip <sub-command>` -> the CLI functions it runs -> the modules they may load
 # ---------------------------------------------------------------------------------------------------
 
+
 @cache
 def cli_commands() -> dict[tuple[str, ...], tuple]:
     """Every command of the `zhclip` Typer app by its words (("ingest",), ("pipeline", "compile")) -> the
@@ -269,8 +287,11 @@ def cli_commands() -> dict[tuple[str, ...], tuple]:
     found: dict[tuple[str, ...], tuple] = {}
 
     def callbacks(typer_app, info=None) -> list:
-        candidates = [getattr(info, "callback", None), typer_app.info.callback,
-                      getattr(typer_app.registered_callback, "callback", None)]
+        candidates = [
+            getattr(info, "callback", None),
+            typer_app.info.callback,
+            getattr(typer_app.registered_callback, "callback", None),
+        ]
         return [function for function in candidates if inspect.isfunction(function)]
 
     def walk(typer_app, prefix: tuple[str, ...], running: list) -> None:
@@ -290,7 +311,7 @@ def command_of(cmd: str) -> tuple[str, tuple]:
     """The `zhclip` command (its words) and the functions it runs, of a stage's command line."""
     words = cmd.split()
     assert PACKAGE in words, f"{cmd!r} does not run `{PACKAGE}`: this test cannot tell what it imports"
-    words = words[words.index(PACKAGE) + 1:]
+    words = words[words.index(PACKAGE) + 1 :]
     commands = cli_commands()
     for length in range(len(words), 0, -1):
         if tuple(words[:length]) in commands:
@@ -304,8 +325,11 @@ def function_node(function) -> tuple[Path, ast.AST]:
     path = Path(inspect.getsourcefile(function)).resolve()
     line = function.__code__.co_firstlineno  # the first decorator's line
     for node in parsed(path).body:
-        if isinstance(node, DEFINITIONS) and node.name == function.__name__ \
-                and min(part.lineno for part in [node, *node.decorator_list]) <= line <= node.end_lineno:
+        if (
+            isinstance(node, DEFINITIONS)
+            and node.name == function.__name__
+            and min(part.lineno for part in [node, *node.decorator_list]) <= line <= node.end_lineno
+        ):
             return path, node
     raise AssertionError(f"no top-level definition of {function.__module__}.{function.__qualname__} in {path}")
 
@@ -330,8 +354,9 @@ def command_modules(functions: tuple) -> set[Path]:
                 helpers.add(name)
                 todo.extend(definition_references(path)[name])
         roots.extend(definitions(path)[name] for name in helpers)
-    modules = files_of({name for path, nodes in code.items() for name in [*with_parents(module_name(path)),
-                                                                          *imports_in(path, nodes)]})
+    modules = files_of(
+        {name for path, nodes in code.items() for name in [*with_parents(module_name(path)), *imports_in(path, nodes)]}
+    )
     seen: set[Path] = set()
     while modules - seen:  # to a fixpoint: what is imported at run time may import (at run time) more
         new = modules - seen
@@ -349,6 +374,7 @@ def command_modules(functions: tuple) -> set[Path]:
 # Stages: dvc.yaml as DVC itself resolves it (foreach / matrix expanded with params.yaml)
 # ---------------------------------------------------------------------------------------------------
 
+
 @cache
 def stages() -> dict[str, dict]:
     """Stage name (train@stage1, zeroshot@start-digits, ...) -> its command and dependency paths."""
@@ -356,9 +382,14 @@ def stages() -> dict[str, dict]:
     from dvc.repo import Repo
 
     with Repo(str(REPO)) as repo:
-        return {stage.name: {"cmd": " ".join(stage.cmd) if isinstance(stage.cmd, list) else stage.cmd,
-                             "deps": [dep.def_path for dep in stage.deps if not isinstance(dep, ParamsDependency)]}
-                for stage in repo.index.stages if stage.cmd}
+        return {
+            stage.name: {
+                "cmd": " ".join(stage.cmd) if isinstance(stage.cmd, list) else stage.cmd,
+                "deps": [dep.def_path for dep in stage.deps if not isinstance(dep, ParamsDependency)],
+            }
+            for stage in repo.index.stages
+            if stage.cmd
+        }
 
 
 STAGES = stages()
@@ -389,8 +420,11 @@ def unresolved(modules: set[Path]) -> set[str]:
                 names.update((alias.name, path) for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 names.add((imported_module(node, path), path))
-    return {f"{name} (imported in {path.relative_to(REPO)})" for name, path in names
-            if name.startswith(PACKAGE + ".") and not module_file(name)}
+    return {
+        f"{name} (imported in {path.relative_to(REPO)})"
+        for name, path in names
+        if name.startswith(PACKAGE + ".") and not module_file(name)
+    }
 
 
 @cache
@@ -403,8 +437,9 @@ def stage_files(stage: str) -> list[str]:
     assert not missing, f"{stage}: no repository file defines {sorted(missing)} (pyproject.toml's package-dir?)"
     cli = {function_node(function)[0] for function in functions}
     data = {file for module in modules - cli for file in beside(module) if file.suffix != ".py"}
-    return sorted(path.relative_to(REPO).as_posix() for path in modules | data
-                  if path.suffix != ".py" or runs_code(path))
+    return sorted(
+        path.relative_to(REPO).as_posix() for path in modules | data if path.suffix != ".py" or runs_code(path)
+    )
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -421,7 +456,8 @@ def test_stage_deps_cover_its_import_closure(stage):
         f"dvc.yaml stage {stage!r} runs `{PACKAGE} {command}`, which imports modules that are not among its "
         f"deps, so `dvc status` would call its results up to date after they change. Add to the deps of stage "
         f"{stage.split('@')[0]!r} in dvc.yaml:\n"
-        + "\n".join(f"  - {fix}    (for {', '.join(found)})" for fix, found in fixes.items()))
+        + "\n".join(f"  - {fix}    (for {', '.join(found)})" for fix, found in fixes.items())
+    )
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -440,6 +476,7 @@ def test_stage_deps_exist(stage):
 # The real thing: `dvc status` in a copy of the project after a module changes
 # ---------------------------------------------------------------------------------------------------
 
+
 def dvc(*args: str, cwd: Path) -> str:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
@@ -451,8 +488,13 @@ def modified_deps(project: Path) -> dict[str, set[str]]:
     """`dvc status`: stage -> the deps it reports modified."""
     found = {}
     for stage, changes in json.loads(dvc("status", "--json", cwd=project) or "{}").items():
-        deps = {path for change in changes if isinstance(change, dict)
-                for path, state in change.get("changed deps", {}).items() if state == "modified"}
+        deps = {
+            path
+            for change in changes
+            if isinstance(change, dict)
+            for path, state in change.get("changed deps", {}).items()
+            if state == "modified"
+        }
         if deps:
             found[stage.rpartition(":")[2]] = deps
     return found
@@ -467,16 +509,25 @@ def committed_copy(tmp_path_factory) -> Path:
     from dvc.repo import Repo
 
     root = tmp_path_factory.mktemp("dvc_project")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, listed):
         if (REPO / name).is_file():  # a file deleted in the working tree is listed until the deletion is staged
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     with Repo(str(root)) as repo:
-        paths = {item.def_path for stage in repo.index.stages for item in [*stage.deps, *stage.outs]
-                 if not isinstance(item, ParamsDependency)}
+        paths = {
+            item.def_path
+            for stage in repo.index.stages
+            for item in [*stage.deps, *stage.outs]
+            if not isinstance(item, ParamsDependency)
+        }
     for name in sorted(paths, key=lambda name: -name.count("/")):  # inner folders first (data/raw/zeroshot/digits)
         path = root / name
         if path.exists():
@@ -494,8 +545,11 @@ def committed_copy(tmp_path_factory) -> Path:
 
 def core_module() -> str:
     """A module of components/core that runs code: the one the fewest stages import (then by name)."""
-    candidates = [path.relative_to(REPO).as_posix() for path in sorted((REPO / "components" / "core").glob("*.py"))
-                  if runs_code(path)]
+    candidates = [
+        path.relative_to(REPO).as_posix()
+        for path in sorted((REPO / "components" / "core").glob("*.py"))
+        if runs_code(path)
+    ]
     return min(candidates, key=lambda module: (sum(module in stage_files(stage) for stage in STAGES), module))
 
 
@@ -516,16 +570,23 @@ def test_dvc_status_sees_a_changed_module(committed_copy, module):
     covering = {stage: {dep for dep in STAGES[stage]["deps"] if covered(module, [dep])} for stage in STAGES}
     stale = sorted(importers - changed.keys())
     assert not stale, f"{module} changed, yet dvc status calls {stale} up to date"
-    assert changed == {stage: deps for stage, deps in covering.items() if deps}, \
+    assert changed == {stage: deps for stage, deps in covering.items() if deps}, (
         f"{module} changed: dvc status reports {changed}; dvc.yaml's deps that cover it: {covering}"
+    )
     assert modified_deps(committed_copy) == {}, "the copy is not clean again after the change was undone"
 
 
 def test_bytecode_caches_change_no_stage(committed_copy):
     """Python writes __pycache__/*.pyc into the code folders that stages depend on; .dvcignore keeps them
     out of those folders' hashes, or any import would make the stages stale."""
-    folders = sorted({dep for stage in STAGES.values() for dep in stage["deps"]
-                      if covered(dep, code_roots()) and (committed_copy / dep).is_dir()})
+    folders = sorted(
+        {
+            dep
+            for stage in STAGES.values()
+            for dep in stage["deps"]
+            if covered(dep, code_roots()) and (committed_copy / dep).is_dir()
+        }
+    )
     assert folders, "no stage depends on a code folder"
     written = []
     try:

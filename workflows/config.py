@@ -4,17 +4,16 @@ tasks run on Kubernetes (section `kubeflow`)."""
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
 from zhclip.components.core.settings import config_from, setting
-from zhclip.components.evaluation.evaluate import EvaluateConfig
-from zhclip.components.search.index_build import IndexConfig
 from zhclip.components.data.ingest import IngestConfig
-from zhclip.components.registry.register import RegisterConfig
-from zhclip.components.training.start import StartConfig
-from zhclip.components.training.config import stage_config
-from zhclip.components.search.service import SearchConfig
 from zhclip.components.data.validate import ValidateConfig
+from zhclip.components.evaluation.evaluate import EvaluateConfig
 from zhclip.components.evaluation.zeroshot import ZeroshotConfig
+from zhclip.components.registry.register import RegisterConfig
+from zhclip.components.search.index_build import IndexConfig
+from zhclip.components.search.service import SearchConfig
+from zhclip.components.training.config import stage_config
+from zhclip.components.training.start import StartConfig
 
 
 @dataclass
@@ -23,7 +22,9 @@ class KubeflowConfig:
 
     gpus: int = setting(1, "per training task; 0 trains on CPU or, with ray_address, on a KubeRay cluster")
     accelerator: str = setting("nvidia.com/gpu", "the GPU resource a training task requests")
-    gpu_node_selector: dict[str, str] = setting({"nvidia.com/gpu.present": "true"}, "node labels a training task is scheduled on")
+    gpu_node_selector: dict[str, str] = setting(
+        {"nvidia.com/gpu.present": "true"}, "node labels a training task is scheduled on"
+    )
     gpu_toleration: str = setting("nvidia.com/gpu", "taint key of the GPU nodes (effect NoSchedule)")
     train_cpu: str = setting("8", "CPU request of a training task")
     train_memory: str = setting("32Gi", "memory request of a training task")
@@ -37,8 +38,13 @@ class KubeflowConfig:
     mlflow_uri: str = setting("http://mlflow.zhclip.svc.cluster.local:5000", "MLflow tracking server the tasks use")
     ray_address: str = setting("", "default of the pipeline parameter: '' trains with in-process Ray on the pod's GPUs")
     ray_storage: str = setting("/tmp/ray_results", "Ray Train's storage inside the pod (in-process Ray)")
-    index_split: str = setting("test", "default of the pipeline parameter: the validated split the champion indexes ('': no index task)")
-    index_uri: str = setting("s3://zhclip-index/test", "where the index task also publishes the index: what infra's search Deployment reads ('': not published)")
+    index_split: str = setting(
+        "test", "default of the pipeline parameter: the validated split the champion indexes ('': no index task)"
+    )
+    index_uri: str = setting(
+        "s3://zhclip-index/test",
+        "where the index task also publishes the index: what infra's search Deployment reads ('': not published)",
+    )
 
     def __post_init__(self):
         if self.gpus < 0 or self.train_retries < 0:
@@ -56,7 +62,10 @@ def step_configs(params: dict[str, Any]) -> dict[str, dict]:
         "evaluate": asdict(config_from(EvaluateConfig, params, "evaluate")),
         "zeroshot": asdict(config_from(ZeroshotConfig, params, "zeroshot")),
         "register": asdict(config_from(RegisterConfig, params, "register")),
-        "index": {**asdict(config_from(IndexConfig, params, "index")), "alias": config_from(SearchConfig, params, "search").alias},
+        "index": {
+            **asdict(config_from(IndexConfig, params, "index")),
+            "alias": config_from(SearchConfig, params, "search").alias,
+        },
     }
 
 

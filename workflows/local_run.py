@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from zhclip.components.core.errors import ZhclipError
 from zhclip.workflows.config import kubeflow_config, step_configs
 from zhclip.workflows.pipeline import build_pipeline
@@ -36,7 +35,8 @@ def _task_metrics(run_dir: Path, task: str, artifact: str) -> dict[str, Any]:
 
 def _local_outputs(root: Path) -> dict[str, Any]:
     """The newest local run's folder and the metrics its tasks logged: the final model's evaluation
-    (`scores`), the start's (`start_scores`), zero-shot per model, the registration and the index (of the branch that ran)."""
+    (`scores`), the start's (`start_scores`), zero-shot per model, the registration and the index (of the
+    branch that ran)."""
     run_dir = max(root.glob("zhclip-*"), key=lambda path: path.stat().st_mtime)
 
     def ran(pattern: str) -> list[Path]:
@@ -52,8 +52,12 @@ def _local_outputs(root: Path) -> dict[str, Any]:
         zeroshot[model].append(_task_metrics(task.parent, task.name, "scores"))
     (registered,) = ran("register-op*")
     indexed = ran("index-op*")
-    return {"run_dir": str(run_dir), "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
-            "start_scores": _task_metrics(run_dir, evaluations["start"].name, "scores"),
-            "zeroshot_start": zeroshot["start"], "zeroshot": zeroshot["final"],
-            "register": _task_metrics(run_dir, registered.name, "decision"),
-            "index": _task_metrics(run_dir, indexed[0].name, "summary") if indexed else None}
+    return {
+        "run_dir": str(run_dir),
+        "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
+        "start_scores": _task_metrics(run_dir, evaluations["start"].name, "scores"),
+        "zeroshot_start": zeroshot["start"],
+        "zeroshot": zeroshot["final"],
+        "register": _task_metrics(run_dir, registered.name, "decision"),
+        "index": _task_metrics(run_dir, indexed[0].name, "summary") if indexed else None,
+    }

@@ -7,7 +7,6 @@ The components are in workflows/steps.py, their settings in workflows/config.py;
 workflows/submit.py, the local run in workflows/local_run.py.
 """
 
-
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
@@ -37,8 +36,11 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
     nothing that needs a cluster (what `run_local` runs).
     """
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Two-stage Chinese CLIP training from a pretrained start, "
-                                                  "evaluation against the start, and registration.")
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Two-stage Chinese CLIP training from a pretrained start, "
+        "evaluation against the start, and registration.",
+    )
     def zhclip_pipeline(
         raw_uri: str,
         start_config: dict = defaults["start"],
@@ -69,10 +71,16 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
             """The recipe's stages, each evaluated beside the model it started from; register the last."""
             init, earlier = start.outputs["model"], baseline.outputs["scores"]
             for stage in recipe:
-                trained = train_op(prepared=validated, config=stage_configs[stage], init_model=init,
-                                   ray_address=ray_address).set_display_name(f"train {stage}")
-                scored = evaluate_op(model=trained.outputs["model"], prepared=validated, config=evaluate_config,
-                                     label=stage, init_scores=earlier).set_display_name(f"evaluate {stage}")
+                trained = train_op(
+                    prepared=validated, config=stage_configs[stage], init_model=init, ray_address=ray_address
+                ).set_display_name(f"train {stage}")
+                scored = evaluate_op(
+                    model=trained.outputs["model"],
+                    prepared=validated,
+                    config=evaluate_config,
+                    label=stage,
+                    init_scores=earlier,
+                ).set_display_name(f"evaluate {stage}")
                 init, earlier = trained.outputs["model"], scored.outputs["scores"]
                 training.append(trained)
                 evaluations.append(scored)
@@ -80,11 +88,23 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
             registrations.append(registration)
             if zeroshot_sets_known:
                 with dsl.ParallelFor(zeroshot_sets) as image_set:
-                    evaluations.append(zeroshot_op(model=init, raw=raw.output, image_set=image_set, config=zeroshot_config)
-                                       .set_display_name("zero-shot stage2"))
+                    evaluations.append(
+                        zeroshot_op(
+                            model=init, raw=raw.output, image_set=image_set, config=zeroshot_config
+                        ).set_display_name("zero-shot stage2")
+                    )
             with dsl.If(index_split != "", name="index"):  # the champion, which this registration may have moved
-                indexing.append(index_op(validated=validated, split=index_split, publish_uri=index_uri, config=index_config,
-                                         register_config=register_config).after(registration).set_display_name("index"))
+                indexing.append(
+                    index_op(
+                        validated=validated,
+                        split=index_split,
+                        publish_uri=index_uri,
+                        config=index_config,
+                        register_config=register_config,
+                    )
+                    .after(registration)
+                    .set_display_name("index")
+                )
 
         # start_config.stages picks the branch per run (the UI's choice, as params.yaml's is dvc's).
         for name, recipe in RECIPES.items():
@@ -92,8 +112,11 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
                 stages_after_start(recipe)
         if zeroshot_sets_known:
             with dsl.ParallelFor(zeroshot_sets) as image_set:
-                evaluations.append(zeroshot_op(model=start.outputs["model"], raw=raw.output, image_set=image_set,
-                                               config=zeroshot_config).set_display_name("zero-shot start"))
+                evaluations.append(
+                    zeroshot_op(
+                        model=start.outputs["model"], raw=raw.output, image_set=image_set, config=zeroshot_config
+                    ).set_display_name("zero-shot start")
+                )
         # Data steps are pure functions of their inputs: reuse earlier outputs. Training and
         # registration always run (a new model version is the point of a run), and so do the
         # evaluations, which log into the training run.
@@ -102,8 +125,12 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         for task in (*training, *evaluations, *registrations, *indexing):
             task.set_caching_options(False)
         if cluster:
-            _on_kubernetes(cluster, steps=(ingested, checked, start, *evaluations, *registrations, *indexing), training=training,
-                           tracked=(start, *training, *evaluations, *registrations, *indexing))
+            _on_kubernetes(
+                cluster,
+                steps=(ingested, checked, start, *evaluations, *registrations, *indexing),
+                training=training,
+                tracked=(start, *training, *evaluations, *registrations, *indexing),
+            )
 
     return zhclip_pipeline
 
@@ -128,12 +155,19 @@ def _on_kubernetes(cluster: KubeflowConfig, steps: tuple, training: tuple, track
                 kubernetes.add_node_selector(task, label_key=label, label_value=value)
             kubernetes.add_toleration(task, key=cluster.gpu_toleration, operator="Exists", effect="NoSchedule")
     for task in tracked:
-        kubernetes.use_secret_as_env(task, secret_name=cluster.minio_secret, secret_key_to_env={
-            "access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"})
-        kubernetes.use_secret_as_env(task, secret_name=cluster.mlflow_secret, secret_key_to_env={
-            "username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"})
-        for name, value in (("MLFLOW_TRACKING_URI", cluster.mlflow_uri), ("AWS_ENDPOINT_URL", cluster.s3_endpoint),
-                            ("MLFLOW_S3_ENDPOINT_URL", cluster.s3_endpoint)):
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=cluster.minio_secret,
+            secret_key_to_env={"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"},
+        )
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=cluster.mlflow_secret,
+            secret_key_to_env={"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+        )
+        for name, value in (
+            ("MLFLOW_TRACKING_URI", cluster.mlflow_uri),
+            ("AWS_ENDPOINT_URL", cluster.s3_endpoint),
+            ("MLFLOW_S3_ENDPOINT_URL", cluster.s3_endpoint),
+        ):
             task.set_env_variable(name, value)
-
-

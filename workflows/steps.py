@@ -27,21 +27,38 @@ def ingest_op(raw: Input[Dataset], prepared: Output[Dataset], summary: Output[Me
 
 
 @_component
-def validate_op(prepared: Input[Dataset], validated: Output[Dataset], quarantine: Output[Dataset],
-                data_docs: Output[Artifact], report: Output[Metrics], config: dict):
+def validate_op(
+    prepared: Input[Dataset],
+    validated: Output[Dataset],
+    quarantine: Output[Dataset],
+    data_docs: Output[Artifact],
+    report: Output[Metrics],
+    config: dict,
+):
     from zhclip.components.core.settings import build_config
     from zhclip.components.data.validate import ValidateConfig, validate
 
-    result = validate(prepared.path, validated.path, build_config(ValidateConfig, config, "pipeline parameter"),
-                      quarantine_path=quarantine.path, docs_dir=data_docs.path)
+    result = validate(
+        prepared.path,
+        validated.path,
+        build_config(ValidateConfig, config, "pipeline parameter"),
+        quarantine_path=quarantine.path,
+        docs_dir=data_docs.path,
+    )
     for split, outcome in result["splits"].items():
         report.log_metric(f"{split}_rows_kept", outcome["rows_out"])
         report.log_metric(f"{split}_rows_quarantined", outcome["rows_quarantined"])
 
 
 @_component
-def train_op(prepared: Input[Dataset], model: Output[Model], summary: Output[Metrics], config: dict,
-             init_model: Input[Model] = None, ray_address: str = ""):
+def train_op(
+    prepared: Input[Dataset],
+    model: Output[Model],
+    summary: Output[Metrics],
+    config: dict,
+    init_model: Input[Model] = None,
+    ray_address: str = "",
+):
     import os
 
     from zhclip.components.core.settings import build_config
@@ -70,18 +87,32 @@ def start_op(model: Output[Model], summary: Output[Metrics], config: dict) -> st
 
 
 @_component
-def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Metrics], report: Output[HTML],
-                summary: Output[Markdown], files: Output[Artifact], config: dict, label: str,
-                init_scores: Input[Metrics] = None):
+def evaluate_op(
+    model: Input[Model],
+    prepared: Input[Dataset],
+    scores: Output[Metrics],
+    report: Output[HTML],
+    summary: Output[Markdown],
+    files: Output[Artifact],
+    config: dict,
+    label: str,
+    init_scores: Input[Metrics] = None,
+):
     import shutil
     from pathlib import Path
 
     from zhclip.components.core.settings import build_config
     from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
 
-    result = evaluate(model.path, prepared.path, build_config(EvaluateConfig, config, "pipeline parameter"),
-                      summary_path=scores.path, report_dir=files.path, label=label,
-                      init_metrics=init_scores.path if init_scores else None)
+    result = evaluate(
+        model.path,
+        prepared.path,
+        build_config(EvaluateConfig, config, "pipeline parameter"),
+        summary_path=scores.path,
+        report_dir=files.path,
+        label=label,
+        init_metrics=init_scores.path if init_scores else None,
+    )
     for key, value in result.items():
         if isinstance(value, float):
             scores.log_metric(key, value)
@@ -91,17 +122,30 @@ def evaluate_op(model: Input[Model], prepared: Input[Dataset], scores: Output[Me
 
 
 @_component
-def zeroshot_op(model: Input[Model], raw: Input[Dataset], image_set: str, scores: Output[Metrics],
-                report: Output[HTML], summary: Output[Markdown], files: Output[Artifact], config: dict):
+def zeroshot_op(
+    model: Input[Model],
+    raw: Input[Dataset],
+    image_set: str,
+    scores: Output[Metrics],
+    report: Output[HTML],
+    summary: Output[Markdown],
+    files: Output[Artifact],
+    config: dict,
+):
     import shutil
     from pathlib import Path
 
     from zhclip.components.core.settings import build_config
     from zhclip.components.evaluation.zeroshot import ZeroshotConfig, zeroshot
 
-    result = zeroshot(model.path, Path(raw.path) / "zeroshot" / image_set,
-                      build_config(ZeroshotConfig, config, "pipeline parameter"), summary_path=scores.path,
-                      predictions_path=Path(files.path) / "predictions.csv", report_dir=files.path)
+    result = zeroshot(
+        model.path,
+        Path(raw.path) / "zeroshot" / image_set,
+        build_config(ZeroshotConfig, config, "pipeline parameter"),
+        summary_path=scores.path,
+        predictions_path=Path(files.path) / "predictions.csv",
+        report_dir=files.path,
+    )
     for key in ("top1", "top5", "chance_top1"):
         scores.log_metric(key, result[key])
     shutil.copy(Path(files.path) / "report.html", report.path)
@@ -109,8 +153,14 @@ def zeroshot_op(model: Input[Model], raw: Input[Dataset], image_set: str, scores
 
 
 @_component
-def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset], decision: Output[Metrics],
-                card: Output[Markdown], config: dict) -> int:
+def register_op(
+    model: Input[Model],
+    scores: Input[Metrics],
+    data: Input[Dataset],
+    decision: Output[Metrics],
+    card: Output[Markdown],
+    config: dict,
+) -> int:
     from pathlib import Path
 
     from zhclip.components.core.settings import build_config
@@ -127,26 +177,40 @@ def register_op(model: Input[Model], scores: Input[Metrics], data: Input[Dataset
         f"| promoted to champion | {result['promoted']} |\n| rule that decided | {result.get('rule')} |\n"
         f"| decision | {result['decision']} |\n| champion version | {result['champion_version']} |\n"
         f"| already registered (same weights) | {result['already_registered']} |\n\n"
-        f"Pull it: `mlflow.pyfunc.load_model(\"models:/{settings.model_name}@champion\")`\n", encoding="utf-8")
+        f'Pull it: `mlflow.pyfunc.load_model("models:/{settings.model_name}@champion")`\n',
+        encoding="utf-8",
+    )
     return result["version"]
 
 
 @_component
-def index_op(validated: Input[Dataset], index: Output[Artifact], summary: Output[Metrics], split: str, publish_uri: str,
-             config: dict, register_config: dict):
+def index_op(
+    validated: Input[Dataset],
+    index: Output[Artifact],
+    summary: Output[Metrics],
+    split: str,
+    publish_uri: str,
+    config: dict,
+    register_config: dict,
+):
     from pyarrow import fs
 
     from zhclip.components.core.settings import build_config
-    from zhclip.components.search.index_build import IndexConfig, build_index
-    from zhclip.components.registry.register import RegisterConfig
     from zhclip.components.core.storage import arrow_filesystem
+    from zhclip.components.registry.register import RegisterConfig
+    from zhclip.components.search.index_build import IndexConfig, build_index
 
     settings = dict(config)
     alias = settings.pop("alias")
     registry = build_config(RegisterConfig, register_config, "pipeline parameter register_config")
     # The gallery by its URI (s3://... on a cluster), so each image's location is one the search Deployment can read.
-    result = build_index(f"{validated.uri.rstrip('/')}/{split}", index.path, f"models:/{registry.model_name}@{alias}",
-                         build_config(IndexConfig, settings, "pipeline parameter index_config"), registry.tracking_uri or None)
+    result = build_index(
+        f"{validated.uri.rstrip('/')}/{split}",
+        index.path,
+        f"models:/{registry.model_name}@{alias}",
+        build_config(IndexConfig, settings, "pipeline parameter index_config"),
+        registry.tracking_uri or None,
+    )
     summary.log_metric("images", result["images"])
     summary.log_metric("rejected", result["rejected"])
     if publish_uri:  # a fixed place for the search service, beside this run's own copy in the pipeline root

@@ -21,9 +21,15 @@ def compile_pipeline(out: str | Path, params: dict[str, Any]) -> Path:
     return out
 
 
-def submit(host: str, params: dict[str, Any], raw_uri: str, experiment: str = "zhclip",
-           run_name: str | None = None, namespace: str | None = None,
-           arguments: dict[str, Any] | None = None) -> dict[str, str]:
+def submit(
+    host: str,
+    params: dict[str, Any],
+    raw_uri: str,
+    experiment: str = "zhclip",
+    run_name: str | None = None,
+    namespace: str | None = None,
+    arguments: dict[str, Any] | None = None,
+) -> dict[str, str]:
     """Compile, upload as a new version of the `zhclip` pipeline and start a run on the KFP API at `host`.
 
     Authentication follows kfp.Client (e.g. `KF_PIPELINES_SA_TOKEN_PATH` inside a cluster).
@@ -40,14 +46,29 @@ def submit(host: str, params: dict[str, Any], raw_uri: str, experiment: str = "z
             pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
             if pipeline_id is None:
                 pipeline_id = client.upload_pipeline(package, PIPELINE_NAME, namespace=namespace).pipeline_id
-                version_id = client.list_pipeline_versions(pipeline_id, page_size=1, sort_by="created_at desc") \
-                    .pipeline_versions[0].pipeline_version_id
+                version_id = (
+                    client.list_pipeline_versions(pipeline_id, page_size=1, sort_by="created_at desc")
+                    .pipeline_versions[0]
+                    .pipeline_version_id
+                )
             else:
-                version_id = client.upload_pipeline_version(package, run_name, pipeline_id=pipeline_id).pipeline_version_id
+                version_id = client.upload_pipeline_version(
+                    package, run_name, pipeline_id=pipeline_id
+                ).pipeline_version_id
             experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-            run = client.run_pipeline(experiment_id, run_name, params={"raw_uri": raw_uri, **(arguments or {})},
-                                      pipeline_id=pipeline_id, version_id=version_id)
+            run = client.run_pipeline(
+                experiment_id,
+                run_name,
+                params={"raw_uri": raw_uri, **(arguments or {})},
+                pipeline_id=pipeline_id,
+                version_id=version_id,
+            )
         except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, TimeoutError) as err:
             raise ZhclipError(f"Kubeflow Pipelines API at {host}: {err}") from err
-    return {"pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": experiment_id,
-            "run_id": run.run_id, "run_name": run_name}
+    return {
+        "pipeline_id": pipeline_id,
+        "version_id": version_id,
+        "experiment_id": experiment_id,
+        "run_id": run.run_id,
+        "run_name": run_name,
+    }

@@ -12,14 +12,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 RAY_LOG = Path("logs/ray.log")  # Ray's own messages from this process (relative to where the step runs)
 # Ray Train's print patch sends every print of a worker to a logger that writes it to the console as
 # well, so each line came twice; without it a worker's print reaches the driver once, as printed. Its
 # own logging setup of the controller and workers prints every report and checkpoint at INFO; without
 # it they log at the level of `ray.init(logging_config=...)` (errors).
-QUIET_RAY_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
-                 "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0"}
+QUIET_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
+}
 # A local machine is not preempted: Ray Train's watcher for that only adds an error line at start.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
@@ -56,8 +58,14 @@ def ray_runtime(num_cpus: int | None = None) -> Iterator[None]:
             ray.init(logging_level=logging.WARNING, configure_logging=False, logging_config=quiet_workers)
         else:
             os.environ.update(LOCAL_RAY_ENV)
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
-                     configure_logging=False, logging_level=logging.WARNING, logging_config=quiet_workers)
+            ray.init(
+                num_cpus=num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=True,
+                configure_logging=False,
+                logging_level=logging.WARNING,
+                logging_config=quiet_workers,
+            )
         workers = "the cluster's dashboard, Logs tab" if os.environ.get("RAY_ADDRESS") else _session_logs()
         print(f"Ray's messages: {log_file} (worker logs: {workers})", file=sys.stderr, flush=True)
     try:

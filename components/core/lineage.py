@@ -13,9 +13,12 @@ from zhclip.components.core.storage import arrow_filesystem
 
 def git_commit(repo_dir: str | Path = ".") -> str:
     """The checked-out commit, with `-dirty` when tracked files differ from it; "unknown" outside git."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo_dir), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
@@ -47,8 +50,13 @@ def dvc_hash(path: str | Path) -> str:
         raise ZhclipError(f"{path} not found; nothing to hash")
     if kind == fs.FileType.File:
         return _file_md5(filesystem, root)
-    files = [info.path for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True))
-             if info.type == fs.FileType.File]
-    entries = sorted(({"md5": _file_md5(filesystem, file), "relpath": file[len(root):].lstrip("/")} for file in files),
-                     key=lambda entry: entry["relpath"])
+    files = [
+        info.path
+        for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+        if info.type == fs.FileType.File
+    ]
+    entries = sorted(
+        ({"md5": _file_md5(filesystem, file), "relpath": file[len(root) :].lstrip("/")} for file in files),
+        key=lambda entry: entry["relpath"],
+    )
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"

@@ -76,9 +76,13 @@ def _helps_in_source(class_path: str) -> dict[str, str]:
     module, name = class_path.split(":")
     tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
     cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
-    return {node.target.id: ast.literal_eval(node.value.args[1]) for node in cls.body
-            if isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.Call)
-            and getattr(node.value.func, "id", "") == "setting"}
+    return {
+        node.target.id: ast.literal_eval(node.value.args[1])
+        for node in cls.body
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.value, ast.Call)
+        and getattr(node.value.func, "id", "") == "setting"
+    }
 
 
 def section_help(section_name: str, name: str) -> str:
@@ -100,8 +104,11 @@ def default_of(field: dataclasses.Field) -> Any:
 
 def section_fields(cls: type) -> dict[str, dataclasses.Field]:
     """The fields of `cls` that its own params.yaml section may set."""
-    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("in_params", True)
-            and not f.metadata.get("shared_from")}
+    return {
+        f.name: f
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("in_params", True) and not f.metadata.get("shared_from")
+    }
 
 
 def config_class(section_name: str) -> type:
@@ -119,9 +126,11 @@ def load_params(path: str | Path | None = "params.yaml") -> dict[str, Any]:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise ZhclipError(f"{path} not found (looked in {path.resolve().parent}): run the command in the project "
-                          "folder, pass --params FILE, or --defaults to use the built-in defaults "
-                          "(docs/configuration.md lists them)")
+        raise ZhclipError(
+            f"{path} not found (looked in {path.resolve().parent}): run the command in the project "
+            "folder, pass --params FILE, or --defaults to use the built-in defaults "
+            "(docs/configuration.md lists them)"
+        )
     try:
         params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -175,7 +184,9 @@ def config_from(cls: type[Config], params: dict[str, Any], *sections: str, **exp
     for name in sections:
         values.update(section(params, name, own))
     values.update({key: value for key, value in explicit.items() if value is not None})
-    return build_config(cls, values, f"params.yaml section{'s' if len(sections) > 1 else ''} {', '.join(map(repr, sections))}")
+    return build_config(
+        cls, values, f"params.yaml section{'s' if len(sections) > 1 else ''} {', '.join(map(repr, sections))}"
+    )
 
 
 def resolved_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -200,12 +211,16 @@ def _cell(value: Any) -> str:
 def reference_page(params: dict[str, Any]) -> str:
     """docs/configuration.md: every params.yaml section and setting, its default, this project's value
     where it differs, and its help, all read from the dataclasses."""
-    lines = ["# Configuration", "",
-             "Every setting of every step, generated from the code by `zhclip config` (do not edit by hand).",
-             "params.yaml holds a project's values; a key left out takes the default below. A command-line",
-             "flag overrides params.yaml for one run, and `dvc exp run -S section.key=value` runs a variant.",
-             "Commands read `params.yaml` in the current folder (`--params FILE` for another, `--defaults`",
-             "for none of it).", ""]
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting of every step, generated from the code by `zhclip config` (do not edit by hand).",
+        "params.yaml holds a project's values; a key left out takes the default below. A command-line",
+        "flag overrides params.yaml for one run, and `dvc exp run -S section.key=value` runs a variant.",
+        "Commands read `params.yaml` in the current folder (`--params FILE` for another, `--defaults`",
+        "for none of it).",
+        "",
+    ]
     for name in SECTIONS:
         cls, base = config_class(name), OVERLAYS.get(name)
         lines += [f"## `{name}`", ""]

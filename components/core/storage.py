@@ -28,8 +28,13 @@ def client(endpoint: str | None = None):
     missing = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(name)]
     if missing:
         raise ZhclipError(f"set {' and '.join(missing)} for the object store (never commit them)")
-    return Minio(parsed.netloc, access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-                 secure=parsed.scheme == "https", region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return Minio(
+        parsed.netloc,
+        access_key=os.environ["AWS_ACCESS_KEY_ID"],
+        secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        secure=parsed.scheme == "https",
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
 
 
 def arrow_filesystem(uri: str, endpoint: str | None = None):
@@ -42,8 +47,10 @@ def arrow_filesystem(uri: str, endpoint: str | None = None):
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
     scheme, _, host = endpoint.rpartition("://")
     filesystem = fs.S3FileSystem(
-        endpoint_override=host or None, scheme=scheme or "https",
-        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        endpoint_override=host or None,
+        scheme=scheme or "https",
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
         region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
     )
     return filesystem, str(uri).removeprefix("s3://").rstrip("/")

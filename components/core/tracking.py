@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import setting
@@ -30,7 +31,9 @@ class MlflowConfig:
     registered version nests under its pipeline run."""
 
     tracking_uri: str = setting("", "MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    experiment: str = setting("zhclip", "MLflow experiment: a parent run per pipeline run, a nested run per training stage")
+    experiment: str = setting(
+        "zhclip", "MLflow experiment: a parent run per pipeline run, a nested run per training stage"
+    )
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -108,8 +111,15 @@ def run_to_log_into(run_id: str | None, model_dir: str | Path | None = None) -> 
     return training_run(model_dir) if model_dir else None
 
 
-def start_stage_run(uri: str, experiment: str, stage: int, ray_run_name: str, params: dict[str, Any],
-                    tags: dict[str, str], parent_run_id: str | None) -> dict[str, str]:
+def start_stage_run(
+    uri: str,
+    experiment: str,
+    stage: int,
+    ray_run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    parent_run_id: str | None,
+) -> dict[str, str]:
     """Open (or reopen, for a resumed stage) the stage's run under `parent_run_id`, creating a parent
     when there is none. Returns {"tracking_uri", "experiment_id", "parent_run_id", "run_id"}."""
     from mlflow.entities import Param, RunTag
@@ -118,23 +128,48 @@ def start_stage_run(uri: str, experiment: str, stage: int, ray_run_name: str, pa
         client = _client(uri)
         experiment_id = _experiment_id(client, experiment)
     except Exception as err:  # MLflow raises many types for an unreachable or misconfigured store
-        raise ZhclipError(f"MLflow tracking store {uri} is not usable ({err}); set mlflow.tracking_uri "
-                          "in params.yaml or MLFLOW_TRACKING_URI") from err
-    previous = client.search_runs([experiment_id], filter_string=f"tags.`{RAY_RUN_TAG}` = '{ray_run_name}'",
-                                  max_results=1)
+        raise ZhclipError(
+            f"MLflow tracking store {uri} is not usable ({err}); set mlflow.tracking_uri "
+            "in params.yaml or MLFLOW_TRACKING_URI"
+        ) from err
+    previous = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RAY_RUN_TAG}` = '{ray_run_name}'", max_results=1
+    )
     if previous:
         run = previous[0]
         client.update_run(run.info.run_id, status="RUNNING")
-        return {"tracking_uri": uri, "experiment_id": experiment_id,
-                "parent_run_id": run.data.tags.get("mlflow.parentRunId", ""), "run_id": run.info.run_id}
+        return {
+            "tracking_uri": uri,
+            "experiment_id": experiment_id,
+            "parent_run_id": run.data.tags.get("mlflow.parentRunId", ""),
+            "run_id": run.info.run_id,
+        }
     if not parent_run_id:
-        parent_run_id = client.create_run(experiment_id, run_name="pipeline", tags={"zhclip.kind": "pipeline", **tags}).info.run_id
-    run = client.create_run(experiment_id, run_name=f"stage{stage}",
-                            tags={"mlflow.parentRunId": parent_run_id, "zhclip.kind": "training",
-                                  "zhclip.stage": str(stage), RAY_RUN_TAG: ray_run_name, **tags})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten_params(params).items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
-    return {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id, "run_id": run.info.run_id}
+        parent_run_id = client.create_run(
+            experiment_id, run_name="pipeline", tags={"zhclip.kind": "pipeline", **tags}
+        ).info.run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=f"stage{stage}",
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "zhclip.kind": "training",
+            "zhclip.stage": str(stage),
+            RAY_RUN_TAG: ray_run_name,
+            **tags,
+        },
+    )
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in flatten_params(params).items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    return {
+        "tracking_uri": uri,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "run_id": run.info.run_id,
+    }
 
 
 def finish_stage_run(ids: dict[str, str], summary: dict[str, Any], status: str = "FINISHED") -> None:
@@ -143,10 +178,17 @@ def finish_stage_run(ids: dict[str, str], summary: dict[str, Any], status: str =
     from mlflow.entities import Metric, RunTag
 
     client = _client(ids["tracking_uri"])
-    numbers = {f"summary.{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {
+        f"summary.{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     warnings = summary.get("warnings") or []
-    tags = [RunTag("zhclip.warnings", "\n".join(warnings)), RunTag("mlflow.note.content", "\n\n".join(f"**Warning:** {w}" for w in warnings))]
-    client.log_batch(ids["run_id"], metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()], tags=tags if warnings else [])
+    tags = [
+        RunTag("zhclip.warnings", "\n".join(warnings)),
+        RunTag("mlflow.note.content", "\n\n".join(f"**Warning:** {w}" for w in warnings)),
+    ]
+    client.log_batch(
+        ids["run_id"], metrics=[Metric(k, v, 0, 0) for k, v in numbers.items()], tags=tags if warnings else []
+    )
     client.set_terminated(ids["run_id"], status=status)
 
 
@@ -172,5 +214,5 @@ class StepLogger:
     def flush(self) -> None:
         if self.client and self.pending:
             for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
-                self.client.log_batch(self.ids["run_id"], metrics=self.pending[start:start + 1000])
+                self.client.log_batch(self.ids["run_id"], metrics=self.pending[start : start + 1000])
             self.pending = []

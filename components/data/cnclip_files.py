@@ -51,7 +51,9 @@ def read_features(path: str | Path, id_field: str) -> tuple[list[int], np.ndarra
         if not isinstance(feature, list) or not feature:
             raise ZhclipError(f"{path} line {number}: field 'feature' must be a non-empty list of numbers")
         if rows and len(feature) != len(rows[0]):
-            raise ZhclipError(f"{path} line {number}: feature has {len(feature)} values, earlier lines have {len(rows[0])}")
+            raise ZhclipError(
+                f"{path} line {number}: feature has {len(feature)} values, earlier lines have {len(rows[0])}"
+            )
         if item in seen:
             raise ZhclipError(f"{path} line {number}: duplicate {id_field} {item}")
         seen.add(item)
@@ -100,7 +102,9 @@ def read_annotations(path: str | Path) -> tuple[dict[int, list[int]], dict[int, 
     return positives, texts
 
 
-def write_predictions(path: str | Path, query_field: str, result_field: str, predictions: Mapping[int, Sequence[int]]) -> Path:
+def write_predictions(
+    path: str | Path, query_field: str, result_field: str, predictions: Mapping[int, Sequence[int]]
+) -> Path:
     """Top-k predictions as the reference's `make_topk_predictions(_tr).py` writes them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +122,14 @@ def score_json(hits: Mapping[int, int], queries: int) -> dict[str, Any]:
     """
     r1, r5, r10 = (hits[k] * 1.0 / queries for k in (1, 5, 10))
     mean_recall = (r1 + r5 + r10) / 3.0
-    return {"success": True, "score": mean_recall * 100,
-            "scoreJson": {"score": mean_recall * 100, "mean_recall": mean_recall * 100,
-                          "r1": r1 * 100, "r5": r5 * 100, "r10": r10 * 100}}
+    return {
+        "success": True,
+        "score": mean_recall * 100,
+        "scoreJson": {
+            "score": mean_recall * 100,
+            "mean_recall": mean_recall * 100,
+            "r1": r1 * 100,
+            "r5": r5 * 100,
+            "r10": r10 * 100,
+        },
+    }

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 from array import array
 from collections import deque
-import json
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,12 +34,11 @@ from tqdm import tqdm
 
 from zhclip.components.core.cluster import ordered_map, ray_runtime
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.settings import setting
 from zhclip.components.core.memory import release_freed_memory
-from zhclip.components.core.summaries import timed, write_summary
+from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
+from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS, decode_base64
-
 
 
 @dataclass
@@ -47,11 +46,15 @@ class IngestConfig:
     """Section `ingest`: how raw splits become Parquet shards of pairs."""
 
     shard_rows: int = setting(2000, "pairs per Parquet shard")
-    row_group_rows: int = setting(256, "the unit training, validation and evaluation read at once (bounds their memory)")
+    row_group_rows: int = setting(
+        256, "the unit training, validation and evaluation read at once (bounds their memory)"
+    )
     max_image_side: int = setting(0, "0 keeps the original size")
     image_format: str = setting("PNG", "PNG (lossless) or JPEG (quality 95)")
     max_image_pixels: int = setting(25_000_000, "larger images are quarantined without being decoded")
-    workers: int = setting(0, "CPUs of the local Ray that decodes (0: every core; 1: no Ray); a cluster at $RAY_ADDRESS uses all of its")
+    workers: int = setting(
+        0, "CPUs of the local Ray that decodes (0: every core; 1: no Ray); a cluster at $RAY_ADDRESS uses all of its"
+    )
     batch_lines: int = setting(256, "image lines in flight at once")
 
     def __post_init__(self):
@@ -110,13 +113,17 @@ def _reencode(blob: bytes, config: IngestConfig) -> bytes:
     image = Image.open(io.BytesIO(blob))  # reads the header only
     pixels = image.width * image.height
     if pixels > config.max_image_pixels:
-        raise _Rejected(f"image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, "
-                        f"above max_image_pixels {config.max_image_pixels / 1e6:.1f} (raise it in params.yaml ingest)")
+        raise _Rejected(
+            f"image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, "
+            f"above max_image_pixels {config.max_image_pixels / 1e6:.1f} (raise it in params.yaml ingest)"
+        )
     image = image.convert("RGB")
     if config.max_image_side and max(image.size) > config.max_image_side:
         image.thumbnail((config.max_image_side, config.max_image_side))
     buffer = io.BytesIO()
-    image.save(buffer, format=config.image_format.upper(), **({"quality": 95} if config.image_format.upper() == "JPEG" else {}))
+    image.save(
+        buffer, format=config.image_format.upper(), **({"quality": 95} if config.image_format.upper() == "JPEG" else {})
+    )
     return buffer.getvalue()
 
 
@@ -162,7 +169,8 @@ def _reencoded(image_id: int, blob: bytes, config: IngestConfig) -> tuple[int, b
 
 
 def _decode_file_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
-    """`image_id<TAB>path` (built from a captions CSV, the path relative to the raw folder) -> the same result as `_decode_line`."""
+    """`image_id<TAB>path` (built from a captions CSV, the path relative to the raw folder) -> the same result
+    as `_decode_line`."""
     id_field, path = line.split("\t", 1)
     try:
         blob = raw.read_bytes(path)
@@ -175,8 +183,11 @@ def _decode_batch(lines: list[str], config: IngestConfig, raw: Folder, decode) -
     return [decode(line, config, raw) for line in lines]
 
 
-def _decoded(lines: Iterator[tuple[int, str]], config: IngestConfig, raw: Folder, decode) -> Iterator[tuple[int, str, tuple]]:
-    """(line number, line, decode result) in input order, `batch_lines` lines per Ray task (in this process for `workers: 1`)."""
+def _decoded(
+    lines: Iterator[tuple[int, str]], config: IngestConfig, raw: Folder, decode
+) -> Iterator[tuple[int, str, tuple]]:
+    """(line number, line, decode result) in input order, `batch_lines` lines per Ray task (in this process
+    for `workers: 1`)."""
     batches = iter(lambda: list(itertools.islice(lines, config.batch_lines)), [])
     if config.workers == 1:
         for batch in batches:
@@ -249,8 +260,10 @@ class _TextIndex:
 
     def captions(self, image_id: int) -> list[tuple[int, str]]:
         start, end = np.searchsorted(self.image_ids, [image_id, image_id + 1])
-        return [(text_id, self._utf8[self._ends[i - 1] if i else 0:self._ends[i]].decode("utf-8"))
-                for text_id, i in zip(self.text_ids[start:end].tolist(), self.order[start:end].tolist())]
+        return [
+            (text_id, self._utf8[self._ends[i - 1] if i else 0 : self._ends[i]].decode("utf-8"))
+            for text_id, i in zip(self.text_ids[start:end].tolist(), self.order[start:end].tolist())
+        ]
 
     def texts_of_found_images(self) -> int:
         return int(np.unique(self.text_ids[self.found[np.searchsorted(self.images, self.image_ids)]]).size)
@@ -298,8 +311,10 @@ def _index_csv(raw: Folder, name: str, quarantine: _Quarantine) -> tuple[_TextIn
         reader = csv.DictReader(rows)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ZhclipError(f"{source}: missing column(s) {missing}; a captions CSV needs {list(CSV_COLUMNS)}"
-                              + (" (the file is empty)" if not reader.fieldnames else ""))
+            raise ZhclipError(
+                f"{source}: missing column(s) {missing}; a captions CSV needs {list(CSV_COLUMNS)}"
+                + (" (the file is empty)" if not reader.fieldnames else "")
+            )
         for number, row in enumerate(reader, 2):
             record = json.dumps(row, ensure_ascii=False)
             try:
@@ -331,8 +346,16 @@ def _sources(raw: Folder, split: str, quarantine: _Quarantine):
         return index, iter(lines), _decode_file_line, csv_file, csv_file
     for name in (images_file, texts_file):
         if raw.kind(name) != fs.FileType.File:
-            raise ZhclipError(f"{raw.name(name)} not found: a split needs {images_file} and {texts_file}, or {csv_file}")
-    return _index_texts(raw, texts_file, quarantine), _lines(raw, images_file, quarantine, desc=f"ingest {split}"), _decode_line, images_file, texts_file
+            raise ZhclipError(
+                f"{raw.name(name)} not found: a split needs {images_file} and {texts_file}, or {csv_file}"
+            )
+    return (
+        _index_texts(raw, texts_file, quarantine),
+        _lines(raw, images_file, quarantine, desc=f"ingest {split}"),
+        _decode_line,
+        images_file,
+        texts_file,
+    )
 
 
 def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig) -> dict:
@@ -345,7 +368,7 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig) 
             quarantine.add(raw.name(images_file), number, problem, line)
             continue
         at = index.position(image_id)
-        if (index.found[at] if at is not None else image_id in unreferenced):
+        if index.found[at] if at is not None else image_id in unreferenced:
             quarantine.add(raw.name(images_file), number, f"duplicate image_id {image_id}", line)
             continue
         if at is None:
@@ -356,25 +379,42 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig) 
             writer.add({"text_id": text_id, "text": text, "image_id": image_id, "image": blob})
     writer.flush()
     for image_id in index.images[~index.found].tolist():
-        quarantine.add(raw.name(texts_file), 0, f"image_id {image_id} is referenced by texts but has no usable image in {images_file}",
-                       json.dumps(index.captions(image_id), ensure_ascii=False))
+        quarantine.add(
+            raw.name(texts_file),
+            0,
+            f"image_id {image_id} is referenced by texts but has no usable image in {images_file}",
+            json.dumps(index.captions(image_id), ensure_ascii=False),
+        )
     quarantine.close()
     if writer.total == 0:
         empty = [name for name in dict.fromkeys((images_file, texts_file)) if raw.size(name) == 0]
-        raise ZhclipError(f"{split}: no usable (text, image) pairs" + (f"; {', '.join(empty)} is empty" if empty else "")
-                          + (f"; see {quarantine.path} for the rejected rows" if quarantine.count else ""))
-    return {"pairs": writer.total, "images": int(index.found.sum()), "unreferenced_images": len(unreferenced),
-            "texts": index.texts_of_found_images(), "quarantined": quarantine.count, "shards": writer.shards}
+        raise ZhclipError(
+            f"{split}: no usable (text, image) pairs"
+            + (f"; {', '.join(empty)} is empty" if empty else "")
+            + (f"; see {quarantine.path} for the rejected rows" if quarantine.count else "")
+        )
+    return {
+        "pairs": writer.total,
+        "images": int(index.found.sum()),
+        "unreferenced_images": len(unreferenced),
+        "texts": index.texts_of_found_images(),
+        "quarantined": quarantine.count,
+        "shards": writer.shards,
+    }
 
 
-def ingest(raw_dir: str | Path, out_dir: str | Path, config: IngestConfig, summary_path: str | Path | None = None) -> dict:
+def ingest(
+    raw_dir: str | Path, out_dir: str | Path, config: IngestConfig, summary_path: str | Path | None = None
+) -> dict:
     """Ingest every split under `raw_dir` (a folder or an s3:// prefix) into `out_dir/{split}/part-*.parquet`;
     returns the summary."""
     from pyarrow import fs
 
     raw, out_dir = Folder(raw_dir), Path(out_dir)
     if raw.kind() != fs.FileType.Directory:
-        raise ZhclipError(f"raw data folder {raw_dir} not found; generate it with `zhclip demo-data` or point --raw at yours")
+        raise ZhclipError(
+            f"raw data folder {raw_dir} not found; generate it with `zhclip demo-data` or point --raw at yours"
+        )
     summary: dict = {"raw_dir": str(raw_dir), "out_dir": str(out_dir)}
     with timed(summary), ray_runtime(config.workers or None) if config.workers != 1 else nullcontext():
         summary["splits"] = {split: _ingest_split(raw, out_dir, split, config) for split in SPLITS}

@@ -46,7 +46,9 @@ class PreparedSplit:
         folder = Folder(prepared_dir)
         filesystem = folder.filesystem
         listing = filesystem.get_file_info(fs.FileSelector(folder.path(split), allow_not_found=True))
-        shards = sorted(info.path for info in listing if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"))
+        shards = sorted(
+            info.path for info in listing if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
+        )
         if not shards:
             raise ZhclipError(f"no Parquet shards in {prepared_dir}/{split}; run `zhclip ingest` first")
 

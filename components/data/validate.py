@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from zhclip.components.core.cluster import ordered_map, ray_runtime
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.settings import setting
 from zhclip.components.core.memory import release_freed_memory
+from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
 from zhclip.components.data.shards import PreparedSplit
@@ -58,7 +58,9 @@ class ValidateConfig:
     max_image_bytes: int = setting(20_000_000, "largest encoded image kept, in bytes")
     min_pairs_per_split: int = setting(1, "fewest pairs a split may keep before the gate fails")
     max_bad_fraction: float = setting(0.0, "above it the gate fails; at or below, bad rows are quarantined")
-    rows_per_check: int = setting(20_000, "profiled rows checked by the suite at once (bounds memory; one Data Docs page each)")
+    rows_per_check: int = setting(
+        20_000, "profiled rows checked by the suite at once (bounds memory; one Data Docs page each)"
+    )
 
     def __post_init__(self):
         if self.rows_per_check < 1:
@@ -74,9 +76,14 @@ def _image_facts(blob: bytes) -> dict:
     except Exception:  # any decoder failure means "does not decode", whatever PIL raises
         width = height = 0
         decodes = False
-    return {"image_decodes": decodes, "image_width": width, "image_height": height,
-            "image_aspect": max(width, height) / max(1, min(width, height)), "image_bytes": len(blob),
-            "image_hash": _hash64(blob)}
+    return {
+        "image_decodes": decodes,
+        "image_width": width,
+        "image_height": height,
+        "image_aspect": max(width, height) / max(1, min(width, height)),
+        "image_bytes": len(blob),
+        "image_hash": _hash64(blob),
+    }
 
 
 def _hash64(data: bytes) -> int:
@@ -93,8 +100,11 @@ def profile_group(split: PreparedSplit, group: int) -> pd.DataFrame:
     """One row group's rows with the derived columns the suite checks; the image bytes are dropped.
     A Ray task: the row groups of a split are profiled in parallel."""
     pairs = split.read(group, COLUMNS).to_pandas()
-    facts = pd.DataFrame([_image_facts(blob) for blob in pairs["image"]], index=pairs.index,
-                         columns=["image_decodes", "image_width", "image_height", "image_aspect", "image_bytes", "image_hash"])
+    facts = pd.DataFrame(
+        [_image_facts(blob) for blob in pairs["image"]],
+        index=pairs.index,
+        columns=["image_decodes", "image_width", "image_height", "image_aspect", "image_bytes", "image_hash"],
+    )
     frame = pd.concat([pairs.drop(columns=["image"]), facts], axis=1)
     texts = frame["text"].fillna("")
     frame["text_chars"] = texts.str.len()
@@ -103,8 +113,13 @@ def profile_group(split: PreparedSplit, group: int) -> pd.DataFrame:
     return frame
 
 
-def cross_row_flags(text_ids: np.ndarray, text_hashes: np.ndarray, image_ids: np.ndarray, image_hashes: np.ndarray,
-                    train_images: np.ndarray) -> dict[str, np.ndarray]:
+def cross_row_flags(
+    text_ids: np.ndarray,
+    text_hashes: np.ndarray,
+    image_ids: np.ndarray,
+    image_hashes: np.ndarray,
+    train_images: np.ndarray,
+) -> dict[str, np.ndarray]:
     """The checks that compare rows, over a whole split: an exact duplicate of an earlier pair (the
     first copy is kept), a text_id with several captions or an image_id with several images (every
     row of it), and an image whose content is in the train split (`train_images`, sorted hashes).
@@ -120,9 +135,12 @@ def cross_row_flags(text_ids: np.ndarray, text_hashes: np.ndarray, image_ids: np
         differs = (ids_sorted[1:] == ids_sorted[:-1]) & (hashes_sorted[1:] != hashes_sorted[:-1])
         return np.isin(ids, np.unique(ids_sorted[1:][differs]))
 
-    return {"duplicate_pair": duplicate, "text_id_conflict": conflicting(text_ids, text_hashes),
-            "image_id_conflict": conflicting(image_ids, image_hashes),
-            "leaked_from_train": np.isin(image_hashes, train_images)}
+    return {
+        "duplicate_pair": duplicate,
+        "text_id_conflict": conflicting(text_ids, text_hashes),
+        "image_id_conflict": conflicting(image_ids, image_hashes),
+        "leaked_from_train": np.isin(image_hashes, train_images),
+    }
 
 
 def build_suite(config: ValidateConfig):
@@ -135,11 +153,17 @@ def build_suite(config: ValidateConfig):
         e.ExpectColumnValuesToBeInTypeList(column="text_id", type_list=["int64", "int32"]),
         e.ExpectColumnValuesToBeInTypeList(column="image_id", type_list=["int64", "int32"]),
         *[e.ExpectColumnValuesToNotBeNull(column=c) for c in ("text_id", "text", "image_id")],
-        e.ExpectColumnValuesToBeBetween(column="text_chars", min_value=config.min_text_chars, max_value=config.max_text_chars),
+        e.ExpectColumnValuesToBeBetween(
+            column="text_chars", min_value=config.min_text_chars, max_value=config.max_text_chars
+        ),
         e.ExpectColumnValuesToBeBetween(column="chinese_ratio", min_value=config.min_chinese_ratio),
         e.ExpectColumnValuesToBeInSet(column="image_decodes", value_set=[True]),
-        e.ExpectColumnValuesToBeBetween(column="image_width", min_value=config.min_image_side, max_value=config.max_image_side),
-        e.ExpectColumnValuesToBeBetween(column="image_height", min_value=config.min_image_side, max_value=config.max_image_side),
+        e.ExpectColumnValuesToBeBetween(
+            column="image_width", min_value=config.min_image_side, max_value=config.max_image_side
+        ),
+        e.ExpectColumnValuesToBeBetween(
+            column="image_height", min_value=config.min_image_side, max_value=config.max_image_side
+        ),
         e.ExpectColumnValuesToBeBetween(column="image_aspect", max_value=config.max_aspect_ratio),
         e.ExpectColumnValuesToBeBetween(column="image_bytes", min_value=1, max_value=config.max_image_bytes),
         *[e.ExpectColumnValuesToBeInSet(column=flag, value_set=[False]) for flag in FLAGS],
@@ -153,7 +177,9 @@ def build_split_suite(config: ValidateConfig):
     import great_expectations as gx
 
     suite = gx.ExpectationSuite(name="split_size")
-    suite.add_expectation(gx.expectations.ExpectColumnValuesToBeBetween(column="pairs", min_value=config.min_pairs_per_split))
+    suite.add_expectation(
+        gx.expectations.ExpectColumnValuesToBeBetween(column="pairs", min_value=config.min_pairs_per_split)
+    )
     return suite
 
 
@@ -166,18 +192,35 @@ def _checkpoints(config: ValidateConfig, docs_dir: Path | None):
     context.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
     actions = []
     if docs_dir:
-        context.add_data_docs_site("zhclip", {
-            "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())}})
+        context.add_data_docs_site(
+            "zhclip",
+            {
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(Path(docs_dir).resolve()),
+                },
+            },
+        )
         actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs"))
     source = context.data_sources.add_pandas("prepared")
     checkpoints = []
     for name, suite in (("prepared_pairs", build_suite(config)), ("split_size", build_split_suite(config))):
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
-        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=context.suites.add(suite)))
-        checkpoints.append(context.checkpoints.add(gx.Checkpoint(
-            name=name, validation_definitions=[definition], actions=actions,
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]})))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=context.suites.add(suite))
+        )
+        checkpoints.append(
+            context.checkpoints.add(
+                gx.Checkpoint(
+                    name=name,
+                    validation_definitions=[definition],
+                    actions=actions,
+                    result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]},
+                )
+            )
+        )
     return checkpoints
 
 
@@ -189,10 +232,17 @@ def _run(checkpoint, frame: pd.DataFrame) -> list[dict]:
         kwargs = item.expectation_config.kwargs
         rows = [int(entry["row"]) for entry in item.result.get("unexpected_index_list") or []]
         examples = frame.set_index("row").loc[rows[:3], ["text_id", "image_id"]].to_dict("records") if rows else []
-        outcomes.append({"expectation": item.expectation_config.type,
-                         "column": kwargs.get("column"), "success": bool(item.success), "rows": rows,
-                         "unexpected_count": len(rows), "examples": examples,
-                         "observed": item.result.get("observed_value")})
+        outcomes.append(
+            {
+                "expectation": item.expectation_config.type,
+                "column": kwargs.get("column"),
+                "success": bool(item.success),
+                "rows": rows,
+                "unexpected_count": len(rows),
+                "examples": examples,
+                "observed": item.result.get("observed_value"),
+            }
+        )
     return outcomes
 
 
@@ -201,9 +251,16 @@ def _merge(outcomes: list[list[dict]]) -> list[dict]:
     merged = []
     for runs in zip(*outcomes):
         rows = [row for run in runs for row in run["rows"]]
-        merged.append({**runs[0], "success": all(run["success"] for run in runs), "rows": rows, "unexpected_count": len(rows),
-                       "examples": [example for run in runs for example in run["examples"]][:3],
-                       "observed": next((run["observed"] for run in runs if not run["success"]), runs[0]["observed"])})
+        merged.append(
+            {
+                **runs[0],
+                "success": all(run["success"] for run in runs),
+                "rows": rows,
+                "unexpected_count": len(rows),
+                "examples": [example for run in runs for example in run["examples"]][:3],
+                "observed": next((run["observed"] for run in runs if not run["success"]), runs[0]["observed"]),
+            }
+        )
     return merged
 
 
@@ -223,7 +280,9 @@ def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> _Pro
     keys = {name: np.zeros(split.rows, dtype=np.int64) for name in ("text_id", "text_hash", "image_id", "image_hash")}
     path, rows, writer, pending = scratch / f"{split.split}.parquet", 0, None, []
 
-    def spill() -> None:  # in batches of batch_rows: a Parquet row group per row group of the data would bloat the footer
+    def spill() -> (
+        None
+    ):  # in batches of batch_rows: a Parquet row group per row group of the data would bloat the footer
         nonlocal writer
         table = pa.concat_tables(pending)
         writer = writer or pq.ParquetWriter(path, table.schema, write_statistics=False)
@@ -231,11 +290,12 @@ def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> _Pro
         pending.clear()
 
     profiles = ordered_map(profile_group, ((split, group) for group in range(len(split.groups))))
-    for frame in tqdm(profiles, total=len(split.groups), desc=f"validate {split.split}", unit=" row groups",
-                      leave=False, disable=None):
+    for frame in tqdm(
+        profiles, total=len(split.groups), desc=f"validate {split.split}", unit=" row groups", leave=False, disable=None
+    ):
         frame.insert(0, "row", np.arange(rows, rows + len(frame)))
         for name, values in keys.items():
-            values[rows:rows + len(frame)] = frame[name].to_numpy(dtype=np.int64)
+            values[rows : rows + len(frame)] = frame[name].to_numpy(dtype=np.int64)
         rows += len(frame)
         pending.append(pa.Table.from_pandas(frame.drop(columns=["text_hash"]), preserve_index=False))
         if sum(len(table) for table in pending) >= batch_rows:
@@ -246,7 +306,9 @@ def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> _Pro
     return _Profiled(path, rows, keys)
 
 
-def _check_split(profiled: _Profiled, train_images: np.ndarray, checkpoints, config: ValidateConfig) -> tuple[list[dict], dict[int, dict]]:
+def _check_split(
+    profiled: _Profiled, train_images: np.ndarray, checkpoints, config: ValidateConfig
+) -> tuple[list[dict], dict[int, dict]]:
     """Every expectation's outcome over the split, and each bad row's record with its reasons."""
     rows_check, size_check = checkpoints
     keys = profiled.columns
@@ -260,8 +322,15 @@ def _check_split(profiled: _Profiled, train_images: np.ndarray, checkpoints, con
         by_row = frame.set_index("row")
         for outcome in runs[-1]:
             for row in outcome["rows"]:
-                record = bad.setdefault(row, {"text_id": int(by_row.at[row, "text_id"]), "image_id": int(by_row.at[row, "image_id"]),
-                                              "text": by_row.at[row, "text"], "reasons": []})
+                record = bad.setdefault(
+                    row,
+                    {
+                        "text_id": int(by_row.at[row, "text_id"]),
+                        "image_id": int(by_row.at[row, "image_id"]),
+                        "text": by_row.at[row, "text"],
+                        "reasons": [],
+                    },
+                )
                 record["reasons"].append(f"{outcome['expectation']}({outcome['column']})")
     return _run(size_check, pd.DataFrame({"pairs": [profiled.rows], "row": [0]})) + _merge(runs), bad
 
@@ -302,12 +371,20 @@ def validate(
     """
     out_dir, quarantine_path = Path(out_dir), Path(quarantine_path)
     splits = {split: PreparedSplit.open(str(prepared_dir), split) for split in SPLITS}
-    report: dict = {"prepared_dir": str(prepared_dir), "validated_dir": str(out_dir),
-                    "max_bad_fraction": config.max_bad_fraction, "splits": {}}
+    report: dict = {
+        "prepared_dir": str(prepared_dir),
+        "validated_dir": str(out_dir),
+        "max_bad_fraction": config.max_bad_fraction,
+        "splits": {},
+    }
     quarantine_path.parent.mkdir(parents=True, exist_ok=True)
     failures = []
-    with timed(report), ray_runtime(), tempfile.TemporaryDirectory() as scratch, \
-            open(quarantine_path, "w", encoding="utf-8") as quarantine:
+    with (
+        timed(report),
+        ray_runtime(),
+        tempfile.TemporaryDirectory() as scratch,
+        open(quarantine_path, "w", encoding="utf-8") as quarantine,
+    ):
         checkpoints = _checkpoints(config, Path(docs_dir) if docs_dir else None)
         train_images = np.zeros(0, dtype=np.int64)
         for name, split in splits.items():  # train first: its image hashes define leakage
@@ -315,7 +392,9 @@ def validate(
             if name == "train":
                 train_images = np.unique(profiled.columns["image_hash"])
             release_freed_memory()  # the profiles' pandas frames, before the checks' peak
-            outcomes, bad = _check_split(profiled, train_images if name != "train" else np.zeros(0, np.int64), checkpoints, config)
+            outcomes, bad = _check_split(
+                profiled, train_images if name != "train" else np.zeros(0, np.int64), checkpoints, config
+            )
             split_failures = [o for o in outcomes if not o["success"] and not o["rows"]]
             bad_fraction = len(bad) / max(1, profiled.rows)
             passed = not split_failures and bad_fraction <= config.max_bad_fraction
@@ -325,14 +404,25 @@ def validate(
             for row in sorted(bad):
                 quarantine.write(json.dumps({"split": name, **bad[row]}, ensure_ascii=False) + "\n")
             report["splits"][name] = {
-                "rows_in": profiled.rows, "rows_out": kept, "rows_quarantined": len(bad),
-                "bad_fraction": round(bad_fraction, 6), "passed": passed,
-                "checked": len(outcomes), "failed": sum(not o["success"] for o in outcomes),
-                "expectations": {f"{o['expectation']}({o['column']})" if o["column"] else o["expectation"]: o["unexpected_count"]
-                                 for o in outcomes}}
-    report.update(quarantine=str(quarantine_path), data_docs=str(docs_dir) if docs_dir else None,
-                  success=not failures, checked=sum(s["checked"] for s in report["splits"].values()),
-                  failed=sum(s["failed"] for s in report["splits"].values()))
+                "rows_in": profiled.rows,
+                "rows_out": kept,
+                "rows_quarantined": len(bad),
+                "bad_fraction": round(bad_fraction, 6),
+                "passed": passed,
+                "checked": len(outcomes),
+                "failed": sum(not o["success"] for o in outcomes),
+                "expectations": {
+                    f"{o['expectation']}({o['column']})" if o["column"] else o["expectation"]: o["unexpected_count"]
+                    for o in outcomes
+                },
+            }
+    report.update(
+        quarantine=str(quarantine_path),
+        data_docs=str(docs_dir) if docs_dir else None,
+        success=not failures,
+        checked=sum(s["checked"] for s in report["splits"].values()),
+        failed=sum(s["failed"] for s in report["splits"].values()),
+    )
     if report_path:
         write_summary(report_path, report)
     if failures:
@@ -344,8 +434,11 @@ def _explain(failures: list[tuple[str, dict]], config: ValidateConfig, quarantin
     lines = [f"data validation failed (max_bad_fraction {config.max_bad_fraction}):"]
     for split, outcome in failures:
         name = outcome["expectation"] + (f"({outcome['column']})" if outcome["column"] else "")
-        where = (f"{outcome['unexpected_count']} rows, e.g. {json.dumps(outcome['examples'], ensure_ascii=False)}"
-                 if outcome["rows"] else f"observed {outcome['observed']}")
+        where = (
+            f"{outcome['unexpected_count']} rows, e.g. {json.dumps(outcome['examples'], ensure_ascii=False)}"
+            if outcome["rows"]
+            else f"observed {outcome['observed']}"
+        )
         lines.append(f"  {split}: {name} failed: {where}")
     lines.append(f"every offending row, with its reasons, is in {quarantine_path}")
     return "\n".join(lines)

@@ -10,8 +10,6 @@ image folders for zero-shot classification with Chinese class names.
 
 from __future__ import annotations
 
-from zhclip.components.core.settings import setting
-
 import base64
 import io
 import json
@@ -22,9 +20,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import timed, write_summary
 
-COLOURS = {"红色": (220, 40, 40), "绿色": (40, 180, 60), "蓝色": (40, 80, 220), "黄色": (230, 210, 40), "紫色": (150, 60, 190), "白色": (245, 245, 245)}
+COLOURS = {
+    "红色": (220, 40, 40),
+    "绿色": (40, 180, 60),
+    "蓝色": (40, 80, 220),
+    "黄色": (230, 210, 40),
+    "紫色": (150, 60, 190),
+    "白色": (245, 245, 245),
+}
 SHAPES = ["圆形", "正方形", "三角形", "十字"]
 POSITIONS = {"左上角": (0, 0), "右上角": (1, 0), "左下角": (0, 1), "右下角": (1, 1)}
 TEMPLATES = [
@@ -36,14 +42,41 @@ TEMPLATES = [
 ]
 DIGIT_NAMES = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
 # English words for the pretraining corpus of the demo's stand-in for OpenAI CLIP (see demo_towers.py).
-ENGLISH = {"红色": "red", "绿色": "green", "蓝色": "blue", "黄色": "yellow", "紫色": "purple", "白色": "white",
-           "圆形": "circle", "正方形": "square", "三角形": "triangle", "十字": "cross",
-           "左上角": "top left", "右上角": "top right", "左下角": "bottom left", "右下角": "bottom right"}
+ENGLISH = {
+    "红色": "red",
+    "绿色": "green",
+    "蓝色": "blue",
+    "黄色": "yellow",
+    "紫色": "purple",
+    "白色": "white",
+    "圆形": "circle",
+    "正方形": "square",
+    "三角形": "triangle",
+    "十字": "cross",
+    "左上角": "top left",
+    "右上角": "top right",
+    "左下角": "bottom left",
+    "右下角": "bottom right",
+}
 ENGLISH_DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-ENGLISH_TEMPLATES = ["a {colour} {shape} in the {position}", "a picture of a {colour} {shape} at the {position}",
-                     "there is a {colour} {shape} in the {position} corner", "{position} corner shows a {colour} {shape}"]
-ENGLISH_DIGIT_TEMPLATES = ["a handwritten digit {digit}", "the number {digit} written by hand", "a scan of a handwritten {digit}"]
-DIGIT_TEMPLATES = ["手写数字{digit}", "一个手写的数字{digit}", "这是数字{digit}的手写图片", "黑底白字写着{digit}", "图中是手写的{digit}"]
+ENGLISH_TEMPLATES = [
+    "a {colour} {shape} in the {position}",
+    "a picture of a {colour} {shape} at the {position}",
+    "there is a {colour} {shape} in the {position} corner",
+    "{position} corner shows a {colour} {shape}",
+]
+ENGLISH_DIGIT_TEMPLATES = [
+    "a handwritten digit {digit}",
+    "the number {digit} written by hand",
+    "a scan of a handwritten {digit}",
+]
+DIGIT_TEMPLATES = [
+    "手写数字{digit}",
+    "一个手写的数字{digit}",
+    "这是数字{digit}的手写图片",
+    "黑底白字写着{digit}",
+    "图中是手写的{digit}",
+]
 SPLITS = ("train", "valid", "test")
 
 
@@ -119,9 +152,18 @@ def _shapes(count: int, config: DemoDataConfig, rng: random.Random) -> list[_Pic
     for _ in range(count):
         colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
         captions = [t.format(colour=colour, shape=shape, position=position) for t in TEMPLATES]
-        english = [t.format(colour=ENGLISH[colour], shape=ENGLISH[shape], position=ENGLISH[position]) for t in ENGLISH_TEMPLATES]
-        pictures.append(_Picture(("shape", colour, shape, position), draw_image(colour, shape, position, config.image_size, rng),
-                                 captions, english))
+        english = [
+            t.format(colour=ENGLISH[colour], shape=ENGLISH[shape], position=ENGLISH[position])
+            for t in ENGLISH_TEMPLATES
+        ]
+        pictures.append(
+            _Picture(
+                ("shape", colour, shape, position),
+                draw_image(colour, shape, position, config.image_size, rng),
+                captions,
+                english,
+            )
+        )
     return pictures
 
 
@@ -132,12 +174,20 @@ def digit_image(scan, size: int) -> Image.Image:
 
 
 def _digits(scans, labels, config: DemoDataConfig) -> list[_Picture]:
-    return [_Picture(("digit", int(label)), digit_image(scan, config.image_size),
-                     [t.format(digit=DIGIT_NAMES[label]) for t in DIGIT_TEMPLATES],
-                     [t.format(digit=ENGLISH_DIGITS[label]) for t in ENGLISH_DIGIT_TEMPLATES]) for scan, label in zip(scans, labels)]
+    return [
+        _Picture(
+            ("digit", int(label)),
+            digit_image(scan, config.image_size),
+            [t.format(digit=DIGIT_NAMES[label]) for t in DIGIT_TEMPLATES],
+            [t.format(digit=ENGLISH_DIGITS[label]) for t in ENGLISH_DIGIT_TEMPLATES],
+        )
+        for scan, label in zip(scans, labels)
+    ]
 
 
-def _write_split(out_dir: Path, split: str, pictures: list[_Picture], config: DemoDataConfig, rng: random.Random, ids: dict) -> dict:
+def _write_split(
+    out_dir: Path, split: str, pictures: list[_Picture], config: DemoDataConfig, rng: random.Random, ids: dict
+) -> dict:
     image_ids = list(range(ids["image"], ids["image"] + len(pictures)))
     ids["image"] += len(pictures)
     with open(out_dir / f"{split}_imgs.tsv", "w", encoding="utf-8") as tsv:
@@ -153,7 +203,10 @@ def _write_split(out_dir: Path, split: str, pictures: list[_Picture], config: De
             # every look-alike image of the split as a positive.
             positives = [image_id] if split == "train" else same[picture.same_as]
             for text in rng.sample(picture.captions, config.captions_per_image):
-                jsonl.write(json.dumps({"text_id": ids["text"], "text": text, "image_ids": positives}, ensure_ascii=False) + "\n")
+                jsonl.write(
+                    json.dumps({"text_id": ids["text"], "text": text, "image_ids": positives}, ensure_ascii=False)
+                    + "\n"
+                )
                 ids["text"] += 1
                 texts += 1
     return {"images": len(pictures), "texts": texts}
@@ -171,7 +224,8 @@ def _write_zeroshot(folder: Path, pictures: list[_Picture], class_of) -> dict:
 
 def _write_pretraining_corpus(folder: Path, pictures: list[_Picture]) -> dict:
     """What the demo's stand-in pretrained towers learn from: images with English captions (for the
-    English CLIP) and Chinese sentences (for the masked-language-model BERT). No test, valid or zero-shot image is in it."""
+    English CLIP) and Chinese sentences (for the masked-language-model BERT). No test, valid or zero-shot image
+    is in it."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "english_pairs.jsonl", "w", encoding="utf-8") as pairs:
         for picture in pictures:
@@ -203,22 +257,33 @@ def generate_demo_data(out_dir: str | Path, config: DemoDataConfig, summary_path
         for split in SPLITS:
             chosen = order[start : start + digit_counts[split]]
             start += digit_counts[split]
-            pictures = _shapes(shape_counts[split], config, rng) + _digits(digits.images[chosen], digits.target[chosen], config)
+            pictures = _shapes(shape_counts[split], config, rng) + _digits(
+                digits.images[chosen], digits.target[chosen], config
+            )
             rng.shuffle(pictures)
             summary["splits"][split] = _write_split(out_dir, split, pictures, config, rng, ids)
         # Zero-shot images are never in a split: the remaining digit scans and fresh shapes.
-        by_class = {d: [i for i in order[start:] if digits.target[i] == d][: config.zeroshot_per_class] for d in range(10)}
+        by_class = {
+            d: [i for i in order[start:] if digits.target[i] == d][: config.zeroshot_per_class] for d in range(10)
+        }
         held_out = [i for d in range(10) for i in by_class[d]]
         summary["zeroshot"] = {
-            "digits": _write_zeroshot(out_dir / "zeroshot" / "digits", _digits(digits.images[held_out], digits.target[held_out], config),
-                                      lambda picture: DIGIT_NAMES[picture.same_as[1]]),
-            "shapes": _write_zeroshot(out_dir / "zeroshot" / "shapes", _shapes(len(SHAPES) * config.zeroshot_per_class, config, rng),
-                                      lambda picture: picture.same_as[2]),
+            "digits": _write_zeroshot(
+                out_dir / "zeroshot" / "digits",
+                _digits(digits.images[held_out], digits.target[held_out], config),
+                lambda picture: DIGIT_NAMES[picture.same_as[1]],
+            ),
+            "shapes": _write_zeroshot(
+                out_dir / "zeroshot" / "shapes",
+                _shapes(len(SHAPES) * config.zeroshot_per_class, config, rng),
+                lambda picture: picture.same_as[2],
+            ),
         }
         # Fresh shapes from their own generator (the splits stay as they were) and the train split's digit scans.
         train_digits = order[: config.train_digits]
-        corpus = (_shapes(config.pretrain_images, config, random.Random(f"{config.seed}-pretrain"))
-                  + _digits(digits.images[train_digits], digits.target[train_digits], config))
+        corpus = _shapes(config.pretrain_images, config, random.Random(f"{config.seed}-pretrain")) + _digits(
+            digits.images[train_digits], digits.target[train_digits], config
+        )
         summary["pretrain"] = _write_pretraining_corpus(out_dir / "pretrain", corpus)
     if summary_path:
         write_summary(summary_path, summary)

@@ -66,7 +66,8 @@ def _read_corpus(corpus_dir: Path) -> tuple[list[Image.Image], list[list[str]], 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     warmup = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
 
 
 def _english_tokenizer(captions: list[list[str]], folder: Path):
@@ -79,8 +80,9 @@ def _english_tokenizer(captions: list[list[str]], folder: Path):
     return BertTokenizer(vocab=str(folder / "vocab.txt"), do_lower_case=True, model_max_length=16)
 
 
-def train_english_clip(images: list[Image.Image], captions: list[list[str]], out_dir: Path, spec: dict,
-                       config: DemoTowersConfig) -> dict:
+def train_english_clip(
+    images: list[Image.Image], captions: list[list[str]], out_dir: Path, spec: dict, config: DemoTowersConfig
+) -> dict:
     """A `CLIPModel` whose image tower has the preset's shape, trained with CLIP's own contrastive loss."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
@@ -88,26 +90,52 @@ def train_english_clip(images: list[Image.Image], captions: list[list[str]], out
 
     tokenizer = _english_tokenizer(captions, out_dir)
     vision = spec["vision"]
-    text = {key: spec["text"][key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
+    text = {
+        key: spec["text"][key]
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    }
     clip_config = CLIPConfig(
-        text_config={**text, "vocab_size": len(tokenizer), "max_position_embeddings": 16, "pad_token_id": tokenizer.pad_token_id,
-                     "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id},
-        vision_config={key: vision[key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                    "intermediate_size", "patch_size", "image_size")},
-        projection_dim=spec["projection_dim"])
+        text_config={
+            **text,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 16,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+        },
+        vision_config={
+            key: vision[key]
+            for key in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "patch_size",
+                "image_size",
+            )
+        },
+        projection_dim=spec["projection_dim"],
+    )
     torch.manual_seed(config.seed)
     model = CLIPModel(clip_config)
-    processor = CLIPImageProcessorPil(size={"shortest_edge": vision["image_size"]},
-                                   crop_size={"height": vision["image_size"], "width": vision["image_size"]},
-                                   image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": vision["image_size"]},
+        crop_size={"height": vision["image_size"], "width": vision["image_size"]},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     rng = random.Random(config.seed)
 
     def batch_loss() -> torch.Tensor:
         rows = rng.sample(range(len(images)), min(config.batch_size, len(images)))
         tokens = tokenizer([rng.choice(captions[row]) for row in rows], padding=True, return_tensors="pt")
-        return model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels[rows],
-                     return_loss=True).loss
+        return model(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            pixel_values=pixels[rows],
+            return_loss=True,
+        ).loss
 
     losses = _fit(model, batch_loss, config.clip_steps, config.lr, 0.1, "pretrain English CLIP")
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -123,8 +151,14 @@ def train_chinese_bert(sentences: list[str], out_dir: Path, spec: dict, config: 
     from zhclip.model import default_vocab_path
 
     tokenizer = BertTokenizer(vocab=str(default_vocab_path()))
-    bert_config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **{
-        key: spec["text"][key] for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")})
+    bert_config = BertConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        **{
+            key: spec["text"][key]
+            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        },
+    )
     torch.manual_seed(config.seed)
     model = BertForMaskedLM(bert_config)
     encoded = tokenizer(sentences, padding=True, truncation=True, max_length=52, return_tensors="pt")
@@ -135,7 +169,9 @@ def train_chinese_bert(sentences: list[str], out_dir: Path, spec: dict, config: 
         ids, attention = encoded["input_ids"][rows], encoded["attention_mask"][rows]
         real = attention.bool() & (ids != tokenizer.cls_token_id) & (ids != tokenizer.sep_token_id)
         masked = real & (torch.rand(ids.shape, generator=generator) < MASK_SHARE)
-        hidden = model.bert(input_ids=ids.masked_fill(masked, tokenizer.mask_token_id), attention_mask=attention).last_hidden_state
+        hidden = model.bert(
+            input_ids=ids.masked_fill(masked, tokenizer.mask_token_id), attention_mask=attention
+        ).last_hidden_state
         # Vocabulary logits for the masked positions only: over all positions they are most of the step's work.
         return torch.nn.functional.cross_entropy(model.cls(hidden[masked]), ids[masked])
 
@@ -145,8 +181,14 @@ def train_chinese_bert(sentences: list[str], out_dir: Path, spec: dict, config: 
     return {"folder": str(out_dir), "sentences": len(sentences), "steps": config.mlm_steps, **losses}
 
 
-def _fit(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, weight_decay: float,
-         description: str) -> dict[str, float]:
+def _fit(
+    model: torch.nn.Module,
+    batch_loss: Callable[[], torch.Tensor],
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    description: str,
+) -> dict[str, float]:
     """`steps` AdamW steps on `batch_loss()` (warm-up, then cosine decay); the mean loss of the first and last tenth."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = _schedule(optimizer, steps)
@@ -160,11 +202,15 @@ def _fit(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], steps: 
         schedule.step()
         losses.append(loss.item())
     tenth = max(1, len(losses) // 10)
-    return {"first_loss": round(float(np.mean(losses[:tenth])), 4), "final_loss": round(float(np.mean(losses[-tenth:])), 4)}
+    return {
+        "first_loss": round(float(np.mean(losses[:tenth])), 4),
+        "final_loss": round(float(np.mean(losses[-tenth:])), 4),
+    }
 
 
-def pretrain_demo_towers(corpus_dir: str | Path, out_dir: str | Path, config: DemoTowersConfig,
-                         summary_path: str | Path | None = None) -> dict:
+def pretrain_demo_towers(
+    corpus_dir: str | Path, out_dir: str | Path, config: DemoTowersConfig, summary_path: str | Path | None = None
+) -> dict:
     """Write `out_dir/vision` (English CLIP) and `out_dir/text` (Chinese BERT); returns their losses."""
     from zhclip.model import PRESETS
 

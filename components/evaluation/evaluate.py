@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from zhclip.components.data import cnclip_files
-from zhclip.components.evaluation import report
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import read_summary, timed, write_summary
 from zhclip.components.core.tracking import run_to_log_into
+from zhclip.components.data import cnclip_files
+from zhclip.components.evaluation import report
 from zhclip.components.evaluation.retrieval import (
     KS,
     Rankings,
@@ -48,15 +48,28 @@ class EvaluateConfig:
 
     split: str = setting("test", "the split to score")
     batch_size: int = setting(256, "texts or images embedded at once")
-    chunk_size: int = setting(1024, "at most this many query rows scored at once (fewer when their scores pass score_block_mb)")
-    score_block_mb: int = setting(64, "largest block of scores (queries x gallery x 4 bytes) held at once, so memory does not grow with the gallery")
+    chunk_size: int = setting(
+        1024, "at most this many query rows scored at once (fewer when their scores pass score_block_mb)"
+    )
+    score_block_mb: int = setting(
+        64,
+        "largest block of scores (queries x gallery x 4 bytes) held at once, so memory does not grow with the gallery",
+    )
     examples: int = setting(8, "query texts shown with their top images in the HTML report")
     write_features: bool = setting(False, "also write the reference's feature jsonl files (large for big splits)")
 
 
-def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateConfig, summary_path: str | Path | None = None,
-             plots_path: str | Path | None = None, report_dir: str | Path | None = None,
-             mlflow_run_id: str | None = None, init_metrics: str | Path | None = None, label: str | None = None) -> dict:
+def evaluate(
+    model_dir: str | Path,
+    prepared_dir: str | Path,
+    config: EvaluateConfig,
+    summary_path: str | Path | None = None,
+    plots_path: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    mlflow_run_id: str | None = None,
+    init_metrics: str | Path | None = None,
+    label: str | None = None,
+) -> dict:
     """Embed the split's texts and images with the model and score retrieval; returns the metrics.
 
     Optional outputs: the recall@k curve as CSV (`plots_path`), the reference's prediction and score
@@ -77,15 +90,24 @@ def evaluate(model_dir: str | Path, prepared_dir: str | Path, config: EvaluateCo
         with accelerated(model):
             data = embed_split(model, processor, prepared_dir, config.split, config.batch_size).data
         summary.update(texts=len(data.text_ids), images=len(data.image_ids))
-        summary.update(_score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id, model_dir), summary, earlier))
+        summary.update(
+            _score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id, model_dir), summary, earlier)
+        )
     if summary_path:
         write_summary(summary_path, summary)
     return summary
 
 
-def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotations: str | Path, config: EvaluateConfig,
-                      summary_path: str | Path | None = None, plots_path: str | Path | None = None,
-                      report_dir: str | Path | None = None, mlflow_run_id: str | None = None) -> dict:
+def evaluate_features(
+    image_feats: str | Path,
+    text_feats: str | Path,
+    annotations: str | Path,
+    config: EvaluateConfig,
+    summary_path: str | Path | None = None,
+    plots_path: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    mlflow_run_id: str | None = None,
+) -> dict:
     """Score features in the reference's jsonl format against `{"text_id", "image_ids"}` annotations.
 
     Every text and image in the feature files is in the gallery, as in the reference's
@@ -94,7 +116,9 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
     image_ids, image_emb = cnclip_files.read_features(image_feats, "image_id")
     text_ids, text_emb = cnclip_files.read_features(text_feats, "text_id")
     if image_emb.shape[1] != text_emb.shape[1]:
-        raise ZhclipError(f"{image_feats} has {image_emb.shape[1]}-d features but {text_feats} has {text_emb.shape[1]}-d")
+        raise ZhclipError(
+            f"{image_feats} has {image_emb.shape[1]}-d features but {text_feats} has {text_emb.shape[1]}-d"
+        )
     positives, captions = cnclip_files.read_annotations(annotations)
     image_row = {image_id: row for row, image_id in enumerate(image_ids)}
     text_row = {text_id: row for row, text_id in enumerate(text_ids)}
@@ -104,12 +128,26 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
             raise ZhclipError(f"{annotations}: text_id {text_id} has no feature in {text_feats}")
         missing = [i for i in wanted if i not in image_row]
         if missing:
-            raise ZhclipError(f"{annotations}: text_id {text_id} references image_ids {missing[:5]} with no feature in {image_feats}")
+            raise ZhclipError(
+                f"{annotations}: text_id {text_id} references image_ids {missing[:5]} with no feature in {image_feats}"
+            )
         text_to_images[text_row[text_id]] = {image_row[i] for i in wanted}
-    summary: dict = {"model": "features", "image_feats": str(image_feats), "text_feats": str(text_feats),
-                     "annotations": str(annotations), "texts": len(text_ids), "images": len(image_ids)}
-    data = RetrievalSet(text_ids=text_ids, image_ids=image_ids, text_emb=text_emb, image_emb=image_emb,
-                        text_to_images=text_to_images, texts=[captions.get(t, f"text {t}") for t in text_ids])
+    summary: dict = {
+        "model": "features",
+        "image_feats": str(image_feats),
+        "text_feats": str(text_feats),
+        "annotations": str(annotations),
+        "texts": len(text_ids),
+        "images": len(image_ids),
+    }
+    data = RetrievalSet(
+        text_ids=text_ids,
+        image_ids=image_ids,
+        text_emb=text_emb,
+        image_emb=image_emb,
+        text_to_images=text_to_images,
+        texts=[captions.get(t, f"text {t}") for t in text_ids],
+    )
     with timed(summary):
         summary.update(_score(data, config, plots_path, report_dir, run_to_log_into(mlflow_run_id), summary))
     if summary_path:
@@ -117,9 +155,18 @@ def evaluate_features(image_feats: str | Path, text_feats: str | Path, annotatio
     return summary
 
 
-def _score(data: RetrievalSet, config: EvaluateConfig, plots_path: str | Path | None, report_dir: str | Path | None,
-           mlflow_run: dict[str, str] | None, context: dict[str, Any], earlier: list[dict] = ()) -> dict[str, Any]:
-    rankings = rank(data.text_emb, data.image_emb, data.text_to_images, config.chunk_size, block_mb=config.score_block_mb)
+def _score(
+    data: RetrievalSet,
+    config: EvaluateConfig,
+    plots_path: str | Path | None,
+    report_dir: str | Path | None,
+    mlflow_run: dict[str, str] | None,
+    context: dict[str, Any],
+    earlier: list[dict] = (),
+) -> dict[str, Any]:
+    rankings = rank(
+        data.text_emb, data.image_emb, data.text_to_images, config.chunk_size, block_mb=config.score_block_mb
+    )
     metrics = metrics_of(rankings, len(data.image_ids), len(data.text_ids))
     curves = recall_curves(rankings)
     chain = [*earlier, {"model": context["model"], **{k: metrics[k] for k in HEADLINE}, "recall_at_k": curves}]
@@ -129,7 +176,9 @@ def _score(data: RetrievalSet, config: EvaluateConfig, plots_path: str | Path | 
     artifacts: list[Path] = []
     if report_dir:
         artifacts = write_retrieval_files(report_dir, data, rankings, config.write_features)
-        artifacts += report.write(_retrieval_report(data, rankings, metrics, curves, context, config.examples, chain), report_dir)
+        artifacts += report.write(
+            _retrieval_report(data, rankings, metrics, curves, context, config.examples, chain), report_dir
+        )
     if mlflow_run:
         report.log_to_mlflow(mlflow_run, metrics, artifacts, "evaluate")
     return {**metrics, "chain": chain}
@@ -155,7 +204,9 @@ def write_recall_curves(path: str | Path, curves: dict[str, list[float]]) -> Pat
     return path
 
 
-def write_retrieval_files(out_dir: str | Path, data: RetrievalSet, rankings: Rankings, with_features: bool) -> list[Path]:
+def write_retrieval_files(
+    out_dir: str | Path, data: RetrievalSet, rankings: Rankings, with_features: bool
+) -> list[Path]:
     """The reference's files: answers and top-10 predictions both ways, their score JSON, optionally features.
 
     `evaluation.py answers_t2i.jsonl predictions_t2i.jsonl out.json` (and `evaluation_tr.py` with the
@@ -167,55 +218,130 @@ def write_retrieval_files(out_dir: str | Path, data: RetrievalSet, rankings: Ran
     def ids(ranked: np.ndarray, gallery: np.ndarray, queries: list[int], query_ids: np.ndarray) -> dict[int, list[int]]:
         return dict(zip(query_ids[queries].tolist(), gallery[ranked].tolist()))
 
-    def answers(positives: list[set[int]], queries: list[int], query_ids: np.ndarray, gallery: np.ndarray) -> dict[int, list[int]]:
+    def answers(
+        positives: list[set[int]], queries: list[int], query_ids: np.ndarray, gallery: np.ndarray
+    ) -> dict[int, list[int]]:
         return {int(query_ids[q]): sorted(int(gallery[p]) for p in wanted) for q, wanted in zip(queries, positives)}
 
     files = [
-        cnclip_files.write_predictions(out_dir / "answers_t2i.jsonl", "text_id", "image_ids",
-                                       answers(rankings.t2i_positives, rankings.t2i_queries, text_ids, image_ids)),
-        cnclip_files.write_predictions(out_dir / "answers_i2t.jsonl", "image_id", "text_ids",
-                                       answers(rankings.i2t_positives, rankings.i2t_queries, image_ids, text_ids)),
-        cnclip_files.write_predictions(out_dir / "predictions_t2i.jsonl", "text_id", "image_ids",
-                                       ids(rankings.t2i, image_ids, rankings.t2i_queries, text_ids)),
-        cnclip_files.write_predictions(out_dir / "predictions_i2t.jsonl", "image_id", "text_ids",
-                                       ids(rankings.i2t, text_ids, rankings.i2t_queries, image_ids)),
+        cnclip_files.write_predictions(
+            out_dir / "answers_t2i.jsonl",
+            "text_id",
+            "image_ids",
+            answers(rankings.t2i_positives, rankings.t2i_queries, text_ids, image_ids),
+        ),
+        cnclip_files.write_predictions(
+            out_dir / "answers_i2t.jsonl",
+            "image_id",
+            "text_ids",
+            answers(rankings.i2t_positives, rankings.i2t_queries, image_ids, text_ids),
+        ),
+        cnclip_files.write_predictions(
+            out_dir / "predictions_t2i.jsonl",
+            "text_id",
+            "image_ids",
+            ids(rankings.t2i, image_ids, rankings.t2i_queries, text_ids),
+        ),
+        cnclip_files.write_predictions(
+            out_dir / "predictions_i2t.jsonl",
+            "image_id",
+            "text_ids",
+            ids(rankings.i2t, text_ids, rankings.i2t_queries, image_ids),
+        ),
     ]
-    for direction, ranked, positives in (("t2i", rankings.t2i, rankings.t2i_positives), ("i2t", rankings.i2t, rankings.i2t_positives)):
+    for direction, ranked, positives in (
+        ("t2i", rankings.t2i, rankings.t2i_positives),
+        ("i2t", rankings.i2t, rankings.i2t_positives),
+    ):
         hits = first_hits(ranked, positives)
-        files.append(write_summary(out_dir / f"score_{direction}.json",
-                                   cnclip_files.score_json({k: int((hits < k).sum()) for k in KS}, len(positives))))
+        files.append(
+            write_summary(
+                out_dir / f"score_{direction}.json",
+                cnclip_files.score_json({k: int((hits < k).sum()) for k in KS}, len(positives)),
+            )
+        )
     if with_features:
-        files.append(cnclip_files.write_features(out_dir / "image_feat.jsonl", "image_id", data.image_ids, data.image_emb))
+        files.append(
+            cnclip_files.write_features(out_dir / "image_feat.jsonl", "image_id", data.image_ids, data.image_emb)
+        )
         files.append(cnclip_files.write_features(out_dir / "text_feat.jsonl", "text_id", data.text_ids, data.text_emb))
     return files
 
 
-def _retrieval_report(data: RetrievalSet, rankings: Rankings, metrics: dict[str, float], curves: dict[str, list[float]],
-                      context: dict[str, Any], examples: int, chain: Sequence[dict]) -> report.Report:
+def _retrieval_report(
+    data: RetrievalSet,
+    rankings: Rankings,
+    metrics: dict[str, float],
+    curves: dict[str, list[float]],
+    context: dict[str, Any],
+    examples: int,
+    chain: Sequence[dict],
+) -> report.Report:
     headline = [["", "R@1", "R@5", "R@10", "mean recall"]]
     for direction, name in (("t2i", "text → image"), ("i2t", "image → text")):
-        headline.append([name] + [f"{metrics[f'{direction}_r{k}']:.2f}" for k in KS] + [f"{metrics[f'{direction}_mean_recall']:.2f}"])
+        headline.append(
+            [name]
+            + [f"{metrics[f'{direction}_r{k}']:.2f}" for k in KS]
+            + [f"{metrics[f'{direction}_mean_recall']:.2f}"]
+        )
     headline.append(["both", "", "", "", f"{metrics['mean_recall']:.2f}"])
     shown = []
     # Spread over the split: neighbouring texts are often captions of the same image.
     rows = np.unique(np.linspace(0, len(rankings.t2i_queries) - 1, examples).astype(int)) if examples else []
-    pictures = data.load_images({int(i) for row in rows for i in rankings.t2i[row][:EXAMPLE_IMAGES]}) if data.load_images else {}
+    pictures = (
+        data.load_images({int(i) for row in rows for i in rankings.t2i[row][:EXAMPLE_IMAGES]})
+        if data.load_images
+        else {}
+    )
     for row in rows:
         query, ranked, positives = rankings.t2i_queries[row], rankings.t2i[row], rankings.t2i_positives[row]
-        shown.append(report.Example(
-            query=data.texts[query] if data.texts else f"text {data.text_ids[query]}",
-            results=[report.Result(label=f"image {data.image_ids[image]}", hit=int(image) in positives,
-                                   image=pictures.get(int(image)))
-                     for image in ranked[:EXAMPLE_IMAGES]]))
-    notes = {key: context[key] for key in ("model_dir", "split", "image_feats", "text_feats", "annotations") if key in context}
-    notes |= {"texts": len(data.text_ids), "images": len(data.image_ids), "chance mean recall": f"{metrics['chance_mean_recall']:.2f}"}
-    tables, figures = [report.Table("Recall (%)", headline)], [report.Figure("Recall@k", report.line_plot(curves, "k", "recall@k (%)"))]
+        shown.append(
+            report.Example(
+                query=data.texts[query] if data.texts else f"text {data.text_ids[query]}",
+                results=[
+                    report.Result(
+                        label=f"image {data.image_ids[image]}",
+                        hit=int(image) in positives,
+                        image=pictures.get(int(image)),
+                    )
+                    for image in ranked[:EXAMPLE_IMAGES]
+                ],
+            )
+        )
+    notes = {
+        key: context[key]
+        for key in ("model_dir", "split", "image_feats", "text_feats", "annotations")
+        if key in context
+    }
+    notes |= {
+        "texts": len(data.text_ids),
+        "images": len(data.image_ids),
+        "chance mean recall": f"{metrics['chance_mean_recall']:.2f}",
+    }
+    tables, figures = (
+        [report.Table("Recall (%)", headline)],
+        [report.Figure("Recall@k", report.line_plot(curves, "k", "recall@k (%)"))],
+    )
     if len(chain) > 1:
         tables.append(comparison_table(chain))
-        figures.append(report.Figure("Recall@k: the start and every stage (T2I solid, I2T dashed)", report.line_plot(
-            {f"{entry['model']} {d.upper()}": entry["recall_at_k"][d] for entry in chain for d in ("t2i", "i2t")},
-            "k", "recall@k (%)", dashed=lambda name: name.endswith("I2T"))))
-    return report.Report(title="zhclip retrieval evaluation", notes=notes, tables=tables, figures=figures, examples=shown)
+        figures.append(
+            report.Figure(
+                "Recall@k: the start and every stage (T2I solid, I2T dashed)",
+                report.line_plot(
+                    {
+                        f"{entry['model']} {d.upper()}": entry["recall_at_k"][d]
+                        for entry in chain
+                        for d in ("t2i", "i2t")
+                    },
+                    "k",
+                    "recall@k (%)",
+                    dashed=lambda name: name.endswith("I2T"),
+                ),
+            )
+        )
+    return report.Report(
+        title="zhclip retrieval evaluation", notes=notes, tables=tables, figures=figures, examples=shown
+    )
 
 
 def comparison_table(chain: Sequence[dict]) -> report.Table:
@@ -223,6 +349,12 @@ def comparison_table(chain: Sequence[dict]) -> report.Table:
     rows = [["model", *(f"{d.upper()} R@{k}" for d in ("t2i", "i2t") for k in KS), "mean recall", "gain over start"]]
     for entry in chain:
         gain = entry["mean_recall"] - chain[0]["mean_recall"]
-        rows.append([entry["model"], *(f"{entry[f'{d}_r{k}']:.2f}" for d in ("t2i", "i2t") for k in KS),
-                     f"{entry['mean_recall']:.2f}", "" if entry is chain[0] else f"{gain:+.2f}"])
+        rows.append(
+            [
+                entry["model"],
+                *(f"{entry[f'{d}_r{k}']:.2f}" for d in ("t2i", "i2t") for k in KS),
+                f"{entry['mean_recall']:.2f}",
+                "" if entry is chain[0] else f"{gain:+.2f}",
+            ]
+        )
     return report.Table("Start → stages (%)", rows)

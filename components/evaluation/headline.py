@@ -25,8 +25,10 @@ def _chain_lines(chain: list[dict], chance: float) -> list[str]:
     lines = [f"  test mean recall (T2I+I2T R@1/5/10, %), chance level {chance:.2f}:"]
     for entry in chain:
         gain = "" if entry is chain[0] else f", {entry['mean_recall'] - start:+.2f} over the start"
-        lines.append(f"    {entry['model']:<7} {entry['mean_recall']:6.2f}  (T2I R@1 {entry['t2i_r1']:.1f}, "
-                     f"I2T R@1 {entry['i2t_r1']:.1f}{gain})")
+        lines.append(
+            f"    {entry['model']:<7} {entry['mean_recall']:6.2f}  (T2I R@1 {entry['t2i_r1']:.1f}, "
+            f"I2T R@1 {entry['i2t_r1']:.1f}{gain})"
+        )
     return lines
 
 
@@ -43,24 +45,34 @@ def _zeroshot_lines(models: list[str]) -> list[str]:
 
 
 def headline() -> str:
-    """A short report: model folders, metric files, start -> stages with the gains, zero-shot, registry state, search indexes."""
-    lines = ["zhclip results", "  models:   models/start, models/stage1, models/stage2 (Hugging Face folders)",
-             "  metrics:  metrics/*.json (dvc metrics show), plots/*.csv (dvc plots show), reports/*/report.html"]
+    """A short report: model folders, metric files, start -> stages with the gains, zero-shot, registry state,
+    search indexes."""
+    lines = [
+        "zhclip results",
+        "  models:   models/start, models/stage1, models/stage2 (Hugging Face folders)",
+        "  metrics:  metrics/*.json (dvc metrics show), plots/*.csv (dvc plots show), reports/*/report.html",
+    ]
     final = _load(FINAL_EVALUATION) or _load(START_EVALUATION)
     if not final:
         return "\n".join(lines + ["  no evaluation results yet: run `dvc repro` (or `make demo`)"])
-    lines += _chain_lines(final.get("chain") or [{"model": final.get("model", "stage2"), **final}], final["chance_mean_recall"])
+    lines += _chain_lines(
+        final.get("chain") or [{"model": final.get("model", "stage2"), **final}], final["chance_mean_recall"]
+    )
     lines += _zeroshot_lines(["start", "stage2"])
     if final.get("gain_over_start", 0) < 0:
-        lines.append("  WARNING the final model is below its start: see README, \"When a stage does not learn\"")
+        lines.append('  WARNING the final model is below its start: see README, "When a stage does not learn"')
     registered = _load(REGISTER_SUMMARY)
     if registered:
-        lines.append(f"  registry: {registered['model_name']} version {registered['version']} at {registered['tracking_uri']}; "
-                     f"champion is version {registered['champion_version']}")
+        lines.append(
+            f"  registry: {registered['model_name']} version {registered['version']} at {registered['tracking_uri']}; "
+            f"champion is version {registered['champion_version']}"
+        )
         lines.append(f"    gate: {registered['decision']}")
-        lines.append(f"  pull it:  mlflow.pyfunc.load_model(\"models:/{registered['model_name']}@champion\")")
+        lines.append(f'  pull it:  mlflow.pyfunc.load_model("models:/{registered["model_name"]}@champion")')
     for path in sorted(Path().glob(INDEX_SUMMARIES)):
         built = _load(path)
-        lines.append(f"  search:   zhclip serve --index {built['index']}, then open http://127.0.0.1:8000/ "
-                     f"({built['images']} images, built by {describe_model(built['model'])})")
+        lines.append(
+            f"  search:   zhclip serve --index {built['index']}, then open http://127.0.0.1:8000/ "
+            f"({built['images']} images, built by {describe_model(built['model'])})"
+        )
     return "\n".join(lines)

@@ -21,15 +21,23 @@ from PIL import Image
 
 THUMBNAIL = 96
 # Reports are Chinese documents: fonts with Han glyphs first, on Linux, macOS and Windows, then any sans-serif.
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "PingFang SC",
-             "Microsoft YaHei", "SimHei")
+CJK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "PingFang SC",
+    "Microsoft YaHei",
+    "SimHei",
+)
 CSS_FONT_STACK = ", ".join([*(f'"{name}"' for name in CJK_FONTS), "sans-serif"])
 
 
 @dataclass
 class Table:
     title: str
-    rows: list[list[Any]]             # the first row is the header
+    rows: list[list[Any]]  # the first row is the header
     shading: list[list[float]] = field(default_factory=list)  # optional 0..1 per body cell (confusion matrix)
 
 
@@ -77,15 +85,21 @@ th:first-child, td:first-child { text-align: left; }
 </style></head>
 <body>
 <h1>{{ r.title }}</h1>
-<table class="notes">{% for key, value in r.notes.items() %}<tr><th>{{ key }}</th><td>{{ value }}</td></tr>{% endfor %}</table>
+<table class="notes">{% for key, value in r.notes.items() %}
+<tr><th>{{ key }}</th><td>{{ value }}</td></tr>{% endfor %}</table>
 {% for t in r.tables %}<h2>{{ t.title }}</h2>
 <table class="metrics"><tr>{% for cell in t.rows[0] %}<th>{{ cell }}</th>{% endfor %}</tr>
-{% for row in t.rows[1:] %}{% set outer = loop.index0 %}<tr>{% for cell in row %}{% if t.shading and loop.index0 > 0 %}<td style="background: rgba(40, 90, 200, {{ '%.2f' % t.shading[outer][loop.index0 - 1] }})">{{ cell }}</td>{% else %}<td>{{ cell }}</td>{% endif %}{% endfor %}</tr>
+{% for row in t.rows[1:] %}{% set outer = loop.index0 %}<tr>{% for cell in row %}
+{%- if t.shading and loop.index0 > 0 -%}
+<td style="background: rgba(40, 90, 200, {{ '%.2f' % t.shading[outer][loop.index0 - 1] }})">{{ cell }}</td>
+{%- else %}<td>{{ cell }}</td>{% endif %}{% endfor %}</tr>
 {% endfor %}</table>
 {% endfor %}{% for f in r.figures %}<h2>{{ f.title }}</h2><img class="figure" alt="{{ f.title }}" src="{{ f.uri }}">
 {% endfor %}{% if r.examples %}<h2>{{ r.examples_title }}</h2>
 {% for e in r.examples %}<div class="example"><p>{{ e.query }}</p>
-{% for res in e.results %}<div class="result{% if res.hit %} hit{% endif %}">{% if res.image %}<img alt="{{ res.label }}" src="{{ thumbnail(res.image) }}">{% endif %}<span class="mark">{% if res.hit %}✓ {% endif %}</span>{{ res.label }}</div>
+{% for res in e.results %}<div class="result{% if res.hit %} hit{% endif %}">
+{%- if res.image %}<img alt="{{ res.label }}" src="{{ thumbnail(res.image) }}">{% endif -%}
+<span class="mark">{% if res.hit %}✓ {% endif %}</span>{{ res.label }}</div>
 {% endfor %}</div>
 {% endfor %}{% endif %}</body></html>
 """)
@@ -124,8 +138,11 @@ def _cjk_fonts() -> tuple[str, ...]:
                 font_manager.fontManager.addfont(path)
         cjk = _installed_cjk_fonts(font_manager.fontManager)
     if not cjk:
-        warnings.warn("no CJK font is installed, so Chinese text in figures shows as empty boxes; install one "
-                      "(Debian: apt-get install fonts-noto-cjk, which `make system-deps` does)", stacklevel=4)
+        warnings.warn(
+            "no CJK font is installed, so Chinese text in figures shows as empty boxes; install one "
+            "(Debian: apt-get install fonts-noto-cjk, which `make system-deps` does)",
+            stacklevel=4,
+        )
     return tuple(cjk)
 
 
@@ -143,8 +160,9 @@ def _png_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def line_plot(series: dict[str, Sequence[float]], xlabel: str, ylabel: str,
-              dashed: Callable[[str], bool] = lambda name: False) -> str:
+def line_plot(
+    series: dict[str, Sequence[float]], xlabel: str, ylabel: str, dashed: Callable[[str], bool] = lambda name: False
+) -> str:
     """Lines over x = 1..n, one per series (dashed where `dashed(name)`), as a PNG data URI."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
@@ -176,8 +194,11 @@ def render_html(report: Report) -> str:
 def markdown_table(rows: Sequence[Sequence[Any]]) -> list[str]:
     """A Markdown table's lines; the first row is the header."""
     header, *body = rows
-    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(map(str, row)) + " |" for row in body)]
+    return [
+        "| " + " | ".join(map(str, header)) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(map(str, row)) + " |" for row in body),
+    ]
 
 
 def render_markdown(report: Report) -> str:
@@ -187,7 +208,9 @@ def render_markdown(report: Report) -> str:
         lines += [f"## {table.title}", "", *markdown_table(table.rows), ""]
     if report.examples:
         lines += [f"## {report.examples_title}", ""]
-        lines += [f"- {e.query}: " + ", ".join(("✓ " if r.hit else "") + r.label for r in e.results) for e in report.examples]
+        lines += [
+            f"- {e.query}: " + ", ".join(("✓ " if r.hit else "") + r.label for r in e.results) for e in report.examples
+        ]
     return "\n".join(lines) + "\n"
 
 

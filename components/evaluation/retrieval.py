@@ -14,8 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-
 KS = (1, 5, 10)
 TOP_K = 10  # predictions per query in the reference's files, and the recall@k curve's range
 
@@ -76,8 +74,15 @@ def _stable_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ranked
 
 
-def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int = 1024,
-          device: torch.device | str | None = None, rows: Sequence[int] | None = None, block_mb: int = 64) -> np.ndarray:
+def top_k(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    chunk_size: int = 1024,
+    device: torch.device | str | None = None,
+    rows: Sequence[int] | None = None,
+    block_mb: int = 64,
+) -> np.ndarray:
     """Indices of the k best gallery rows per query (the `rows` of `queries`, default all), by dot product.
 
     Queries are scored chunk_size at a time, fewer if their block of scores would exceed `block_mb`,
@@ -97,15 +102,20 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, chunk_size: int = 10
     scores = torch.empty((min(chunk_size, len(rows)), len(gallery)), dtype=dtype, device=device)
     for start in range(0, len(rows), chunk_size):
         block = torch.as_tensor(queries[rows[start : start + chunk_size]], dtype=dtype, device=device)
-        torch.matmul(block, gallery_t.T, out=scores[:len(block)])
-        ranked[start : start + len(block)] = _stable_top_k(scores[:len(block)], k).cpu().numpy()
+        torch.matmul(block, gallery_t.T, out=scores[: len(block)])
+        ranked[start : start + len(block)] = _stable_top_k(scores[: len(block)], k).cpu().numpy()
     return ranked
 
 
 def first_hits(ranked: np.ndarray, positives: Sequence[set[int]]) -> np.ndarray:
     """0-based rank of each query's first positive in its ranked row; the row length when none is there."""
-    return np.array([next((rank for rank, item in enumerate(row) if item in wanted), len(row))
-                     for row, wanted in zip(ranked.tolist(), positives)], dtype=np.int64)
+    return np.array(
+        [
+            next((rank for rank, item in enumerate(row) if item in wanted), len(row))
+            for row, wanted in zip(ranked.tolist(), positives)
+        ],
+        dtype=np.int64,
+    )
 
 
 def recalls(ranked: np.ndarray, positives: Sequence[set[int]], ks: Sequence[int] = KS) -> dict[int, float]:
@@ -119,6 +129,7 @@ def chance_recalls(positives: Sequence[set[int]], gallery_size: int, ks: Sequenc
 
     A gallery smaller than k is ranked whole, as `top_k` does.
     """
+
     def expected(p: int, k: int) -> float:
         k = min(k, gallery_size)
         return 1 - math.comb(gallery_size - p, k) / math.comb(gallery_size, k)
@@ -126,8 +137,14 @@ def chance_recalls(positives: Sequence[set[int]], gallery_size: int, ks: Sequenc
     return {k: 100.0 * float(np.mean([expected(len(p), k) for p in positives])) for k in ks}
 
 
-def rank(text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[set[int]], chunk_size: int = 1024,
-         k: int = TOP_K, block_mb: int = 64) -> Rankings:
+def rank(
+    text_emb: np.ndarray,
+    image_emb: np.ndarray,
+    text_to_images: Sequence[set[int]],
+    chunk_size: int = 1024,
+    k: int = TOP_K,
+    block_mb: int = 64,
+) -> Rankings:
     """Top-k retrieval both ways. Text rows without positives are no T2I query but stay in the I2T gallery."""
     t2i_queries = [text for text, images in enumerate(text_to_images) if images]
     image_to_texts: dict[int, set[int]] = {}
@@ -149,8 +166,10 @@ def rank(text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[s
 def recall_curves(rankings: Rankings) -> dict[str, list[float]]:
     """Recall@k in percent for k = 1..TOP_K, per direction (what the recall@k plot draws)."""
     ks = range(1, TOP_K + 1)
-    return {"t2i": list(recalls(rankings.t2i, rankings.t2i_positives, ks).values()),
-            "i2t": list(recalls(rankings.i2t, rankings.i2t_positives, ks).values())}
+    return {
+        "t2i": list(recalls(rankings.t2i, rankings.t2i_positives, ks).values()),
+        "i2t": list(recalls(rankings.i2t, rankings.i2t_positives, ks).values()),
+    }
 
 
 def metrics_of(rankings: Rankings, gallery_images: int, gallery_texts: int) -> dict[str, float]:
@@ -167,7 +186,9 @@ def metrics_of(rankings: Rankings, gallery_images: int, gallery_texts: int) -> d
     return {key: round(value, 4) for key, value in metrics.items()}
 
 
-def retrieval_metrics(text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[set[int]], chunk_size: int = 1024) -> dict[str, float]:
+def retrieval_metrics(
+    text_emb: np.ndarray, image_emb: np.ndarray, text_to_images: Sequence[set[int]], chunk_size: int = 1024
+) -> dict[str, float]:
     """All recall figures for texts (rows of text_emb) against images (rows of image_emb).
 
     `text_to_images[t]` holds the image row indices positive for text row t.

@@ -46,25 +46,37 @@ def embed_split(model, processor, prepared_dir: str | Path, split: str, batch_si
     def load_images(rows: Sequence[int]) -> dict[int, Image.Image]:
         return _images_of(shards, {int(image_ids[row]): row for row in rows})
 
-    data = RetrievalSet(text_ids=text_ids.tolist(), image_ids=image_ids.tolist(), text_emb=text_emb, image_emb=image_emb,
-                        text_to_images=text_to_images, texts=texts, load_images=load_images)
+    data = RetrievalSet(
+        text_ids=text_ids.tolist(),
+        image_ids=image_ids.tolist(),
+        text_emb=text_emb,
+        image_emb=image_emb,
+        text_to_images=text_to_images,
+        texts=texts,
+        load_images=load_images,
+    )
     return EmbeddedSplit(data, pair_texts, pair_images)
 
 
-TRIM_EVERY = 16  # batches between handing freed heap back: glibc keeps what tokenising and torch free (+130 MB on 50k texts)
+TRIM_EVERY = (
+    16  # batches between handing freed heap back: glibc keeps what tokenising and torch free (+130 MB on 50k texts)
+)
 
 
 def _embed_texts_trimmed(model, processor, texts: list[str], batch_size: int) -> np.ndarray:
     chunk = batch_size * TRIM_EVERY
     parts = []
     for start in range(0, len(texts), chunk):
-        parts.append(embed_texts(model, processor, texts[start:start + chunk], batch_size))
+        parts.append(embed_texts(model, processor, texts[start : start + chunk], batch_size))
         release_freed_memory()
     return np.concatenate(parts) if parts else embed_texts(model, processor, [], batch_size)
 
 
-def _embed_images_streamed(model, processor, shards: PreparedSplit, image_index: pd.Index, batch_size: int) -> np.ndarray:
-    """One embedding per image id of `image_index` (in its order), decoding each image once as the row groups stream by."""
+def _embed_images_streamed(
+    model, processor, shards: PreparedSplit, image_index: pd.Index, batch_size: int
+) -> np.ndarray:
+    """One embedding per image id of `image_index` (in its order), decoding each image once as the row groups
+    stream by."""
     embedded = np.zeros(len(image_index), dtype=bool)
     out: np.ndarray | None = None
     rows: list[int] = []
@@ -84,9 +96,17 @@ def _embed_images_streamed(model, processor, shards: PreparedSplit, image_index:
             if batches % TRIM_EVERY == 0:
                 release_freed_memory()
 
-    for table in tqdm(shards.tables(["image_id", "image"]), total=len(shards.groups), desc=f"embed {shards.split} images",
-                      unit=" row groups", leave=False, disable=None):
-        for row, blob in zip(image_index.get_indexer(table["image_id"].to_numpy()).tolist(), table["image"].to_pylist()):
+    for table in tqdm(
+        shards.tables(["image_id", "image"]),
+        total=len(shards.groups),
+        desc=f"embed {shards.split} images",
+        unit=" row groups",
+        leave=False,
+        disable=None,
+    ):
+        for row, blob in zip(
+            image_index.get_indexer(table["image_id"].to_numpy()).tolist(), table["image"].to_pylist()
+        ):
             if not embedded[row]:
                 embedded[row] = True
                 rows.append(row)
@@ -98,7 +118,8 @@ def _embed_images_streamed(model, processor, shards: PreparedSplit, image_index:
 
 
 def _images_of(shards: PreparedSplit, rows_by_id: dict[int, int]) -> dict[int, Image.Image]:
-    """Decoded images for a few image ids (image row -> image), reading the image column only of the row groups that hold them."""
+    """Decoded images for a few image ids (image row -> image), reading the image column only of the row
+    groups that hold them."""
     found: dict[int, Image.Image] = {}
     wanted = np.fromiter(rows_by_id, dtype=np.int64, count=len(rows_by_id))
     for group in range(len(shards.groups)):

@@ -51,8 +51,12 @@ def embed(model: str, texts: list[str], images: list[Path], tracking_uri: str | 
     """One record per input with its embedding, then one per (text, image) pair with their cosine."""
     if not texts and not images:
         raise ZhclipError("nothing to embed: pass --text and/or --image")
-    frame = pd.DataFrame({"text": [_checked_text(t) for t in texts] + [None] * len(images),
-                          "image": [None] * len(texts) + [_checked_image(p) for p in images]})
+    frame = pd.DataFrame(
+        {
+            "text": [_checked_text(t) for t in texts] + [None] * len(images),
+            "image": [None] * len(texts) + [_checked_image(p) for p in images],
+        }
+    )
     from mlflow.exceptions import MlflowException
 
     try:  # a model folder raises ValueError on bad input, a registry model MlflowException
@@ -60,11 +64,15 @@ def embed(model: str, texts: list[str], images: list[Path], tracking_uri: str | 
     except (ValueError, MlflowException) as err:
         raise ZhclipError(str(err)) from err
     labels = [("text", t) for t in texts] + [("image", str(p)) for p in images]
-    records = [{kind: label, "embedding": np.round(vector, 6).tolist()} for (kind, label), vector in zip(labels, vectors)]
-    text_vectors, image_vectors = vectors[: len(texts)], vectors[len(texts):]
+    records = [
+        {kind: label, "embedding": np.round(vector, 6).tolist()} for (kind, label), vector in zip(labels, vectors)
+    ]
+    text_vectors, image_vectors = vectors[: len(texts)], vectors[len(texts) :]
     for i, text in enumerate(texts):
         for j, path in enumerate(images):
-            records.append({"text": text, "image": str(path), "cosine": round(float(text_vectors[i] @ image_vectors[j]), 4)})
+            records.append(
+                {"text": text, "image": str(path), "cosine": round(float(text_vectors[i] @ image_vectors[j]), 4)}
+            )
     return records
 
 
@@ -77,7 +85,10 @@ def model_identity(model: str, tracking_uri: str | None = None) -> dict[str, Any
     if Path(model).is_dir():
         return {"uri": str(Path(model).resolve()), "name": None, "version": None, "weights_hash": dvc_hash(model)}
     if not model.startswith("models:/"):
-        raise ZhclipError(f"model {model!r}: give a model folder or a registry URI (models:/<name>@<alias> or models:/<name>/<version>)")
+        raise ZhclipError(
+            f"model {model!r}: give a model folder or a registry URI "
+            "(models:/<name>@<alias> or models:/<name>/<version>)"
+        )
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -91,10 +102,15 @@ def model_identity(model: str, tracking_uri: str | None = None) -> dict[str, Any
                 name, _, number = name.partition("/")
                 version = client.get_model_version(name, number)
     except MlflowException as err:
-        hint = (f"; no version of {name} has alias {which!r} yet (the gate promoted none, see `zhclip results`)"
-                if which and "alias" in err.message.lower() else "")
+        hint = (
+            f"; no version of {name} has alias {which!r} yet (the gate promoted none, see `zhclip results`)"
+            if which and "alias" in err.message.lower()
+            else ""
+        )
         raise ZhclipError(f"cannot resolve {model!r} in the registry: {err.message}{hint}") from err
     weights = version.tags.get("model_dvc_hash")
     if not weights:
-        raise ZhclipError(f"{model!r} (version {version.version}) has no model_dvc_hash tag; register it with `zhclip register`")
+        raise ZhclipError(
+            f"{model!r} (version {version.version}) has no model_dvc_hash tag; register it with `zhclip register`"
+        )
     return {"uri": model, "name": name, "version": str(version.version), "weights_hash": weights}

@@ -40,7 +40,7 @@ def export(model_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-3, 
     size = image_size(model.config)
     ids = torch.randint(106, len(processor.tokenizer), (5, context_length), generator=generator)
     mask = torch.ones_like(ids)
-    mask[:, context_length // 2:] = 0
+    mask[:, context_length // 2 :] = 0
     checks = {
         "image": ({"pixel_values": torch.randn(5, 3, size, size, generator=generator)}, ImageEncoder(model)),
         "text": ({"input_ids": ids, "attention_mask": mask}, TextEncoder(model)),
@@ -50,6 +50,8 @@ def export(model_dir: str | Path, out_dir: str | Path, tolerance: float = 1e-3, 
         summary[f"{name}_encoder"] = str(paths[name])
         summary[f"{name}_max_abs_diff"] = _max_difference(session, feeds, encoder)
         if summary[f"{name}_max_abs_diff"] > tolerance:
-            raise ZhclipError(f"ONNX {name} encoder differs from PyTorch by {summary[f'{name}_max_abs_diff']:.2e} "
-                              f"(> {tolerance}); see {paths[name]}")
+            raise ZhclipError(
+                f"ONNX {name} encoder differs from PyTorch by {summary[f'{name}_max_abs_diff']:.2e} "
+                f"(> {tolerance}); see {paths[name]}"
+            )
     return summary

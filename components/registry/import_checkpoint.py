@@ -10,8 +10,13 @@ from zhclip.model.convert import convert_checkpoint
 from zhclip.model.presets import image_size
 
 
-def convert(checkpoint: str | Path, out_dir: str | Path, vocab_file: str | Path | None = None,
-            context_length: int = 52, preset: str | None = None) -> dict:
+def convert(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    vocab_file: str | Path | None = None,
+    context_length: int = 52,
+    preset: str | None = None,
+) -> dict:
     """Convert and describe the result (architecture, parameter count, folder)."""
     from transformers import AutoConfig
 
@@ -22,6 +27,10 @@ def convert(checkpoint: str | Path, out_dir: str | Path, vocab_file: str | Path 
         except (FileNotFoundError, ValueError) as err:
             raise ZhclipError(f"cannot convert {checkpoint}: {err}") from err
     config = AutoConfig.from_pretrained(out_dir)
-    summary.update(architecture=config.model_type, projection_dim=config.projection_dim, image_size=image_size(config),
-                   text_layers=config.text_config.num_hidden_layers)
+    summary.update(
+        architecture=config.model_type,
+        projection_dim=config.projection_dim,
+        image_size=image_size(config),
+        text_layers=config.text_config.num_hidden_layers,
+    )
     return summary

@@ -2,10 +2,10 @@
 
 The new version always gets alias `challenger`; `champion` moves to it only if its metric is at
 least its own starting model's (plus `min_gain_over_start`: fine-tuning must never make a model
-worse than what it started from) and at least the current champion's (minus a tolerance). Versions are never deleted or overwritten, and
-a checkpoint is registered once: its DVC hash (tag `model_dvc_hash`) finds an earlier version.
-Lineage travels as version tags: git commit, DVC hashes of model and data, params, metrics and
-the training run (when the training summary records one).
+worse than what it started from) and at least the current champion's (minus a tolerance). Versions
+are never deleted or overwritten, and a checkpoint is registered once: its DVC hash (tag
+`model_dvc_hash`) finds an earlier version. Lineage travels as version tags: git commit, DVC hashes
+of model and data, params, metrics and the training run (when the training summary records one).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import pandas as pd
 
 import zhclip.model as model_package
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.lineage import dvc_hash, git_commit
 from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import read_summary, timed, write_summary
-from zhclip.components.core.lineage import dvc_hash, git_commit
 from zhclip.components.core.tracking import flatten_params, resolve_tracking_uri, using_tracking_uri
 from zhclip.model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
@@ -53,16 +53,21 @@ def tracking_uri(config: RegisterConfig) -> str:
 
 
 def _signature(projection_dim: int):
+    import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-    import numpy as np
 
     # `image` is declared a string column: MLflow's serving layer base64-decodes `binary` columns
     # itself, failing on the empty cells of text rows with an error that names no row. As a string
     # column it reaches the model untouched (raw bytes pass too), which decodes and checks each row.
     inputs = Schema([ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)])
-    params = ParamSchema([ParamSpec("output", "string", "embedding"), ParamSpec("labels", "string", [], shape=(-1,)),
-                          ParamSpec("template", "string", DEFAULT_TEMPLATE)])
+    params = ParamSchema(
+        [
+            ParamSpec("output", "string", "embedding"),
+            ParamSpec("labels", "string", [], shape=(-1,)),
+            ParamSpec("template", "string", DEFAULT_TEMPLATE),
+        ]
+    )
     outputs = Schema([TensorSpec(np.dtype("float32"), (-1, projection_dim))])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
@@ -80,12 +85,20 @@ def _training_runs(train_summary: str | Path | None) -> dict[str, str]:
     return {key: str(value) for key, value in runs.items() if value} if isinstance(runs, dict) else {}
 
 
-def _lineage(model_hash: str, metrics: dict[str, float], params: dict[str, Any], data_dir: str | Path | None,
-             training: dict[str, str]) -> dict[str, str]:
-    tags = {"git_commit": git_commit(), "model_dvc_hash": model_hash,
-            "params": json.dumps(params, sort_keys=True, ensure_ascii=False, default=str),
-            **{f"metric.{name}": str(value) for name, value in metrics.items()},
-            **{f"training_{key}": training[key] for key in ("parent_run_id", "run_id") if key in training}}
+def _lineage(
+    model_hash: str,
+    metrics: dict[str, float],
+    params: dict[str, Any],
+    data_dir: str | Path | None,
+    training: dict[str, str],
+) -> dict[str, str]:
+    tags = {
+        "git_commit": git_commit(),
+        "model_dvc_hash": model_hash,
+        "params": json.dumps(params, sort_keys=True, ensure_ascii=False, default=str),
+        **{f"metric.{name}": str(value) for name, value in metrics.items()},
+        **{f"training_{key}": training[key] for key in ("parent_run_id", "run_id") if key in training},
+    }
     if data_dir is not None:
         tags["data_dvc_hash"] = dvc_hash(data_dir)
     return tags
@@ -121,36 +134,62 @@ def _start_value(metrics_summary: dict[str, Any], metric: str, where: str | Path
     return float(chain[0][metric])
 
 
-def _decide(candidate: float, start: float | None, champion_version: str | None, champion_value: float | None,
-            config: RegisterConfig) -> tuple[bool, str, str]:
+def _decide(
+    candidate: float,
+    start: float | None,
+    champion_version: str | None,
+    champion_value: float | None,
+    config: RegisterConfig,
+) -> tuple[bool, str, str]:
     """(promote, the rule that decided, the decision in words). The start comes first: a model worse
     than what it was trained from is never promoted, whatever the champion."""
     metric = config.metric
     if start is not None and candidate < start + config.min_gain_over_start:
-        return False, "start", (f"kept current champion: {metric} {candidate} is below its own start {start} "
-                                f"(min gain {config.min_gain_over_start}); training made it worse")
+        return (
+            False,
+            "start",
+            (
+                f"kept current champion: {metric} {candidate} is below its own start {start} "
+                f"(min gain {config.min_gain_over_start}); training made it worse"
+            ),
+        )
     versus_start = f"; start {start}, gain {candidate - start:+.4f}" if start is not None else ""
     if champion_version is None:
         return True, "first", f"promoted: no champion yet ({metric} {candidate}{versus_start})"
     if champion_value is None:
-        return False, "champion", (f"kept current champion: version {champion_version} has no {metric} to compare; "
-                                   f"move the alias by hand if this version should replace it")
+        return (
+            False,
+            "champion",
+            (
+                f"kept current champion: version {champion_version} has no {metric} to compare; "
+                f"move the alias by hand if this version should replace it"
+            ),
+        )
     promote = candidate >= champion_value - config.tolerance
-    return promote, "champion", (f"{'promoted' if promote else 'kept current champion'}: {metric} {candidate} vs champion "
-                                 f"version {champion_version} {champion_value} (tolerance {config.tolerance}){versus_start}")
+    return (
+        promote,
+        "champion",
+        (
+            f"{'promoted' if promote else 'kept current champion'}: {metric} {candidate} vs champion "
+            f"version {champion_version} {champion_value} (tolerance {config.tolerance}){versus_start}"
+        ),
+    )
 
 
 def registration_card(chain: list[dict], decision: str, rule: str, metric: str) -> str:
     """The version's description in the registry (Markdown): the start and every stage, and how the gate decided."""
     lines = ["## Evaluation: the start and every stage", "", f"| model | {metric} | gain over start |", "|---|---|---|"]
-    lines += [f"| {entry['model']} | {entry.get(metric, '')} | "
-              f"{'' if entry is chain[0] or metric not in entry else format(entry[metric] - chain[0][metric], '+.2f')} |"
-              for entry in chain]
+    lines += [
+        f"| {entry['model']} | {entry.get(metric, '')} | "
+        f"{'' if entry is chain[0] or metric not in entry else format(entry[metric] - chain[0][metric], '+.2f')} |"
+        for entry in chain
+    ]
     return "\n".join([*lines, "", f"**Gate** (rule: {rule}): {decision}", ""])
 
 
-def _gate(client, name: str, version: str, candidate: float, start: float | None, config: RegisterConfig,
-          chain: list[dict]) -> dict[str, Any]:
+def _gate(
+    client, name: str, version: str, candidate: float, start: float | None, config: RegisterConfig, chain: list[dict]
+) -> dict[str, Any]:
     """Alias `challenger` to `version`; `champion` too when it passes `_decide`. Records the decision on the
     version, in tags and in its description (the registration card)."""
     client.set_registered_model_alias(name, "challenger", version)
@@ -159,26 +198,45 @@ def _gate(client, name: str, version: str, candidate: float, start: float | None
     if promote:
         client.set_registered_model_alias(name, "champion", version)
     client.update_model_version(name, version, description=registration_card(chain, decision, rule, config.metric))
-    for key, value in {"promotion": decision, "promotion.rule": rule, "promotion.candidate_value": candidate,
-                       "promotion.start_value": start, "promotion.champion_value": champion_value,
-                       "promotion.champion_version": champion_version}.items():
+    for key, value in {
+        "promotion": decision,
+        "promotion.rule": rule,
+        "promotion.candidate_value": candidate,
+        "promotion.start_value": start,
+        "promotion.champion_value": champion_value,
+        "promotion.champion_version": champion_version,
+    }.items():
         client.set_model_version_tag(name, version, key, str(value))
-    return {"candidate_value": candidate, "start_value": start, "promoted": promote, "rule": rule, "decision": decision,
-            "previous_champion_version": int(champion_version) if champion_version else None,
-            "previous_champion_value": champion_value,
-            "champion_version": int(version) if promote else (int(champion_version) if champion_version else None)}
+    return {
+        "candidate_value": candidate,
+        "start_value": start,
+        "promoted": promote,
+        "rule": rule,
+        "decision": decision,
+        "previous_champion_version": int(champion_version) if champion_version else None,
+        "previous_champion_value": champion_value,
+        "champion_version": int(version) if promote else (int(champion_version) if champion_version else None),
+    }
 
 
 def _shipped_code(scratch: Path) -> str:
     """A `zhclip/model/` tree for MLflow's code_paths: the pulled model imports `zhclip.model` as the
     repository does, and ships nothing else of it (`zhclip` stays a namespace package there)."""
-    shutil.copytree(Path(model_package.__file__).parent, scratch / "zhclip" / "model",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(model_package.__file__).parent, scratch / "zhclip" / "model", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return str(scratch / "zhclip")
 
 
-def _log_and_register(model_dir: Path, metrics: dict[str, float], config: RegisterConfig, params: dict[str, Any],
-                      lineage: dict[str, str], artifacts: list[str | Path], training: dict[str, str]) -> tuple[str, str]:
+def _log_and_register(
+    model_dir: Path,
+    metrics: dict[str, float],
+    config: RegisterConfig,
+    params: dict[str, Any],
+    lineage: dict[str, str],
+    artifacts: list[str | Path],
+    training: dict[str, str],
+) -> tuple[str, str]:
     """One MLflow run holding params, metrics, step summaries and the pyfunc model; returns (run id, version).
 
     When training tracked into this same server and experiment, the run nests under the pipeline's
@@ -188,12 +246,19 @@ def _log_and_register(model_dir: Path, metrics: dict[str, float], config: Regist
     from transformers import AutoConfig
 
     experiment = mlflow.set_experiment(config.experiment)
-    nested = (training.get("parent_run_id") and training.get("tracking_uri") == tracking_uri(config)
-              and training.get("experiment_id") == experiment.experiment_id)
+    nested = (
+        training.get("parent_run_id")
+        and training.get("tracking_uri") == tracking_uri(config)
+        and training.get("experiment_id") == experiment.experiment_id
+    )
     # MLflow prints the run's URL on stdout when the run ends (HTTP tracking); stdout is the
     # summary JSON of `zhclip register`, so that note goes to stderr.
-    with (contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch,
-          mlflow.start_run(tags={"mlflow.parentRunId": training["parent_run_id"]} if nested else None) as run):
+    with (
+        contextlib.redirect_stdout(sys.stderr),
+        warnings.catch_warnings(),
+        tempfile.TemporaryDirectory() as scratch,
+        mlflow.start_run(tags={"mlflow.parentRunId": training["parent_run_id"]} if nested else None) as run,
+    ):
         # The model declares its signature (below); MLflow's hint to infer one from type hints is noise here.
         warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
         mlflow.set_tags({key: value for key, value in lineage.items() if key != "params"})
@@ -239,7 +304,9 @@ def register(
     if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
         raise ZhclipError(f"{model_dir} is not a trained model folder (needs config.json and model.safetensors)")
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise ZhclipError(f"training data folder {data_dir} not found (pass the folder training read, e.g. data/validated)")
+        raise ZhclipError(
+            f"training data folder {data_dir} not found (pass the folder training read, e.g. data/validated)"
+        )
     evaluation = read_summary(metrics_path)
     metrics = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if config.metric not in metrics:
@@ -250,25 +317,50 @@ def register(
     uri = tracking_uri(config)
     with using_tracking_uri(uri):
         client = MlflowClient()
-        summary: dict[str, Any] = {"model_name": config.model_name, "tracking_uri": uri, "metric": config.metric,
-                                   "candidate_value": metrics[config.metric]}
+        summary: dict[str, Any] = {
+            "model_name": config.model_name,
+            "tracking_uri": uri,
+            "metric": config.metric,
+            "candidate_value": metrics[config.metric],
+        }
         with timed(summary):
             model_hash = dvc_hash(model_dir)
             existing = _version_of_checkpoint(client, config.model_name, model_hash)
             if existing is None:
                 training = _training_runs(train_summary)
                 lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
-                artifacts = [*step_summaries, *([train_summary] if train_summary and train_summary not in step_summaries else [])]
-                run_id, new_version = _log_and_register(model_dir, metrics, config, params or {}, lineage, artifacts, training)
-                summary.update(version=int(new_version), run_id=run_id, already_registered=False,
-                               lineage={k: v for k, v in lineage.items() if k != "params"},
-                               **_gate(client, config.model_name, new_version, metrics[config.metric], start, config,
-                                       evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}]))
+                artifacts = [
+                    *step_summaries,
+                    *([train_summary] if train_summary and train_summary not in step_summaries else []),
+                ]
+                run_id, new_version = _log_and_register(
+                    model_dir, metrics, config, params or {}, lineage, artifacts, training
+                )
+                summary.update(
+                    version=int(new_version),
+                    run_id=run_id,
+                    already_registered=False,
+                    lineage={k: v for k, v in lineage.items() if k != "params"},
+                    **_gate(
+                        client,
+                        config.model_name,
+                        new_version,
+                        metrics[config.metric],
+                        start,
+                        config,
+                        evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}],
+                    ),
+                )
             else:
                 champion_version, _ = _champion(client, config.model_name, config.metric)
-                summary.update(version=int(existing.version), run_id=existing.run_id, already_registered=True,
-                               promoted=False, decision=existing.tags.get("promotion"),
-                               champion_version=int(champion_version) if champion_version else None)
+                summary.update(
+                    version=int(existing.version),
+                    run_id=existing.run_id,
+                    already_registered=True,
+                    promoted=False,
+                    decision=existing.tags.get("promotion"),
+                    champion_version=int(champion_version) if champion_version else None,
+                )
     if summary_path:
         write_summary(summary_path, summary)
     return summary

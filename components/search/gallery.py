@@ -25,9 +25,9 @@ from pathlib import PurePosixPath
 import pyarrow.parquet as pq
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.storage import Folder, arrow_filesystem
 from zhclip.components.data.schema import decode_base64
 from zhclip.components.data.shards import PreparedSplit
-from zhclip.components.core.storage import Folder, arrow_filesystem
 
 ANCHOR = re.compile(r"#(\d+(?::\d+)?)$")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -50,8 +50,10 @@ def gallery_kind(gallery: str) -> str:
     if info.type == fs.FileType.File and gallery.endswith(".tsv"):
         return "tsv"
     if info.type != fs.FileType.Directory:
-        raise ZhclipError(f"gallery {gallery} is not an image folder, an *_imgs.tsv file or a prepared split "
-                          "(e.g. data/validated/test)")
+        raise ZhclipError(
+            f"gallery {gallery} is not an image folder, an *_imgs.tsv file or a prepared split "
+            "(e.g. data/validated/test)"
+        )
     names = [entry.base_name for entry in filesystem.get_file_info(fs.FileSelector(path))]
     return "shards" if any(name.startswith("part-") and name.endswith(".parquet") for name in names) else "folder"
 
@@ -78,15 +80,19 @@ def gallery_pieces(gallery: str) -> tuple[list[Piece], int | None]:
     if kind == "shards":
         parent, split = gallery.rstrip("/").rsplit("/", 1) if "/" in gallery.rstrip("/") else (".", gallery)
         shards = PreparedSplit.open(parent, split)
-        return [Piece(kind, gallery, shards.folder.name(where.path[len(shards.folder.root):].lstrip("/")), where.index)
-                for where in shards.groups], None
+        return [
+            Piece(kind, gallery, shards.folder.name(where.path[len(shards.folder.root) :].lstrip("/")), where.index)
+            for where in shards.groups
+        ], None
     if kind == "tsv":
         return [Piece(kind, gallery)], None
     files = _image_files(gallery)
     if not files:
         raise ZhclipError(f"gallery {gallery} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [Piece(kind, gallery, files=tuple(files[start : start + FILES_PER_PIECE]))
-            for start in range(0, len(files), FILES_PER_PIECE)], len(files)
+    return [
+        Piece(kind, gallery, files=tuple(files[start : start + FILES_PER_PIECE]))
+        for start in range(0, len(files), FILES_PER_PIECE)
+    ], len(files)
 
 
 def read_piece(piece: Piece) -> Iterator[GalleryImage]:
@@ -103,7 +109,7 @@ def read_piece(piece: Piece) -> Iterator[GalleryImage]:
 def read_gallery(gallery: str) -> tuple[Iterator[GalleryImage], int | None]:
     """The gallery's images in a fixed order, each once, and their number when known up front."""
     pieces, total = gallery_pieces(gallery)
-    return first_of_each((image for piece in pieces for image in read_piece(piece))), total
+    return first_of_each(image for piece in pieces for image in read_piece(piece)), total
 
 
 def first_of_each(images: Iterable[GalleryImage]) -> Iterator[GalleryImage]:
@@ -120,8 +126,11 @@ def _image_files(gallery: str) -> list[str]:
 
     filesystem, root = arrow_filesystem(gallery)
     listing = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
-    return sorted(info.path[len(root):].lstrip("/") for info in listing
-                  if info.type == fs.FileType.File and PurePosixPath(info.path).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        info.path[len(root) :].lstrip("/")
+        for info in listing
+        if info.type == fs.FileType.File and PurePosixPath(info.path).suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def _tsv_images(tsv: str) -> Iterator[GalleryImage]:

@@ -16,8 +16,8 @@ An index folder (local or s3://) holds:
 Images stream through the model one batch at a time and items are written as they come, so memory
 holds the index's vectors and one batch, never the gallery. With `workers`, pieces of the gallery
 (a shard's row group, 256 files of a folder) go to that many Ray Data actors, each with the model
-loaded once, on a GPU each when the Ray cluster has them (the cluster at $RAY_ADDRESS, or a local one). Images that do not decode are not
-indexed; they are listed in the summary with the reason.
+loaded once, on a GPU each when the Ray cluster has them (the cluster at $RAY_ADDRESS, or a local one).
+Images that do not decode are not indexed; they are listed in the summary with the reason.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import setting
+from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.registry.embed import load_embedder, model_identity
 from zhclip.components.search.gallery import GalleryImage, Piece, first_of_each, gallery_pieces, read_piece
-from zhclip.components.core.storage import Folder
 from zhclip.components.search.index_store import ITEM_SCHEMA, ITEMS_FILE, save_index, set_search_params
 
 REJECTED_SHOWN = 20  # rejected images listed in the summary (all are counted)
@@ -49,10 +49,14 @@ class IndexConfig:
     """Section `index`: the FAISS index `zhclip index` embeds a gallery into."""
 
     factory: str = setting("HNSW32", "faiss.index_factory: HNSW32 (graph), Flat (exact), IVF4096,PQ64 (huge galleries)")
-    search_params: str = setting("efSearch=256", "faiss.ParameterSpace string applied when searching (bench/search.py: recall 0.98 at 1M)")
+    search_params: str = setting(
+        "efSearch=256", "faiss.ParameterSpace string applied when searching (bench/search.py: recall 0.98 at 1M)"
+    )
     batch_size: int = setting(64, "images embedded at once")
     train_size: int = setting(100_000, "vectors an index that needs training (IVF, PQ) is trained on")
-    workers: int = setting(0, "Ray Data actors embedding pieces of the gallery (one GPU each on a GPU cluster); 0: here")
+    workers: int = setting(
+        0, "Ray Data actors embedding pieces of the gallery (one GPU each on a GPU cluster); 0: here"
+    )
 
     def __post_init__(self):
         for name in ("batch_size", "train_size"):
@@ -69,8 +73,10 @@ def new_index(factory: str, dim: int):
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
-        raise ZhclipError(f"index factory {factory!r} is not one FAISS builds ({str(err).strip().splitlines()[-1]}); "
-                          "e.g. HNSW32, Flat, IVF4096,PQ64") from err
+        raise ZhclipError(
+            f"index factory {factory!r} is not one FAISS builds ({str(err).strip().splitlines()[-1]}); "
+            "e.g. HNSW32, Flat, IVF4096,PQ64"
+        ) from err
 
 
 class _VectorSink:
@@ -104,7 +110,9 @@ def _embed_batch(embedder, batch: list[GalleryImage], rejected: list[dict]) -> t
     from mlflow.exceptions import MlflowException
 
     try:
-        return np.asarray(embedder.predict(pd.DataFrame({"image": [image.blob for image in batch]})), dtype=np.float32), batch
+        return np.asarray(
+            embedder.predict(pd.DataFrame({"image": [image.blob for image in batch]})), dtype=np.float32
+        ), batch
     except (ValueError, MlflowException):
         kept, vectors = [], []
         for image in batch:
@@ -112,7 +120,9 @@ def _embed_batch(embedder, batch: list[GalleryImage], rejected: list[dict]) -> t
                 vectors.append(np.asarray(embedder.predict(pd.DataFrame({"image": [image.blob]})), dtype=np.float32))
                 kept.append(image)
             except (ValueError, MlflowException) as err:
-                rejected.append({"id": image.id, "location": image.location, "reason": str(err).removeprefix("row 0: ")})
+                rejected.append(
+                    {"id": image.id, "location": image.location, "reason": str(err).removeprefix("row 0: ")}
+                )
         return (np.concatenate(vectors) if vectors else np.zeros((0, embedder_dim(embedder)), np.float32)), kept
 
 
@@ -158,15 +168,27 @@ class _PieceEmbedder:
                 rejected: list[dict] = []
                 embedded, kept = _embed_batch(self.embedder, images, rejected)
                 reasons = {entry["id"]: entry["reason"] for entry in rejected}
-                rows += [(image, "") for image in kept] + [(image, reasons[image.id]) for image in images if image.id in reasons]
+                rows += [(image, "") for image in kept] + [
+                    (image, reasons[image.id]) for image in images if image.id in reasons
+                ]
                 vectors += [embedded, np.zeros((len(reasons), self.dim), np.float32)]
-        return {"vector": np.concatenate(vectors), **{name: np.array(values, dtype=object) for name, values in (
-            ("id", [image.id for image, _ in rows]), ("location", [image.location for image, _ in rows]),
-            ("caption", [image.caption for image, _ in rows]), ("reason", [reason for _, reason in rows]))}}
+        return {
+            "vector": np.concatenate(vectors),
+            **{
+                name: np.array(values, dtype=object)
+                for name, values in (
+                    ("id", [image.id for image, _ in rows]),
+                    ("location", [image.location for image, _ in rows]),
+                    ("caption", [image.caption for image, _ in rows]),
+                    ("reason", [reason for _, reason in rows]),
+                )
+            },
+        }
 
 
-def _embedded_by_ray_data(pieces: list[Piece], model: str, tracking_uri: str | None, config: IndexConfig,
-                          rejected: list[dict]) -> Iterator[Embedded]:
+def _embedded_by_ray_data(
+    pieces: list[Piece], model: str, tracking_uri: str | None, config: IndexConfig, rejected: list[dict]
+) -> Iterator[Embedded]:
     """Pieces spread over `config.workers` actors (one GPU each when the cluster has GPUs), results
     streamed back in whatever order they finish; each image id is kept once."""
     import logging
@@ -179,9 +201,17 @@ def _embedded_by_ray_data(pieces: list[Piece], model: str, tracking_uri: str | N
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-dataset notices are not the step's output
     with ray_runtime():
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        dataset = ray.data.from_items([{"piece": piece} for piece in pieces], override_num_blocks=len(pieces)).map_batches(
-            _PieceEmbedder, batch_size=1, batch_format="numpy", num_gpus=gpus, num_cpus=0 if gpus else 1,
-            fn_constructor_args=(model, tracking_uri, config.batch_size), compute=ray.data.ActorPoolStrategy(size=config.workers))
+        dataset = ray.data.from_items(
+            [{"piece": piece} for piece in pieces], override_num_blocks=len(pieces)
+        ).map_batches(
+            _PieceEmbedder,
+            batch_size=1,
+            batch_format="numpy",
+            num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+            fn_constructor_args=(model, tracking_uri, config.batch_size),
+            compute=ray.data.ActorPoolStrategy(size=config.workers),
+        )
         seen: set[str] = set()
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             keep, images = [], []
@@ -198,8 +228,14 @@ def _embedded_by_ray_data(pieces: list[Piece], model: str, tracking_uri: str | N
             yield batch["vector"][keep], images, len(batch["id"])
 
 
-def build_index(gallery: str | Path, out: str | Path, model: str, config: IndexConfig | None = None,
-                tracking_uri: str | None = None, summary_path: str | Path | None = None) -> dict[str, Any]:
+def build_index(
+    gallery: str | Path,
+    out: str | Path,
+    model: str,
+    config: IndexConfig | None = None,
+    tracking_uri: str | None = None,
+    summary_path: str | Path | None = None,
+) -> dict[str, Any]:
     """Embed every image of `gallery` with `model` (a folder or models:/ URI) into an index folder at `out`."""
     config = config or IndexConfig()
     gallery, out = str(gallery), str(out)
@@ -211,28 +247,54 @@ def build_index(gallery: str | Path, out: str | Path, model: str, config: IndexC
     pieces, total = gallery_pieces(gallery)
     folder = Folder(out)
     folder.filesystem.create_dir(folder.root, recursive=True)
-    summary: dict[str, Any] = {"gallery": gallery, "index": out, "model": identity, "factory": config.factory,
-                               "search_params": config.search_params, "dim": dim}
+    summary: dict[str, Any] = {
+        "gallery": gallery,
+        "index": out,
+        "model": identity,
+        "factory": config.factory,
+        "search_params": config.search_params,
+        "dim": dim,
+    }
     rejected: list[dict] = []
     sink = _VectorSink(index, config.train_size)
     spread = config.workers > 0 and len(pieces) > 1  # a single piece (a tsv) is read in order, here
-    embedded = (_embedded_by_ray_data(pieces, model, tracking_uri, config, rejected) if spread
-                else _embedded_in_process(pieces, embedder, config.batch_size, rejected))
-    with timed(summary), folder.filesystem.open_output_stream(folder.path(ITEMS_FILE)) as items_out, \
-            pq.ParquetWriter(items_out, ITEM_SCHEMA) as items, \
-            tqdm(total=total, desc=f"index {gallery}", unit=" images", leave=False) as progress:
+    embedded = (
+        _embedded_by_ray_data(pieces, model, tracking_uri, config, rejected)
+        if spread
+        else _embedded_in_process(pieces, embedder, config.batch_size, rejected)
+    )
+    with (
+        timed(summary),
+        folder.filesystem.open_output_stream(folder.path(ITEMS_FILE)) as items_out,
+        pq.ParquetWriter(items_out, ITEM_SCHEMA) as items,
+        tqdm(total=total, desc=f"index {gallery}", unit=" images", leave=False) as progress,
+    ):
         for vectors, kept, read in embedded:
             if kept:
                 sink.add(vectors)
-                items.write_table(pa.Table.from_pydict({"id": [i.id for i in kept], "location": [i.location for i in kept],
-                                                        "caption": [i.caption for i in kept]}, schema=ITEM_SCHEMA))
+                items.write_table(
+                    pa.Table.from_pydict(
+                        {
+                            "id": [i.id for i in kept],
+                            "location": [i.location for i in kept],
+                            "caption": [i.caption for i in kept],
+                        },
+                        schema=ITEM_SCHEMA,
+                    )
+                )
             progress.update(read)
         sink.flush()
     if index.ntotal == 0:
-        raise ZhclipError(f"gallery {gallery}: no image could be indexed ({len(rejected)} rejected, e.g. "
-                          f"{rejected[0]['reason'] if rejected else 'none found'})")
-    summary.update(images=int(index.ntotal), rejected=len(rejected), rejected_examples=rejected[:REJECTED_SHOWN],
-                   config=asdict(config))
+        raise ZhclipError(
+            f"gallery {gallery}: no image could be indexed ({len(rejected)} rejected, e.g. "
+            f"{rejected[0]['reason'] if rejected else 'none found'})"
+        )
+    summary.update(
+        images=int(index.ntotal),
+        rejected=len(rejected),
+        rejected_examples=rejected[:REJECTED_SHOWN],
+        config=asdict(config),
+    )
     save_index(out, index, summary)
     if summary_path:
         write_summary(summary_path, summary)

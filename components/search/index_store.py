@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ def set_search_params(index, params: str) -> None:
         try:
             faiss.ParameterSpace().set_index_parameters(index, params)
         except RuntimeError as err:
-            raise ZhclipError(f"search params {params!r} do not fit this index ({str(err).strip().splitlines()[-1]})") from err
+            raise ZhclipError(
+                f"search params {params!r} do not fit this index ({str(err).strip().splitlines()[-1]})"
+            ) from err
 
 
 def save_index(out: str, index, meta: dict[str, Any]) -> None:
@@ -40,7 +42,7 @@ def save_index(out: str, index, meta: dict[str, Any]) -> None:
     import faiss
 
     folder = Folder(out)
-    meta["built_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta["built_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     with folder.filesystem.open_output_stream(folder.path(INDEX_FILE)) as stream:
         stream.write(faiss.serialize_index(index).tobytes())
     with folder.filesystem.open_output_stream(folder.path(META_FILE)) as stream:
@@ -57,7 +59,9 @@ class SearchIndex:
         folder = Folder(self.uri)
         missing = [name for name in (META_FILE, ITEMS_FILE, INDEX_FILE) if folder.kind(name).name != "File"]
         if missing:
-            raise ZhclipError(f"{self.uri} is not an index folder (no {', '.join(missing)}); build one with `zhclip index`")
+            raise ZhclipError(
+                f"{self.uri} is not an index folder (no {', '.join(missing)}); build one with `zhclip index`"
+            )
         self.meta = json.loads(folder.read_bytes(META_FILE))
         started = time.perf_counter()
         self.index = faiss.deserialize_index(np.frombuffer(folder.read_bytes(INDEX_FILE), dtype=np.uint8))
@@ -68,7 +72,9 @@ class SearchIndex:
             self.items = pq.read_table(handle).combine_chunks()
         self.load_s = round(time.perf_counter() - started, 3)
         if self.items.num_rows != self.index.ntotal:
-            raise ZhclipError(f"{self.uri}: {self.items.num_rows} items for {self.index.ntotal} vectors; rebuild the index")
+            raise ZhclipError(
+                f"{self.uri}: {self.items.num_rows} items for {self.index.ntotal} vectors; rebuild the index"
+            )
 
     @property
     def size(self) -> int:
@@ -77,8 +83,10 @@ class SearchIndex:
     def search(self, vectors: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """For each query vector, up to `k` (row, cosine) pairs, best first."""
         scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, self.size))
-        return [[(int(row), float(score)) for row, score in zip(row_list, score_list) if row >= 0]
-                for row_list, score_list in zip(rows, scores)]
+        return [
+            [(int(row), float(score)) for row, score in zip(row_list, score_list) if row >= 0]
+            for row_list, score_list in zip(rows, scores)
+        ]
 
     def item(self, row: int) -> dict[str, str]:
         return {name: self.items.column(name)[row].as_py() for name in ITEM_SCHEMA.names}
@@ -88,10 +96,12 @@ class SearchIndex:
         built = self.meta["model"]
         if built["weights_hash"] != identity["weights_hash"]:
             raise ZhclipError(
-                f"index {self.uri} was built by {describe_model(built)}, but the model given is {describe_model(identity)}: "
-                f"their embeddings do not compare. Re-index with `zhclip index --gallery {self.meta['gallery']} --model {identity['uri']} "
+                f"index {self.uri} was built by {describe_model(built)}, but the model given is "
+                f"{describe_model(identity)}: their embeddings do not compare. Re-index with "
+                f"`zhclip index --gallery {self.meta['gallery']} --model {identity['uri']} "
                 f"--out {self.uri}` "
-                "(or `dvc repro index`), or serve the model that built it")
+                "(or `dvc repro index`), or serve the model that built it"
+            )
 
 
 def describe_model(identity: dict[str, Any]) -> str:

@@ -49,8 +49,11 @@ PAGE = Path(__file__).with_name("page.html")
 class SearchConfig:
     """Section `search`: which model the search indexes and serves, and the galleries `dvc repro` indexes."""
 
-    galleries: dict[str, str] = setting({}, "name: a gallery the champion indexes into indexes/<name> (dvc.yaml's index "
-                                            "stages; `zhclip serve` serves them); {} leaves the stage out")
+    galleries: dict[str, str] = setting(
+        {},
+        "name: a gallery the champion indexes into indexes/<name> (dvc.yaml's index "
+        "stages; `zhclip serve` serves them); {} leaves the stage out",
+    )
     alias: str = setting("champion", "the registry alias (of register.model_name) that builds and serves the indexes")
     model_name: str = setting("zhclip-demo", "registered model name in the MLflow registry", shared_from="register")
 
@@ -170,9 +173,19 @@ class SearchService:
             self.error = f"loading failed: {type(err).__name__}: {err}"
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.identity, "indexes": {name: {"images": index.size, "uri": index.uri, "built_at": index.meta.get("built_at"),
-                                                            "gallery": index.meta.get("gallery"), "factory": index.meta.get("factory")}
-                                                     for name, index in self.indexes.items()}}
+        return {
+            "model": self.identity,
+            "indexes": {
+                name: {
+                    "images": index.size,
+                    "uri": index.uri,
+                    "built_at": index.meta.get("built_at"),
+                    "gallery": index.meta.get("gallery"),
+                    "factory": index.meta.get("factory"),
+                }
+                for name, index in self.indexes.items()
+            },
+        }
 
     def _index(self, name: str | None):
         if not self.ready.is_set():
@@ -187,8 +200,11 @@ class SearchService:
         k_value = _integer("k", k, 10, 1, limits.max_k)
         offset_value = _integer("offset", offset, 0, 0, limits.max_results - 1)
         if offset_value + k_value > limits.max_results:
-            raise Refused(400, f"offset + k = {offset_value + k_value} goes past the deepest result served ({limits.max_results}); "
-                               "refine the query instead")
+            raise Refused(
+                400,
+                f"offset + k = {offset_value + k_value} goes past the deepest result served ({limits.max_results}); "
+                "refine the query instead",
+            )
         return k_value, offset_value
 
     def _embed(self, frame: pd.DataFrame) -> np.ndarray:
@@ -198,17 +214,34 @@ class SearchService:
             with self.model_lock:
                 return np.asarray(self.embedder.predict(frame), dtype=np.float32)
         except (ValueError, MlflowException) as err:
-            raise Refused(415 if "image" in frame else 400, str(getattr(err, "message", err)).removeprefix("row 0: ")) from err
+            raise Refused(
+                415 if "image" in frame else 400, str(getattr(err, "message", err)).removeprefix("row 0: ")
+            ) from err
 
     def _results(self, name: str, index, vector: np.ndarray, k: int, offset: int, query: dict) -> dict[str, Any]:
         started = time.perf_counter()
         hits = index.search(vector, offset + k)[0][offset:]
-        results = [{"rank": offset + rank + 1, "row": row, "score": round(score, 4), **index.item(row),
-                    "image_url": f"/api/images/{name}/{row}"} for rank, (row, score) in enumerate(hits)]
+        results = [
+            {
+                "rank": offset + rank + 1,
+                "row": row,
+                "score": round(score, 4),
+                **index.item(row),
+                "image_url": f"/api/images/{name}/{row}",
+            }
+            for rank, (row, score) in enumerate(hits)
+        ]
         for result in results:
             result.pop("location")  # where the image lives (bucket paths) is the server's business
-        return {**query, "index": name, "k": k, "offset": offset, "total": index.size, "results": results,
-                "search_ms": round((time.perf_counter() - started) * 1000, 2)}
+        return {
+            **query,
+            "index": name,
+            "k": k,
+            "offset": offset,
+            "total": index.size,
+            "results": results,
+            "search_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
 
     def search_text(self, q: str | None, k: str | None, offset: str | None, index: str | None) -> dict[str, Any]:
         name, found = self._index(index)
@@ -217,8 +250,11 @@ class SearchService:
         if not text:
             raise Refused(400, "the query is empty: pass q=<a Chinese description>, e.g. q=红色的圆形")
         if len(text) > self.config.max_query_chars:
-            raise Refused(400, f"the query is {len(text)} characters long; at most {self.config.max_query_chars} "
-                               "(the model reads about 50 tokens of a caption)")
+            raise Refused(
+                400,
+                f"the query is {len(text)} characters long; at most {self.config.max_query_chars} "
+                "(the model reads about 50 tokens of a caption)",
+            )
         return self._results(name, found, self.embed_text(text), k_value, offset_value, {"query": text})
 
     def search_image(self, body: bytes, k: str | None, offset: str | None, index: str | None) -> dict[str, Any]:
@@ -241,13 +277,20 @@ class SearchService:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(body))  # the header only: a huge image is refused before it is decoded
         except Image.DecompressionBombError as err:
-            raise Refused(413, f"the image is too large to decode ({err}); at most {limit / 1e6:.1f} megapixels") from err
+            raise Refused(
+                413, f"the image is too large to decode ({err}); at most {limit / 1e6:.1f} megapixels"
+            ) from err
         except (UnidentifiedImageError, OSError) as err:
-            raise Refused(415, f"the upload ({len(body)} bytes) is not an image PIL can read; send a JPEG, PNG or WebP file") from err
+            raise Refused(
+                415, f"the upload ({len(body)} bytes) is not an image PIL can read; send a JPEG, PNG or WebP file"
+            ) from err
         pixels = image.width * image.height
         if pixels > limit:
-            raise Refused(413, f"the image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, above the "
-                               f"limit of {limit / 1e6:.1f}; send a smaller copy")
+            raise Refused(
+                413,
+                f"the image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, above the "
+                f"limit of {limit / 1e6:.1f}; send a smaller copy",
+            )
 
     def max_upload_bytes(self) -> int:
         return int(self.config.max_upload_mb * 2**20)
@@ -305,7 +348,9 @@ def create_app(service: SearchService):
     def readyz() -> JSONResponse:
         if service.ready.is_set():
             return JSONResponse({"status": "ready", **service.info()})
-        return JSONResponse({"status": "failed" if service.error else "loading", "error": service.error}, status_code=503)
+        return JSONResponse(
+            {"status": "failed" if service.error else "loading", "error": service.error}, status_code=503
+        )
 
     @app.get("/api/indexes")
     def indexes() -> dict:
@@ -321,7 +366,9 @@ def create_app(service: SearchService):
         limit = service.max_upload_bytes()
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
-            raise Refused(413, f"the upload is {int(declared) / 2**20:.1f} MB; at most {service.config.max_upload_mb:g} MB")
+            raise Refused(
+                413, f"the upload is {int(declared) / 2**20:.1f} MB; at most {service.config.max_upload_mb:g} MB"
+            )
         body = bytearray()
         async for chunk in request.stream():  # counted as it arrives: a body without Content-Length is bounded too
             body += chunk
@@ -331,7 +378,9 @@ def create_app(service: SearchService):
 
     @app.get("/api/images/{index}/{row}")
     def image(index: str, row: str) -> Response:
-        return Response(service.thumbnail(index, row), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        return Response(
+            service.thumbnail(index, row), media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"}
+        )
 
     @app.get("/", response_class=HTMLResponse)
     def home() -> str:
@@ -340,7 +389,9 @@ def create_app(service: SearchService):
     return app
 
 
-def serve(index_uris: list[str], model: str, config: ServeConfig | None = None, tracking_uri: str | None = None) -> None:
+def serve(
+    index_uris: list[str], model: str, config: ServeConfig | None = None, tracking_uri: str | None = None
+) -> None:
     """Load in the background (so /healthz answers at once and /readyz once ready) and serve until stopped.
 
     A model that did not build an index, or an index that cannot be read, stops the server with that error.
@@ -349,8 +400,9 @@ def serve(index_uris: list[str], model: str, config: ServeConfig | None = None, 
 
     config = config or ServeConfig()
     service = SearchService(index_names(index_uris), model, config, tracking_uri)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=config.host, port=config.port, log_level="warning",
-                                           access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service), host=config.host, port=config.port, log_level="warning", access_log=False)
+    )
 
     def load_then_announce() -> None:
         service.load()
@@ -358,10 +410,15 @@ def serve(index_uris: list[str], model: str, config: ServeConfig | None = None, 
             server.should_exit = True
         else:
             sizes = ", ".join(f"{name} ({index.size} images)" for name, index in service.indexes.items())
-            print(f"zhclip search on http://{config.host}:{config.port}/ : {sizes}, model {service.identity['uri']}", flush=True)
+            print(
+                f"zhclip search on http://{config.host}:{config.port}/ : {sizes}, model {service.identity['uri']}",
+                flush=True,
+            )
 
-    print(f"loading {model} and {', '.join(service.index_uris.values())} (/healthz answers now, /readyz once loaded) ...",
-          flush=True)
+    print(
+        f"loading {model} and {', '.join(service.index_uris.values())} (/healthz answers now, /readyz once loaded) ...",
+        flush=True,
+    )
     threading.Thread(target=load_then_announce, daemon=True).start()
     server.run()
     if service.error:

@@ -1,15 +1,12 @@
 """A training stage's settings (params.yaml sections `train` and `stage1`/`stage2`), validated."""
 
-
 from __future__ import annotations
-
-from zhclip.components.core.settings import config_from, setting
 
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-
+from zhclip.components.core.settings import config_from, setting
 from zhclip.components.training.step import (
     StepConfig,
 )
@@ -38,7 +35,9 @@ class TrainConfig:
 
     stage: int = setting(1, "1: image tower locked (LiT); 2: both towers learn", in_params=False)
     preset: str = setting("tiny", "the architecture: tiny (CPU demo) or ViT-B-16", shared_from="model")
-    context_length: int = setting(52, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model")
+    context_length: int = setting(
+        52, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
+    )
     epochs: int = setting(10, "passes over the training pairs")
     max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs x steps per epoch)")
     batch_size: int = setting(64, "pairs per optimizer step and worker")
@@ -53,18 +52,31 @@ class TrainConfig:
     grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory, ~30% slower)")
     fused_adamw: bool = setting(False, "single-kernel AdamW update (GPU)")
     fused_qkv: bool = setting(False, "one matmul for query/key/value in every attention (saved in the standard layout)")
-    sdpa_backend: str = setting("", "preferred attention kernel (needs fused_qkv): flash, cudnn, efficient, math; '' = PyTorch's choice")
+    sdpa_backend: str = setting(
+        "", "preferred attention kernel (needs fused_qkv): flash, cudnn, efficient, math; '' = PyTorch's choice"
+    )
     padding_free: bool = setting(False, "text tower computes real tokens only, no padding (needs fused_qkv)")
     channels_last: bool = setting(False, "channels-last patch embedding (GPU)")
     compile: str = setting("none", "torch.compile: none, regional (each encoder layer) or model")
-    compile_mode: str = setting("", "torch.compile mode: '' (its default), reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
+    compile_mode: str = setting(
+        "",
+        "torch.compile mode: '' (its default), reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs",
+    )
     num_workers: int = setting(1, "Ray Train workers (one process each; DDP when more than one)")
     cpus_per_worker: int = setting(2, "CPUs each Ray Train worker reserves")
     use_gpu: bool = setting(False, "one GPU per worker")
-    loader_workers: int = setting(0, "decoders per worker: Ray Data actors under Ray, else processes (0: the training process)")
-    shuffle_window: int = setting(4096, "rows shuffled together (from several shards); memory holds about one window per worker")
-    normalize_on_device: bool = setting(False, "loaders hand over 8-bit resized images; the device scales and normalises them")
-    decode_on_device: bool = setting(False, "loaders hand over JPEG bytes; the device decodes (nvJPEG), crops, resizes them (needs torchvision)")
+    loader_workers: int = setting(
+        0, "decoders per worker: Ray Data actors under Ray, else processes (0: the training process)"
+    )
+    shuffle_window: int = setting(
+        4096, "rows shuffled together (from several shards); memory holds about one window per worker"
+    )
+    normalize_on_device: bool = setting(
+        False, "loaders hand over 8-bit resized images; the device scales and normalises them"
+    )
+    decode_on_device: bool = setting(
+        False, "loaders hand over JPEG bytes; the device decodes (nvJPEG), crops, resizes them (needs torchvision)"
+    )
     storage_path: str = setting("ray_results", "checkpoints: a folder, or s3://bucket/prefix (MinIO)")
     storage_endpoint: str = setting("", "S3 endpoint for s3:// storage; empty: $AWS_ENDPOINT_URL")
     checkpoint_every: int = setting(50, "steps between checkpoints (0: only at the end)")
@@ -75,23 +87,43 @@ class TrainConfig:
     unlocked_groups: int = setting(0, "stage 1: leave this many last image-tower groups trainable")
     local_loss: bool = setting(False, "multi-worker: score local rows against the global batch (less memory)")
     gather_with_grad: bool = setting(False, "multi-worker: let gradients flow through other workers' features")
-    tracking_uri: str = setting("", "MLflow; empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db", shared_from="mlflow")
+    tracking_uri: str = setting(
+        "", "MLflow; empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db", shared_from="mlflow"
+    )
     experiment: str = setting("zhclip", "MLflow experiment the stage's run is filed under", shared_from="mlflow")
 
     def __post_init__(self):
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
-        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "context_length", "accum_steps",
-                     "keep_checkpoints", "log_every", "shuffle_window"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "num_workers",
+            "cpus_per_worker",
+            "context_length",
+            "accum_steps",
+            "keep_checkpoints",
+            "log_every",
+            "shuffle_window",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "validate_every", "loader_workers", "warmup_steps", "max_failures"):
+        for name in (
+            "max_steps",
+            "checkpoint_every",
+            "validate_every",
+            "loader_workers",
+            "warmup_steps",
+            "max_failures",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must split into accum_steps={self.accum_steps} equal micro-batches")
+            raise ValueError(
+                f"batch_size {self.batch_size} must split into accum_steps={self.accum_steps} equal micro-batches"
+            )
         self.step_config()  # validates precision
         if self.compile not in COMPILE_SCOPES:
             raise ValueError(f"compile must be one of {COMPILE_SCOPES}, got {self.compile!r}")
@@ -100,21 +132,30 @@ class TrainConfig:
         if self.compile_mode and self.compile == "none":
             raise ValueError(f"compile_mode {self.compile_mode!r} needs compile: regional or model")
         if self.sdpa_backend and (self.sdpa_backend not in SDPA_BACKENDS or not self.fused_qkv):
-            raise ValueError(f"sdpa_backend {self.sdpa_backend!r} needs fused_qkv: true and one of {sorted(SDPA_BACKENDS)}")
+            raise ValueError(
+                f"sdpa_backend {self.sdpa_backend!r} needs fused_qkv: true and one of {sorted(SDPA_BACKENDS)}"
+            )
         if self.padding_free and not self.fused_qkv:
             raise ValueError("padding_free needs fused_qkv: true (the packed attention is the fused one)")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.decode_on_device and not torchvision_installed():
-            raise ValueError("decode_on_device needs torchvision, the build matching your torch (for CUDA 13: "
-                             "pip install torchvision --index-url https://download.pytorch.org/whl/cu130), "
-                             "or pip install 'zhclip[gpu-decode]'; or set train.decode_on_device: false")
+            raise ValueError(
+                "decode_on_device needs torchvision, the build matching your torch (for CUDA 13: "
+                "pip install torchvision --index-url https://download.pytorch.org/whl/cu130), "
+                "or pip install 'zhclip[gpu-decode]'; or set train.decode_on_device: false"
+            )
         if self.mask_ratio and "resnet_layers" in PRESETS.get(self.preset, {}).get("vision", {}):
             raise ValueError(f"mask_ratio {self.mask_ratio}: patch masking needs a ViT preset, not {self.preset}")
 
     def step_config(self) -> StepConfig:
-        return StepConfig(precision=self.precision, accum_steps=self.accum_steps, mask_ratio=self.mask_ratio,
-                          local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
+        return StepConfig(
+            precision=self.precision,
+            accum_steps=self.accum_steps,
+            mask_ratio=self.mask_ratio,
+            local_loss=self.local_loss,
+            gather_with_grad=self.gather_with_grad,
+        )
 
 
 def stage_config(params: dict[str, Any], stage: int, **explicit: Any) -> TrainConfig:

@@ -35,8 +35,8 @@ import torch
 from PIL import Image
 
 from zhclip.components.data.shards import PreparedSplit
-from zhclip.model import decode_image
 from zhclip.components.training.gpu_decode import Box, decode_jpegs
+from zhclip.model import decode_image
 from zhclip.model.pixels import pixels_on_device
 
 CROP_SCALE = (0.9, 1.0)  # Chinese-CLIP's training RandomResizedCrop
@@ -126,7 +126,7 @@ class EpochPlan:
         first = self.rank * (self.pairs // self.world_size) + window.index * window_size
         positions = np.arange(first, first + min(window_size, per_worker - window.index * window_size))
         np.random.default_rng([self.seed, window.epoch, self.rank, window.index]).shuffle(positions)
-        positions = positions[window.skip:window.skip + window.take]
+        positions = positions[window.skip : window.skip + window.take]
         slot = np.searchsorted(ends, positions, side="right")
         return order[slot], positions - (ends[slot] - self.group_rows[order[slot]])
 
@@ -163,17 +163,33 @@ class BatchDecoder:
     `eight_bit`, so a mixed split trains as it is.
     """
 
-    def __init__(self, processor, context_length: int, augment: bool = False, seed: int = 0, eight_bit: bool = False,
-                 on_device: bool = False):
+    def __init__(
+        self,
+        processor,
+        context_length: int,
+        augment: bool = False,
+        seed: int = 0,
+        eight_bit: bool = False,
+        on_device: bool = False,
+    ):
         self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
         self.context_length, self.augment, self.seed = context_length, augment, seed
         self.eight_bit, self.on_device = eight_bit, on_device
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tokens = self.tokenizer(list(rows["text"]), padding="max_length", truncation=True,
-                                max_length=self.context_length, return_tensors="np")
-        batch = {"input_ids": tokens["input_ids"].astype(np.int64), "attention_mask": tokens["attention_mask"].astype(np.int64),
-                 "text_id": np.asarray(rows["text_id"]), "image_id": np.asarray(rows["image_id"])}
+        tokens = self.tokenizer(
+            list(rows["text"]),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="np",
+        )
+        batch = {
+            "input_ids": tokens["input_ids"].astype(np.int64),
+            "attention_mask": tokens["attention_mask"].astype(np.int64),
+            "text_id": np.asarray(rows["text_id"]),
+            "image_id": np.asarray(rows["image_id"]),
+        }
         samples = list(zip(rows["image"], rows["epoch"], rows["row"]))
         if self.on_device:
             return {**batch, **self._for_device(samples)}
@@ -185,7 +201,11 @@ class BatchDecoder:
         return {**batch, "pixel_values": pixels}
 
     def _crop(self, epoch: int, row: int, width: int, height: int) -> Box:
-        return crop_box(width, height, random.Random(f"{self.seed}-{epoch}-{row}")) if self.augment else (0, 0, width, height)
+        return (
+            crop_box(width, height, random.Random(f"{self.seed}-{epoch}-{row}"))
+            if self.augment
+            else (0, 0, width, height)
+        )
 
     def _image(self, blob: bytes, epoch: int, row: int) -> Image.Image:
         image = decode_image(blob)
@@ -194,7 +214,9 @@ class BatchDecoder:
     def _eight_bit(self, image: Image.Image) -> np.ndarray:
         # the processor's own first step (RGB, squashed to its size with its resampling filter)
         size = self.image_processor.size
-        resized = image.convert("RGB").resize((size["width"], size["height"]), Image.Resampling(self.image_processor.resample))
+        resized = image.convert("RGB").resize(
+            (size["width"], size["height"]), Image.Resampling(self.image_processor.resample)
+        )
         return np.asarray(resized).transpose(2, 0, 1).copy()
 
     def _for_device(self, samples: list) -> dict[str, np.ndarray]:
@@ -211,8 +233,11 @@ class BatchDecoder:
                 pixels.append(self._eight_bit(self._image(blob, int(epoch), int(row))).tobytes())
                 boxes.append((0, 0, 0, 0))
         # object arrays of bytes: one entry per row, as Ray Data's batches need
-        return {"jpeg": np.array(jpegs, dtype=object), "pixels": np.array(pixels, dtype=object),
-                "crop_box": np.array(boxes, dtype=np.int64).reshape(-1, 4)}
+        return {
+            "jpeg": np.array(jpegs, dtype=object),
+            "pixels": np.array(pixels, dtype=object),
+            "crop_box": np.array(boxes, dtype=np.int64).reshape(-1, 4),
+        }
 
     def to_device(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         """The model's inputs of a decoded batch on `device`, 8-bit pixels scaled and normalised there."""
@@ -222,8 +247,9 @@ class BatchDecoder:
         if self.on_device:
             moved["pixel_values"] = self._decoded_on_device(batch, device)
         elif moved["pixel_values"].dtype == torch.uint8:
-            moved["pixel_values"] = pixels_on_device(moved["pixel_values"], processor.size["height"],
-                                                     processor.image_mean, processor.image_std)
+            moved["pixel_values"] = pixels_on_device(
+                moved["pixel_values"], processor.size["height"], processor.image_mean, processor.image_std
+            )
         return moved
 
     def _decoded_on_device(self, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
@@ -236,7 +262,7 @@ class BatchDecoder:
             blobs = [batch["jpeg"][index] for index in rows]
             buffer = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
             ends = np.cumsum([len(blob) for blob in blobs])
-            encoded = [buffer[end - len(blob):end] for blob, end in zip(blobs, ends)]
+            encoded = [buffer[end - len(blob) : end] for blob, end in zip(blobs, ends)]
             boxes = [tuple(int(edge) for edge in batch["crop_box"][index]) for index in rows]
             for index, image in zip(rows, decode_jpegs(encoded, boxes, device)):
                 images[index] = image
@@ -257,8 +283,12 @@ def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (tensor.pin_memory() if device.type == "cuda" else tensor).to(device, non_blocking=True)
 
 
-def on_device(batches: Iterator[dict[str, np.ndarray]], decoder: BatchDecoder, device: torch.device,
-              ahead: int = DEVICE_PREFETCH_BATCHES) -> Iterator[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]]:
+def on_device(
+    batches: Iterator[dict[str, np.ndarray]],
+    decoder: BatchDecoder,
+    device: torch.device,
+    ahead: int = DEVICE_PREFETCH_BATCHES,
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]]:
     """Each decoded batch with its model inputs on `device`. On a GPU a thread prepares the next
     `ahead` batches (copies, nvJPEG decoding, resizing) on a CUDA stream of its own while the step
     runs, so the GPU's decoding and the CPU's launches of it overlap training; elsewhere each batch
@@ -347,12 +377,15 @@ def _start_decoder(decoder: BatchDecoder) -> None:
 def _decode_in_process(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor | np.ndarray]:
     # As tensors: torch hands them back through shared memory, where numpy arrays would be pickled
     # through a pipe. Byte strings (images for the device) can only be pickled.
-    return {name: values if values.dtype == object else torch.from_numpy(values)
-            for name, values in _process_decoder(rows).items()}
+    return {
+        name: values if values.dtype == object else torch.from_numpy(values)
+        for name, values in _process_decoder(rows).items()
+    }
 
 
-def _decoded_by_processes(plan: EpochPlan, decoder: BatchDecoder, start_step: int, end_step: int,
-                          workers: int) -> Iterator[dict[str, np.ndarray]]:
+def _decoded_by_processes(
+    plan: EpochPlan, decoder: BatchDecoder, start_step: int, end_step: int, workers: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches decoded by local processes, `PREFETCH_BATCHES` per process in flight, in order."""
     with ProcessPoolExecutor(workers, initializer=_start_decoder, initargs=(decoder,)) as pool:
         pending: deque = deque()
@@ -383,8 +416,9 @@ class _DecoderActor:
         return self.decoder(rows)
 
 
-def _decoded_by_ray_data(plan: EpochPlan, decoder: BatchDecoder, start_step: int, end_step: int,
-                         workers: int) -> Iterator[dict[str, np.ndarray]]:
+def _decoded_by_ray_data(
+    plan: EpochPlan, decoder: BatchDecoder, start_step: int, end_step: int, workers: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Batches decoded by `workers` Ray Data actors (anywhere in the cluster), in order."""
     import logging
 
@@ -396,17 +430,37 @@ def _decoded_by_ray_data(plan: EpochPlan, decoder: BatchDecoder, start_step: int
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     windows = [vars(window) for window in plan.windows(start_step, end_step)]
-    dataset = (ray.data.from_items(windows, override_num_blocks=len(windows))
-               # Reading is light (no decoding): it takes no core, so it never waits behind the decoders.
-               .map_batches(_windows_read, batch_size=1, batch_format="numpy", fn_kwargs={"plan": plan},
-                            num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2))
-               .map_batches(_DecoderActor, batch_size=plan.batch_size, batch_format="numpy",
-                            fn_constructor_args=(decoder,), num_cpus=1, compute=ray.data.ActorPoolStrategy(size=workers)))
+    dataset = (
+        ray.data.from_items(windows, override_num_blocks=len(windows))
+        # Reading is light (no decoding): it takes no core, so it never waits behind the decoders.
+        .map_batches(
+            _windows_read,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"plan": plan},
+            num_cpus=0,
+            compute=ray.data.TaskPoolStrategy(size=2),
+        )
+        .map_batches(
+            _DecoderActor,
+            batch_size=plan.batch_size,
+            batch_format="numpy",
+            fn_constructor_args=(decoder,),
+            num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+        )
+    )
     yield from dataset.iter_batches(batch_size=plan.batch_size, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)
 
 
-def training_batches(plan: EpochPlan, decoder: BatchDecoder, start_step: int, end_step: int, loader_workers: int = 0,
-                     on_ray: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def training_batches(
+    plan: EpochPlan,
+    decoder: BatchDecoder,
+    start_step: int,
+    end_step: int,
+    loader_workers: int = 0,
+    on_ray: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
     """This worker's decoded batches for steps [start_step, end_step), in the plan's order.
 
     Decoded by `loader_workers` Ray Data actors when `on_ray`, by as many local processes otherwise,
@@ -422,7 +476,9 @@ def training_batches(plan: EpochPlan, decoder: BatchDecoder, start_step: int, en
 def pair_digest(text_ids: np.ndarray, image_ids: np.ndarray) -> str:
     """An order-free fingerprint of a batch's (text_id, image_id) pairs: equal digests, equal pairs
     (barring a 64-bit collision). The training history keeps one per step, so runs can be compared."""
-    keys = (np.asarray(text_ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.asarray(image_ids, dtype=np.uint64)
+    keys = (np.asarray(text_ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.asarray(
+        image_ids, dtype=np.uint64
+    )
     keys ^= keys >> np.uint64(31)
     keys *= np.uint64(0xBF58476D1CE4E5B9)
     keys ^= keys >> np.uint64(29)

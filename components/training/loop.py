@@ -1,15 +1,15 @@
 """One worker's training loop: plain PyTorch over the training step, with checkpoints, validation and
 progress; it runs under Ray Train (components/training/runner.py) or alone."""
 
-
 from __future__ import annotations
 
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +68,8 @@ def _set_train_mode(model, cfg: TrainConfig) -> None:
 def validation_metrics(model, processor, prepared_dir: str, batch_size: int) -> dict[str, float]:
     """In-batch accuracy (image->text and text->image, batches of `batch_size` pairs) and retrieval
     mean recall on the valid split, the latter exactly as `zhclip evaluate` scores a split."""
-    from zhclip.components.evaluation.split_embedding import embed_split
     from zhclip.components.evaluation.retrieval import retrieval_metrics
+    from zhclip.components.evaluation.split_embedding import embed_split
 
     model.eval()
     with torch.no_grad():
@@ -78,7 +78,7 @@ def validation_metrics(model, processor, prepared_dir: str, batch_size: int) -> 
     pair_texts, pair_images = data.text_emb[split.pair_texts], data.image_emb[split.pair_images]
     hits = []
     for start in range(0, len(pair_texts), batch_size):
-        scores = pair_texts[start:start + batch_size] @ pair_images[start:start + batch_size].T
+        scores = pair_texts[start : start + batch_size] @ pair_images[start : start + batch_size].T
         diagonal = np.arange(len(scores))
         hits += [(scores.argmax(1) == diagonal).mean(), (scores.argmax(0) == diagonal).mean()]
     recall = retrieval_metrics(data.text_emb, data.image_emb, data.text_to_images)
@@ -105,22 +105,44 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(model)
     raw_model = model.to(ctx.device)
-    apply_speedups(raw_model, fused_qkv=cfg.fused_qkv, sdpa_backend=cfg.sdpa_backend or None,
-                   padding_free=cfg.padding_free, channels_last=cfg.channels_last, compile_scope=cfg.compile,
-                   compile_options={"mode": cfg.compile_mode} if cfg.compile_mode else None)
+    apply_speedups(
+        raw_model,
+        fused_qkv=cfg.fused_qkv,
+        sdpa_backend=cfg.sdpa_backend or None,
+        padding_free=cfg.padding_free,
+        channels_last=cfg.channels_last,
+        compile_scope=cfg.compile,
+        compile_options={"mode": cfg.compile_mode} if cfg.compile_mode else None,
+    )
     model = ctx.wrap_model(raw_model)
 
-    plan = EpochPlan(PreparedSplit.open(config["prepared_dir"], "train"), cfg.batch_size, ctx.rank, ctx.world_size,
-                     cfg.seed, cfg.shuffle_window)
+    plan = EpochPlan(
+        PreparedSplit.open(config["prepared_dir"], "train"),
+        cfg.batch_size,
+        ctx.rank,
+        ctx.world_size,
+        cfg.seed,
+        cfg.shuffle_window,
+    )
     per_epoch = plan.steps_per_epoch
     if per_epoch == 0:
-        raise ZhclipError(f"{plan.pairs} training pairs give no full batch of {cfg.batch_size} per worker "
-                          f"across {ctx.world_size} workers; lower train.batch_size or num_workers")
+        raise ZhclipError(
+            f"{plan.pairs} training pairs give no full batch of {cfg.batch_size} per worker "
+            f"across {ctx.world_size} workers; lower train.batch_size or num_workers"
+        )
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    decoder = BatchDecoder(processor, cfg.context_length, cfg.augment, cfg.seed, eight_bit=cfg.normalize_on_device,
-                           on_device=cfg.decode_on_device)
+    decoder = BatchDecoder(
+        processor,
+        cfg.context_length,
+        cfg.augment,
+        cfg.seed,
+        eight_bit=cfg.normalize_on_device,
+        on_device=cfg.decode_on_device,
+    )
     optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
-    step = TrainStep(model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model)
+    step = TrainStep(
+        model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model
+    )
 
     progress = {"step": 0, "history": [], "validation": [], "resumed_at": []}
     if state:
@@ -133,7 +155,11 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         progress["validation"].append({"step": 0, **validation_metrics(raw_model, processor, valid, cfg.batch_size)})
         _set_train_mode(raw_model, cfg)
     logger = StepLogger(config.get("mlflow") if ctx.rank == 0 else None, every=cfg.log_every)
-    bar = ctx.progress_bar(total=total_steps, desc=f"stage {cfg.stage}", unit="step") if ctx.progress_bar and ctx.rank == 0 else None
+    bar = (
+        ctx.progress_bar(total=total_steps, desc=f"stage {cfg.stage}", unit="step")
+        if ctx.progress_bar and ctx.rank == 0
+        else None
+    )
     if bar:
         bar.update(progress["step"])
 
@@ -156,8 +182,14 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         result = step(inputs)
         elapsed = time.perf_counter() - waited_from
         progress["step"] += 1
-        record = {"step": progress["step"], "epoch": epoch + 1, **result,
-                  "samples_per_s": samples_per_step / elapsed, "data_wait_s": data_wait, "step_s": elapsed}
+        record = {
+            "step": progress["step"],
+            "epoch": epoch + 1,
+            **result,
+            "samples_per_s": samples_per_step / elapsed,
+            "data_wait_s": data_wait,
+            "step_s": elapsed,
+        }
         logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
         progress["history"].append({**record, "pairs": pair_digest(batch["text_id"], batch["image_id"])})
         if bar:
@@ -184,9 +216,12 @@ def _log_epoch(stage: int, history: list[dict], total_steps: int, per_epoch: int
     """One line per epoch where no progress bar can redraw (logs, CI, `dvc repro` output)."""
     epoch = history[-per_epoch:]
     seconds_per_step = sum(h["step_s"] for h in epoch) / len(epoch)
-    print(f"stage {stage} step {history[-1]['step']}/{total_steps}: loss {np.mean([h['loss'] for h in epoch]):.4f}, "
-          f"{np.mean([h['samples_per_s'] for h in epoch]):.0f} samples/s, "
-          f"ETA {seconds_per_step * (total_steps - history[-1]['step']):.0f} s", flush=True)
+    print(
+        f"stage {stage} step {history[-1]['step']}/{total_steps}: loss {np.mean([h['loss'] for h in epoch]):.4f}, "
+        f"{np.mean([h['samples_per_s'] for h in epoch]):.0f} samples/s, "
+        f"ETA {seconds_per_step * (total_steps - history[-1]['step']):.0f} s",
+        flush=True,
+    )
 
 
 def _has_valid_split(prepared_dir: str) -> bool:
@@ -195,5 +230,3 @@ def _has_valid_split(prepared_dir: str) -> bool:
     except ZhclipError:
         return False  # no valid split: no validation metrics
     return True
-
-

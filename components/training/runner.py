@@ -26,9 +26,9 @@ import torch
 
 from zhclip.components.core.cluster import ray_runtime
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.summaries import write_summary
-from zhclip.components.core.storage import arrow_filesystem, is_file, location
 from zhclip.components.core.lineage import dvc_hash, git_commit
+from zhclip.components.core.storage import arrow_filesystem, is_file, location
+from zhclip.components.core.summaries import write_summary
 from zhclip.components.core.tracking import (
     RUN_FILE,
     finish_stage_run,
@@ -44,9 +44,21 @@ from zhclip.components.training.step import TRAINING_STATE_FILE
 HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
 # Settings that change neither the result nor the order of the work: a re-run that differs only in
 # these still resumes the interrupted run.
-_NOT_IN_RUN_IDENTITY = {"storage_path", "storage_endpoint", "max_failures", "keep_checkpoints",
-                        "cpus_per_worker", "use_gpu", "loader_workers", "normalize_on_device", "tracking_uri",
-                        "experiment", "log_every", "checkpoint_every", "validate_every"}
+_NOT_IN_RUN_IDENTITY = {
+    "storage_path",
+    "storage_endpoint",
+    "max_failures",
+    "keep_checkpoints",
+    "cpus_per_worker",
+    "use_gpu",
+    "loader_workers",
+    "normalize_on_device",
+    "tracking_uri",
+    "experiment",
+    "log_every",
+    "checkpoint_every",
+    "validate_every",
+}
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
@@ -63,10 +75,19 @@ def _ray_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     with resume.as_directory() if resume else nullcontext() as resume_dir:
-        train_worker_loop(config, WorkerContext(
-            rank=train_context.get_world_rank(), world_size=train_context.get_world_size(),
-            device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model,
-            resume_dir=resume_dir, report=report, progress_bar=tqdm if config["interactive"] else None, on_ray=True))
+        train_worker_loop(
+            config,
+            WorkerContext(
+                rank=train_context.get_world_rank(),
+                world_size=train_context.get_world_size(),
+                device=ray.train.torch.get_device(),
+                wrap_model=ray.train.torch.prepare_model,
+                resume_dir=resume_dir,
+                report=report,
+                progress_bar=tqdm if config["interactive"] else None,
+                on_ray=True,
+            ),
+        )
 
 
 def _storage(config: TrainConfig) -> tuple[str, Any]:
@@ -98,11 +119,14 @@ def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any], name: str):
             _ray_worker,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
-                num_workers=config.num_workers, use_gpu=config.use_gpu,
+                num_workers=config.num_workers,
+                use_gpu=config.use_gpu,
                 resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
             ),
             run_config=RunConfig(
-                name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=config.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             ),
@@ -110,8 +134,10 @@ def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any], name: str):
         try:
             return trainer.fit()
         except ray.train.TrainingFailedError as err:
-            raise ZhclipError(f"training stage {config.stage} failed: {err}; the worker's log is above. "
-                              f"Re-running the same command resumes from the last checkpoint in {config.storage_path}/{name}") from err
+            raise ZhclipError(
+                f"training stage {config.stage} failed: {err}; the worker's log is above. "
+                f"Re-running the same command resumes from the last checkpoint in {config.storage_path}/{name}"
+            ) from err
 
 
 def _check_inputs(prepared_dir: str, config: TrainConfig, init_dir: str | None) -> None:
@@ -143,12 +169,28 @@ def train(
     data_hash = dvc_hash(prepared_dir)
     init_hash = dvc_hash(init_dir) if init_dir else ""
     name = run_name(config, data_hash, init_hash)
-    tags = {"git_commit": git_commit(), "data_dvc_hash": data_hash, "data_path": prepared_dir,
-            **({"init_model_hash": init_hash} if init_hash else {})}
-    ids = start_stage_run(resolve_tracking_uri(config.tracking_uri), config.experiment, config.stage, name,
-                          asdict(config), tags, parent_run_from(init_dir))
-    loop_config = {**asdict(config), "prepared_dir": prepared_dir, "mlflow": ids, "interactive": sys.stderr.isatty(),
-                   "init_dir": init_dir}
+    tags = {
+        "git_commit": git_commit(),
+        "data_dvc_hash": data_hash,
+        "data_path": prepared_dir,
+        **({"init_model_hash": init_hash} if init_hash else {}),
+    }
+    ids = start_stage_run(
+        resolve_tracking_uri(config.tracking_uri),
+        config.experiment,
+        config.stage,
+        name,
+        asdict(config),
+        tags,
+        parent_run_from(init_dir),
+    )
+    loop_config = {
+        **asdict(config),
+        "prepared_dir": prepared_dir,
+        "mlflow": ids,
+        "interactive": sys.stderr.isatty(),
+        "init_dir": init_dir,
+    }
     start = time.perf_counter()
     try:
         result = _run_with_ray(config, loop_config, name)
@@ -176,11 +218,15 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
     (out_dir / RUN_FILE).write_text(json.dumps(ids), encoding="utf-8")
     progress, history = state["progress"], state["progress"]["history"]
     validation = progress["validation"]
-    timed = history[len(history) // 10:] or history  # leave out the first steps' warm-up
+    timed = history[len(history) // 10 :] or history  # leave out the first steps' warm-up
     start_recall, final_recall = start_and_final(validation)
     return {
-        "stage": config.stage, "model_dir": str(out_dir), "steps": len(history), "epochs": history[-1]["epoch"],
-        "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+        "stage": config.stage,
+        "model_dir": str(out_dir),
+        "steps": len(history),
+        "epochs": history[-1]["epoch"],
+        "first_loss": history[0]["loss"],
+        "final_loss": history[-1]["loss"],
         "samples_per_s": round(float(np.median([h["samples_per_s"] for h in timed])), 2),
         "data_wait_share": round(sum(h["data_wait_s"] for h in timed) / sum(h["step_s"] for h in timed), 4),
         "start_valid_mean_recall": start_recall,
@@ -188,16 +234,20 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
         "final_valid_mean_recall": final_recall,
         "final_valid_inbatch_accuracy": validation[-1]["valid_inbatch_accuracy"] if validation else None,
         "resumed_at_steps": progress["resumed_at"],
-        "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path, "ray_run": name, "mlflow": ids,
+        "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path,
+        "ray_run": name,
+        "mlflow": ids,
         "config": asdict(config),
     } | {"warnings": training_warnings(history, validation, config.stage)}
 
 
 # What usually stops a stage from learning, and how to look for better settings (README: "When a stage does not learn").
-TUNING_ADVICE = ("usual causes: a learning rate too high for pretrained weights (the reference fine-tunes at 1e-5 to 5e-5) "
-                 "or too low to move, too few warm-up steps, or a batch too small for enough in-batch negatives. "
-                 "Sweep them: dvc exp run --queue -S 'stage{stage}.lr=1e-5,5e-5,1e-4' -S 'train.warmup_steps=20,100' "
-                 "&& dvc queue start, then dvc exp show")
+TUNING_ADVICE = (
+    "usual causes: a learning rate too high for pretrained weights (the reference fine-tunes at 1e-5 to 5e-5) "
+    "or too low to move, too few warm-up steps, or a batch too small for enough in-batch negatives. "
+    "Sweep them: dvc exp run --queue -S 'stage{stage}.lr=1e-5,5e-5,1e-4' -S 'train.warmup_steps=20,100' "
+    "&& dvc queue start, then dvc exp show"
+)
 LOSS_FALL = 0.98  # the last tenth of the steps must average below this share of the first tenth's loss
 
 
@@ -215,21 +265,29 @@ def training_warnings(history: list[dict], validation: list[dict], stage: int) -
     tenth = max(1, len(history) // 10)
     first, last = np.mean([h["loss"] for h in history[:tenth]]), np.mean([h["loss"] for h in history[-tenth:]])
     if last >= LOSS_FALL * first:
-        found.append(f"stage {stage}: the loss has not fallen ({first:.4f} over the first {tenth} steps, {last:.4f} over the last)")
+        found.append(
+            f"stage {stage}: the loss has not fallen ({first:.4f} over the first {tenth} steps, "
+            f"{last:.4f} over the last)"
+        )
     start, final = start_and_final(validation)
     if start is not None and final is not None and final < start:
-        found.append(f"stage {stage}: ended below its start (valid mean recall {start:.2f} at step 0, {final:.2f} at the end)")
+        found.append(
+            f"stage {stage}: ended below its start (valid mean recall {start:.2f} at step 0, {final:.2f} at the end)"
+        )
     return [f"{warning}; {TUNING_ADVICE.format(stage=stage)}" for warning in found]
 
 
 def _print_summary(summary: dict) -> None:
     best = summary["best_valid_mean_recall"]
-    print(f"stage {summary['stage']}: {summary['steps']} steps in {summary['duration_s']:.0f} s, "
-          f"{summary['samples_per_s']:.0f} samples/s, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
-          + (f", best valid mean recall {best:.2f}" if best is not None else "")
-          + (f", resumed at step {summary['resumed_at_steps']}" if summary["resumed_at_steps"] else "")
-          + f"\n  model: {summary['model_dir']}\n  checkpoint: {summary['checkpoint']}"
-          + "".join(f"\n  WARNING {warning}" for warning in summary["warnings"]), file=sys.stderr)
+    print(
+        f"stage {summary['stage']}: {summary['steps']} steps in {summary['duration_s']:.0f} s, "
+        f"{summary['samples_per_s']:.0f} samples/s, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
+        + (f", best valid mean recall {best:.2f}" if best is not None else "")
+        + (f", resumed at step {summary['resumed_at_steps']}" if summary["resumed_at_steps"] else "")
+        + f"\n  model: {summary['model_dir']}\n  checkpoint: {summary['checkpoint']}"
+        + "".join(f"\n  WARNING {warning}" for warning in summary["warnings"]),
+        file=sys.stderr,
+    )
 
 
 def _write_history_csv(history: list[dict], path: str | Path) -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.settings import setting
-from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.core.lineage import dvc_hash
+from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import arrow_filesystem
+from zhclip.components.core.summaries import timed, write_summary
 
 SOURCES = ("scratch", "towers", "checkpoint")
 # The recipes a pipeline can run: stage 2's model is what gets registered, so every recipe ends there.
@@ -41,23 +41,33 @@ def recipe_name(stages: dict[str, str]) -> str:
 class StartConfig:
     """Section `start`: the model training starts from, and which stages run."""
 
-    source: str = setting("scratch", "what training starts from: scratch | towers (the paper: OpenAI-CLIP + Chinese "
-                                     "RoBERTa) | checkpoint (a released Chinese-CLIP)")
+    source: str = setting(
+        "scratch",
+        "what training starts from: scratch | towers (the paper: OpenAI-CLIP + Chinese "
+        "RoBERTa) | checkpoint (a released Chinese-CLIP)",
+    )
     vision: str = setting("", "towers: OpenAI-CLIP folder (CLIPModel / CLIPVisionModel, Hugging Face format)")
     text: str = setting("", "towers: Chinese RoBERTa-wwm folder (BertModel / BertForMaskedLM)")
     checkpoint: str = setting("", "checkpoint: a Chinese-CLIP .pt, or a ChineseCLIP / zhclip model folder")
-    stages: dict[str, str] = setting(dict(RECIPES["two-stage"]), "the training stages and the model each starts from: "
-                                     "{stage1: start, stage2: stage1} (the paper), or {stage2: start} to fine-tune")
+    stages: dict[str, str] = setting(
+        dict(RECIPES["two-stage"]),
+        "the training stages and the model each starts from: "
+        "{stage1: start, stage2: stage1} (the paper), or {stage2: start} to fine-tune",
+    )
     preset: str = setting("tiny", "scratch and towers: the architecture", shared_from="model")
-    context_length: int = setting(52, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model")
+    context_length: int = setting(
+        52, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
+    )
     seed: int = setting(0, "scratch: the seed of the random initialisation")
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         if self.stages not in RECIPES.values():
-            raise ValueError(f"stages {self.stages} is not a recipe zhclip runs; use {RECIPES['two-stage']} (the paper's "
-                             f"two stages) or {RECIPES['fine-tune']} (fine-tuning the start)")
+            raise ValueError(
+                f"stages {self.stages} is not a recipe zhclip runs; use {RECIPES['two-stage']} (the paper's "
+                f"two stages) or {RECIPES['fine-tune']} (fine-tuning the start)"
+            )
         if self.source == "towers" and not (self.vision or self.text):
             raise ValueError("source towers needs start.vision and/or start.text (pretrained folders)")
         if self.source == "checkpoint" and not self.checkpoint:
@@ -73,7 +83,10 @@ def _local(path: str, scratch: Path) -> Path:
     """A local copy of an s3:// file or folder (the Kubeflow pipeline passes MinIO URIs); local paths as they are."""
     if not path.startswith("s3://"):
         if not Path(path).exists():
-            raise ZhclipError(f"starting weights {path} not found; `dvc add` or `dvc import` them there first (README: Starting weights)")
+            raise ZhclipError(
+                f"starting weights {path} not found; `dvc add` or `dvc import` them there first "
+                "(docs/starting-weights.md)"
+            )
         return Path(path)
     from pyarrow import fs
 
@@ -120,8 +133,12 @@ def prepare_start(out_dir: str | Path, config: StartConfig, summary_path: str | 
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    summary: dict[str, Any] = {"source": config.source, "model_dir": str(out_dir), "stages": config.stages,
-                               "weights": config.weights()}
+    summary: dict[str, Any] = {
+        "source": config.source,
+        "model_dir": str(out_dir),
+        "stages": config.stages,
+        "weights": config.weights(),
+    }
     with timed(summary), tempfile.TemporaryDirectory() as scratch:
         summary.update(_build(config, out_dir, Path(scratch)))
         summary["weights_dvc_hash"] = {role: dvc_hash(path) for role, path in config.weights().items()}

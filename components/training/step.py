@@ -56,11 +56,14 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters only (a locked tower gets no optimizer state), with
     Chinese-CLIP's betas (0.9, 0.98) and eps 1e-6. `fused` uses the single-kernel CUDA update."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None
+    )
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup to the base learning rate, then cosine decay to zero at `total_steps`."""
 
     def factor(step: int) -> float:
@@ -86,7 +89,9 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
 
 def image_tower_locked(model: PreTrainedModel) -> bool:
     """True when no image-tower parameter learns (stage 1 with unlocked_groups 0)."""
-    return not any(p.requires_grad for group in image_tower_groups(model) for module in group for p in module.parameters())
+    return not any(
+        p.requires_grad for group in image_tower_groups(model) for module in group for p in module.parameters()
+    )
 
 
 class TrainStep:
@@ -105,9 +110,14 @@ class TrainStep:
     logit scale takes its gradient from one micro-batch only, so it is not counted K times.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                 config: StepConfig | None = None, raw_model: PreTrainedModel | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        config: StepConfig | None = None,
+        raw_model: PreTrainedModel | None = None,
+    ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config = config or StepConfig()
         self.raw_model = raw_model or model
@@ -121,16 +131,21 @@ class TrainStep:
     def _encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast(batch["input_ids"].device):
             if "image_embeds" in batch:
-                text = projected_features(self.raw_model.get_text_features(input_ids=batch["input_ids"],
-                                                                  attention_mask=batch["attention_mask"]))
+                text = projected_features(
+                    self.raw_model.get_text_features(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    )
+                )
                 return batch["image_embeds"].float(), text.float()
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"])
+            out = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+            )
         return out.image_embeds.float(), out.text_embeds.float()
 
     def _loss(self, images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(images, texts, logit_scale, local_loss=self.config.local_loss,
-                                gather_with_grad=self.config.gather_with_grad)
+        return contrastive_loss(
+            images, texts, logit_scale, local_loss=self.config.local_loss, gather_with_grad=self.config.gather_with_grad
+        )
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -150,16 +165,20 @@ class TrainStep:
     def _accumulate(self, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
         size = len(batch["input_ids"])
         if size % self.config.accum_steps:
-            raise ValueError(f"batch of {size} does not split into accum_steps={self.config.accum_steps} equal micro-batches")
+            raise ValueError(
+                f"batch of {size} does not split into accum_steps={self.config.accum_steps} equal micro-batches"
+            )
         part_size = size // self.config.accum_steps
-        micro = [{key: value[i * part_size:(i + 1) * part_size] for key, value in batch.items()}
-                 for i in range(self.config.accum_steps)]
+        micro = [
+            {key: value[i * part_size : (i + 1) * part_size] for key, value in batch.items()}
+            for i in range(self.config.accum_steps)
+        ]
         with torch.no_grad():
             cached = [self._encode(part) for part in micro]
         for index, part in enumerate(micro):
             images, texts = self._encode(part)
-            all_images = torch.cat([c[0] for c in cached[:index]] + [images] + [c[0] for c in cached[index + 1:]])
-            all_texts = torch.cat([c[1] for c in cached[:index]] + [texts] + [c[1] for c in cached[index + 1:]])
+            all_images = torch.cat([c[0] for c in cached[:index]] + [images] + [c[0] for c in cached[index + 1 :]])
+            all_texts = torch.cat([c[1] for c in cached[:index]] + [texts] + [c[1] for c in cached[index + 1 :]])
             loss = self._loss(all_images, all_texts, scale if index == 0 else scale.detach())
             loss.backward()
         return loss.detach()
@@ -180,14 +199,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: str | Path, model: PreTrainedModel, processor, step: TrainStep,
-                    progress: dict[str, Any]) -> Path:
+def save_checkpoint(
+    folder: str | Path, model: PreTrainedModel, processor, step: TrainStep, progress: dict[str, Any]
+) -> Path:
     """A resumable checkpoint: the model folder (safetensors) plus optimizer, scheduler, RNG state and
     `progress` (global step, history...) in training_state.pt."""
     folder = save_model(model, processor, folder)
-    torch.save({"optimizer": step.optimizer.state_dict(),
-                "scheduler": step.scheduler.state_dict() if step.scheduler else None,
-                "rng": _rng_state(), "progress": progress}, folder / TRAINING_STATE_FILE)
+    torch.save(
+        {
+            "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict() if step.scheduler else None,
+            "rng": _rng_state(),
+            "progress": progress,
+        },
+        folder / TRAINING_STATE_FILE,
+    )
     return folder
 
 

@@ -18,8 +18,13 @@ BENCHES = ("train_throughput", "embed_throughput", "input_pipeline", "train_end_
 
 def bench_lines(module: str, *args: str) -> list[dict]:
     """Run `python -m bench.<module>` from the repository root; its JSON lines after the environment."""
-    result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--device", "cpu", *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", "--device", "cpu", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0]["bench"] == "environment" and lines[0]["torch"]
@@ -48,20 +53,44 @@ def test_gpu_suite_names_only_existing_cases():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_suite.sh")]).returncode == 0
     runs = re.findall(r"bench\.(\w+)[^\n]*--cases ([^\n]*)", script)
     assert {module for module, _ in runs} == {"train_throughput", "embed_throughput"}
-    assert re.findall(r"bench\.(?:train_end_to_end|loss_curve)[^\n]*--(?:case|fast) (\S+)", script) == ['"$FASTEST"'] * 2
+    assert (
+        re.findall(r"bench\.(?:train_end_to_end|loss_curve)[^\n]*--(?:case|fast) (\S+)", script) == ['"$FASTEST"'] * 2
+    )
     runs += [("train_throughput", name) for name in re.findall(r"else '([\w-]+)'", script)]  # FASTEST's default
-    catalogues = json.loads(python("import json; from bench import embed_throughput, train_throughput; "
-                                   "print(json.dumps({m.__name__.split('.')[1]: list(m.CASES) "
-                                   "for m in (embed_throughput, train_throughput)}))"))
+    catalogues = json.loads(
+        python(
+            "import json; from bench import embed_throughput, train_throughput; "
+            "print(json.dumps({m.__name__.split('.')[1]: list(m.CASES) "
+            "for m in (embed_throughput, train_throughput)}))"
+        )
+    )
     for module, arguments in runs:
         names = arguments.split("--")[0].split()
-        assert names and set(names) <= set(catalogues[module]), f"{module}: unknown {set(names) - set(catalogues[module])}"
+        assert names and set(names) <= set(catalogues[module]), (
+            f"{module}: unknown {set(names) - set(catalogues[module])}"
+        )
 
 
 @pytest.mark.slow
 def test_training_benchmark_runs_reference_and_zhclip_steps():
-    cases = run_bench("train_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                      "--cases", "reference-s2", "reference-s1", "eager-s2", "bf16-s2", "eager-pf-s2", "hf-compile-s1")
+    cases = run_bench(
+        "train_throughput",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--cases",
+        "reference-s2",
+        "reference-s1",
+        "eager-s2",
+        "bf16-s2",
+        "eager-pf-s2",
+        "hf-compile-s1",
+    )
     for name, case in cases.items():
         assert "error" not in case, f"{name}: {case.get('error')}"
         assert case["samples_per_s"] > 0 and case["gflop_per_sample"] > 0 and case["peak_memory_mb"] > 0
@@ -86,8 +115,28 @@ def test_training_benchmark_runs_reference_and_zhclip_steps():
 
 @pytest.mark.slow
 def test_end_to_end_benchmark_trains_from_jpeg_shards_and_compares_with_tensors():
-    lines = bench_lines("train_end_to_end", "--case", "eager-s2", "--preset", "tiny", "--batch-size", "8", "--images", "96",
-                        "--workers", "1", "--steps", "3", "--warmup", "1", "--width", "64", "--height", "48", "--augment")
+    lines = bench_lines(
+        "train_end_to_end",
+        "--case",
+        "eager-s2",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--images",
+        "96",
+        "--workers",
+        "1",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--augment",
+    )
     by_input = {line["input"]: line for line in lines if "input" in line}
     assert set(by_input) == {"tensors", "cpu", "gpu"}
     assert by_input["tensors"]["x_tensors"] == 1.0 and by_input["tensors"]["data_wait_share"] == 0.0
@@ -101,10 +150,33 @@ def test_end_to_end_benchmark_trains_from_jpeg_shards_and_compares_with_tensors(
 def test_loss_curve_check_finds_identical_configurations_identical_and_measures_chance():
     """fp32-s2 is plain's configuration, its images normalised on the device instead (the same
     pixels): the curves coincide. Plain with other dropout draws departs: the noise floor."""
-    lines = {line["case"]: line for line in bench_lines(
-        "loss_curve", "--fast", "fp32-s2", "--noise-floor", "--preset", "tiny", "--batch-size", "8", "--steps", "16",
-        "--window", "4", "--train-images", "30", "--workers", "1", "--tolerance", "0.001", "--lr", "2e-3",
-        "--warmup-steps", "2")}
+    lines = {
+        line["case"]: line
+        for line in bench_lines(
+            "loss_curve",
+            "--fast",
+            "fp32-s2",
+            "--noise-floor",
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "8",
+            "--steps",
+            "16",
+            "--window",
+            "4",
+            "--train-images",
+            "30",
+            "--workers",
+            "1",
+            "--tolerance",
+            "0.001",
+            "--lr",
+            "2e-3",
+            "--warmup-steps",
+            "2",
+        )
+    }
     losses = lines["plain"]["losses"]
     assert len(losses) == len(lines["fp32-s2"]["losses"]) == len(lines["plain-reseeded"]["losses"]) == 16
     assert lines["plain"]["peak_memory_mb"] > 0
@@ -117,8 +189,21 @@ def test_loss_curve_check_finds_identical_configurations_identical_and_measures_
 
 @pytest.mark.slow
 def test_embedding_benchmark_runs_reference_and_zhclip():
-    cases = run_bench("embed_throughput", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-                      "--cases", "reference-fp16", "fp32", "bf16")
+    cases = run_bench(
+        "embed_throughput",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--cases",
+        "reference-fp16",
+        "fp32",
+        "bf16",
+    )
     for name, case in cases.items():
         assert "error" not in case, f"{name}: {case.get('error')}"
         assert case["images_per_s"] > 0 and case["gflop_per_image"] > 0
@@ -127,8 +212,21 @@ def test_embedding_benchmark_runs_reference_and_zhclip():
 
 @pytest.mark.slow
 def test_input_pipeline_benchmark_gives_the_processors_pixels():
-    cases = run_bench("input_pipeline", "--images", "24", "--width", "64", "--height", "48", "--batch-size", "8",
-                      "--workers", "0", "--gpu-decode", "--augment")
+    cases = run_bench(
+        "input_pipeline",
+        "--images",
+        "24",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--gpu-decode",
+        "--augment",
+    )
     assert cases["legacy-0-workers"]["images_per_s"] > 0 and cases["stream-0-workers"]["images_per_s"] > 0
     assert cases["stream-uint8-0-workers"]["max_abs_diff_vs_processor"] == 0.0
     assert "error" in cases["gpu-nvjpeg"] or cases["gpu-nvjpeg"]["max_abs_diff_vs_processor"] < 0.1
@@ -136,8 +234,27 @@ def test_input_pipeline_benchmark_gives_the_processors_pixels():
 
 def test_search_benchmark_scores_an_index_against_exact_search(tmp_path):
     out = tmp_path / "search.jsonl"
-    result = subprocess.run([sys.executable, "bench/search.py", "ann", "--vectors", "2000", "--queries", "50", "--data", "lowdim",
-                             "--factory", "Flat", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/search.py",
+            "ann",
+            "--vectors",
+            "2000",
+            "--queries",
+            "50",
+            "--data",
+            "lowdim",
+            "--factory",
+            "Flat",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [json.loads(text) for text in out.read_text().splitlines()]
     assert line["recall_at_10"] == 1.0 and line["vectors"] == 2000 and line["index_mb"] > 2000 * 512 * 4 / 2**20 * 0.99

@@ -1,4 +1,4 @@
-"""One definition per setting: the dataclasses; params.yaml, the CLI's help and docs/configuration.md agree with them."""
+"""One definition per setting, the dataclass field: params.yaml, the CLI's help and docs/configuration.md agree."""
 
 import dataclasses
 
@@ -20,6 +20,7 @@ from zhclip.components.core.settings import (
     section_fields,
     section_help,
 )
+
 from conftest import REPO, run_cli
 
 # What this project (the demo) sets differently from the platform's defaults; every other value in
@@ -27,10 +28,20 @@ from conftest import REPO, run_cli
 PROJECT_CHOICES = {"start.source", "start.vision", "start.text", "search.galleries"}
 
 # The params.yaml sections each command reads, for the help check below.
-COMMAND_SECTIONS = {"demo-data": ["demo_data"], "demo-towers": ["demo_towers"], "ingest": ["ingest"],
-                    "validate": ["validate"], "start": ["start"], "train": ["train"], "evaluate": ["evaluate"],
-                    "zeroshot": ["zeroshot"], "register": ["register", "mlflow"], "index": ["index", "mlflow"],
-                    "serve": ["serve", "mlflow"], "embed": ["mlflow"]}
+COMMAND_SECTIONS = {
+    "demo-data": ["demo_data"],
+    "demo-towers": ["demo_towers"],
+    "ingest": ["ingest"],
+    "validate": ["validate"],
+    "start": ["start"],
+    "train": ["train"],
+    "evaluate": ["evaluate"],
+    "zeroshot": ["zeroshot"],
+    "register": ["register", "mlflow"],
+    "index": ["index", "mlflow"],
+    "serve": ["serve", "mlflow"],
+    "embed": ["mlflow"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,9 @@ def test_params_yaml_holds_every_setting_at_its_default_but_the_projects_choices
             continue
         fields = section_fields(config_class(name))
         expected = set(fields) - overlaid.get(name, set())
-        assert set(values) == expected, f"params.yaml section {name}: add {expected - set(values)}, remove {set(values) - expected}"
+        assert set(values) == expected, (
+            f"params.yaml section {name}: add {expected - set(values)}, remove {set(values) - expected}"
+        )
         for key, value in values.items():
             default = default_of(fields[key])
             if f"{name}.{key}" in PROJECT_CHOICES:

@@ -10,6 +10,7 @@ import pytest
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.storage import upload
+
 from conftest import BIN, S3_CREDENTIALS
 
 
@@ -21,8 +22,13 @@ def s3_env(s3_endpoint, monkeypatch):
 
 
 def _s3(endpoint):
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                        region_name="us-east-1")
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
 
 
 def _objects(endpoint, bucket):
@@ -31,8 +37,11 @@ def _objects(endpoint, bucket):
 
 def test_upload_prepared_shards_with_the_minio_client(s3_env, prepared_dir):
     summary = upload(prepared_dir, "s3://zhclip-data/prepared/v1")
-    local = {f"prepared/v1/{p.relative_to(prepared_dir).as_posix()}": p.stat().st_size
-             for p in prepared_dir.rglob("*") if p.is_file()}
+    local = {
+        f"prepared/v1/{p.relative_to(prepared_dir).as_posix()}": p.stat().st_size
+        for p in prepared_dir.rglob("*")
+        if p.is_file()
+    }
     assert _objects(s3_env, "zhclip-data") == local
     assert summary["uploaded_files"] == len(local) > 3
 
@@ -102,18 +111,35 @@ def test_training_reads_its_data_from_and_checkpoints_to_s3(s3_env, prepared_dir
     upload(prepared_dir, "s3://zhclip-train/prepared")
     assert dvc_hash("s3://zhclip-train/prepared") == dvc_hash(prepared_dir)
     _s3(s3_env).create_bucket(Bucket="zhclip-ray")
-    config = TrainConfig(stage=1, max_steps=6, batch_size=32, warmup_steps=1, checkpoint_every=3,
-                         storage_path="s3://zhclip-ray/checkpoints", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = TrainConfig(
+        stage=1,
+        max_steps=6,
+        batch_size=32,
+        warmup_steps=1,
+        checkpoint_every=3,
+        storage_path="s3://zhclip-ray/checkpoints",
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     stage1 = train("s3://zhclip-train/prepared", tmp_path / "stage1", config)
     upload(tmp_path / "stage1", "s3://zhclip-train/models/stage1")  # as KFP stores a Model artifact
-    config2 = TrainConfig(stage=2, max_steps=2, batch_size=32, warmup_steps=1, storage_path="s3://zhclip-ray/checkpoints",
-                          tracking_uri=config.tracking_uri)
-    stage2 = train("s3://zhclip-train/prepared", tmp_path / "stage2", config2, init_dir="s3://zhclip-train/models/stage1")
+    config2 = TrainConfig(
+        stage=2,
+        max_steps=2,
+        batch_size=32,
+        warmup_steps=1,
+        storage_path="s3://zhclip-ray/checkpoints",
+        tracking_uri=config.tracking_uri,
+    )
+    stage2 = train(
+        "s3://zhclip-train/prepared", tmp_path / "stage2", config2, init_dir="s3://zhclip-train/models/stage1"
+    )
     assert stage2["steps"] == 2 and stage2["mlflow"]["parent_run_id"] == stage1["mlflow"]["parent_run_id"]
     summary = stage1
     keys = _objects(s3_env, "zhclip-ray")
     run = f"checkpoints/{summary['ray_run']}/"
-    checkpoints = {key.split("/")[2] for key in keys if key.startswith(run + "checkpoint_") and key.endswith("model.safetensors")}
+    checkpoints = {
+        key.split("/")[2] for key in keys if key.startswith(run + "checkpoint_") and key.endswith("model.safetensors")
+    }
     assert (tmp_path / "stage1" / "model.safetensors").is_file()
     assert len(checkpoints) == 2, f"checkpoints at steps 3 and 6 in the bucket, got {sorted(keys)}"
     assert any(key.endswith("training_state.pt") for key in keys)

@@ -12,12 +12,13 @@ import yaml
 from PIL import Image
 
 from zhclip.components.core.errors import ZhclipError
-from conftest import BIN, run_tool
-from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
-from zhclip.components.data.schema import PAIR_SCHEMA
 from zhclip.components.data.ingest import IngestConfig, ingest
+from zhclip.components.data.schema import PAIR_SCHEMA
 from zhclip.components.data.shards import read_pairs
 from zhclip.components.data.validate import ValidateConfig, validate
+from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
+
+from conftest import BIN, run_tool
 
 
 def _lines(path):
@@ -25,8 +26,15 @@ def _lines(path):
 
 
 def test_demo_data_is_deterministic_and_in_chinese_clip_format(tmp_path):
-    config = DemoDataConfig(train_images=12, valid_images=4, test_images=30, captions_per_image=3,
-                            train_digits=0, valid_digits=0, test_digits=0)
+    config = DemoDataConfig(
+        train_images=12,
+        valid_images=4,
+        test_images=30,
+        captions_per_image=3,
+        train_digits=0,
+        valid_digits=0,
+        test_digits=0,
+    )
     generate_demo_data(tmp_path / "a", config)
     generate_demo_data(tmp_path / "b", config)
     for name in ("train_imgs.tsv", "test_texts.jsonl"):
@@ -38,7 +46,9 @@ def test_demo_data_is_deterministic_and_in_chinese_clip_format(tmp_path):
     assert len(images) == 30 and all(im.size == (64, 64) for im in images.values())
     texts = [json.loads(line) for line in _lines(tmp_path / "a" / "test_texts.jsonl")]
     assert len(texts) == 90
-    assert all(set(t["image_ids"]) <= set(images) and any("\u4e00" <= ch <= "\u9fff" for ch in t["text"]) for t in texts)
+    assert all(
+        set(t["image_ids"]) <= set(images) and any("\u4e00" <= ch <= "\u9fff" for ch in t["text"]) for t in texts
+    )
     # 30 images over 96 attribute combinations: some captions must have several positive images.
     assert any(len(t["image_ids"]) > 1 for t in texts)
     train = [json.loads(line) for line in _lines(tmp_path / "a" / "train_texts.jsonl")]
@@ -48,21 +58,39 @@ def test_demo_data_is_deterministic_and_in_chinese_clip_format(tmp_path):
 def test_demo_data_includes_real_digit_scans_and_zero_shot_sets(tmp_path):
     from sklearn.datasets import load_digits
 
-    summary = generate_demo_data(tmp_path, DemoDataConfig(train_images=4, valid_images=2, test_images=2, train_digits=20,
-                                                          valid_digits=5, test_digits=30, zeroshot_per_class=3))
+    summary = generate_demo_data(
+        tmp_path,
+        DemoDataConfig(
+            train_images=4,
+            valid_images=2,
+            test_images=2,
+            train_digits=20,
+            valid_digits=5,
+            test_digits=30,
+            zeroshot_per_class=3,
+        ),
+    )
     assert summary["splits"]["test"]["images"] == 32 and summary["zeroshot"]["digits"] == {"classes": 10, "images": 30}
     texts = [json.loads(line) for line in _lines(tmp_path / "test_texts.jsonl")]
     digit_texts = [t for t in texts if "数字" in t["text"] or "手写" in t["text"]]
     assert digit_texts and any(len(t["image_ids"]) > 1 for t in digit_texts)
     folders = sorted(p.name for p in (tmp_path / "zeroshot" / "digits").iterdir())
     assert folders == sorted(["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"])
-    assert sorted(p.name for p in (tmp_path / "zeroshot" / "shapes").iterdir()) == sorted(["圆形", "正方形", "三角形", "十字"])
+    assert sorted(p.name for p in (tmp_path / "zeroshot" / "shapes").iterdir()) == sorted(
+        ["圆形", "正方形", "三角形", "十字"]
+    )
     # The zero-shot "七" images are real scans of a 7, upscaled from scikit-learn's 8x8 data.
-    seven = np.asarray(Image.open(tmp_path / "zeroshot" / "digits" / "七" / "000.png").convert("L").resize((8, 8), Image.Resampling.BOX))
+    seven = np.asarray(
+        Image.open(tmp_path / "zeroshot" / "digits" / "七" / "000.png")
+        .convert("L")
+        .resize((8, 8), Image.Resampling.BOX)
+    )
     sevens = load_digits().images[load_digits().target == 7] * (255 / 16)
     assert min(np.abs(s - seven).mean() for s in sevens) < 20
     # No scan appears twice across the splits and the zero-shot set.
-    blobs = [line.split("\t")[1] for split in ("train", "valid", "test") for line in _lines(tmp_path / f"{split}_imgs.tsv")]
+    blobs = [
+        line.split("\t")[1] for split in ("train", "valid", "test") for line in _lines(tmp_path / f"{split}_imgs.tsv")
+    ]
     assert len(blobs) == len(set(blobs))
 
 
@@ -79,7 +107,9 @@ def _write_split(folder, split, image_lines, text_records):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{split}_imgs.tsv").write_text("".join(line + "\n" for line in image_lines), encoding="utf-8")
     (folder / f"{split}_texts.jsonl").write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in text_records), encoding="utf-8")
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in text_records),
+        encoding="utf-8",
+    )
 
 
 def _png_b64(colour="red", urlsafe=True):
@@ -108,10 +138,16 @@ def test_ingest_quarantines_each_kind_of_bad_row_with_its_reason(tmp_path, worke
         8: (f"6\t{base64.b64encode(jpeg[: len(jpeg) // 2]).decode()}", "image does not decode"),
         9: (f"7\t{base64.b64encode(huge).decode()}", "40.0 megapixels, above max_image_pixels 25.0"),
     }
-    texts = [{"text_id": 1, "text": "红色方块", "image_ids": [1]}, {"text_id": 2, "text": "蓝色方块", "image_ids": [2, 9]},
-             {"text_id": 8, "text": "绿色照片", "image_ids": [5]},
-             "{broken json", {"text_id": 3, "text": " \t ", "image_ids": [1]}, {"text_id": 4, "text": "绿色", "image_ids": ["x"]},
-             {"text_id": 1, "text": "重复的编号", "image_ids": [2]}, {"text_id": 10, "image_ids": [2]}]
+    texts = [
+        {"text_id": 1, "text": "红色方块", "image_ids": [1]},
+        {"text_id": 2, "text": "蓝色方块", "image_ids": [2, 9]},
+        {"text_id": 8, "text": "绿色照片", "image_ids": [5]},
+        "{broken json",
+        {"text_id": 3, "text": " \t ", "image_ids": [1]},
+        {"text_id": 4, "text": "绿色", "image_ids": ["x"]},
+        {"text_id": 1, "text": "重复的编号", "image_ids": [2]},
+        {"text_id": 10, "image_ids": [2]},
+    ]
     for split in ("train", "valid", "test"):
         _write_split(raw, split, good + [line for line, _ in bad.values()], texts)
     with open(raw / "test_texts.jsonl", "ab") as texts_file:
@@ -126,8 +162,14 @@ def test_ingest_quarantines_each_kind_of_bad_row_with_its_reason(tmp_path, worke
     for line, reason in images_file.items():
         assert bad[line][1] in reason, (line, reason)
     text_reasons = [q["reason"] for q in quarantined if q["file"].endswith("test_texts.jsonl")]
-    expected = {"not a text record": 2, "empty or non-string text": 1, "list of integers": 1, "duplicate text_id 1": 1,
-                "not UTF-8": 1, "image_id 9 is referenced": 1}
+    expected = {
+        "not a text record": 2,
+        "empty or non-string text": 1,
+        "list of integers": 1,
+        "duplicate text_id 1": 1,
+        "not UTF-8": 1,
+        "image_id 9 is referenced": 1,
+    }
     for fragment, count in expected.items():
         assert sum(fragment in reason for reason in text_reasons) == count, (fragment, text_reasons)
     assert len(quarantined) == summary["splits"]["test"]["quarantined"] == len(bad) + sum(expected.values())
@@ -155,12 +197,20 @@ def test_ingest_names_a_missing_split_file(tmp_path):
 
 
 def test_validation_passes_good_data_and_reports_counts(prepared_dir, tmp_path):
-    report = validate(prepared_dir, tmp_path / "validated", ValidateConfig(), tmp_path / "report.json",
-                      tmp_path / "q.jsonl", tmp_path / "docs")
+    report = validate(
+        prepared_dir,
+        tmp_path / "validated",
+        ValidateConfig(),
+        tmp_path / "report.json",
+        tmp_path / "q.jsonl",
+        tmp_path / "docs",
+    )
     assert report["success"]
     saved = json.loads((tmp_path / "report.json").read_text())
     test = saved["splits"]["test"]
-    assert test["rows_in"] == test["rows_out"] == len(read_pairs(prepared_dir, "test")) and test["rows_quarantined"] == 0
+    assert (
+        test["rows_in"] == test["rows_out"] == len(read_pairs(prepared_dir, "test")) and test["rows_quarantined"] == 0
+    )
     assert test["checked"] == 17 and test["failed"] == 0
     assert read_pairs(tmp_path / "validated", "test").equals(read_pairs(prepared_dir, "test"))
     assert (tmp_path / "q.jsonl").read_text() == ""
@@ -169,25 +219,30 @@ def test_validation_passes_good_data_and_reports_counts(prepared_dir, tmp_path):
 
 def _faulty_dataset(folder):
     """Prepared-data faults no ingest check catches, each in a known row of the test split."""
-    images = {i: _encoded(Image.new("RGB", (16, 16), colour)) for i, colour in enumerate(["red", "blue", "green", "white", "black"], 1)}
+    images = {
+        i: _encoded(Image.new("RGB", (16, 16), colour))
+        for i, colour in enumerate(["red", "blue", "green", "white", "black"], 1)
+    }
     good_image = images[1]
     tiny = _encoded(Image.new("RGB", (4, 4), "purple"))  # below min_image_side
     strip = _encoded(Image.new("RGB", (200, 10), "purple"))  # aspect 20
     train = [(1, "红色的方块", 1, images[1])]
     test = [
-        (10, "蓝色的方块", 2, images[2]),                  # good
-        (11, "绿色的方块", 3, images[3]),                  # good
-        (12, "a photo of a cat", 4, images[4]),           # mostly not Chinese
-        (13, "黑", 5, images[5]),                          # too short
-        (14, "红色的方块再次出现", 6, good_image),          # the train image, leaked into test
-        (15, "很小的紫色图片", 7, tiny),                     # too small
-        (16, "细长的紫色图片", 8, strip),                    # aspect ratio
-        (10, "蓝色的方块", 2, images[2]),                  # exact duplicate pair of the first row
+        (10, "蓝色的方块", 2, images[2]),  # good
+        (11, "绿色的方块", 3, images[3]),  # good
+        (12, "a photo of a cat", 4, images[4]),  # mostly not Chinese
+        (13, "黑", 5, images[5]),  # too short
+        (14, "红色的方块再次出现", 6, good_image),  # the train image, leaked into test
+        (15, "很小的紫色图片", 7, tiny),  # too small
+        (16, "细长的紫色图片", 8, strip),  # aspect ratio
+        (10, "蓝色的方块", 2, images[2]),  # exact duplicate pair of the first row
     ]
     valid = [(2, "黄色的圆形", 20, _encoded(Image.new("RGB", (16, 16), "yellow"))), *train]
     for split, rows in (("train", train), ("valid", valid), ("test", test)):
         (folder / split).mkdir(parents=True)
-        table = pa.Table.from_pylist([dict(zip(["text_id", "text", "image_id", "image"], r)) for r in rows], schema=PAIR_SCHEMA)
+        table = pa.Table.from_pylist(
+            [dict(zip(["text_id", "text", "image_id", "image"], r)) for r in rows], schema=PAIR_SCHEMA
+        )
         pq.write_table(table, folder / split / "part-00000.parquet")
     return {12: "chinese_ratio", 13: "text_chars", 14: "leaked_from_train", 15: "image_width", 16: "image_aspect"}
 
@@ -216,10 +271,15 @@ def test_validation_catches_each_fault_exactly_and_quarantines_below_the_thresho
 def test_validation_gate_fails_above_the_threshold_naming_expectations_and_ids(tmp_path):
     _faulty_dataset(tmp_path / "prepared")
     with pytest.raises(ZhclipError) as failure:
-        validate(tmp_path / "prepared", tmp_path / "validated", ValidateConfig(), tmp_path / "r.json", tmp_path / "q.jsonl")
+        validate(
+            tmp_path / "prepared", tmp_path / "validated", ValidateConfig(), tmp_path / "r.json", tmp_path / "q.jsonl"
+        )
     message = str(failure.value)
     assert "max_bad_fraction 0.0" in message
-    assert 'test: expect_column_values_to_be_between(chinese_ratio) failed: 1 rows, e.g. [{"text_id": 12, "image_id": 4}]' in message
+    assert (
+        'test: expect_column_values_to_be_between(chinese_ratio) failed: 1 rows, e.g. [{"text_id": 12, "image_id": 4}]'
+        in message
+    )
     assert "leaked_from_train" in message and str(tmp_path / "q.jsonl") in message
     assert len(_lines(tmp_path / "q.jsonl")) == 7  # six test rows and the leaked valid row
     assert json.loads((tmp_path / "r.json").read_text())["success"] is False
@@ -232,17 +292,23 @@ def test_ingest_memory_does_not_grow_with_the_data(tmp_path):
     from bench.data_scale import measured
 
     blob = base64.b64encode(_encoded(Image.new("RGB", (3000, 2500), "orange"))).decode()
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"ingest": {"workers": 2, "batch_lines": 4, "max_image_side": 256, "shard_rows": 16}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"ingest": {"workers": 2, "batch_lines": 4, "max_image_side": 256, "shard_rows": 16}})
+    )
     peaks = {}
     for count in (6, 60):
         images = [f"{i}\t{blob}" for i in range(1, count + 1)]
         texts = [{"text_id": i, "text": f"第{i}张橙色图片", "image_ids": [i]} for i in range(1, count + 1)]
         raw = tmp_path / f"raw{count}"
         for split in ("train", "valid", "test"):
-            _write_split(raw, split, images if split == "train" else images[:2], texts if split == "train" else texts[:2])
-        peaks[count] = measured([str(BIN / "zhclip"), "ingest", "--raw", raw.name, "--out", f"out{count}"],
-                                tmp_path / f"ingest{count}.log", tmp_path)["peak_pss_mb"]
+            _write_split(
+                raw, split, images if split == "train" else images[:2], texts if split == "train" else texts[:2]
+            )
+        peaks[count] = measured(
+            [str(BIN / "zhclip"), "ingest", "--raw", raw.name, "--out", f"out{count}"],
+            tmp_path / f"ingest{count}.log",
+            tmp_path,
+        )["peak_pss_mb"]
         assert len(read_pairs(tmp_path / f"out{count}", "train")) == count
     extra_decoded_mb = 54 * 3000 * 2500 * 3 / 2**20
     assert peaks[60] - peaks[6] < 0.1 * extra_decoded_mb, peaks
@@ -254,16 +320,27 @@ def test_captions_csv_with_an_image_folder(tmp_path):
     Image.new("RGB", (20, 20), "red").save(raw / "images" / "red.png")
     Image.new("RGB", (20, 20), "blue").save(raw / "images" / "blue.jpg")
     (raw / "images" / "broken.png").write_bytes(b"not an image")
-    rows = ["text_id,text,image", "1,红色方块,images/red.png", "1,红色方块,images/blue.jpg", "2,蓝色方块,images/blue.jpg",
-            "3,   ,images/red.png", "x,坏编号,images/red.png", "4,缺失的图片,images/missing.png", "5,坏图片,images/broken.png"]
+    rows = [
+        "text_id,text,image",
+        "1,红色方块,images/red.png",
+        "1,红色方块,images/blue.jpg",
+        "2,蓝色方块,images/blue.jpg",
+        "3,   ,images/red.png",
+        "x,坏编号,images/red.png",
+        "4,缺失的图片,images/missing.png",
+        "5,坏图片,images/broken.png",
+    ]
     for split in ("train", "valid", "test"):
         (raw / f"{split}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     summary = ingest(raw, tmp_path / "out", IngestConfig(workers=1))
     pairs = read_pairs(tmp_path / "out", "test")
     assert sorted(zip(pairs.text_id, pairs.text)) == [(1, "红色方块"), (1, "红色方块"), (2, "蓝色方块")]
     assert pairs.groupby("text_id").image_id.nunique()[1] == 2  # one caption, two positive images
-    reasons = {q["line"]: q["reason"] for q in map(json.loads, _lines(tmp_path / "out" / "quarantine" / "test.jsonl"))
-               if q["line"]}
+    reasons = {
+        q["line"]: q["reason"]
+        for q in map(json.loads, _lines(tmp_path / "out" / "quarantine" / "test.jsonl"))
+        if q["line"]
+    }
     assert "empty or non-string text" in reasons[5] and "not an integer" in reasons[6]
     assert "cannot be read" in reasons[7] and "missing.png" in reasons[7] and "does not decode" in reasons[8]
     assert summary["splits"]["test"]["quarantined"] == 6  # the four rows above and their two unusable images' texts

@@ -13,8 +13,19 @@ from conftest import run_tool as _run
 pytestmark = pytest.mark.slow
 # What a changed raw file re-runs: everything after ingest except the start (its weights did not change)
 # and the start's zero-shot scores (nor did its model or the zero-shot images).
-DOWNSTREAM = ["ingest", "validate", "evaluate_start", "train@stage1", "train@stage2", "evaluate@stage1", "evaluate@stage2",
-              "zeroshot@stage2-digits", "zeroshot@stage2-shapes", "register", "index@test"]
+DOWNSTREAM = [
+    "ingest",
+    "validate",
+    "evaluate_start",
+    "train@stage1",
+    "train@stage2",
+    "evaluate@stage1",
+    "evaluate@stage2",
+    "zeroshot@stage2-digits",
+    "zeroshot@stage2-shapes",
+    "register",
+    "index@test",
+]
 
 
 def _ran(output):
@@ -24,7 +35,9 @@ def _ran(output):
 def test_touching_one_raw_file_reruns_ingest_and_everything_downstream(tmp_path):
     copy_project(tmp_path)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["demo_data"].update(train_images=40, valid_images=8, test_images=12, train_digits=20, valid_digits=4, test_digits=8)
+    params["demo_data"].update(
+        train_images=40, valid_images=8, test_images=12, train_digits=20, valid_digits=4, test_digits=8
+    )
     params["demo_towers"].update(clip_steps=20, mlm_steps=20)
     params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
@@ -38,7 +51,12 @@ def test_touching_one_raw_file_reruns_ingest_and_everything_downstream(tmp_path)
     texts = tmp_path / "data" / "raw" / "test_texts.jsonl"
     first = json.loads(texts.read_text(encoding="utf-8").splitlines()[0])
     with open(texts, "a", encoding="utf-8") as out:
-        out.write(json.dumps({"text_id": 999999, "text": "新加的一条描述", "image_ids": first["image_ids"]}, ensure_ascii=False) + "\n")
+        out.write(
+            json.dumps(
+                {"text_id": 999999, "text": "新加的一条描述", "image_ids": first["image_ids"]}, ensure_ascii=False
+            )
+            + "\n"
+        )
     _run("dvc", "add", "data/raw", cwd=tmp_path)
     assert sorted(_ran(_run("dvc", "repro", cwd=tmp_path))) == sorted(DOWNSTREAM)
     assert _ran(_run("dvc", "repro", cwd=tmp_path)) == []

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A git repository holding the project's pipeline files, where `dvc repro --quiet` (as `make demo`) has run once."""
+    """A git repository holding the project's pipeline files, where `dvc repro --quiet` (as `make demo`) ran once."""
     import subprocess
 
     from conftest import BIN
@@ -23,7 +23,9 @@ def project(tmp_path_factory):
     _run("git", "add", "-A", cwd=root)
     _run("git", "commit", "-qm", "project", cwd=root)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    result = subprocess.run(["dvc", "repro", "--quiet"], cwd=root, capture_output=True, text=True, timeout=1500, env=env)
+    result = subprocess.run(
+        ["dvc", "repro", "--quiet"], cwd=root, capture_output=True, text=True, timeout=1500, env=env
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (root / "repro.log").write_text(result.stdout + result.stderr, encoding="utf-8")
     return root
@@ -49,7 +51,9 @@ def test_demo_follows_the_paper_from_pretrained_towers_and_beats_its_start(proje
     registered = _metrics(project, "register")
     assert registered["version"] == 1 and registered["champion_version"] == 1 and registered["rule"] == "first"
     digits, digits_start = _metrics(project, "zeroshot_stage2_digits"), _metrics(project, "zeroshot_start_digits")
-    assert digits["images"] == 80 and digits["top1"] > 2 * digits["chance_top1"] and digits["top1"] > digits_start["top1"]
+    assert (
+        digits["images"] == 80 and digits["top1"] > 2 * digits["chance_top1"] and digits["top1"] > digits_start["top1"]
+    )
     assert (project / "reports" / "evaluate_stage2" / "report.html").is_file()
     report = _run("zhclip", "results", cwd=project)
     assert f"chance level {chance:.2f}" in report and f"{stage2['mean_recall']:.2f}" in report
@@ -106,6 +110,7 @@ def test_the_demo_index_answers_captions_over_http_as_well_as_evaluate_says(proj
     """`dvc repro` indexed the test split with the champion; `zhclip serve` finds a caption's image in
     its top 10 for at least as many captions as the evaluation's text-to-image R@10."""
     from zhclip.components.data.shards import read_pairs
+
     from conftest import caption_recall_at_10, serving
 
     built, registered = _metrics(project, "index_test"), _metrics(project, "register")

@@ -8,9 +8,10 @@ import pytest
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.evaluation.zeroshot import ZeroshotConfig, class_embeddings, image_folder, zeroshot
+from zhclip.model import embed_texts, load_model
+
 from browser import assert_chinese_renders
 from conftest import run_cli
-from zhclip.model import embed_texts, load_model
 
 
 def test_class_embedding_is_the_renormalised_mean_of_normalised_prompt_embeddings(trained):
@@ -27,12 +28,29 @@ def test_class_embedding_is_the_renormalised_mean_of_normalised_prompt_embedding
 
 def test_zeroshot_reports_consistent_accuracies_predictions_and_report(trained, raw_dir, tmp_path):
     folder = raw_dir / "zeroshot" / "digits"
-    summary = zeroshot(trained["root"] / "stage2", folder, ZeroshotConfig(templates=["手写数字{}", "{}的照片"]),
-                       tmp_path / "z.json", tmp_path / "pred.csv", tmp_path / "report")
+    summary = zeroshot(
+        trained["root"] / "stage2",
+        folder,
+        ZeroshotConfig(templates=["手写数字{}", "{}的照片"]),
+        tmp_path / "z.json",
+        tmp_path / "pred.csv",
+        tmp_path / "report",
+    )
     assert json.loads((tmp_path / "z.json").read_text(encoding="utf-8")) == summary
     assert summary["classes"] == 10 and summary["images"] == 10 and summary["chance_top1"] == 10.0
     rows = list(csv.DictReader((tmp_path / "pred.csv").open(encoding="utf-8")))
-    assert len(rows) == 10 and {row["actual"] for row in rows} == {"零", "一", "二", "三", "四", "五", "六", "七", "八", "九"}
+    assert len(rows) == 10 and {row["actual"] for row in rows} == {
+        "零",
+        "一",
+        "二",
+        "三",
+        "四",
+        "五",
+        "六",
+        "七",
+        "八",
+        "九",
+    }
     correct = [row["actual"] == row["predicted"] for row in rows]
     assert summary["top1"] == pytest.approx(100 * np.mean(correct))
     assert summary["top1"] <= summary["top5"] <= 100
@@ -57,5 +75,7 @@ def test_bad_folders_and_templates_are_rejected_clearly(tmp_path, trained):
     (tmp_path / "only" / "also.png").write_bytes(b"not a png")
     with pytest.raises(ZhclipError, match="broken.png: not a readable image"):
         zeroshot(trained["root"] / "stage2", tmp_path, ZeroshotConfig())
-    result = run_cli("zeroshot", "--model", str(trained["root"] / "stage2"), "--images", str(tmp_path), "--template", "照片")
+    result = run_cli(
+        "zeroshot", "--model", str(trained["root"] / "stage2"), "--images", str(tmp_path), "--template", "照片"
+    )
     assert result.returncode == 2 and "exactly one '{}'" in result.stderr

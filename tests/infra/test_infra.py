@@ -12,8 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from zhclip.workflows.pipeline import CLIENT_LABEL
 from zhclip.workflows.config import KubeflowConfig
+from zhclip.workflows.pipeline import CLIENT_LABEL
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 OVERLAYS = ("local", "production")
@@ -26,8 +26,9 @@ def render(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.skip("kubectl not installed (make system-deps installs Debian's kubernetes-client)")
-    result = subprocess.run([kubectl, "kustomize", str(INFRA / "overlays" / overlay)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [kubectl, "kustomize", str(INFRA / "overlays" / overlay)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -57,13 +58,25 @@ def pod_templates(objects: list[dict]) -> dict[str, dict]:
 
 def test_every_object_passes_the_kubernetes_schemas(objects):
     kinds = {obj["kind"] for obj in objects}
-    assert kinds >= {"Namespace", "StatefulSet", "Deployment", "Service", "Job", "ConfigMap", "NetworkPolicy", "RayCluster"}
+    assert kinds >= {
+        "Namespace",
+        "StatefulSet",
+        "Deployment",
+        "Service",
+        "Job",
+        "ConfigMap",
+        "NetworkPolicy",
+        "RayCluster",
+    }
     for obj in objects:
         if obj["kind"] not in CUSTOM_KINDS:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    for owner, template in pod_templates(objects).items():  # Ray's pod templates are core PodTemplateSpecs
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
-                                      "template": template}, K8S_VERSION, strict=True)
+    for template in pod_templates(objects).values():  # Ray's pod templates are core PodTemplateSpecs
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template},
+            K8S_VERSION,
+            strict=True,
+        )
     assert all(obj["metadata"].get("namespace") == "zhclip" for obj in objects if obj["kind"] != "Namespace")
 
 
@@ -95,7 +108,10 @@ def test_raycluster_has_what_kuberay_requires(objects):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["tolerations"]
     assert worker["nodeSelector"] == KubeflowConfig().gpu_node_selector  # the same GPU nodes as pipeline tasks
     data_worker = groups["cpu"]["template"]["spec"]  # decoding and validation: CPU nodes, no GPU held
-    assert "nvidia.com/gpu" not in data_worker["containers"][0]["resources"]["limits"] and "nodeSelector" not in data_worker
+    assert (
+        "nvidia.com/gpu" not in data_worker["containers"][0]["resources"]["limits"]
+        and "nodeSelector" not in data_worker
+    )
     assert data_worker["containers"][0]["env"] == worker["containers"][0]["env"], "the same MinIO and MLflow access"
 
 
@@ -121,7 +137,7 @@ def test_no_secret_values_only_references_to_documented_secrets(objects):
         examples[path.name.removesuffix(".env.example")] = keys
     examples["mlflow-auth"] |= {"basic_auth.ini"}  # a file key (basic_auth.ini.example)
     references = set()
-    for owner, template in pod_templates(objects).items():
+    for template in pod_templates(objects).values():
         for container in template["spec"]["containers"]:
             for env in container.get("env", []):
                 if "secretKeyRef" in env.get("valueFrom", {}):
@@ -133,10 +149,16 @@ def test_no_secret_values_only_references_to_documented_secrets(objects):
     ref = launcher["s3"]["default"]["credentials"]["secretRef"]
     references |= {(ref["secretName"], ref["accessKeyKey"]), (ref["secretName"], ref["secretKeyKey"])}
     cluster = KubeflowConfig()  # the pipeline's tasks read these as env
-    references |= {(cluster.minio_secret, "access-key"), (cluster.minio_secret, "secret-key"),
-                   (cluster.mlflow_secret, "username"), (cluster.mlflow_secret, "password")}
+    references |= {
+        (cluster.minio_secret, "access-key"),
+        (cluster.minio_secret, "secret-key"),
+        (cluster.mlflow_secret, "username"),
+        (cluster.mlflow_secret, "password"),
+    }
     for name, key in references:
-        assert key in examples.get(name, set()), f"secret {name} key {key} has no infra/secrets/{name}.env.example entry"
+        assert key in examples.get(name, set()), (
+            f"secret {name} key {key} has no infra/secrets/{name}.env.example entry"
+        )
     assert {name for name, _ in references} == set(examples)
 
 
@@ -168,20 +190,31 @@ def test_only_labelled_clients_reach_minio_and_mlflow(objects):
         assert {"podSelector": {"matchLabels": client}} in sources
         assert all("podSelector" in peer for peer in sources), "no rule may open a whole namespace or IP range"
     postgres = policies["postgres-from-mlflow"]["spec"]["ingress"]
-    assert postgres == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}],
-                         "ports": [{"port": 5432}]}]
+    assert postgres == [
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}], "ports": [{"port": 5432}]}
+    ]
     templates = pod_templates(objects)
-    for owner in ("Deployment/mlflow", "RayCluster/zhclip/head", "RayCluster/zhclip/gpu", "RayCluster/zhclip/cpu",
-                  "Job/minio-buckets"):
+    for owner in (
+        "Deployment/mlflow",
+        "RayCluster/zhclip/head",
+        "RayCluster/zhclip/gpu",
+        "RayCluster/zhclip/cpu",
+        "Job/minio-buckets",
+    ):
         assert templates[owner]["metadata"]["labels"].items() >= client.items(), owner
     assert "zhclip.io/client" not in templates["StatefulSet/postgres"]["metadata"]["labels"]
 
 
 def test_overlays_differ_where_they_should():
     local, production = (by_kind(render(overlay), "RayCluster")["zhclip"] for overlay in OVERLAYS)
-    assert local["spec"]["workerGroupSpecs"][0]["maxReplicas"] < production["spec"]["workerGroupSpecs"][0]["maxReplicas"]
-    images = {container["image"] for cluster in (local, production)
-              for container in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]}
+    assert (
+        local["spec"]["workerGroupSpecs"][0]["maxReplicas"] < production["spec"]["workerGroupSpecs"][0]["maxReplicas"]
+    )
+    images = {
+        container["image"]
+        for cluster in (local, production)
+        for container in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    }
     assert images == {"zhclip:dev", "registry.example.com/ml/zhclip:0.1.0"}
 
 
@@ -211,9 +244,15 @@ def test_search_service_reads_the_index_the_pipeline_publishes(objects):
     job = by_kind(objects, "Job")["minio-buckets"]["spec"]["template"]["spec"]["containers"][0]
     assert bucket in next(env["value"] for env in job["env"] if env["name"] == "BUCKETS").split()
     env = {item["name"]: item for item in container["env"]}
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000" and env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
+    assert (
+        env["AWS_ENDPOINT_URL"]["value"] == "http://minio:9000"
+        and env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
+    )
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert (
+        container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        and container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    )
     assert pod["metadata"]["labels"].items() >= dict([CLIENT_LABEL]).items()  # MinIO and MLflow let it in
     service = by_kind(objects, "Service")["zhclip-search"]["spec"]
     assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]

@@ -47,17 +47,39 @@ def sped_up(plain_model, **switches):
     return model
 
 
-@pytest.mark.parametrize("switches", [
-    {"fused_qkv": True},
-    {"fused_qkv": True, "sdpa_backend": "math"},
-    {"fused_qkv": True, "sdpa_backend": "flash"},
-    {"channels_last": True},
-    {"fused_qkv": True, "channels_last": True, "compile_scope": "regional", "compile_options": {"backend": "aot_eager"}},
-    {"compile_scope": "model", "compile_options": {"backend": "aot_eager"}},
-    {"fused_qkv": True, "padding_free": True},
-    {"fused_qkv": True, "padding_free": True, "compile_scope": "regional", "compile_options": {"backend": "aot_eager"}},
-], ids=["fused", "fused-math", "fused-flash", "channels-last", "all-regional-compile", "model-compile",
-        "padding-free", "padding-free-compiled"])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"fused_qkv": True},
+        {"fused_qkv": True, "sdpa_backend": "math"},
+        {"fused_qkv": True, "sdpa_backend": "flash"},
+        {"channels_last": True},
+        {
+            "fused_qkv": True,
+            "channels_last": True,
+            "compile_scope": "regional",
+            "compile_options": {"backend": "aot_eager"},
+        },
+        {"compile_scope": "model", "compile_options": {"backend": "aot_eager"}},
+        {"fused_qkv": True, "padding_free": True},
+        {
+            "fused_qkv": True,
+            "padding_free": True,
+            "compile_scope": "regional",
+            "compile_options": {"backend": "aot_eager"},
+        },
+    ],
+    ids=[
+        "fused",
+        "fused-math",
+        "fused-flash",
+        "channels-last",
+        "all-regional-compile",
+        "model-compile",
+        "padding-free",
+        "padding-free-compiled",
+    ],
+)
 def test_switches_give_the_plain_models_embeddings(plain, batch, switches):
     model = sped_up(plain[0], **switches)
     with torch.no_grad():
@@ -75,12 +97,20 @@ def test_fused_qkv_replaces_every_attention_and_gives_the_same_gradients(plain, 
         (image.square().sum() + text.square().sum()).backward()
     fused = model.text_model.encoder.layer[0].attention.self.qkv.weight.grad
     original = reference.text_model.encoder.layer[0].attention.self
-    torch.testing.assert_close(fused, torch.cat([original.query.weight.grad, original.key.weight.grad,
-                                                 original.value.weight.grad]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        fused,
+        torch.cat([original.query.weight.grad, original.key.weight.grad, original.value.weight.grad]),
+        atol=1e-5,
+        rtol=1e-4,
+    )
     fused = model.vision_model.encoder.layers[1].self_attn.qkv.bias.grad
     original = reference.vision_model.encoder.layers[1].self_attn
-    torch.testing.assert_close(fused, torch.cat([original.q_proj.bias.grad, original.k_proj.bias.grad,
-                                                 original.v_proj.bias.grad]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        fused,
+        torch.cat([original.q_proj.bias.grad, original.k_proj.bias.grad, original.v_proj.bias.grad]),
+        atol=1e-5,
+        rtol=1e-4,
+    )
 
 
 def _text_gradients(model, batch, parameter_names):
@@ -92,18 +122,30 @@ def _text_gradients(model, batch, parameter_names):
 def test_padding_free_text_tower_computes_real_tokens_only_with_the_same_gradients(plain, batch):
     model = sped_up(plain[0], fused_qkv=True, padding_free=True)
     assert isinstance(model.text_model, PaddingFreeTextModel)
-    names = ["text_model.embeddings.word_embeddings.weight", "text_model.encoder.layer.1.output.dense.weight",
-             "text_model.encoder.layer.0.attention.output.LayerNorm.weight", "text_projection.weight"]
+    names = [
+        "text_model.embeddings.word_embeddings.weight",
+        "text_model.encoder.layer.1.output.dense.weight",
+        "text_model.encoder.layer.0.attention.output.LayerNorm.weight",
+        "text_projection.weight",
+    ]
     reference = copy.deepcopy(plain[0])
     for got, expected in zip(_text_gradients(model, batch, names), _text_gradients(reference, batch, names)):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     fused = model.text_model.encoder.layer[0].attention.self.qkv.weight.grad
     original = reference.text_model.encoder.layer[0].attention.self
-    torch.testing.assert_close(fused, torch.cat([original.query.weight.grad, original.key.weight.grad,
-                                                 original.value.weight.grad]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        fused,
+        torch.cat([original.query.weight.grad, original.key.weight.grad, original.value.weight.grad]),
+        atol=1e-5,
+        rtol=1e-4,
+    )
     with torch.no_grad():
-        hidden = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        padded = plain[0].text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = model.text_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        padded = (
+            plain[0].text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        )
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(hidden[real], padded[real], atol=1e-5, rtol=1e-5)
     assert not hidden[~real].any(), "padded positions are never computed: zeros"
@@ -218,8 +260,9 @@ def graph_counting_backend() -> tuple[list, object]:
 
 def test_regional_compile_traces_one_graph_per_layer_kind_without_breaks(plain, batch):
     graphs, backend = graph_counting_backend()
-    model = sped_up(plain[0], fused_qkv=True, compile_scope="regional",
-                    compile_options={"backend": backend, "dynamic": False})
+    model = sped_up(
+        plain[0], fused_qkv=True, compile_scope="regional", compile_options={"backend": backend, "dynamic": False}
+    )
     for _ in range(2):
         with torch.no_grad():
             embeddings(model, batch)
@@ -229,15 +272,17 @@ def test_regional_compile_traces_one_graph_per_layer_kind_without_breaks(plain, 
 
 def test_padding_free_compiled_layers_stop_recompiling_as_token_counts_change(plain, batch):
     graphs, backend = graph_counting_backend()
-    model = sped_up(plain[0], fused_qkv=True, padding_free=True, compile_scope="regional",
-                    compile_options={"backend": backend})
+    model = sped_up(
+        plain[0], fused_qkv=True, padding_free=True, compile_scope="regional", compile_options={"backend": backend}
+    )
     counts = []
     for cut in (16, 12, 9, 5):  # a different number of real tokens in every batch
         shorter = {**batch, "attention_mask": batch["attention_mask"].clone()}
         shorter["attention_mask"][:, cut:] = 0
         with torch.no_grad():
-            torch.testing.assert_close(embeddings(model, shorter)[1], embeddings(plain[0], shorter)[1],
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                embeddings(model, shorter)[1], embeddings(plain[0], shorter)[1], atol=1e-5, rtol=1e-5
+            )
         counts.append(len(graphs))
     # the second token count makes the graphs dynamic; later ones reuse them
     assert counts[1] > counts[0] and counts[3] == counts[2] == counts[1]

@@ -7,24 +7,39 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import reference_model, save_as_released
 from PIL import Image
 
 from zhclip.model import build_model, decode_image, load_model
-from zhclip.model.presets import build_processor, default_vocab_path
 from zhclip.model.convert import convert_checkpoint, load_reference_checkpoint, reference_spec
-from reference import reference
-from builders import reference_model, save_as_released
+from zhclip.model.presets import build_processor, default_vocab_path
 
-TEXTS = ["一个红色的圆形在左上角", "Hello WORLD, 你好！", "“引号”和‘单引号’ \"ascii\" 'quotes'", "Café naïve résumé ÀÉÎ",
-         "emoji 😀 and tabs\tand\nnewlines", "ｆｕｌｌ　ｗｉｄｔｈ　ＡＢＣ１２３", "很长" * 40, "", "   ", "unaffable running",
-         "数字123和english混合mixed", "\u200b零宽\u00a0空格", "𠀀罕见字", "iPhone 15 Pro Max 价格"]
+from reference import reference
+
+TEXTS = [
+    "一个红色的圆形在左上角",
+    "Hello WORLD, 你好！",
+    "“引号”和‘单引号’ \"ascii\" 'quotes'",
+    "Café naïve résumé ÀÉÎ",
+    "emoji 😀 and tabs\tand\nnewlines",
+    "ｆｕｌｌ　ｗｉｄｔｈ　ＡＢＣ１２３",
+    "很长" * 40,
+    "",
+    "   ",
+    "unaffable running",
+    "数字123和english混合mixed",
+    "\u200b零宽\u00a0空格",
+    "𠀀罕见字",
+    "iPhone 15 Pro Max 价格",
+]
 
 
 @pytest.mark.parametrize("context_length", [52, 16])
 def test_token_ids_match_the_reference_tokenize(context_length):
     _, processor = build_model("tiny", context_length=context_length)
-    ours = processor.tokenizer(TEXTS, padding="max_length", truncation=True, max_length=context_length,
-                               return_tensors="pt")["input_ids"]
+    ours = processor.tokenizer(
+        TEXTS, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt"
+    )["input_ids"]
     theirs = reference().tokenize(TEXTS, context_length=context_length)
     for text, a, b in zip(TEXTS, ours, theirs):
         assert torch.equal(a, b), text
@@ -43,58 +58,60 @@ def _reference_resnet(**overrides):
 
 
 def test_converted_rn_checkpoint_reproduces_reference_embeddings(tmp_path):
-    reference_model = _reference_resnet()
-    save_as_released(reference_model, tmp_path / "rn.pt")
+    ref_model = _reference_resnet()
+    save_as_released(ref_model, tmp_path / "rn.pt")
     spec = reference_spec(load_reference_checkpoint(tmp_path / "rn.pt"))
     assert spec["vision"] == {"resnet_layers": [1, 2, 1, 1], "width": 8, "heads": 4, "image_size": 64}
     convert_checkpoint(tmp_path / "rn.pt", tmp_path / "hf")
-    _compare(reference_model, tmp_path / "hf", 64)
+    _compare(ref_model, tmp_path / "hf", 64)
 
 
 @pytest.mark.slow
 def test_rn50_checkpoint_converts_with_its_released_shape(tmp_path):
     vision = json.loads((reference().configs / "RN50.json").read_text())
-    vision["vision_layers"] = tuple(json.loads(vision["vision_layers"]))  # stored as a string, as the reference reads it
+    vision["vision_layers"] = tuple(
+        json.loads(vision["vision_layers"])
+    )  # stored as a string, as the reference reads it
     text = json.loads((reference().configs / "RBT3-chinese.json").read_text())
-    reference_model = reference_model(**vision, **text)
-    save_as_released(reference_model, tmp_path / "rn50.pt")
+    ref_model = reference_model(**vision, **text)
+    save_as_released(ref_model, tmp_path / "rn50.pt")
     convert_checkpoint(tmp_path / "rn50.pt", tmp_path / "hf", preset="RN50")
-    _compare(reference_model, tmp_path / "hf", 224)
+    _compare(ref_model, tmp_path / "hf", 224)
 
 
-def _compare(reference_model, model_dir, resolution):
+def _compare(ref_model, model_dir, resolution):
     ours, processor = load_model(model_dir)
     texts = [t for t in TEXTS if t.strip()]
     tokens = processor.tokenizer(texts, padding="max_length", truncation=True, max_length=52, return_tensors="pt")
     pixels = torch.randn(3, 3, resolution, resolution)
     with torch.no_grad():
         text_ours = ours.get_text_features(**tokens).pooler_output
-        text_ref = reference_model.encode_text(reference().tokenize(texts))
+        text_ref = ref_model.encode_text(reference().tokenize(texts))
         image_ours = ours.get_image_features(pixel_values=pixels).pooler_output
-        image_ref = reference_model.encode_image(pixels)
+        image_ref = ref_model.encode_image(pixels)
     assert (text_ours - text_ref).abs().max().item() <= 1e-4
     assert (image_ours - image_ref).abs().max().item() <= 1e-4
-    torch.testing.assert_close(ours.logit_scale, reference_model.logit_scale)
+    torch.testing.assert_close(ours.logit_scale, ref_model.logit_scale)
 
 
 def test_converted_checkpoint_reproduces_reference_embeddings(tmp_path):
-    reference_model = reference_model()
-    save_as_released(reference_model, tmp_path / "epoch3.pt")
+    ref_model = reference_model()
+    save_as_released(ref_model, tmp_path / "epoch3.pt")
     convert_checkpoint(tmp_path / "epoch3.pt", tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
-    _compare(reference_model, tmp_path / "hf", 32)
+    _compare(ref_model, tmp_path / "hf", 32)
 
 
 @pytest.mark.slow
 def test_vit_b_16_checkpoint_converts_with_its_released_shape(tmp_path):
     vision = json.loads((reference().configs / "ViT-B-16.json").read_text())
     text = json.loads((reference().configs / "RoBERTa-wwm-ext-base-chinese.json").read_text())
-    reference_model = reference_model(**vision, **text)
-    save_as_released(reference_model, tmp_path / "vit-b-16.pt")
+    ref_model = reference_model(**vision, **text)
+    save_as_released(ref_model, tmp_path / "vit-b-16.pt")
     spec = reference_spec(load_reference_checkpoint(tmp_path / "vit-b-16.pt"))
     assert spec["vision"]["num_attention_heads"] == 12 and spec["vision"]["image_size"] == 224
     convert_checkpoint(tmp_path / "vit-b-16.pt", tmp_path / "hf")
-    _compare(reference_model, tmp_path / "hf", 224)
+    _compare(ref_model, tmp_path / "hf", 224)
 
 
 def test_bad_checkpoints_are_named(tmp_path):
@@ -117,8 +134,16 @@ def test_convert_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["architecture"], summary["projection_dim"], summary["image_size"]) == ("chinese_clip", 32, 32)
-    mismatch = run_cli("model", "convert", "--checkpoint", str(tmp_path / "ref.pt"), "--out", str(tmp_path / "b"),
-                       "--preset", "ViT-B-16")
+    mismatch = run_cli(
+        "model",
+        "convert",
+        "--checkpoint",
+        str(tmp_path / "ref.pt"),
+        "--out",
+        str(tmp_path / "b"),
+        "--preset",
+        "ViT-B-16",
+    )
     assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
     assert "shape mismatches" in mismatch.stderr and "visual_projection.weight" in mismatch.stderr
 
@@ -142,18 +167,31 @@ def test_pixels_match_the_reference_image_transform(tmp_path, resolution):
         pytest.fail("the reference environment is missing: run `make reference-env` (make test does)")
     rng = np.random.default_rng(0)
     paths = []
-    for index, (size, mode, fmt) in enumerate([((64, 64), "RGB", "PNG"), ((300, 200), "RGB", "JPEG"),
-                                               ((17, 93), "L", "PNG"), ((224, 224), "RGB", "PNG"), ((500, 333), "RGB", "JPEG")]):
+    for index, (size, mode, fmt) in enumerate(
+        [
+            ((64, 64), "RGB", "PNG"),
+            ((300, 200), "RGB", "JPEG"),
+            ((17, 93), "L", "PNG"),
+            ((224, 224), "RGB", "PNG"),
+            ((500, 333), "RGB", "JPEG"),
+        ]
+    ):
         channels = 3 if mode == "RGB" else 1
         pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8).squeeze()
         path = tmp_path / f"image{index}.{fmt.lower()}"
         Image.fromarray(pixels, mode).save(path, format=fmt)
         paths.append(path)
-    result = subprocess.run([str(REFERENCE_PYTHON), "-c", REFERENCE_PIXELS, str(resolution), str(tmp_path / "ref.npy"),
-                             *map(str, paths)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(REFERENCE_PYTHON), "-c", REFERENCE_PIXELS, str(resolution), str(tmp_path / "ref.npy"), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = np.load(tmp_path / "ref.npy")
     processor = build_processor(default_vocab_path(), resolution, 52)
-    ours = processor.image_processor(images=[decode_image(p.read_bytes()) for p in paths], return_tensors="np")["pixel_values"]
+    ours = processor.image_processor(images=[decode_image(p.read_bytes()) for p in paths], return_tensors="np")[
+        "pixel_values"
+    ]
     assert ours.shape == theirs.shape == (len(paths), 3, resolution, resolution)
     assert np.abs(ours - theirs).max() <= 1e-5

@@ -6,11 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
 from zhclip.components.training.step import parameter_groups
-from zhclip.model import build_model, contrastive_loss, embed_images, embed_texts, load_model, lock_image_tower, save_model
-from PIL import Image
+from zhclip.model import (
+    build_model,
+    contrastive_loss,
+    embed_images,
+    embed_texts,
+    load_model,
+    lock_image_tower,
+    save_model,
+)
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
 
@@ -21,8 +29,13 @@ def test_model_package_imports_nothing_else_from_the_repo():
 
     for source in MODEL_DIR.glob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
             for name in names:
                 root = name.split(".")[0]
                 assert root in allowed_roots or root in sys.stdlib_module_names, f"{source.name} imports {name}"
@@ -89,14 +102,18 @@ def test_locked_image_tower_does_not_change_in_a_step():
     text_before = model.text_model.embeddings.word_embeddings.weight.clone()
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-2)
     tokens = processor.tokenizer(["红色圆形", "蓝色方形"], padding="max_length", max_length=8, return_tensors="pt")
-    out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=torch.randn(2, 3, 32, 32))
+    out = model(
+        input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=torch.randn(2, 3, 32, 32)
+    )
     contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale).backward()
     optimizer.step()
     for name, tensor in model.vision_model.state_dict().items():
         assert torch.equal(tensor, vision_before[name]), name
     assert not torch.equal(model.text_model.embeddings.word_embeddings.weight, text_before)
     vision_params = {id(p) for p in [*model.vision_model.parameters(), *model.visual_projection.parameters()]}
-    assert optimizer.state and not vision_params & {id(p) for p in optimizer.state}, "no optimizer state for the locked tower"
+    assert optimizer.state and not vision_params & {id(p) for p in optimizer.state}, (
+        "no optimizer state for the locked tower"
+    )
 
 
 def test_load_model_names_a_folder_that_is_not_a_model(tmp_path):
@@ -107,9 +124,14 @@ def test_load_model_names_a_folder_that_is_not_a_model(tmp_path):
 def test_unlocked_groups_leave_the_last_image_tower_groups_trainable():
     model, _ = build_model("tiny")
     lock_image_tower(model, unlocked_groups=2)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad and name.startswith(("vision", "visual"))}
-    assert trainable == {n for n, _ in model.named_parameters()
-                         if n.startswith(("vision_model.encoder.layers.1.", "vision_model.post_layernorm.", "visual_projection."))}
+    trainable = {
+        name for name, p in model.named_parameters() if p.requires_grad and name.startswith(("vision", "visual"))
+    }
+    assert trainable == {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(("vision_model.encoder.layers.1.", "vision_model.post_layernorm.", "visual_projection."))
+    }
     assert not model.vision_model.encoder.layers[0].training and model.vision_model.encoder.layers[1].training
     with pytest.raises(ValueError, match="unlocked_groups must be 0..4"):
         lock_image_tower(build_model("tiny")[0], unlocked_groups=5)
@@ -121,12 +143,17 @@ def test_rn_preset_saves_loads_and_locks_batch_norm_statistics(tmp_path):
     reloaded, _ = load_model(tmp_path)
     assert type(reloaded).__name__ == "ChineseCLIPResNetModel"
     images = [Image.new("RGB", (40, 50), c) for c in ("red", "blue")]
-    np.testing.assert_allclose(embed_images(model.eval(), processor, images), embed_images(reloaded, processor, images), atol=1e-6)
+    np.testing.assert_allclose(
+        embed_images(model.eval(), processor, images), embed_images(reloaded, processor, images), atol=1e-6
+    )
     model.train()
     lock_image_tower(model)
     stats = model.visual.layer1[0].bn1.running_mean.clone()
-    out = model(input_ids=torch.randint(106, 21128, (4, 8)), attention_mask=torch.ones(4, 8, dtype=torch.long),
-                pixel_values=torch.randn(4, 3, 32, 32))
+    out = model(
+        input_ids=torch.randint(106, 21128, (4, 8)),
+        attention_mask=torch.ones(4, 8, dtype=torch.long),
+        pixel_values=torch.randn(4, 3, 32, 32),
+    )
     contrastive_loss(out.image_embeds, out.text_embeds, model.logit_scale).backward()
     assert torch.equal(model.visual.layer1[0].bn1.running_mean, stats), "locked batch norms must not update"
     assert all(p.grad is None for p in model.visual.parameters())

@@ -8,8 +8,9 @@ import torch
 from transformers import ChineseCLIPModel
 
 from zhclip.components.registry.export_onnx import export
-from conftest import run_cli
 from zhclip.model import build_model, embed_texts, load_model, save_model
+
+from conftest import run_cli
 
 
 def test_rn_onnx_encoders_match_pytorch(tmp_path):

@@ -22,8 +22,12 @@ def embedder(tiny_models):
     return ZhclipEmbedder(str(tiny_models[0]), batch_size=2)
 
 
-MIXED = pd.DataFrame({"text": ["红色的圆形", None, "蓝色的十字", None, "绿色的方块"],
-                      "image": [None, _png("red"), None, base64.b64encode(_png("blue")).decode(), None]})
+MIXED = pd.DataFrame(
+    {
+        "text": ["红色的圆形", None, "蓝色的十字", None, "绿色的方块"],
+        "image": [None, _png("red"), None, base64.b64encode(_png("blue")).decode(), None],
+    }
+)
 
 
 def test_embeddings_are_unit_norm_in_input_order_whatever_the_chunk_size(embedder, tiny_models):
@@ -51,20 +55,55 @@ def test_similarity_and_zero_shot_outputs(embedder):
     assert all(1 / 3 <= p["probability"] <= 1 for p in predictions)
 
 
-@pytest.mark.parametrize("frame, params, message", [
-    (pd.DataFrame({"text": ["红色", " "]}), None, r"row 1: column 'text' must be a non-empty string"),
-    (pd.DataFrame({"image": [_png("red"), b"GIF89a but not really"]}), None, r"row 1: column 'image': not a decodable image"),
-    (pd.DataFrame({"image": [_png("red"), "not base64!"]}), None, r"row 1: column 'image': a string but not valid base64"),
-    (pd.DataFrame({"image": [_png("red"), _png("red", (6000, 5000))]}), None,
-     r"row 1: column 'image': image is 6000x5000 = 30.0 megapixels, above the limit of 25.0"),
-    (pd.DataFrame({"text": ["红色", "蓝色"], "image": [None, _png("red")]}), None,
-     r"row 1: fill exactly one of 'text' or 'image' \(filled: text, image\)"),
-    (pd.DataFrame({"caption": ["红色"]}), None, r"needs a 'text' and/or an 'image' column; the input has columns \['caption'\]"),
-    (pd.DataFrame({"text": ["红色"]}), {"output": "similarity"}, r"needs \['image', 'text'\]"),
-    (pd.DataFrame({"image": [_png("red")]}), {"output": "zeroshot", "labels": ["圆形"]}, r"two or more non-empty class names"),
-    (pd.DataFrame({"image": [_png("red")]}), {"output": "caption"}, r"output must be one of"),
-], ids=["empty-text", "non-image", "bad-base64", "oversized", "both-filled", "wrong-column", "similarity-column",
-        "one-label", "unknown-output"])
+@pytest.mark.parametrize(
+    "frame, params, message",
+    [
+        (pd.DataFrame({"text": ["红色", " "]}), None, r"row 1: column 'text' must be a non-empty string"),
+        (
+            pd.DataFrame({"image": [_png("red"), b"GIF89a but not really"]}),
+            None,
+            r"row 1: column 'image': not a decodable image",
+        ),
+        (
+            pd.DataFrame({"image": [_png("red"), "not base64!"]}),
+            None,
+            r"row 1: column 'image': a string but not valid base64",
+        ),
+        (
+            pd.DataFrame({"image": [_png("red"), _png("red", (6000, 5000))]}),
+            None,
+            r"row 1: column 'image': image is 6000x5000 = 30.0 megapixels, above the limit of 25.0",
+        ),
+        (
+            pd.DataFrame({"text": ["红色", "蓝色"], "image": [None, _png("red")]}),
+            None,
+            r"row 1: fill exactly one of 'text' or 'image' \(filled: text, image\)",
+        ),
+        (
+            pd.DataFrame({"caption": ["红色"]}),
+            None,
+            r"needs a 'text' and/or an 'image' column; the input has columns \['caption'\]",
+        ),
+        (pd.DataFrame({"text": ["红色"]}), {"output": "similarity"}, r"needs \['image', 'text'\]"),
+        (
+            pd.DataFrame({"image": [_png("red")]}),
+            {"output": "zeroshot", "labels": ["圆形"]},
+            r"two or more non-empty class names",
+        ),
+        (pd.DataFrame({"image": [_png("red")]}), {"output": "caption"}, r"output must be one of"),
+    ],
+    ids=[
+        "empty-text",
+        "non-image",
+        "bad-base64",
+        "oversized",
+        "both-filled",
+        "wrong-column",
+        "similarity-column",
+        "one-label",
+        "unknown-output",
+    ],
+)
 def test_bad_input_is_named(embedder, frame, params, message):
     with pytest.raises(ValueError, match=message):
         embedder.predict(frame, params)

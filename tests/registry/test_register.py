@@ -19,8 +19,9 @@ from PIL import Image
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.lineage import dvc_hash, git_commit
-from zhclip.components.registry.register import RegisterConfig, register
 from zhclip.components.core.tracking import using_tracking_uri
+from zhclip.components.registry.register import RegisterConfig, register
+
 from conftest import BIN, free_port, run_cli, running
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +75,9 @@ def test_a_model_worse_than_its_start_is_registered_but_never_promoted(tiny_mode
     worse = register(tiny_models[0], _metrics_with_start(tmp_path, "a", 30.0, start=35.0), registry)
     assert (worse["version"], worse["promoted"], worse["rule"], worse["champion_version"]) == (1, False, "start", None)
     model = client.get_registered_model(NAME)
-    assert {k: int(v) for k, v in model.aliases.items()} == {"challenger": 1}  # registered, but no champion: it is worse than where it started
+    assert {k: int(v) for k, v in model.aliases.items()} == {
+        "challenger": 1
+    }  # registered, but no champion: it is worse than where it started
     tags = client.get_model_version(NAME, "1").tags
     assert tags["promotion.rule"] == "start" and tags["promotion.start_value"] == "35.0"
     assert "below its own start 35.0" in tags["promotion"]
@@ -117,13 +120,32 @@ def test_lineage_tags_and_the_run(tiny_models, registry, tmp_path):
     experiment = client.create_experiment(registry.experiment)
     parent = client.create_run(experiment, run_name="pipeline").info.run_id  # as training leaves it
     train_summary = tmp_path / "train_stage2.json"
-    train_summary.write_text(json.dumps({"stage": 2, "mlflow": {"tracking_uri": registry.tracking_uri, "experiment_id": experiment,
-                                                                "parent_run_id": parent, "run_id": "r456"}}))
+    train_summary.write_text(
+        json.dumps(
+            {
+                "stage": 2,
+                "mlflow": {
+                    "tracking_uri": registry.tracking_uri,
+                    "experiment_id": experiment,
+                    "parent_run_id": parent,
+                    "run_id": "r456",
+                },
+            }
+        )
+    )
     stage1_summary = tmp_path / "train_stage1.json"
     stage1_summary.write_text(json.dumps({"stage": 1}))  # older summaries carry no mlflow section
     params = {"train": {"lr": 0.1}, "register": {"metric": "mean_recall"}}
-    summary = register(tiny_models[0], _metrics(tmp_path, "a", 40.0), registry, params, tmp_path / "register.json",
-                       step_summaries=[stage1_summary], train_summary=train_summary, data_dir=data)
+    summary = register(
+        tiny_models[0],
+        _metrics(tmp_path, "a", 40.0),
+        registry,
+        params,
+        tmp_path / "register.json",
+        step_summaries=[stage1_summary],
+        train_summary=train_summary,
+        data_dir=data,
+    )
     version = client.get_model_version(NAME, "1")
     assert version.run_id == summary["run_id"]
     tags = version.tags
@@ -135,12 +157,16 @@ def test_lineage_tags_and_the_run(tiny_models, registry, tmp_path):
     run = client.get_run(summary["run_id"])
     assert run.data.metrics["mean_recall"] == 40.0 and run.data.params["train.lr"] == "0.1"
     assert run.data.tags["training_parent_run_id"] == run.data.tags["mlflow.parentRunId"] == parent
-    assert sorted(a.path for a in client.list_artifacts(summary["run_id"], "step_summaries")) == \
-        ["step_summaries/train_stage1.json", "step_summaries/train_stage2.json"]
+    assert sorted(a.path for a in client.list_artifacts(summary["run_id"], "step_summaries")) == [
+        "step_summaries/train_stage1.json",
+        "step_summaries/train_stage2.json",
+    ]
     assert json.loads((tmp_path / "register.json").read_text())["lineage"]["data_dvc_hash"] == dvc_hash(data)
     # MLflow resolves a run's logged-model artifacts through the global tracking URI, not the client's.
     with using_tracking_uri(registry.tracking_uri):
-        requirements = Path(client.download_artifacts(summary["run_id"], "model/requirements.txt", str(tmp_path))).read_text()
+        requirements = Path(
+            client.download_artifacts(summary["run_id"], "model/requirements.txt", str(tmp_path))
+        ).read_text()
     assert "torch==" in requirements and "+cpu" not in requirements
 
 
@@ -183,7 +209,8 @@ PULL = textwrap.dedent("""
     assert {repo!r} not in sys.path, sys.path
     model = mlflow.pyfunc.load_model("models:/{name}@champion")
     texts, images = {texts!r}, [Path(p).read_bytes() for p in {images!r}]
-    vectors = model.predict(pd.DataFrame({{"text": texts + [None] * len(images), "image": [None] * len(texts) + images}}))
+    frame = pd.DataFrame({{"text": texts + [None] * len(images), "image": [None] * len(texts) + images}})
+    vectors = model.predict(frame)
     print(json.dumps({{"vectors": np.asarray(vectors).tolist(), "code": sys.modules["zhclip.model"].__file__}}))
 """)
 
@@ -196,8 +223,9 @@ def _png(path: Path, colour: str) -> Path:
 
 
 def _invoke(base: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{base}/invocations", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}/invocations", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -214,8 +242,10 @@ def _rest_pull(base: str, images: list[Path]) -> np.ndarray:
 
 BAD_REQUESTS = {
     "non-image bytes": ({"columns": ["image"], "data": [["aGVsbG8="]]}, "row 0: column 'image': not a decodable image"),
-    "bad base64": ({"columns": ["text", "image"], "data": [["红色", None], [None, "%%%"]]},
-                   "row 1: column 'image': a string but not valid base64"),
+    "bad base64": (
+        {"columns": ["text", "image"], "data": [["红色", None], [None, "%%%"]]},
+        "row 1: column 'image': a string but not valid base64",
+    ),
     "empty text": ({"columns": ["text"], "data": [["红色"], [""]]}, "row 1: column 'text' must be a non-empty string"),
     "wrong column": ({"columns": ["caption"], "data": [["红色"]]}, "needs a 'text' and/or an 'image' column"),
 }
@@ -227,11 +257,16 @@ def test_python_rest_and_cli_pulls_return_the_same_embeddings(tiny_models, regis
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     images = [_png(outside / "red.png", "red"), _png(outside / "blue.png", "blue")]
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "MLFLOW_TRACKING_URI": registry.tracking_uri,
-           "PATH": f"{BIN}:{os.environ['PATH']}"}  # `mlflow models serve` runs uvicorn from PATH
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        "MLFLOW_TRACKING_URI": registry.tracking_uri,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }  # `mlflow models serve` runs uvicorn from PATH
 
     script = PULL.format(repo=str(REPO), name=NAME, texts=TEXTS, images=[str(p) for p in images])
-    fresh = subprocess.run([sys.executable, "-c", script], cwd=outside, capture_output=True, text=True, timeout=300, env=env)
+    fresh = subprocess.run(
+        [sys.executable, "-c", script], cwd=outside, capture_output=True, text=True, timeout=300, env=env
+    )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     out = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert not out["code"].startswith(str(REPO / "model")), "the model code must come from the MLflow artifact"
@@ -239,16 +274,36 @@ def test_python_rest_and_cli_pulls_return_the_same_embeddings(tiny_models, regis
     assert python.shape == (4, 64)
     np.testing.assert_allclose(np.linalg.norm(python, axis=1), 1, atol=1e-5)
 
-    cli = run_cli("embed", "--model", f"models:/{NAME}@champion", *sum((["--text", t] for t in TEXTS), []),
-                  *sum((["--image", str(p)] for p in images), []), cwd=outside, env={"MLFLOW_TRACKING_URI": registry.tracking_uri})
+    cli = run_cli(
+        "embed",
+        "--model",
+        f"models:/{NAME}@champion",
+        *sum((["--text", t] for t in TEXTS), []),
+        *sum((["--image", str(p)] for p in images), []),
+        cwd=outside,
+        env={"MLFLOW_TRACKING_URI": registry.tracking_uri},
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     records = [json.loads(line) for line in cli.stdout.splitlines()]
     np.testing.assert_allclose(np.array([r["embedding"] for r in records[:4]]), python, atol=1e-5)
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    serve = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    serve = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     with running(serve, f"{base}/ping", tmp_path / "serve.log", timeout=240, cwd=outside, env=env):
         np.testing.assert_allclose(_rest_pull(base, images), python, atol=1e-5)
         for case, (frame, message) in BAD_REQUESTS.items():
@@ -256,10 +311,19 @@ def test_python_rest_and_cli_pulls_return_the_same_embeddings(tiny_models, regis
             assert status == 400 and message in body["message"], (case, status, body)
         big = io.BytesIO()
         Image.new("RGB", (6000, 5000)).save(big, format="PNG")
-        status, body = _invoke(base, {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(big.getvalue()).decode()]]}})
+        status, body = _invoke(
+            base, {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(big.getvalue()).decode()]]}}
+        )
         assert status == 400 and "row 0: column 'image': image is 6000x5000" in body["message"], body
         np.testing.assert_allclose(_rest_pull(base, images), python, atol=1e-5)  # still serving after bad requests
-        status, body = _invoke(base, {"dataframe_split": {"columns": ["text", "image"],
-                                                          "data": [[TEXTS[0], base64.b64encode(images[0].read_bytes()).decode()]]},
-                                      "params": {"output": "similarity"}})
+        status, body = _invoke(
+            base,
+            {
+                "dataframe_split": {
+                    "columns": ["text", "image"],
+                    "data": [[TEXTS[0], base64.b64encode(images[0].read_bytes()).decode()]],
+                },
+                "params": {"output": "similarity"},
+            },
+        )
         assert status == 200 and body["predictions"][0] == pytest.approx(float(python[0] @ python[2]), abs=1e-5)

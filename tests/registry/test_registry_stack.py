@@ -16,8 +16,9 @@ import psycopg2
 import pytest
 
 from zhclip.components.registry.register import RegisterConfig, register
-from conftest import BIN, S3_CREDENTIALS, free_port, running
 from zhclip.model.pyfunc import ZhclipEmbedder
+
+from conftest import BIN, S3_CREDENTIALS, free_port, running
 
 pytestmark = pytest.mark.slow
 NAME = "zhclip-stack"
@@ -49,8 +50,19 @@ def postgres_uri() -> str:
         assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
 
     pg(str(bin_dir / "initdb"), "-D", str(cluster), "-U", "zhclip", "--auth=trust", "-E", "UTF8")
-    pg(str(bin_dir / "pg_ctl"), "-D", str(cluster), "-l", str(root / "postgres.log"), "-w", "-t", "60",
-       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start")
+    pg(
+        str(bin_dir / "pg_ctl"),
+        "-D",
+        str(cluster),
+        "-l",
+        str(root / "postgres.log"),
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+        "start",
+    )
     try:
         pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "zhclip", "mlflow")
         # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3; the locked driver is psycopg2.
@@ -61,8 +73,13 @@ def postgres_uri() -> str:
 
 
 def _s3(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +88,20 @@ def tracking_server(postgres_uri, s3_endpoint, tmp_path_factory) -> str:
     _s3(s3_endpoint).create_bucket(Bucket=BUCKET)
     port = free_port()
     env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    server = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres_uri,
-              "--artifacts-destination", f"s3://{BUCKET}/artifacts", "-h", "127.0.0.1", "-p", str(port), "-w", "2"]
+    server = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        postgres_uri,
+        "--artifacts-destination",
+        f"s3://{BUCKET}/artifacts",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "2",
+    ]
     log = tmp_path_factory.mktemp("mlflow_server") / "server.log"
     with running(server, f"http://127.0.0.1:{port}/health", log, timeout=300, env=env):
         yield f"http://127.0.0.1:{port}"
@@ -84,18 +113,37 @@ def _metrics(tmp_path: Path, name: str, mean_recall: float) -> Path:
     return path
 
 
-def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(tiny_models, tracking_server, postgres_uri,
-                                                                     s3_endpoint, tmp_path):
+def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(
+    tiny_models, tracking_server, postgres_uri, s3_endpoint, tmp_path
+):
     config = RegisterConfig(model_name=NAME, tracking_uri=tracking_server)
     assert register(tiny_models[0], _metrics(tmp_path, "a", 40.0), config)["champion_version"] == 1
 
     # Two registrations at once, both worse than the champion: two new versions, champion stays.
-    client_env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))},
-                  "MLFLOW_TRACKING_URI": tracking_server}
-    processes = [subprocess.Popen([str(BIN / "zhclip"), "register", "--model", str(model), "--name", NAME,
-                                   "--metrics", str(_metrics(tmp_path, f"m{i}", 30.0 + i))],
-                                  cwd=tmp_path, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i, model in enumerate(tiny_models[1:])]
+    client_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))},
+        "MLFLOW_TRACKING_URI": tracking_server,
+    }
+    processes = [
+        subprocess.Popen(
+            [
+                str(BIN / "zhclip"),
+                "register",
+                "--model",
+                str(model),
+                "--name",
+                NAME,
+                "--metrics",
+                str(_metrics(tmp_path, f"m{i}", 30.0 + i)),
+            ],
+            cwd=tmp_path,
+            env=client_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, model in enumerate(tiny_models[1:])
+    ]
     outputs = [process.communicate(timeout=600) for process in processes]
     assert all(p.returncode == 0 for p in processes), [err[-3000:] for _, err in outputs]
     summaries = [json.loads(out) for out, _ in outputs]
@@ -109,8 +157,11 @@ def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(tiny_model
         cursor.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s", (NAME,))
         aliases = dict(cursor.fetchall())
     assert aliases["champion"] == 1 and aliases["challenger"] in (2, 3)
-    keys = [o["Key"] for page in _s3(s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in _s3(s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    ]
     assert sum(key.endswith("/model.safetensors") for key in keys) == 3
 
     import mlflow

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import CJK_FAMILY, chromium_page
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.data.shards import read_pairs
+from zhclip.components.registry.register import RegisterConfig, register
 from zhclip.components.search.gallery import read_image
 from zhclip.components.search.index_build import IndexConfig, build_index
 from zhclip.components.search.index_store import SearchIndex
-from zhclip.components.registry.register import RegisterConfig, register
-from zhclip.components.data.shards import read_pairs
+
+from browser import CJK_FAMILY, chromium_page
 from conftest import S3_CREDENTIALS, caption_recall_at_10, free_port, run_cli, serving
 
 EXACT = IndexConfig(factory="Flat", search_params="")
@@ -46,10 +47,15 @@ def test_folder_gallery_indexes_each_image_with_its_location_and_reports_bad_fil
     (gallery / "broken.jpg").write_bytes(b"not an image")
     (gallery / "notes.txt").write_text("skipped: not an image suffix")
 
-    summary = build_index(str(gallery), tmp_path / "index", str(tiny_models[0]), EXACT, summary_path=tmp_path / "index.json")
+    summary = build_index(
+        str(gallery), tmp_path / "index", str(tiny_models[0]), EXACT, summary_path=tmp_path / "index.json"
+    )
 
     assert summary["images"] == 3 and summary["rejected"] == 1
-    assert summary["rejected_examples"][0]["id"] == "broken.jpg" and "not a decodable image" in summary["rejected_examples"][0]["reason"]
+    assert (
+        summary["rejected_examples"][0]["id"] == "broken.jpg"
+        and "not a decodable image" in summary["rejected_examples"][0]["reason"]
+    )
     index = SearchIndex(tmp_path / "index")
     items = {index.item(row)["id"]: index.item(row)["location"] for row in range(index.size)}
     assert set(items) == set(images)
@@ -57,9 +63,12 @@ def test_folder_gallery_indexes_each_image_with_its_location_and_reports_bad_fil
     from zhclip.components.registry.embed import embed
 
     vector = embed(str(tiny_models[0]), [], [gallery / "blue.png"])[0]["embedding"]
-    (row, score), = index.search(np.asarray([vector], dtype=np.float32), 1)[0]
+    ((row, score),) = index.search(np.asarray([vector], dtype=np.float32), 1)[0]
     assert index.item(row)["id"] == "blue.png" and score == pytest.approx(1.0, abs=1e-4)
-    assert json.loads((tmp_path / "index.json").read_text())["model"]["weights_hash"] == index.meta["model"]["weights_hash"]
+    assert (
+        json.loads((tmp_path / "index.json").read_text())["model"]["weights_hash"]
+        == index.meta["model"]["weights_hash"]
+    )
 
 
 def test_tsv_and_prepared_galleries_index_each_image_once(tiny_models, raw_dir, prepared_dir, tmp_path):
@@ -82,7 +91,9 @@ def test_tsv_and_prepared_galleries_index_each_image_once(tiny_models, raw_dir, 
 def test_ray_data_actors_index_the_same_images_as_one_process(tiny_models, prepared_dir, tmp_path):
     gallery = str(prepared_dir / "train")  # several shards: pieces for several actors
     here = build_index(gallery, tmp_path / "here", str(tiny_models[0]), EXACT)
-    spread = build_index(gallery, tmp_path / "ray", str(tiny_models[0]), IndexConfig(factory="Flat", search_params="", workers=2))
+    spread = build_index(
+        gallery, tmp_path / "ray", str(tiny_models[0]), IndexConfig(factory="Flat", search_params="", workers=2)
+    )
     assert here["images"] == spread["images"] == read_pairs(prepared_dir, "train")["image_id"].nunique()
 
     def vectors_by_id(folder: Path) -> dict[str, np.ndarray]:
@@ -111,17 +122,46 @@ def test_a_model_other_than_the_indexing_one_is_refused(tiny_models, prepared_di
     build_index(str(prepared_dir / "test"), tmp_path / "index", str(tiny_models[0]), EXACT)
     from zhclip.components.registry.embed import model_identity
 
-    with pytest.raises(ZhclipError, match=r"was built by .*seed0.*but the model given is .*seed1.*zhclip index --gallery .*test --model .*seed1"):
+    with pytest.raises(
+        ZhclipError,
+        match=r"was built by .*seed0.*but the model given is .*seed1.*zhclip index --gallery .*test --model .*seed1",
+    ):
         SearchIndex(tmp_path / "index").check_model(model_identity(str(tiny_models[1])))
-    result = run_cli("serve", "--index", str(tmp_path / "index"), "--model", str(tiny_models[1]), "--port", str(free_port()),
-                     timeout=120)
+    result = run_cli(
+        "serve",
+        "--index",
+        str(tmp_path / "index"),
+        "--model",
+        str(tiny_models[1]),
+        "--port",
+        str(free_port()),
+        timeout=120,
+    )
     assert result.returncode == 2 and "their embeddings do not compare" in result.stderr, result.stderr
-    result = run_cli("serve", "--index", str(tmp_path / "missing"), "--model", str(tiny_models[0]), "--port", str(free_port()),
-                     timeout=120)
+    result = run_cli(
+        "serve",
+        "--index",
+        str(tmp_path / "missing"),
+        "--model",
+        str(tiny_models[0]),
+        "--port",
+        str(free_port()),
+        timeout=120,
+    )
     assert result.returncode == 2 and "is not an index folder" in result.stderr, result.stderr
-    result = run_cli("index", "--gallery", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other"), "--model", str(tiny_models[0]),
-                     timeout=120)
-    assert result.returncode == 2 and "is not an image folder, an *_imgs.tsv file or a prepared split" in result.stderr, result.stderr
+    result = run_cli(
+        "index",
+        "--gallery",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "other"),
+        "--model",
+        str(tiny_models[0]),
+        timeout=120,
+    )
+    assert (
+        result.returncode == 2 and "is not an image folder, an *_imgs.tsv file or a prepared split" in result.stderr
+    ), result.stderr
 
 
 # --- the service, from the registry -------------------------------------------------------------------------------
@@ -141,7 +181,9 @@ def _get(url: str) -> tuple[int, dict]:
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
-    return _answer(urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"}))
+    return _answer(
+        urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"})
+    )
 
 
 def _declared_upload(base: str, megabytes: int) -> tuple[int, dict]:
@@ -174,13 +216,29 @@ def served(trained, prepared_dir, tmp_path_factory):
     from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
 
     scores = evaluate(trained["root"] / "stage2", prepared_dir, EvaluateConfig(split="test"), evaluation)
-    registered = register(trained["root"] / "stage2", evaluation, RegisterConfig(model_name="zhclip-search", tracking_uri=tracking))
+    registered = register(
+        trained["root"] / "stage2", evaluation, RegisterConfig(model_name="zhclip-search", tracking_uri=tracking)
+    )
     assert registered["promoted"]
     model = "models:/zhclip-search@champion"
-    built = run_cli("index", "--gallery", str(prepared_dir / "test"), "--out", str(root / "test"), "--model", model,
-                    "--tracking-uri", tracking, "--summary", str(root / "index.json"), timeout=300)
+    built = run_cli(
+        "index",
+        "--gallery",
+        str(prepared_dir / "test"),
+        "--out",
+        str(root / "test"),
+        "--model",
+        model,
+        "--tracking-uri",
+        tracking,
+        "--summary",
+        str(root / "index.json"),
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr
-    with serving(["--index", str(root / "test"), "--model", model, "--tracking-uri", tracking], root / "serve.log") as base:
+    with serving(
+        ["--index", str(root / "test"), "--model", model, "--tracking-uri", tracking], root / "serve.log"
+    ) as base:
         yield {"base": base, "root": root, "scores": scores, "version": registered["version"]}
 
 
@@ -223,10 +281,18 @@ def test_bad_input_is_refused_with_its_reason_while_good_queries_keep_being_answ
         "k too large": (lambda: _search(base, "圆形", k=1000), 400, "k must be an integer from 1 to 100, got '1000'"),
         "k not a number": (lambda: _search(base, "圆形", k="十"), 400, "k must be an integer"),
         "paging too deep": (lambda: _search(base, "圆形", k=100, offset=950), 400, "goes past the deepest result"),
-        "missing index": (lambda: _search(base, "圆形", index="gallery2"), 404, "no index named 'gallery2'; this server has: test"),
+        "missing index": (
+            lambda: _search(base, "圆形", index="gallery2"),
+            404,
+            "no index named 'gallery2'; this server has: test",
+        ),
         "not an image": (lambda: _post(f"{base}/api/search/image", "这不是图片".encode()), 415, "is not an image"),
         "empty upload": (lambda: _post(f"{base}/api/search/image", b""), 400, "the upload is empty"),
-        "100 megapixels": (lambda: _post(f"{base}/api/search/image", _huge_png()), 413, "100.0 megapixels, above the limit of 25.0"),
+        "100 megapixels": (
+            lambda: _post(f"{base}/api/search/image", _huge_png()),
+            413,
+            "100.0 megapixels, above the limit of 25.0",
+        ),
         "upload too big": (lambda: _declared_upload(base, 21), 413, "the upload is 21.0 MB; at most 20 MB"),
         "missing thumbnail": (lambda: _get(f"{base}/api/images/test/100000"), 404, "row must be an integer from 0 to"),
     }
@@ -250,17 +316,27 @@ def test_page_searches_a_typed_chinese_query_and_shows_images_and_chinese_text(s
         page.call("Runtime.evaluate", expression="document.getElementById('query').focus()")
         page.call("Input.insertText", text="红色的圆形")  # typed, as an input method commits Chinese text
         page.call("Runtime.evaluate", expression="document.getElementById('search').click()")
-        shown = ("(() => { const imgs = [...document.querySelectorAll('#results img')];"
-                 " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0) ? imgs.length : 0; })()")
+        shown = (
+            "(() => { const imgs = [...document.querySelectorAll('#results img')];"
+            " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0) ? imgs.length : 0; })()"
+        )
         deadline = time.monotonic() + 60
         while not page.call("Runtime.evaluate", expression=shown, returnByValue=True)["result"]["value"]:
-            assert time.monotonic() < deadline, page.call("Runtime.evaluate", expression="document.body.innerText")["result"]
+            assert time.monotonic() < deadline, page.call("Runtime.evaluate", expression="document.body.innerText")[
+                "result"
+            ]
             time.sleep(0.3)
-        status = page.call("Runtime.evaluate", expression="document.getElementById('status').textContent")["result"]["value"]
+        status = page.call("Runtime.evaluate", expression="document.getElementById('status').textContent")["result"][
+            "value"
+        ]
         page.screenshot(served["root"] / "search_page.png")
         fonts = page.fonts_of_chinese_text()
     assert status.startswith("“红色的圆形”：第 1–20 个结果"), status
-    captions = [text for text in fonts if "相似度" not in text and text not in ("zhclip 图像检索", "以文搜图", "以图搜图")]
+    captions = [
+        text for text in fonts if "相似度" not in text and text not in ("zhclip 图像检索", "以文搜图", "以图搜图")
+    ]
     assert captions, fonts  # the results' captions are Chinese text too
-    missing = {text: sorted(families) for text, families in fonts.items() if not any(CJK_FAMILY.search(f) for f in families)}
+    missing = {
+        text: sorted(families) for text, families in fonts.items() if not any(CJK_FAMILY.search(f) for f in families)
+    }
     assert not missing, f"Chinese text drawn without a CJK font (empty boxes): {missing}"

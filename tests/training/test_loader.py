@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from builders import pil_decode_jpegs
 from PIL import Image
 
 from zhclip.components.data.shards import PreparedSplit, read_pairs
@@ -25,7 +26,6 @@ from zhclip.components.training.loader import (
     training_batches,
 )
 from zhclip.model import build_model
-from builders import pil_decode_jpegs
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,10 @@ def test_every_pair_once_per_epoch_and_workers_disjoint(small_groups, world_size
     pairs = read_pairs(small_groups.uri, "train")
     everything = set(zip(pairs["text_id"], pairs["image_id"]))
     for epoch in range(3):
-        shares = [_epoch_pairs(EpochPlan(small_groups, 8, rank, world_size, seed=5, window_rows=40), epoch)
-                  for rank in range(world_size)]
+        shares = [
+            _epoch_pairs(EpochPlan(small_groups, 8, rank, world_size, seed=5, window_rows=40), epoch)
+            for rank in range(world_size)
+        ]
         seen = [pair for share in shares for pair in share]
         assert len(seen) == len(set(seen)), "a pair twice in one epoch"
         assert set(seen) <= everything
@@ -67,9 +69,12 @@ def test_the_order_depends_on_seed_and_epoch_only_and_batches_mix_shards(small_g
     assert _epoch_pairs(EpochPlan(small_groups, 8, 0, 1, seed=0, window_rows=64), 0) == first
     assert _epoch_pairs(plan, 1) != first
     assert _epoch_pairs(EpochPlan(small_groups, 8, 0, 1, seed=1, window_rows=64), 0) != first
-    shard_of = {pair: Path(group.path).name for group, table in zip(small_groups.groups, small_groups.tables(["text_id", "image_id"]))
-                for pair in zip(table["text_id"].to_pylist(), table["image_id"].to_pylist())}
-    shards_per_batch = [len({shard_of[pair] for pair in first[i:i + 8]}) for i in range(0, len(first), 8)]
+    shard_of = {
+        pair: Path(group.path).name
+        for group, table in zip(small_groups.groups, small_groups.tables(["text_id", "image_id"]))
+        for pair in zip(table["text_id"].to_pylist(), table["image_id"].to_pylist())
+    }
+    shards_per_batch = [len({shard_of[pair] for pair in first[i : i + 8]}) for i in range(0, len(first), 8)]
     assert min(shards_per_batch) >= 2, f"a batch from a single shard: {shards_per_batch}"
 
 
@@ -77,12 +82,16 @@ def test_a_window_reads_only_its_row_groups_each_once(small_groups, monkeypatch)
     """Memory is a window's rows: reading an epoch touches each row group about once, never the split at once."""
     reads: list[int] = []
     original = PreparedSplit.read
-    monkeypatch.setattr(PreparedSplit, "read", lambda self, group, columns=None: reads.append(group) or original(self, group, columns))
+    monkeypatch.setattr(
+        PreparedSplit, "read", lambda self, group, columns=None: reads.append(group) or original(self, group, columns)
+    )
     plan = EpochPlan(small_groups, 8, 0, 1, seed=0, window_rows=32)
     for window in plan.windows(0, plan.steps_per_epoch):
         before = len(reads)
         read_window(plan, window)
-        assert len(reads) - before == len(set(reads[before:])) <= 32 // 16 + 1 + 1, "a group read twice or too many read"
+        assert len(reads) - before == len(set(reads[before:])) <= 32 // 16 + 1 + 1, (
+            "a group read twice or too many read"
+        )
     assert len(reads) <= len(small_groups.groups) + plan.steps_per_epoch * 8 // 32
 
 
@@ -93,8 +102,10 @@ def decoder():
 
 
 def _digests(batches) -> list[tuple[str, float]]:
-    return [(pair_digest(b["text_id"], b["image_id"]), float(np.asarray(b["pixel_values"]).sum(dtype=np.float64)))
-            for b in batches]
+    return [
+        (pair_digest(b["text_id"], b["image_id"]), float(np.asarray(b["pixel_values"]).sum(dtype=np.float64)))
+        for b in batches
+    ]
 
 
 def test_a_resumed_stream_continues_inside_the_epoch_with_the_same_batches(small_groups, decoder):
@@ -125,14 +136,21 @@ def test_ray_data_decoders_give_the_same_batches_as_the_training_process(small_g
 
 
 def test_pair_digest_is_order_free_and_tells_pairs_apart():
-    assert pair_digest(np.array([1, 2, 3]), np.array([4, 5, 6])) == pair_digest(np.array([3, 1, 2]), np.array([6, 4, 5]))
+    assert pair_digest(np.array([1, 2, 3]), np.array([4, 5, 6])) == pair_digest(
+        np.array([3, 1, 2]), np.array([6, 4, 5])
+    )
     assert pair_digest(np.array([1, 2]), np.array([4, 5])) != pair_digest(np.array([1, 2]), np.array([5, 4]))
 
 
 # Images of each kind a split may hold: what nvJPEG takes (baseline RGB or grey JPEG) and what the
 # loaders decode instead (PNG, progressive JPEG, CMYK JPEG).
-IMAGE_KINDS = [("JPEG", "RGB", {}), ("JPEG", "L", {}), ("PNG", "RGB", {}), ("JPEG", "RGB", {"progressive": True}),
-               ("JPEG", "CMYK", {})]
+IMAGE_KINDS = [
+    ("JPEG", "RGB", {}),
+    ("JPEG", "L", {}),
+    ("PNG", "RGB", {}),
+    ("JPEG", "RGB", {"progressive": True}),
+    ("JPEG", "CMYK", {}),
+]
 
 
 def _encoded(index: int) -> tuple[bytes, bool]:
@@ -154,8 +172,10 @@ def mixed_split(tmp_path_factory) -> PreparedSplit:
     folder = tmp_path_factory.mktemp("mixed") / "train"
     folder.mkdir()
     ids = list(range(40))
-    table = pa.Table.from_pydict({"text_id": ids, "text": [f"第{i}张图" for i in ids], "image_id": ids,
-                                  "image": [_encoded(i)[0] for i in ids]}, schema=PAIR_SCHEMA)
+    table = pa.Table.from_pydict(
+        {"text_id": ids, "text": [f"第{i}张图" for i in ids], "image_id": ids, "image": [_encoded(i)[0] for i in ids]},
+        schema=PAIR_SCHEMA,
+    )
     pq.write_table(table, folder / "part-00000.parquet", row_group_size=8)
     return PreparedSplit.open(str(folder.parent), "train")
 
@@ -169,8 +189,9 @@ def test_images_decoded_on_the_device_match_the_loaders_pixels(mixed_split, monk
     plan = EpochPlan(mixed_split, 8, 0, 1, seed=0, window_rows=16)
     device_decoder = BatchDecoder(processor, 52, augment=augment, seed=3, on_device=True)
     loader_decoder = BatchDecoder(processor, 52, augment=augment, seed=3, eight_bit=True)
-    for sent, decoded in zip(training_batches(plan, device_decoder, 0, 5, loader_workers=1),
-                             training_batches(plan, loader_decoder, 0, 5)):
+    for sent, decoded in zip(
+        training_batches(plan, device_decoder, 0, 5, loader_workers=1), training_batches(plan, loader_decoder, 0, 5)
+    ):
         assert "pixel_values" not in sent
         takes = [_encoded(int(i))[1] for i in sent["image_id"]]
         assert [len(blob) > 0 for blob in sent["jpeg"]] == takes
@@ -214,8 +235,10 @@ def test_on_device_hands_over_each_batch_with_its_inputs(mixed_split, monkeypatc
     _, processor = build_model("tiny")
     decoder = BatchDecoder(processor, 52, on_device=True)
     plan = EpochPlan(mixed_split, 8, 0, 1, seed=0, window_rows=16)
-    pairs = [(batch["text_id"].tolist(), inputs["pixel_values"].shape)
-             for batch, inputs in on_device(training_batches(plan, decoder, 0, 5), decoder, torch.device("cpu"))]
+    pairs = [
+        (batch["text_id"].tolist(), inputs["pixel_values"].shape)
+        for batch, inputs in on_device(training_batches(plan, decoder, 0, 5), decoder, torch.device("cpu"))
+    ]
     assert pairs == [(b["text_id"].tolist(), (8, 3, 32, 32)) for b in training_batches(plan, decoder, 0, 5)]
 
 
@@ -235,7 +258,8 @@ gpu_decode = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_decode)
 blobs = numpy.load(sys.argv[2], allow_pickle=True)
 boxes = [tuple(int(v) for v in box) for box in numpy.load(sys.argv[3])]
-images = gpu_decode.decode_jpegs([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs], boxes, torch.device("cpu"))
+encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+images = gpu_decode.decode_jpegs(encoded, boxes, torch.device("cpu"))
 numpy.savez(sys.argv[4], *[image.numpy() for image in images])
 """
 
@@ -252,9 +276,20 @@ def test_torchvision_decodes_and_crops_the_jpegs_as_pil_does(tmp_path):
     np.save(tmp_path / "blobs.npy", np.array(blobs, dtype=object), allow_pickle=True)
     np.save(tmp_path / "boxes.npy", boxes)
     module = Path(__file__).resolve().parents[2] / "components" / "training" / "gpu_decode.py"
-    result = subprocess.run([str(REFERENCE_PYTHON), "-c", DECODE_WITH_TORCHVISION, str(module),
-                             str(tmp_path / "blobs.npy"), str(tmp_path / "boxes.npy"), str(tmp_path / "out.npz")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            str(REFERENCE_PYTHON),
+            "-c",
+            DECODE_WITH_TORCHVISION,
+            str(module),
+            str(tmp_path / "blobs.npy"),
+            str(tmp_path / "boxes.npy"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     decoded = np.load(tmp_path / "out.npz")
     assert len(decoded.files) == len(blobs) >= 4

@@ -17,17 +17,27 @@ import pytest
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.training.config import TrainConfig
-from zhclip.components.training.runner import train
 from zhclip.components.training.loop import train_worker_loop
+from zhclip.components.training.runner import train
 
 STEPS, EVERY = 36, 4
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path: Path, **overrides) -> TrainConfig:
-    return TrainConfig(stage=1, max_steps=STEPS, batch_size=32, lr=1e-3, warmup_steps=2, checkpoint_every=EVERY,
-                       mask_ratio=0.25, augment=True, storage_path=str(tmp_path / "ray"),
-                       tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **overrides)
+    return TrainConfig(
+        stage=1,
+        max_steps=STEPS,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=2,
+        checkpoint_every=EVERY,
+        mask_ratio=0.25,
+        augment=True,
+        storage_path=str(tmp_path / "ray"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +75,16 @@ def _find_steps(node) -> list:
 
 def _kill_a_worker_after_first_checkpoint(storage: Path, seen: dict, timeout: float = 300) -> threading.Thread:
     """In the background: once a checkpoint exists, SIGKILL the training worker process."""
+
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             step = _latest_checkpoint_step(storage)
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+            workers = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+            ]
             if step >= EVERY and workers:
                 seen["checkpoint_step"] = step
                 for worker in workers:
@@ -99,7 +113,9 @@ def test_a_killed_worker_is_replaced_and_continues_from_the_last_checkpoint(prep
     watcher.join(timeout=5)
     assert seen.get("killed"), "the worker was not killed during the run"
     (resumed_at,) = summary["resumed_at_steps"]
-    assert resumed_at % EVERY == 0 and resumed_at >= seen["checkpoint_step"], "more steps lost than since the last checkpoint"
+    assert resumed_at % EVERY == 0 and resumed_at >= seen["checkpoint_step"], (
+        "more steps lost than since the last checkpoint"
+    )
     assert summary["steps"] == STEPS
     _assert_continues_the_uninterrupted_run(tmp_path / "out", uninterrupted)
 

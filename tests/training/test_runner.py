@@ -27,8 +27,11 @@ def _loop(prepared_dir, tmp_path, init_dir=None, **overrides):
             model, _ = load_model(checkpoint_dir)
             saved["state"] = {k: v.clone() for k, v in model.state_dict().items()}
 
-    config = {**asdict(TrainConfig(**{"batch_size": 32, "warmup_steps": 2, **overrides})),
-              "prepared_dir": str(prepared_dir), "init_dir": init_dir}
+    config = {
+        **asdict(TrainConfig(**{"batch_size": 32, "warmup_steps": 2, **overrides})),
+        "prepared_dir": str(prepared_dir),
+        "init_dir": init_dir,
+    }
     return train_worker_loop(config, WorkerContext(report=report)), saved["state"]
 
 
@@ -80,7 +83,9 @@ def test_ray_train_writes_hugging_face_models_for_both_stages(trained):
         assert summary["steps"] == 2 * (192 // 32) and summary["final_loss"] > 0
     stage1 = load_file(root / "stage1" / "model.safetensors")
     stage2 = load_file(root / "stage2" / "model.safetensors")
-    assert not torch.equal(stage1["visual_projection.weight"], stage2["visual_projection.weight"]), "stage 2 unlocks the image tower"
+    assert not torch.equal(stage1["visual_projection.weight"], stage2["visual_projection.weight"]), (
+        "stage 2 unlocks the image tower"
+    )
     with open(root / "stage1.csv") as rows:
         history = list(csv.DictReader(rows))
     assert [int(r["step"]) for r in history] == list(range(1, 13)) and float(history[0]["lr"]) > 0
@@ -113,11 +118,14 @@ def test_logit_scale_is_clamped_to_ln_100_after_each_step(prepared_dir, tmp_path
 
 
 def test_stage1_starts_from_pretrained_towers_and_keeps_the_image_tower(prepared_dir, tmp_path):
-    from zhclip.components.training.start import StartConfig, prepare_start
     from builders import pretrained_clip, pretrained_roberta
 
+    from zhclip.components.training.start import StartConfig, prepare_start
+
     clip, bert = pretrained_clip(tmp_path / "clip"), pretrained_roberta(tmp_path / "roberta")
-    prepare_start(tmp_path / "start", StartConfig(source="towers", vision=str(tmp_path / "clip"), text=str(tmp_path / "roberta")))
+    prepare_start(
+        tmp_path / "start", StartConfig(source="towers", vision=str(tmp_path / "clip"), text=str(tmp_path / "roberta"))
+    )
     _, state = _loop(prepared_dir, tmp_path, init_dir=str(tmp_path / "start"), stage=1, epochs=1, lr=1e-3)
     for name, tensor in clip.state_dict().items():
         if name.startswith(("vision_model.", "visual_projection.")):
@@ -175,8 +183,17 @@ def test_speed_switches_keep_the_loss_trajectory(prepared_dir, tmp_path):
     save_model(model, processor, tmp_path / "no-dropout")  # dropout draws differ between attention kernels
     start = str(tmp_path / "no-dropout")
     plain, _ = _loop(prepared_dir, tmp_path, init_dir=start, stage=2, max_steps=4, lr=1e-3)
-    fast, state = _loop(prepared_dir, tmp_path, init_dir=start, stage=2, max_steps=4, lr=1e-3,
-                        fused_qkv=True, padding_free=True, channels_last=True)
+    fast, state = _loop(
+        prepared_dir,
+        tmp_path,
+        init_dir=start,
+        stage=2,
+        max_steps=4,
+        lr=1e-3,
+        fused_qkv=True,
+        padding_free=True,
+        channels_last=True,
+    )
     assert [h["loss"] for h in fast] == pytest.approx([h["loss"] for h in plain], abs=1e-4)
     assert "text_model.encoder.layer.0.attention.self.query.weight" in state, "saved in the standard layout"
 
@@ -185,8 +202,9 @@ def test_decoding_processes_and_augmentation_keep_the_run_reproducible(prepared_
     """Augmentation draws per pair from (seed, epoch, pair), so loader processes change nothing."""
     inline, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=0)
     parallel, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2)
-    eight_bit, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2,
-                         normalize_on_device=True)
+    eight_bit, _ = _loop(
+        prepared_dir, tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2, normalize_on_device=True
+    )
     plain, _ = _loop(prepared_dir, tmp_path, stage=2, max_steps=3, augment=False)
     assert [h["loss"] for h in parallel] == pytest.approx([h["loss"] for h in inline], abs=1e-6)
     assert [h["loss"] for h in eight_bit] == pytest.approx([h["loss"] for h in inline], abs=1e-6)
@@ -197,18 +215,23 @@ def test_jpegs_decoded_on_the_device_train_as_the_loaders_pixels(raw_dir, tmp_pa
     """train.decode_on_device through the training loop, on JPEG shards: the losses of the 8-bit
     loader path within the one-level difference of the two resizes (torchvision is not installable
     here: PIL stands in for its decoder, which the reference environment checks against PIL)."""
-    from zhclip.components.data.ingest import IngestConfig, ingest
     from builders import pil_decode_jpegs
+
+    from zhclip.components.data.ingest import IngestConfig, ingest
 
     ingest(raw_dir, tmp_path / "jpeg", IngestConfig(shard_rows=50, image_format="JPEG"))
     monkeypatch.setattr("zhclip.components.training.config.torchvision_installed", lambda: True)
     decoded = []
-    monkeypatch.setattr("zhclip.components.training.loader.decode_jpegs",
-                        lambda encoded, boxes, device: decoded.append(len(encoded)) or pil_decode_jpegs(encoded, boxes, device))
-    loaders, _ = _loop(tmp_path / "jpeg", tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2,
-                       normalize_on_device=True)
-    on_device, _ = _loop(tmp_path / "jpeg", tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2,
-                         decode_on_device=True)
+    monkeypatch.setattr(
+        "zhclip.components.training.loader.decode_jpegs",
+        lambda encoded, boxes, device: decoded.append(len(encoded)) or pil_decode_jpegs(encoded, boxes, device),
+    )
+    loaders, _ = _loop(
+        tmp_path / "jpeg", tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2, normalize_on_device=True
+    )
+    on_device, _ = _loop(
+        tmp_path / "jpeg", tmp_path, stage=2, max_steps=3, augment=True, loader_workers=2, decode_on_device=True
+    )
     assert decoded == [32, 32, 32], "every image of every batch decoded on the device"
     assert [h["pairs"] for h in on_device] == [h["pairs"] for h in loaders]
     assert [h["loss"] for h in on_device] == pytest.approx([h["loss"] for h in loaders], abs=2e-3)
@@ -251,8 +274,17 @@ def test_config_rejects_settings_that_cannot_work():
 
 @pytest.mark.slow
 def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path):
-    config = TrainConfig(stage=1, epochs=12, batch_size=16, lr=2e-3, warmup_steps=2, num_workers=2, cpus_per_worker=1,
-                         storage_path=str(tmp_path / "ray"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = TrainConfig(
+        stage=1,
+        epochs=12,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=2,
+        num_workers=2,
+        cpus_per_worker=1,
+        storage_path=str(tmp_path / "ray"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     summary = train(prepared_dir, tmp_path / "out", config, history_csv=tmp_path / "history.csv")
     with open(tmp_path / "history.csv") as rows:
         losses = [float(r["loss"]) for r in csv.DictReader(rows)]
@@ -336,8 +368,15 @@ def test_a_stage_that_does_not_learn_says_so_in_its_summary_and_mlflow_run(prepa
     from mlflow import MlflowClient
 
     assert trained["stage1"]["start_valid_mean_recall"] is not None  # the start is measured before the first step
-    config = TrainConfig(stage=2, lr=1e-9, epochs=1, batch_size=32, warmup_steps=0, storage_path=str(tmp_path / "ray"),
-                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = TrainConfig(
+        stage=2,
+        lr=1e-9,
+        epochs=1,
+        batch_size=32,
+        warmup_steps=0,
+        storage_path=str(tmp_path / "ray"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     summary = train(prepared_dir, tmp_path / "stuck", config, init_dir=trained["root"] / "stage2")
     assert any("the loss has not fallen" in warning for warning in summary["warnings"]), summary["warnings"]
     run = MlflowClient(config.tracking_uri).get_run(summary["mlflow"]["run_id"])

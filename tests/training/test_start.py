@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import config_from
 from zhclip.components.training.start import StartConfig, prepare_start
-from conftest import copy_project, run_tool
 from zhclip.model import build_model
+
+from conftest import copy_project, run_tool
 
 
 def test_scratch_start_is_the_seeded_random_model(tmp_path):
@@ -30,10 +31,14 @@ def test_towers_start_carries_both_pretrained_towers(tmp_path):
     config = StartConfig(source="towers", vision=str(tmp_path / "clip"), text=str(tmp_path / "roberta"))
     summary = prepare_start(tmp_path / "start", config)
     weights = load_file(tmp_path / "start" / "model.safetensors")
-    torch.testing.assert_close(weights["vision_model.encoder.layers.1.mlp.fc2.weight"],
-                               clip.state_dict()["vision_model.encoder.layers.1.mlp.fc2.weight"])
-    torch.testing.assert_close(weights["text_model.encoder.layer.0.attention.self.query.weight"],
-                               bert.state_dict()["bert.encoder.layer.0.attention.self.query.weight"])
+    torch.testing.assert_close(
+        weights["vision_model.encoder.layers.1.mlp.fc2.weight"],
+        clip.state_dict()["vision_model.encoder.layers.1.mlp.fc2.weight"],
+    )
+    torch.testing.assert_close(
+        weights["text_model.encoder.layer.0.attention.self.query.weight"],
+        bert.state_dict()["bert.encoder.layer.0.attention.self.query.weight"],
+    )
     assert summary["weights_dvc_hash"]["vision"].endswith(".dir") and summary["tensors_loaded"]["text"] > 0
 
 
@@ -53,12 +58,15 @@ def test_checkpoint_start_converts_a_reference_pt_or_copies_a_model_folder(tmp_p
     assert all(torch.equal(load_file(tmp_path / "copy" / "model.safetensors")[k], v) for k, v in original.items())
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"source": "pretrained"}, "source must be one of"),
-    ({"source": "towers"}, "needs start.vision"),
-    ({"source": "checkpoint"}, "needs start.checkpoint"),
-    ({"stages": {"stage1": "start"}}, "is not a recipe zhclip runs"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"source": "pretrained"}, "source must be one of"),
+        ({"source": "towers"}, "needs start.vision"),
+        ({"source": "checkpoint"}, "needs start.checkpoint"),
+        ({"stages": {"stage1": "start"}}, "is not a recipe zhclip runs"),
+    ],
+)
 def test_bad_start_settings_are_refused_by_name(values, message):
     with pytest.raises(ZhclipError, match=message):
         config_from(StartConfig, {"start": values}, "start")
@@ -75,16 +83,34 @@ def test_demo_towers_learn_and_load_as_the_start(raw_dir, tmp_path):
     from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
     from zhclip.components.demo.towers import DemoTowersConfig, pretrain_demo_towers
 
-    generate_demo_data(tmp_path / "raw", DemoDataConfig(train_images=20, valid_images=2, test_images=2, train_digits=20,
-                                                        valid_digits=0, test_digits=0, zeroshot_per_class=1, pretrain_images=60))
-    summary = pretrain_demo_towers(tmp_path / "raw" / "pretrain", tmp_path / "weights",
-                                   DemoTowersConfig(clip_steps=60, mlm_steps=60, batch_size=32, lr=2e-3))
+    generate_demo_data(
+        tmp_path / "raw",
+        DemoDataConfig(
+            train_images=20,
+            valid_images=2,
+            test_images=2,
+            train_digits=20,
+            valid_digits=0,
+            test_digits=0,
+            zeroshot_per_class=1,
+            pretrain_images=60,
+        ),
+    )
+    summary = pretrain_demo_towers(
+        tmp_path / "raw" / "pretrain",
+        tmp_path / "weights",
+        DemoTowersConfig(clip_steps=60, mlm_steps=60, batch_size=32, lr=2e-3),
+    )
     for tower in ("vision", "text"):
         assert summary[tower]["final_loss"] < 0.9 * summary[tower]["first_loss"], summary[tower]
     assert isinstance(CLIPModel.from_pretrained(tmp_path / "weights" / "vision"), CLIPModel)
     assert BertForMaskedLM.from_pretrained(tmp_path / "weights" / "text").config.vocab_size == 21128
-    started = prepare_start(tmp_path / "start", StartConfig(source="towers", vision=str(tmp_path / "weights" / "vision"),
-                                                             text=str(tmp_path / "weights" / "text")))
+    started = prepare_start(
+        tmp_path / "start",
+        StartConfig(
+            source="towers", vision=str(tmp_path / "weights" / "vision"), text=str(tmp_path / "weights" / "text")
+        ),
+    )
     assert started["tensors_loaded"]["vision"] > 0 and started["tensors_loaded"]["text"] > 0
 
 
@@ -92,18 +118,28 @@ def test_demo_towers_learn_and_load_as_the_start(raw_dir, tmp_path):
 def test_fine_tuning_a_converted_reference_checkpoint_through_dvc_repro(tmp_path):
     """stages {stage2: start}: no stage 1, the converted checkpoint evaluated as the baseline, the gain and
     the gate's decision in `dvc metrics show` and in MLflow."""
-    from mlflow import MlflowClient
-
     from builders import reference_model, save_as_released
+    from mlflow import MlflowClient
 
     project = copy_project(tmp_path)
     (project / "weights" / "released").mkdir(parents=True)
     save_as_released(reference_model(), project / "weights" / "released" / "clip_cn_tiny.pt")
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    params["demo_data"].update(train_images=96, valid_images=8, test_images=24, captions_per_image=2, train_digits=0,
-                               valid_digits=0, test_digits=0, zeroshot_per_class=1, pretrain_images=20)
+    params["demo_data"].update(
+        train_images=96,
+        valid_images=8,
+        test_images=24,
+        captions_per_image=2,
+        train_digits=0,
+        valid_digits=0,
+        test_digits=0,
+        zeroshot_per_class=1,
+        pretrain_images=20,
+    )
     params["demo_towers"].update(clip_steps=2, mlm_steps=2)
-    params["start"].update(source="checkpoint", checkpoint="weights/released/clip_cn_tiny.pt", stages={"stage2": "start"})
+    params["start"].update(
+        source="checkpoint", checkpoint="weights/released/clip_cn_tiny.pt", stages={"stage2": "start"}
+    )
     params["stage2"]["epochs"] = 2
     params["train"].update(batch_size=32, warmup_steps=2, storage_path=str(tmp_path / "ray"))
     params["search"]["galleries"] = {}  # the optional index stage left out

@@ -23,9 +23,11 @@ from zhclip.model.masking import keep_random_patches
 
 def _batch(size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(106, 21128, (size, 52), generator=generator),
-            "attention_mask": torch.ones(size, 52, dtype=torch.long),
-            "pixel_values": torch.randn(size, 3, 32, 32, generator=generator)}
+    return {
+        "input_ids": torch.randint(106, 21128, (size, 52), generator=generator),
+        "attention_mask": torch.ones(size, 52, dtype=torch.long),
+        "pixel_values": torch.randn(size, 3, 32, 32, generator=generator),
+    }
 
 
 def _tiny_without_dropout():
@@ -150,6 +152,7 @@ def test_weight_decay_spares_biases_norms_embeddings_and_logit_scale():
 
 def test_resumed_steps_repeat_the_uninterrupted_ones(tmp_path):
     """Save after 2 steps, continue to 4 in a fresh model from the checkpoint: the same losses."""
+
     def new_step(model):
         optimizer = build_optimizer(model, 1e-3, 0.1)
         return TrainStep(model, optimizer, warmup_cosine(optimizer, 2, 4), StepConfig(mask_ratio=0.5))

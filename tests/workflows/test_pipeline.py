@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import load_params
-from conftest import copy_project, run_cli, run_tool
-from zhclip.workflows.submit import compile_pipeline
 from zhclip.workflows.config import step_configs
+from zhclip.workflows.submit import compile_pipeline
+
+from conftest import copy_project, run_cli, run_tool
 
 TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1, stage 2; fine-tune branch: stage 2
 EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
@@ -45,8 +46,12 @@ def _compiled(tmp_path, params) -> tuple[pipeline_spec_pb2.PipelineSpec, dict]:
     spec = json_format.ParseDict(pipeline_doc, pipeline_spec_pb2.PipelineSpec())
     platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
     executors = json_format.MessageToDict(platform.platforms["kubernetes"].deployment_spec)["executors"]
-    k8s = {name.removeprefix("exec-"): json_format.ParseDict(config, kubernetes_executor_config_pb2.KubernetesExecutorConfig())
-           for name, config in executors.items()}
+    k8s = {
+        name.removeprefix("exec-"): json_format.ParseDict(
+            config, kubernetes_executor_config_pb2.KubernetesExecutorConfig()
+        )
+        for name, config in executors.items()
+    }
     return spec, k8s
 
 
@@ -54,8 +59,16 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     params = load_params("params.yaml")
     spec = yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text()).__next__()
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"importer", "ingest-op", "validate-op", "start-op", "evaluate-op", "condition-1", "condition-4",
-                         "for-loop-7"}
+    assert set(root) == {
+        "importer",
+        "ingest-op",
+        "validate-op",
+        "start-op",
+        "evaluate-op",
+        "condition-1",
+        "condition-4",
+        "for-loop-7",
+    }
     # start_config.stages picks the branch at run time: the start task's output names it
     for branch, name in (("condition-1", "two-stage"), ("condition-4", "fine-tune")):
         assert root[branch]["triggerPolicy"]["condition"].endswith(f"== '{name}'")
@@ -63,13 +76,18 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
 
     def source(task, name):
         artifact = tasks[task]["inputs"]["artifacts"][name]
-        return artifact.get("taskOutputArtifact") or {"producerTask": artifact["componentInputArtifact"].split("--")[1].rsplit("-", 1)[0]}
+        return artifact.get("taskOutputArtifact") or {
+            "producerTask": artifact["componentInputArtifact"].split("--")[1].rsplit("-", 1)[0]
+        }
 
     assert source("train-op", "prepared")["producerTask"] == "validate-op"
     # two-stage: start -> stage 1 -> stage 2, each evaluated beside the evaluation of the model it started from
     assert source("train-op", "init_model")["producerTask"] == "start-op"
     assert source("train-op-2", "init_model")["producerTask"] == "train-op"
-    assert source("evaluate-op", "model")["producerTask"] == "start-op" and "init_scores" not in tasks["evaluate-op"]["inputs"]["artifacts"]
+    assert (
+        source("evaluate-op", "model")["producerTask"] == "start-op"
+        and "init_scores" not in tasks["evaluate-op"]["inputs"]["artifacts"]
+    )
     assert source("evaluate-op-2", "init_scores")["producerTask"] == "evaluate-op"
     assert source("evaluate-op-3", "init_scores")["producerTask"] == "evaluate-op-2"
     assert source("register-op", "scores")["producerTask"] == "evaluate-op-3"
@@ -77,28 +95,52 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert source("register-op", "data")["producerTask"] == "validate-op"
     # fine-tune: stage 2 from the start, with stage 2's settings
     assert source("train-op-3", "init_model")["producerTask"] == "start-op"
-    assert tasks["train-op-3"]["inputs"]["parameters"]["config"]["componentInputParameter"] == "pipelinechannel--stage2_config"
+    assert (
+        tasks["train-op-3"]["inputs"]["parameters"]["config"]["componentInputParameter"]
+        == "pipelinechannel--stage2_config"
+    )
     assert source("evaluate-op-4", "init_scores")["producerTask"] == "evaluate-op"
     assert source("register-op-2", "scores")["producerTask"] == "evaluate-op-4"
     defaults = {name: p.get("defaultValue") for name, p in spec["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults["stage1_config"]["lr"] == params["stage1"]["lr"]
-    assert defaults["stage1_config"]["use_gpu"] is True and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
+    assert (
+        defaults["stage1_config"]["use_gpu"] is True
+        and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
+    )
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
-    assert defaults["start_config"]["source"] == params["start"]["source"] and defaults["start_config"]["stages"] == params["start"]["stages"]
+    assert (
+        defaults["start_config"]["source"] == params["start"]["source"]
+        and defaults["start_config"]["stages"] == params["start"]["stages"]
+    )
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
     # per image set of params.yaml, zero-shot tasks for the start and for each branch's final model
     assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and root["for-loop-7"]["parameterIterator"]
     # each branch indexes a validated split with the champion after registering, when index_split names one
-    for condition, registration, index in (("condition-3", "register-op", "index-op"), ("condition-6", "register-op-2", "index-op-2")):
+    for condition, registration, index in (
+        ("condition-3", "register-op", "index-op"),
+        ("condition-6", "register-op-2", "index-op-2"),
+    ):
         assert tasks[condition]["dependentTasks"] == [registration]
-        assert tasks[condition]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--index_split'] != ''"
+        assert (
+            tasks[condition]["triggerPolicy"]["condition"]
+            == "inputs.parameter_values['pipelinechannel--index_split'] != ''"
+        )
         assert source(index, "validated")["producerTask"] == "validate-op"
-    assert defaults["index_split"] == params["kubeflow"]["index_split"] and defaults["index_uri"] == params["kubeflow"]["index_uri"]
-    assert defaults["index_config"]["factory"] == params["index"]["factory"] and defaults["index_config"]["alias"] == "champion"
+    assert (
+        defaults["index_split"] == params["kubeflow"]["index_split"]
+        and defaults["index_uri"] == params["kubeflow"]["index_uri"]
+    )
+    assert (
+        defaults["index_config"]["factory"] == params["index"]["factory"]
+        and defaults["index_config"]["alias"] == "champion"
+    )
     models = {name: tasks[name]["inputs"]["artifacts"]["model"]["componentInputArtifact"] for name in ZEROSHOT}
-    assert models == {"zeroshot-op": "pipelinechannel--train-op-2-model", "zeroshot-op-2": "pipelinechannel--train-op-3-model",
-                      "zeroshot-op-3": "pipelinechannel--start-op-model"}
+    assert models == {
+        "zeroshot-op": "pipelinechannel--train-op-2-model",
+        "zeroshot-op-2": "pipelinechannel--train-op-3-model",
+        "zeroshot-op-3": "pipelinechannel--start-op-model",
+    }
     zeroshot = tasks["zeroshot-op"]["inputs"]
     assert zeroshot["artifacts"]["raw"]["componentInputArtifact"] == "pipelinechannel--importer-artifact"
     assert zeroshot["parameters"]["image_set"]["componentInputParameter"] == "pipelinechannel--zeroshot_sets-loop-item"
@@ -114,8 +156,17 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     project = copy_project(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["demo_data"].update(train_images=96, valid_images=8, test_images=24, captions_per_image=2,
-                               train_digits=0, valid_digits=0, test_digits=0, zeroshot_per_class=1, pretrain_images=40)
+    params["demo_data"].update(
+        train_images=96,
+        valid_images=8,
+        test_images=24,
+        captions_per_image=2,
+        train_digits=0,
+        valid_digits=0,
+        test_digits=0,
+        zeroshot_per_class=1,
+        pretrain_images=40,
+    )
     params["demo_towers"].update(clip_steps=20, mlm_steps=20)
     params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
     params["train"].update(batch_size=32, storage_path=str(tmp_path / "ray"))
@@ -125,14 +176,33 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     run_tool("dvc", "repro", cwd=project)
     expected = json.loads((project / "metrics" / "evaluate_stage2.json").read_text())
 
-    result = run_cli("pipeline", "run-local", "--raw", str(project / "data" / "raw"), "--root", str(tmp_path / "root"),
-                     "--params", str(project / "params.yaml"), cwd=project, timeout=900)
+    result = run_cli(
+        "pipeline",
+        "run-local",
+        "--raw",
+        str(project / "data" / "raw"),
+        "--root",
+        str(tmp_path / "root"),
+        "--params",
+        str(project / "params.yaml"),
+        cwd=project,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    outputs = json.loads(result.stdout[result.stdout.rindex('{\n  "run_dir"'):])  # after the tasks' logs
+    outputs = json.loads(result.stdout[result.stdout.rindex('{\n  "run_dir"') :])  # after the tasks' logs
     scores = outputs["scores"]
     assert set(scores) >= {"t2i_r1", "i2t_r10", "mean_recall", "chance_mean_recall"}
-    for key in ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10", "mean_recall", "chance_mean_recall",
-                "gain_over_start"):
+    for key in (
+        "t2i_r1",
+        "t2i_r5",
+        "t2i_r10",
+        "i2t_r1",
+        "i2t_r5",
+        "i2t_r10",
+        "mean_recall",
+        "chance_mean_recall",
+        "gain_over_start",
+    ):
         assert scores[key] == pytest.approx(expected[key], abs=1e-6), key
     # the same start, from the same pretrained towers, scored the same
     start = json.loads((project / "metrics" / "evaluate_start.json").read_text())
@@ -152,8 +222,10 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     assert not list((tmp_path / "root").glob("zhclip-*/train-op-3"))  # the fine-tune branch did not run
     # zero-shot: one task per image set, each the same accuracy as dvc repro's stage for that set
     for model, tasks in (("start", outputs["zeroshot_start"]), ("stage2", outputs["zeroshot"])):
-        expected_top1 = sorted(json.loads((project / "metrics" / f"zeroshot_{model}_{name}.json").read_text())["top1"]
-                               for name in params["zeroshot"]["sets"])
+        expected_top1 = sorted(
+            json.loads((project / "metrics" / f"zeroshot_{model}_{name}.json").read_text())["top1"]
+            for name in params["zeroshot"]["sets"]
+        )
         assert sorted(task["top1"] for task in tasks) == pytest.approx(expected_top1, abs=1e-6), model
     html = next((tmp_path / "root").glob("zhclip-*/evaluate-op-3/report")).read_text(encoding="utf-8")
     assert "<table" in html and "data:image/png;base64," in html and "Start → stages" in html
@@ -164,7 +236,11 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     indexed = json.loads((project / "metrics" / "index_test.json").read_text())
     assert outputs["index"]["images"] == indexed["images"] == 24 and outputs["index"]["rejected"] == 0
     card = next((tmp_path / "root").glob("zhclip-*/register-op/card")).read_text()
-    assert "zhclip-kfp version 1" in card and f"{scores['mean_recall']}" in card and "| already registered (same weights) | True |" in card
+    assert (
+        "zhclip-kfp version 1" in card
+        and f"{scores['mean_recall']}" in card
+        and "| already registered (same weights) | True |" in card
+    )
 
 
 def test_start_task_names_the_branch_of_its_stages(tmp_path):
@@ -178,8 +254,14 @@ def test_start_task_names_the_branch_of_its_stages(tmp_path):
 
     for stages, branch in (({"stage1": "start", "stage2": "stage1"}, "two-stage"), ({"stage2": "start"}, "fine-tune")):
         summary = Summary()
-        assert start_op.python_func(model=SimpleNamespace(path=str(tmp_path / branch)), summary=summary,
-                                    config={"source": "scratch", "stages": stages}) == branch
+        assert (
+            start_op.python_func(
+                model=SimpleNamespace(path=str(tmp_path / branch)),
+                summary=summary,
+                config={"source": "scratch", "stages": stages},
+            )
+            == branch
+        )
         assert summary.logged == ("projection_dim", 64) and (tmp_path / branch / "model.safetensors").is_file()
 
 
@@ -193,7 +275,10 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
     cluster = params["kubeflow"]
     spec, k8s = _compiled(tmp_path, params)
     executors = spec.deployment_spec["executors"]
-    tasks = {**spec.root.dag.tasks, **{name: task for component in spec.components.values() for name, task in component.dag.tasks.items()}}
+    tasks = {
+        **spec.root.dag.tasks,
+        **{name: task for component in spec.components.values() for name, task in component.dag.tasks.items()},
+    }
     for name in TRAINING:
         resources = executors[f"exec-{name}"]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -201,11 +286,17 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
         assert resources["resourceCpuLimit"] == resources["resourceCpuRequest"] == cluster["train_cpu"]
         assert resources["resourceMemoryLimit"] == cluster["train_memory"]
         retry = tasks[name].retry_policy
-        assert retry.max_retry_count == cluster["train_retries"] and retry.backoff_duration.seconds == 60 and retry.backoff_factor == 2
+        assert (
+            retry.max_retry_count == cluster["train_retries"]
+            and retry.backoff_duration.seconds == 60
+            and retry.backoff_factor == 2
+        )
         assert not tasks[name].caching_options.enable_cache
         config = k8s[name]
         assert dict(config.node_selector.labels) == cluster["gpu_node_selector"]
-        assert [(t.key, t.operator, t.effect) for t in config.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
+        assert [(t.key, t.operator, t.effect) for t in config.tolerations] == [
+            ("nvidia.com/gpu", "Exists", "NoSchedule")
+        ]
         assert config.empty_dir_mounts[0].mount_path == "/dev/shm"
     for name in ("ingest-op", "validate-op"):
         assert tasks[name].caching_options.enable_cache
@@ -218,8 +309,10 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
     assert "accelerator" not in executors["exec-zeroshot-op"]["container"]["resources"]
     for name in TRACKED:
         secrets = {s.secret_name: {e.secret_key: e.env_var for e in s.key_to_env} for s in k8s[name].secret_as_env}
-        assert secrets == {"minio-credentials": {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"},
-                           "mlflow-credentials": {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}}
+        assert secrets == {
+            "minio-credentials": {"access-key": "AWS_ACCESS_KEY_ID", "secret-key": "AWS_SECRET_ACCESS_KEY"},
+            "mlflow-credentials": {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"},
+        }
         env = {e["name"]: e["value"] for e in executors[f"exec-{name}"]["container"]["env"]}
         assert env["MLFLOW_TRACKING_URI"] == cluster["mlflow_uri"] and env["AWS_ENDPOINT_URL"] == cluster["s3_endpoint"]
     for name in ("ingest-op", "validate-op"):
@@ -235,7 +328,9 @@ def test_cpu_cluster_requests_no_gpu_and_bad_kubeflow_settings_are_named(tmp_pat
     params["kubeflow"] = {**params["kubeflow"], "gpus": 0}
     spec, k8s = _compiled(tmp_path, params)
     resources = spec.deployment_spec["executors"]["exec-train-op"]["container"]["resources"]
-    assert "accelerator" not in resources and not k8s["train-op"].tolerations and not k8s["train-op"].node_selector.labels
+    assert (
+        "accelerator" not in resources and not k8s["train-op"].tolerations and not k8s["train-op"].node_selector.labels
+    )
     defaults = spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value
     assert defaults["use_gpu"] is False
     with pytest.raises(ZhclipError, match="section 'kubeflow': unknown keys \\['gpu'\\]"):
@@ -320,17 +415,43 @@ def _uploaded_spec(body: bytes) -> dict:
 def test_submit_uploads_the_compiled_package_and_starts_a_run(kfp_api, tmp_path):
     host = f"http://127.0.0.1:{kfp_api.server_address[1]}"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"stage1": {"epochs": 7}}))
-    first = run_cli("pipeline", "submit", "--host", host, "--raw-uri", "s3://zhclip-data/raw/v1", "--run-name", "first",
-                    "--params", str(tmp_path / "params.yaml"), timeout=120)
+    first = run_cli(
+        "pipeline",
+        "submit",
+        "--host",
+        host,
+        "--raw-uri",
+        "s3://zhclip-data/raw/v1",
+        "--run-name",
+        "first",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        timeout=120,
+    )
     assert first.returncode == 0, first.stderr
-    second = run_cli("pipeline", "submit", "--host", host, "--raw-uri", "s3://zhclip-data/raw/v2", "--run-name", "second",
-                     "--ray-address", "ray://zhclip-head-svc:10001", "--params", str(tmp_path / "params.yaml"), timeout=120)
+    second = run_cli(
+        "pipeline",
+        "submit",
+        "--host",
+        host,
+        "--raw-uri",
+        "s3://zhclip-data/raw/v2",
+        "--run-name",
+        "second",
+        "--ray-address",
+        "ray://zhclip-head-svc:10001",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        timeout=120,
+    )
     assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout[second.stdout.index("{"):])["version_id"] == "v2"
+    assert json.loads(second.stdout[second.stdout.index("{") :])["version_id"] == "v2"
 
     uploads = [body for method, path, body in kfp_api.requests if path.startswith("/apis/v2beta1/pipelines/upload")]
     assert [path for _, path, _ in kfp_api.requests if "upload" in path] == [
-        "/apis/v2beta1/pipelines/upload", "/apis/v2beta1/pipelines/upload_version"]
+        "/apis/v2beta1/pipelines/upload",
+        "/apis/v2beta1/pipelines/upload_version",
+    ]
     for body in uploads:  # the request carries the whole compiled package, params file defaults included
         spec = json_format.ParseDict(_uploaded_spec(body), pipeline_spec_pb2.PipelineSpec())
         assert set(spec.root.dag.tasks) >= {"ingest-op", "start-op", "condition-1", "condition-4"}
@@ -338,11 +459,15 @@ def test_submit_uploads_the_compiled_package_and_starts_a_run(kfp_api, tmp_path)
         assert spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value["epochs"] == 7
     runs = [json.loads(body) for method, path, body in kfp_api.requests if path == "/apis/v2beta1/runs"]
     assert [run["pipeline_version_reference"] for run in runs] == [
-        {"pipeline_id": "p1", "pipeline_version_id": "v1"}, {"pipeline_id": "p1", "pipeline_version_id": "v2"}]
+        {"pipeline_id": "p1", "pipeline_version_id": "v1"},
+        {"pipeline_id": "p1", "pipeline_version_id": "v2"},
+    ]
     assert [run["display_name"] for run in runs] == ["first", "second"]
     assert runs[0]["runtime_config"]["parameters"] == {"raw_uri": "s3://zhclip-data/raw/v1"}
-    assert runs[1]["runtime_config"]["parameters"] == {"raw_uri": "s3://zhclip-data/raw/v2",
-                                                       "ray_address": "ray://zhclip-head-svc:10001"}
+    assert runs[1]["runtime_config"]["parameters"] == {
+        "raw_uri": "s3://zhclip-data/raw/v2",
+        "ray_address": "ray://zhclip-head-svc:10001",
+    }
     assert all(run["experiment_id"] == "e1" for run in runs)
 
 
@@ -350,7 +475,8 @@ def test_submit_to_an_unreachable_host_is_a_clear_error(tmp_path):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = run_cli("pipeline", "submit", "--host", f"http://127.0.0.1:{port}", "--raw-uri", "s3://b/raw",
-                     "--defaults", timeout=120)
+    result = run_cli(
+        "pipeline", "submit", "--host", f"http://127.0.0.1:{port}", "--raw-uri", "s3://b/raw", "--defaults", timeout=120
+    )
     assert result.returncode == 2
     assert f"Kubeflow Pipelines API at http://127.0.0.1:{port}" in result.stderr
