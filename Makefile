@@ -15,7 +15,7 @@ REF_VENV  := .venv-reference
 REF_STAMP := $(REF_VENV)/.installed-stamp
 REF_PINS  := torch==2.14.1 torchvision==0.29.1 $(shell grep -i -E '^(pillow|numpy|six)==' requirements.lock)
 
-.PHONY: install reference-env system-deps cjk-font demo test test-fast lock clean-demo
+.PHONY: install reference-env system-deps cjk-font demo test test-fast lint format docs lock clean-demo
 
 # Services and tools the tests start: PostgreSQL (MLflow backend store), headless Chromium (HTML
 # report rendering) and kubectl (offline `kubectl kustomize`). Installed from Debian when missing.
@@ -71,11 +71,26 @@ test: install reference-env system-deps
 test-fast: install
 	$(RUN) pytest -m "not slow"
 
+# Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites in place.
+lint: install
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+format: install
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+# The documentation site (MkDocs + Material, API pages from the docstrings) in site/; --strict turns
+# every warning (a broken link, a page missing from the nav, a module that does not load) into an error.
+# NO_MKDOCS_2_WARNING silences Material's banner about its end of life (May 2027; successor: Zensical).
+docs: install
+	$(RUN) NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
+
 # Re-resolve the newest versions allowed by pyproject.toml and pin them (needs the registry).
 lock:
 	rm -rf /tmp/zhclip-lock && $(PYTHON) -m venv /tmp/zhclip-lock
 	/tmp/zhclip-lock/bin/pip install --quiet --upgrade pip
-	/tmp/zhclip-lock/bin/pip install --quiet torch==2.13.0 ".[test]"
+	/tmp/zhclip-lock/bin/pip install --quiet torch==2.13.0 ".[test,docs]"
 	( head -3 requirements.lock; /tmp/zhclip-lock/bin/pip freeze --exclude-editable \
 	  | grep -v -i '^zhclip' | sed 's/^torch==\(.*\)+cpu/torch==\1/' ) > requirements.lock.new
 	mv requirements.lock.new requirements.lock

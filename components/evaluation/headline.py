@@ -60,7 +60,9 @@ def headline() -> str:
     )
     lines += _zeroshot_lines(["start", "stage2"])
     if final.get("gain_over_start", 0) < 0:
-        lines.append('  WARNING the final model is below its start: see README, "When a stage does not learn"')
+        lines.append(
+            '  WARNING the final model is below its start: see docs/training.md, "When a stage does not learn"'
+        )
     registered = _load(REGISTER_SUMMARY)
     if registered:
         lines.append(

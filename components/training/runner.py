@@ -241,7 +241,8 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
     } | {"warnings": training_warnings(history, validation, config.stage)}
 
 
-# What usually stops a stage from learning, and how to look for better settings (README: "When a stage does not learn").
+# What usually stops a stage from learning, and how to look for better settings
+# (docs/training.md: "When a stage does not learn").
 TUNING_ADVICE = (
     "usual causes: a learning rate too high for pretrained weights (the reference fine-tunes at 1e-5 to 5e-5) "
     "or too low to move, too few warm-up steps, or a batch too small for enough in-batch negatives. "
