@@ -29,7 +29,8 @@ DefaultsOption = typer.Option(False, "--defaults", help="Use the built-in defaul
 
 def _option(section: str, name: str) -> typer.models.OptionInfo:
     """An option that overrides setting `name` of params.yaml section `section`; its help is the setting's own."""
-    return typer.Option(None, help=f"{section_help(section, name)} (params.yaml {section}.{name}).")
+    text = section_help(section, name)
+    return typer.Option(None, help=f"{text[:1].upper()}{text[1:]} (params.yaml {section}.{name}).")
 
 
 def _params(path: Path, defaults: bool) -> dict:

@@ -135,6 +135,8 @@ def load_params(path: str | Path | None = "params.yaml") -> dict[str, Any]:
         params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ZhclipError(f"{path}: not valid YAML ({err})") from err
+    except OSError as err:
+        raise ZhclipError(f"{path} cannot be read ({err.strerror})") from err
     if not isinstance(params, dict):
         raise ZhclipError(f"{path}: expected a mapping of sections at the top level")
     unknown = sorted(set(params) - set(SECTIONS))
@@ -239,7 +241,9 @@ def reference_page(params: dict[str, Any]) -> str:
         for key, field in section_fields(cls).items():
             default = default_of(field)
             project = _cell(chosen[key]) if key in chosen and chosen[key] != default else ""
-            lines.append(f"| `{key}` | {_cell(default)} | {project} | {field.metadata['help']} |")
+            # Markdown would take `<set>` for an HTML tag and `|` for a column
+            meaning = field.metadata["help"].replace("<", "&lt;").replace("|", "\\|")
+            lines.append(f"| `{key}` | {_cell(default)} | {project} | {meaning} |")
         shared = [f for f in dataclasses.fields(cls) if f.metadata.get("shared_from")]
         if shared:
             lines += ["", "Also used: " + ", ".join(f"`{f.metadata['shared_from']}.{f.name}`" for f in shared) + "."]

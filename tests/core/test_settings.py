@@ -98,7 +98,8 @@ def test_cli_help_of_each_setting_is_the_settings_own():
             owners = [name for name in sections if option.name in section_fields(config_class(name))]
             if not owners or option.name in ("out", "model"):
                 continue
-            expected = f"{section_help(owners[0], option.name)} (params.yaml {owners[0]}.{option.name})."
+            text = section_help(owners[0], option.name)
+            expected = f"{text[:1].upper()}{text[1:]} (params.yaml {owners[0]}.{option.name})."
             assert option.help == expected, f"zhclip {command} --{option.name}: write its help in the dataclass"
             checked += 1
     assert checked >= 25
