@@ -21,6 +21,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# A demo dataset small enough for the tests that run whole pipelines (96 shapes, no digit scans).
+SMALL_DEMO_DATA = dict(
+    train_images=96,
+    valid_images=8,
+    test_images=24,
+    captions_per_image=2,
+    train_digits=0,
+    valid_digits=0,
+    test_digits=0,
+    zeroshot_per_class=1,
+)
 BIN = Path(sys.executable).parent
 
 # Ray, MLflow and DVC experiments must not depend on the caller's global setup.
@@ -180,16 +191,7 @@ def raw_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw")
     generate_demo_data(
         out,
-        DemoDataConfig(
-            train_images=96,
-            valid_images=8,
-            test_images=24,
-            captions_per_image=2,
-            train_digits=0,
-            valid_digits=0,
-            test_digits=0,
-            zeroshot_per_class=1,
-        ),
+        DemoDataConfig(**SMALL_DEMO_DATA),
     )
     return out
 

@@ -1,13 +1,5 @@
-"""Evaluate: text-to-image and image-to-text recall@1/5/10 and mean recall, as Chinese-CLIP reports.
-
-Semantics of the reference's `eval/evaluation.py`: a text may have several positive images and a hit
-at k is any positive among the top k; image-to-text queries are the images that at least one text
-references, and any of their captions counts. Values are percentages.
-
-Scores come from a model folder (the split's texts and images are embedded here) or from feature
-files in the reference's jsonl format; either way the step writes the reference's prediction and
-score files beside an HTML report, so both tools can score each other's output.
-"""
+"""The `zhclip evaluate` step: retrieval recall of a model (or of feature files in the reference's jsonl
+format) on a split, written as the reference's prediction and score files beside an HTML report."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from zhclip.components.core.settings import config_from
 from zhclip.components.training.start import StartConfig, prepare_start
 from zhclip.model import build_model
 
-from conftest import copy_project, run_tool
+from conftest import SMALL_DEMO_DATA, copy_project, run_tool
 
 
 def test_scratch_start_is_the_seeded_random_model(tmp_path):
@@ -125,17 +125,7 @@ def test_fine_tuning_a_converted_reference_checkpoint_through_dvc_repro(tmp_path
     (project / "weights" / "released").mkdir(parents=True)
     save_as_released(reference_model(), project / "weights" / "released" / "clip_cn_tiny.pt")
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    params["demo_data"].update(
-        train_images=96,
-        valid_images=8,
-        test_images=24,
-        captions_per_image=2,
-        train_digits=0,
-        valid_digits=0,
-        test_digits=0,
-        zeroshot_per_class=1,
-        pretrain_images=20,
-    )
+    params["demo_data"].update(**SMALL_DEMO_DATA, pretrain_images=20)
     params["demo_towers"].update(clip_steps=2, mlm_steps=2)
     params["start"].update(
         source="checkpoint", checkpoint="weights/released/clip_cn_tiny.pt", stages={"stage2": "start"}

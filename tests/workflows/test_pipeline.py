@@ -20,7 +20,7 @@ from zhclip.components.core.settings import load_params
 from zhclip.workflows.config import step_configs
 from zhclip.workflows.submit import compile_pipeline
 
-from conftest import copy_project, run_cli, run_tool
+from conftest import SMALL_DEMO_DATA, copy_project, run_cli, run_tool
 
 TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1, stage 2; fine-tune branch: stage 2
 EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
@@ -156,17 +156,7 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     project = copy_project(tmp_path / "project")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["demo_data"].update(
-        train_images=96,
-        valid_images=8,
-        test_images=24,
-        captions_per_image=2,
-        train_digits=0,
-        valid_digits=0,
-        test_digits=0,
-        zeroshot_per_class=1,
-        pretrain_images=40,
-    )
+    params["demo_data"].update(**SMALL_DEMO_DATA, pretrain_images=40)
     params["demo_towers"].update(clip_steps=20, mlm_steps=20)
     params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
     params["train"].update(batch_size=32, storage_path=str(tmp_path / "ray"))
