@@ -135,6 +135,7 @@ def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(
                 NAME,
                 "--metrics",
                 str(_metrics(tmp_path, f"m{i}", 30.0 + i)),
+                "--defaults",
             ],
             cwd=tmp_path,
             env=client_env,
