@@ -192,15 +192,13 @@ def config_from(cls: type[Config], params: dict[str, Any], *sections: str, **exp
 
 
 def resolved_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every section's settings with the defaults filled in: what a run actually used (MLflow logs it)."""
+    """Every section's settings with the defaults filled in: what a run actually used (MLflow logs it).
+    Built by `config_from`, so the values are the ones a step gets, validated."""
     resolved = {}
     for name in SECTIONS:
         cls, base = config_class(name), OVERLAYS.get(name)
-        fields = section_fields(cls)
-        values = {key: default_of(field) for key, field in fields.items()}
-        values.update(params.get(base) or {} if base else {})
-        values.update(params.get(name) or {})
-        resolved[name] = values
+        config = config_from(cls, params, *([base, name] if base else [name]))
+        resolved[name] = {key: getattr(config, key) for key in section_fields(cls)}
     return resolved
 
 
