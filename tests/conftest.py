@@ -184,6 +184,42 @@ def copy_project(root: Path) -> Path:
     return root
 
 
+# The pipeline settings of SMALL_PROJECT: the small demo data, quick stand-in towers, one epoch per stage.
+SMALL_PROJECT_PARAMS = {
+    "demo_data": {**SMALL_DEMO_DATA, "pretrain_images": 40},
+    "demo_towers": {"clip_steps": 20, "mlm_steps": 20},
+    "stage1": {"epochs": 1},
+    "stage2": {"epochs": 1},
+    "train": {"batch_size": 32},
+}
+
+
+@pytest.fixture(scope="session")
+def small_project(tmp_path_factory) -> Path:
+    """The project on SMALL_PROJECT_PARAMS where `dvc repro` ran once and everything was committed.
+
+    Built once for the tests that compare with a whole pipeline run or change one and re-run it; a test
+    that changes it works on `copy_of(small_project, ...)`. MLflow (./mlflow.db) and Ray checkpoints
+    (./ray_results) are inside the project, so every copy has its own.
+    """
+    import yaml
+
+    project = copy_project(tmp_path_factory.mktemp("small_project"))
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    for section, values in SMALL_PROJECT_PARAMS.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    run_tool("dvc", "repro", cwd=project)
+    run_tool("git", "add", "-A", cwd=project)
+    run_tool("git", "commit", "-qm", "small project, reproduced", cwd=project)
+    return project
+
+
+def copy_of(project: Path, root: Path) -> Path:
+    """A copy of a project (git history, DVC cache, MLflow store and all) that a test may change."""
+    return Path(shutil.copytree(project, root / project.name, symlinks=True))
+
+
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
     from zhclip.components.demo.data import DemoDataConfig, generate_demo_data

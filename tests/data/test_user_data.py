@@ -5,9 +5,7 @@ import json
 import re
 
 import pytest
-import yaml
-
-from conftest import REPO, copy_project
+from conftest import copy_of
 from conftest import run_tool as _run
 
 pytestmark = pytest.mark.slow
@@ -32,23 +30,15 @@ def _ran(output):
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-def test_touching_one_raw_file_reruns_ingest_and_everything_downstream(tmp_path):
-    copy_project(tmp_path)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["demo_data"].update(
-        train_images=40, valid_images=8, test_images=12, train_digits=20, valid_digits=4, test_digits=8
-    )
-    params["demo_towers"].update(clip_steps=20, mlm_steps=20)
-    params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-    _run("dvc", "repro", cwd=tmp_path)
+def test_touching_one_raw_file_reruns_ingest_and_everything_downstream(small_project, tmp_path):
+    project = copy_of(small_project, tmp_path)
     # Switch from the generated demo data to raw data the user tracks, as the README describes.
-    _run("dvc", "remove", "demo_data", cwd=tmp_path)
-    _run("dvc", "add", "data/raw", cwd=tmp_path)
-    _run("git", "add", "-A", cwd=tmp_path)
-    _run("git", "commit", "-qm", "own data", cwd=tmp_path)
-    assert _ran(_run("dvc", "repro", cwd=tmp_path)) == []
-    texts = tmp_path / "data" / "raw" / "test_texts.jsonl"
+    _run("dvc", "remove", "demo_data", cwd=project)
+    _run("dvc", "add", "data/raw", cwd=project)
+    _run("git", "add", "-A", cwd=project)
+    _run("git", "commit", "-qm", "own data", cwd=project)
+    assert _ran(_run("dvc", "repro", cwd=project)) == []
+    texts = project / "data" / "raw" / "test_texts.jsonl"
     first = json.loads(texts.read_text(encoding="utf-8").splitlines()[0])
     with open(texts, "a", encoding="utf-8") as out:
         out.write(
@@ -57,6 +47,6 @@ def test_touching_one_raw_file_reruns_ingest_and_everything_downstream(tmp_path)
             )
             + "\n"
         )
-    _run("dvc", "add", "data/raw", cwd=tmp_path)
-    assert sorted(_ran(_run("dvc", "repro", cwd=tmp_path))) == sorted(DOWNSTREAM)
-    assert _ran(_run("dvc", "repro", cwd=tmp_path)) == []
+    _run("dvc", "add", "data/raw", cwd=project)
+    assert sorted(_ran(_run("dvc", "repro", cwd=project))) == sorted(DOWNSTREAM)
+    assert _ran(_run("dvc", "repro", cwd=project)) == []

@@ -150,20 +150,11 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_local_reproduces_dvc_repro(tmp_path):
+def test_run_local_reproduces_dvc_repro(small_project, tmp_path):
     """The whole pipeline under kfp.local scores the model exactly as `dvc repro` does, same params and seed."""
-    (tmp_path / "project").mkdir()
-    project = copy_project(tmp_path / "project")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    project = small_project
+    uri = f"sqlite:///{project / 'mlflow.db'}"
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["demo_data"].update(**SMALL_DEMO_DATA, pretrain_images=40)
-    params["demo_towers"].update(clip_steps=20, mlm_steps=20)
-    params["stage1"]["epochs"] = params["stage2"]["epochs"] = 1
-    params["train"].update(batch_size=32, storage_path=str(tmp_path / "ray"))
-    params["register"].update(model_name="zhclip-kfp")
-    params["mlflow"].update(tracking_uri=uri)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
-    run_tool("dvc", "repro", cwd=project)
     expected = json.loads((project / "metrics" / "evaluate_stage2.json").read_text())
 
     result = run_cli(
@@ -205,7 +196,7 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
         assert logged["steps"] == dvc_train["steps"] and logged["first_loss"] != logged["final_loss"]
         assert logged["final_loss"] == pytest.approx(dvc_train["final_loss"], abs=1e-6)
     client = MlflowClient(uri, uri)
-    version = client.get_model_version_by_alias("zhclip-kfp", "champion")
+    version = client.get_model_version_by_alias(params["register"]["model_name"], "champion")
     assert float(version.tags["metric.mean_recall"]) == scores["mean_recall"]
     assert version.tags["data_dvc_hash"].endswith(".dir")
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op-3/scores")).read_text())["texts"] == 48
@@ -221,13 +212,13 @@ def test_run_local_reproduces_dvc_repro(tmp_path):
     assert "<table" in html and "data:image/png;base64," in html and "Start → stages" in html
 
     # The pipeline trained the very weights dvc repro registered as version 1: no second version.
-    assert outputs["register"]["version"] == 1 and len(client.search_model_versions("name='zhclip-kfp'")) == 1
+    assert outputs["register"]["version"] == 1 and len(client.search_model_versions(f"name='{params['register']['model_name']}'")) == 1
     # the index task embedded the test split with the champion, as dvc repro's index stage did
     indexed = json.loads((project / "metrics" / "index_test.json").read_text())
     assert outputs["index"]["images"] == indexed["images"] == 24 and outputs["index"]["rejected"] == 0
     card = next((tmp_path / "root").glob("zhclip-*/register-op/card")).read_text()
     assert (
-        "zhclip-kfp version 1" in card
+        f"{params['register']['model_name']} version 1" in card
         and f"{scores['mean_recall']}" in card
         and "| already registered (same weights) | True |" in card
     )
