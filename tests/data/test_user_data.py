@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+
 from conftest import copy_of
 from conftest import run_tool as _run
 

@@ -20,7 +20,7 @@ from zhclip.components.core.settings import load_params
 from zhclip.workflows.config import step_configs
 from zhclip.workflows.submit import compile_pipeline
 
-from conftest import SMALL_DEMO_DATA, copy_project, run_cli, run_tool
+from conftest import run_cli
 
 TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1, stage 2; fine-tune branch: stage 2
 EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
@@ -155,6 +155,7 @@ def test_run_local_reproduces_dvc_repro(small_project, tmp_path):
     project = small_project
     uri = f"sqlite:///{project / 'mlflow.db'}"
     params = yaml.safe_load((project / "params.yaml").read_text())
+    name = params["register"]["model_name"]
     expected = json.loads((project / "metrics" / "evaluate_stage2.json").read_text())
 
     result = run_cli(
@@ -196,7 +197,7 @@ def test_run_local_reproduces_dvc_repro(small_project, tmp_path):
         assert logged["steps"] == dvc_train["steps"] and logged["first_loss"] != logged["final_loss"]
         assert logged["final_loss"] == pytest.approx(dvc_train["final_loss"], abs=1e-6)
     client = MlflowClient(uri, uri)
-    version = client.get_model_version_by_alias(params["register"]["model_name"], "champion")
+    version = client.get_model_version_by_alias(name, "champion")
     assert float(version.tags["metric.mean_recall"]) == scores["mean_recall"]
     assert version.tags["data_dvc_hash"].endswith(".dir")
     assert json.loads(next((tmp_path / "root").glob("zhclip-*/evaluate-op-3/scores")).read_text())["texts"] == 48
@@ -212,13 +213,13 @@ def test_run_local_reproduces_dvc_repro(small_project, tmp_path):
     assert "<table" in html and "data:image/png;base64," in html and "Start → stages" in html
 
     # The pipeline trained the very weights dvc repro registered as version 1: no second version.
-    assert outputs["register"]["version"] == 1 and len(client.search_model_versions(f"name='{params['register']['model_name']}'")) == 1
+    assert outputs["register"]["version"] == 1 and len(client.search_model_versions(f"name='{name}'")) == 1
     # the index task embedded the test split with the champion, as dvc repro's index stage did
     indexed = json.loads((project / "metrics" / "index_test.json").read_text())
     assert outputs["index"]["images"] == indexed["images"] == 24 and outputs["index"]["rejected"] == 0
     card = next((tmp_path / "root").glob("zhclip-*/register-op/card")).read_text()
     assert (
-        f"{params['register']['model_name']} version 1" in card
+        f"{name} version 1" in card
         and f"{scores['mean_recall']}" in card
         and "| already registered (same weights) | True |" in card
     )

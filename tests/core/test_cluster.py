@@ -1,0 +1,41 @@
+"""The local Ray a step starts: Ray's processes get zhclip's local defaults, and a value the user set wins."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zhclip.components.core.cluster import LOCAL_RAY_ENV
+
+pytestmark = pytest.mark.slow
+
+# Prints the variables as a Ray worker process sees them (Ray Train's controller is such a process).
+SEEN_BY_RAY = """
+import json, os, ray
+from zhclip.components.core.cluster import LOCAL_RAY_ENV, ray_runtime
+with ray_runtime(1):
+    seen = ray.get(ray.remote(lambda names: {n: os.environ.get(n) for n in names}).remote(list(LOCAL_RAY_ENV)))
+print(json.dumps(seen))
+"""
+
+
+def _seen_by_ray(tmp_path, **env) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV and k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", SEEN_BY_RAY],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, **env},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_local_ray_gets_the_local_defaults_unless_the_user_set_them(tmp_path):
+    assert _seen_by_ray(tmp_path) == LOCAL_RAY_ENV
+    chosen = _seen_by_ray(tmp_path, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="5")
+    assert chosen == {**LOCAL_RAY_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5"}
