@@ -184,7 +184,18 @@ def copy_project(root: Path) -> Path:
     return root
 
 
-# The pipeline settings of SMALL_PROJECT: the small demo data, quick stand-in towers, one epoch per stage.
+def update_params(project: Path, changes: dict[str, dict]) -> None:
+    """Change settings in a project's params.yaml: each section given is updated with its values."""
+    import yaml
+
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for section, values in changes.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+# The settings of the `small_project` fixture: the small demo data, quick stand-in towers, one epoch per stage.
 SMALL_PROJECT_PARAMS = {
     "demo_data": {**SMALL_DEMO_DATA, "pretrain_images": 40},
     "demo_towers": {"clip_steps": 20, "mlm_steps": 20},
@@ -199,16 +210,12 @@ def small_project(tmp_path_factory) -> Path:
     """The project on SMALL_PROJECT_PARAMS where `dvc repro` ran once and everything was committed.
 
     Built once for the tests that compare with a whole pipeline run or change one and re-run it; a test
-    that changes it works on `copy_of(small_project, ...)`. MLflow (./mlflow.db) and Ray checkpoints
-    (./ray_results) are inside the project, so every copy has its own.
+    that changes its files works on `copy_of(small_project, ...)` (reading it in place may add MLflow
+    runs, never model versions). MLflow (./mlflow.db) and Ray checkpoints (./ray_results) are inside
+    the project, so every copy has its own.
     """
-    import yaml
-
     project = copy_project(tmp_path_factory.mktemp("small_project"))
-    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    for section, values in SMALL_PROJECT_PARAMS.items():
-        params[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    update_params(project, SMALL_PROJECT_PARAMS)
     run_tool("dvc", "repro", cwd=project)
     run_tool("git", "add", "-A", cwd=project)
     run_tool("git", "commit", "-qm", "small project, reproduced", cwd=project)

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from zhclip.components.core.errors import ZhclipError
@@ -13,7 +12,7 @@ from zhclip.components.core.settings import config_from
 from zhclip.components.training.start import StartConfig, prepare_start
 from zhclip.model import build_model
 
-from conftest import copy_of, run_tool
+from conftest import copy_of, run_tool, update_params
 
 
 def test_scratch_start_is_the_seeded_random_model(tmp_path):
@@ -125,15 +124,20 @@ def test_fine_tuning_a_converted_reference_checkpoint_through_dvc_repro(small_pr
     project = copy_of(small_project, tmp_path)
     (project / "weights" / "released").mkdir(parents=True)
     save_as_released(reference_model(), project / "weights" / "released" / "clip_cn_tiny.pt")
-    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    params["start"].update(
-        source="checkpoint", checkpoint="weights/released/clip_cn_tiny.pt", stages={"stage2": "start"}
+    update_params(
+        project,
+        {
+            "start": {
+                "source": "checkpoint",
+                "checkpoint": "weights/released/clip_cn_tiny.pt",
+                "stages": {"stage2": "start"},
+            },
+            "stage2": {"epochs": 2},
+            "train": {"warmup_steps": 2},
+            "search": {"galleries": {}},  # the optional index stage left out
+            "register": {"model_name": "zhclip-finetuned"},  # a model of its own: its first version
+        },
     )
-    params["stage2"]["epochs"] = 2
-    params["train"]["warmup_steps"] = 2
-    params["search"]["galleries"] = {}  # the optional index stage left out
-    params["register"]["model_name"] = "zhclip-finetuned"  # a model of its own: its first version
-    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     run_tool("dvc", "add", "weights/released/clip_cn_tiny.pt", cwd=project)
     out = run_tool("dvc", "repro", cwd=project, timeout=1200)
     assert "Running stage 'train@stage2'" in out and "train@stage1" not in out and "index@" not in out
