@@ -68,12 +68,13 @@ def run_cli(
     )
 
 
-def run_tool(*args: str, cwd: Path, timeout: int = 900) -> str:
-    """Run a command with this environment's tools (zhclip, dvc) first on PATH; fails the test on error."""
+def run_tool(*args: str, cwd: Path, timeout: int = 900, with_stderr: bool = False) -> str:
+    """Run a command with this environment's tools (zhclip, dvc) first on PATH; fails the test on error.
+    Returns its stdout (followed by its stderr: progress bars, notes, with `with_stderr`)."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    return result.stdout + result.stderr if with_stderr else result.stdout
 
 
 def free_port() -> int:
@@ -212,11 +213,14 @@ def small_project(tmp_path_factory) -> Path:
     Built once for the tests that compare with a whole pipeline run or change one and re-run it; a test
     that changes its files works on `copy_of(small_project, ...)` (reading it in place may add MLflow
     runs, never model versions). MLflow (./mlflow.db) and Ray checkpoints (./ray_results) are inside
-    the project, so every copy has its own.
+    the project, so every copy has its own. The console output of `dvc repro --quiet` (as `make demo`
+    runs it) is in ./logs/dvc-repro.log.
     """
     project = copy_project(tmp_path_factory.mktemp("small_project"))
     update_params(project, SMALL_PROJECT_PARAMS)
-    run_tool("dvc", "repro", cwd=project)
+    log = project / "logs" / "dvc-repro.log"  # what `make demo` would have shown (logs/ is not committed)
+    log.parent.mkdir()
+    log.write_text(run_tool("dvc", "repro", "--quiet", cwd=project, with_stderr=True), encoding="utf-8")
     run_tool("git", "add", "-A", cwd=project)
     run_tool("git", "commit", "-qm", "small project, reproduced", cwd=project)
     return project

@@ -1,0 +1,66 @@
+"""`dvc repro` of the project as users run it (the small project: same stages, small data): what it
+prints, how it is tracked, that an unchanged project re-runs nothing, and experiments."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from conftest import copy_of, run_tool
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(root, name):
+    return json.loads((root / "metrics" / f"{name}.json").read_text())
+
+
+def test_output_is_steps_progress_and_results_without_repeated_noise(small_project):
+    log = (small_project / "logs" / "dvc-repro.log").read_text(encoding="utf-8")
+    lines = [line.split("\r")[-1].strip() for line in log.split("\n")]
+    counts = Counter(line for line in lines if line)
+    assert max(counts.values()) <= 3, counts.most_common(5)
+    text = "\n".join(lines)
+    assert "Failed to query Ray Train Controller" not in text and "Token authentication" not in text
+    assert "stage2: test mean recall" in text and "Ray's messages: " in text  # results, and where Ray's logs went
+
+
+def test_one_repro_is_tracked_as_a_parent_run_with_a_run_per_stage(small_project):
+    from mlflow import MlflowClient
+
+    from zhclip.components.core.tracking import parent_run_from
+
+    client = MlflowClient(f"sqlite:///{small_project / 'mlflow.db'}")
+    parent = client.get_run(parent_run_from(str(small_project / "models" / "stage1")))
+    assert parent.data.tags["zhclip.kind"] == "pipeline"
+    stages = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    training = {r.data.tags["zhclip.stage"]: r for r in stages if r.data.tags.get("zhclip.kind") == "training"}
+    assert sorted(training) == ["1", "2"]
+    for stage, run in training.items():
+        steps = _metrics(small_project, f"train_stage{stage}")["steps"]
+        for curve in ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_s"):
+            assert len(client.get_metric_history(run.info.run_id, curve)) == steps, (stage, curve)
+        assert client.get_metric_history(run.info.run_id, "valid_mean_recall")
+    assert parent_run_from(str(small_project / "models" / "stage2")) == parent.info.run_id
+
+
+def test_repro_with_nothing_changed_runs_nothing(small_project):
+    before = {p: p.stat().st_mtime_ns for p in (small_project / "metrics").iterdir()}
+    out = run_tool("dvc", "repro", cwd=small_project)
+    assert "Data and pipelines are up to date" in out
+    assert "Running stage" not in out
+    assert {p: p.stat().st_mtime_ns for p in (small_project / "metrics").iterdir()} == before
+
+
+def test_experiment_variant_is_compared_with_the_baseline(small_project, tmp_path):
+    project = copy_of(small_project, tmp_path)
+    out = run_tool("dvc", "exp", "run", "-S", "stage2.epochs=2", "--name", "longer-stage2", cwd=project)
+    assert "Running stage 'train@stage2'" in out and "Running stage 'train@stage1'" not in out
+    shown = json.loads(run_tool("dvc", "exp", "show", "--json", cwd=project))
+    experiments = [e for baseline in shown for e in (baseline.get("experiments") or [])]
+    assert any(e.get("name") == "longer-stage2" for e in experiments), shown
+    diff = json.loads(run_tool("dvc", "metrics", "diff", "--all", "--json", cwd=project))
+    assert diff["metrics/train_stage2.json"]["epochs"] == {"old": 1, "new": 2, "diff": 1}
+    recall = diff["metrics/evaluate_stage2.json"]["mean_recall"]
+    assert recall["old"] == _metrics(small_project, "evaluate_stage2")["mean_recall"]
+    assert recall["new"] == _metrics(project, "evaluate_stage2")["mean_recall"]
