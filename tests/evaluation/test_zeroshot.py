@@ -7,11 +7,28 @@ import numpy as np
 import pytest
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.evaluation.zeroshot import ZeroshotConfig, class_embeddings, image_folder, zeroshot
+from zhclip.components.evaluation.zeroshot import (
+    ZeroshotConfig,
+    class_embeddings,
+    confusion_counts,
+    image_folder,
+    zeroshot,
+)
 from zhclip.model import embed_texts, load_model
 
 from browser import assert_chinese_renders
 from conftest import run_cli
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_confusion_counts_equal_sklearns_confusion_matrix(seed):
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(seed)
+    classes = int(rng.integers(1, 12))
+    labels, predicted = rng.integers(0, classes, size=(2, int(rng.integers(1, 40))))  # some classes unseen
+    expected = confusion_matrix(labels, predicted, labels=range(classes))
+    assert np.array_equal(confusion_counts(labels, predicted, classes), expected)
 
 
 def test_class_embedding_is_the_renormalised_mean_of_normalised_prompt_embeddings(trained):
