@@ -54,8 +54,12 @@ def test_repro_with_nothing_changed_runs_nothing(small_project):
 
 def test_experiment_variant_is_compared_with_the_baseline(small_project, tmp_path):
     project = copy_of(small_project, tmp_path)
-    out = run_tool("dvc", "exp", "run", "-S", "stage2.epochs=2", "--name", "longer-stage2", cwd=project)
-    assert "Running stage 'train@stage2'" in out and "Running stage 'train@stage1'" not in out
+    # a variant of stage 2, reproduced as far as its evaluation
+    out = run_tool(
+        "dvc", "exp", "run", "evaluate@stage2", "-S", "stage2.epochs=2", "--name", "longer-stage2", cwd=project
+    )
+    assert "Running stage 'train@stage2'" in out and "Running stage 'evaluate@stage2'" in out
+    assert "Running stage 'train@stage1'" not in out and "Running stage 'register'" not in out
     shown = json.loads(run_tool("dvc", "exp", "show", "--json", cwd=project))
     experiments = [e for baseline in shown for e in (baseline.get("experiments") or [])]
     assert any(e.get("name") == "longer-stage2" for e in experiments), shown
