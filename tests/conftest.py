@@ -196,13 +196,16 @@ def update_params(project: Path, changes: dict[str, dict]) -> None:
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
-# The settings of the `small_project` fixture: the small demo data, quick stand-in towers, one epoch per stage.
+# The settings of the `small_project` fixture: the small demo data, quick stand-in towers, one epoch
+# per stage, one zero-shot set (a stage per set and model in every pipeline run; the real demo's two
+# sets are the dvc.yaml tests' and the demo's).
 SMALL_PROJECT_PARAMS = {
     "demo_data": {**SMALL_DEMO_DATA, "pretrain_images": 40},
     "demo_towers": {"clip_steps": 20, "mlm_steps": 20},
     "stage1": {"epochs": 1},
     "stage2": {"epochs": 1},
     "train": {"batch_size": 32},
+    "zeroshot": {"sets": ["shapes"]},
 }
 
 

@@ -20,7 +20,6 @@ DOWNSTREAM = [
     "train@stage2",
     "evaluate@stage1",
     "evaluate@stage2",
-    "zeroshot@stage2-digits",
     "zeroshot@stage2-shapes",
     "register",
     "index@test",
