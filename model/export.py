@@ -1,4 +1,5 @@
-"""ONNX export of the image and text encoders, each with a dynamic batch axis."""
+"""ONNX export of the image and text encoders: a dynamic batch axis, and a dynamic sequence axis for
+text (a 10-character query pays for its 12 tokens, not for the whole context length)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def export_onnx(model: PreTrainedModel, out_dir: str | Path, context_length: int
     model = model.eval().float()
     size = image_size(model.config)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    # [CLS] and [SEP] make every tokenized text at least 2 tokens long
+    sequence = torch.export.Dim("sequence", min=2, max=context_length)
     paths = {"image": out_dir / "image_encoder.onnx", "text": out_dir / "text_encoder.onnx"}
     with torch.no_grad():
         torch.onnx.export(
@@ -58,7 +61,7 @@ def export_onnx(model: PreTrainedModel, out_dir: str | Path, context_length: int
             str(paths["text"]),
             input_names=["input_ids", "attention_mask"],
             output_names=["text_features"],
-            dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
+            dynamic_shapes={"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}},
             dynamo=True,
             external_data=False,
         )

@@ -31,7 +31,9 @@ from .presets import load_model
 
 # Recorded as the logged model's `model_config`; `mlflow.pyfunc.load_model(uri, model_config=...)` overrides.
 # `device`: "auto" is the first GPU when there is one (indexing a gallery, serving), else the CPU.
-DEFAULT_CONFIG = {"batch_size": 64, "max_image_pixels": 25_000_000, "device": "auto"}
+# `backend`: "torch" (eager PyTorch, on `device`) or "onnx" (ONNX Runtime on the CPU: see onnx_towers).
+DEFAULT_CONFIG = {"batch_size": 64, "max_image_pixels": 25_000_000, "device": "auto", "backend": "torch"}
+BACKENDS = ("torch", "onnx")
 DEFAULT_TEMPLATE = "一张{}的照片。"  # Chinese-CLIP's first zero-shot prompt
 # Per output: the columns the input must have, the combinations of filled columns a row may have,
 # and that rule in words.
@@ -108,11 +110,19 @@ class ZhclipEmbedder:
         batch_size: int = DEFAULT_CONFIG["batch_size"],
         max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"],
         device: str = DEFAULT_CONFIG["device"],
+        backend: str = DEFAULT_CONFIG["backend"],
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"model_config backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.model, self.processor = load_model(model_dir)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(device)
+        self.onnx = None
+        if backend == "onnx":
+            from .onnx_towers import OnnxTowers
+
+            self.onnx = OnnxTowers(self.model.cpu(), self.processor, model_dir)
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
         self.dim = self.model.config.projection_dim
@@ -121,9 +131,7 @@ class ZhclipEmbedder:
         output, labels, template = _options(params)
         texts, images = _checked_rows(model_input, output)
         if output == "zeroshot":
-            prompts = embed_texts(
-                self.model, self.processor, [template.format(label) for label in labels], self.batch_size
-            )
+            prompts = self._text_vectors([template.format(label) for label in labels])
             scale = float(self.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
         chunks = []
         for start in range(0, len(texts), self.batch_size):
@@ -148,7 +156,12 @@ class ZhclipEmbedder:
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         rows = [i for i, text in enumerate(texts) if text is not None]
         if rows:
-            vectors[rows] = embed_texts(self.model, self.processor, [texts[i] for i in rows], self.batch_size)
+            chosen = [texts[i] for i in rows]
+            vectors[rows] = (
+                self.onnx.texts(chosen, self.batch_size)
+                if self.onnx
+                else embed_texts(self.model, self.processor, chosen, self.batch_size)
+            )
         return vectors
 
     def _image_vectors(self, images: list, first_row: int) -> np.ndarray:
@@ -161,7 +174,11 @@ class ZhclipEmbedder:
             except ValueError as err:
                 raise ValueError(f"row {first_row + i}: column 'image': {err}") from err
         if rows:
-            vectors[rows] = embed_images(self.model, self.processor, decoded, self.batch_size)
+            vectors[rows] = (
+                self.onnx.images(decoded, self.batch_size)
+                if self.onnx
+                else embed_images(self.model, self.processor, decoded, self.batch_size)
+            )
         return vectors
 
 

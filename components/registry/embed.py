@@ -12,18 +12,24 @@ from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.tracking import resolve_tracking_uri, using_tracking_uri
 
 
-def load_embedder(model: str, tracking_uri: str | None = None):
-    """A pyfunc-style embedder from a local model folder or any MLflow model URI."""
+def load_embedder(model: str, tracking_uri: str | None = None, backend: str = "torch"):
+    """A pyfunc-style embedder from a local model folder or any MLflow model URI, embedding with
+    `backend` ("torch" or "onnx", see zhclip.model.pyfunc)."""
+    # Versions registered before the onnx backend existed ship code that knows no `backend` key.
+    config = {"backend": backend} if backend != "torch" else None
     if Path(model).is_dir():
-        from zhclip.model.pyfunc import ZhclipEmbedder
+        from zhclip.model.pyfunc import load_embedder as load_folder
 
-        return ZhclipEmbedder(model)
+        try:
+            return load_folder(model, config)
+        except ValueError as err:
+            raise ZhclipError(str(err)) from err
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
         with using_tracking_uri(resolve_tracking_uri(tracking_uri or "")):
-            return mlflow.pyfunc.load_model(model)
+            return mlflow.pyfunc.load_model(model, model_config=config)
     except (MlflowException, OSError) as err:
         raise ZhclipError(f"cannot load model {model!r}: {err}") from err
 

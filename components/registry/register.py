@@ -33,7 +33,19 @@ from zhclip.model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
 SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
 # What a pulled model needs at inference, pinned to the versions it was trained with.
-INFERENCE_PACKAGES = ("torch", "transformers", "safetensors", "numpy", "pillow", "pandas")
+# What a pulled model needs; the ONNX packages for its onnx backend (model_config backend "onnx"),
+# which exports the encoders on first load.
+INFERENCE_PACKAGES = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "pandas",
+    "onnxruntime",
+    "onnx",
+    "onnxscript",
+)
 
 
 @dataclass

@@ -168,6 +168,7 @@ def test_lineage_tags_and_the_run(tiny_models, registry, tmp_path):
             client.download_artifacts(summary["run_id"], "model/requirements.txt", str(tmp_path))
         ).read_text()
     assert "torch==" in requirements and "+cpu" not in requirements
+    assert "onnxruntime==" in requirements and "onnxscript==" in requirements  # for the onnx backend
 
 
 def test_the_same_checkpoint_registers_once(tiny_models, registry, tmp_path):
