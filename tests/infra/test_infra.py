@@ -257,3 +257,46 @@ def test_search_service_reads_the_index_the_pipeline_publishes(objects):
     service = by_kind(objects, "Service")["zhclip-search"]["spec"]
     assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
+
+
+def test_search_is_scraped_kept_available_and_scaled(objects):
+    deployment = by_kind(objects, "Deployment")["zhclip-search"]
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == container["ports"][0]["containerPort"]
+    budget = by_kind(objects, "PodDisruptionBudget")["zhclip-search"]["spec"]
+    assert budget["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert budget["minAvailable"] == 1 < deployment["spec"]["replicas"]  # a drain never empties the service
+    scaler = by_kind(objects, "HorizontalPodAutoscaler")["zhclip-search"]["spec"]
+    assert scaler["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "zhclip-search"}
+    assert scaler["minReplicas"] >= budget["minAvailable"] + 1 and scaler["maxReplicas"] > scaler["minReplicas"]
+    assert "cpu" in container["resources"]["requests"]  # utilisation is measured against the request
+
+
+def test_the_grafana_dashboard_plots_only_metrics_the_search_service_exports():
+    import json
+
+    from zhclip.components.search.observability import ServiceMetrics
+
+    exported = {
+        sample_name
+        for family in ServiceMetrics().registry.collect()
+        for sample_name in (
+            [family.name + suffix for suffix in ("_bucket", "_sum", "_count")]
+            if family.type == "histogram"
+            else [family.name + "_total"]
+            if family.type == "counter"
+            else [family.name, family.name + "_info"]
+        )
+    }
+    dashboard = json.loads((INFRA / "grafana" / "zhclip-search.json").read_text(encoding="utf-8"))
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bzhclip_search_\w+", target["expr"])
+    }
+    assert used and used <= exported, used - exported
+    assert {"zhclip_search_requests_total", "zhclip_search_request_seconds_bucket", "zhclip_search_model_info"} <= used
