@@ -14,8 +14,9 @@ vary along far fewer directions than their width, which is what makes graph inde
 
 `http`: a gallery of `--vectors` random vectors served by `zhclip serve` with a random model of
 `--preset` (tiny, or ViT-B-16 whose text tower is RoBERTa-base) embedding 512 wide, under `--concurrency`
-clients sending Chinese queries; latency p50/p99 and
-queries/s as the clients see them (both on this machine, so they share its cores).
+clients sending Chinese queries, with each `--backend` in turn (torch and onnx by default, the same
+index and model); latency p50/p99 and queries/s as the clients see them (both on this machine, so
+they share its cores).
 
 One JSON line per measurement on stdout (and appended to `--out`).
 """
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from zhclip.components.search.index_build import IndexConfig, new_index
-from zhclip.components.search.index_store import set_search_params
+from zhclip.components.search.index_store import fitting_search_params, set_search_params
 
 K = 10
 LOW_DIM, LOW_DIM_NOISE = 32, 0.1
@@ -119,7 +120,7 @@ def bench_ann(args) -> None:
         "exact_ms_per_query_batched": round(exact_s / args.queries * 1000, 2),
         "machine": args.machine,
     }
-    for params in args.search or [""]:
+    for params in args.search or [fitting_search_params(args.factory)]:
         set_search_params(index, params)
         started = time.perf_counter()
         _, found = index.search(queries, K)
@@ -246,72 +247,63 @@ def load(port: int, concurrency: int, seconds: float) -> dict:
     }
 
 
-def bench_http(args) -> None:
+def serving(root: Path, index: Path, model_dir: Path, port: int, text_batch: int, backend: str):
+    """`zhclip serve` over `index` with `backend`, started and ready (or SystemExit with its log)."""
     from urllib.request import urlopen
 
+    params = root / f"params-{backend}.yaml"
+    params.write_text(json.dumps({"serve": {"text_batch": text_batch, "backend": backend}}))  # JSON is YAML
+    log_path = root / f"serve-{backend}.log"
+    command = ["serve", "--index", str(index), "--model", str(model_dir), "--port", str(port), "--params", str(params)]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "zhclip"), *command], stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 900  # the onnx backend exports the encoders on its first start
+    while True:
+        try:
+            if urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return server
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"zhclip serve did not become ready:\n{log_path.read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def bench_http(args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         model_dir = random_model(root, args.preset, args.dim)
-        index, build_s = synthetic_index(
-            root,
-            model_dir,
-            args.vectors,
-            args.dim,
-            args.factory,
-            args.search[0] if args.search else IndexConfig.search_params,
-        )
-        port = int(args.port)
-        (root / "params.yaml").write_text(json.dumps({"serve": {"text_batch": args.text_batch}}))  # JSON is YAML
-        log = open(root / "serve.log", "wb")
-        server = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "zhclip"),
-                "serve",
-                "--index",
-                str(index),
-                "--model",
-                str(model_dir),
-                "--port",
-                str(port),
-                "--params",
-                str(root / "params.yaml"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 600
-            while True:
-                try:
-                    if urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
-                        break
-                except OSError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"zhclip serve did not become ready:\n{(root / 'serve.log').read_text()[-3000:]}")
-                time.sleep(1)
-            load(port, 1, 3)  # warm-up
-            server_mb = round(process_rss_mb(server.pid), 1)
-            for concurrency in args.concurrency or [1, 8]:
-                emit(
-                    {
-                        "bench": "http",
-                        "preset": args.preset,
-                        "text_batch": args.text_batch,
-                        "vectors": args.vectors,
-                        "factory": args.factory,
-                        "search": args.search[0] if args.search else IndexConfig.search_params,
-                        "index_build_s": round(build_s, 1),
-                        "server_rss_mb": server_mb,
-                        "seconds": args.seconds,
-                        "machine": args.machine,
-                        **load(port, concurrency, args.seconds),
-                    },
-                    args.out,
-                )
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        search = args.search[0] if args.search else fitting_search_params(args.factory)
+        index, build_s = synthetic_index(root, model_dir, args.vectors, args.dim, args.factory, search)
+        for backend in args.backend or ["torch", "onnx"]:
+            server = serving(root, index, model_dir, int(args.port), args.text_batch, backend)
+            try:
+                load(int(args.port), 1, 3)  # warm-up
+                server_mb = round(process_rss_mb(server.pid), 1)
+                for concurrency in args.concurrency or [1, 8]:
+                    emit(
+                        {
+                            "bench": "http",
+                            "backend": backend,
+                            "preset": args.preset,
+                            "text_batch": args.text_batch,
+                            "vectors": args.vectors,
+                            "factory": args.factory,
+                            "search": search,
+                            "index_build_s": round(build_s, 1),
+                            "server_rss_mb": server_mb,
+                            "seconds": args.seconds,
+                            "machine": args.machine,
+                            **load(int(args.port), concurrency, args.seconds),
+                        },
+                        args.out,
+                    )
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
 
 
 def main() -> None:
@@ -321,7 +313,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--data", choices=["uniform", "lowdim"], default="uniform")
     parser.add_argument("--factory", default=IndexConfig.factory, help="FAISS index_factory string")
-    parser.add_argument("--search", action="append", help="a FAISS search setting, e.g. efSearch=128 (repeatable)")
+    parser.add_argument(
+        "--search",
+        action="append",
+        help="a FAISS search setting, e.g. efSearch=128 (repeatable; default: what zhclip index uses for the factory)",
+    )
     parser.add_argument("--queries", type=int, default=1000, help="queries scored against exact search")
     parser.add_argument("--single-queries", type=int, default=200, help="of them, timed one at a time")
     parser.add_argument("--concurrency", type=int, action="append", help="http: concurrent clients (repeatable)")
@@ -330,6 +326,9 @@ def main() -> None:
         "--preset", default="tiny", help="http: the model's shape (tiny, or ViT-B-16: a RoBERTa-base text tower)"
     )
     parser.add_argument("--text-batch", type=int, default=32, help="http: serve.text_batch (1: no batching of queries)")
+    parser.add_argument(
+        "--backend", action="append", choices=["torch", "onnx"], help="http: serve.backend (repeatable; default both)"
+    )
     parser.add_argument("--port", default="8765")
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file")

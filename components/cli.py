@@ -417,6 +417,7 @@ def index(
     search_params: str | None = _option("index", "search_params"),
     batch_size: int | None = _option("index", "batch_size"),
     workers: int | None = _option("index", "workers"),
+    backend: str | None = _option("index", "backend"),
     tracking_uri: str | None = _option("mlflow", "tracking_uri"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
@@ -437,6 +438,7 @@ def index(
         search_params=search_params,
         batch_size=batch_size,
         workers=workers,
+        backend=backend,
     )
     model_uri, tracking = _model_and_tracking(all_params, model, tracking_uri)
     result = build_index(gallery, out, model_uri, config, tracking, summary)
@@ -463,6 +465,7 @@ def serve(
     ),
     host: str | None = _option("serve", "host"),
     port: int | None = _option("serve", "port"),
+    backend: str | None = _option("serve", "backend"),
     tracking_uri: str | None = _option("mlflow", "tracking_uri"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
@@ -476,7 +479,7 @@ def serve(
     from zhclip.components.search.service import serve as run
 
     all_params = _params(params, defaults)
-    config = config_from(ServeConfig, all_params, "serve", host=host, port=port)
+    config = config_from(ServeConfig, all_params, "serve", host=host, port=port, backend=backend)
     galleries = config_from(SearchConfig, all_params, "search").galleries
     indexes = index or [f"{name}=indexes/{name}" for name in galleries]
     model_uri, tracking = _model_and_tracking(all_params, model, tracking_uri)

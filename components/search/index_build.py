@@ -39,7 +39,13 @@ from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.registry.embed import load_embedder, model_identity
 from zhclip.components.search.gallery import GalleryImage, Piece, first_of_each, gallery_pieces, read_piece
-from zhclip.components.search.index_store import ITEM_SCHEMA, ITEMS_FILE, save_index, set_search_params
+from zhclip.components.search.index_store import (
+    ITEM_SCHEMA,
+    ITEMS_FILE,
+    fitting_search_params,
+    save_index,
+    set_search_params,
+)
 
 REJECTED_SHOWN = 20  # rejected images listed in the summary (all are counted)
 
@@ -50,13 +56,16 @@ class IndexConfig:
 
     factory: str = setting("HNSW32", "faiss.index_factory: HNSW32 (graph), Flat (exact), IVF4096,PQ64 (huge galleries)")
     search_params: str = setting(
-        "efSearch=256", "faiss.ParameterSpace string applied when searching (bench/search.py: recall 0.98 at 1M)"
+        "",
+        "faiss.ParameterSpace string applied when searching; empty: what fits the factory "
+        "(HNSW: efSearch=256, recall 0.98 at 1M in bench/search.py; IVF: nprobe=64; Flat: none)",
     )
     batch_size: int = setting(64, "images embedded at once")
     train_size: int = setting(100_000, "vectors an index that needs training (IVF, PQ) is trained on")
     workers: int = setting(
         0, "Ray Data actors embedding pieces of the gallery (one GPU each on a GPU cluster); 0: here"
     )
+    backend: str = setting("torch", "embeds images: torch (eager PyTorch, on a GPU when there is one) or onnx (CPU)")
 
     def __post_init__(self):
         for name in ("batch_size", "train_size"):
@@ -99,10 +108,22 @@ class _VectorSink:
         buffered = np.concatenate(self.pending)
         self.pending = []
         if not self.index.is_trained:
-            if len(buffered) < self.index.d:  # k-means needs points; FAISS itself only warns and clusters badly
-                raise ZhclipError(f"{len(buffered)} images are too few to train this index; use factory Flat or HNSW32")
+            needed = max(self.index.d, _inverted_lists(self.index))  # k-means needs a point per list at least
+            if len(buffered) < needed:  # below d, FAISS itself only warns and clusters badly
+                raise ZhclipError(
+                    f"{len(buffered)} images are too few to train this index (it needs {needed}); "
+                    "use factory Flat or HNSW32, or fewer IVF lists"
+                )
             self.index.train(buffered)
         self.index.add(buffered)
+
+
+def _inverted_lists(index) -> int:
+    """How many lists an IVF index clusters into (0 for any other index)."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else 0
 
 
 def _embed_batch(embedder, batch: list[GalleryImage], rejected: list[dict]) -> tuple[np.ndarray, list[GalleryImage]]:
@@ -156,8 +177,8 @@ class _PieceEmbedder:
     """A Ray Data actor: the model loaded once, then whole pieces of the gallery embedded on its GPU
     (or CPU). Rejected images come back as rows with a reason and a zero vector."""
 
-    def __init__(self, model: str, tracking_uri: str | None, batch_size: int):
-        self.embedder = load_embedder(model, tracking_uri)
+    def __init__(self, model: str, tracking_uri: str | None, batch_size: int, backend: str):
+        self.embedder = load_embedder(model, tracking_uri, backend)
         self.dim, self.batch_size = embedder_dim(self.embedder), batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -209,7 +230,7 @@ def _embedded_by_ray_data(
             batch_format="numpy",
             num_gpus=gpus,
             num_cpus=0 if gpus else 1,
-            fn_constructor_args=(model, tracking_uri, config.batch_size),
+            fn_constructor_args=(model, tracking_uri, config.batch_size, config.backend),
             compute=ray.data.ActorPoolStrategy(size=config.workers),
         )
         seen: set[str] = set()
@@ -240,10 +261,11 @@ def build_index(
     config = config or IndexConfig()
     gallery, out = str(gallery), str(out)
     identity = model_identity(model, tracking_uri)
-    embedder = load_embedder(model, tracking_uri)
+    embedder = load_embedder(model, tracking_uri, config.backend)
     dim = embedder_dim(embedder)
     index = new_index(config.factory, dim)
-    set_search_params(index, config.search_params)
+    search_params = config.search_params or fitting_search_params(config.factory)
+    set_search_params(index, search_params)
     pieces, total = gallery_pieces(gallery)
     folder = Folder(out)
     folder.filesystem.create_dir(folder.root, recursive=True)
@@ -252,7 +274,7 @@ def build_index(
         "index": out,
         "model": identity,
         "factory": config.factory,
-        "search_params": config.search_params,
+        "search_params": search_params,
         "dim": dim,
     }
     rejected: list[dict] = []

@@ -12,7 +12,10 @@ Endpoints (all answers JSON except the page and the thumbnails):
 - `GET /api/search?q=<text>&k=10&offset=0&index=<name>`: the top-k images for a Chinese text;
 - `POST /api/search/image?k=10&offset=0&index=<name>` with the image's bytes as the body: similar images;
 - `GET /api/images/<index>/<row>`: a JPEG thumbnail of a result;
+- `GET /metrics`: Prometheus metrics (requests, latency, batching, the live model);
 - `GET /`: the search page.
+
+Every search answer names the model (registered name, version, weights) and the index it came from.
 
 Bad input is answered 4xx with `{"error": "<what is wrong and what to send>"}`; nothing a client
 sends takes the server down.
@@ -41,6 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import setting
 from zhclip.components.evaluation.report import CSS_FONT_STACK
+from zhclip.components.search.observability import AccessLog, ServiceMetrics
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -75,6 +79,11 @@ class ServeConfig:
     max_image_pixels: int = setting(25_000_000, "larger uploads are refused from their header, before decoding")
     thumbnail_px: int = setting(192, "longest side of the result thumbnails, in pixels")
     text_batch: int = setting(32, "queries embedded together when they arrive at once")
+    backend: str = setting(
+        "torch", "embeds queries: torch (eager PyTorch) or onnx (ONNX Runtime on CPU, exported once per weights)"
+    )
+    access_log: str = setting("-", "one JSON line per request: - (stdout), a file path, or empty for none")
+    log_queries: bool = setting(False, "include each query's text in the access log (queries can be personal data)")
 
     def __post_init__(self):
         for name in ("max_k", "max_results", "max_query_chars", "max_image_pixels", "thumbnail_px", "text_batch"):
@@ -112,14 +121,14 @@ class _TextBatcher:
     that fails is retried text by text, so one bad query fails only itself.
     """
 
-    def __init__(self, embed: Callable[[pd.DataFrame], np.ndarray], max_batch: int):
-        self.embed, self.max_batch = embed, max_batch
+    def __init__(self, embed: Callable[[pd.DataFrame], np.ndarray], max_batch: int, metrics: ServiceMetrics):
+        self.embed, self.max_batch, self.metrics = embed, max_batch, metrics
         self.pending: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, daemon=True, name="text-batcher").start()
 
     def __call__(self, text: str) -> np.ndarray:
         future: Future = Future()
-        self.pending.put((text, future))
+        self.pending.put((text, future, time.perf_counter()))
         return future.result()
 
     def _run(self) -> None:
@@ -127,6 +136,11 @@ class _TextBatcher:
             batch = [self.pending.get()]
             while len(batch) < self.max_batch and not self.pending.empty():
                 batch.append(self.pending.get_nowait())
+            started = time.perf_counter()
+            for _, _, queued in batch:
+                self.metrics.queue_wait.observe(started - queued)
+            self.metrics.batch_size.observe(len(batch))
+            batch = [(text, future) for text, future, _ in batch]
             try:
                 vectors = self.embed(pd.DataFrame({"text": [text for text, _ in batch]}))
                 for (_, future), vector in zip(batch, vectors):
@@ -150,6 +164,8 @@ class SearchService:
         # One call into the model at a time: torch spreads each over the cores already, and text
         # queries that arrive meanwhile wait in the batcher to go through together.
         self.model_lock = threading.Lock()
+        self.metrics = ServiceMetrics()
+        self.access_log = AccessLog(config.access_log, config.log_queries)
 
     def load(self) -> None:
         """Load the model and the indexes; an index built by other weights fails naming both."""
@@ -161,16 +177,25 @@ class SearchService:
             indexes = {name: SearchIndex(uri) for name, uri in self.index_uris.items()}
             for index in indexes.values():
                 index.check_model(self.identity)
-            self.embedder = load_embedder(self.model, self.tracking_uri)
+            self.embedder = load_embedder(self.model, self.tracking_uri, self.config.backend)
             self.indexes = indexes
             self._embed(pd.DataFrame({"text": ["预热"]}))  # the first call pays for lazy initialisation, not a user
-            self.embed_text = _TextBatcher(self._embed, self.config.text_batch)
+            self.embed_text = _TextBatcher(self._embed, self.config.text_batch, self.metrics)
+            self.metrics.live(self.identity, self.config.backend, self.index_uris)
             self.ready.set()
         except ZhclipError as err:
             self.error = str(err)
         except Exception as err:  # the loading thread must end in a state /readyz reports, never silently
             traceback.print_exc()
             self.error = f"loading failed: {type(err).__name__}: {err}"
+
+    def answered_by(self) -> dict[str, Any]:
+        """The model behind every answer: registered name and version (None for a folder), weights."""
+        return {
+            "name": self.identity.get("name"),
+            "version": self.identity.get("version"),
+            "weights_hash": self.identity["weights_hash"][:12],
+        }
 
     def info(self) -> dict[str, Any]:
         return {
@@ -235,6 +260,7 @@ class SearchService:
             result.pop("location")  # where the image lives (bucket paths) is the server's business
         return {
             **query,
+            "model": self.answered_by(),
             "index": name,
             "k": k,
             "offset": offset,
@@ -331,6 +357,27 @@ def _thumbnail(location: str, size: int) -> bytes:
     return out.getvalue()
 
 
+def _observe(service: SearchService, request: Request, status: int, seconds: float) -> None:
+    """Count and time the request under its route's template (bounded labels), and log it."""
+    route = request.scope.get("route")
+    endpoint = getattr(route, "path", None) or "unmatched"
+    service.metrics.requests.labels(endpoint, str(status)).inc()
+    service.metrics.latency.labels(endpoint).observe(seconds)
+    searched = endpoint.startswith("/api/search")
+    entry = {
+        "method": request.method,
+        "endpoint": endpoint,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+    }
+    if searched and service.ready.is_set():
+        entry |= {
+            "model_version": service.identity.get("version"),
+            "index": request.query_params.get("index") or next(iter(service.indexes)),
+        }
+    service.access_log.write(entry, request.query_params.get("q") if searched else None)
+
+
 def create_app(service: SearchService):
     """The FastAPI application over `service` (loaded by the caller or at startup)."""
     app = FastAPI(title="zhclip search", description=__doc__)
@@ -339,6 +386,23 @@ def create_app(service: SearchService):
     @app.exception_handler(Refused)
     async def refused(request: Request, err: Refused) -> JSONResponse:
         return JSONResponse({"error": err.message}, status_code=err.status)
+
+    @app.middleware("http")
+    async def observed(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500  # what the client gets when the handler raises past every exception handler
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            _observe(service, request, status, time.perf_counter() - started)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -24,12 +24,12 @@ from zhclip.components.data.shards import read_pairs
 from zhclip.components.registry.register import RegisterConfig, register
 from zhclip.components.search.gallery import read_image
 from zhclip.components.search.index_build import IndexConfig, build_index
-from zhclip.components.search.index_store import SearchIndex
+from zhclip.components.search.index_store import SearchIndex, fitting_search_params
 
 from browser import CJK_FAMILY, chromium_page
-from conftest import S3_CREDENTIALS, caption_recall_at_10, free_port, run_cli, serving
+from conftest import REPO, S3_CREDENTIALS, caption_recall_at_10, free_port, run_cli, serving
 
-EXACT = IndexConfig(factory="Flat", search_params="")
+EXACT = IndexConfig(factory="Flat")
 
 
 def _png(color: tuple[int, int, int], size: int = 24) -> bytes:
@@ -91,9 +91,7 @@ def test_tsv_and_prepared_galleries_index_each_image_once(tiny_models, raw_dir, 
 def test_ray_data_actors_index_the_same_images_as_one_process(tiny_models, prepared_dir, tmp_path):
     gallery = str(prepared_dir / "train")  # several shards: pieces for several actors
     here = build_index(gallery, tmp_path / "here", str(tiny_models[0]), EXACT)
-    spread = build_index(
-        gallery, tmp_path / "ray", str(tiny_models[0]), IndexConfig(factory="Flat", search_params="", workers=2)
-    )
+    spread = build_index(gallery, tmp_path / "ray", str(tiny_models[0]), IndexConfig(factory="Flat", workers=2))
     assert here["images"] == spread["images"] == read_pairs(prepared_dir, "train")["image_id"].nunique()
 
     def vectors_by_id(folder: Path) -> dict[str, np.ndarray]:
@@ -116,6 +114,83 @@ def test_index_on_object_store_loads_for_search(tiny_models, prepared_dir, s3_en
     index = SearchIndex("s3://zhclip-index/test")
     assert index.size == built["images"] and index.meta["factory"] == "HNSW32"
     assert read_image(index.item(0)["location"])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        ("HNSW32", "efSearch=256"),
+        ("HNSW32,SQ8", "efSearch=256"),
+        ("IVF256,Flat", "nprobe=64"),
+        ("IVF16,PQ8", "nprobe=16"),  # fewer lists than 64: all of them
+        ("IVF4096_HNSW32,PQ16", "nprobe=64"),
+        ("Flat", ""),
+        ("SQ8", ""),
+        ("PQ16", ""),
+    ],
+)
+def test_search_settings_follow_the_factory(factory, expected):
+    assert fitting_search_params(factory) == expected
+    from zhclip.components.search.index_build import new_index
+    from zhclip.components.search.index_store import set_search_params
+
+    set_search_params(new_index(factory, 32), expected)  # FAISS accepts them for that index
+
+
+def _colour_gallery(folder: Path, images: int) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for number, colour in enumerate(rng.integers(0, 256, size=(images, 3))):
+        (folder / f"{number:04d}.png").write_bytes(_png(tuple(int(c) for c in colour), size=8))
+    return folder
+
+
+@pytest.mark.parametrize("factory, search_params", [("Flat", ""), ("IVF256,Flat", "nprobe=64")])
+def test_exact_and_inverted_list_factories_index_with_the_projects_params(
+    factory, search_params, tiny_models, tmp_path
+):
+    """The factories `zhclip index --help` offers work with params.yaml as it is: each gets the search
+    settings that fit it, and finds a gallery image first when queried with its own embedding."""
+    gallery = _colour_gallery(tmp_path / "gallery", 300)  # IVF256 trains on at least 256 images
+    out = tmp_path / "index"
+    result = run_cli(
+        "index",
+        "--gallery",
+        str(gallery),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_models[0]),
+        "--factory",
+        factory,
+        "--params",
+        str(REPO / "params.yaml"),
+        "--summary",
+        str(tmp_path / "summary.json"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["factory"], summary["search_params"], summary["images"]) == (factory, search_params, 300)
+    index = SearchIndex(out)
+    assert index.meta["search_params"] == search_params
+    from zhclip.components.registry.embed import embed
+
+    vector = embed(str(tiny_models[0]), [], [gallery / "0123.png"])[0]["embedding"]
+    ((row, score),) = index.search(np.asarray([vector], dtype=np.float32), 1)[0]
+    assert index.item(row)["id"] == "0123.png" and score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_settings_that_do_not_fit_and_too_small_galleries_are_refused_clearly(tiny_models, tmp_path):
+    gallery = _colour_gallery(tmp_path / "gallery", 40)
+    with pytest.raises(ZhclipError, match=r"search params 'efSearch=256' do not fit this index"):
+        build_index(
+            str(gallery),
+            tmp_path / "flat",
+            str(tiny_models[0]),
+            IndexConfig(factory="Flat", search_params="efSearch=256"),
+        )
+    with pytest.raises(ZhclipError, match=r"40 images are too few to train this index \(it needs 256\)"):
+        build_index(str(gallery), tmp_path / "ivf", str(tiny_models[0]), IndexConfig(factory="IVF256,Flat"))
 
 
 def test_a_model_other_than_the_indexing_one_is_refused(tiny_models, prepared_dir, tmp_path):
@@ -248,6 +323,86 @@ def test_captions_find_their_images_as_often_as_evaluate_says(served, prepared_d
     assert recall >= served["scores"]["t2i_r10"] - 1e-6, (recall, served["scores"]["t2i_r10"])
     status, ready = _get(f"{served['base']}/readyz")
     assert ready["model"]["version"] == str(served["version"]) and ready["model"]["name"] == "zhclip-search"
+
+
+@pytest.mark.slow
+def test_the_onnx_backend_finds_what_the_torch_backend_finds(served, prepared_dir, tmp_path, monkeypatch):
+    """The same registered model and index served with serve.backend onnx: the same top 10 for every
+    test caption and the same image query answer (the onnx server exports the graphs on its start)."""
+    monkeypatch.setenv("ZHCLIP_ONNX_CACHE", str(tmp_path / "onnx"))
+    tracking = f"sqlite:///{served['root'] / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text("serve:\n  backend: onnx\n")
+    texts = read_pairs(prepared_dir, "test").groupby("text_id")["text"].first()
+    args = ["--index", str(served["root"] / "test"), "--model", "models:/zhclip-search@champion"]
+    with serving(
+        [*args, "--tracking-uri", tracking, "--params", str(tmp_path / "params.yaml")], tmp_path / "log"
+    ) as base:
+        for text in texts:
+            (_, onnx), (_, torch) = _search(base, text, k=10), _search(served["base"], text, k=10)
+            assert {r["id"] for r in onnx["results"]} == {r["id"] for r in torch["results"]}, text
+            assert [r["score"] for r in onnx["results"]] == pytest.approx(
+                [r["score"] for r in torch["results"]], abs=1e-3
+            )
+        blob = read_pairs(prepared_dir, "test")["image"].iloc[0]
+        onnx_image, torch_image = (
+            _post(f"{base}/api/search/image?k=3", blob)[1],
+            _post(f"{served['base']}/api/search/image?k=3", blob)[1],
+        )
+        assert [r["id"] for r in onnx_image["results"]] == [r["id"] for r in torch_image["results"]]
+    assert [path.name for path in (tmp_path / "onnx").iterdir() if not path.name.startswith(".")]  # exported once
+
+
+def _metric_samples(base: str) -> dict[tuple, float]:
+    """/metrics parsed by prometheus_client's own parser: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.slow
+def test_metrics_count_the_requests_sent_and_name_the_live_model(served):
+    base, search = served["base"], (("endpoint", "/api/search"),)
+    before = _metric_samples(base)
+    for text in ("红色的圆形", "蓝色的十字", "绿色三角形"):
+        assert _search(base, text, k=3)[0] == 200
+    assert _search(base, "", k=3)[0] == 400 and _search(base, "圆", k=0)[0] == 400
+    after = _metric_samples(base)
+
+    def sent(status: str) -> float:
+        key = ("zhclip_search_requests_total", (("endpoint", "/api/search"), ("status", status)))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert (sent("200"), sent("400")) == (3, 2)
+    count = ("zhclip_search_request_seconds_count", search)
+    assert after[count] - before.get(count, 0) == 5
+    assert (
+        after[("zhclip_search_embed_batch_size_count", ())]
+        >= before.get(("zhclip_search_embed_batch_size_count", ()), 0) + 3
+    )
+    (info,) = [labels for (name, labels) in after if name == "zhclip_search_model_info"]
+    assert dict(info)["version"] == str(served["version"]) and dict(info)["backend"] == "torch"
+    assert after[("zhclip_search_ready", ())] == 1
+
+
+@pytest.mark.slow
+def test_answers_name_their_model_and_the_access_log_has_a_line_per_request_without_queries(served):
+    status, answer = _search(served["base"], "紫色的正方形", k=2)
+    assert status == 200 and answer["index"] == "test"
+    assert answer["model"]["name"] == "zhclip-search" and answer["model"]["version"] == str(served["version"])
+    lines = [
+        json.loads(line) for line in (served["root"] / "serve.log").read_text().splitlines() if line.startswith("{")
+    ]
+    searches = [line for line in lines if line["endpoint"] == "/api/search"]
+    assert searches and all("query" not in line for line in lines)
+    assert {"status", "duration_ms", "method", "time"} <= set(searches[-1])
+    assert searches[-1]["model_version"] == str(served["version"]) and searches[-1]["index"] == "test"
 
 
 @pytest.mark.slow
