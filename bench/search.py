@@ -327,7 +327,10 @@ def main() -> None:
     )
     parser.add_argument("--text-batch", type=int, default=32, help="http: serve.text_batch (1: no batching of queries)")
     parser.add_argument(
-        "--backend", action="append", choices=["torch", "onnx"], help="http: serve.backend (repeatable; default both)"
+        "--backend",
+        action="append",
+        choices=["torch", "onnx", "onnx-int8"],
+        help="http: serve.backend (repeatable; default torch and onnx)",
     )
     parser.add_argument("--port", default="8765")
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -37,39 +38,72 @@ def weights_sha256(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cached_encoders(model: PreTrainedModel, model_dir: str | Path, context_length: int) -> dict[str, Path]:
-    """The image and text encoder graphs of these weights, exported now unless already cached.
+def cached_encoders(
+    model: PreTrainedModel, model_dir: str | Path, context_length: int, int8: bool = False
+) -> dict[str, Path]:
+    """The image and text encoder graphs of these weights (`int8`: their weights quantised to int8),
+    exported now unless already cached.
 
     An export goes to a scratch folder beside its final place and is renamed into it, so a process
     that finds the folder finds it whole (two processes exporting at once both succeed)."""
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "zhclip" / "onnx")
     folder = root / f"{weights_sha256(model_dir)[:32]}-ctx{context_length}"
     paths = {"image": folder / "image_encoder.onnx", "text": folder / "text_encoder.onnx"}
-    if all(path.is_file() for path in paths.values()):
-        return paths
-    scratch = root / f".{folder.name}.{os.getpid()}"
-    # the exporter's progress notes and warnings (about axis names) are not the caller's business
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export_onnx(model, scratch, context_length)
+    if not all(path.is_file() for path in paths.values()):
+        _export_into(folder, model, context_length)
+    return {name: _quantised(path) for name, path in paths.items()} if int8 else paths
+
+
+def _export_into(folder: Path, model: PreTrainedModel, context_length: int) -> None:
+    scratch = folder.with_name(f".{folder.name}.{os.getpid()}")
+    # the exporter's progress notes, warnings (about axis names) and log lines (about torchvision's
+    # operators, which these encoders do not use) are not the caller's business
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(model, scratch, context_length)
+    finally:
+        exporter_log.setLevel(level)
     try:
         scratch.rename(folder)
     except OSError:  # another process put it there first
         for path in scratch.iterdir():
             path.unlink()
         scratch.rmdir()
-    return paths
+
+
+def _quantised(path: Path) -> Path:
+    """`path`'s graph with its MatMul weights quantised to int8 (activations quantised on the fly:
+    ONNX Runtime's dynamic quantisation), made once beside it."""
+    target = path.with_name(path.stem + "_int8.onnx")
+    if target.is_file():
+        return target
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scratch = target.with_name(f".{target.name}.{os.getpid()}")
+    logging.disable(logging.WARNING)  # its advice to pre-process the graph first, once per call
+    try:
+        quantize_dynamic(path, scratch, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    finally:
+        logging.disable(logging.NOTSET)
+    scratch.replace(target)
+    return target
 
 
 class OnnxTowers:
     """Unit-norm text and image embeddings through ONNX Runtime sessions of the exported encoders."""
 
-    def __init__(self, model: PreTrainedModel, processor: ChineseCLIPProcessor, model_dir: str | Path):
+    def __init__(
+        self, model: PreTrainedModel, processor: ChineseCLIPProcessor, model_dir: str | Path, int8: bool = False
+    ):
         import onnxruntime
 
         self.processor = processor
         self.context_length = processor.tokenizer.model_max_length
-        paths = cached_encoders(model, model_dir, self.context_length)
+        paths = cached_encoders(model, model_dir, self.context_length, int8)
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: its notes about unused initializers are not the user's business

@@ -65,7 +65,9 @@ class IndexConfig:
     workers: int = setting(
         0, "Ray Data actors embedding pieces of the gallery (one GPU each on a GPU cluster); 0: here"
     )
-    backend: str = setting("torch", "embeds images: torch (eager PyTorch, on a GPU when there is one) or onnx (CPU)")
+    backend: str = setting(
+        "torch", "embeds images: torch (eager PyTorch, on a GPU when there is one), onnx or onnx-int8 (CPU)"
+    )
 
     def __post_init__(self):
         for name in ("batch_size", "train_size"):

@@ -80,7 +80,9 @@ class ServeConfig:
     thumbnail_px: int = setting(192, "longest side of the result thumbnails, in pixels")
     text_batch: int = setting(32, "queries embedded together when they arrive at once")
     backend: str = setting(
-        "torch", "embeds queries: torch (eager PyTorch) or onnx (ONNX Runtime on CPU, exported once per weights)"
+        "torch",
+        "embeds queries: torch (eager PyTorch), onnx (ONNX Runtime on CPU, exported once per weights) "
+        "or onnx-int8 (the same, int8 weights)",
     )
     access_log: str = setting("-", "one JSON line per request: - (stdout), a file path, or empty for none")
     log_queries: bool = setting(False, "include each query's text in the access log (queries can be personal data)")

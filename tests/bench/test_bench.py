@@ -258,3 +258,36 @@ def test_search_benchmark_scores_an_index_against_exact_search(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (line,) = [json.loads(text) for text in out.read_text().splitlines()]
     assert line["recall_at_10"] == 1.0 and line["vectors"] == 2000 and line["index_mb"] > 2000 * 512 * 4 / 2**20 * 0.99
+
+
+def test_backend_benchmark_compares_each_backend_with_torch(trained, prepared_dir, tmp_path):
+    out = tmp_path / "backends.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.backends",
+            "--model",
+            str(trained["root"] / "stage2"),
+            "--data",
+            str(prepared_dir),
+            "--backend",
+            "torch",
+            "--backend",
+            "onnx",
+            "--repeats",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch, onnx = (json.loads(text) for text in out.read_text().splitlines())
+    assert (torch["backend"], torch["cosine_min"], torch["same_top10"]) == ("torch", 1.0, 1.0)
+    assert onnx["backend"] == "onnx" and onnx["cosine_min"] >= 0.9999 and onnx["same_top10"] >= 0.99
+    assert onnx["t2i_r10"] == torch["t2i_r10"] and onnx["captions"] == torch["captions"] > 0
+    assert onnx["ms_1_text"] > 0 and onnx["ms_8_texts"] > 0

@@ -76,6 +76,20 @@ def test_graphs_are_exported_once_per_weights_and_reused(model_dir, onnx_cache, 
     assert len(list(onnx_cache.iterdir())) == 2
 
 
+def test_int8_weights_embed_close_to_pytorch_and_are_made_once(model_dir, onnx_cache):
+    frame = pd.DataFrame({"text": TEXTS + [None], "image": [None] * 3 + [_png((0, 200, 0))]})
+    expected = load_embedder(str(model_dir)).predict(frame)
+    got = load_embedder(str(model_dir), {"backend": "onnx-int8"}).predict(frame)
+    assert _cosines(got, expected).min() >= 0.99
+    (folder,) = onnx_cache.iterdir()
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "image_encoder.onnx",
+        "image_encoder_int8.onnx",
+        "text_encoder.onnx",
+        "text_encoder_int8.onnx",
+    ]
+
+
 def test_an_unknown_backend_is_a_clear_error(model_dir):
-    with pytest.raises(ValueError, match=r"backend must be one of \['torch', 'onnx'\], got 'tensorrt'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['torch', 'onnx', 'onnx-int8'\], got 'tensorrt'"):
         load_embedder(str(model_dir), {"backend": "tensorrt"})
