@@ -15,7 +15,6 @@ One JSON line per backend on stdout (and appended to `--out`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -24,18 +23,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.search import emit
 from zhclip.components.data.shards import read_pairs
 from zhclip.model.pyfunc import BACKENDS, load_embedder
 
 K = 10
-
-
-def emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record, ensure_ascii=False)
-    print(line, flush=True)
-    if out:
-        with out.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
 
 
 def median_ms(embed, texts: list[str], repeats: int) -> float:
