@@ -18,6 +18,13 @@ clients sending Chinese queries, with each `--backend` in turn (torch and onnx b
 index and model); latency p50/p99 and queries/s as the clients see them (both on this machine, so
 they share its cores).
 
+`soak`: the same server (first `--backend`, default torch) under `--concurrency` clients (default 8)
+for `--seconds` (600 for the 10-minute soak), measured in 10-second windows: queries/s, p99,
+non-200 answers and the server's resident memory after each window; the last line gives the memory
+growth from the end of the first minute to the end, and the total of failed answers.
+
+    python bench/search.py soak --vectors 100000 --preset ViT-B-16 --seconds 600
+
 One JSON line per measurement on stdout (and appended to `--out`).
 """
 
@@ -306,9 +313,52 @@ def bench_http(args) -> None:
                 server.wait(timeout=30)
 
 
+SOAK_WINDOW_S = 10
+
+
+def bench_soak(args) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        model_dir = random_model(root, args.preset, args.dim)
+        search = args.search[0] if args.search else fitting_search_params(args.factory)
+        index, _ = synthetic_index(root, model_dir, args.vectors, args.dim, args.factory, search)
+        backend, clients = (args.backend or ["torch"])[0], (args.concurrency or [8])[0]
+        server = serving(root, index, model_dir, int(args.port), args.text_batch, backend)
+        try:
+            load(int(args.port), 1, 3)  # warm-up
+            windows = []
+            for window in range(max(1, round(args.seconds / SOAK_WINDOW_S))):
+                measured = load(int(args.port), clients, SOAK_WINDOW_S)
+                windows.append({"window": window, "elapsed_s": (window + 1) * SOAK_WINDOW_S, **measured})
+                windows[-1]["server_rss_mb"] = round(process_rss_mb(server.pid), 1)
+                emit({"bench": "soak", **windows[-1]}, args.out)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        after_minute = next((w for w in windows if w["elapsed_s"] >= 60), windows[0])["server_rss_mb"]
+        emit(
+            {
+                "bench": "soak-summary",
+                "backend": backend,
+                "preset": args.preset,
+                "vectors": args.vectors,
+                "concurrency": clients,
+                "seconds": len(windows) * SOAK_WINDOW_S,
+                "requests": sum(w["requests"] for w in windows),
+                "failed": sum(w["errors"] for w in windows),
+                "rss_after_first_minute_mb": after_minute,
+                "rss_end_mb": windows[-1]["server_rss_mb"],
+                "rss_max_mb": max(w["server_rss_mb"] for w in windows),
+                "growth_after_first_minute_pct": round(100 * (windows[-1]["server_rss_mb"] / after_minute - 1), 2),
+                "machine": args.machine,
+            },
+            args.out,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["ann", "http"])
+    parser.add_argument("part", choices=["ann", "http", "soak"])
     parser.add_argument("--vectors", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--data", choices=["uniform", "lowdim"], default="uniform")
@@ -321,7 +371,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="queries scored against exact search")
     parser.add_argument("--single-queries", type=int, default=200, help="of them, timed one at a time")
     parser.add_argument("--concurrency", type=int, action="append", help="http: concurrent clients (repeatable)")
-    parser.add_argument("--seconds", type=float, default=30, help="http: load duration per concurrency")
+    parser.add_argument(
+        "--seconds", type=float, default=30, help="http: load duration per concurrency; soak: the whole soak"
+    )
     parser.add_argument(
         "--preset", default="tiny", help="http: the model's shape (tiny, or ViT-B-16: a RoBERTa-base text tower)"
     )
@@ -336,7 +388,7 @@ def main() -> None:
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file")
     args = parser.parse_args()
-    (bench_ann if args.part == "ann" else bench_http)(args)
+    {"ann": bench_ann, "http": bench_http, "soak": bench_soak}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -408,7 +408,12 @@ def index(
         help="Images to index: a folder, a Chinese-CLIP *_imgs.tsv, or a prepared split "
         "(e.g. data/validated/test); local or s3://.",
     ),
-    out: str = typer.Option(..., help="Index folder to write (local or s3://, e.g. on MinIO)."),
+    out: str | None = typer.Option(None, help="Index folder to write (local or s3://, e.g. on MinIO)."),
+    publish: str | None = typer.Option(
+        None,
+        help="Instead of --out: an index catalog (local or s3://); the index goes to <catalog>/<weights>, "
+        "where `zhclip serve --follow` finds the index of each new champion.",
+    ),
     model: str | None = typer.Option(
         None, help="A model folder or registry URI (default: models:/<register.model_name>@champion)."
     ),
@@ -429,6 +434,9 @@ def index(
     """
     from zhclip.components.search.index_build import IndexConfig, build_index
 
+    if (out is None) == (publish is None):
+        raise ZhclipError("give exactly one of --out (an index folder) and --publish (an index catalog)")
+
     all_params = _params(params, defaults)
     config = config_from(
         IndexConfig,
@@ -441,12 +449,12 @@ def index(
         backend=backend,
     )
     model_uri, tracking = _model_and_tracking(all_params, model, tracking_uri)
-    result = build_index(gallery, out, model_uri, config, tracking, summary)
+    result = build_index(gallery, out, model_uri, config, tracking, summary, catalog=publish)
     rejected = f", {result['rejected']} rejected (see the summary)" if result["rejected"] else ""
     _finish(
         result,
         summary,
-        f"index {out}: {result['images']} images{rejected}, built by {result['model']['uri']}"
+        f"index {result['index']}: {result['images']} images{rejected}, built by {result['model']['uri']}"
         f"{' version ' + result['model']['version'] if result['model']['version'] else ''}",
     )
 
@@ -455,7 +463,8 @@ def index(
 def serve(
     index: list[str] = typer.Option(
         [],
-        help="An index folder from `zhclip index` (local or s3://), or NAME=URI (repeatable; "
+        help="An index folder from `zhclip index`, or an index catalog (`zhclip index --publish`) where the "
+        "model's own index is found by its weights; local or s3://; NAME=URI names it (repeatable; "
         "default: indexes/<name> of each params search.galleries, as dvc repro builds them).",
     ),
     model: str | None = typer.Option(
@@ -463,27 +472,42 @@ def serve(
         help="The model that built the indexes: a folder or registry URI "
         "(default: models:/<register.model_name>@champion).",
     ),
+    follow: str | None = typer.Option(
+        None,
+        help="Instead of --model: a registry alias (models:/NAME@champion) to follow: when it moves, the new "
+        "version and its index load in the background, pass the canary, and replace the live pair.",
+    ),
     host: str | None = _option("serve", "host"),
     port: int | None = _option("serve", "port"),
     backend: str | None = _option("serve", "backend"),
+    follow_seconds: float | None = _option("serve", "follow_seconds"),
     tracking_uri: str | None = _option("mlflow", "tracking_uri"),
     params: Path = ParamsOption,
     defaults: bool = DefaultsOption,
 ) -> None:
     """Search API and web page: Chinese text -> images, image -> similar images (open http://HOST:PORT/).
 
-    /healthz answers while the model and indexes load, /readyz once they are loaded. Limits on k,
-    paging, query length and uploads: params.yaml section `serve`.
+    /healthz answers while the model and indexes load, /readyz once they are loaded, /metrics for
+    Prometheus. POST /admin/reload checks the model now (Authorization: Bearer $ZHCLIP_ADMIN_TOKEN).
+    Limits on k, paging, query length and uploads: params.yaml section `serve`.
     """
     from zhclip.components.search.service import SearchConfig, ServeConfig
     from zhclip.components.search.service import serve as run
 
+    if model and follow:
+        raise ZhclipError(
+            "give --model (serve it) or --follow (serve what the alias names, and move with it), not both"
+        )
+    if follow and "@" not in follow:
+        raise ZhclipError(f"--follow {follow!r}: give a registry alias, models:/<name>@<alias>")
     all_params = _params(params, defaults)
-    config = config_from(ServeConfig, all_params, "serve", host=host, port=port, backend=backend)
+    config = config_from(
+        ServeConfig, all_params, "serve", host=host, port=port, backend=backend, follow_seconds=follow_seconds
+    )
     galleries = config_from(SearchConfig, all_params, "search").galleries
     indexes = index or [f"{name}=indexes/{name}" for name in galleries]
-    model_uri, tracking = _model_and_tracking(all_params, model, tracking_uri)
-    run(indexes, model_uri, config, tracking)
+    model_uri, tracking = _model_and_tracking(all_params, model or follow, tracking_uri)
+    run(indexes, model_uri, config, tracking, follow=bool(follow))
 
 
 @app.command()

@@ -103,6 +103,15 @@ def test_bad_input_gives_a_clear_error_at_every_step(tmp_path, prepared_dir, cap
         "cat.png",
         "not found",
     )
+    _assert_clean_error(
+        zhclip("index", "--gallery", str(tmp_path), "--out", "a", "--publish", "b"), "exactly one of --out"
+    )
+    _assert_clean_error(
+        zhclip("serve", "--follow", "models:/zhclip-demo/3"), "--follow 'models:/zhclip-demo/3': give a registry alias"
+    )
+    _assert_clean_error(
+        zhclip("serve", "--follow", "models:/m@champion", "--model", str(tmp_path)), "--model", "--follow", "not both"
+    )
     (tmp_path / "params.yaml").write_text("ingest:\n  shard_rowz: 3\n")
     _assert_clean_error(zhclip("ingest", "--params", str(tmp_path / "params.yaml")), "section 'ingest'", "shard_rowz")
     usage = zhclip("train", "--stage", "3", "--out", str(tmp_path))

@@ -193,12 +193,10 @@ def index_op(
     config: dict,
     register_config: dict,
 ):
-    from pyarrow import fs
-
     from zhclip.components.core.settings import build_config
-    from zhclip.components.core.storage import arrow_filesystem
     from zhclip.components.registry.register import RegisterConfig
     from zhclip.components.search.index_build import IndexConfig, build_index
+    from zhclip.components.search.index_store import publish_index
 
     settings = dict(config)
     alias = settings.pop("alias")
@@ -213,6 +211,5 @@ def index_op(
     )
     summary.log_metric("images", result["images"])
     summary.log_metric("rejected", result["rejected"])
-    if publish_uri:  # a fixed place for the search service, beside this run's own copy in the pipeline root
-        target, path = arrow_filesystem(publish_uri)
-        fs.copy_files(index.path, path, source_filesystem=fs.LocalFileSystem(), destination_filesystem=target)
+    if publish_uri:  # the index catalog the search Deployment follows, beside this run's own copy in the pipeline root
+        publish_index(index.path, publish_uri, result["model"]["weights_hash"])

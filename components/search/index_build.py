@@ -38,13 +38,17 @@ from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.registry.embed import load_embedder, model_identity
+from zhclip.components.search.canary import CaptionSampler, canary_recall
 from zhclip.components.search.gallery import GalleryImage, Piece, first_of_each, gallery_pieces, read_piece
 from zhclip.components.search.index_store import (
     ITEM_SCHEMA,
     ITEMS_FILE,
     fitting_search_params,
     save_index,
+    search_vectors,
     set_search_params,
+    uncommit,
+    weights_folder_name,
 )
 
 REJECTED_SHOWN = 20  # rejected images listed in the summary (all are counted)
@@ -68,8 +72,15 @@ class IndexConfig:
     backend: str = setting(
         "torch", "embeds images: torch (eager PyTorch, on a GPU when there is one), onnx or onnx-int8 (CPU)"
     )
+    canary_size: int = setting(
+        100,
+        "captions of the gallery stored with the index, with the recall@10 they reach at build time; "
+        "`zhclip serve` asks them again before it swaps to a new model (0: none)",
+    )
 
     def __post_init__(self):
+        if self.canary_size < 0:
+            raise ValueError(f"canary_size must be 0 (no canary) or more, got {self.canary_size}")
         for name in ("batch_size", "train_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -251,18 +262,43 @@ def _embedded_by_ray_data(
             yield batch["vector"][keep], images, len(batch["id"])
 
 
+def _text_embedder(embedder):
+    return lambda texts: np.asarray(embedder.predict(pd.DataFrame({"text": texts})), dtype=np.float32)
+
+
+class _BuiltIndex:
+    """The index just built, searchable by the canary before index.json exists: captions are read
+    from items.parquet row by row group (memory bounded by a row group, not by the gallery)."""
+
+    def __init__(self, index, folder: Folder):
+        self.index, self.folder = index, folder
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+        return search_vectors(self.index, vectors, k)
+
+    def captions(self, rows: list[int]) -> dict[int, str]:
+        import pyarrow.dataset as ds
+
+        items = ds.dataset(self.folder.path(ITEMS_FILE), filesystem=self.folder.filesystem, format="parquet")
+        taken = items.take(pa.array(rows, pa.int64()), columns=["caption"]).column("caption").to_pylist()
+        return dict(zip(rows, taken))
+
+
 def build_index(
     gallery: str | Path,
-    out: str | Path,
+    out: str | Path | None,
     model: str,
     config: IndexConfig | None = None,
     tracking_uri: str | None = None,
     summary_path: str | Path | None = None,
+    catalog: str | None = None,
 ) -> dict[str, Any]:
-    """Embed every image of `gallery` with `model` (a folder or models:/ URI) into an index folder at `out`."""
+    """Embed every image of `gallery` with `model` (a folder or models:/ URI) into an index folder at
+    `out`, or into the index catalog `catalog` under the model's weights (`index_store.find_index`)."""
     config = config or IndexConfig()
-    gallery, out = str(gallery), str(out)
     identity = model_identity(model, tracking_uri)
+    gallery = str(gallery)
+    out = str(out) if out else f"{str(catalog).rstrip('/')}/{weights_folder_name(identity['weights_hash'])}"
     embedder = load_embedder(model, tracking_uri, config.backend)
     dim = embedder_dim(embedder)
     index = new_index(config.factory, dim)
@@ -271,6 +307,7 @@ def build_index(
     pieces, total = gallery_pieces(gallery)
     folder = Folder(out)
     folder.filesystem.create_dir(folder.root, recursive=True)
+    uncommit(folder)
     summary: dict[str, Any] = {
         "gallery": gallery,
         "index": out,
@@ -281,6 +318,7 @@ def build_index(
     }
     rejected: list[dict] = []
     sink = _VectorSink(index, config.train_size)
+    sampler = CaptionSampler(config.canary_size)
     spread = config.workers > 0 and len(pieces) > 1  # a single piece (a tsv) is read in order, here
     embedded = (
         _embedded_by_ray_data(pieces, model, tracking_uri, config, rejected)
@@ -296,6 +334,7 @@ def build_index(
         for vectors, kept, read in embedded:
             if kept:
                 sink.add(vectors)
+                sampler.add(image.caption for image in kept)
                 items.write_table(
                     pa.Table.from_pydict(
                         {
@@ -313,7 +352,10 @@ def build_index(
             f"gallery {gallery}: no image could be indexed ({len(rejected)} rejected, e.g. "
             f"{rejected[0]['reason'] if rejected else 'none found'})"
         )
+    captions = sampler.captions()
+    recall = canary_recall(_text_embedder(embedder), _BuiltIndex(index, folder), captions)
     summary.update(
+        canary={"captions": captions, "recall_at_10": recall},
         images=int(index.ntotal),
         rejected=len(rejected),
         rejected_examples=rejected[:REJECTED_SHOWN],

@@ -57,6 +57,27 @@ class ServiceMetrics:
         )
         self.model = Info("zhclip_search_model", "The live model and indexes", registry=self.registry)
         self.ready = Gauge("zhclip_search_ready", "1 when the model and indexes are loaded", registry=self.registry)
+        self.checks = Counter(
+            "zhclip_search_registry_checks",
+            "Checks of the model URI, by outcome: loaded, swapped, unchanged, waiting, refused, error",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.swaps = Counter(
+            "zhclip_search_swaps", "Times a new model and index replaced the live pair", registry=self.registry
+        )
+        self.refusals = Counter(
+            "zhclip_search_refusals",
+            "New models refused, by why: load (it or its index failed to load) or canary (recall fell)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.canary = Gauge(
+            "zhclip_search_canary_recall",
+            "Canary recall@10 (mean over indexes) of the live pair and of the last candidate checked",
+            ["role"],
+            registry=self.registry,
+        )
 
     def live(self, identity: dict[str, Any], backend: str, indexes: dict[str, str]) -> None:
         """Record the model and indexes now answering (the info gauge's labels)."""

@@ -1,13 +1,17 @@
 """Serve: text-to-image and image-to-image search over `zhclip index` folders, as an HTTP API and a page.
 
 The model comes from a folder or the registry (`models:/zhclip-demo@champion`) and embeds queries
-through the same pyfunc code as any registry pull. Each index must have been built by those weights
-(`SearchIndex.check_model`): the server refuses to start otherwise.
+through the same pyfunc code as any registry pull. Each index must have been built by those weights:
+an index folder that model built, or its entry in an index catalog (`index_store.find_index`). With
+`follow` the server moves to each new version the alias names, after a canary (`search.live`).
 
 Endpoints (all answers JSON except the page and the thumbnails):
 
 - `GET /healthz`: the process answers (liveness);
-- `GET /readyz`: 200 once the model and every index are loaded, 503 before (readiness);
+- `GET /readyz`: 200 once a model and its indexes answer, 503 before (readiness); the body says
+  which, and the last registry check (a refused new version and why);
+- `POST /admin/reload` with `Authorization: Bearer <token>`: check the model URI now (the token is
+  $ZHCLIP_ADMIN_TOKEN, from a Kubernetes Secret; without it the endpoint is off);
 - `GET /api/indexes`: each index's size and the model that built it;
 - `GET /api/search?q=<text>&k=10&offset=0&index=<name>`: the top-k images for a Chinese text;
 - `POST /api/search/image?k=10&offset=0&index=<name>` with the image's bytes as the body: similar images;
@@ -28,8 +32,6 @@ import io
 import queue
 import threading
 import time
-import traceback
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +39,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import setting
 from zhclip.components.evaluation.report import CSS_FONT_STACK
+from zhclip.components.search.live import Embed, LiveModel, LivePair
 from zhclip.components.search.observability import AccessLog, ServiceMetrics
 
 PAGE = Path(__file__).with_name("page.html")
@@ -84,6 +87,14 @@ class ServeConfig:
         "embeds queries: torch (eager PyTorch), onnx (ONNX Runtime on CPU, exported once per weights) "
         "or onnx-int8 (the same, int8 weights)",
     )
+    follow_seconds: float = setting(
+        30.0, "with --follow: how often the registry is asked whether the alias moved, in seconds"
+    )
+    canary_margin: float = setting(
+        0.05,
+        "a new model is refused when its canary recall@10 falls more than this below its index's "
+        "build-time figure or the live model's",
+    )
     access_log: str = setting("-", "one JSON line per request: - (stdout), a file path, or empty for none")
     log_queries: bool = setting(False, "include each query's text in the access log (queries can be personal data)")
 
@@ -91,6 +102,10 @@ class ServeConfig:
         for name in ("max_k", "max_results", "max_query_chars", "max_image_pixels", "thumbnail_px", "text_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.follow_seconds <= 0:
+            raise ValueError(f"follow_seconds must be positive, got {self.follow_seconds}")
+        if not 0 <= self.canary_margin <= 1:
+            raise ValueError(f"canary_margin is a recall difference from 0 to 1, got {self.canary_margin}")
 
 
 class Refused(Exception):
@@ -120,17 +135,18 @@ class _TextBatcher:
 
     One text costs the text tower almost as much as a few dozen (on a GPU, or CPU cores' vector
     units), so under concurrent load this raises queries/s; alone, a query waits for nothing. A batch
-    that fails is retried text by text, so one bad query fails only itself.
+    that fails is retried text by text, so one bad query fails only itself. Each text names the
+    embedder it is for: across a swap, texts of the old and the new model go each through their own.
     """
 
-    def __init__(self, embed: Callable[[pd.DataFrame], np.ndarray], max_batch: int, metrics: ServiceMetrics):
+    def __init__(self, embed: Embed, max_batch: int, metrics: ServiceMetrics):
         self.embed, self.max_batch, self.metrics = embed, max_batch, metrics
         self.pending: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, daemon=True, name="text-batcher").start()
 
-    def __call__(self, text: str) -> np.ndarray:
+    def __call__(self, embedder: Any, text: str) -> np.ndarray:
         future: Future = Future()
-        self.pending.put((text, future, time.perf_counter()))
+        self.pending.put((embedder, text, future, time.perf_counter()))
         return future.result()
 
     def _run(self) -> None:
@@ -139,69 +155,59 @@ class _TextBatcher:
             while len(batch) < self.max_batch and not self.pending.empty():
                 batch.append(self.pending.get_nowait())
             started = time.perf_counter()
-            for _, _, queued in batch:
+            by_embedder: dict[int, list] = {}
+            for embedder, text, future, queued in batch:
                 self.metrics.queue_wait.observe(started - queued)
-            self.metrics.batch_size.observe(len(batch))
-            batch = [(text, future) for text, future, _ in batch]
-            try:
-                vectors = self.embed(pd.DataFrame({"text": [text for text, _ in batch]}))
-                for (_, future), vector in zip(batch, vectors):
-                    future.set_result(vector[None])
-            except Exception:  # any failure: each text again on its own, so an error reaches only its own request
-                for text, future in batch:
-                    try:
-                        future.set_result(self.embed(pd.DataFrame({"text": [text]})))
-                    except Exception as err:  # handed to the request that sent it, which answers it
-                        future.set_exception(err)
+                by_embedder.setdefault(id(embedder), []).append((embedder, text, future))
+            for texts in by_embedder.values():
+                self.metrics.batch_size.observe(len(texts))
+                self._embed_together(texts[0][0], [(text, future) for _, text, future in texts])
+
+    def _embed_together(self, embedder: Any, batch: list[tuple[str, Future]]) -> None:
+        try:
+            vectors = self.embed(embedder, pd.DataFrame({"text": [text for text, _ in batch]}))
+            for (_, future), vector in zip(batch, vectors):
+                future.set_result(vector[None])
+        except Exception:  # any failure: each text again on its own, so an error reaches only its own request
+            for text, future in batch:
+                try:
+                    future.set_result(self.embed(embedder, pd.DataFrame({"text": [text]})))
+                except Exception as err:  # handed to the request that sent it, which answers it
+                    future.set_exception(err)
 
 
 class SearchService:
-    """The loaded model and indexes, and every check a query passes before it reaches them."""
+    """The live model and indexes, and every check a query passes before it reaches them."""
 
     def __init__(self, index_uris: dict[str, str], model: str, config: ServeConfig, tracking_uri: str | None = None):
         self.index_uris, self.model, self.config, self.tracking_uri = index_uris, model, config, tracking_uri
-        self.indexes: dict[str, Any] = {}
-        self.error: str | None = None
-        self.ready = threading.Event()
-        # One call into the model at a time: torch spreads each over the cores already, and text
+        # One call into a model at a time: torch spreads each over the cores already, and text
         # queries that arrive meanwhile wait in the batcher to go through together.
         self.model_lock = threading.Lock()
         self.metrics = ServiceMetrics()
         self.access_log = AccessLog(config.access_log, config.log_queries)
+        self.live = LiveModel(
+            model, index_uris, config.backend, config.canary_margin, tracking_uri, self.metrics, self._embed
+        )
+        self.embed_text = _TextBatcher(self._embed, config.text_batch, self.metrics)
+        self.error: str | None = None  # why the first load failed, when the server does not follow the registry
 
-    def load(self) -> None:
-        """Load the model and the indexes; an index built by other weights fails naming both."""
-        from zhclip.components.registry.embed import load_embedder, model_identity
-        from zhclip.components.search.index_store import SearchIndex
+    @property
+    def pair(self) -> LivePair | None:
+        return self.live.pair
 
-        try:
-            self.identity = model_identity(self.model, self.tracking_uri)
-            indexes = {name: SearchIndex(uri) for name, uri in self.index_uris.items()}
-            for index in indexes.values():
-                index.check_model(self.identity)
-            self.embedder = load_embedder(self.model, self.tracking_uri, self.config.backend)
-            self.indexes = indexes
-            self._embed(pd.DataFrame({"text": ["预热"]}))  # the first call pays for lazy initialisation, not a user
-            self.embed_text = _TextBatcher(self._embed, self.config.text_batch, self.metrics)
-            self.metrics.live(self.identity, self.config.backend, self.index_uris)
-            self.ready.set()
-        except ZhclipError as err:
-            self.error = str(err)
-        except Exception as err:  # the loading thread must end in a state /readyz reports, never silently
-            traceback.print_exc()
-            self.error = f"loading failed: {type(err).__name__}: {err}"
-
-    def answered_by(self) -> dict[str, Any]:
-        """The model behind every answer: registered name and version (None for a folder), weights."""
+    def answered_by(self, pair: LivePair) -> dict[str, Any]:
+        """The model behind an answer: registered name and version (None for a folder), weights."""
         return {
-            "name": self.identity.get("name"),
-            "version": self.identity.get("version"),
-            "weights_hash": self.identity["weights_hash"][:12],
+            "name": pair.identity.get("name"),
+            "version": pair.identity.get("version"),
+            "weights_hash": pair.identity["weights_hash"][:12],
         }
 
-    def info(self) -> dict[str, Any]:
+    def info(self, pair: LivePair) -> dict[str, Any]:
         return {
-            "model": self.identity,
+            "model": pair.identity,
+            "loaded_at": pair.loaded_at,
             "indexes": {
                 name: {
                     "images": index.size,
@@ -209,18 +215,29 @@ class SearchService:
                     "built_at": index.meta.get("built_at"),
                     "gallery": index.meta.get("gallery"),
                     "factory": index.meta.get("factory"),
+                    "canary_recall_at_10": pair.canary[name],
+                    "canary_recall_at_build": index.canary.get("recall_at_10"),
                 }
-                for name, index in self.indexes.items()
+                for name, index in pair.indexes.items()
             },
         }
 
-    def _index(self, name: str | None):
-        if not self.ready.is_set():
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """/readyz: 200 with the live pair, or 503 with why none answers yet; both with the last check."""
+        pair, last = self.pair, {"last_check": self.live.last, "refused": dict(self.live.refused)}
+        if pair is not None:
+            return 200, {"status": "ready", **self.info(pair), **last}
+        state = "failed" if self.error else "loading" if not self.live.last else "waiting"
+        return 503, {"status": state, "error": self.error or self.live.last.get("detail"), **last}
+
+    def _index(self, name: str | None) -> tuple[LivePair, str, Any]:
+        pair = self.pair  # read once: the whole request is answered by one pair, even across a swap
+        if pair is None:
             raise Refused(503, self.error or "still loading the model and the index; retry when /readyz answers 200")
-        name = name or next(iter(self.indexes))
-        if name not in self.indexes:
-            raise Refused(404, f"no index named {name!r}; this server has: {', '.join(self.indexes)}")
-        return name, self.indexes[name]
+        name = name or next(iter(pair.indexes))
+        if name not in pair.indexes:
+            raise Refused(404, f"no index named {name!r}; this server has: {', '.join(pair.indexes)}")
+        return pair, name, pair.indexes[name]
 
     def _page(self, k: str | None, offset: str | None) -> tuple[int, int]:
         limits = self.config
@@ -234,18 +251,20 @@ class SearchService:
             )
         return k_value, offset_value
 
-    def _embed(self, frame: pd.DataFrame) -> np.ndarray:
+    def _embed(self, embedder: Any, frame: pd.DataFrame) -> np.ndarray:
         from mlflow.exceptions import MlflowException
 
         try:
             with self.model_lock:
-                return np.asarray(self.embedder.predict(frame), dtype=np.float32)
+                return np.asarray(embedder.predict(frame), dtype=np.float32)
         except (ValueError, MlflowException) as err:
             raise Refused(
                 415 if "image" in frame else 400, str(getattr(err, "message", err)).removeprefix("row 0: ")
             ) from err
 
-    def _results(self, name: str, index, vector: np.ndarray, k: int, offset: int, query: dict) -> dict[str, Any]:
+    def _results(
+        self, pair: LivePair, name: str, index, vector: np.ndarray, k: int, offset: int, query: dict
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         hits = index.search(vector, offset + k)[0][offset:]
         results = [
@@ -262,8 +281,9 @@ class SearchService:
             result.pop("location")  # where the image lives (bucket paths) is the server's business
         return {
             **query,
-            "model": self.answered_by(),
+            "model": self.answered_by(pair),
             "index": name,
+            "index_built_at": index.meta.get("built_at"),
             "k": k,
             "offset": offset,
             "total": index.size,
@@ -272,7 +292,7 @@ class SearchService:
         }
 
     def search_text(self, q: str | None, k: str | None, offset: str | None, index: str | None) -> dict[str, Any]:
-        name, found = self._index(index)
+        pair, name, found = self._index(index)
         k_value, offset_value = self._page(k, offset)
         text = (q or "").strip()
         if not text:
@@ -283,16 +303,17 @@ class SearchService:
                 f"the query is {len(text)} characters long; at most {self.config.max_query_chars} "
                 "(the model reads about 50 tokens of a caption)",
             )
-        return self._results(name, found, self.embed_text(text), k_value, offset_value, {"query": text})
+        vector = self.embed_text(pair.embedder, text)
+        return self._results(pair, name, found, vector, k_value, offset_value, {"query": text})
 
     def search_image(self, body: bytes, k: str | None, offset: str | None, index: str | None) -> dict[str, Any]:
-        name, found = self._index(index)
+        pair, name, found = self._index(index)
         k_value, offset_value = self._page(k, offset)
         if not body:
             raise Refused(400, "the upload is empty: send the image file's bytes as the request body")
         self._check_image(body)
-        vector = self._embed(pd.DataFrame({"image": [body]}))
-        return self._results(name, found, vector, k_value, offset_value, {"query": f"image ({len(body)} bytes)"})
+        vector = self._embed(pair.embedder, pd.DataFrame({"image": [body]}))
+        return self._results(pair, name, found, vector, k_value, offset_value, {"query": f"image ({len(body)} bytes)"})
 
     def _check_image(self, body: bytes) -> None:
         import warnings
@@ -324,7 +345,7 @@ class SearchService:
         return int(self.config.max_upload_mb * 2**20)
 
     def thumbnail(self, index: str, row: str) -> bytes:
-        name, found = self._index(index)
+        _, _, found = self._index(index)
         number = _integer("row", row, None, 0, found.size - 1, status=404)
         return _thumbnail(found.item(number)["location"], self.config.thumbnail_px)
 
@@ -366,18 +387,35 @@ def _observe(service: SearchService, request: Request, status: int, seconds: flo
     service.metrics.requests.labels(endpoint, str(status)).inc()
     service.metrics.latency.labels(endpoint).observe(seconds)
     searched = endpoint.startswith("/api/search")
+    pair = service.pair
     entry = {
         "method": request.method,
         "endpoint": endpoint,
         "status": status,
         "duration_ms": round(seconds * 1000, 2),
     }
-    if searched and service.ready.is_set():
+    if searched and pair is not None:
         entry |= {
-            "model_version": service.identity.get("version"),
-            "index": request.query_params.get("index") or next(iter(service.indexes)),
+            "model_version": pair.identity.get("version"),
+            "index": request.query_params.get("index") or next(iter(pair.indexes)),
         }
     service.access_log.write(entry, request.query_params.get("q") if searched else None)
+
+
+ADMIN_TOKEN_ENV = "ZHCLIP_ADMIN_TOKEN"
+
+
+def _check_admin(authorization: str | None) -> None:
+    """Operators' endpoints need `Authorization: Bearer $ZHCLIP_ADMIN_TOKEN`; without the variable they are off."""
+    import hmac
+    import os
+
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
+    if not token:
+        raise Refused(403, f"admin endpoints are off: start the server with ${ADMIN_TOKEN_ENV} set (a Secret)")
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):  # constant time: the token is not guessed byte by byte
+        raise Refused(401, f"send the header `Authorization: Bearer <token>` with the token in ${ADMIN_TOKEN_ENV}")
 
 
 def create_app(service: SearchService):
@@ -412,16 +450,19 @@ def create_app(service: SearchService):
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        if service.ready.is_set():
-            return JSONResponse({"status": "ready", **service.info()})
-        return JSONResponse(
-            {"status": "failed" if service.error else "loading", "error": service.error}, status_code=503
-        )
+        status, body = service.readiness()
+        return JSONResponse(body, status_code=status)
+
+    @app.post("/admin/reload")
+    def reload(authorization: str | None = Header(None)) -> JSONResponse:
+        _check_admin(authorization)
+        outcome = service.live.check(force=True)
+        return JSONResponse(outcome, status_code=409 if outcome["outcome"] in ("refused", "waiting", "error") else 200)
 
     @app.get("/api/indexes")
     def indexes() -> dict:
-        service._index(None)
-        return service.info()
+        pair, _, _ = service._index(None)
+        return service.info(pair)
 
     @app.get("/api/search")
     def search(q: str | None = None, k: str | None = None, offset: str | None = None, index: str | None = None) -> dict:
@@ -456,11 +497,17 @@ def create_app(service: SearchService):
 
 
 def serve(
-    index_uris: list[str], model: str, config: ServeConfig | None = None, tracking_uri: str | None = None
+    index_uris: list[str],
+    model: str,
+    config: ServeConfig | None = None,
+    tracking_uri: str | None = None,
+    follow: bool = False,
 ) -> None:
     """Load in the background (so /healthz answers at once and /readyz once ready) and serve until stopped.
 
-    A model that did not build an index, or an index that cannot be read, stops the server with that error.
+    Without `follow`, a model that did not build an index, or an index that cannot be read, stops the
+    server with that error. With it, the server asks the registry every `follow_seconds` which version
+    `model`'s alias names and moves to it after a canary, waiting (not ready) until a first pair loads.
     """
     import uvicorn
 
@@ -469,23 +516,30 @@ def serve(
     server = uvicorn.Server(
         uvicorn.Config(create_app(service), host=config.host, port=config.port, log_level="warning", access_log=False)
     )
+    stop = threading.Event()
 
-    def load_then_announce() -> None:
-        service.load()
-        if service.error:
+    def load_then_follow() -> None:
+        outcome = service.live.check()
+        if service.pair is None and not follow:
+            service.error = outcome["detail"]
             server.should_exit = True
-        else:
-            sizes = ", ".join(f"{name} ({index.size} images)" for name, index in service.indexes.items())
-            print(
-                f"zhclip search on http://{config.host}:{config.port}/ : {sizes}, model {service.identity['uri']}",
-                flush=True,
-            )
+            return
+        if service.pair is not None:
+            sizes = ", ".join(f"{name} ({index.size} images)" for name, index in service.pair.indexes.items())
+            print(f"zhclip search on http://{config.host}:{config.port}/ : {sizes}", flush=True)
+        if follow:
+            service.live.follow(config.follow_seconds, stop)
 
+    followed = f", then every {config.follow_seconds:g} s whether it moved" if follow else ""
     print(
-        f"loading {model} and {', '.join(service.index_uris.values())} (/healthz answers now, /readyz once loaded) ...",
+        f"loading {model} and {', '.join(service.index_uris.values())}{followed} "
+        "(/healthz answers now, /readyz once loaded) ...",
         flush=True,
     )
-    threading.Thread(target=load_then_announce, daemon=True).start()
-    server.run()
+    threading.Thread(target=load_then_follow, daemon=True, name="load-and-follow").start()
+    try:
+        server.run()
+    finally:
+        stop.set()
     if service.error:
         raise ZhclipError(service.error)

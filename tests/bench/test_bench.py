@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BENCHES = ("train_throughput", "embed_throughput", "input_pipeline", "train_end_to_end", "loss_curve")
 
@@ -291,3 +293,21 @@ def test_backend_benchmark_compares_each_backend_with_torch(trained, prepared_di
     assert onnx["backend"] == "onnx" and onnx["cosine_min"] >= 0.9999 and onnx["same_top10"] >= 0.99
     assert onnx["t2i_r10"] == torch["t2i_r10"] and onnx["captions"] == torch["captions"] > 0
     assert onnx["ms_1_text"] > 0 and onnx["ms_8_texts"] > 0
+
+
+def test_soak_benchmark_reports_memory_per_window_and_failed_answers(tmp_path):
+    out = tmp_path / "soak.jsonl"
+    result = subprocess.run(
+        [sys.executable, "bench/search.py", "soak", "--vectors", "2000", "--seconds", "20", "--concurrency", "2"]
+        + ["--port", str(free_port()), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    *windows, summary = (json.loads(text) for text in out.read_text().splitlines())
+    assert [w["window"] for w in windows] == [0, 1] and all(w["server_rss_mb"] > 0 for w in windows)
+    assert summary["bench"] == "soak-summary" and summary["failed"] == 0
+    assert summary["requests"] == sum(w["requests"] for w in windows) > 0
+    assert summary["rss_end_mb"] == windows[-1]["server_rss_mb"]

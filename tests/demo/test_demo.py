@@ -9,35 +9,12 @@ tested on the small project in tests/test_dvc_repro.py.
 """
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, copy_project, run_tool
+from conftest import run_tool
 
 pytestmark = pytest.mark.slow
-
-
-def _reproduced(root: Path) -> bool:
-    """Every stage of `root` ran with its current code, params and data, and its outputs are there."""
-    status = subprocess.run(
-        [str(BIN / "dvc"), "status", "--json"], cwd=root, capture_output=True, text=True, timeout=300
-    )
-    return status.returncode == 0 and json.loads(status.stdout or "{}") == {}
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """A project where the demo's `dvc repro --quiet` (as `make demo`) ran: the repository's own
-    workspace when it is reproduced, else a scratch copy where it runs now."""
-    if (REPO / "metrics" / "evaluate_stage2.json").is_file() and _reproduced(REPO):
-        return REPO
-    root = copy_project(tmp_path_factory.mktemp("demo"))
-    run_tool("git", "add", "-A", cwd=root)
-    run_tool("git", "commit", "-qm", "project", cwd=root)
-    run_tool("dvc", "repro", "--quiet", cwd=root, timeout=1500)
-    return root
 
 
 def _metrics(root, name):

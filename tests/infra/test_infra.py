@@ -238,8 +238,8 @@ def test_search_service_reads_the_index_the_pipeline_publishes(objects):
     args = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
     params = load_params(INFRA.parent / "params.yaml")
     assert container["command"] == ["zhclip", "serve"] and args["host"] == "0.0.0.0"
-    assert args["index"] == f"test={params['kubeflow']['index_uri']}"
-    assert args["model"] == f"models:/{params['register']['model_name']}@{params['search']['alias']}"
+    assert args["index"] == f"test={params['kubeflow']['index_uri']}"  # the catalog the index task publishes to
+    assert args["follow"] == f"models:/{params['register']['model_name']}@{params['search']['alias']}"
     bucket = params["kubeflow"]["index_uri"].removeprefix("s3://").split("/")[0]
     job = by_kind(objects, "Job")["minio-buckets"]["spec"]["template"]["spec"]["containers"][0]
     assert bucket in next(env["value"] for env in job["env"] if env["name"] == "BUCKETS").split()
@@ -249,6 +249,7 @@ def test_search_service_reads_the_index_the_pipeline_publishes(objects):
         and env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow:5000"
     )
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "minio-credentials"
+    assert env["ZHCLIP_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "search-admin", "key": "token"}
     assert (
         container["readinessProbe"]["httpGet"]["path"] == "/readyz"
         and container["livenessProbe"]["httpGet"]["path"] == "/healthz"

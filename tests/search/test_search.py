@@ -24,7 +24,13 @@ from zhclip.components.data.shards import read_pairs
 from zhclip.components.registry.register import RegisterConfig, register
 from zhclip.components.search.gallery import read_image
 from zhclip.components.search.index_build import IndexConfig, build_index
-from zhclip.components.search.index_store import SearchIndex, fitting_search_params
+from zhclip.components.search.index_store import (
+    SearchIndex,
+    find_index,
+    fitting_search_params,
+    publish_index,
+    weights_folder_name,
+)
 
 from browser import CJK_FAMILY, chromium_page
 from conftest import REPO, S3_CREDENTIALS, caption_recall_at_10, free_port, run_cli, serving
@@ -114,6 +120,11 @@ def test_index_on_object_store_loads_for_search(tiny_models, prepared_dir, s3_en
     index = SearchIndex("s3://zhclip-index/test")
     assert index.size == built["images"] and index.meta["factory"] == "HNSW32"
     assert read_image(index.item(0)["location"])[:8] == b"\x89PNG\r\n\x1a\n"
+    # published into a catalog on the object store (as the pipeline's index task does), found by its weights
+    entry = publish_index("s3://zhclip-index/test", "s3://zhclip-index/catalog", built["model"]["weights_hash"])
+    assert entry == f"s3://zhclip-index/catalog/{weights_folder_name(built['model']['weights_hash'])}"
+    assert find_index("s3://zhclip-index/catalog", built["model"]) == entry
+    assert SearchIndex(entry).meta["canary"] == index.meta["canary"]
 
 
 @pytest.mark.parametrize(
@@ -223,7 +234,7 @@ def test_a_model_other_than_the_indexing_one_is_refused(tiny_models, prepared_di
         str(free_port()),
         timeout=120,
     )
-    assert result.returncode == 2 and "is not an index folder" in result.stderr, result.stderr
+    assert result.returncode == 2 and "neither an index folder nor a catalog" in result.stderr, result.stderr
     result = run_cli(
         "index",
         "--gallery",
