@@ -18,6 +18,14 @@ clients sending Chinese queries, with each `--backend` in turn (torch and onnx b
 index and model); latency p50/p99 and queries/s as the clients see them (both on this machine, so
 they share its cores).
 
+`swap`: two random models of `--preset` registered (in a scratch MLflow registry) with an index
+each in a catalog, `zhclip serve --follow` on the champion, `--concurrency` clients (default 8)
+for `--seconds`; a third of the way in the alias moves to the other version. Queries/s and p50/p99
+before the move, while the new pair loads and after the swap; failed answers, answers without a
+version, and answers from the old version after the first from the new one.
+
+    python bench/search.py swap --vectors 100000 --preset ViT-B-16 --seconds 60
+
 `soak`: the same server (first `--backend`, default torch) under `--concurrency` clients (default 8)
 for `--seconds` (600 for the 10-minute soak), measured in 10-second windows: queries/s, p99,
 non-200 answers and the server's resident memory after each window; the last line gives the memory
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import subprocess
@@ -40,6 +49,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +160,7 @@ def bench_ann(args) -> None:
         )
 
 
-def random_model(root: Path, preset: str, dim: int) -> Path:
+def random_model(root: Path, preset: str, dim: int, name: str = "model") -> Path:
     """A random model of `preset` whose embeddings are `dim` wide (its text tower is what a query costs)."""
     from transformers import AutoModel
 
@@ -159,12 +169,12 @@ def random_model(root: Path, preset: str, dim: int) -> Path:
     spec = {**PRESETS[preset], "projection_dim": dim}
     processor = build_processor(default_vocab_path(), spec["vision"]["image_size"], 52)
     return save_model(
-        AutoModel.from_config(make_config(spec, vocab_size=len(processor.tokenizer))), processor, root / "model"
+        AutoModel.from_config(make_config(spec, vocab_size=len(processor.tokenizer))), processor, root / name
     )
 
 
 def synthetic_index(
-    root: Path, model_dir: Path, vectors: int, dim: int, factory: str, search: str
+    root: Path, model_dir: Path, vectors: int, dim: int, factory: str, search: str, name: str = "index"
 ) -> tuple[Path, float]:
     """An index folder of random vectors that `zhclip serve` accepts for `model_dir`; returns it and its build time."""
     import pyarrow as pa
@@ -180,7 +190,7 @@ def synthetic_index(
         index.train(gallery[: IndexConfig.train_size])
     index.add(gallery)
     build_s = time.perf_counter() - started
-    out = root / "index"
+    out = root / name
     out.mkdir()
     ids = [f"img{row}" for row in range(vectors)]
     pq.write_table(
@@ -216,12 +226,24 @@ QUERIES = [
 ]
 
 
-def load(port: int, concurrency: int, seconds: float) -> dict:
-    """`concurrency` clients, each on its own keep-alive connection, querying for `seconds`."""
-    latencies: list[float] = []
-    errors = []
+@dataclass
+class Answer:
+    """One request as a client saw it: when it finished (seconds from the start), how long it took,
+    its HTTP status and the model version the answer names."""
+
+    at_s: float
+    seconds: float
+    status: int
+    version: str | None
+
+
+def answers(port: int, concurrency: int, seconds: float, during=None) -> list[Answer]:
+    """`concurrency` clients, each on its own keep-alive connection, querying for `seconds`;
+    `during()`, when given, runs on this thread meanwhile (e.g. moving the registry's alias)."""
+    found: list[Answer] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = start + seconds
 
     def client(number: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -233,35 +255,77 @@ def load(port: int, concurrency: int, seconds: float) -> dict:
             response = connection.getresponse()
             body = response.read()
             elapsed = time.perf_counter() - started
+            version = json.loads(body).get("model", {}).get("version") if response.status == 200 else None
             with lock:
-                (latencies.append(elapsed) if response.status == 200 else errors.append(body[:200]))
+                found.append(Answer(time.monotonic() - start, elapsed, response.status, version))
             done += 1
         connection.close()
 
     threads = [threading.Thread(target=client, args=(number,)) for number in range(concurrency)]
-    started = time.perf_counter()
     for thread in threads:
         thread.start()
+    if during:
+        during()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - started
+    return found
+
+
+def summary(found: list[Answer], wall_s: float) -> dict:
+    served = [answer.seconds for answer in found if answer.status == 200]
     return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "errors": len(errors),
-        "qps": round(len(latencies) / wall, 1),
-        **percentiles(latencies),
+        "requests": len(served),
+        "errors": len(found) - len(served),
+        "qps": round(len(served) / wall_s, 1),
+        **(percentiles(served) if served else {}),
     }
 
 
-def serving(root: Path, index: Path, model_dir: Path, port: int, text_batch: int, backend: str):
-    """`zhclip serve` over `index` with `backend`, started and ready (or SystemExit with its log)."""
+def load(port: int, concurrency: int, seconds: float) -> dict:
+    """Queries/s, p50 and p99 of `concurrency` clients querying for `seconds`, and the mean number
+    of texts per model call the server reports meanwhile."""
+    calls_before, texts_before = _batching(port)
+    started = time.perf_counter()
+    found = answers(port, concurrency, seconds)
+    wall_s = time.perf_counter() - started
+    calls, texts = _batching(port)
+    mean_batch = round((texts - texts_before) / max(calls - calls_before, 1), 2)
+    return {"concurrency": concurrency, **summary(found, wall_s), "texts_per_model_call": mean_batch}
+
+
+def _batching(port: int) -> tuple[float, float]:
+    """The server's model calls and texts embedded so far (its embed batch size histogram)."""
     from urllib.request import urlopen
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        samples = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(response.read().decode())
+            for sample in family.samples
+            if sample.name.startswith("zhclip_search_embed_batch_size_")
+        }
+    return samples.get("zhclip_search_embed_batch_size_count", 0.0), samples.get(
+        "zhclip_search_embed_batch_size_sum", 0.0
+    )
+
+
+def serving(
+    root: Path, index: Path, model_dir: Path, port: int, text_batch: int, backend: str, batch_wait_ms: float = 10.0
+):
+    """`zhclip serve` over `index` with `backend`, started and ready (or SystemExit with its log)."""
     params = root / f"params-{backend}.yaml"
-    params.write_text(json.dumps({"serve": {"text_batch": text_batch, "backend": backend}}))  # JSON is YAML
-    log_path = root / f"serve-{backend}.log"
+    serve = {"text_batch": text_batch, "backend": backend, "batch_wait_ms": batch_wait_ms}
+    params.write_text(json.dumps({"serve": serve}))  # JSON is YAML
     command = ["serve", "--index", str(index), "--model", str(model_dir), "--port", str(port), "--params", str(params)]
+    return _started(command, root / f"serve-{backend}.log", port)
+
+
+def _started(command: list[str], log_path: Path, port: int):
+    """`zhclip <command>` in the background, once its /readyz answers 200 (or SystemExit with its log)."""
+    from urllib.request import urlopen
+
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [str(Path(sys.executable).parent / "zhclip"), *command], stdout=log, stderr=subprocess.STDOUT
@@ -285,8 +349,9 @@ def bench_http(args) -> None:
         model_dir = random_model(root, args.preset, args.dim)
         search = args.search[0] if args.search else fitting_search_params(args.factory)
         index, build_s = synthetic_index(root, model_dir, args.vectors, args.dim, args.factory, search)
-        for backend in args.backend or ["torch", "onnx"]:
-            server = serving(root, index, model_dir, int(args.port), args.text_batch, backend)
+        configurations = list(itertools.product(args.backend or ["torch", "onnx"], args.batch_wait_ms or [10.0]))
+        for round_number, (backend, wait_ms) in itertools.product(range(args.rounds), configurations):
+            server = serving(root, index, model_dir, int(args.port), args.text_batch, backend, wait_ms)
             try:
                 load(int(args.port), 1, 3)  # warm-up
                 server_mb = round(process_rss_mb(server.pid), 1)
@@ -297,6 +362,8 @@ def bench_http(args) -> None:
                             "backend": backend,
                             "preset": args.preset,
                             "text_batch": args.text_batch,
+                            "batch_wait_ms": wait_ms,
+                            "round": round_number,
                             "vectors": args.vectors,
                             "factory": args.factory,
                             "search": search,
@@ -311,6 +378,86 @@ def bench_http(args) -> None:
             finally:
                 server.terminate()
                 server.wait(timeout=30)
+
+
+SWAP_MODEL = "bench-swap"
+
+
+def _registered_pair(root: Path, args) -> tuple[str, dict[str, str], Path]:
+    """Two random models registered as versions 1 (champion) and 2 of SWAP_MODEL, each with a
+    synthetic index published in a catalog; returns the tracking URI, version -> weights, the catalog."""
+    from zhclip.components.core.lineage import dvc_hash
+    from zhclip.components.registry.register import RegisterConfig, register
+    from zhclip.components.search.index_store import publish_index
+
+    tracking, catalog = f"sqlite:///{root / 'mlflow.db'}", root / "catalog"
+    weights = {}
+    for number, figure in ((1, 0.5), (2, 0.1)):  # version 2 is not promoted: the bench moves the alias itself
+        model_dir = random_model(root, args.preset, args.dim, f"model{number}")
+        search = fitting_search_params(args.factory)
+        index, _ = synthetic_index(root, model_dir, args.vectors, args.dim, args.factory, search, f"index{number}")
+        figures = root / f"evaluation{number}.json"
+        figures.write_text(json.dumps({"mean_recall": figure}))
+        register(model_dir, figures, RegisterConfig(model_name=SWAP_MODEL, tracking_uri=tracking))
+        weights[str(number)] = dvc_hash(model_dir)
+        publish_index(index, str(catalog), weights[str(number)])
+    return tracking, weights, catalog
+
+
+def bench_swap(args) -> None:
+    """The champion moved from version 1 to 2 while `--concurrency` clients query `zhclip serve --follow`."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        tracking, _, catalog = _registered_pair(root, args)
+        clients, port = (args.concurrency or [8])[0], int(args.port)
+        command = ["serve", "--follow", f"models:/{SWAP_MODEL}@champion", "--index", f"swap={catalog}"]
+        command += ["--tracking-uri", tracking, "--follow-seconds", "1", "--port", str(port)]
+        server = _started(command, root / "serve-swap.log", port)
+        moved: list[float] = []
+        try:
+            load(port, 1, 3)  # warm-up
+            start = time.monotonic()
+
+            def move_alias() -> None:
+                time.sleep(args.seconds / 3)
+                moved.append(time.monotonic() - start)
+                mlflow.MlflowClient(tracking).set_registered_model_alias(SWAP_MODEL, "champion", "2")
+
+            found = answers(port, clients, args.seconds, during=move_alias)
+            server_mb = round(process_rss_mb(server.pid), 1)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        first_new = min(answer.at_s for answer in found if answer.version == "2")
+        last_old = max(answer.at_s for answer in found if answer.version == "1")
+        phases = {
+            "before": [a for a in found if a.at_s < moved[0]],
+            "loading": [a for a in found if moved[0] <= a.at_s < first_new],
+            "after": [a for a in found if a.at_s >= first_new],
+        }
+        for phase, chosen in phases.items():
+            span = {"before": moved[0], "loading": first_new - moved[0], "after": args.seconds - first_new}[phase]
+            emit({"bench": "swap", "phase": phase, "seconds": round(span, 1), **summary(chosen, span)}, args.out)
+        emit(
+            {
+                "bench": "swap-summary",
+                "preset": args.preset,
+                "vectors": args.vectors,
+                "concurrency": clients,
+                "requests": len(found),
+                "failed": sum(answer.status != 200 for answer in found),
+                "unnamed": sum(answer.status == 200 and not answer.version for answer in found),
+                "alias_moved_at_s": round(moved[0], 2),
+                "first_new_answer_s": round(first_new - moved[0], 2),
+                "old_answers_after_first_new": sum(a.version == "1" and a.at_s > first_new for a in found),
+                "last_old_answer_s": round(last_old - moved[0], 2),
+                "server_rss_mb": server_mb,
+                "machine": args.machine,
+            },
+            args.out,
+        )
 
 
 SOAK_WINDOW_S = 10
@@ -358,7 +505,7 @@ def bench_soak(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["ann", "http", "soak"])
+    parser.add_argument("part", choices=["ann", "http", "swap", "soak"])
     parser.add_argument("--vectors", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--data", choices=["uniform", "lowdim"], default="uniform")
@@ -384,11 +531,24 @@ def main() -> None:
         choices=["torch", "onnx", "onnx-int8"],
         help="http: serve.backend (repeatable; default torch and onnx)",
     )
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        action="append",
+        help="http: serve.batch_wait_ms (repeatable; 0 is the batching before it existed; default 10)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="http: run every backend and wait in turn this many times (A B A B ...), so slow spells of a "
+        "shared machine fall on all of them",
+    )
     parser.add_argument("--port", default="8765")
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")
     parser.add_argument("--out", type=Path, help="append the JSON lines to this file")
     args = parser.parse_args()
-    {"ann": bench_ann, "http": bench_http, "soak": bench_soak}[args.part](args)
+    {"ann": bench_ann, "http": bench_http, "swap": bench_swap, "soak": bench_soak}[args.part](args)
 
 
 if __name__ == "__main__":

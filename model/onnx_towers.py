@@ -103,16 +103,23 @@ class OnnxTowers:
 
         self.processor = processor
         self.context_length = processor.tokenizer.model_max_length
-        paths = cached_encoders(model, model_dir, self.context_length, int8)
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: its notes about unused initializers are not the user's business
+        self.paths = cached_encoders(model, model_dir, self.context_length, int8)
+        self.options = onnxruntime.SessionOptions()
+        self.options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.log_severity_level = 3  # errors only: notes about unused initializers are not the user's business
         # Idle pool threads sleep instead of spinning: a server's request threads share these cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = {
-            name: onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for name, path in paths.items()
-        }
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions: dict = {}
+
+    def session(self, tower: str):
+        """The tower's session, made on first use: a server asked only texts never loads the image graph."""
+        if tower not in self.sessions:
+            import onnxruntime
+
+            self.sessions[tower] = onnxruntime.InferenceSession(
+                str(self.paths[tower]), self.options, providers=["CPUExecutionProvider"]
+            )
+        return self.sessions[tower]
 
     def texts(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         chunks = []
@@ -125,7 +132,7 @@ class OnnxTowers:
                 return_tensors="np",
             )
             feeds = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
-            chunks.append(self.sessions["text"].run(None, feeds)[0])
+            chunks.append(self.session("text").run(None, feeds)[0])
         return _normalised(chunks)
 
     def images(self, images: Sequence[Image.Image], batch_size: int) -> np.ndarray:
@@ -134,7 +141,7 @@ class OnnxTowers:
             pixels = self.processor.image_processor(
                 images=list(images[start : start + batch_size]), return_tensors="np"
             )
-            chunks.append(self.sessions["image"].run(None, {"pixel_values": pixels["pixel_values"]})[0])
+            chunks.append(self.session("image").run(None, {"pixel_values": pixels["pixel_values"]})[0])
         return _normalised(chunks)
 
 

@@ -116,6 +116,8 @@ class ZhclipEmbedder:
         if backend not in BACKENDS:
             raise ValueError(f"model_config backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.model, self.processor = load_model(model_dir)
+        self.dim = self.model.config.projection_dim
+        self.logit_scale = float(self.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(device)
@@ -124,16 +126,16 @@ class ZhclipEmbedder:
             from .onnx_towers import OnnxTowers
 
             self.onnx = OnnxTowers(self.model.cpu(), self.processor, model_dir, int8=backend == "onnx-int8")
+            self.model = None  # the graphs are exported: the torch weights would only hold memory
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
-        self.dim = self.model.config.projection_dim
 
     def predict(self, model_input, params: dict | None = None) -> np.ndarray | list[dict]:
         output, labels, template = _options(params)
         texts, images = _checked_rows(model_input, output)
         if output == "zeroshot":
             prompts = self._text_vectors([template.format(label) for label in labels])
-            scale = float(self.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
+            scale = self.logit_scale
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             text_vectors = self._text_vectors(texts[start : start + self.batch_size])

@@ -311,3 +311,21 @@ def test_soak_benchmark_reports_memory_per_window_and_failed_answers(tmp_path):
     assert summary["bench"] == "soak-summary" and summary["failed"] == 0
     assert summary["requests"] == sum(w["requests"] for w in windows) > 0
     assert summary["rss_end_mb"] == windows[-1]["server_rss_mb"]
+
+
+def test_swap_benchmark_moves_the_champion_under_load_and_counts_each_phase(tmp_path):
+    out = tmp_path / "swap.jsonl"
+    result = subprocess.run(
+        [sys.executable, "bench/search.py", "swap", "--vectors", "500", "--seconds", "12", "--concurrency", "2"]
+        + ["--factory", "Flat", "--port", str(free_port()), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    *phases, summary = (json.loads(text) for text in out.read_text().splitlines())
+    assert [phase["phase"] for phase in phases] == ["before", "loading", "after"]
+    assert summary["failed"] == 0 and summary["unnamed"] == 0 and summary["old_answers_after_first_new"] == 0
+    assert summary["requests"] == sum(phase["requests"] for phase in phases) > 0
+    assert 0 < summary["first_new_answer_s"] < 12 - summary["alias_moved_at_s"]
