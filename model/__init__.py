@@ -1,8 +1,8 @@
 """zhclip's model library: Chinese CLIP towers, processing, loss, locking and the pyfunc wrapper.
 
 This package is shipped inside MLflow models, so it imports only torch, transformers, numpy and
-PIL (plus the standard library, and onnxruntime for the onnx backend) and nothing else from the
-zhclip repository.
+PIL (plus the standard library, onnxruntime for the onnx backend, and peft in `lora.py`, which
+only training imports) and nothing else from the zhclip repository.
 """
 
 from .embedding import decode_image, embed_images, embed_texts

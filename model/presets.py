@@ -143,11 +143,14 @@ def image_size(config) -> int:
     return config.vision_config.image_size if hasattr(config, "vision_config") else config.image_size
 
 
-def save_model(model: PreTrainedModel, processor: ChineseCLIPProcessor, out_dir: str | Path) -> Path:
-    """Write the Hugging Face directory: config, safetensors weights, tokenizer and processor."""
+def save_model(
+    model: PreTrainedModel, processor: ChineseCLIPProcessor, out_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """Write the Hugging Face directory: config, safetensors weights (`state_dict`, default the
+    model's own), tokenizer and processor."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(out_dir)
     return out_dir
 

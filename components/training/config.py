@@ -7,12 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from zhclip.components.core.settings import config_from, setting
-from zhclip.components.training.step import (
-    StepConfig,
-)
+from zhclip.components.training.step import StepConfig
 from zhclip.model import PRESETS
 from zhclip.model.fast import COMPILE_SCOPES, SDPA_BACKENDS
 
+LORA_TOWERS = ("", "text", "image", "both")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -87,6 +86,22 @@ class TrainConfig:
     unlocked_groups: int = setting(0, "stage 1: leave this many last image-tower groups trainable")
     local_loss: bool = setting(False, "multi-worker: score local rows against the global batch (less memory)")
     gather_with_grad: bool = setting(False, "multi-worker: let gradients flow through other workers' features")
+    loss: str = setting("infonce", "infonce: symmetric softmax (CLIP) | siglip: pairwise sigmoid with a learnable bias")
+    false_negatives: bool = setting(
+        False, "pairs sharing an image (same bytes) or a caption are positives of each other, not negatives"
+    )
+    siglip_bias: float = setting(-10.0, "siglip: the learnable bias's starting value (SigLIP's -10)")
+    lora: str = setting("", "LoRA adapters (peft) instead of full fine-tuning: '' (off), text, image or both towers")
+    lora_rank: int = setting(8, "LoRA: rank of each adapter")
+    lora_alpha: float = setting(16.0, "LoRA: scaling numerator (updates scale by alpha / rank)")
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input")
+    lora_text_modules: str = setting("query,value", "LoRA: the text tower's linear layers adapted (comma-separated)")
+    lora_image_modules: str = setting("q_proj,v_proj", "LoRA: the image tower's linear layers adapted (ViT)")
+    teacher: str = setting(
+        "", "feature distillation from this model: folder, s3:// folder or models:/<name>@<alias> ('' = off)"
+    )
+    distill_image_weight: float = setting(1.0, "distillation: weight of the image-feature term (1 - cosine)")
+    distill_text_weight: float = setting(0.0, "distillation: weight of the text-feature term (1 - cosine)")
     tracking_uri: str = setting(
         "", "MLflow; empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db", shared_from="mlflow"
     )
@@ -105,6 +120,7 @@ class TrainConfig:
             "keep_checkpoints",
             "log_every",
             "shuffle_window",
+            "lora_rank",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -145,8 +161,49 @@ class TrainConfig:
                 "pip install torchvision --index-url https://download.pytorch.org/whl/cu130), "
                 "or pip install 'zhclip[gpu-decode]'; or set train.decode_on_device: false"
             )
+        self._check_fine_tuning()
         if self.mask_ratio and "resnet_layers" in PRESETS.get(self.preset, {}).get("vision", {}):
             raise ValueError(f"mask_ratio {self.mask_ratio}: patch masking needs a ViT preset, not {self.preset}")
+
+    def _check_fine_tuning(self) -> None:
+        """The loss, LoRA and distillation settings, and what they cannot be combined with."""
+        if self.lora not in LORA_TOWERS:
+            raise ValueError(f"lora must be one of {LORA_TOWERS}, got {self.lora!r}")
+        if self.lora and self.fused_qkv:
+            raise ValueError("lora adapts the query/key/value layers that fused_qkv replaces: set fused_qkv: false")
+        image_locked = self.stage == 1 and self.unlocked_groups == 0
+        if self.lora in ("image", "both") and image_locked:
+            raise ValueError(
+                f"lora: {self.lora} in stage 1, whose image tower is locked: use stage1.lora: text, "
+                "and image or both under stage2"
+            )
+        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError(
+                f"lora_alpha must be positive and lora_dropout in [0, 1), got {self.lora_alpha}, {self.lora_dropout}"
+            )
+        if self.loss == "siglip" and (self.local_loss or self.gather_with_grad):
+            raise ValueError(
+                "local_loss and gather_with_grad are InfoNCE's; siglip always scores local images "
+                "against every worker's texts"
+            )
+        if min(self.distill_image_weight, self.distill_text_weight) < 0:
+            raise ValueError("distill_image_weight and distill_text_weight must be 0 or more")
+        if self.teacher and not (self.distill_image_weight or self.distill_text_weight):
+            raise ValueError(
+                f"teacher {self.teacher!r} with both distillation weights 0: set one above 0, or teacher: ''"
+            )
+        if self.teacher and image_locked and self.distill_image_weight:
+            raise ValueError(
+                "stage 1 locks the image tower, so image-feature distillation has nothing to train: "
+                "set stage1.distill_image_weight: 0 (text distillation works), or distil in stage 2"
+            )
+
+    def lora_modules(self) -> dict[str, list[str]]:
+        """The adapted linear layers of each tower, from the comma-separated settings."""
+        return {
+            "text": [name.strip() for name in self.lora_text_modules.split(",") if name.strip()],
+            "image": [name.strip() for name in self.lora_image_modules.split(",") if name.strip()],
+        }
 
     def step_config(self) -> StepConfig:
         return StepConfig(
@@ -155,6 +212,10 @@ class TrainConfig:
             mask_ratio=self.mask_ratio,
             local_loss=self.local_loss,
             gather_with_grad=self.gather_with_grad,
+            loss=self.loss,
+            false_negatives=self.false_negatives,
+            distill_image_weight=self.distill_image_weight if self.teacher else 0.0,
+            distill_text_weight=self.distill_text_weight if self.teacher else 0.0,
         )
 
 

@@ -19,6 +19,7 @@ host, `bench/`), local processes run the same `BatchDecoder`; with 0 workers, th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -149,7 +150,10 @@ def read_window(plan: EpochPlan, window: Window) -> pa.Table:
 
 
 class BatchDecoder:
-    """Raw pairs -> model inputs: token ids, pixels (float, or 8-bit for `eight_bit`), and the pair ids.
+    """Raw pairs -> model inputs: token ids, pixels (float, or 8-bit for `eight_bit`), the pair ids,
+    the pair keys of the false-negative-aware losses (`image_key`: a hash of the image's bytes, so the
+    same picture under two ids is one image; `text_key`: a hash of the caption) and `text_truncated`
+    (the caption had more tokens than `context_length` and was cut).
 
     Augmentation draws from a generator seeded by (seed, epoch, pair row), so where and in how many
     processes a batch is decoded changes nothing. With `eight_bit` the pixels stay 8-bit after the
@@ -189,6 +193,10 @@ class BatchDecoder:
             "attention_mask": tokens["attention_mask"].astype(np.int64),
             "text_id": np.asarray(rows["text_id"]),
             "image_id": np.asarray(rows["image_id"]),
+            "image_key": content_keys(rows["image"]),
+            "text_key": content_keys(text.encode("utf-8") for text in rows["text"]),
+            # the tokenizer keeps what truncation cut off: a caption that lost tokens has some
+            "text_truncated": np.array([bool(encoding.overflowing) for encoding in tokens.encodings]),
         }
         samples = list(zip(rows["image"], rows["epoch"], rows["row"]))
         if self.on_device:
@@ -242,7 +250,8 @@ class BatchDecoder:
     def to_device(self, batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
         """The model's inputs of a decoded batch on `device`, 8-bit pixels scaled and normalised there."""
         processor = self.image_processor
-        keys = ("input_ids", "attention_mask") if self.on_device else ("input_ids", "attention_mask", "pixel_values")
+        keys = ("input_ids", "attention_mask", "image_key", "text_key")
+        keys += () if self.on_device else ("pixel_values",)
         moved = {key: _moved(torch.as_tensor(batch[key]), device) for key in keys}
         if self.on_device:
             moved["pixel_values"] = self._decoded_on_device(batch, device)
@@ -270,6 +279,15 @@ class BatchDecoder:
             if len(blob):
                 images[index] = _moved(torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(3, size, size), device)
         return pixels_on_device(images, size, processor.image_mean, processor.image_std)
+
+
+def content_keys(blobs) -> np.ndarray:
+    """One int64 per item: the first 8 bytes of its BLAKE2b hash (equal content, equal key; a
+    collision between different items is a 1 in 2^64 chance per pair)."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little", signed=True) for blob in blobs],
+        dtype=np.int64,
+    )
 
 
 def device_decodable(header: Image.Image) -> bool:

@@ -4,6 +4,7 @@ progress; it runs under Ray Train (components/training/runner.py) or alone."""
 from __future__ import annotations
 
 import json
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,16 +25,20 @@ from zhclip.components.training.config import TrainConfig
 from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, pair_digest, training_batches
 from zhclip.components.training.step import (
     TrainStep,
+    add_logit_bias,
     build_optimizer,
     enable_activation_checkpointing,
     load_checkpoint,
     restore_state,
+    restore_training_parameters,
     save_checkpoint,
     seed_everything,
     warmup_cosine,
 )
+from zhclip.components.training.teacher import load_teacher
 from zhclip.model import build_model, load_model, lock_image_tower
 from zhclip.model.fast import apply_speedups
+from zhclip.model.lora import add_lora
 
 HISTORY_FILE = "training_history.json"
 
@@ -63,6 +68,36 @@ def _set_train_mode(model, cfg: TrainConfig) -> None:
     model.train()
     if cfg.stage == 1:  # also puts the locked tower back in eval mode after validation
         lock_image_tower(model, cfg.unlocked_groups)
+
+
+def _fit_context_length(model, processor, cfg: TrainConfig) -> None:
+    """Train at `context_length` tokens, and save a processor that embeds at it too."""
+    positions = model.config.text_config.max_position_embeddings
+    if cfg.context_length > positions:
+        raise ZhclipError(
+            f"context_length {cfg.context_length} is more than the text tower's {positions} position "
+            f"embeddings: set model.context_length to {positions} or less"
+        )
+    processor.tokenizer.model_max_length = cfg.context_length
+
+
+def _fine_tuning_parts(model, cfg: TrainConfig, state: dict | None) -> int:
+    """LoRA adapters and the sigmoid loss's bias, as the settings ask, then a checkpoint's values of
+    them (a resumed run); returns the number of trainable parameters."""
+    if cfg.lora:
+        add_lora(model, cfg.lora, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_modules())
+    if cfg.loss == "siglip":
+        add_logit_bias(model, cfg.siglip_bias)
+    if state:
+        restore_training_parameters(model, state)
+    return sum(param.numel() for param in model.parameters() if param.requires_grad)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The training process's peak: the allocator's on a GPU, resident memory (ru_maxrss) on a CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def validation_metrics(model, processor, prepared_dir: str, batch_size: int) -> dict[str, float]:
@@ -101,7 +136,9 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         model, processor, state = load_checkpoint(ctx.resume_dir)
     else:
         (model, processor), state = _initial_model(cfg, config["init_dir"]), None
+    _fit_context_length(model, processor, cfg)
     _set_train_mode(model, cfg)
+    trainable = _fine_tuning_parts(model, cfg, state)
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(model)
     raw_model = model.to(ctx.device)
@@ -140,13 +177,16 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         on_device=cfg.decode_on_device,
     )
     optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
+    teacher = (
+        load_teacher(cfg.teacher, cfg.tracking_uri, raw_model, cfg.context_length, ctx.device) if cfg.teacher else None
+    )
     step = TrainStep(
-        model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model
+        model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model, teacher
     )
 
-    progress = {"step": 0, "history": [], "validation": [], "resumed_at": []}
+    progress = {"step": 0, "history": [], "validation": [], "resumed_at": [], "captions": 0, "truncated_captions": 0}
     if state:
-        progress = restore_state(step, state)
+        progress = {"captions": 0, "truncated_captions": 0} | restore_state(step, state)
         progress["resumed_at"].append(progress["step"])
         if ctx.rank:  # only rank 0's RNG state is saved; other ranks draw from fresh, distinct streams
             seed_everything(cfg.seed + ctx.rank + 7919 * progress["step"])
@@ -165,6 +205,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         logger.flush()
+        progress["trainable_params"] = trainable
+        progress["peak_memory_mb"] = max(progress.get("peak_memory_mb", 0.0), peak_memory_mb(ctx.device))
         with tempfile.TemporaryDirectory() as tmp:
             folder = None
             if ctx.rank == 0:
@@ -192,6 +234,8 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         }
         logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
         progress["history"].append({**record, "pairs": pair_digest(batch["text_id"], batch["image_id"])})
+        progress["captions"] += len(batch["text_truncated"])
+        progress["truncated_captions"] += int(np.sum(batch["text_truncated"]))
         if bar:
             bar.update(1)
             bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")

@@ -234,11 +234,15 @@ def _export(checkpoint, out_dir: Path, config: TrainConfig, ids: dict[str, str],
         "final_valid_mean_recall": final_recall,
         "final_valid_inbatch_accuracy": validation[-1]["valid_inbatch_accuracy"] if validation else None,
         "resumed_at_steps": progress["resumed_at"],
+        "trainable_params": progress.get("trainable_params"),
+        "peak_memory_mb": progress.get("peak_memory_mb"),
+        "captions_seen": progress.get("captions", 0),
+        "truncated_captions": progress.get("truncated_captions", 0),
         "checkpoint": ("s3://" if config.storage_path.startswith("s3://") else "") + checkpoint.path,
         "ray_run": name,
         "mlflow": ids,
         "config": asdict(config),
-    } | {"warnings": training_warnings(history, validation, config.stage)}
+    } | {"warnings": training_warnings(history, validation, config.stage) + truncation_warnings(progress, config)}
 
 
 # What usually stops a stage from learning, and how to look for better settings
@@ -278,12 +282,26 @@ def training_warnings(history: list[dict], validation: list[dict], stage: int) -
     return [f"{warning}; {TUNING_ADVICE.format(stage=stage)}" for warning in found]
 
 
+def truncation_warnings(progress: dict, config: TrainConfig) -> list[str]:
+    """Captions longer than the context are cut, never silently: how many, and what to change."""
+    cut, seen = progress.get("truncated_captions", 0), progress.get("captions", 0)
+    if not cut:
+        return []
+    return [
+        f"stage {config.stage}: {cut} of {seen} captions seen ({100 * cut / seen:.1f} %) had more than "
+        f"context_length {config.context_length} tokens and were cut to it; raise model.context_length "
+        "(up to the text tower's position embeddings, 512 for RoBERTa-wwm) or shorten them"
+    ]
+
+
 def _print_summary(summary: dict) -> None:
     best = summary["best_valid_mean_recall"]
     print(
         f"stage {summary['stage']}: {summary['steps']} steps in {summary['duration_s']:.0f} s, "
         f"{summary['samples_per_s']:.0f} samples/s, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
         + (f", best valid mean recall {best:.2f}" if best is not None else "")
+        + f"\n  trainable parameters: {summary['trainable_params']:,}, peak memory {summary['peak_memory_mb']:.0f} MB"
+        + f", captions cut to the context: {summary['truncated_captions']} of {summary['captions_seen']}"
         + (f", resumed at step {summary['resumed_at_steps']}" if summary["resumed_at_steps"] else "")
         + f"\n  model: {summary['model_dir']}\n  checkpoint: {summary['checkpoint']}"
         + "".join(f"\n  WARNING {warning}" for warning in summary["warnings"]),

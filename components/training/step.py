@@ -20,11 +20,16 @@ from transformers import PreTrainedModel
 from zhclip.model import contrastive_loss, load_model, save_model
 from zhclip.model.embedding import projected_features
 from zhclip.model.locking import image_tower_groups
-from zhclip.model.loss import MAX_LOGIT_SCALE
+from zhclip.model.lora import adapter_state, has_lora, merged_copy
+from zhclip.model.loss import MAX_LOGIT_SCALE, distillation_loss, sigmoid_loss
 from zhclip.model.masking import enable_patch_masking
 
 TRAINING_STATE_FILE = "training_state.pt"
 PRECISIONS = ("fp32", "bf16")
+LOSSES = ("infonce", "siglip")
+# Parameters that exist only while training (the sigmoid loss's bias): kept in the training state,
+# never in the model folder, which stays a plain ChineseCLIP checkpoint.
+TRAINING_ONLY = ("logit_bias",)
 
 
 @dataclass
@@ -34,10 +39,16 @@ class StepConfig:
     mask_ratio: float = 0.0  # FLIP: share of image patches dropped in training steps
     local_loss: bool = False
     gather_with_grad: bool = False
+    loss: str = "infonce"  # or "siglip"
+    false_negatives: bool = False  # pairs sharing an image or caption are positives (batch keys image_key, text_key)
+    distill_image_weight: float = 0.0  # with a teacher: weight of 1 - cosine to its image embeddings
+    distill_text_weight: float = 0.0
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps must be at least 1, got {self.accum_steps}")
 
@@ -87,6 +98,13 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
 
 
+def add_logit_bias(model: torch.nn.Module, value: float) -> None:
+    """The sigmoid loss's learnable bias, as a parameter of the model (so DDP averages its gradient
+    like every other); it is left out of the saved model folder (TRAINING_ONLY)."""
+    if not hasattr(model, "logit_bias"):
+        model.logit_bias = torch.nn.Parameter(torch.tensor(float(value)))
+
+
 def image_tower_locked(model: PreTrainedModel) -> bool:
     """True when no image-tower parameter learns (stage 1 with unlocked_groups 0)."""
     return not any(
@@ -95,7 +113,13 @@ def image_tower_locked(model: PreTrainedModel) -> bool:
 
 
 class TrainStep:
-    """One optimizer step on one worker's batch: forward, symmetric InfoNCE, backward, update.
+    """One optimizer step on one worker's batch: forward, loss, backward, update.
+
+    The loss is symmetric InfoNCE or SigLIP's sigmoid loss (`config.loss`); with
+    `config.false_negatives` the batch's `image_key` and `text_key` mark pairs that share an image or a
+    caption as positives of each other. With a `teacher` (a frozen model), the weighted 1 - cosine
+    between this model's embeddings and the teacher's, computed under no_grad on the same batch, is
+    added (feature distillation).
 
     `model` may be wrapped (DDP); `raw_model` is the unwrapped one. A batch holds `input_ids`,
     `attention_mask` and `pixel_values`, or `image_embeds` instead of pixels when the image tower is
@@ -117,10 +141,12 @@ class TrainStep:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         config: StepConfig | None = None,
         raw_model: PreTrainedModel | None = None,
+        teacher: PreTrainedModel | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config = config or StepConfig()
         self.raw_model = raw_model or model
+        self.teacher = teacher
         self.mask_hook = enable_patch_masking(self.raw_model, self.config.mask_ratio)
 
     def _autocast(self, device: torch.device):
@@ -142,46 +168,103 @@ class TrainStep:
             )
         return out.image_embeds.float(), out.text_embeds.float()
 
-    def _loss(self, images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def _teacher_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The teacher's (image, text) embeddings of the batch; None for a term whose weight is 0."""
+        if self.teacher is None:
+            return None, None
+        image = text = None
+        with torch.no_grad(), self._autocast(batch["input_ids"].device):
+            if self.config.distill_image_weight:
+                if "pixel_values" not in batch:
+                    raise ValueError("image distillation needs the batch's pixel_values, not cached image_embeds")
+                image = projected_features(self.teacher.get_image_features(pixel_values=self._teacher_pixels(batch)))
+            if self.config.distill_text_weight:
+                text = projected_features(
+                    self.teacher.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                )
+        return image, text
+
+    def _teacher_pixels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's pixels at the teacher's input size (both use CLIP's normalisation)."""
+        pixels = batch["pixel_values"]
+        size = self.teacher.config.vision_config.image_size
+        if pixels.shape[-1] == size:
+            return pixels
+        return torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True)
+
+    def _distillation(self, images: torch.Tensor, texts: torch.Tensor, teacher: tuple) -> torch.Tensor:
+        teacher_images, teacher_texts = teacher
+        loss = images.new_zeros(())
+        if teacher_images is not None:
+            loss = loss + self.config.distill_image_weight * distillation_loss(images, teacher_images)
+        if teacher_texts is not None:
+            loss = loss + self.config.distill_text_weight * distillation_loss(texts, teacher_texts)
+        return loss
+
+    def _loss(
+        self, images: torch.Tensor, texts: torch.Tensor, batch: dict[str, torch.Tensor], learnables: tuple
+    ) -> torch.Tensor:
+        """The contrastive term over the (whole) batch; `learnables` = (logit scale, logit bias or None)."""
+        scale, bias = learnables
+        keys = (batch["image_key"], batch["text_key"]) if self.config.false_negatives else (None, None)
+        if self.config.loss == "siglip":
+            return sigmoid_loss(images, texts, scale, bias, *keys)
         return contrastive_loss(
-            images, texts, logit_scale, local_loss=self.config.local_loss, gather_with_grad=self.config.gather_with_grad
+            images,
+            texts,
+            scale,
+            local_loss=self.config.local_loss,
+            gather_with_grad=self.config.gather_with_grad,
+            image_keys=keys[0],
+            text_keys=keys[1],
         )
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
-        scale = self.raw_model.logit_scale
+        scale, bias = self.raw_model.logit_scale, getattr(self.raw_model, "logit_bias", None)
         if self.config.accum_steps == 1:
-            loss = self._loss(*self._encode(batch), scale)
+            images, texts = self._encode(batch)
+            loss = self._loss(images, texts, batch, (scale, bias))
+            loss = loss + self._distillation(images, texts, self._teacher_features(batch))
             loss.backward()
         else:
-            loss = self._accumulate(batch, scale)
+            loss = self._accumulate(batch, scale, bias)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         with torch.no_grad():  # as the reference: the temperature stays within [1, 100]
             scale.clamp_(0, MAX_LOGIT_SCALE)
-        return {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"], "logit_scale": scale.exp().item()}
+        result = {"loss": loss.item(), "lr": self.optimizer.param_groups[0]["lr"], "logit_scale": scale.exp().item()}
+        return result | ({"logit_bias": bias.item()} if bias is not None else {})
 
-    def _accumulate(self, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    def _accumulate(
+        self, batch: dict[str, torch.Tensor], scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         size = len(batch["input_ids"])
-        if size % self.config.accum_steps:
-            raise ValueError(
-                f"batch of {size} does not split into accum_steps={self.config.accum_steps} equal micro-batches"
-            )
-        part_size = size // self.config.accum_steps
+        steps = self.config.accum_steps
+        if size % steps:
+            raise ValueError(f"batch of {size} does not split into accum_steps={steps} equal micro-batches")
+        part_size = size // steps
         micro = [
-            {key: value[i * part_size : (i + 1) * part_size] for key, value in batch.items()}
-            for i in range(self.config.accum_steps)
+            {key: value[i * part_size : (i + 1) * part_size] for key, value in batch.items()} for i in range(steps)
         ]
         with torch.no_grad():
             cached = [self._encode(part) for part in micro]
+        teacher = [self._teacher_features(part) for part in micro]
+        distilled = torch.zeros(())
         for index, part in enumerate(micro):
             images, texts = self._encode(part)
             all_images = torch.cat([c[0] for c in cached[:index]] + [images] + [c[0] for c in cached[index + 1 :]])
             all_texts = torch.cat([c[1] for c in cached[:index]] + [texts] + [c[1] for c in cached[index + 1 :]])
-            loss = self._loss(all_images, all_texts, scale if index == 0 else scale.detach())
-            loss.backward()
-        return loss.detach()
+            # the scale and bias take their gradient from one pass only: each pass's loss is the whole batch's
+            first = index == 0
+            learnables = (scale if first else scale.detach(), bias if first or bias is None else bias.detach())
+            loss = self._loss(all_images, all_texts, batch, learnables)
+            # the distillation terms are row means: each micro-batch's rows weigh 1/accum_steps of the batch's
+            distillation = self._distillation(images, texts, teacher[index]) / steps
+            (loss + distillation).backward()
+            distilled = distilled + distillation.detach().cpu()
+        return loss.detach() + distilled.to(loss.device)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -202,19 +285,41 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     folder: str | Path, model: PreTrainedModel, processor, step: TrainStep, progress: dict[str, Any]
 ) -> Path:
-    """A resumable checkpoint: the model folder (safetensors) plus optimizer, scheduler, RNG state and
-    `progress` (global step, history...) in training_state.pt."""
-    folder = save_model(model, processor, folder)
+    """A resumable checkpoint: the plain model folder (safetensors; LoRA adapters merged, training-only
+    parameters left out) plus optimizer, scheduler, RNG state, `progress` (global step, history...)
+    and those adapters and parameters, in training_state.pt."""
+    plain = merged_copy(model) if has_lora(model) else model
+    weights = {key: value for key, value in plain.state_dict().items() if key not in TRAINING_ONLY}
+    folder = save_model(plain, processor, folder, state_dict=weights)
     torch.save(
         {
             "optimizer": step.optimizer.state_dict(),
             "scheduler": step.scheduler.state_dict() if step.scheduler else None,
             "rng": _rng_state(),
             "progress": progress,
+            "training_parameters": training_parameters(model),
         },
         folder / TRAINING_STATE_FILE,
     )
     return folder
+
+
+def training_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What the plain folder cannot hold: LoRA adapters with their base weights, and TRAINING_ONLY."""
+    state = model.state_dict()
+    return adapter_state(model) | {key: state[key] for key in TRAINING_ONLY if key in state}
+
+
+def restore_training_parameters(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """Put a checkpoint's adapters and training-only parameters back into a model that has them
+    (the same LoRA and loss settings): the unmerged model of the interrupted run, exactly."""
+    saved = state.get("training_parameters", {})
+    result = model.load_state_dict(saved, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"the checkpoint holds {result.unexpected_keys[:3]}... that this stage's model lacks: "
+            "resume with the LoRA and loss settings it was trained with"
+        )
 
 
 def load_checkpoint(folder: str | Path):

@@ -1,5 +1,6 @@
-"""The multi-worker contrastive loss equals the single-worker loss on the same global batch
-(two CPU processes, gloo backend)."""
+"""The multi-worker losses equal the single-worker loss on the same global batch (two CPU
+processes, gloo backend): InfoNCE, its multi-positive form with keys repeated within and across
+workers, and SigLIP's sigmoid loss chunked over workers."""
 
 import os
 import socket
@@ -9,10 +10,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from zhclip.model import contrastive_loss
+from zhclip.model.loss import contrastive_loss, sigmoid_loss
 
 WORLD = 2
 BATCH = 6  # per worker
+# repeated images and captions, within a worker's rows and across the two workers
+IMAGE_KEYS = torch.tensor([0, 1, 1, 2, 3, 4, 5, 0, 6, 7, 7, 8])
+TEXT_KEYS = torch.tensor([10, 11, 12, 12, 13, 14, 15, 16, 13, 17, 18, 19])
+
+
+def _loss(name: str, images, texts, image_keys, text_keys, options):
+    keys = {"image_keys": image_keys, "text_keys": text_keys} if options.get("keys") else {}
+    if name == "siglip":
+        return sigmoid_loss(images, texts, torch.tensor(2.5), torch.tensor(-3.0), *keys.values())
+    return contrastive_loss(
+        images, texts, torch.tensor(2.5), **{k: v for k, v in options.items() if k != "keys"}, **keys
+    )
 
 
 def _global_batch():
@@ -20,7 +33,7 @@ def _global_batch():
     return torch.randn(WORLD * BATCH, 16, generator=generator), torch.randn(WORLD * BATCH, 16, generator=generator)
 
 
-def _worker(rank, port, options, results):
+def _worker(rank, port, name, options, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -28,35 +41,38 @@ def _worker(rank, port, options, results):
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
         image = images[rows].clone().requires_grad_(True)
         text = texts[rows].clone().requires_grad_(True)
-        loss = contrastive_loss(image, text, torch.tensor(2.5), **options)
+        loss = _loss(name, image, text, IMAGE_KEYS[rows], TEXT_KEYS[rows], options)
         loss.backward()
         results[rank] = (loss.item(), image.grad.clone(), text.grad.clone())
     finally:
         dist.destroy_process_group()
 
 
-def _run(options):
+def _run(name, options):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, options, results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(port, name, options, results), nprocs=WORLD, join=True)
     return [results[rank] for rank in range(WORLD)]
 
 
-def _single():
+def _single(name, keys=False):
     images, texts = _global_batch()
     images.requires_grad_(True)
     texts.requires_grad_(True)
-    loss = contrastive_loss(images, texts, torch.tensor(2.5))
+    loss = _loss(name, images, texts, IMAGE_KEYS, TEXT_KEYS, {"keys": keys})
     loss.backward()
     return loss.item(), images.grad, texts.grad
 
 
 @pytest.mark.timeout(180)
-def test_gathered_loss_equals_the_single_worker_loss_and_gradients():
-    loss, image_grad, text_grad = _single()
-    for rank, (worker_loss, worker_image_grad, worker_text_grad) in enumerate(_run({"gather_with_grad": True})):
+@pytest.mark.parametrize("keys", [False, True], ids=["infonce", "multi-positive"])
+def test_gathered_loss_equals_the_single_worker_loss_and_gradients(keys):
+    loss, image_grad, text_grad = _single("infonce", keys)
+    for rank, (worker_loss, worker_image_grad, worker_text_grad) in enumerate(
+        _run("infonce", {"gather_with_grad": True, "keys": keys})
+    ):
         assert worker_loss == pytest.approx(loss, rel=1e-6)
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
         # Every worker's loss is the global loss, and the gather's backward sums them: WORLD x the
@@ -66,8 +82,22 @@ def test_gathered_loss_equals_the_single_worker_loss_and_gradients():
 
 
 @pytest.mark.timeout(180)
-def test_local_loss_averages_to_the_global_loss():
-    loss, _, _ = _single()
-    local = [worker_loss for worker_loss, _, _ in _run({"local_loss": True})]
+@pytest.mark.parametrize("keys", [False, True], ids=["infonce", "multi-positive"])
+def test_local_loss_averages_to_the_global_loss(keys):
+    loss, _, _ = _single("infonce", keys)
+    local = [worker_loss for worker_loss, _, _ in _run("infonce", {"local_loss": True, "keys": keys})]
     assert sum(local) / WORLD == pytest.approx(loss, rel=1e-6)
     assert local[0] != pytest.approx(local[1])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("keys", [False, True], ids=["siglip", "siglip-multi-positive"])
+def test_chunked_sigmoid_loss_averages_to_the_single_worker_loss_and_gradients(keys):
+    loss, image_grad, text_grad = _single("siglip", keys)
+    results = _run("siglip", {"keys": keys})
+    assert sum(worker_loss for worker_loss, _, _ in results) / WORLD == pytest.approx(loss, rel=1e-6)
+    for rank, (_, worker_image_grad, worker_text_grad) in enumerate(results):
+        rows = slice(rank * BATCH, (rank + 1) * BATCH)
+        # each worker's loss covers its own images; its texts take every worker's gradient
+        torch.testing.assert_close(worker_image_grad, WORLD * image_grad[rows])
+        torch.testing.assert_close(worker_text_grad, WORLD * text_grad[rows])

@@ -1,0 +1,71 @@
+"""The teacher of feature distillation: a model folder, s3:// folder or registry URI, loaded frozen on the
+training device and checked against the student it teaches."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.storage import local_folder
+from zhclip.components.core.tracking import resolve_tracking_uri, using_tracking_uri
+from zhclip.model import load_model
+
+
+def _registry_folder(uri: str, tracking_uri: str, scratch: str) -> str:
+    """The model folder inside a registered version (its pyfunc artifact `model_dir`), downloaded."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with using_tracking_uri(resolve_tracking_uri(tracking_uri)):
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
+    except MlflowException as err:
+        raise ZhclipError(f"teacher {uri!r}: cannot download it from the registry: {err.message}") from err
+    folders = sorted(path.parent for path in (root / "artifacts").rglob("config.json"))
+    if not folders:
+        raise ZhclipError(
+            f"teacher {uri!r} holds no model folder (no artifacts/**/config.json); register it with `zhclip register`"
+        )
+    return str(folders[0])
+
+
+def load_teacher(
+    teacher: str, tracking_uri: str, student: PreTrainedModel, context_length: int, device: torch.device
+) -> PreTrainedModel:
+    """The frozen teacher on `device`, in eval mode. It must read the student's token ids (same
+    vocabulary, at least `context_length` positions) and give embeddings of the student's size."""
+    with tempfile.TemporaryDirectory() as scratch:
+        if teacher.startswith("models:/"):
+            folder = _registry_folder(teacher, tracking_uri, scratch)
+        else:
+            folder = local_folder(teacher, scratch)
+        if not Path(folder, "config.json").is_file():
+            raise ZhclipError(
+                f"teacher {teacher!r} is not a model folder (no config.json): give a zhclip or "
+                "ChineseCLIP model folder, an s3:// folder or models:/<name>@<alias>"
+            )
+        model, _ = load_model(folder)
+    _check_fits(teacher, model, student, context_length)
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _check_fits(name: str, teacher: PreTrainedModel, student: PreTrainedModel, context_length: int) -> None:
+    mine, theirs = student.config, teacher.config
+    problems = []
+    if theirs.text_config.vocab_size != mine.text_config.vocab_size:
+        problems.append(
+            f"vocabulary {theirs.text_config.vocab_size} tokens, the student's {mine.text_config.vocab_size}"
+        )
+    if theirs.text_config.max_position_embeddings < context_length:
+        problems.append(
+            f"{theirs.text_config.max_position_embeddings} text positions, fewer than context_length {context_length}"
+        )
+    if theirs.projection_dim != mine.projection_dim:
+        problems.append(f"embeddings of {theirs.projection_dim} dimensions, the student's {mine.projection_dim}")
+    if problems:
+        raise ZhclipError(f"teacher {name!r} cannot teach this student: " + "; ".join(problems))
