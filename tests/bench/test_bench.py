@@ -329,3 +329,24 @@ def test_swap_benchmark_moves_the_champion_under_load_and_counts_each_phase(tmp_
     assert summary["failed"] == 0 and summary["unnamed"] == 0 and summary["old_answers_after_first_new"] == 0
     assert summary["requests"] == sum(phase["requests"] for phase in phases) > 0
     assert 0 < summary["first_new_answer_s"] < 12 - summary["alias_moved_at_s"]
+
+
+def test_finetune_ablation_trains_each_row_from_the_same_start_and_scores_it(trained, prepared_dir, raw_dir, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "bench.finetune_ablation",
+            "--data", str(prepared_dir), "--init", str(trained["root"] / "stage1"),
+            "--teacher", str(trained["root"] / "stage2"), "--zeroshot", str(raw_dir / "zeroshot"),
+            "--rows", "infonce", "lora-text", "--out", str(tmp_path),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    environment, *rows = (json.loads(line) for line in (tmp_path / "finetune-ablation.jsonl").read_text().splitlines())
+    assert [row["row"] for row in rows] == ["infonce", "lora-text"]
+    assert all(row["steps"] == environment["steps"] > 0 for row in rows)  # same steps per row
+    assert rows[1]["trainable_params"] < rows[0]["trainable_params"]
+    for row in rows:
+        assert 0 <= row["test_mean_recall"] <= 100 and row["samples_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert {"zeroshot_digits_top1", "zeroshot_shapes_top1"} <= set(row)
+    assert "| lora-text |" in result.stdout  # the Markdown table

@@ -25,6 +25,7 @@ from zhclip.components.training.step import (
     restore_training_parameters,
     save_checkpoint,
 )
+from zhclip.components.training.teacher import load_teacher
 from zhclip.model import build_model, load_model
 from zhclip.model.lora import add_lora, has_lora
 
@@ -94,6 +95,12 @@ def test_later_steps_take_the_folder_unchanged(variants, prepared_dir, variant, 
     finally:
         mlflow.set_tracking_uri(None)
     assert vectors.shape == (1, 64) and abs(np.linalg.norm(vectors) - 1) < 1e-4
+    # the registered version can teach the next stage: a registry URI as the distillation teacher
+    folder_model = load_model(model_dir)[0]
+    teacher = load_teacher(f"models:/ft-{variant}@champion", registry, folder_model, 52, torch.device("cpu"))
+    assert not any(param.requires_grad for param in teacher.parameters()) and not teacher.training
+    for key, value in folder_model.state_dict().items():
+        assert torch.equal(teacher.state_dict()[key], value), key
     exported = run_cli("model", "export-onnx", "--model", model_dir, "--out", str(tmp_path / "onnx"))
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "onnx" / "text_encoder.onnx").is_file()
