@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from zhclip.model.loss import contrastive_loss, sigmoid_loss
+from zhclip.model.loss import contrastive_loss, distillation_loss, sigmoid_loss
 
 WORLD = 2
 BATCH = 6  # per worker
@@ -21,6 +21,8 @@ TEXT_KEYS = torch.tensor([10, 11, 12, 12, 13, 14, 15, 16, 13, 17, 18, 19])
 
 def _loss(name: str, images, texts, image_keys, text_keys, options):
     keys = {"image_keys": image_keys, "text_keys": text_keys} if options.get("keys") else {}
+    if name == "distill":  # the texts play the teacher's embeddings of the same rows
+        return distillation_loss(images, texts.detach())
     if name == "siglip":
         return sigmoid_loss(images, texts, torch.tensor(2.5), torch.tensor(-3.0), *keys.values())
     return contrastive_loss(
@@ -43,7 +45,7 @@ def _worker(rank, port, name, options, results):
         text = texts[rows].clone().requires_grad_(True)
         loss = _loss(name, image, text, IMAGE_KEYS[rows], TEXT_KEYS[rows], options)
         loss.backward()
-        results[rank] = (loss.item(), image.grad.clone(), text.grad.clone())
+        results[rank] = (loss.item(), image.grad.clone(), None if text.grad is None else text.grad.clone())
     finally:
         dist.destroy_process_group()
 
@@ -101,3 +103,13 @@ def test_chunked_sigmoid_loss_averages_to_the_single_worker_loss_and_gradients(k
         # each worker's loss covers its own images; its texts take every worker's gradient
         torch.testing.assert_close(worker_image_grad, WORLD * image_grad[rows])
         torch.testing.assert_close(worker_text_grad, WORLD * text_grad[rows])
+
+
+@pytest.mark.timeout(180)
+def test_distillation_averages_to_the_single_worker_loss():
+    loss, image_grad, _ = _single("distill")
+    results = _run("distill", {})
+    assert sum(worker_loss for worker_loss, _, _ in results) / WORLD == pytest.approx(loss, rel=1e-6)
+    for rank, (_, worker_image_grad, _) in enumerate(results):
+        # a row mean over the local batch: WORLD x the global mean's gradient, which DDP averages back
+        torch.testing.assert_close(worker_image_grad, WORLD * image_grad[slice(rank * BATCH, (rank + 1) * BATCH)])

@@ -272,8 +272,14 @@ def test_config_rejects_settings_that_cannot_work():
         TrainConfig(padding_free=True)
 
 
+# The fine-tuning switches under DDP: SigLIP (its bias a parameter DDP averages), false-negative
+# keys gathered across workers, LoRA on the text tower.
+SWITCHES = {"loss": "siglip", "false_negatives": True, "lora": "text"}
+
+
 @pytest.mark.slow
-def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path):
+@pytest.mark.parametrize("switches", [{}, SWITCHES], ids=["infonce", "siglip-false-negatives-lora"])
+def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path, switches):
     config = TrainConfig(
         stage=1,
         epochs=12,
@@ -284,6 +290,7 @@ def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path):
         cpus_per_worker=1,
         storage_path=str(tmp_path / "ray"),
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        **switches,
     )
     summary = train(prepared_dir, tmp_path / "out", config, history_csv=tmp_path / "history.csv")
     with open(tmp_path / "history.csv") as rows:
@@ -292,6 +299,10 @@ def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path):
     assert summary["steps"] == len(losses) == 12 * per_epoch
     first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
     assert last < first - 0.1, f"mean epoch loss did not fall with 2 workers: {first:.3f} -> {last:.3f}"
+    weights = load_file(f"{tmp_path / 'out'}/model.safetensors")
+    assert "logit_bias" not in weights and not any("lora_" in key for key in weights)  # a plain folder
+    if switches:
+        assert summary["trainable_params"] < 0.2 * sum(tensor.numel() for tensor in weights.values())
 
 
 def test_random_resized_crop_keeps_90_to_100_percent_of_the_image():

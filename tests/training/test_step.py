@@ -10,6 +10,7 @@ import torch
 from zhclip.components.training.step import (
     StepConfig,
     TrainStep,
+    add_logit_bias,
     build_optimizer,
     image_tower_locked,
     load_checkpoint,
@@ -181,3 +182,36 @@ def test_activation_checkpointing_changes_neither_loss_nor_gradients():
     assert loss_ckpt == pytest.approx(loss, abs=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_accumulation_keeps_the_fine_tuning_losses_and_gradients(loss):
+    """False-negative keys, the sigmoid loss's bias and both distillation terms under the feature
+    cache: the loss and gradients of the whole batch."""
+    model, _ = _tiny_without_dropout()
+    if loss == "siglip":
+        add_logit_bias(model, -10.0)
+    teacher = build_model("tiny", seed=1)[0].eval()
+    batch = _batch(12) | {
+        "image_key": torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 8]),
+        "text_key": torch.tensor([0, 1, 1, 2, 3, 4, 5, 6, 6, 7, 8, 9]),
+    }
+    settings = {"loss": loss, "false_negatives": True, "distill_image_weight": 0.5, "distill_text_weight": 1.0}
+
+    def step(accum_steps: int) -> tuple[float, dict[str, torch.Tensor]]:
+        trained = copy.deepcopy(model)
+        optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.0)
+        result = TrainStep(trained, optimizer, None, StepConfig(accum_steps=accum_steps, **settings), teacher=teacher)(
+            batch
+        )
+        return result["loss"], {name: p.grad.clone() for name, p in trained.named_parameters() if p.grad is not None}
+
+    (loss_once, grads_once), (loss_accum, grads_accum) = step(1), step(3)
+    assert loss_accum == pytest.approx(loss_once, abs=1e-5)
+    assert grads_once.keys() == grads_accum.keys() and "logit_scale" in grads_once
+    assert ("logit_bias" in grads_once) == (loss == "siglip")
+    for name, grad in grads_once.items():
+        torch.testing.assert_close(grads_accum[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # the terms are in the loss: without the teacher and keys it is another number
+    plain = TrainStep(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.0), None, StepConfig(loss=loss))
+    assert plain(batch)["loss"] != pytest.approx(loss_once, abs=1e-3)
