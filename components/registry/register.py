@@ -29,6 +29,7 @@ from zhclip.components.core.lineage import dvc_hash, git_commit
 from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import read_summary, timed, write_summary
 from zhclip.components.core.tracking import flatten_params, resolve_tracking_uri, using_tracking_uri
+from zhclip.components.registry.gate_lock import gate_lock
 from zhclip.model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
 SERVED_MODEL = Path(__file__).with_name("served_model.py")  # logged as MLflow "models from code"
@@ -58,6 +59,10 @@ class RegisterConfig:
     metric: str = setting("mean_recall", "evaluation metric that decides promotion (higher is better)")
     tolerance: float = setting(0.0, "promote when at least the champion's metric minus this")
     min_gain_over_start: float = setting(0.0, "... and at least the starting model's metric plus this")
+    lock_lease_s: float = setting(
+        120.0, "the promotion gate's lock lease: a registration killed while holding it blocks others this long"
+    )
+    lock_wait_s: float = setting(600.0, "how long a registration waits for another one's gate before failing")
 
 
 def tracking_uri(config: RegisterConfig) -> str:
@@ -240,7 +245,7 @@ def _shipped_code(scratch: Path) -> str:
     return str(scratch / "zhclip")
 
 
-def _log_and_register(
+def _log_run(
     model_dir: Path,
     metrics: dict[str, float],
     config: RegisterConfig,
@@ -249,7 +254,7 @@ def _log_and_register(
     artifacts: list[str | Path],
     training: dict[str, str],
 ) -> tuple[str, str]:
-    """One MLflow run holding params, metrics, step summaries and the pyfunc model; returns (run id, version).
+    """One MLflow run holding params, metrics, step summaries and the pyfunc model; returns (run id, model URI).
 
     When training tracked into this same server and experiment, the run nests under the pipeline's
     parent run, beside the training stages.
@@ -289,8 +294,42 @@ def _log_and_register(
             input_example=pd.DataFrame({"text": ["一只红色的圆形在左上角"]}),
             model_config=DEFAULT_CONFIG,
         )
-        registered = mlflow.register_model(info.model_uri, config.model_name, tags=lineage)
-    return run.info.run_id, registered.version
+    return run.info.run_id, info.model_uri
+
+
+def _register_and_gate(
+    client,
+    model_uri: str,
+    lineage: dict[str, str],
+    candidate: float,
+    start: float | None,
+    config: RegisterConfig,
+    chain,
+) -> dict[str, Any]:
+    """Under the gate lock: the version (a new one, or the earlier one of the same checkpoint that a
+    concurrent registration made meanwhile) and, for a new one, the gate's decision."""
+    import mlflow
+
+    with gate_lock(client, config.model_name, config.lock_lease_s, config.lock_wait_s):
+        existing = _version_of_checkpoint(client, config.model_name, lineage["model_dvc_hash"])
+        if existing is not None:
+            return _already_registered(client, existing, config)
+        with contextlib.redirect_stdout(sys.stderr):
+            version = mlflow.register_model(model_uri, config.model_name, tags=lineage).version
+        gate = _gate(client, config.model_name, version, candidate, start, config, chain)
+    return {"version": int(version), "already_registered": False} | gate
+
+
+def _already_registered(client, existing, config: RegisterConfig) -> dict[str, Any]:
+    champion_version, _ = _champion(client, config.model_name, config.metric)
+    return {
+        "version": int(existing.version),
+        "run_id": existing.run_id,
+        "already_registered": True,
+        "promoted": False,
+        "decision": existing.tags.get("promotion"),
+        "champion_version": int(champion_version) if champion_version else None,
+    }
 
 
 def register(
@@ -345,34 +384,15 @@ def register(
                     *step_summaries,
                     *([train_summary] if train_summary and train_summary not in step_summaries else []),
                 ]
-                run_id, new_version = _log_and_register(
-                    model_dir, metrics, config, params or {}, lineage, artifacts, training
-                )
-                summary.update(
-                    version=int(new_version),
-                    run_id=run_id,
-                    already_registered=False,
-                    lineage={k: v for k, v in lineage.items() if k != "params"},
-                    **_gate(
-                        client,
-                        config.model_name,
-                        new_version,
-                        metrics[config.metric],
-                        start,
-                        config,
-                        evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}],
-                    ),
-                )
+                run_id, model_uri = _log_run(model_dir, metrics, config, params or {}, lineage, artifacts, training)
+                chain = evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}]
+                gated = _register_and_gate(client, model_uri, lineage, metrics[config.metric], start, config, chain)
+                if gated["already_registered"]:  # a concurrent registration of this checkpoint won
+                    client.set_tag(run_id, "zhclip.duplicate_of_version", str(gated["version"]))
+                summary.update({"run_id": run_id, "lineage": {k: v for k, v in lineage.items() if k != "params"}})
+                summary.update(gated)
             else:
-                champion_version, _ = _champion(client, config.model_name, config.metric)
-                summary.update(
-                    version=int(existing.version),
-                    run_id=existing.run_id,
-                    already_registered=True,
-                    promoted=False,
-                    decision=existing.tags.get("promotion"),
-                    champion_version=int(champion_version) if champion_version else None,
-                )
+                summary.update(_already_registered(client, existing, config))
     if summary_path:
         write_summary(summary_path, summary)
     return summary

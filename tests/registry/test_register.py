@@ -328,3 +328,24 @@ def test_python_rest_and_cli_pulls_return_the_same_embeddings(tiny_models, regis
             },
         )
         assert status == 200 and body["predictions"][0] == pytest.approx(float(python[0] @ python[2]), abs=1e-5)
+
+
+def test_the_gate_lock_is_exclusive_and_a_dead_holders_lease_is_broken(tmp_path, capsys):
+    from zhclip.components.registry.gate_lock import gate_lock, lock_name
+
+    with using_tracking_uri(f"sqlite:///{tmp_path / 'locks.db'}"):
+        client = MlflowClient()
+        with gate_lock(client, "m", lease_s=60, wait_s=5) as owner:
+            assert client.get_registered_model(lock_name("m")).tags["zhclip.lock_owner"] == owner
+            with pytest.raises(ZhclipError, match=r"stayed locked for 1 s .*m\.gate-lock.*register\.lock_wait_s"):
+                with gate_lock(client, "m", lease_s=60, wait_s=1):
+                    pass
+        assert not client.search_registered_models("name = 'm.gate-lock'")  # released
+        # a registration killed while holding the lock: its lease has ended, the next one breaks it
+        client.create_registered_model(
+            lock_name("m"), tags={"zhclip.lock_owner": "dead-host:1:x", "zhclip.lease_ends": "0"}
+        )
+        with gate_lock(client, "m", lease_s=60, wait_s=5) as owner:
+            assert client.get_registered_model(lock_name("m")).tags["zhclip.lock_owner"] == owner
+        assert "broke the gate lock of dead-host:1:x" in capsys.readouterr().err
+        assert [model.name for model in client.search_registered_models()] == []

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -173,3 +174,96 @@ def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(
         pulled = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     frame = pd.DataFrame({"text": ["红色的圆形在左上角", "蓝色十字在右下角"]})
     np.testing.assert_allclose(pulled.predict(frame), ZhclipEmbedder(str(tiny_models[0])).predict(frame), atol=1e-5)
+
+
+# One registration whose gate is held between its read of the champion and its decision until all
+# the registrations of its round have read (or `hold_s` passed): the interleaving in which gates
+# without a lock both promote and the last writer wins.
+HELD_REGISTRATION = """
+import json, os, sys, time
+from pathlib import Path
+from zhclip.components.registry import register as registration
+model, metrics, name, uri, barrier, count, hold_s = sys.argv[1:]
+read_champion = registration._champion
+def held(client, model_name, metric):
+    found = read_champion(client, model_name, metric)
+    (Path(barrier) / str(os.getpid())).touch()
+    until = time.monotonic() + float(hold_s)
+    while len(os.listdir(barrier)) < int(count) and time.monotonic() < until:
+        time.sleep(0.05)
+    return found
+registration._champion = held
+config = registration.RegisterConfig(model_name=name, tracking_uri=uri)
+print(json.dumps(registration.register(model, metrics, config)))
+"""
+
+
+def _race_metrics(tmp_path: Path, name: str, value: float, start: float) -> Path:
+    path = tmp_path / f"{name}.json"
+    chain = [{"model": "start", "mean_recall": start}, {"model": "stage2", "mean_recall": value}]
+    path.write_text(json.dumps({"mean_recall": value, "chain": chain}))
+    return path
+
+
+@pytest.mark.parametrize("interleaving", range(3))
+def test_eight_concurrent_registrations_leave_the_best_gated_candidate_champion(
+    tracking_server, tmp_path, interleaving
+):
+    """8 registrations of one name at once, candidates in random order, every gate held open until
+    all have read the champion: the champion ends on the best candidate that passed its own gate,
+    and every version's recorded decision is true of the end state."""
+    import random
+
+    from mlflow import MlflowClient
+
+    from zhclip.components.core.tracking import using_tracking_uri
+    from zhclip.model import build_model, save_model
+
+    name, rng = f"race-{interleaving}", random.Random(interleaving)
+    first = save_model(*build_model("tiny", seed=100 * interleaving), tmp_path / "first")
+    register(
+        first,
+        _race_metrics(tmp_path, "first", 20.0, 10.0),
+        RegisterConfig(model_name=name, tracking_uri=tracking_server),
+    )
+    # seven pass their own gate (30..36); the best value of all (40) is below its own start (45)
+    candidates = [(30.0 + i, 10.0) for i in range(7)] + [(40.0, 45.0)]
+    rng.shuffle(candidates)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    client_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))},
+        "MLFLOW_TRACKING_URI": tracking_server,
+    }
+    processes = []
+    for i, (value, start) in enumerate(candidates):
+        model = save_model(*build_model("tiny", seed=100 * interleaving + 1 + i), tmp_path / f"m{i}")
+        metrics = _race_metrics(tmp_path, f"m{i}", value, start)
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", HELD_REGISTRATION, str(model), str(metrics), name, tracking_server,
+                 str(barrier), "8", "2"],
+                cwd=tmp_path, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        )  # fmt: skip
+    outputs = [process.communicate(timeout=900) for process in processes]
+    assert all(p.returncode == 0 for p in processes), [err[-3000:] for _, err in outputs]
+    with using_tracking_uri(tracking_server):
+        client = MlflowClient()
+        champion = str(client.get_registered_model(name).aliases["champion"])
+        versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
+        assert not client.search_registered_models(f"name = '{name}.gate-lock'")  # released
+    assert len(versions) == 9
+    values = {version: float(v.tags["metric.mean_recall"]) for version, v in versions.items()}
+    assert values[champion] == 36.0, f"champion is version {champion} ({values[champion]}), not the best gated 36.0"
+    for entry in versions.values():
+        decision, rule = entry.tags["promotion"], entry.tags["promotion.rule"]
+        candidate = float(entry.tags["promotion.candidate_value"])
+        if rule == "start":
+            assert candidate == 40.0 and decision.startswith("kept")
+        elif decision.startswith("kept"):  # kept: a champion at least as good was there, and still is
+            assert float(entry.tags["promotion.champion_value"]) > candidate and values[champion] > candidate
+        else:  # promoted over the champion it read; nothing better than the final champion was promoted
+            assert candidate <= values[champion]
+            read = entry.tags["promotion.champion_version"]
+            assert read == "None" or float(entry.tags["promotion.champion_value"]) == values[read]
