@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 # A demo dataset small enough for the tests that run whole pipelines (96 shapes, no digit scans).
@@ -34,6 +35,23 @@ SMALL_DEMO_DATA = dict(
     zeroshot_per_class=1,
 )
 BIN = Path(sys.executable).parent
+
+# Generated inputs (Hypothesis): `ci` runs a few thousand examples per cheap property in CI time;
+# ZHCLIP_HYPOTHESIS_PROFILE=nightly ten times as many. Slow properties ask for fewer_examples(n).
+for _profile, _examples in {"ci": 2000, "nightly": 20000}.items():
+    settings.register_profile(
+        _profile,
+        max_examples=_examples,
+        deadline=None,  # a shared 2-core CI runner has slow spells; a deadline would flag them, not bugs
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+settings.load_profile(os.environ.get("ZHCLIP_HYPOTHESIS_PROFILE", "ci"))
+
+
+def fewer_examples(divisor: int) -> int:
+    """The profile's example count divided by `divisor`, for properties that cost a whole step each."""
+    return max(1, settings().max_examples // divisor)
+
 
 # Ray, MLflow and DVC experiments must not depend on the caller's global setup.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

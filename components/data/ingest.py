@@ -140,6 +140,20 @@ def _lines(raw: Folder, name: str, quarantine: _Quarantine, desc: str | None = N
                 yield number, line
 
 
+def _int64(value: object) -> bool:
+    """An integer the Parquet schema's int64 columns hold (a JSON true is 1, as Python has it)."""
+    return isinstance(value, int) and -(2**63) <= value < 2**63
+
+
+def _unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: JSON can spell lone surrogates, which are no characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Rejected(Exception):
     """An image that decodes but breaks a configured bound."""
 
@@ -152,6 +166,8 @@ def _decode_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | No
         image_id = int(id_field)
     except ValueError as err:
         return None, None, f"expected 'image_id<TAB>base64 image' ({err})"
+    if not _int64(image_id):
+        return None, None, f"image_id {id_field} does not fit in 64 bits"
     try:
         blob = decode_base64(b64)
     except ValueError as err:
@@ -278,13 +294,17 @@ def _index_texts(raw: Folder, name: str, quarantine: _Quarantine) -> _TextIndex:
         try:
             record = json.loads(line)
             text_id, text, image_ids = int(record["text_id"]), record["text"], record["image_ids"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as err:
             quarantine.add(source, number, f"not a text record with text_id, text, image_ids ({err!r})", line)
             continue
         if not isinstance(text, str) or not text.strip():
             quarantine.add(source, number, "empty or non-string text", line)
-        elif not isinstance(image_ids, list) or not image_ids or not all(isinstance(i, int) for i in image_ids):
-            quarantine.add(source, number, "image_ids must be a non-empty list of integers", line)
+        elif not _unicode(text):
+            quarantine.add(source, number, "text holds a lone surrogate (\\ud800-\\udfff), not a character", line)
+        elif not isinstance(image_ids, list) or not image_ids or not all(_int64(i) for i in image_ids):
+            quarantine.add(source, number, "image_ids must be a non-empty list of integers (64-bit)", line)
+        elif not _int64(text_id):
+            quarantine.add(source, number, f"text_id {text_id} does not fit in 64 bits", line)
         elif text_id in seen:
             quarantine.add(source, number, f"duplicate text_id {text_id}", line)
         else:
@@ -307,7 +327,9 @@ def _index_csv(raw: Folder, name: str, quarantine: _Quarantine) -> tuple[_TextIn
     first_row: dict[int, int] = {}
     text_of: dict[int, str] = {}
     source = raw.name(name)
-    with io.TextIOWrapper(raw.open(name), encoding="utf-8", newline="") as rows:
+    # Bytes that are not UTF-8 become lone surrogates (surrogateescape), so such a row is quarantined
+    # by itself instead of stopping the whole file.
+    with io.TextIOWrapper(raw.open(name), encoding="utf-8", errors="surrogateescape", newline="") as rows:
         reader = csv.DictReader(rows)
         missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -316,11 +338,17 @@ def _index_csv(raw: Folder, name: str, quarantine: _Quarantine) -> tuple[_TextIn
                 + (" (the file is empty)" if not reader.fieldnames else "")
             )
         for number, row in enumerate(reader, 2):
+            if not all(_unicode(value) for value in row.values() if isinstance(value, str)):
+                quarantine.add(source, number, "not UTF-8", json.dumps(row))  # \u-escaped, writable
+                continue
             record = json.dumps(row, ensure_ascii=False)
             try:
                 text_id = int(row["text_id"])
             except (TypeError, ValueError):
                 quarantine.add(source, number, f"text_id {row['text_id']!r} is not an integer", record)
+                continue
+            if not _int64(text_id):
+                quarantine.add(source, number, f"text_id {text_id} does not fit in 64 bits", record)
                 continue
             text, image = (row["text"] or "").strip(), (row["image"] or "").strip()
             if not text:
