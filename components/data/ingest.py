@@ -76,7 +76,8 @@ class _Quarantine:
     def add(self, source: str, line: int, reason: str, record: str) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w", encoding="utf-8")
+            # a record with bytes that were not UTF-8 (lone surrogates) is written escaped, never lost
+            self._file = open(self.path, "w", encoding="utf-8", errors="backslashreplace")
         entry = {"file": source, "line": line, "reason": reason, "record": record[:200]}
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self.count += 1
@@ -338,7 +339,8 @@ def _index_csv(raw: Folder, name: str, quarantine: _Quarantine) -> tuple[_TextIn
                 + (" (the file is empty)" if not reader.fieldnames else "")
             )
         for number, row in enumerate(reader, 2):
-            if not all(_unicode(value) for value in row.values() if isinstance(value, str)):
+            cells = [*row, *row.values(), *(row.get(None) or [])]  # a row's extra cells sit under the key None
+            if not all(_unicode(cell) for cell in cells if isinstance(cell, str)):
                 quarantine.add(source, number, "not UTF-8", json.dumps(row))  # \u-escaped, writable
                 continue
             record = json.dumps(row, ensure_ascii=False)

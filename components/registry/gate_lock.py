@@ -56,7 +56,8 @@ def _try_take(client, lock: str, owner: str, lease_s: float) -> bool:
             description="zhclip's promotion-gate lock: held while a registration moves `champion` (seconds)",
         )
     except MlflowException as err:
-        if _already_exists(err):
+        # "does not exist": the store's look-up after a failed insert ran just as the holder released
+        if _already_exists(err) or _not_found(err):
             return False
         raise
     return True
@@ -68,16 +69,28 @@ def _break_if_expired(client, lock: str) -> str | None:
 
     try:
         tags = client.get_registered_model(lock).tags
-        if float(tags.get("zhclip.lease_ends", "inf")) > time.time():
+        if _lease_end(tags) > time.time():
             return None
         broken = f"{lock}.expired-{uuid.uuid4().hex[:8]}"
         client.rename_registered_model(lock, broken)  # fails for every waiter but one
+        if client.get_registered_model(broken).tags.get("zhclip.lock_owner") != tags.get("zhclip.lock_owner"):
+            # between the read and the rename another waiter broke it and a new holder took it: give it back
+            client.rename_registered_model(broken, lock)
+            return None
         client.delete_registered_model(broken)
     except MlflowException as err:
         if _not_found(err) or _already_exists(err):
             return None  # released meanwhile, or another waiter broke it first
         raise
     return tags.get("zhclip.lock_owner")
+
+
+def _lease_end(tags: dict[str, str]) -> float:
+    """When the holder's lease ends; a lock without a readable lease counts as expired."""
+    try:
+        return float(tags["zhclip.lease_ends"])
+    except (KeyError, ValueError):
+        return 0.0
 
 
 @contextmanager

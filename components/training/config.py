@@ -172,7 +172,9 @@ class TrainConfig:
         if self.lora and self.fused_qkv:
             raise ValueError("lora adapts the query/key/value layers that fused_qkv replaces: set fused_qkv: false")
         image_locked = self.stage == 1 and self.unlocked_groups == 0
-        if self.lora in ("image", "both") and image_locked:
+        if self.lora in ("image", "both") and self.stage == 1:
+            # stage 1 locks the image tower (whole groups open with unlocked_groups): adapters would
+            # train inside locked groups until the next lock_image_tower froze them again
             raise ValueError(
                 f"lora: {self.lora} in stage 1, whose image tower is locked: use stage1.lora: text, "
                 "and image or both under stage2"

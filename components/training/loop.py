@@ -93,8 +93,20 @@ def _fine_tuning_parts(model, cfg: TrainConfig, state: dict | None) -> int:
     return sum(param.numel() for param in model.parameters() if param.requires_grad)
 
 
+def _summed_over_workers(counts: np.ndarray, device: torch.device) -> list[int]:
+    """`counts` summed over the workers of a DDP group (this worker's alone without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts.tolist()
+    summed = torch.tensor(counts, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """The training process's peak: the allocator's on a GPU, resident memory (ru_maxrss) on a CPU."""
+    """This training process's peak (rank 0's in the summary): the allocator's on a GPU, resident
+    memory (ru_maxrss) on a CPU."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
@@ -203,8 +215,16 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
     if bar:
         bar.update(progress["step"])
 
+    counted = np.zeros(2, dtype=np.int64)  # this worker's captions and cut captions since the last checkpoint
+
     def checkpoint(metrics: dict[str, Any]) -> None:
         logger.flush()
+        # every worker's counts since the last checkpoint, added to the totals all ranks hold; after
+        # a restart the steps since the checkpoint run again and are counted again
+        captions, cut = _summed_over_workers(counted, ctx.device)
+        progress["captions"] += captions
+        progress["truncated_captions"] += cut
+        counted[:] = 0
         progress["trainable_params"] = trainable
         progress["peak_memory_mb"] = max(progress.get("peak_memory_mb", 0.0), peak_memory_mb(ctx.device))
         with tempfile.TemporaryDirectory() as tmp:
@@ -234,8 +254,7 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         }
         logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
         progress["history"].append({**record, "pairs": pair_digest(batch["text_id"], batch["image_id"])})
-        progress["captions"] += len(batch["text_truncated"])
-        progress["truncated_captions"] += int(np.sum(batch["text_truncated"]))
+        counted += (len(batch["text_truncated"]), int(np.sum(batch["text_truncated"])))
         if bar:
             bar.update(1)
             bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")

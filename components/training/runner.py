@@ -300,7 +300,8 @@ def _print_summary(summary: dict) -> None:
         f"stage {summary['stage']}: {summary['steps']} steps in {summary['duration_s']:.0f} s, "
         f"{summary['samples_per_s']:.0f} samples/s, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
         + (f", best valid mean recall {best:.2f}" if best is not None else "")
-        + f"\n  trainable parameters: {summary['trainable_params']:,}, peak memory {summary['peak_memory_mb']:.0f} MB"
+        + f"\n  trainable parameters: {summary['trainable_params'] or 0:,}, "
+        + f"peak memory {summary['peak_memory_mb'] or 0:.0f} MB (rank 0)"
         + f", captions cut to the context: {summary['truncated_captions']} of {summary['captions_seen']}"
         + (f", resumed at step {summary['resumed_at_steps']}" if summary["resumed_at_steps"] else "")
         + f"\n  model: {summary['model_dir']}\n  checkpoint: {summary['checkpoint']}"

@@ -256,15 +256,21 @@ class TrainStep:
             images, texts = self._encode(part)
             all_images = torch.cat([c[0] for c in cached[:index]] + [images] + [c[0] for c in cached[index + 1 :]])
             all_texts = torch.cat([c[1] for c in cached[:index]] + [texts] + [c[1] for c in cached[index + 1 :]])
-            # the scale and bias take their gradient from one pass only: each pass's loss is the whole batch's
-            first = index == 0
-            learnables = (scale if first else scale.detach(), bias if first or bias is None else bias.detach())
+            # the scale and bias take their gradient from one pass only: each pass's loss is the whole
+            # batch's. Later passes keep them in the graph with a zero gradient, as DDP (no unused
+            # parameters) expects a gradient for every parameter from every backward.
+            learnables = (scale, bias) if index == 0 else (_without_gradient(scale), _without_gradient(bias))
             loss = self._loss(all_images, all_texts, batch, learnables)
             # the distillation terms are row means: each micro-batch's rows weigh 1/accum_steps of the batch's
             distillation = self._distillation(images, texts, teacher[index]) / steps
             (loss + distillation).backward()
             distilled = distilled + distillation.detach().cpu()
         return loss.detach() + distilled.to(loss.device)
+
+
+def _without_gradient(param: torch.Tensor | None) -> torch.Tensor | None:
+    """`param`'s value, in the graph with a zero gradient."""
+    return None if param is None else param.detach() + 0 * param
 
 
 def _rng_state() -> dict[str, Any]:

@@ -107,6 +107,7 @@ csv_cells = st.one_of(st.text(max_size=40), integers.map(str), st.just(""), st.t
 @given(rows=st.lists(st.tuples(csv_cells, csv_cells, csv_cells), max_size=10), garbage=st.binary(max_size=100))
 @example(rows=[("1", "红色", "a.png")], garbage=b"\n2,\x80\xff,b.png\n")
 @example(rows=[("9223372036854775808", "红色", "a.png")], garbage=b"")
+@example(rows=[("1", "", "a.png")], garbage=b"\n2,,b.png,\xff\n")  # an extra cell that is not UTF-8
 def test_captions_csv_parser_keeps_or_quarantines_every_row(tmp_path_factory, rows, garbage):
     import csv
 

@@ -299,6 +299,7 @@ def test_two_workers_train_with_ddp_and_the_loss_falls(prepared_dir, tmp_path, s
     assert summary["steps"] == len(losses) == 12 * per_epoch
     first, last = sum(losses[:per_epoch]) / per_epoch, sum(losses[-per_epoch:]) / per_epoch
     assert last < first - 0.1, f"mean epoch loss did not fall with 2 workers: {first:.3f} -> {last:.3f}"
+    assert summary["captions_seen"] == 12 * per_epoch * 16 * 2  # both workers' captions, summed
     weights = load_file(f"{tmp_path / 'out'}/model.safetensors")
     assert "logit_bias" not in weights and not any("lora_" in key for key in weights)  # a plain folder
     if switches:
