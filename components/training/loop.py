@@ -254,7 +254,7 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         }
         logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
         progress["history"].append({**record, "pairs": pair_digest(batch["text_id"], batch["image_id"])})
-        counted += (len(batch["text_truncated"]), int(np.sum(batch["text_truncated"])))
+        counted += (len(batch["text_truncated"]), int(batch["text_truncated"].sum()))  # numpy, or torch from loaders
         if bar:
             bar.update(1)
             bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")
