@@ -116,8 +116,9 @@ def _median_ms(run, repeats: int) -> float:
     return round(1000 * float(np.median(times)), 2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def fidelity_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a text-encoder fidelity bench (this one and bench.openvino_precisions)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the model folder whose fidelity is measured")
     parser.add_argument("--data", type=Path, default=Path("data/validated"))
     parser.add_argument("--split", default="test")
@@ -125,14 +126,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    logging.disable(logging.WARNING)  # the quantisers' advice, once per call
+    return parser
 
+
+def torch_reference(args: argparse.Namespace) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(the split's captions, torch's embeddings of its images, torch's embeddings of the captions)."""
     pairs = read_pairs(args.data, args.split)
     texts = pairs.groupby("text_id").agg(text=("text", "first"))["text"].tolist()
     reference = load_embedder(args.model)
     gallery = reference.predict(pd.DataFrame({"image": pairs.drop_duplicates("image_id")["image"].tolist()}))
-    expected = reference.predict(pd.DataFrame({"text": texts}))
+    return texts, gallery, reference.predict(pd.DataFrame({"text": texts}))
+
+
+def main() -> None:
+    args = fidelity_parser(__doc__).parse_args()
+    logging.disable(logging.WARNING)  # the quantisers' advice, once per call
+
+    texts, gallery, expected = torch_reference(args)
     expected_top = np.argsort(-(expected @ gallery.T), axis=1)[:, :10]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

@@ -15,21 +15,17 @@ the same run. One JSON line per precision on stdout (and appended to `--out`).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from bench.int8_variants import QUERIES, _feeds, _median_ms, _session, _unit
+from bench.int8_variants import QUERIES, _feeds, _median_ms, _session, _unit, fidelity_parser, torch_reference
 from bench.search import emit, random_model
-from zhclip.components.data.shards import read_pairs
 from zhclip.model import embed_texts, load_model
 from zhclip.model.onnx_towers import cached_encoders
-from zhclip.model.pyfunc import load_embedder
 
 PRECISIONS = ("f32", "bf16")
 
@@ -64,21 +60,8 @@ def _flips(expected_scores: np.ndarray, scores: np.ndarray, expected_top: np.nda
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the model folder whose fidelity is measured")
-    parser.add_argument("--data", type=Path, default=Path("data/validated"))
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--speed-preset", default="ViT-B-16", help="the random model timed (ViT-B-16: RoBERTa-base)")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, no GPU")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-
-    pairs = read_pairs(args.data, args.split)
-    texts = pairs.groupby("text_id").agg(text=("text", "first"))["text"].tolist()
-    reference = load_embedder(args.model)
-    gallery = reference.predict(pd.DataFrame({"image": pairs.drop_duplicates("image_id")["image"].tolist()}))
-    expected = reference.predict(pd.DataFrame({"text": texts}))
+    args = fidelity_parser(__doc__).parse_args()
+    texts, gallery, expected = torch_reference(args)
     expected_scores = expected @ gallery.T
     expected_top = np.argsort(-expected_scores, axis=1)[:, :10]
     with tempfile.TemporaryDirectory() as scratch:
