@@ -34,7 +34,12 @@ def _option(section: str, name: str) -> typer.models.OptionInfo:
 
 
 def _params(path: Path, defaults: bool) -> dict:
-    return load_params(None if defaults else path)
+    """The settings of the command; their `object_store` section becomes this process's retry policy."""
+    from zhclip.components.core.storage import ObjectStoreConfig, use_policy
+
+    params = load_params(None if defaults else path)
+    use_policy(config_from(ObjectStoreConfig, params, "object_store"))
+    return params
 
 
 def _echo_json(summary: dict) -> None:
@@ -515,10 +520,15 @@ def upload(
     src: Path = typer.Option(Path("data/prepared"), help="Local folder to upload (e.g. prepared shards)."),
     dest: str = typer.Option(..., help="Destination s3://bucket/prefix; the bucket is created if missing."),
     endpoint: str | None = typer.Option(None, help="S3/MinIO endpoint (default: $AWS_ENDPOINT_URL)."),
+    params: Path = ParamsOption,
+    defaults: bool = DefaultsOption,
 ) -> None:
-    """Upload a folder to MinIO or any S3 endpoint (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)."""
+    """Upload a folder to MinIO or any S3 endpoint (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
+
+    Requests are retried as params.yaml section `object_store` says."""
     from zhclip.components.core.storage import upload as run
 
+    _params(params, defaults)
     _echo_json(run(src, dest, endpoint))
 
 
@@ -632,8 +642,11 @@ def pipeline_run_local(
 
 
 def main() -> None:
+    from zhclip.components.core.storage import object_store_errors
+
     try:
-        app()
+        with object_store_errors():
+            app()
     except ZhclipError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from zhclip.components.core.settings import config_from, setting
+from zhclip.components.core.storage import ObjectStoreConfig
 from zhclip.components.data.ingest import IngestConfig
 from zhclip.components.data.validate import ValidateConfig
 from zhclip.components.evaluation.evaluate import EvaluateConfig
@@ -66,6 +67,7 @@ def step_configs(params: dict[str, Any]) -> dict[str, dict]:
             **asdict(config_from(IndexConfig, params, "index")),
             "alias": config_from(SearchConfig, params, "search").alias,
         },
+        "object_store": asdict(config_from(ObjectStoreConfig, params, "object_store")),
     }
 
 

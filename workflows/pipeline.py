@@ -7,9 +7,12 @@ The components are in workflows/steps.py, their settings in workflows/config.py;
 workflows/submit.py, the local run in workflows/local_run.py.
 """
 
+import json
+
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
+from zhclip.components.core.storage import POLICY_ENV
 from zhclip.components.training.start import RECIPES
 from zhclip.workflows.config import KubeflowConfig
 from zhclip.workflows.steps import (
@@ -127,6 +130,7 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         if cluster:
             _on_kubernetes(
                 cluster,
+                defaults["object_store"],
                 steps=(ingested, checked, start, *evaluations, *registrations, *indexing),
                 training=training,
                 tracked=(start, *training, *evaluations, *registrations, *indexing),
@@ -135,10 +139,11 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
     return zhclip_pipeline
 
 
-def _on_kubernetes(cluster: KubeflowConfig, steps: tuple, training: tuple, tracked: tuple) -> None:
-    """Resources, GPU placement, retries, credentials and network labels of every task."""
+def _on_kubernetes(cluster: KubeflowConfig, object_store: dict, steps: tuple, training: tuple, tracked: tuple) -> None:
+    """Resources, GPU placement, retries, credentials, object-store retry policy and network labels of every task."""
     for task in (*steps, *training):
         kubernetes.add_pod_label(task, *CLIENT_LABEL)
+        task.set_env_variable(POLICY_ENV, json.dumps(object_store))
         kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_non_root=True)
     for task in steps:
         task.set_cpu_request(cluster.step_cpu).set_cpu_limit(cluster.step_cpu)

@@ -45,6 +45,7 @@ SECTIONS = {
     "search": "zhclip.components.search.service:SearchConfig",
     "serve": "zhclip.components.search.service:ServeConfig",
     "kubeflow": "zhclip.workflows.config:KubeflowConfig",
+    "object_store": "zhclip.components.core.storage:ObjectStoreConfig",
 }
 # Sections that override another section's fields for one stage (they have no fields of their own).
 OVERLAYS = {"stage1": "train", "stage2": "train"}

@@ -4,6 +4,7 @@ settings, runs with kfp.local, and is submitted through the KFP API."""
 import json
 import socket
 import threading
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -17,6 +18,7 @@ from mlflow import MlflowClient
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import load_params
+from zhclip.components.core.storage import ObjectStoreConfig
 from zhclip.workflows.config import step_configs
 from zhclip.workflows.submit import compile_pipeline
 
@@ -302,6 +304,8 @@ def test_compiled_tasks_carry_gpus_resources_retries_secrets_and_caching(tmp_pat
     for name in (*TRAINING, *STEPS, *ZEROSHOT):  # the NetworkPolicies let exactly these pods reach MinIO and MLflow
         assert dict(k8s[name].pod_metadata.labels) == {"zhclip.io/client": "true"}
         assert k8s[name].security_context.run_as_non_root
+        env = {e["name"]: e["value"] for e in executors[f"exec-{name}"]["container"]["env"]}
+        assert json.loads(env["ZHCLIP_OBJECT_STORE"]) == asdict(ObjectStoreConfig())  # params.yaml's retry policy
     assert spec.root.input_definitions.parameters["ray_address"].default_value.string_value == ""
 
 
