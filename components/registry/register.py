@@ -211,7 +211,10 @@ def _gate(
     version, in tags and in its description (the registration card)."""
     client.set_registered_model_alias(name, "challenger", version)
     champion_version, champion_value = _champion(client, name, config.metric)
-    promote, rule, decision = _decide(candidate, start, champion_version, champion_value, config)
+    if champion_version == str(version):  # its own gate promoted it, then was killed before recording why
+        promote, rule, decision = True, "resumed", "promoted (its registration was interrupted after the promotion)"
+    else:
+        promote, rule, decision = _decide(candidate, start, champion_version, champion_value, config)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
     client.update_model_version(name, version, description=registration_card(chain, decision, rule, config.metric))
@@ -307,17 +310,26 @@ def _register_and_gate(
     chain,
 ) -> dict[str, Any]:
     """Under the gate lock: the version (a new one, or the earlier one of the same checkpoint that a
-    concurrent registration made meanwhile) and, for a new one, the gate's decision."""
+    concurrent registration made meanwhile) and, for a new one, the gate's decision. A version whose
+    registration was killed before its gate recorded a decision is gated now, not registered again."""
     import mlflow
 
     with gate_lock(client, config.model_name, config.lock_lease_s, config.lock_wait_s):
         existing = _version_of_checkpoint(client, config.model_name, lineage["model_dvc_hash"])
-        if existing is not None:
+        if existing is not None and _decided(existing):
             return _already_registered(client, existing, config)
-        with contextlib.redirect_stdout(sys.stderr):
-            version = mlflow.register_model(model_uri, config.model_name, tags=lineage).version
+        if existing is not None:
+            version, resumed = existing.version, True
+        else:
+            with contextlib.redirect_stdout(sys.stderr):
+                version, resumed = mlflow.register_model(model_uri, config.model_name, tags=lineage).version, False
         gate = _gate(client, config.model_name, version, candidate, start, config, chain)
-    return {"version": int(version), "already_registered": False} | gate
+    return {"version": int(version), "already_registered": resumed, "gate_resumed": resumed} | gate
+
+
+def _decided(version) -> bool:
+    """Whether the gate recorded its decision on `version` (the last thing a registration writes)."""
+    return "promotion.champion_version" in version.tags
 
 
 def _already_registered(client, existing, config: RegisterConfig) -> dict[str, Any]:
@@ -377,22 +389,25 @@ def register(
         with timed(summary):
             model_hash = dvc_hash(model_dir)
             existing = _version_of_checkpoint(client, config.model_name, model_hash)
-            if existing is None:
+            if existing is not None and _decided(existing):
+                summary.update(_already_registered(client, existing, config))
+            else:
                 training = _training_runs(train_summary)
                 lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
-                artifacts = [
-                    *step_summaries,
-                    *([train_summary] if train_summary and train_summary not in step_summaries else []),
-                ]
-                run_id, model_uri = _log_run(model_dir, metrics, config, params or {}, lineage, artifacts, training)
+                if existing is None:
+                    artifacts = [
+                        *step_summaries,
+                        *([train_summary] if train_summary and train_summary not in step_summaries else []),
+                    ]
+                    run_id, model_uri = _log_run(model_dir, metrics, config, params or {}, lineage, artifacts, training)
+                else:  # registered, then killed before its gate decided: gate that version
+                    run_id, model_uri = existing.run_id, existing.source
                 chain = evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}]
                 gated = _register_and_gate(client, model_uri, lineage, metrics[config.metric], start, config, chain)
-                if gated["already_registered"]:  # a concurrent registration of this checkpoint won
+                if existing is None and gated["already_registered"]:  # another registration of it came first
                     client.set_tag(run_id, "zhclip.duplicate_of_version", str(gated["version"]))
                 summary.update({"run_id": run_id, "lineage": {k: v for k, v in lineage.items() if k != "params"}})
                 summary.update(gated)
-            else:
-                summary.update(_already_registered(client, existing, config))
     if summary_path:
         write_summary(summary_path, summary)
     return summary

@@ -349,3 +349,37 @@ def test_the_gate_lock_is_exclusive_and_a_dead_holders_lease_is_broken(tmp_path,
             assert client.get_registered_model(lock_name("m")).tags["zhclip.lock_owner"] == owner
         assert "broke the gate lock of dead-host:1:x" in capsys.readouterr().err
         assert [model.name for model in client.search_registered_models()] == []
+
+
+@pytest.mark.parametrize("killed_after", ["register_model", "promotion"])
+def test_a_registration_killed_inside_its_gate_is_finished_by_the_next_run(
+    tiny_models, registry, tmp_path, monkeypatch, killed_after
+):
+    """Killed after the version exists but before the gate recorded its decision (with or without the
+    champion alias moved): running it again gates that version, registers nothing twice."""
+    import zhclip.components.registry.register as module
+
+    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
+    register(tiny_models[0], _metrics(tmp_path, "a", 40.0), registry)
+    real_gate = module._gate
+
+    def killed(client_, name, version, *args):
+        if killed_after == "promotion":
+            client_.set_registered_model_alias(name, "champion", version)
+        raise KeyboardInterrupt  # as far as the registry is concerned, a SIGKILL here
+
+    monkeypatch.setattr(module, "_gate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        register(tiny_models[1], _metrics(tmp_path, "b", 45.0), registry)
+    assert "promotion" not in client.get_model_version(NAME, "2").tags
+    monkeypatch.setattr(module, "_gate", real_gate)
+    again = register(tiny_models[1], _metrics(tmp_path, "b", 45.0), registry)
+    assert (again["version"], again["gate_resumed"], again["promoted"]) == (2, True, True)
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+    assert _aliases(client) == {"champion": 2, "challenger": 2}
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["promotion.rule"] == ("champion" if killed_after == "register_model" else "resumed")
+    assert again["run_id"] == client.get_model_version(NAME, "2").run_id
+    runs = client.search_runs([client.get_experiment_by_name(registry.experiment).experiment_id])
+    assert len(runs) == 2  # the killed registration's run is the version's; no second one logged
+    assert register(tiny_models[1], _metrics(tmp_path, "b", 45.0), registry)["already_registered"]
