@@ -20,6 +20,8 @@ from zhclip.components.training.config import TrainConfig
 from zhclip.components.training.loop import train_worker_loop
 from zhclip.components.training.runner import train
 
+from kill import latest_checkpoint_step
+
 STEPS, EVERY = 36, 4
 pytestmark = pytest.mark.slow
 
@@ -47,39 +49,13 @@ def uninterrupted(prepared_dir) -> list[dict]:
     return train_worker_loop(config)
 
 
-def _latest_checkpoint_step(storage: Path) -> int:
-    """The newest step Ray Train has recorded a checkpoint for (its run snapshot), 0 if none."""
-    steps = [0]
-    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            state = json.loads(snapshot.read_text())
-        except (OSError, ValueError):
-            continue  # being written
-        steps += [int(m) for m in _find_steps(state)]
-    return max(steps)
-
-
-def _find_steps(node) -> list:
-    if isinstance(node, dict):
-        found = [node["step"]] if isinstance(node.get("step"), (int, float)) else []
-        return found + [s for value in node.values() for s in _find_steps(value)]
-    if isinstance(node, list):
-        return [s for value in node for s in _find_steps(value)]
-    if isinstance(node, str) and node.startswith(("{", "[")):
-        try:
-            return _find_steps(json.loads(node))
-        except ValueError:
-            return []
-    return []
-
-
 def _kill_a_worker_after_first_checkpoint(storage: Path, seen: dict, timeout: float = 300) -> threading.Thread:
     """In the background: once a checkpoint exists, SIGKILL the training worker process."""
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            step = _latest_checkpoint_step(storage)
+            step = latest_checkpoint_step(storage)
             workers = [
                 p
                 for p in psutil.process_iter(["cmdline"])
