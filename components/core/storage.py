@@ -36,7 +36,7 @@ class ObjectStoreConfig:
     retry_attempts: int = setting(
         6,
         "attempts of one object-store request before the step fails; the waits between them double "
-        "(6 attempts ride out about 15 s of outage, 8 about a minute)",
+        "(a step gives up after 9-22 s at 6 attempts, 39-56 s at 8: docs/reliability.md)",
     )
     connect_timeout_s: float = setting(5.0, "seconds to wait for a connection to the object store")
     request_timeout_s: float = setting(120.0, "seconds to wait for the answer to one request")
