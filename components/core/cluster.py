@@ -74,7 +74,7 @@ def ray_runtime(num_cpus: int | None = None) -> Iterator[None]:
             )
         workers = "the cluster's dashboard, Logs tab" if os.environ.get("RAY_ADDRESS") else _session_logs()
         print(f"Ray's messages: {log_file} (worker logs: {workers})", file=sys.stderr, flush=True)
-    _keep_ray_data_coordinator_on_this_node()
+    _keep_ray_data_singletons_on_this_node()
     try:
         yield
     finally:
@@ -82,14 +82,15 @@ def ray_runtime(num_cpus: int | None = None) -> Iterator[None]:
             ray.shutdown()
 
 
-def _keep_ray_data_coordinator_on_this_node() -> None:
-    """Create Ray Data's cluster-wide coordinator actor here, on the driver's node, before any worker can.
+def _keep_ray_data_singletons_on_this_node() -> None:
+    """Create Ray Data's cluster-wide control actors here, on the driver's node, before any worker can.
 
-    Ray Data (2.60) pins that detached actor, for good, to the node of whoever first runs a dataset;
-    when a training worker's loader is first and its node is lost, every dataset after that fails
-    with ActorUnschedulableError (tests/test_node_loss.py). Ray's fix, pinning it to the head node
-    (ray-project/ray#62260), is not released; remove this when it is. Only a cluster of several nodes
-    can lose one, so a single local Ray skips it.
+    Ray Data (2.60) pins each of its detached, ever-restarting singletons (the autoscaling coordinator
+    and requester, the actor location tracker) to the node of whoever first runs a dataset; when a
+    training worker's loader is first and its node is lost, Ray restarts them on a node that is gone
+    and every dataset after that fails with ActorUnschedulableError (tests/test_node_loss.py). Ray's
+    fix, pinning them to the head node (ray-project/ray#62260), is not released; remove this when it
+    is. Only a cluster of several nodes can lose one, so a single local Ray skips it.
     """
     import ray
 
@@ -98,8 +99,15 @@ def _keep_ray_data_coordinator_on_this_node() -> None:
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
         get_or_create_autoscaling_coordinator,
     )
+    from ray.data._internal.execution.autoscaling_requester import get_or_create_autoscaling_requester_actor
+    from ray.data._internal.execution.node_trackers.actor_location import get_or_create_actor_location_tracker
 
-    get_or_create_autoscaling_coordinator()
+    for create in (
+        get_or_create_autoscaling_coordinator,
+        get_or_create_autoscaling_requester_actor,
+        get_or_create_actor_location_tracker,
+    ):
+        create()
 
 
 def _session_logs() -> str:
