@@ -43,7 +43,17 @@ class OutageProxy:
             threading.Timer(seconds, self.up).start()
 
     def up(self) -> None:
-        self._listen(self.port)
+        """Listen again on the same port; a socket that happens to hold it (an outgoing connection's
+        ephemeral port, say) delays that by a moment, as a restarting server's bind would."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._listen(self.port)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._trigger = None
@@ -62,7 +72,11 @@ class OutageProxy:
     def _listen(self, port: int) -> int:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
+        try:
+            listener.bind(("127.0.0.1", port))
+        except OSError:
+            listener.close()
+            raise
         listener.listen(64)
         with self._lock:
             self._listener = listener
@@ -75,7 +89,12 @@ class OutageProxy:
                 client, _ = listener.accept()
             except OSError:  # closed: the proxy went down
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+            except OSError:  # the store itself did not answer: this client is cut, the proxy goes on
+                _close(client)
+                continue
+            upstream.settimeout(None)
             with self._lock:
                 self._open.update((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
