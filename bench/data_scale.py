@@ -1,6 +1,7 @@
 """Data at scale: peak memory and throughput of ingest, validate, training and evaluation against the number of pairs.
 
     python -m bench.data_scale --pairs 10000 100000 1000000 --out bench/results/data-scale
+    python -m bench.data_scale --pairs 1000000 10000000 --only ingest validate --image-size 16
     python -m bench.data_scale --pairs 300 600 --steps 2       # a smoke run
 
 For each size, writes a Chinese-CLIP-format dataset (`train` with that many pairs of distinct
@@ -16,7 +17,10 @@ memory such as Ray's object store counted once) every 0.2 s. It prints one JSON 
 step): peak memory, duration, throughput (ingest and validate: pairs/s; train: samples/s and the share
 of time spent waiting for data; evaluate: queries/s, texts plus images), and the prepared data's
 bytes; then, from the smallest to the largest size, each step's memory growth as a share of the
-extra data's bytes. `--input-workers` adds the images/s the streaming input delivers to a consumer
+extra data's bytes, and between the two largest sizes its slope in bytes per pair, with the spill
+memory budget (`--spill-memory-mb`, params.yaml `spill.spill_memory_mb`) it ran under. Each size's
+folders are deleted once its steps ran (`--keep` keeps them); each line says the disk they took,
+the peak of the spill folder included. `--input-workers` adds the images/s the streaming input delivers to a consumer
 (no model) against the number of decoding processes, on the largest size.
 """
 
@@ -26,6 +30,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,17 +97,26 @@ def _tree(root: int) -> list[int]:
         return []
 
 
-def measured(args: list[str], log: Path, cwd: Path) -> dict:
-    """Run a command; its wall time and the peak PSS of its process tree (sampled every 0.2 s)."""
-    peak = [0]
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def measured(args: list[str], log: Path, cwd: Path, watch: Path | None = None) -> dict:
+    """Run a command; its wall time and the peak PSS of its process tree (sampled every 0.2 s), and
+    the peak size of folder `watch` (sampled every 2 s)."""
+    peak, peak_folder = [0], [0]
     with open(log, "w") as out:
         started = time.perf_counter()
         # A session of its own: Ray's processes stay in the tree (they are the command's descendants).
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
 
         def sample() -> None:
+            samples = 0
             while process.poll() is None:
                 peak[0] = max(peak[0], sum(_pss(pid) for pid in _tree(process.pid)))
+                if watch and samples % 10 == 0:
+                    peak_folder[0] = max(peak_folder[0], _folder_bytes(watch))
+                samples += 1
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -111,7 +125,8 @@ def measured(args: list[str], log: Path, cwd: Path) -> dict:
         sampler.join()
     if code:
         raise RuntimeError(f"{' '.join(args)} failed ({code}); see {log}:\n{log.read_text()[-2000:]}")
-    return {"seconds": round(time.perf_counter() - started, 2), "peak_pss_mb": round(peak[0] / 2**20, 1)}
+    result = {"seconds": round(time.perf_counter() - started, 2), "peak_pss_mb": round(peak[0] / 2**20, 1)}
+    return {**result, "peak_spill_mb": round(peak_folder[0] / 2**20, 1)} if watch else result
 
 
 def _bytes(folder: Path) -> int:
@@ -122,6 +137,7 @@ def run_size(root: Path, pairs: int, args) -> list[dict]:
     counts = write_raw(root / "raw", pairs, args.valid, args.image_size, args.data_workers)
     params = {
         "ingest": {"image_format": "JPEG", "workers": args.data_workers},
+        "spill": {"spill_memory_mb": args.spill_memory_mb, "spill_folder": str(root / "spill")},
         "train": {
             "batch_size": args.batch_size,
             "max_steps": args.steps,
@@ -154,21 +170,28 @@ def run_size(root: Path, pairs: int, args) -> list[dict]:
         "evaluate": ["evaluate", "--model", "model", "--data", "validated", "--out", "evaluate.json"],
     }
     lines = []
-    for step in STEPS:
-        result = measured([ZHCLIP, *commands[step], "--params", "params.yaml"], root / f"{step}.log", root)
+    for step in args.only:
+        result = measured(
+            [ZHCLIP, *commands[step], "--params", "params.yaml"], root / f"{step}.log", root, root / "spill"
+        )
         summary = json.loads((root / f"{step}.json").read_text())
         lines.append(
             {
                 "bench": "data_scale",
                 "pairs": pairs,
+                "all_pairs": sum(counts.values()),
                 "step": step,
                 **result,
                 **_throughput(step, summary, counts, result),
                 "prepared_mb": round(_bytes(root / "prepared") / 2**20, 1),
+                "spill_memory_mb": args.spill_memory_mb,
             }
         )
         print(json.dumps(lines[-1]), flush=True)
-    return lines
+    disk = {"bench": "data_scale_disk", "pairs": pairs, "raw_mb": round(_folder_bytes(root / "raw") / 2**20, 1)}
+    disk["all_folders_mb"] = round(_folder_bytes(root) / 2**20, 1)
+    print(json.dumps(disk), flush=True)
+    return [*lines, disk]
 
 
 def _throughput(step: str, summary: dict, counts: dict[str, int], result: dict) -> dict:
@@ -183,12 +206,16 @@ def _throughput(step: str, summary: dict, counts: dict[str, int], result: dict) 
     }
 
 
-def growth(lines: list[dict]) -> list[dict]:
-    """Each step's peak-memory growth from the smallest to the largest size, against the extra data."""
+def growth(lines: list[dict], steps: list[str]) -> list[dict]:
+    """Each step's peak-memory growth from the smallest to the largest size, against the extra data,
+    and its slope in bytes per pair (all splits) between the two largest sizes."""
+    lines = [line for line in lines if line["bench"] == "data_scale"]
     sizes = sorted({line["pairs"] for line in lines})
+    if len(sizes) < 2:
+        return []
     small, large = sizes[0], sizes[-1]
     out = []
-    for step in STEPS:
+    for step in steps:
         a, b = ({line["step"]: line for line in lines if line["pairs"] == n}[step] for n in (small, large))
         extra_mb = b["prepared_mb"] - a["prepared_mb"]
         # 4 bytes x 64 dimensions (the tiny preset) per text and image
@@ -205,9 +232,17 @@ def growth(lines: list[dict]) -> list[dict]:
                 "extra_data_mb": round(extra_mb, 1),
                 "growth_share_of_extra_data": round((b["peak_pss_mb"] - a["peak_pss_mb"]) / max(extra_mb, 1e-9), 4),
                 "extra_embeddings_mb": round(embeddings_mb, 1),
+                **_slope({line["pairs"]: line for line in lines if line["step"] == step}, sizes[-2:]),
             }
         )
     return out
+
+
+def _slope(by_size: dict[int, dict], two_largest: list[int]) -> dict:
+    """Peak memory growth per pair (of all splits) between the two largest sizes."""
+    a, b = (by_size[size] for size in two_largest)
+    per_pair = (b["peak_pss_mb"] - a["peak_pss_mb"]) * 2**20 / max(1, b["all_pairs"] - a["all_pairs"])
+    return {"slope_from_pairs": two_largest[0], "slope_bytes_per_pair": round(per_pair, 2)}
 
 
 INPUT_BATCHES = 400  # per decoder count: long enough that the buffers filled while the decoders start do not count
@@ -255,6 +290,10 @@ def main() -> None:
     parser.add_argument(
         "--input-workers", type=int, nargs="*", default=[], help="decoder counts for the input-scaling case"
     )
+    parser.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS), help="the steps to run, in order")
+    parser.add_argument(
+        "--spill-memory-mb", type=int, default=1024, help="params.yaml spill.spill_memory_mb of ingest and validation"
+    )
     parser.add_argument("--out", type=Path, help="also append the JSON lines to OUT/data_scale.jsonl")
     parser.add_argument(
         "--keep", type=Path, help="build the datasets under this folder and keep them (default: a temporary one)"
@@ -266,7 +305,9 @@ def main() -> None:
         for pairs in sorted(args.pairs):
             root = Path(scratch) / f"pairs-{pairs}"
             lines += run_size(root, pairs, args)
-        for line in growth(lines):
+            if not args.keep and not (args.input_workers and pairs == max(args.pairs)):
+                shutil.rmtree(root)  # the next size needs the disk
+        for line in growth(lines, args.only):
             print(json.dumps(line), flush=True)
             lines.append(line)
         if args.input_workers:

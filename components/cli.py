@@ -114,7 +114,9 @@ def demo_towers_command(
 @app.command()
 def ingest(
     raw: Path = typer.Option(
-        Path("data/raw"), help="Folder with {split}_imgs.tsv + {split}_texts.jsonl, or {split}.csv + images."
+        Path("data/raw"),
+        help="Folder with {split}_imgs.tsv + {split}_texts.jsonl, {split}.csv + images, or img2dataset "
+        "shards in {split}/ (docs/own-data.md).",
     ),
     out: Path = typer.Option(Path("data/prepared"), help="Folder for Parquet shards and quarantine files."),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),

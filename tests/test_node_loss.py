@@ -175,7 +175,7 @@ def _pairs(prepared: Path, split: str) -> Counter:
 
 
 def test_ingest_finishes_when_the_node_decoding_is_lost(cluster, workers, raw_with_bad_lines, ingested_here, tmp_path):
-    killer = NodeKiller(cluster, workers, "_decode_batch")
+    killer = NodeKiller(cluster, workers, "decode_batch")
     summary = ingest(raw_with_bad_lines, tmp_path / "prepared", IngestConfig(batch_lines=16))
     killer.join()
     reference = ingested_here["summary"]

@@ -32,6 +32,7 @@ SECTIONS = {
     "demo_towers": "zhclip.components.demo.towers:DemoTowersConfig",
     "model": "zhclip.components.training.config:ModelConfig",
     "start": "zhclip.components.training.start:StartConfig",
+    "spill": "zhclip.components.data.spill:SpillConfig",
     "ingest": "zhclip.components.data.ingest:IngestConfig",
     "validate": "zhclip.components.data.validate:ValidateConfig",
     "train": "zhclip.components.training.config:TrainConfig",

@@ -1,44 +1,52 @@
 """Ingest: raw splits -> Parquet shards of (text, image) pairs, bad rows quarantined.
 
-Two raw formats, chosen per split by the files present:
+Three raw formats, chosen per split by the files present:
 - Chinese-CLIP: `{split}_imgs.tsv` (`image_id<TAB>base64 image`) + `{split}_texts.jsonl`;
 - captions CSV: `{split}.csv` with columns `text_id`, `text`, `image` (an image file path relative to
-  the raw folder), one row per (text, image) pair; image ids follow the order of first appearance.
+  the raw folder), one row per (text, image) pair; image ids follow the order of first appearance;
+- img2dataset's output: a folder `{split}/` of webdataset or Parquet shards (img2dataset.py), one
+  pair per row it fetched, read a shard per Ray task.
 
-The raw folder may be local or an s3:// prefix (MinIO). Streaming: texts (small) are indexed first,
-then image lines are read in batches of `batch_lines`, decoded and re-encoded by Ray tasks (on any
-CPU of the cluster at $RAY_ADDRESS, or of a local Ray with `workers` CPUs; `workers: 1` decodes in
-this process), and each image's pairs are written as soon as it is done. Memory is bounded by the
-text index, two batches of raw lines and their re-encoded images per CPU in flight, one decoded
-image per task (images above `max_image_pixels` are rejected before decoding), and one shard of
-`shard_rows` pairs, whatever the size of the split.
+The raw folder may be local or an s3:// prefix (MinIO). Streaming, with memory bounded by settings,
+never by the size of the split:
+1. the captions are checked line by line and spilled to a DuckDB database (captions.py);
+2. image lines are read in batches of `batch_lines` (img2dataset: a shard), decoded and re-encoded by
+   Ray tasks (on any CPU of the cluster at $RAY_ADDRESS, or of a local Ray with `workers` CPUs;
+   `workers: 1` decodes in this process); the images that decode are spilled in line order, their
+   ids to the database;
+3. one query joins captions to images out of core (within `spill_memory_mb`), and its result, in
+   line order, is merged with the spilled images into shards of `shard_rows` pairs. An image_id a
+   line repeats is quarantined; so is an image the texts name that no line supplied.
+Memory: two batches of raw lines and their re-encoded images per CPU in flight, one decoded image per
+task (images above `max_image_pixels` are rejected before decoding), a row group of spilled images,
+one shard, and DuckDB's `spill_memory_mb`. Disk: the spill holds the split's re-encoded images once,
+until the split's shards are written (`spill_folder`).
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
-from array import array
-from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from tqdm import tqdm
 
-from zhclip.components.core.cluster import ordered_map, ray_runtime
+from zhclip.components.core.cluster import ray_runtime
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.memory import release_freed_memory
 from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
-from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS, decode_base64
+from zhclip.components.data import img2dataset
+from zhclip.components.data.captions import caption_error, caption_tables, int64, lines, parse_csv, parse_texts
+from zhclip.components.data.decode import decode_file_line, decode_line, decoded_lines, decoded_shards
+from zhclip.components.data.quarantine import IMAGES, MISSING, Quarantine
+from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
+from zhclip.components.data.spill import Spill, check_memory, spill_database
 
 
 @dataclass
@@ -56,35 +64,18 @@ class IngestConfig:
         0, "CPUs of the local Ray that decodes (0: every core; 1: no Ray); a cluster at $RAY_ADDRESS uses all of its"
     )
     batch_lines: int = setting(256, "image lines in flight at once")
+    spill_memory_mb: int = setting(
+        1024, "memory the join of captions to images may hold before it spills to disk", shared_from="spill"
+    )
+    spill_folder: str = setting("", "where the join spills (empty: the system's temporary folder)", shared_from="spill")
 
     def __post_init__(self):
         for name in ("shard_rows", "row_group_rows", "max_image_pixels", "batch_lines"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_memory(self.spill_memory_mb)
         if self.image_format.upper() not in ("PNG", "JPEG"):
             raise ValueError(f"image_format must be PNG or JPEG, got {self.image_format!r}")
-
-
-class _Quarantine:
-    """Rejected rows with their reason, one JSON line each: nothing is dropped silently."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.count = 0
-        self._file = None
-
-    def add(self, source: str, line: int, reason: str, record: str) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # a record with bytes that were not UTF-8 (lone surrogates) is written escaped, never lost
-            self._file = open(self.path, "w", encoding="utf-8", errors="backslashreplace")
-        entry = {"file": source, "line": line, "reason": reason, "record": record[:200]}
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self.count += 1
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
 
 
 class _ShardWriter:
@@ -110,314 +101,127 @@ class _ShardWriter:
         self.rows = []
 
 
-def _reencode(blob: bytes, config: IngestConfig) -> bytes:
-    image = Image.open(io.BytesIO(blob))  # reads the header only
-    pixels = image.width * image.height
-    if pixels > config.max_image_pixels:
-        raise _Rejected(
-            f"image is {image.width}x{image.height} = {pixels / 1e6:.1f} megapixels, "
-            f"above max_image_pixels {config.max_image_pixels / 1e6:.1f} (raise it in params.yaml ingest)"
-        )
-    image = image.convert("RGB")
-    if config.max_image_side and max(image.size) > config.max_image_side:
-        image.thumbnail((config.max_image_side, config.max_image_side))
-    buffer = io.BytesIO()
-    image.save(
-        buffer, format=config.image_format.upper(), **({"quality": 95} if config.image_format.upper() == "JPEG" else {})
-    )
-    return buffer.getvalue()
-
-
-def _lines(raw: Folder, name: str, quarantine: _Quarantine, desc: str | None = None) -> Iterator[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a UTF-8 file; undecodable lines are quarantined."""
-    with raw.open(name) as lines:
-        for number, data in enumerate(tqdm(lines, desc=desc, unit=" lines", leave=False, disable=desc is None), 1):
-            try:
-                line = data.decode("utf-8")
-            except UnicodeDecodeError as err:
-                quarantine.add(raw.name(name), number, f"not UTF-8 ({err})", data.decode("utf-8", "replace"))
-                continue
-            if line.strip():
-                yield number, line
-
-
-def _int64(value: object) -> bool:
-    """An integer the Parquet schema's int64 columns hold (a JSON true is 1, as Python has it)."""
-    return isinstance(value, int) and -(2**63) <= value < 2**63
-
-
-def _unicode(text: str) -> bool:
-    """Whether `text` encodes as UTF-8: JSON can spell lone surrogates, which are no characters."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-class _Rejected(Exception):
-    """An image that decodes but breaks a configured bound."""
-
-
-def _decode_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
-    """One `image_id<TAB>base64` line -> (image_id, re-encoded image, None), or a reason in place of
-    the image. Runs in Ray tasks, so it returns rather than raises."""
-    try:
-        id_field, b64 = line.rstrip("\n").split("\t")
-        image_id = int(id_field)
-    except ValueError as err:
-        return None, None, f"expected 'image_id<TAB>base64 image' ({err})"
-    if not _int64(image_id):
-        return None, None, f"image_id {id_field} does not fit in 64 bits"
-    try:
-        blob = decode_base64(b64)
-    except ValueError as err:
-        return image_id, None, f"image does not decode ({err})"
-    return _reencoded(image_id, blob, config)
-
-
-def _reencoded(image_id: int, blob: bytes, config: IngestConfig) -> tuple[int, bytes | None, str | None]:
-    try:
-        return image_id, _reencode(blob, config), None
-    except _Rejected as err:
-        return image_id, None, f"image rejected: {err}"
-    except (ValueError, OSError, Image.DecompressionBombError) as err:
-        return image_id, None, f"image does not decode ({err})"
-
-
-def _decode_file_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
-    """`image_id<TAB>path` (built from a captions CSV, the path relative to the raw folder) -> the same result
-    as `_decode_line`."""
-    id_field, path = line.split("\t", 1)
-    try:
-        blob = raw.read_bytes(path)
-    except OSError as err:
-        return int(id_field), None, f"image file cannot be read ({err}: {raw.name(path)})"
-    return _reencoded(int(id_field), blob, config)
-
-
-def _decode_batch(lines: list[str], config: IngestConfig, raw: Folder, decode) -> list[tuple]:
-    return [decode(line, config, raw) for line in lines]
-
-
-def _decoded(
-    lines: Iterator[tuple[int, str]], config: IngestConfig, raw: Folder, decode
-) -> Iterator[tuple[int, str, tuple]]:
-    """(line number, line, decode result) in input order, `batch_lines` lines per Ray task (in this process
-    for `workers: 1`)."""
-    batches = iter(lambda: list(itertools.islice(lines, config.batch_lines)), [])
-    if config.workers == 1:
-        for batch in batches:
-            decoded = _decode_batch([line for _, line in batch], config, raw, decode)
-            yield from ((number, line, result) for (number, line), result in zip(batch, decoded))
-        return
-    in_flight: deque[list[tuple[int, str]]] = deque()  # the batches whose results ordered_map has yet to yield
-
-    def calls() -> Iterator[tuple]:
-        for batch in batches:
-            in_flight.append(batch)
-            yield [line for _, line in batch], config, raw, decode
-
-    for decoded in ordered_map(_decode_batch, calls()):
-        yield from ((number, line, result) for (number, line), result in zip(in_flight.popleft(), decoded))
-
-
-class _IdSet:
-    """A set of int64 ids in about 8 bytes each (a Python set takes about 60): a sorted array, plus
-    a small Python set of recent additions merged into it once it grows past an eighth of the array."""
-
-    def __init__(self):
-        self._sorted = np.zeros(0, dtype=np.int64)
-        self._recent: set[int] = set()
-
-    def __contains__(self, value: int) -> bool:
-        if value in self._recent:
-            return True
-        at = int(np.searchsorted(self._sorted, value))
-        return at < len(self._sorted) and self._sorted[at] == value
-
-    def add(self, value: int) -> None:
-        self._recent.add(value)
-        if len(self._recent) > max(4096, len(self._sorted) // 8):
-            self._sorted = np.union1d(self._sorted, np.fromiter(self._recent, dtype=np.int64, count=len(self._recent)))
-            self._recent = set()
-
-
-class _TextIndex:
-    """The captions of a split by image id, in flat arrays (about 40 bytes plus the caption's UTF-8
-    per (text, image) reference) rather than Python objects (several hundred), since a split's texts
-    are held while its images stream past. (Arrow arrays built chunk by chunk would hold the same
-    bytes, but its allocator kept twice as much again resident.)"""
-
-    def __init__(self):
-        self._image_ids, self._text_ids = array("q"), array("q")
-        self._utf8, self._ends = bytearray(), array("q")  # caption i: _utf8[_ends[i - 1]:_ends[i]]
-
-    def add(self, image_id: int, text_id: int, text: str) -> None:
-        self._image_ids.append(image_id)
-        self._text_ids.append(text_id)
-        self._utf8 += text.encode("utf-8")
-        self._ends.append(len(self._utf8))
-
-    def freeze(self) -> _TextIndex:
-        """Sort by image id (captions of one image keep their file order) for lookups."""
-        image_ids = np.frombuffer(self._image_ids, dtype=np.int64)
-        self.order = np.argsort(image_ids, kind="stable")  # the captions stay in file order: no copy of them
-        self.image_ids, self.text_ids = image_ids[self.order], np.frombuffer(self._text_ids, dtype=np.int64)[self.order]
-        del image_ids, self._image_ids, self._text_ids
-        self.images = np.unique(self.image_ids)  # every referenced image id, sorted
-        self.found = np.zeros(len(self.images), dtype=bool)
-        release_freed_memory()  # what parsing the texts left behind, before the images stream
-        return self
-
-    def position(self, image_id: int) -> int | None:
-        """The referenced image's place in `images`, None for an image no text references."""
-        at = int(np.searchsorted(self.images, image_id))
-        return at if at < len(self.images) and self.images[at] == image_id else None
-
-    def captions(self, image_id: int) -> list[tuple[int, str]]:
-        start, end = np.searchsorted(self.image_ids, [image_id, image_id + 1])
-        return [
-            (text_id, self._utf8[self._ends[i - 1] if i else 0 : self._ends[i]].decode("utf-8"))
-            for text_id, i in zip(self.text_ids[start:end].tolist(), self.order[start:end].tolist())
-        ]
-
-    def texts_of_found_images(self) -> int:
-        return int(np.unique(self.text_ids[self.found[np.searchsorted(self.images, self.image_ids)]]).size)
-
-
-def _index_texts(raw: Folder, name: str, quarantine: _Quarantine) -> _TextIndex:
-    """The captions of a texts jsonl by image id, quarantining malformed lines."""
-    index = _TextIndex()
-    seen = _IdSet()
-    source = raw.name(name)
-    for number, line in _lines(raw, name, quarantine):
-        try:
-            record = json.loads(line)
-            text_id, text, image_ids = int(record["text_id"]), record["text"], record["image_ids"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as err:
-            quarantine.add(source, number, f"not a text record with text_id, text, image_ids ({err!r})", line)
-            continue
-        if not isinstance(text, str) or not text.strip():
-            quarantine.add(source, number, "empty or non-string text", line)
-        elif not _unicode(text):
-            quarantine.add(source, number, "text holds a lone surrogate (\\ud800-\\udfff), not a character", line)
-        elif not isinstance(image_ids, list) or not image_ids or not all(_int64(i) for i in image_ids):
-            quarantine.add(source, number, "image_ids must be a non-empty list of integers (64-bit)", line)
-        elif not _int64(text_id):
-            quarantine.add(source, number, f"text_id {text_id} does not fit in 64 bits", line)
-        elif text_id in seen:
-            quarantine.add(source, number, f"duplicate text_id {text_id}", line)
-        else:
-            seen.add(text_id)
-            for image_id in image_ids:
-                index.add(image_id, text_id, text.strip())
-    return index.freeze()
-
-
-CSV_COLUMNS = ("text_id", "text", "image")
-
-
-def _index_csv(raw: Folder, name: str, quarantine: _Quarantine) -> tuple[_TextIndex, list[tuple[int, str]]]:
-    """Captions by image id and `image_id<TAB>path` lines from a captions CSV, quarantining bad rows."""
-    import csv
-    import io
-
-    index = _TextIndex()
-    ids: dict[str, int] = {}
-    first_row: dict[int, int] = {}
-    text_of: dict[int, str] = {}
-    source = raw.name(name)
-    # Bytes that are not UTF-8 become lone surrogates (surrogateescape), so such a row is quarantined
-    # by itself instead of stopping the whole file.
-    with io.TextIOWrapper(raw.open(name), encoding="utf-8", errors="surrogateescape", newline="") as rows:
-        reader = csv.DictReader(rows)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ZhclipError(
-                f"{source}: missing column(s) {missing}; a captions CSV needs {list(CSV_COLUMNS)}"
-                + (" (the file is empty)" if not reader.fieldnames else "")
-            )
-        for number, row in enumerate(reader, 2):
-            cells = [*row, *row.values(), *(row.get(None) or [])]  # a row's extra cells sit under the key None
-            if not all(_unicode(cell) for cell in cells if isinstance(cell, str)):
-                quarantine.add(source, number, "not UTF-8", json.dumps(row))  # \u-escaped, writable
-                continue
-            record = json.dumps(row, ensure_ascii=False)
-            try:
-                text_id = int(row["text_id"])
-            except (TypeError, ValueError):
-                quarantine.add(source, number, f"text_id {row['text_id']!r} is not an integer", record)
-                continue
-            if not _int64(text_id):
-                quarantine.add(source, number, f"text_id {text_id} does not fit in 64 bits", record)
-                continue
-            text, image = (row["text"] or "").strip(), (row["image"] or "").strip()
-            if not text:
-                quarantine.add(source, number, "empty or non-string text", record)
-            elif not image:
-                quarantine.add(source, number, "empty image path", record)
-            elif text_of.setdefault(text_id, text) != text:
-                quarantine.add(source, number, f"duplicate text_id {text_id} with another caption", record)
-            else:
-                image_id = ids.setdefault(image, len(ids) + 1)
-                first_row.setdefault(image_id, number)
-                index.add(image_id, text_id, text)
-    return index.freeze(), [(first_row[image_id], f"{image_id}\t{image}") for image, image_id in ids.items()]
-
-
-def _sources(raw: Folder, split: str, quarantine: _Quarantine):
-    """(caption index, numbered image lines, decoder, images file, texts file) for whichever format the split uses."""
+def _sources(raw: Folder, split: str, quarantine: Quarantine, spill: Spill):
+    """(numbered image lines, decoder, images file, texts file) for whichever format the split uses,
+    its captions spilled into `texts` and `refs` (captions.py)."""
     from pyarrow import fs
 
     images_file, texts_file, csv_file = f"{split}_imgs.tsv", f"{split}_texts.jsonl", f"{split}.csv"
     if raw.kind(csv_file) == fs.FileType.File and raw.kind(images_file) == fs.FileType.NotFound:
-        index, lines = _index_csv(raw, csv_file, quarantine)
-        return index, iter(lines), _decode_file_line, csv_file, csv_file
+        parse_csv(raw, csv_file, quarantine, spill)
+        image_lines = (
+            (row["first_line"], f"{row['image_id']}\t{row['image']}")
+            for row in spill.rows("SELECT first_line, image_id, image FROM csv_images ORDER BY first_line")
+        )
+        return image_lines, decode_file_line, csv_file, csv_file
     for name in (images_file, texts_file):
         if raw.kind(name) != fs.FileType.File:
             raise ZhclipError(
                 f"{raw.name(name)} not found: a split needs {images_file} and {texts_file}, or {csv_file}"
             )
-    return (
-        _index_texts(raw, texts_file, quarantine),
-        _lines(raw, images_file, quarantine, desc=f"ingest {split}"),
-        _decode_line,
-        images_file,
-        texts_file,
+    parse_texts(raw, texts_file, quarantine, spill)
+    return lines(raw, images_file, quarantine, desc=f"ingest {split}"), decode_line, images_file, texts_file
+
+
+class _DecodedImages:
+    """The images that decoded, in line order: (line, image_id) in the spill database for the
+    whole-split queries, and the re-encoded bytes in a Parquet file beside it, read back once."""
+
+    SCHEMA = pa.schema(
+        [
+            ("line", pa.int64()),
+            ("image_id", pa.int64()),
+            ("image", pa.binary()),
+            ("record", pa.string()),
+            ("file", pa.dictionary(pa.int32(), pa.string())),
+            ("file_line", pa.int64()),
+        ]
     )
 
+    def __init__(self, spill: Spill, rows_per_group: int):
+        self.ids = spill.table("decoded", line=pa.int64(), image_id=pa.int64())
+        self.path = spill.folder / "decoded.parquet"
+        self._writer = pq.ParquetWriter(self.path, self.SCHEMA)
+        self._rows: list[dict] = []
+        self.rows_per_group = rows_per_group
 
-def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig) -> dict:
-    quarantine = _Quarantine(out_dir / "quarantine" / f"{split}.jsonl")
-    index, lines, decode, images_file, texts_file = _sources(raw, split, quarantine)
-    writer = _ShardWriter(out_dir / split, config.shard_rows, config.row_group_rows)
-    unreferenced: set[int] = set()  # images no text names (rare): kept only to catch their duplicates
-    for number, line, (image_id, blob, problem) in _decoded(lines, config, raw, decode):
-        if problem:
-            quarantine.add(raw.name(images_file), number, problem, line)
-            continue
-        at = index.position(image_id)
-        if index.found[at] if at is not None else image_id in unreferenced:
-            quarantine.add(raw.name(images_file), number, f"duplicate image_id {image_id}", line)
-            continue
-        if at is None:
-            unreferenced.add(image_id)
-            continue
-        index.found[at] = True
-        for text_id, text in index.captions(image_id):
-            writer.add({"text_id": text_id, "text": text, "image_id": image_id, "image": blob})
-    writer.flush()
-    for image_id in index.images[~index.found].tolist():
-        quarantine.add(
-            raw.name(texts_file),
-            0,
-            f"image_id {image_id} is referenced by texts but has no usable image in {images_file}",
-            json.dumps(index.captions(image_id), ensure_ascii=False),
+    def add(self, line: int, image_id: int, blob: bytes, record: str, file: str, file_line: int) -> None:
+        """Image `image_id` of the split's `line`-th row, which is `file_line` of `file` (what the
+        quarantine names if the image_id repeats)."""
+        self.ids.add(line, image_id)
+        self._rows.append(
+            {
+                "line": line,
+                "image_id": image_id,
+                "image": blob,
+                "record": record[:200],
+                "file": file,
+                "file_line": file_line,
+            }
         )
+        if len(self._rows) >= self.rows_per_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.SCHEMA))
+            self._rows = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self.ids.flush()
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.rows_per_group):
+            yield from batch.to_pylist()
+
+
+# Each decoded image line with its captions in text-file order: no caption for an image no text
+# names, and none for a line whose image_id an earlier line already supplied (nth > 1).
+CAPTIONS_BY_LINE = """
+SELECT d.line, d.nth, t.text_id, t.text
+FROM (SELECT line, image_id, row_number() OVER (PARTITION BY image_id ORDER BY line) AS nth FROM decoded) d
+LEFT JOIN refs r ON r.image_id = d.image_id AND d.nth = 1
+LEFT JOIN texts t ON t.line = r.line
+ORDER BY d.line, r.line, r.pos
+"""
+# The same for captions that come with their image (img2dataset): the caption of the image's own line.
+INLINE_CAPTIONS_BY_LINE = """
+SELECT d.line, d.nth, t.text_id, t.text
+FROM (SELECT line, image_id, row_number() OVER (PARTITION BY image_id ORDER BY line) AS nth FROM decoded) d
+LEFT JOIN texts t ON t.line = d.line AND d.nth = 1
+ORDER BY d.line
+"""
+FOUND_IMAGES = "SELECT image_id FROM decoded WHERE image_id IN (SELECT image_id FROM refs)"
+# Images the texts name that no line supplied, with their captions (the first few: a record is cut
+# at 200 characters anyway).
+MISSING_IMAGES = """
+SELECT image_id, text_id, text FROM (
+  SELECT r.image_id, t.text_id, t.text, row_number() OVER (PARTITION BY r.image_id ORDER BY r.line, r.pos) AS nth
+  FROM refs r JOIN texts t USING (line)
+  WHERE r.image_id NOT IN (SELECT image_id FROM decoded)
+) WHERE nth <= 32
+ORDER BY image_id, nth
+"""
+
+
+def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, spill: Spill) -> dict:
+    spill.clear()
+    quarantine = Quarantine(out_dir / "quarantine" / f"{split}.jsonl", spill)
+    decoded = _DecodedImages(spill, config.row_group_rows)
+    found = img2dataset.shards(raw, split)
+    if found:
+        source = _read_img2dataset(raw, found, config, quarantine, decoded, spill)
+    else:
+        source = _read_lines(raw, split, config, quarantine, decoded, spill)
+    decoded.close()
+    writer = _ShardWriter(out_dir / split, config.shard_rows, config.row_group_rows)
+    unreferenced = _write_pairs(decoded, spill, writer, quarantine, source.captions)
+    _quarantine_missing_images(spill, quarantine, raw, source)
     quarantine.close()
     if writer.total == 0:
-        empty = [name for name in dict.fromkeys((images_file, texts_file)) if raw.size(name) == 0]
+        empty = [name for name in dict.fromkeys(source.files) if raw.size(name) == 0]
         raise ZhclipError(
             f"{split}: no usable (text, image) pairs"
             + (f"; {', '.join(empty)} is empty" if empty else "")
@@ -425,12 +229,129 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig) 
         )
     return {
         "pairs": writer.total,
-        "images": int(index.found.sum()),
-        "unreferenced_images": len(unreferenced),
-        "texts": index.texts_of_found_images(),
+        "images": spill.scalar(f"SELECT count(DISTINCT image_id) FROM ({FOUND_IMAGES})"),
+        "unreferenced_images": unreferenced,
+        "texts": spill.scalar(
+            f"SELECT count(DISTINCT text_id) FROM texts JOIN refs USING (line) WHERE image_id IN ({FOUND_IMAGES})"
+        ),
         "quarantined": quarantine.count,
         "shards": writer.shards,
+        **source.summary,
     }
+
+
+@dataclass
+class _Source:
+    """What a split was read from: the files messages name, the query that gives each decoded image
+    line its captions, and what the summary adds for this format."""
+
+    images: str
+    texts: str
+    captions: str = CAPTIONS_BY_LINE
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.images, self.texts) if self.captions is CAPTIONS_BY_LINE else ()
+
+
+def _read_lines(
+    raw: Folder, split: str, config: IngestConfig, quarantine: Quarantine, decoded: _DecodedImages, spill: Spill
+) -> _Source:
+    """A Chinese-CLIP or captions-CSV split: captions spilled, then image lines decoded in Ray tasks."""
+    image_lines, decode, images_file, texts_file = _sources(raw, split, quarantine, spill)
+    for number, line, (image_id, blob, problem) in decoded_lines(image_lines, config, raw, decode):
+        if problem:
+            quarantine.add(raw.name(images_file), number, problem, line, IMAGES)
+        else:
+            decoded.add(number, image_id, blob, line, raw.name(images_file), number)
+    return _Source(images_file, texts_file)
+
+
+def _read_img2dataset(
+    raw: Folder,
+    found: tuple[str, list[str]],
+    config: IngestConfig,
+    quarantine: Quarantine,
+    decoded: _DecodedImages,
+    spill: Spill,
+) -> _Source:
+    """An img2dataset split, shard by shard in Ray tasks: each row img2dataset fetched, with a key,
+    a caption and an image that decodes, is one pair; every other row is quarantined with its reason."""
+    kind, shards = found
+    split = shards[0].split("/", 1)[0]
+    texts, refs = caption_tables(spill)
+    number = failed = 0
+    progress = tqdm(total=len(shards), desc=f"ingest {split}", unit=" shards", leave=False, disable=None)
+    for shard, rows in decoded_shards(raw, shards, kind, config):
+        progress.update()
+        for line, (key, caption, blob, problem, fetched) in enumerate(rows, 1):
+            number += 1
+            failed += not fetched
+            record = json.dumps({"key": key, "caption": caption}, ensure_ascii=False, default=repr)
+            reason = problem or _key_error(key) or caption_error(caption)
+            if reason:
+                quarantine.add(raw.name(shard), line, reason, record, IMAGES, number)
+                continue
+            decoded.add(number, int(key), blob, record, raw.name(shard), line)
+            texts.add(number, int(key), caption.strip())
+            refs.add(number, 0, int(key))
+    progress.close()
+    texts.flush()
+    refs.flush()
+    return _Source(split, split, INLINE_CAPTIONS_BY_LINE, {"format": f"img2dataset {kind}", "not_fetched": failed})
+
+
+def _key_error(key: str) -> str | None:
+    """Why an img2dataset key cannot be the pair's id (img2dataset's keys are numbers), or None."""
+    if key.isascii() and key.isdigit() and int64(int(key)):
+        return None
+    return f"key {key!r} is not a non-negative 64-bit integer (img2dataset numbers its rows)"
+
+
+def _write_pairs(
+    decoded: _DecodedImages, spill: Spill, writer: _ShardWriter, quarantine: Quarantine, captions_query: str
+) -> int:
+    """Each decoded image's pairs, in line order, merged from the spilled images and the captions
+    query (both in line order); a repeated image_id is quarantined. Returns the images no text names."""
+    captions = spill.rows(captions_query)
+    row = next(captions, None)
+    unreferenced = 0
+    for image in decoded:
+        pairs = []
+        while row is not None and row["line"] == image["line"]:
+            pairs.append(row)
+            row = next(captions, None)
+        if pairs[0]["nth"] > 1:
+            reason = f"duplicate image_id {image['image_id']}"
+            quarantine.add(image["file"], image["file_line"], reason, image["record"], IMAGES, image["line"])
+        elif pairs[0]["text_id"] is None:
+            unreferenced += 1
+        else:
+            for pair in pairs:
+                writer.add(
+                    {
+                        "text_id": pair["text_id"],
+                        "text": pair["text"],
+                        "image_id": image["image_id"],
+                        "image": image["image"],
+                    }
+                )
+    writer.flush()
+    return unreferenced
+
+
+def _quarantine_missing_images(spill: Spill, quarantine: Quarantine, raw: Folder, source: _Source) -> None:
+    """Quarantine each image the captions name that no line supplied, with its captions."""
+    for image_id, group in itertools.groupby(spill.rows(MISSING_IMAGES), key=lambda row: row["image_id"]):
+        quarantine.add(
+            raw.name(source.texts),
+            0,
+            f"image_id {image_id} is referenced by texts but has no usable image in {source.images}",
+            json.dumps([[row["text_id"], row["text"]] for row in group], ensure_ascii=False),
+            MISSING,
+            image_id,
+        )
 
 
 def ingest(
@@ -446,8 +367,12 @@ def ingest(
             f"raw data folder {raw_dir} not found; generate it with `zhclip demo-data` or point --raw at yours"
         )
     summary: dict = {"raw_dir": str(raw_dir), "out_dir": str(out_dir)}
-    with timed(summary), ray_runtime(config.workers or None) if config.workers != 1 else nullcontext():
-        summary["splits"] = {split: _ingest_split(raw, out_dir, split, config) for split in SPLITS}
+    with (
+        timed(summary),
+        ray_runtime(config.workers or None) if config.workers != 1 else nullcontext(),
+        spill_database(config.spill_memory_mb, config.spill_folder) as spill,
+    ):
+        summary["splits"] = {split: _ingest_split(raw, out_dir, split, config, spill) for split in SPLITS}
     images = sum(s["images"] + s["unreferenced_images"] for s in summary["splits"].values())
     summary["images_per_s"] = round(images / max(summary["duration_s"], 1e-9), 1)
     if summary_path:

@@ -1,13 +1,14 @@
 """Validate: a Great Expectations gate over the prepared pairs that loses nothing, streamed.
 
-Each split is checked in two passes, so memory holds a few hashes per pair, never the split:
+Each split is checked in two passes, with memory bounded by settings, never by the split:
 1. every row group is profiled (caption length and Chinese share; image decodes, size, aspect, bytes,
    content hash) by a Ray task, on any CPU of the cluster; the profiles (no image bytes) are spilled
-   to a scratch Parquet file, and only the ids and hashes the cross-row checks need stay in memory;
-2. the cross-row flags (duplicate pairs, conflicting ids, train/eval leakage by image hash) are
-   computed from those, and the profile is checked `rows_per_check` rows at a time by one expectation
-   suite through a GE checkpoint that renders every batch into one Data Docs site; the split's size is
-   checked by a second, split-level suite.
+   to a scratch Parquet file;
+2. the cross-row flags (duplicate pairs, conflicting ids, train/eval leakage by image hash) are one
+   DuckDB query over the spilled profiles, out of core within `spill_memory_mb` (spill.py); the
+   profile, with the flags merged in row order, is checked `rows_per_check` rows at a time by one
+   expectation suite through a GE checkpoint whose results are stored on disk and rendered into one
+   Data Docs site at the end; the split's size is checked by a second, split-level suite.
 A row that breaks a row-level expectation is bad. If the share of bad rows is within
 `max_bad_fraction`, they are removed from the validated data (written shard by shard)
 and written to the quarantine file with every reason that applies; otherwise the step fails, naming
@@ -21,7 +22,7 @@ import io
 import json
 import logging
 import re
-import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
 from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.data.spill import Spill, check_memory, spill_database
 
 COLUMNS = ["text_id", "text", "image_id", "image"]
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
@@ -61,10 +63,19 @@ class ValidateConfig:
     rows_per_check: int = setting(
         20_000, "profiled rows checked by the suite at once (bounds memory; one Data Docs page each)"
     )
+    spill_memory_mb: int = setting(
+        1024,
+        "memory the duplicate, conflict and leakage checks may hold before they spill to disk",
+        shared_from="spill",
+    )
+    spill_folder: str = setting(
+        "", "where those checks spill (empty: the system's temporary folder)", shared_from="spill"
+    )
 
     def __post_init__(self):
         if self.rows_per_check < 1:
             raise ValueError(f"rows_per_check must be positive, got {self.rows_per_check}")
+        check_memory(self.spill_memory_mb)
 
 
 def _image_facts(blob: bytes) -> dict:
@@ -113,34 +124,35 @@ def profile_group(split: PreparedSplit, group: int) -> pd.DataFrame:
     return frame
 
 
-def cross_row_flags(
-    text_ids: np.ndarray,
-    text_hashes: np.ndarray,
-    image_ids: np.ndarray,
-    image_hashes: np.ndarray,
-    train_images: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """The checks that compare rows, over a whole split: an exact duplicate of an earlier pair (the
-    first copy is kept), a text_id with several captions or an image_id with several images (every
-    row of it), and an image whose content is in the train split (`train_images`, sorted hashes).
-    Sorting-based, so memory is a few arrays of the split's length."""
-    order = np.lexsort((image_ids, text_ids))  # stable: equal pairs stay in row order
-    repeat = (text_ids[order][1:] == text_ids[order][:-1]) & (image_ids[order][1:] == image_ids[order][:-1])
-    duplicate = np.zeros(len(text_ids), dtype=bool)
-    duplicate[order[1:][repeat]] = True
+# Rows of a split's spilled profile that a check over the whole split flags: an exact duplicate of an
+# earlier pair (the first copy is kept), a text_id with several captions or an image_id with several
+# images (every row of it), an image whose content is in the train split. Only flagged rows, in order.
+CROSS_ROW_FLAGS = """
+WITH profile AS (SELECT row, text_id, text_hash, image_id, image_hash FROM read_parquet('{profile}')),
+flags AS (
+  SELECT row,
+    row_number() OVER (PARTITION BY text_id, image_id ORDER BY row) > 1 AS duplicate_pair,
+    text_id IN (SELECT text_id FROM profile GROUP BY text_id HAVING count(DISTINCT text_hash) > 1) AS text_id_conflict,
+    image_id IN (SELECT image_id FROM profile GROUP BY image_id HAVING count(DISTINCT image_hash) > 1)
+      AS image_id_conflict,
+    {leaked} AS leaked_from_train
+  FROM profile
+)
+SELECT * FROM flags
+WHERE duplicate_pair OR text_id_conflict OR image_id_conflict OR leaked_from_train
+ORDER BY row
+"""
 
-    def conflicting(ids: np.ndarray, hashes: np.ndarray) -> np.ndarray:
-        by_id = np.lexsort((hashes, ids))
-        ids_sorted, hashes_sorted = ids[by_id], hashes[by_id]
-        differs = (ids_sorted[1:] == ids_sorted[:-1]) & (hashes_sorted[1:] != hashes_sorted[:-1])
-        return np.isin(ids, np.unique(ids_sorted[1:][differs]))
 
-    return {
-        "duplicate_pair": duplicate,
-        "text_id_conflict": conflicting(text_ids, text_hashes),
-        "image_id_conflict": conflicting(image_ids, image_hashes),
-        "leaked_from_train": np.isin(image_hashes, train_images),
-    }
+def flagged_rows(spill: Spill, profile: Path, train_profile: Path | None) -> Iterator[dict]:
+    """The rows of `profile` that a cross-row check flags, in row order, each with its four flags;
+    leakage against `train_profile` (None for the train split itself)."""
+    leaked = f"image_hash IN (SELECT image_hash FROM read_parquet('{_sql_path(train_profile)}'))"
+    return spill.rows(CROSS_ROW_FLAGS.format(profile=_sql_path(profile), leaked=leaked if train_profile else "false"))
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def build_suite(config: ValidateConfig):
@@ -183,45 +195,64 @@ def build_split_suite(config: ValidateConfig):
     return suite
 
 
-def _checkpoints(config: ValidateConfig, docs_dir: Path | None):
-    """GE checkpoints (rows, split size) over pandas batches, both rendering into one Data Docs site."""
-    import great_expectations as gx
+class _Gate:
+    """GE checkpoints (rows, split size) over pandas batches. Their results are stored on disk, not
+    in the context's memory (one per batch: thousands at hundreds of millions of pairs), and rendered
+    into one Data Docs site at the end, not after every batch (which re-renders the whole index each
+    time)."""
 
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
-    actions = []
-    if docs_dir:
-        context.add_data_docs_site(
-            "zhclip",
-            {
-                "class_name": "SiteBuilder",
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(Path(docs_dir).resolve()),
+    def __init__(self, config: ValidateConfig, docs_dir: Path | None, scratch: Path):
+        import great_expectations as gx
+
+        logging.getLogger("great_expectations").setLevel(logging.ERROR)
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = gx.data_context.types.base.ProgressBarsConfig(globally=False)
+        context.add_store("results_on_disk", _filesystem_store("ValidationResultsStore", scratch / "results"))
+        context.variables.validation_results_store_name = "results_on_disk"
+        if docs_dir:
+            context.add_data_docs_site(
+                "zhclip",
+                {
+                    "class_name": "SiteBuilder",
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(Path(docs_dir).resolve()),
+                    },
                 },
-            },
+            )
+        self.context, self.docs = context, docs_dir is not None
+        source = context.data_sources.add_pandas("prepared")
+        self.rows, self.size = (
+            self._checkpoint(source, name, suite)
+            for name, suite in (("prepared_pairs", build_suite(config)), ("split_size", build_split_suite(config)))
         )
-        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs"))
-    source = context.data_sources.add_pandas("prepared")
-    checkpoints = []
-    for name, suite in (("prepared_pairs", build_suite(config)), ("split_size", build_split_suite(config))):
+
+    def _checkpoint(self, source, name: str, suite):
+        import great_expectations as gx
+
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("batch")
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=context.suites.add(suite))
+        definition = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=self.context.suites.add(suite))
         )
-        checkpoints.append(
-            context.checkpoints.add(
-                gx.Checkpoint(
-                    name=name,
-                    validation_definitions=[definition],
-                    actions=actions,
-                    result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]},
-                )
+        return self.context.checkpoints.add(
+            gx.Checkpoint(
+                name=name,
+                validation_definitions=[definition],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]},
             )
         )
-    return checkpoints
+
+    def render(self) -> None:
+        if self.docs:
+            self.context.build_data_docs(site_names=["zhclip"])
+
+
+def _filesystem_store(class_name: str, folder: Path) -> dict:
+    return {
+        "class_name": class_name,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(folder)},
+    }
 
 
 def _run(checkpoint, frame: pd.DataFrame) -> list[dict]:
@@ -246,43 +277,32 @@ def _run(checkpoint, frame: pd.DataFrame) -> list[dict]:
     return outcomes
 
 
-def _merge(outcomes: list[list[dict]]) -> list[dict]:
-    """One expectation's outcomes over all batches of a split, as if checked at once."""
-    merged = []
-    for runs in zip(*outcomes):
-        rows = [row for run in runs for row in run["rows"]]
-        merged.append(
-            {
-                **runs[0],
-                "success": all(run["success"] for run in runs),
-                "rows": rows,
-                "unexpected_count": len(rows),
-                "examples": [example for run in runs for example in run["examples"]][:3],
-                "observed": next((run["observed"] for run in runs if not run["success"]), runs[0]["observed"]),
-            }
-        )
-    return merged
+def _merge(merged: list[dict] | None, run: list[dict]) -> list[dict]:
+    """One expectation's outcomes over the batches so far and one more batch, as if checked at once
+    (row numbers are not kept: the quarantine file has them)."""
+    if merged is None:
+        return [{**outcome, "rows": None} for outcome in run]
+    return [
+        {
+            **so_far,
+            "success": so_far["success"] and outcome["success"],
+            "unexpected_count": so_far["unexpected_count"] + outcome["unexpected_count"],
+            "examples": (so_far["examples"] + outcome["examples"])[:3],
+            "observed": so_far["observed"] if not so_far["success"] or outcome["success"] else outcome["observed"],
+        }
+        for so_far, outcome in zip(merged, run)
+    ]
 
 
-@dataclass
-class _Profiled:
-    """A split's profile spilled to Parquet, with the ids and hashes the cross-row checks need."""
-
-    path: Path
-    rows: int
-    columns: dict[str, np.ndarray]
-
-
-def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> _Profiled:
+def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> tuple[Path, int]:
+    """Profile every row group of `split` (Ray tasks) into a scratch Parquet file, with each row's number
+    in the split; returns the file and the number of rows."""
     missing = [c for c in COLUMNS if c not in split.columns()]
     if missing:
         raise ZhclipError(f"prepared data {split.uri}/{split.split} lacks column(s) {missing}; re-run `zhclip ingest`")
-    keys = {name: np.zeros(split.rows, dtype=np.int64) for name in ("text_id", "text_hash", "image_id", "image_hash")}
     path, rows, writer, pending = scratch / f"{split.split}.parquet", 0, None, []
 
-    def spill() -> (
-        None
-    ):  # in batches of batch_rows: a Parquet row group per row group of the data would bloat the footer
+    def spill() -> None:  # in batches of batch_rows: a row group per row group of the data would bloat the footer
         nonlocal writer
         table = pa.concat_tables(pending)
         writer = writer or pq.ParquetWriter(path, table.schema, write_statistics=False)
@@ -294,54 +314,83 @@ def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> _Pro
         profiles, total=len(split.groups), desc=f"validate {split.split}", unit=" row groups", leave=False, disable=None
     ):
         frame.insert(0, "row", np.arange(rows, rows + len(frame)))
-        for name, values in keys.items():
-            values[rows : rows + len(frame)] = frame[name].to_numpy(dtype=np.int64)
         rows += len(frame)
-        pending.append(pa.Table.from_pandas(frame.drop(columns=["text_hash"]), preserve_index=False))
+        pending.append(pa.Table.from_pandas(frame, preserve_index=False))
         if sum(len(table) for table in pending) >= batch_rows:
             spill()
     if pending:
         spill()
     writer.close()
-    return _Profiled(path, rows, keys)
+    return path, rows
+
+
+class _RowCursor:
+    """Records in row order (a query's result), taken a range of rows at a time."""
+
+    def __init__(self, records: Iterator[dict]):
+        self._records = records
+        self._next = next(records, None)
+
+    def up_to(self, last: int) -> Iterator[dict]:
+        """The records of rows up to `last`, not yet taken."""
+        while self._next is not None and self._next["row"] <= last:
+            yield self._next
+            self._next = next(self._records, None)
+
+
+def _with_flags(frame: pd.DataFrame, flagged: _RowCursor) -> pd.DataFrame:
+    """`frame` (consecutive rows) with the four cross-row flag columns."""
+    first = int(frame["row"].iloc[0])
+    flags = {name: np.zeros(len(frame), dtype=bool) for name in FLAGS}
+    for record in flagged.up_to(int(frame["row"].iloc[-1])):
+        for name in FLAGS:
+            flags[name][record["row"] - first] = record[name]
+    return frame.assign(**flags)
 
 
 def _check_split(
-    profiled: _Profiled, train_images: np.ndarray, checkpoints, config: ValidateConfig
-) -> tuple[list[dict], dict[int, dict]]:
-    """Every expectation's outcome over the split, and each bad row's record with its reasons."""
-    rows_check, size_check = checkpoints
-    keys = profiled.columns
-    flags = cross_row_flags(keys["text_id"], keys["text_hash"], keys["image_id"], keys["image_hash"], train_images)
-    runs, bad = [], {}
-    for batch in pq.ParquetFile(profiled.path).iter_batches(batch_size=config.rows_per_check):
-        frame = batch.to_pandas()
-        for name, flag in flags.items():
-            frame[name] = flag[frame["row"].to_numpy()]
-        runs.append(_run(rows_check, frame))
-        by_row = frame.set_index("row")
-        for outcome in runs[-1]:
+    profile: Path,
+    rows: int,
+    flagged: _RowCursor,
+    gate: _Gate,
+    config: ValidateConfig,
+    bad_rows,
+    quarantine,
+    split: str,
+) -> list[dict]:
+    """Every expectation's outcome over the split. Each bad row goes, with its reasons, to the
+    quarantine file (in row order) and its number to `bad_rows`."""
+    merged = None
+    for batch in pq.ParquetFile(profile).iter_batches(batch_size=config.rows_per_check):
+        frame = _with_flags(batch.to_pandas(), flagged)
+        run = _run(gate.rows, frame)
+        merged = _merge(merged, run)
+        by_row, reasons = frame.set_index("row"), {}
+        for outcome in run:
             for row in outcome["rows"]:
-                record = bad.setdefault(
-                    row,
-                    {
-                        "text_id": int(by_row.at[row, "text_id"]),
-                        "image_id": int(by_row.at[row, "image_id"]),
-                        "text": by_row.at[row, "text"],
-                        "reasons": [],
-                    },
-                )
-                record["reasons"].append(f"{outcome['expectation']}({outcome['column']})")
-    return _run(size_check, pd.DataFrame({"pairs": [profiled.rows], "row": [0]})) + _merge(runs), bad
+                reasons.setdefault(row, []).append(f"{outcome['expectation']}({outcome['column']})")
+        for row in sorted(reasons):
+            record = {
+                "split": split,
+                "text_id": int(by_row.at[row, "text_id"]),
+                "image_id": int(by_row.at[row, "image_id"]),
+                "text": by_row.at[row, "text"],
+                "reasons": reasons[row],
+            }
+            quarantine.write(json.dumps(record, ensure_ascii=False) + "\n")
+            bad_rows.add(row)
+    bad_rows.flush()
+    return _run(gate.size, pd.DataFrame({"pairs": [rows], "row": [0]})) + (merged or [])
 
 
-def _write_split(split: PreparedSplit, out_dir: Path, bad_rows: set[int]) -> int:
-    """The split's kept rows into `out_dir`, one output shard per input shard, row group by row group.
-    Written here, not by Ray tasks: `out_dir` is this machine's folder, and filtering costs no decoding."""
+def _write_split(split: PreparedSplit, out_dir: Path, bad_rows: _RowCursor) -> int:
+    """The split's kept rows into `out_dir`, one output shard per input shard, row group by row group;
+    `bad_rows` are the rows to leave out, in order. Written here, not by Ray tasks: `out_dir` is this
+    machine's folder, and filtering costs no decoding."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("part-*.parquet"):
         stale.unlink()
-    bad, first_rows = np.array(sorted(bad_rows), dtype=np.int64), split.first_rows()
+    first_rows = split.first_rows()
     shards: dict[str, list[int]] = {}
     for number, group in enumerate(split.groups):
         shards.setdefault(group.path, []).append(number)
@@ -349,9 +398,11 @@ def _write_split(split: PreparedSplit, out_dir: Path, bad_rows: set[int]) -> int
     for shard, numbers in shards.items():
         with pq.ParquetWriter(out_dir / Path(shard).name, PAIR_SCHEMA) as writer:
             for number in numbers:
-                rows = np.arange(first_rows[number], first_rows[number] + split.groups[number].rows)
-                table = split.read(number, COLUMNS).filter(pa.array(~np.isin(rows, bad)))
-                writer.write_table(table.cast(PAIR_SCHEMA), row_group_size=split.groups[number].rows)
+                start, size = int(first_rows[number]), split.groups[number].rows
+                keep = np.ones(size, dtype=bool)
+                keep[[bad["row"] - start for bad in bad_rows.up_to(start + size - 1)]] = False
+                table = split.read(number, COLUMNS).filter(pa.array(keep))
+                writer.write_table(table.cast(PAIR_SCHEMA), row_group_size=size)
                 kept += len(table)
     return kept
 
@@ -382,31 +433,30 @@ def validate(
     with (
         timed(report),
         ray_runtime(),
-        tempfile.TemporaryDirectory() as scratch,
+        spill_database(config.spill_memory_mb, config.spill_folder) as spill,
         open(quarantine_path, "w", encoding="utf-8") as quarantine,
     ):
-        checkpoints = _checkpoints(config, Path(docs_dir) if docs_dir else None)
-        train_images = np.zeros(0, dtype=np.int64)
+        gate = _Gate(config, Path(docs_dir) if docs_dir else None, spill.folder)
+        train_profile = None
         for name, split in splits.items():  # train first: its image hashes define leakage
-            profiled = _profile_split(split, Path(scratch), config.rows_per_check)
-            if name == "train":
-                train_images = np.unique(profiled.columns["image_hash"])
-            release_freed_memory()  # the profiles' pandas frames, before the checks' peak
-            outcomes, bad = _check_split(
-                profiled, train_images if name != "train" else np.zeros(0, np.int64), checkpoints, config
-            )
-            split_failures = [o for o in outcomes if not o["success"] and not o["rows"]]
-            bad_fraction = len(bad) / max(1, profiled.rows)
+            profile, rows = _profile_split(split, spill.folder, config.rows_per_check)
+            release_freed_memory()  # the profiles' pandas frames, before the checks
+            bad_rows = spill.table(f"bad_{name}", row=pa.int64())
+            flagged = _RowCursor(flagged_rows(spill, profile, train_profile))
+            outcomes = _check_split(profile, rows, flagged, gate, config, bad_rows, quarantine, name)
+            train_profile = train_profile or profile
+            split_failures = [o for o in outcomes if not o["success"] and not o["unexpected_count"]]
+            bad_fraction = bad_rows.rows / max(1, rows)
             passed = not split_failures and bad_fraction <= config.max_bad_fraction
             if not passed:
                 failures += [(name, o) for o in outcomes if not o["success"]]
-            kept = _write_split(split, out_dir / name, set(bad))
-            for row in sorted(bad):
-                quarantine.write(json.dumps({"split": name, **bad[row]}, ensure_ascii=False) + "\n")
+            kept = _write_split(
+                split, out_dir / name, _RowCursor(spill.rows(f"SELECT row FROM bad_{name} ORDER BY row"))
+            )
             report["splits"][name] = {
-                "rows_in": profiled.rows,
+                "rows_in": rows,
                 "rows_out": kept,
-                "rows_quarantined": len(bad),
+                "rows_quarantined": bad_rows.rows,
                 "bad_fraction": round(bad_fraction, 6),
                 "passed": passed,
                 "checked": len(outcomes),
@@ -416,6 +466,7 @@ def validate(
                     for o in outcomes
                 },
             }
+        gate.render()
     report.update(
         quarantine=str(quarantine_path),
         data_docs=str(docs_dir) if docs_dir else None,
@@ -436,7 +487,7 @@ def _explain(failures: list[tuple[str, dict]], config: ValidateConfig, quarantin
         name = outcome["expectation"] + (f"({outcome['column']})" if outcome["column"] else "")
         where = (
             f"{outcome['unexpected_count']} rows, e.g. {json.dumps(outcome['examples'], ensure_ascii=False)}"
-            if outcome["rows"]
+            if outcome["unexpected_count"]
             else f"observed {outcome['observed']}"
         )
         lines.append(f"  {split}: {name} failed: {where}")

@@ -8,13 +8,18 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.storage import Folder
-from zhclip.components.data.ingest import IngestConfig, _decode_line, _index_csv, _index_texts, _Quarantine, ingest
+from zhclip.components.data.captions import parse_csv, parse_texts
+from zhclip.components.data.decode import decode_line
+from zhclip.components.data.ingest import IngestConfig, ingest
+from zhclip.components.data.quarantine import Quarantine
+from zhclip.components.data.spill import spill_database
 
 from conftest import fewer_examples
 
@@ -56,6 +61,13 @@ image_lines = st.one_of(
 )
 
 
+@pytest.fixture(scope="module")
+def spill():
+    """One spill database for every example, cleared before each (opening one takes longer than an example)."""
+    with spill_database(128) as database:
+        yield database
+
+
 def _lines_file(folder: Path, name: str, lines: list[bytes]) -> Folder:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(b"\n".join(line.replace(b"\n", b" ").replace(b"\r", b" ") for line in lines) + b"\n")
@@ -78,13 +90,15 @@ def _read_lines(path: Path) -> int:
 @example(lines=[b'{"text_id": 99999999999999999999999, "text": "a", "image_ids": [1]}'])
 @example(lines=[b'{"text_id": 1, "text": "a", "image_ids": [99999999999999999999999]}'])
 @example(lines=[b'{"text_id": 1, "text": "\\ud800", "image_ids": [1]}'])
-def test_texts_parser_keeps_or_quarantines_every_line(tmp_path_factory, lines):
+def test_texts_parser_keeps_or_quarantines_every_line(tmp_path_factory, spill, lines):
     folder = tmp_path_factory.mktemp("texts")
     raw = _lines_file(folder, "t.jsonl", lines)
-    quarantine = _Quarantine(folder / "q.jsonl")
-    index = _index_texts(raw, "t.jsonl", quarantine)
+    spill.clear()
+    quarantine = Quarantine(folder / "q.jsonl", spill)
+    parse_texts(raw, "t.jsonl", quarantine, spill)
     quarantine.close()
-    kept = len(set(index.text_ids.tolist()))
+    kept = spill.scalar("SELECT count(*) FROM texts")
+    assert kept == spill.scalar("SELECT count(DISTINCT text_id) FROM texts")  # one line per text_id kept
     assert kept + quarantine.count == _read_lines(folder / "t.jsonl")
 
 
@@ -93,7 +107,7 @@ def test_texts_parser_keeps_or_quarantines_every_line(tmp_path_factory, lines):
 @example(line=f"99999999999999999999999\t{PNG}")
 @example(line=f"1\t{base64.b64encode(b'GIF89a not really').decode()}")
 def test_image_line_decoder_returns_an_image_or_a_reason(line):
-    image_id, blob, problem = _decode_line(line, IngestConfig(), Folder("."))
+    image_id, blob, problem = decode_line(line, IngestConfig(), Folder("."))
     assert (blob is None) != (problem is None)
     assert problem is None or isinstance(problem, str) and problem
     if blob is not None:
@@ -108,7 +122,7 @@ csv_cells = st.one_of(st.text(max_size=40), integers.map(str), st.just(""), st.t
 @example(rows=[("1", "红色", "a.png")], garbage=b"\n2,\x80\xff,b.png\n")
 @example(rows=[("9223372036854775808", "红色", "a.png")], garbage=b"")
 @example(rows=[("1", "", "a.png")], garbage=b"\n2,,b.png,\xff\n")  # an extra cell that is not UTF-8
-def test_captions_csv_parser_keeps_or_quarantines_every_row(tmp_path_factory, rows, garbage):
+def test_captions_csv_parser_keeps_or_quarantines_every_row(tmp_path_factory, spill, rows, garbage):
     import csv
 
     folder = tmp_path_factory.mktemp("csv")
@@ -117,13 +131,16 @@ def test_captions_csv_parser_keeps_or_quarantines_every_row(tmp_path_factory, ro
     writer.writerow(["text_id", "text", "image"])
     writer.writerows(rows)
     (folder / "c.csv").write_bytes(buffer.getvalue().encode("utf-8", "surrogatepass") + garbage)
-    quarantine = _Quarantine(folder / "q.jsonl")
-    index, images = _index_csv(Folder(folder), "c.csv", quarantine)  # rows that are not UTF-8 included
+    spill.clear()
+    quarantine = Quarantine(folder / "q.jsonl", spill)
+    parse_csv(Folder(folder), "c.csv", quarantine, spill)  # rows that are not UTF-8 included
     quarantine.close()
+    references = spill.scalar("SELECT count(*) FROM refs")
+    images = spill.scalar("SELECT count(*) FROM csv_images")
+    assert images == spill.scalar("SELECT count(DISTINCT image_id) FROM refs")
     with open(folder / "c.csv", encoding="utf-8", errors="surrogateescape", newline="") as handle:
         data_rows = sum(1 for _ in csv.DictReader(handle))
-    assert len(index.image_ids) + quarantine.count == data_rows  # each row: one (text, image) entry or quarantined
-    assert len(images) == len(set(index.images.tolist()))
+    assert references + quarantine.count == data_rows  # each row: one (text, image) entry or quarantined
 
 
 @settings(max_examples=fewer_examples(20))
