@@ -173,7 +173,9 @@ class _DecodedImages:
         self.ids.flush()
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.rows_per_group):
+        # pre_buffer off: with it, pyarrow keeps every row group read so far (measured: the whole 1.7 GB
+        # spill of 1M images resident by the end of the read)
+        for batch in pq.ParquetFile(self.path, pre_buffer=False).iter_batches(batch_size=self.rows_per_group):
             yield from batch.to_pylist()
 
 

@@ -361,7 +361,8 @@ def _check_split(
     """Every expectation's outcome over the split. Each bad row goes, with its reasons, to the
     quarantine file (in row order) and its number to `bad_rows`."""
     merged = None
-    for batch in pq.ParquetFile(profile).iter_batches(batch_size=config.rows_per_check):
+    # pre_buffer off: with it, pyarrow keeps every row group read so far (see ingest's spill)
+    for batch in pq.ParquetFile(profile, pre_buffer=False).iter_batches(batch_size=config.rows_per_check):
         frame = _with_flags(batch.to_pandas(), flagged)
         run = _run(gate.rows, frame)
         merged = _merge(merged, run)
