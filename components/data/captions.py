@@ -19,14 +19,17 @@ import pyarrow as pa
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.storage import Folder
-from zhclip.components.data.quarantine import Quarantine
+from zhclip.components.data.quarantine import TEXTS, Quarantine
 from zhclip.components.data.spill import Spill
 
 CSV_COLUMNS = ("text_id", "text", "image")
 
 
-def lines(raw: Folder, name: str, quarantine: Quarantine, desc: str | None = None) -> Iterator[tuple[int, str]]:
-    """(line number, text) of the non-blank lines of a UTF-8 file; undecodable lines are quarantined."""
+def lines(
+    raw: Folder, name: str, quarantine: Quarantine, phase: int = TEXTS, desc: str | None = None
+) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the non-blank lines of a UTF-8 file; undecodable lines are quarantined
+    (among the entries of `phase`, by line)."""
     from tqdm import tqdm
 
     with raw.open(name) as handle:
@@ -34,7 +37,7 @@ def lines(raw: Folder, name: str, quarantine: Quarantine, desc: str | None = Non
             try:
                 line = data.decode("utf-8")
             except UnicodeDecodeError as err:
-                quarantine.add(raw.name(name), number, f"not UTF-8 ({err})", data.decode("utf-8", "replace"))
+                quarantine.add(raw.name(name), number, f"not UTF-8 ({err})", data.decode("utf-8", "replace"), phase)
                 continue
             if line.strip():
                 yield number, line

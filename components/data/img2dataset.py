@@ -80,39 +80,53 @@ def _fetched(record: dict) -> bool:
 
 
 def _parquet_rows(raw: Folder, shard: str) -> Iterator[Row]:
-    for record in _records(raw, shard, ("key", "txt", "caption", "jpg", "status", "error_message")):
+    columns = ("key", "txt", "caption", "status", "error_message", *IMAGE_EXTENSIONS)
+    for record in _records(raw, shard, columns):
         key, caption = str(record.get("key")), record.get("txt", record.get("caption"))
+        image = next((record[ext] for ext in IMAGE_EXTENSIONS if record.get(ext)), None)  # --encode_format
         if not _fetched(record):
             yield Row(key, caption, None, _failed(record["status"], record.get("error_message")), fetched=False)
-        elif not record.get("jpg"):
-            yield Row(key, caption, None, "img2dataset marked it fetched but its jpg column is empty")
+        elif image is None:
+            yield Row(key, caption, None, "img2dataset marked it fetched but its image column is empty")
         else:
-            yield Row(key, caption, record["jpg"], None)
+            yield Row(key, caption, image, None)
 
 
 def _webdataset_rows(raw: Folder, shard: str) -> Iterator[Row]:
     """The rows of the Parquet beside the tar (every URL tried), each fetched one with its sample from
-    the tar (they are in the same order); without that Parquet, the tar's samples."""
+    the tar; without that Parquet, the tar's samples. Both are in key order (img2dataset numbers its
+    rows), so a sample the Parquet does not list is still read, and a listed one the tar lacks is
+    quarantined, without the two falling out of step."""
     from pyarrow import fs
 
     samples = _tar_samples(raw, shard)
-    meta = shard.removesuffix(".tar") + ".parquet"
     pending = next(samples, None)
-    if raw.kind(meta) == fs.FileType.File:
-        for record in _records(raw, meta, ("key", "caption", "status", "error_message")):
-            key = str(record.get("key"))
-            if not _fetched(record):
-                yield Row(
-                    key, record.get("caption"), None, _failed(record["status"], record.get("error_message")), False
-                )
-            elif pending is None or pending[0] != key:
-                yield Row(key, record.get("caption"), None, f"img2dataset fetched it but {raw.name(shard)} lacks it")
-            else:
-                yield _sample_row(*pending)
+    meta = shard.removesuffix(".tar") + ".parquet"
+    records = (
+        _records(raw, meta, ("key", "caption", "status", "error_message")) if raw.kind(meta) == fs.FileType.File else ()
+    )
+    for record in records:
+        key = str(record.get("key"))
+        while pending is not None and _order(pending[0]) < _order(key):  # a sample no row lists
+            yield _sample_row(*pending)
+            pending = next(samples, None)
+        if not _fetched(record):
+            yield Row(key, record.get("caption"), None, _failed(record["status"], record.get("error_message")), False)
+            if pending is not None and pending[0] == key:  # a sample for a row it failed: part of that row
                 pending = next(samples, None)
-    while pending is not None:  # samples no Parquet lists: rows read all the same
+        elif pending is None or pending[0] != key:
+            yield Row(key, record.get("caption"), None, f"img2dataset fetched it but {raw.name(shard)} lacks it")
+        else:
+            yield _sample_row(*pending)
+            pending = next(samples, None)
+    while pending is not None:  # samples after the last listed row
         yield _sample_row(*pending)
         pending = next(samples, None)
+
+
+def _order(key: str) -> tuple[int, str]:
+    """img2dataset's keys sort as numbers (zero-padded to one width within a run)."""
+    return (len(key), key)
 
 
 def _sample_row(key: str, files: dict[str, bytes]) -> Row:

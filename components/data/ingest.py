@@ -120,7 +120,8 @@ def _sources(raw: Folder, split: str, quarantine: Quarantine, spill: Spill):
                 f"{raw.name(name)} not found: a split needs {images_file} and {texts_file}, or {csv_file}"
             )
     parse_texts(raw, texts_file, quarantine, spill)
-    return lines(raw, images_file, quarantine, desc=f"ingest {split}"), decode_line, images_file, texts_file
+    image_lines = lines(raw, images_file, quarantine, IMAGES, desc=f"ingest {split}")
+    return image_lines, decode_line, images_file, texts_file
 
 
 class _DecodedImages:
@@ -141,7 +142,7 @@ class _DecodedImages:
     def __init__(self, spill: Spill, rows_per_group: int):
         self.ids = spill.table("decoded", line=pa.int64(), image_id=pa.int64())
         self.path = spill.folder / "decoded.parquet"
-        self._writer = pq.ParquetWriter(self.path, self.SCHEMA)
+        self._writer = None  # opened with the first image
         self._rows: list[dict] = []
         self.rows_per_group = rows_per_group
 
@@ -164,15 +165,19 @@ class _DecodedImages:
 
     def _flush(self) -> None:
         if self._rows:
+            self._writer = self._writer or pq.ParquetWriter(self.path, self.SCHEMA)
             self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.SCHEMA))
             self._rows = []
 
     def close(self) -> None:
         self._flush()
-        self._writer.close()
+        if self._writer:
+            self._writer.close()
         self.ids.flush()
 
     def __iter__(self) -> Iterator[dict]:
+        if self._writer is None:  # no image decoded
+            return
         # pre_buffer off: with it, pyarrow keeps every row group read so far (measured: the whole 1.7 GB
         # spill of 1M images resident by the end of the read)
         for batch in pq.ParquetFile(self.path, pre_buffer=False).iter_batches(batch_size=self.rows_per_group):
@@ -212,7 +217,7 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, 
     spill.clear()
     quarantine = Quarantine(out_dir / "quarantine" / f"{split}.jsonl", spill)
     decoded = _DecodedImages(spill, config.row_group_rows)
-    found = img2dataset.shards(raw, split)
+    found = None if _line_formats_present(raw, split) else img2dataset.shards(raw, split)
     if found:
         source = _read_img2dataset(raw, found, config, quarantine, decoded, spill)
     else:
@@ -240,6 +245,14 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, 
         "shards": writer.shards,
         **source.summary,
     }
+
+
+def _line_formats_present(raw: Folder, split: str) -> bool:
+    """Whether the split has Chinese-CLIP's or the captions CSV's files (they win over a `{split}/`
+    folder, which may hold something else)."""
+    from pyarrow import fs
+
+    return any(raw.kind(name) != fs.FileType.NotFound for name in (f"{split}_imgs.tsv", f"{split}.csv"))
 
 
 @dataclass

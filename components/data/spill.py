@@ -108,9 +108,12 @@ class Spill:
     def rows(self, query: str, batch_rows: int = 10_000) -> Iterator[dict[str, Any]]:
         """The rows of a query as dicts, read in record batches of `batch_rows`. A cursor of its own, so
         rows can be written to other tables while they are read."""
-        reader = self.connection.cursor().sql(query).to_arrow_reader(batch_rows)
-        for batch in reader:
-            yield from batch.to_pylist()
+        cursor = self.connection.cursor()
+        try:
+            for batch in cursor.sql(query).to_arrow_reader(batch_rows):
+                yield from batch.to_pylist()
+        finally:
+            cursor.close()
 
     def clear(self) -> None:
         """Drop every table and spilled file: the database starts over (for the next split)."""
@@ -131,9 +134,12 @@ def spill_database(memory_mb: int, folder: str = "") -> Iterator[Spill]:
     parent = Path(folder) if folder else None
     if parent:
         parent.mkdir(parents=True, exist_ok=True)
-    spill = Spill(Path(tempfile.mkdtemp(prefix="zhclip-spill-", dir=parent)), memory_mb)
+    folder = Path(tempfile.mkdtemp(prefix="zhclip-spill-", dir=parent))
     try:
-        yield spill
+        spill = Spill(folder, memory_mb)
+        try:
+            yield spill
+        finally:
+            spill.close()
     finally:
-        spill.close()
-        shutil.rmtree(spill.folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
 from zhclip.components.data.shards import PreparedSplit
-from zhclip.components.data.spill import Spill, check_memory, spill_database
+from zhclip.components.data.spill import Spill, SpillTable, check_memory, spill_database
 
 COLUMNS = ["text_id", "text", "image_id", "image"]
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
@@ -354,8 +355,8 @@ def _check_split(
     flagged: _RowCursor,
     gate: _Gate,
     config: ValidateConfig,
-    bad_rows,
-    quarantine,
+    bad_rows: SpillTable,
+    quarantine: TextIO,
     split: str,
 ) -> list[dict]:
     """Every expectation's outcome over the split. Each bad row goes, with its reasons, to the
@@ -408,6 +409,43 @@ def _write_split(split: PreparedSplit, out_dir: Path, bad_rows: _RowCursor) -> i
     return kept
 
 
+def _validate_split(
+    split: PreparedSplit,
+    spill: Spill,
+    gate: _Gate,
+    config: ValidateConfig,
+    train_profile: Path | None,
+    quarantine: TextIO,
+    out_dir: Path,
+) -> tuple[dict, list[dict], Path]:
+    """Profile, check and filter one split: its report entry, the outcomes that fail the gate (none
+    when it passes), and its spilled profile."""
+    name = split.split
+    profile, rows = _profile_split(split, spill.folder, config.rows_per_check)
+    release_freed_memory()  # the profiles' pandas frames, before the checks
+    bad_rows = spill.table(f"bad_{name}", row=pa.int64())
+    flagged = _RowCursor(flagged_rows(spill, profile, train_profile))
+    outcomes = _check_split(profile, rows, flagged, gate, config, bad_rows, quarantine, name)
+    split_level = [o for o in outcomes if not o["success"] and not o["unexpected_count"]]
+    bad_fraction = bad_rows.rows / max(1, rows)
+    passed = not split_level and bad_fraction <= config.max_bad_fraction
+    kept = _write_split(split, out_dir, _RowCursor(spill.rows(f"SELECT row FROM bad_{name} ORDER BY row")))
+    entry = {
+        "rows_in": rows,
+        "rows_out": kept,
+        "rows_quarantined": bad_rows.rows,
+        "bad_fraction": round(bad_fraction, 6),
+        "passed": passed,
+        "checked": len(outcomes),
+        "failed": sum(not o["success"] for o in outcomes),
+        "expectations": {
+            f"{o['expectation']}({o['column']})" if o["column"] else o["expectation"]: o["unexpected_count"]
+            for o in outcomes
+        },
+    }
+    return entry, [] if passed else [o for o in outcomes if not o["success"]], profile
+
+
 def validate(
     prepared_dir: str | Path,
     out_dir: str | Path,
@@ -439,35 +477,15 @@ def validate(
     ):
         gate = _Gate(config, Path(docs_dir) if docs_dir else None, spill.folder)
         train_profile = None
-        for name, split in splits.items():  # train first: its image hashes define leakage
-            profile, rows = _profile_split(split, spill.folder, config.rows_per_check)
-            release_freed_memory()  # the profiles' pandas frames, before the checks
-            bad_rows = spill.table(f"bad_{name}", row=pa.int64())
-            flagged = _RowCursor(flagged_rows(spill, profile, train_profile))
-            outcomes = _check_split(profile, rows, flagged, gate, config, bad_rows, quarantine, name)
-            train_profile = train_profile or profile
-            split_failures = [o for o in outcomes if not o["success"] and not o["unexpected_count"]]
-            bad_fraction = bad_rows.rows / max(1, rows)
-            passed = not split_failures and bad_fraction <= config.max_bad_fraction
-            if not passed:
-                failures += [(name, o) for o in outcomes if not o["success"]]
-            kept = _write_split(
-                split, out_dir / name, _RowCursor(spill.rows(f"SELECT row FROM bad_{name} ORDER BY row"))
-            )
-            report["splits"][name] = {
-                "rows_in": rows,
-                "rows_out": kept,
-                "rows_quarantined": bad_rows.rows,
-                "bad_fraction": round(bad_fraction, 6),
-                "passed": passed,
-                "checked": len(outcomes),
-                "failed": sum(not o["success"] for o in outcomes),
-                "expectations": {
-                    f"{o['expectation']}({o['column']})" if o["column"] else o["expectation"]: o["unexpected_count"]
-                    for o in outcomes
-                },
-            }
-        gate.render()
+        try:  # Data Docs of what was checked, also when a later split fails
+            for name, split in splits.items():  # train first: its image hashes define leakage
+                report["splits"][name], split_failures, profile = _validate_split(
+                    split, spill, gate, config, train_profile, quarantine, out_dir / name
+                )
+                failures += [(name, outcome) for outcome in split_failures]
+                train_profile = train_profile or profile
+        finally:
+            gate.render()
     report.update(
         quarantine=str(quarantine_path),
         data_docs=str(docs_dir) if docs_dir else None,

@@ -94,3 +94,24 @@ def test_an_img2dataset_corpus_trains_through_dvc_repro(small_project, tmp_path)
         assert validated[split]["rows_in"] == ingested[split]["pairs"]
     trained = json.loads((project / "metrics" / "train_stage1.json").read_text())
     assert trained["steps"] > 0
+
+
+def test_a_tar_sample_the_parquet_does_not_list_is_read_without_losing_step(raw_dir, tmp_path):
+    """A fetched row missing from the Parquet beside its tar: every listed row still finds its sample,
+    the unlisted sample is read in its place, nothing is read twice or reported missing."""
+    write_corpus(raw_dir, tmp_path, "webdataset", rows_per_shard=1000)
+    meta = tmp_path / "valid" / "00000.parquet"
+    table = pq.read_table(meta)
+    pq.write_table(pa.concat_tables([table.slice(0, 5), table.slice(6)]), meta)  # row 6 unlisted
+    rows = list(read_shard(Folder(tmp_path), "valid/00000.tar", "webdataset"))
+    assert [row.key for row in rows] == table.column("key").to_pylist()
+    assert not any("lacks it" in (row.problem or "") for row in rows)
+
+
+def test_chinese_clip_files_win_over_a_split_folder(raw_dir, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_dir, raw)
+    (raw / "train").mkdir()
+    pq.write_table(pa.table({"x": [1]}), raw / "train" / "stray.parquet")
+    summary = ingest(raw, tmp_path / "out", IngestConfig(workers=1))["splits"]["train"]
+    assert "format" not in summary and summary["quarantined"] == 0 and summary["pairs"] > 0
