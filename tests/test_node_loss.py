@@ -29,6 +29,7 @@ from zhclip.components.training.loop import train_worker_loop
 from zhclip.components.training.runner import train
 
 from conftest import SMALL_DEMO_DATA
+from img2dataset_corpus import write_corpus
 from kill import latest_checkpoint_step
 
 pytestmark = pytest.mark.slow
@@ -191,6 +192,24 @@ def test_ingest_finishes_when_the_node_decoding_is_lost(cluster, workers, raw_wi
     quarantine = sorted((tmp_path / "prepared" / "quarantine").glob("*"))
     assert [p.read_bytes() for p in quarantine] == [
         p.read_bytes() for p in sorted((ingested_here["out"] / "quarantine").glob("*"))
+    ]
+
+
+def test_img2dataset_ingest_finishes_when_the_node_reading_shards_is_lost(cluster, workers, raw_dir, tmp_path):
+    """A shard's task hands its rows back a batch at a time: the retried task on the node left must
+    not hand the driver a batch twice, nor skip one."""
+    write_corpus(raw_dir, tmp_path / "raw", "webdataset", rows_per_shard=100)
+    here = ingest(tmp_path / "raw", tmp_path / "here", IngestConfig(workers=1))
+    killer = NodeKiller(cluster, workers, "decode_shard")
+    summary = ingest(tmp_path / "raw", tmp_path / "prepared", IngestConfig(batch_lines=8))
+    killer.join()
+    for split, counts in summary["splits"].items():
+        assert counts == here["splits"][split]
+        pairs = _pairs(tmp_path / "prepared", split)
+        assert max(pairs.values()) == 1 and pairs == _pairs(tmp_path / "here", split)
+    quarantine = sorted((tmp_path / "prepared" / "quarantine").glob("*"))
+    assert [p.read_bytes() for p in quarantine] == [
+        p.read_bytes() for p in sorted((tmp_path / "here" / "quarantine").glob("*"))
     ]
 
 

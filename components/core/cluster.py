@@ -125,12 +125,38 @@ def ordered_map(fn: Callable[..., Any], calls: Iterable[tuple], in_flight_per_cp
     """
     import ray
 
-    remote = ray.remote(num_cpus=1)(fn)
+    for ref in _submitted_in_order(ray.remote(num_cpus=1)(fn), calls, in_flight_per_cpu):
+        yield ray.get(ref)
+
+
+def ordered_streams(
+    fn: Callable[..., Iterator[Any]], calls: Iterable[tuple], in_flight_per_cpu: int = 2, unread_per_task: int = 2
+) -> Iterator[Iterator[Any]]:
+    """`ordered_map` for a generator `fn`: for each args tuple, in input order, an iterator over what its
+    task yields (read each one to its end before taking the next).
+
+    A task pauses once `unread_per_task` of its items wait to be read, so memory holds about
+    `in_flight_per_cpu * (unread_per_task + 1)` items per CPU however much one task has to yield (an
+    img2dataset shard is 10,000 images by default). Ray's streaming generators do the pausing;
+    `_generator_backpressure_num_objects` is how Ray Data's own map tasks set it (private in Ray 2.60).
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=1, _generator_backpressure_num_objects=unread_per_task)(fn)
+    for generator in _submitted_in_order(remote, calls, in_flight_per_cpu):
+        yield (ray.get(ref) for ref in generator)
+
+
+def _submitted_in_order(remote, calls: Iterable[tuple], in_flight_per_cpu: int) -> Iterator[Any]:
+    """Each call's task handle, in input order, with at most `in_flight_per_cpu` tasks per CPU of the
+    cluster submitted and not yet handed out."""
+    import ray
+
     limit = max(1, int(ray.cluster_resources().get("CPU", 1)) * in_flight_per_cpu)
     pending: deque = deque()
     for args in calls:
         pending.append(remote.remote(*args))
         if len(pending) >= limit:
-            yield ray.get(pending.popleft())
+            yield pending.popleft()
     while pending:
-        yield ray.get(pending.popleft())
+        yield pending.popleft()

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from zhclip.components.core.cluster import ordered_map
+from zhclip.components.core.cluster import ordered_map, ordered_streams
 from zhclip.components.core.storage import Folder
 from zhclip.components.data.captions import int64
-from zhclip.components.data.img2dataset import read_shard
+from zhclip.components.data.img2dataset import Row, read_shard
 from zhclip.components.data.schema import decode_base64
 
 if TYPE_CHECKING:
@@ -110,22 +110,29 @@ def decoded_lines(
         yield from ((number, line, result) for (number, line), result in zip(in_flight.popleft(), decoded))
 
 
-def decode_shard(raw: Folder, shard: str, kind: str, config: IngestConfig) -> list[tuple]:
-    """Every row of one img2dataset shard: (key, caption, re-encoded image or None, reason or None,
-    whether img2dataset fetched it). A Ray task per shard."""
-    out = []
-    for row in read_shard(raw, shard, kind):
-        if row.problem:
-            out.append((row.key, row.caption, None, row.problem, row.fetched))
-            continue
-        _, blob, problem = reencoded(0, row.image, config)
-        out.append((row.key, row.caption, blob, problem, True))
-    return out
+def decode_shard(raw: Folder, shard: str, kind: str, config: IngestConfig) -> Iterator[list[tuple]]:
+    """Every row of one img2dataset shard, `batch_lines` rows at a time: (key, caption, re-encoded image
+    or None, reason or None, whether img2dataset fetched it). A Ray task per shard, streaming."""
+    rows = read_shard(raw, shard, kind)
+    for batch in iter(lambda: list(itertools.islice(rows, config.batch_lines)), []):
+        yield [_decoded_row(row, config) for row in batch]
 
 
-def decoded_shards(raw: Folder, shards: list[str], kind: str, config: IngestConfig) -> Iterator[tuple[str, list]]:
+def _decoded_row(row: Row, config: IngestConfig) -> tuple:
+    if row.problem:
+        return row.key, row.caption, None, row.problem, row.fetched
+    _, blob, problem = reencoded(0, row.image, config)
+    return row.key, row.caption, blob, problem, True
+
+
+def decoded_shards(raw: Folder, shards: list[str], kind: str, config: IngestConfig) -> Iterator[tuple[str, Iterator]]:
     """(shard, its rows as `decode_shard` gives them) in shard order, a Ray task per shard (in this
-    process for `workers: 1`): memory holds two shards' re-encoded images per CPU."""
+    process for `workers: 1`): memory holds three batches of `batch_lines` re-encoded images per task,
+    two tasks per CPU, however large a shard is."""
     calls = ((raw, shard, kind, config) for shard in shards)
-    results = (decode_shard(*call) for call in calls) if config.workers == 1 else ordered_map(decode_shard, calls)
-    yield from zip(shards, results)
+    if config.workers == 1:
+        batches = (decode_shard(*call) for call in calls)
+    else:
+        batches = ordered_streams(decode_shard, calls)
+    for shard, shard_batches in zip(shards, batches):
+        yield shard, itertools.chain.from_iterable(shard_batches)

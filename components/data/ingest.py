@@ -10,16 +10,17 @@ Three raw formats, chosen per split by the files present:
 The raw folder may be local or an s3:// prefix (MinIO). Streaming, with memory bounded by settings,
 never by the size of the split:
 1. the captions are checked line by line and spilled to a DuckDB database (captions.py);
-2. image lines are read in batches of `batch_lines` (img2dataset: a shard), decoded and re-encoded by
-   Ray tasks (on any CPU of the cluster at $RAY_ADDRESS, or of a local Ray with `workers` CPUs;
-   `workers: 1` decodes in this process); the images that decode are spilled in line order, their
-   ids to the database;
+2. image lines are read in batches of `batch_lines` (img2dataset: a task per shard, which hands its
+   rows back `batch_lines` at a time), decoded and re-encoded by Ray tasks (on any CPU of the cluster
+   at $RAY_ADDRESS, or of a local Ray with `workers` CPUs; `workers: 1` decodes in this process); the
+   images that decode are spilled in line order, their ids to the database;
 3. one query joins captions to images out of core (within `spill_memory_mb`), and its result, in
    line order, is merged with the spilled images into shards of `shard_rows` pairs. An image_id a
    line repeats is quarantined; so is an image the texts name that no line supplied.
-Memory: two batches of raw lines and their re-encoded images per CPU in flight, one decoded image per
-task (images above `max_image_pixels` are rejected before decoding), a row group of spilled images,
-one shard, and DuckDB's `spill_memory_mb`. Disk: the spill holds the split's re-encoded images once,
+Memory: two batches of raw lines and their re-encoded images per CPU in flight (img2dataset: two
+shard tasks per CPU, each holding up to three batches), one decoded image per task (images above
+`max_image_pixels` are rejected before decoding), a row group of spilled images, one shard, and
+DuckDB's `spill_memory_mb`. Disk: the spill holds the split's re-encoded images once,
 until the split's shards are written (`spill_folder`).
 """
 
@@ -63,7 +64,7 @@ class IngestConfig:
     workers: int = setting(
         0, "CPUs of the local Ray that decodes (0: every core; 1: no Ray); a cluster at $RAY_ADDRESS uses all of its"
     )
-    batch_lines: int = setting(256, "image lines in flight at once")
+    batch_lines: int = setting(256, "image lines (img2dataset rows) a decoding task hands back at once")
     spill_memory_mb: int = setting(
         1024, "memory the join of captions to images may hold before it spills to disk", shared_from="spill"
     )

@@ -4,11 +4,15 @@ Ray tasks with every row kept or quarantined, and run through `dvc repro` to a t
 
 import json
 import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from zhclip.components.core.cluster import ordered_streams, ray_runtime
 from zhclip.components.core.storage import Folder
 from zhclip.components.data.img2dataset import read_shard, shards
 from zhclip.components.data.ingest import IngestConfig, ingest
@@ -45,7 +49,8 @@ def test_a_folder_without_shards_is_not_img2dataset(tmp_path):
 @pytest.mark.parametrize("layout", ["webdataset", "parquet"])
 def test_an_img2dataset_corpus_ingests_with_every_row_kept_or_quarantined(raw_dir, tmp_path, layout):
     counts = write_corpus(raw_dir, tmp_path / "raw", layout, rows_per_shard=20)
-    summary = ingest(tmp_path / "raw", tmp_path / "out", IngestConfig(workers=2, shard_rows=50))["splits"]
+    config = IngestConfig(workers=2, shard_rows=50, batch_lines=7)  # a shard's 20 rows come back in 3 batches
+    summary = ingest(tmp_path / "raw", tmp_path / "out", config)["splits"]
     for split, expected in counts.items():
         got = summary[split]
         assert got["format"] == f"img2dataset {layout}" and got["not_fetched"] == expected["failed"]
@@ -57,6 +62,27 @@ def test_an_img2dataset_corpus_ingests_with_every_row_kept_or_quarantined(raw_di
         assert len(reasons) == expected["failed"] + expected["broken"]
         pairs = pq.read_table(tmp_path / "out" / split).to_pandas()
         assert len(pairs) == got["pairs"] and pairs.text_id.is_unique and (pairs.text_id == pairs.image_id).all()
+        assert pairs.image_id.is_monotonic_increasing  # img2dataset's order, batches and shards joined in order
+
+
+def test_a_shard_task_pauses_while_its_batches_wait_to_be_read(tmp_path):
+    made = tmp_path / "made"
+    made.mkdir()
+
+    def _numbered(folder: str, items: int) -> Iterator[int]:  # nested: Ray's workers cannot import tests
+        """Yields 0..items-1, leaving a file for each before yielding it (what the task has made so far)."""
+        for item in range(items):
+            (Path(folder) / str(item)).touch()
+            yield item
+
+    with ray_runtime(2):
+        stream = next(ordered_streams(_numbered, [(str(made), 40)], unread_per_task=2))
+        first = next(stream)
+        time.sleep(3)  # time enough for the task to make all 40 if nothing held it back
+        made_while_waiting = len(list(made.iterdir()))
+        rest = list(stream)
+    assert made_while_waiting <= 4  # the one read, two unread, one being made
+    assert [first, *rest] == list(range(40))
 
 
 def test_a_key_img2dataset_wrote_twice_is_quarantined_once(raw_dir, tmp_path):
