@@ -62,8 +62,10 @@ def read_shard(raw: Folder, shard: str, kind: str) -> Iterator[Row]:
     return _webdataset_rows(raw, shard) if kind == WEBDATASET else _parquet_rows(raw, shard)
 
 
-def _failed(status: object, error: object) -> str:
-    return f"img2dataset did not fetch it (status {status}: {error or 'no message'})"
+def _not_fetched(key: str, caption: object, record: dict) -> Row:
+    """The row of a URL img2dataset failed, with its status and error message as the reason."""
+    reason = f"img2dataset did not fetch it (status {record['status']}: {record.get('error_message') or 'no message'})"
+    return Row(key, caption, None, reason, fetched=False)
 
 
 def _records(raw: Folder, shard: str, columns: tuple[str, ...]) -> Iterator[dict]:
@@ -85,7 +87,7 @@ def _parquet_rows(raw: Folder, shard: str) -> Iterator[Row]:
         key, caption = str(record.get("key")), record.get("txt", record.get("caption"))
         image = next((record[ext] for ext in IMAGE_EXTENSIONS if record.get(ext)), None)  # --encode_format
         if not _fetched(record):
-            yield Row(key, caption, None, _failed(record["status"], record.get("error_message")), fetched=False)
+            yield _not_fetched(key, caption, record)
         elif image is None:
             yield Row(key, caption, None, "img2dataset marked it fetched but its image column is empty")
         else:
@@ -111,7 +113,7 @@ def _webdataset_rows(raw: Folder, shard: str) -> Iterator[Row]:
             yield _sample_row(*pending)
             pending = next(samples, None)
         if not _fetched(record):
-            yield Row(key, record.get("caption"), None, _failed(record["status"], record.get("error_message")), False)
+            yield _not_fetched(key, record.get("caption"), record)
             if pending is not None and pending[0] == key:  # a sample for a row it failed: part of that row
                 pending = next(samples, None)
         elif pending is None or pending[0] != key:

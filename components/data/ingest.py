@@ -179,28 +179,29 @@ class _DecodedImages:
     def __iter__(self) -> Iterator[dict]:
         if self._writer is None:  # no image decoded
             return
-        # pre_buffer off: with it, pyarrow keeps every row group read so far (measured: the whole 1.7 GB
-        # spill of 1M images resident by the end of the read)
+        # pre_buffer off: with it, pyarrow keeps every row group read so far (a 1.5 GiB file of 1M images
+        # read through: 1616 MiB resident at the end, 63 MiB without; python -m bench.parquet_pre_buffer)
         for batch in pq.ParquetFile(self.path, pre_buffer=False).iter_batches(batch_size=self.rows_per_group):
             yield from batch.to_pylist()
 
 
-# Each decoded image line with its captions in text-file order: no caption for an image no text
-# names, and none for a line whose image_id an earlier line already supplied (nth > 1).
-CAPTIONS_BY_LINE = """
+# Each decoded image line with its captions: none for a line whose image_id an earlier line already
+# supplied (nth > 1), none for an image no caption names.
+_CAPTIONS_OF_DECODED = """
 SELECT d.line, d.nth, t.text_id, t.text
 FROM (SELECT line, image_id, row_number() OVER (PARTITION BY image_id ORDER BY line) AS nth FROM decoded) d
-LEFT JOIN refs r ON r.image_id = d.image_id AND d.nth = 1
-LEFT JOIN texts t ON t.line = r.line
-ORDER BY d.line, r.line, r.pos
+{captions}
+ORDER BY d.line{then}
 """
-# The same for captions that come with their image (img2dataset): the caption of the image's own line.
-INLINE_CAPTIONS_BY_LINE = """
-SELECT d.line, d.nth, t.text_id, t.text
-FROM (SELECT line, image_id, row_number() OVER (PARTITION BY image_id ORDER BY line) AS nth FROM decoded) d
-LEFT JOIN texts t ON t.line = d.line AND d.nth = 1
-ORDER BY d.line
-"""
+# Captions from a texts file: every caption that names the image, in text-file order.
+CAPTIONS_BY_LINE = _CAPTIONS_OF_DECODED.format(
+    captions="LEFT JOIN refs r ON r.image_id = d.image_id AND d.nth = 1 LEFT JOIN texts t ON t.line = r.line",
+    then=", r.line, r.pos",
+)
+# Captions that come with their image (img2dataset): the caption of the image's own line.
+INLINE_CAPTIONS_BY_LINE = _CAPTIONS_OF_DECODED.format(
+    captions="LEFT JOIN texts t ON t.line = d.line AND d.nth = 1", then=""
+)
 FOUND_IMAGES = "SELECT image_id FROM decoded WHERE image_id IN (SELECT image_id FROM refs)"
 # Images the texts name that no line supplied, with their captions (the first few: a record is cut
 # at 200 characters anyway).

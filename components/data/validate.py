@@ -17,6 +17,7 @@ each failed expectation with example ids. Rows in = rows out + rows quarantined,
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -153,7 +154,9 @@ def flagged_rows(spill: Spill, profile: Path, train_profile: Path | None) -> Ite
 
 
 def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
+    """`path` as a string literal for DuckDB's read_parquet, which takes it for a glob pattern: a
+    `spill_folder` with `[`, `*` or `?` in its name would read other files (escaped as `[[]`...)."""
+    return glob.escape(str(path)).replace("'", "''")
 
 
 def build_suite(config: ValidateConfig):

@@ -15,7 +15,8 @@ from zhclip.components.core.errors import ZhclipError
 from zhclip.components.data.ingest import IngestConfig, ingest
 from zhclip.components.data.schema import PAIR_SCHEMA
 from zhclip.components.data.shards import read_pairs
-from zhclip.components.data.validate import ValidateConfig, validate
+from zhclip.components.data.spill import spill_database
+from zhclip.components.data.validate import ValidateConfig, flagged_rows, validate
 from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 
 from conftest import BIN, run_tool
@@ -266,6 +267,23 @@ def test_validation_catches_each_fault_exactly_and_quarantines_below_the_thresho
     assert sorted(kept.text_id) == [10, 11]
     test = report["splits"]["test"]
     assert test["rows_in"] == test["rows_out"] + test["rows_quarantined"] == 8
+
+
+def test_a_profile_whose_folder_looks_like_a_glob_pattern_is_read_as_named(tmp_path):
+    def profile(folder, duplicated_rows):
+        folder.mkdir()
+        rows = 3 + duplicated_rows
+        table = pa.table(
+            {"row": range(rows), "text_id": [1] * rows, "text_hash": ["t"] * rows}
+            | {"image_id": [1] * rows, "image_hash": ["i"] * rows}
+        )
+        pq.write_table(table, folder / "test.parquet")
+        return folder / "test.parquet"
+
+    named, decoy = profile(tmp_path / "p[1]", 0), profile(tmp_path / "p1", 5)  # the pattern p[1] matches p1
+    with spill_database(128, str(tmp_path)) as spill:
+        flagged = list(flagged_rows(spill, named, None))
+    assert [row["row"] for row in flagged] == [1, 2] and decoy.exists()  # the named file's duplicates only
 
 
 def test_validation_gate_fails_above_the_threshold_naming_expectations_and_ids(tmp_path):
