@@ -39,7 +39,8 @@ class SpillConfig:
 
 
 def check_memory(memory_mb: int) -> None:
-    # Below it DuckDB cannot run the window queries at all (measured: 64 ran out on a 6M-row split).
+    # Below it DuckDB cannot run the window queries at all: 64 ran out of memory on a 6M-row split, 96
+    # finished (python -m bench.spill_floor; bench/results/2026-12-05-cpu-data-scale-spill).
     if memory_mb < 128:
         raise ValueError(f"spill_memory_mb must be at least 128, got {memory_mb}")
 
