@@ -127,7 +127,12 @@ def _sources(raw: Folder, split: str, quarantine: Quarantine, spill: Spill):
 
 class _DecodedImages:
     """The images that decoded, in line order: (line, image_id) in the spill database for the
-    whole-split queries, and the re-encoded bytes in a Parquet file beside it, read back once."""
+    whole-split queries, and the re-encoded bytes in Parquet files beside it, read back once.
+
+    A new file every `GROUPS_PER_FILE` row groups, without statistics: a Parquet footer lists every
+    row group of its file, and the writer and the reader hold it whole (one file for 10M images in
+    row groups of 256, with the min and max image of each: about 100 MiB of footer on each side).
+    """
 
     SCHEMA = pa.schema(
         [
@@ -139,11 +144,14 @@ class _DecodedImages:
             ("file_line", pa.int64()),
         ]
     )
+    GROUPS_PER_FILE = 1024
 
     def __init__(self, spill: Spill, rows_per_group: int):
         self.ids = spill.table("decoded", line=pa.int64(), image_id=pa.int64())
-        self.path = spill.folder / "decoded.parquet"
-        self._writer = None  # opened with the first image
+        self.folder = spill.folder
+        self.paths: list[Path] = []
+        self._writer = None  # opened with the first image, and again every GROUPS_PER_FILE row groups
+        self._groups = 0
         self._rows: list[dict] = []
         self.rows_per_group = rows_per_group
 
@@ -165,24 +173,33 @@ class _DecodedImages:
             self._flush()
 
     def _flush(self) -> None:
-        if self._rows:
-            self._writer = self._writer or pq.ParquetWriter(self.path, self.SCHEMA)
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.SCHEMA))
-            self._rows = []
+        if not self._rows:
+            return
+        if self._writer is None:
+            self.paths.append(self.folder / f"decoded-{len(self.paths):05d}.parquet")
+            self._writer = pq.ParquetWriter(self.paths[-1], self.SCHEMA, write_statistics=False)
+        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.SCHEMA))
+        self._rows = []
+        self._groups += 1
+        if self._groups % self.GROUPS_PER_FILE == 0:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self._writer:
+            self._writer.close()
+            self._writer = None
 
     def close(self) -> None:
         self._flush()
-        if self._writer:
-            self._writer.close()
+        self._close_file()
         self.ids.flush()
 
     def __iter__(self) -> Iterator[dict]:
-        if self._writer is None:  # no image decoded
-            return
         # pre_buffer off: with it, pyarrow keeps every row group read so far (a 1.5 GiB file of 1M images
         # read through: 1616 MiB resident at the end, 63 MiB without; python -m bench.parquet_pre_buffer)
-        for batch in pq.ParquetFile(self.path, pre_buffer=False).iter_batches(batch_size=self.rows_per_group):
-            yield from batch.to_pylist()
+        for path in self.paths:
+            for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=self.rows_per_group):
+                yield from batch.to_pylist()
 
 
 # Each decoded image line with its captions: none for a line whose image_id an earlier line already
@@ -238,10 +255,12 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, 
         )
     return {
         "pairs": writer.total,
-        "images": spill.scalar(f"SELECT count(DISTINCT image_id) FROM ({FOUND_IMAGES})"),
+        # SELECT DISTINCT, not count(DISTINCT): the latter's set stays in memory (out of 256 MiB at 10M)
+        "images": spill.scalar(f"SELECT count(*) FROM (SELECT DISTINCT image_id FROM ({FOUND_IMAGES}))"),
         "unreferenced_images": unreferenced,
         "texts": spill.scalar(
-            f"SELECT count(DISTINCT text_id) FROM texts JOIN refs USING (line) WHERE image_id IN ({FOUND_IMAGES})"
+            f"SELECT count(*) FROM (SELECT DISTINCT text_id FROM texts JOIN refs USING (line)"
+            f" WHERE image_id IN ({FOUND_IMAGES}))"
         ),
         "quarantined": quarantine.count,
         "shards": writer.shards,
