@@ -69,6 +69,8 @@ def reencoded(image_id: int, blob: bytes, config: IngestConfig) -> tuple[int, by
         return image_id, reencode(blob, config), None
     except Rejected as err:
         return image_id, None, f"image rejected: {err}"
+    except Image.UnidentifiedImageError:  # its message names the buffer's address: not the same twice
+        return image_id, None, "image does not decode (no image format Pillow reads)"
     except (ValueError, OSError, Image.DecompressionBombError) as err:
         return image_id, None, f"image does not decode ({err})"
 
