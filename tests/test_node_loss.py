@@ -197,11 +197,14 @@ def test_ingest_finishes_when_the_node_decoding_is_lost(cluster, workers, raw_wi
 
 def test_img2dataset_ingest_finishes_when_the_node_reading_shards_is_lost(cluster, workers, raw_dir, tmp_path):
     """A shard's task hands its rows back a batch at a time: the retried task on the node left must
-    not hand the driver a batch twice, nor skip one."""
+    not hand the driver a batch twice, nor skip one. The node goes once the driver has spilled a first
+    batch, so tasks it has partly read are among the lost."""
     write_corpus(raw_dir, tmp_path / "raw", "webdataset", rows_per_shard=100)
     here = ingest(tmp_path / "raw", tmp_path / "here", IngestConfig(workers=1))
-    killer = NodeKiller(cluster, workers, "decode_shard")
-    summary = ingest(tmp_path / "raw", tmp_path / "prepared", IngestConfig(batch_lines=8))
+    spill = tmp_path / "spill"
+    killer = NodeKiller(cluster, workers, "decode_shard", ready=lambda: any(spill.glob("*/decoded-*.parquet")))
+    config = IngestConfig(batch_lines=8, row_group_rows=8, spill_folder=str(spill))
+    summary = ingest(tmp_path / "raw", tmp_path / "prepared", config)
     killer.join()
     for split, counts in summary["splits"].items():
         assert counts == here["splits"][split]
