@@ -130,8 +130,9 @@ class _DecodedImages:
     whole-split queries, and the re-encoded bytes in Parquet files beside it, read back once.
 
     A new file every `GROUPS_PER_FILE` row groups, without statistics: a Parquet footer lists every
-    row group of its file, and the writer and the reader hold it whole (one file for 10M images in
-    row groups of 256, with the min and max image of each: about 100 MiB of footer on each side).
+    row group of its file, and the writer and the reader hold it whole: one file for 10M images in row
+    groups of 256 had 2.7 KB of footer a group with statistics (the min and max image), 100 MB in all;
+    445 bytes without (python -m bench.parquet_footer).
     """
 
     SCHEMA = pa.schema(
