@@ -39,9 +39,10 @@ from zhclip.components.core.cluster import ordered_map, ray_runtime
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.memory import release_freed_memory
 from zhclip.components.core.settings import setting
+from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
-from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.data.shards import PreparedSplit, RowGroup, read_row_group
 from zhclip.components.data.spill import Spill, SpillTable, check_memory, spill_database
 
 COLUMNS = ["text_id", "text", "image_id", "image"]
@@ -109,10 +110,10 @@ def _chinese_ratio(text: str) -> float:
     return sum(bool(HAN.match(ch)) for ch in visible) / max(1, len(visible))
 
 
-def profile_group(split: PreparedSplit, group: int) -> pd.DataFrame:
+def profile_group(folder: Folder, group: RowGroup) -> pd.DataFrame:
     """One row group's rows with the derived columns the suite checks; the image bytes are dropped.
     A Ray task: the row groups of a split are profiled in parallel."""
-    pairs = split.read(group, COLUMNS).to_pandas()
+    pairs = read_row_group(folder, group, COLUMNS).to_pandas()
     facts = pd.DataFrame(
         [_image_facts(blob) for blob in pairs["image"]],
         index=pairs.index,
@@ -316,7 +317,7 @@ def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> tupl
         writer.write_table(table)
         pending.clear()
 
-    profiles = ordered_map(profile_group, ((split, group) for group in range(len(split.groups))))
+    profiles = ordered_map(profile_group, ((split.folder, group) for group in split.groups))
     for frame in tqdm(
         profiles, total=len(split.groups), desc=f"validate {split.split}", unit=" row groups", leave=False, disable=None
     ):
