@@ -1,0 +1,68 @@
+"""Which of ingest's whole-split queries DuckDB runs within `spill.spill_memory_mb`, against the rows.
+
+Builds ingest's tables in a spill database (`components/data/spill.py`) of --budget MiB: `decoded`
+(line, image_id), `refs` (line, pos, image_id) and `texts` (line, text_id, text), --rows rows each,
+every id distinct (the worst case for a hash aggregate), and runs each query, printing a JSON line:
+finished with its seconds, or DuckDB's error.
+
+    python -m bench.duckdb_out_of_core --rows 10000000 30000000 --budgets 256 1024 --out bench/results/<folder>
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from zhclip.components.data.ingest import CAPTIONS_BY_LINE, TEXTS_WITH_IMAGES
+from zhclip.components.data.spill import spill_database
+
+QUERIES = {
+    "count(DISTINCT) over a semi join (ingest's images count before)": """
+        SELECT count(DISTINCT image_id) FROM decoded WHERE image_id IN (SELECT image_id FROM refs)""",
+    "SELECT DISTINCT over a semi join": """
+        SELECT count(*) FROM (SELECT DISTINCT image_id FROM decoded WHERE image_id IN (SELECT image_id FROM refs))""",
+    "SELECT DISTINCT of one table": "SELECT count(*) FROM (SELECT DISTINCT image_id FROM decoded)",
+    "semi join alone": "SELECT count(*) FROM decoded WHERE image_id IN (SELECT image_id FROM refs)",
+    "distinct by sorting (ingest's texts count)": TEXTS_WITH_IMAGES,
+    "captions by line, read through (ingest's join)": f"SELECT count(*), sum(nth) FROM ({CAPTIONS_BY_LINE})",
+}
+
+
+def run(rows: int, budget: int) -> list[dict]:
+    lines = []
+    with tempfile.TemporaryDirectory() as folder, spill_database(budget, folder) as spill:
+        spill.sql(f"CREATE TABLE decoded AS SELECT i AS line, i AS image_id FROM range({rows}) r(i)")
+        spill.sql(f"CREATE TABLE refs AS SELECT i AS line, 0 AS pos, i AS image_id FROM range({rows}) r(i)")
+        spill.sql(f"CREATE TABLE texts AS SELECT i AS line, i AS text_id, 'caption' AS text FROM range({rows}) r(i)")
+        for name, query in QUERIES.items():
+            started = time.perf_counter()
+            try:
+                spill.sql(query).fetchall()
+                outcome = {"finished": True, "seconds": round(time.perf_counter() - started, 1)}
+            except Exception as error:  # DuckDB's out-of-memory error is what is measured
+                outcome = {"finished": False, "error": str(error).splitlines()[0]}
+            lines.append(
+                {"bench": "duckdb_out_of_core", "rows": rows, "spill_memory_mb": budget, "query": name} | outcome
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[10_000_000])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[256])
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to OUT/duckdb_out_of_core.jsonl")
+    args = parser.parse_args()
+    for rows in args.rows:
+        for budget in args.budgets:
+            for line in run(rows, budget):
+                print(json.dumps(line, ensure_ascii=False), flush=True)
+                if args.out:
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    with (args.out / "duckdb_out_of_core.jsonl").open("a") as out:
+                        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()
