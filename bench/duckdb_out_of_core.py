@@ -24,7 +24,12 @@ QUERIES = {
         SELECT count(*) FROM (SELECT DISTINCT image_id FROM decoded WHERE image_id IN (SELECT image_id FROM refs))""",
     "SELECT DISTINCT of one table": "SELECT count(*) FROM (SELECT DISTINCT image_id FROM decoded)",
     "semi join alone": "SELECT count(*) FROM decoded WHERE image_id IN (SELECT image_id FROM refs)",
-    "distinct by sorting (ingest's texts count)": TEXTS_WITH_IMAGES,
+    "distinct by a window over the whole table (ingest's texts count at c0910e3)": """
+        SELECT count(*) FROM (
+          SELECT text_id, lag(text_id) OVER (ORDER BY text_id) AS previous FROM texts
+          WHERE line IN (SELECT line FROM refs WHERE image_id IN (SELECT image_id FROM decoded))
+        ) WHERE previous IS DISTINCT FROM text_id""",
+    "distinct by a window partitioned by id (ingest's texts count)": TEXTS_WITH_IMAGES,
     "captions by line, read through (ingest's join)": f"SELECT count(*), sum(nth) FROM ({CAPTIONS_BY_LINE})",
 }
 

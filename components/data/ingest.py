@@ -7,8 +7,8 @@ Three raw formats, chosen per split by the files present:
 - img2dataset's output: a folder `{split}/` of webdataset or Parquet shards (img2dataset.py), one
   pair per row it fetched, read a shard per Ray task.
 
-The raw folder may be local or an s3:// prefix (MinIO). Streaming, with memory bounded by settings,
-never by the size of the split:
+The raw folder may be local or an s3:// prefix (MinIO). Streaming, with nothing per pair held in
+Python (DuckDB's share is `spill_memory_mb`, which holds a split up to a number of rows: spill.py):
 1. the captions are checked line by line and spilled to a DuckDB database (captions.py);
 2. image lines are read in batches of `batch_lines` (img2dataset: a task per shard, which hands its
    rows back `batch_lines` at a time), decoded and re-encoded by Ray tasks (on any CPU of the cluster
@@ -220,14 +220,16 @@ CAPTIONS_BY_LINE = _CAPTIONS_OF_DECODED.format(
 INLINE_CAPTIONS_BY_LINE = _CAPTIONS_OF_DECODED.format(
     captions="LEFT JOIN texts t ON t.line = d.line AND d.nth = 1", then=""
 )
-# The distinct text_ids of the captions that name an image that decoded. Counted by sorting, not by
-# count(DISTINCT) or SELECT DISTINCT: DuckDB's hash aggregates asked for more than spill_memory_mb
-# over 10M distinct ids and failed, where a sort spills (python -m bench.duckdb_out_of_core).
+# The distinct text_ids of the captions that name an image that decoded. Counted as the first row of
+# each text_id's window, not with count(DISTINCT), SELECT DISTINCT or a sort of the whole table:
+# DuckDB's hash aggregate (over a join) and a window without PARTITION BY asked for more than
+# spill_memory_mb as the rows grew, where a partitioned window spills (python -m
+# bench.duckdb_out_of_core).
 TEXTS_WITH_IMAGES = """
 SELECT count(*) FROM (
-  SELECT text_id, lag(text_id) OVER (ORDER BY text_id) AS previous FROM texts
+  SELECT row_number() OVER (PARTITION BY text_id) AS nth FROM texts
   WHERE line IN (SELECT line FROM refs WHERE image_id IN (SELECT image_id FROM decoded))
-) WHERE previous IS DISTINCT FROM text_id
+) WHERE nth = 1
 """
 # Images the texts name that no line supplied, with their captions (the first few: a record is cut
 # at 200 characters anyway).

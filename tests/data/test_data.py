@@ -362,6 +362,7 @@ def test_captions_csv_with_an_image_folder(tmp_path):
     assert "empty or non-string text" in reasons[5] and "not an integer" in reasons[6]
     assert "cannot be read" in reasons[7] and "missing.png" in reasons[7] and "does not decode" in reasons[8]
     assert summary["splits"]["test"]["quarantined"] == 6  # the four rows above and their two unusable images' texts
+    assert (summary["splits"]["test"]["texts"], summary["splits"]["test"]["images"]) == (2, 2)  # text 1 once
     (raw / "test.csv").write_text("text_id,caption,image\n1,红色,images/red.png\n", encoding="utf-8")
     with pytest.raises(ZhclipError, match=r"test.csv: missing column\(s\) \['text'\]"):
         ingest(raw, tmp_path / "again", IngestConfig(workers=1))
