@@ -9,11 +9,11 @@ finished with its seconds, or DuckDB's error.
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from bench.search import emit
 from zhclip.components.data.ingest import CAPTIONS_BY_LINE, TEXTS_WITH_IMAGES
 from zhclip.components.data.spill import spill_database
 
@@ -62,11 +62,7 @@ def main() -> None:
     for rows in args.rows:
         for budget in args.budgets:
             for line in run(rows, budget):
-                print(json.dumps(line, ensure_ascii=False), flush=True)
-                if args.out:
-                    args.out.mkdir(parents=True, exist_ok=True)
-                    with (args.out / "duckdb_out_of_core.jsonl").open("a") as out:
-                        out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                emit(line, args.out / "duckdb_out_of_core.jsonl" if args.out else None)
 
 
 if __name__ == "__main__":

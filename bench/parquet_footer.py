@@ -8,7 +8,6 @@ of random bytes, a 200-character record, file, file_line) and prints a JSON line
 """
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.search import emit
 from zhclip.components.data.ingest import _DecodedImages
 
 
@@ -43,15 +43,11 @@ def main() -> None:
             size = footer_bytes(
                 Path(folder) / "spill.parquet", args.groups, args.group_rows, args.image_bytes, statistics
             )
-            line = json.dumps(
+            emit(
                 {"bench": "parquet_footer", "statistics": statistics, "row_groups": args.groups}
-                | {"footer_bytes": size, "bytes_per_row_group": round(size / args.groups)}
+                | {"footer_bytes": size, "bytes_per_row_group": round(size / args.groups)},
+                args.out / "parquet_footer.jsonl" if args.out else None,
             )
-            print(line, flush=True)
-            if args.out:
-                args.out.mkdir(parents=True, exist_ok=True)
-                with (args.out / "parquet_footer.jsonl").open("a") as out:
-                    out.write(line + "\n")
 
 
 if __name__ == "__main__":

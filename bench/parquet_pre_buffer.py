@@ -10,12 +10,13 @@ and its peak, above the memory before it.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench.search import emit
 
 READ = """
 import sys
@@ -69,15 +70,11 @@ def main() -> None:
         write_spill(path, args.rows, args.image_bytes, args.group_rows)
         file_mb = round(path.stat().st_size / 2**20)
         for pre_buffer in (True, False):
-            line = json.dumps(
+            emit(
                 {"bench": "parquet_pre_buffer", "pre_buffer": pre_buffer, "rows": args.rows, "file_mb": file_mb}
-                | read(path, pre_buffer, args.group_rows)
+                | read(path, pre_buffer, args.group_rows),
+                args.out / "parquet_pre_buffer.jsonl" if args.out else None,
             )
-            print(line, flush=True)
-            if args.out:
-                args.out.mkdir(parents=True, exist_ok=True)
-                with (args.out / "parquet_pre_buffer.jsonl").open("a") as out:
-                    out.write(line + "\n")
 
 
 if __name__ == "__main__":

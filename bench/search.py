@@ -94,6 +94,7 @@ def emit(record: dict, out: Path | None) -> None:
     line = json.dumps(record, ensure_ascii=False)
     print(line, flush=True)
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 

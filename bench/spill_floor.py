@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.search import emit
+
 # train: image i has hash 7i. test: every 1000th row repeats the pair of the row before it, with a
 # second caption every 100,000th row; image i has hash 5i, so those with i divisible by 7 leak.
 PROFILES = {
@@ -80,14 +82,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         write_profiles(Path(folder), args.rows)
         for budget in args.budgets:
-            line = json.dumps(
-                {"bench": "spill_floor", "rows": args.rows, "spill_memory_mb": budget} | check(Path(folder), budget)
+            emit(
+                {"bench": "spill_floor", "rows": args.rows, "spill_memory_mb": budget} | check(Path(folder), budget),
+                args.out / "spill_floor.jsonl" if args.out else None,
             )
-            print(line, flush=True)
-            if args.out:
-                args.out.mkdir(parents=True, exist_ok=True)
-                with (args.out / "spill_floor.jsonl").open("a") as out:
-                    out.write(line + "\n")
 
 
 if __name__ == "__main__":
