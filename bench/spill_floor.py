@@ -1,11 +1,11 @@
 """The smallest `spill.spill_memory_mb` the whole-split checks run in, and what each budget holds.
 
 Writes two profiles of --rows rows (validation's columns: row, text_id, text_hash, image_id,
-image_hash; 229 MiB at 6M rows) and runs validation's cross-row query (duplicate pairs, conflicting
-ids, leakage from train) over them under each --budgets value, each in a process of its own whose
-peak resident memory is reset once everything is imported (Linux's clear_refs), so the peak is the
-query's. Prints a JSON line per budget: finished or DuckDB's error, the flag counts, the peak above
-the memory before the query.
+image_hash; 229 MiB at 6M rows) and runs validation's cross-row checks (duplicate pairs, conflicting
+ids, leakage from train; in `Spill.passes` passes each) over them under each --budgets value, each
+in a process of its own whose peak resident memory is reset once everything is imported (Linux's
+clear_refs), so the peak is the checks'. Prints a JSON line per budget: finished or DuckDB's error,
+the flag counts, the peak above the memory before the checks, their seconds.
 
     python -m bench.spill_floor --rows 6000000 --budgets 64 96 128 256 --out bench/results/<folder>
 """
@@ -29,7 +29,7 @@ PROFILES = {
                FROM (SELECT i AS row, i - (i % 1000 = 1)::INT AS id FROM range({rows}) r(i))""",
 }
 CHECK = """
-import json, sys
+import json, sys, time
 from pathlib import Path
 from zhclip.components.data.spill import spill_database
 from zhclip.components.data.validate import flagged_rows
@@ -42,13 +42,14 @@ with spill_database(int(sys.argv[2]), str(folder / "spill")) as spill:
     open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
     before = memory_mb("VmRSS:")
     counts = dict.fromkeys(("duplicate_pair", "text_id_conflict", "image_id_conflict", "leaked_from_train"), 0)
-    flagged = 0
+    flagged, started = 0, time.perf_counter()
     for record in flagged_rows(spill, folder / "test.parquet", folder / "train.parquet"):
         flagged += 1
         for name in counts:
             counts[name] += record[name]
     peak = memory_mb("VmHWM:")
-print(json.dumps({"counts": counts, "flagged": flagged, "peak_mb": peak, "before_mb": before}))
+    seconds = round(time.perf_counter() - started, 1)
+print(json.dumps({"counts": counts, "flagged": flagged, "peak_mb": peak, "before_mb": before, "seconds": seconds}))
 """
 
 
@@ -65,7 +66,7 @@ def check(folder: Path, budget_mb: int) -> dict:
     """The cross-row query over the profiles in `folder` under `budget_mb`, in a process of its own:
     its counts and peak, or DuckDB's error."""
     result = subprocess.run(
-        [sys.executable, "-c", CHECK, str(folder), str(budget_mb)], capture_output=True, text=True, timeout=1200
+        [sys.executable, "-c", CHECK, str(folder), str(budget_mb)], capture_output=True, text=True, timeout=7200
     )
     if result.returncode:
         error = next((line for line in reversed(result.stderr.splitlines()) if "Error" in line), result.stderr[-300:])

@@ -73,6 +73,15 @@ def no_tracking_uri_left_behind():
     assert not leaked, f"this test left {leaked} in the environment"
 
 
+@pytest.fixture
+def seven_passes(monkeypatch) -> None:
+    """Every whole-split query of the data steps runs in seven hash-partitioned passes, whatever the
+    rows (instead of one below millions of rows), so a tiny split goes through the passes and their merge."""
+    from zhclip.components.data.spill import Spill
+
+    monkeypatch.setattr(Spill, "passes", lambda self, rows: 7)
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:

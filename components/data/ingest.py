@@ -8,15 +8,16 @@ Three raw formats, chosen per split by the files present:
   pair per row it fetched, read a shard per Ray task.
 
 The raw folder may be local or an s3:// prefix (MinIO). Streaming, with nothing per pair held in
-Python (DuckDB's share is `spill_memory_mb`, which holds a split up to a number of rows: spill.py):
+Python (DuckDB's share is `spill_memory_mb`, whatever the split's rows: spill.py):
 1. the captions are checked line by line and spilled to a DuckDB database (captions.py);
 2. image lines are read in batches of `batch_lines` (img2dataset: a task per shard, which hands its
    rows back `batch_lines` at a time), decoded and re-encoded by Ray tasks (on any CPU of the cluster
    at $RAY_ADDRESS, or of a local Ray with `workers` CPUs; `workers: 1` decodes in this process); the
    images that decode are spilled in line order, their ids to the database;
-3. one query joins captions to images out of core (within `spill_memory_mb`), and its result, in
-   line order, is merged with the spilled images into shards of `shard_rows` pairs. An image_id a
-   line repeats is quarantined; so is an image the texts name that no line supplied.
+3. one query joins captions to images out of core (within `spill_memory_mb`, in hash-partitioned
+   passes: spill.py), and its result, in line order, is merged with the spilled images into shards
+   of `shard_rows` pairs. An image_id a line repeats is quarantined; so is an image the texts name
+   that no line supplied.
 Memory: two batches of raw lines and their re-encoded images per CPU in flight (img2dataset: two
 shard tasks per CPU, each holding up to three batches), one decoded image per task (images above
 `max_image_pixels` are rejected before decoding), a row group of spilled images, one shard, and
@@ -31,6 +32,7 @@ import json
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,7 +49,7 @@ from zhclip.components.data.captions import caption_error, caption_tables, int64
 from zhclip.components.data.decode import decode_file_line, decode_line, decoded_lines, decoded_shards
 from zhclip.components.data.quarantine import IMAGES, MISSING, Quarantine
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
-from zhclip.components.data.spill import Spill, check_memory, spill_database
+from zhclip.components.data.spill import Spill, check_memory, read_parquet, spill_database
 
 
 @dataclass
@@ -85,6 +87,8 @@ class _ShardWriter:
         self.rows: list[dict] = []
         self.shards = 0
         self.total = 0
+        for stale in out_dir.glob("part-*.parquet"):  # an earlier run's, which would be read as this one's
+            stale.unlink()
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -203,44 +207,54 @@ class _DecodedImages:
                 yield from batch.to_pylist()
 
 
-# Each decoded image line with its captions: none for a line whose image_id an earlier line already
-# supplied (nth > 1), none for an image no caption names.
+# Each decoded image line with its captions, for the images of one pass (spill.py's `in_pass`): none
+# for a line whose image_id an earlier line already supplied (nth > 1), none for an image no caption
+# names. A line's image_id puts all its rows in one pass, so the passes merge by line.
 _CAPTIONS_OF_DECODED = """
 SELECT d.line, d.nth, t.text_id, t.text
-FROM (SELECT line, image_id, row_number() OVER (PARTITION BY image_id ORDER BY line) AS nth FROM decoded) d
+FROM (
+  SELECT line, image_id, row_number() OVER (PARTITION BY image_id ORDER BY line) AS nth
+  FROM decoded WHERE in_pass(image_id)
+) d
 {captions}
 ORDER BY d.line{then}
 """
 # Captions from a texts file: every caption that names the image, in text-file order.
 CAPTIONS_BY_LINE = _CAPTIONS_OF_DECODED.format(
-    captions="LEFT JOIN refs r ON r.image_id = d.image_id AND d.nth = 1 LEFT JOIN texts t ON t.line = r.line",
+    captions="""LEFT JOIN (SELECT * FROM refs WHERE in_pass(image_id)) r ON r.image_id = d.image_id AND d.nth = 1
+LEFT JOIN texts t ON t.line = r.line""",
     then=", r.line, r.pos",
 )
 # Captions that come with their image (img2dataset): the caption of the image's own line.
 INLINE_CAPTIONS_BY_LINE = _CAPTIONS_OF_DECODED.format(
     captions="LEFT JOIN texts t ON t.line = d.line AND d.nth = 1", then=""
 )
-# The distinct text_ids of the captions that name an image that decoded. Counted as the first row of
-# each text_id's window, not with count(DISTINCT), SELECT DISTINCT or a sort of the whole table:
-# DuckDB's hash aggregate (over a join) and a window without PARTITION BY asked for more than
-# spill_memory_mb as the rows grew, where a partitioned window spills (python -m
-# bench.duckdb_out_of_core).
-TEXTS_WITH_IMAGES = """
+# How many distinct text_ids the written pairs of one pass have (passes by text_id, summed). Counted
+# over the shards as the first row of each text_id's window, not with count(DISTINCT), SELECT DISTINCT
+# or a sort of the whole table: DuckDB's hash aggregate (over a join) and a window without PARTITION
+# BY asked for more than spill_memory_mb as the rows grew, where a partitioned window spills; and
+# over the shards, not the captions joined to the images again (python -m bench.duckdb_out_of_core).
+TEXTS_OF_PAIRS = """
 SELECT count(*) FROM (
-  SELECT row_number() OVER (PARTITION BY text_id) AS nth FROM texts
-  WHERE line IN (SELECT line FROM refs WHERE image_id IN (SELECT image_id FROM decoded))
+  SELECT row_number() OVER (PARTITION BY text_id) AS nth FROM {shards} WHERE in_pass(text_id)
 ) WHERE nth = 1
 """
-# Images the texts name that no line supplied, with their captions (the first few: a record is cut
-# at 200 characters anyway).
+# Images of one pass that the texts name and no line supplied, with their captions (the first few:
+# a record is cut at 200 characters anyway).
 MISSING_IMAGES = """
 SELECT image_id, text_id, text FROM (
   SELECT r.image_id, t.text_id, t.text, row_number() OVER (PARTITION BY r.image_id ORDER BY r.line, r.pos) AS nth
   FROM refs r JOIN texts t USING (line)
-  WHERE r.image_id NOT IN (SELECT image_id FROM decoded)
+  WHERE in_pass(r.image_id) AND r.image_id NOT IN (SELECT image_id FROM decoded WHERE in_pass(image_id))
 ) WHERE nth <= 32
 ORDER BY image_id, nth
 """
+
+
+def distinct_texts(spill: Spill, shards: Path, pairs: int) -> int:
+    """How many distinct text_ids the `pairs` pairs in the `part-*.parquet` shards of folder `shards` have."""
+    query = TEXTS_OF_PAIRS.format(shards=read_parquet(shards, "part-*.parquet"))
+    return sum(spill.scalar(query) for _ in spill.in_passes(spill.passes(pairs)))
 
 
 def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, spill: Spill) -> dict:
@@ -268,7 +282,7 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, 
         "pairs": writer.total,
         "images": images,
         "unreferenced_images": unreferenced,
-        "texts": spill.scalar(TEXTS_WITH_IMAGES),
+        "texts": distinct_texts(spill, writer.out_dir, writer.total),
         "quarantined": quarantine.count,
         "shards": writer.shards,
         **source.summary,
@@ -358,7 +372,7 @@ def _write_pairs(
     """Each decoded image's pairs, in line order, merged from the spilled images and the captions
     query (both in line order); a repeated image_id is quarantined. Returns the number of images
     written (each image_id once) and of images no text names."""
-    captions = spill.rows(captions_query)
+    captions = spill.merged_passes(captions_query, decoded.ids.rows, key=itemgetter("line"))
     row = next(captions, None)
     written = unreferenced = 0
     for image in decoded:
@@ -388,7 +402,9 @@ def _write_pairs(
 
 def _quarantine_missing_images(spill: Spill, quarantine: Quarantine, raw: Folder, source: _Source) -> None:
     """Quarantine each image the captions name that no line supplied, with its captions."""
-    for image_id, group in itertools.groupby(spill.rows(MISSING_IMAGES), key=lambda row: row["image_id"]):
+    refs = spill.scalar("SELECT count(*) FROM refs")
+    missing = spill.merged_passes(MISSING_IMAGES, refs, key=itemgetter("image_id"))
+    for image_id, group in itertools.groupby(missing, key=itemgetter("image_id")):
         quarantine.add(
             raw.name(source.texts),
             0,

@@ -6,27 +6,37 @@ and joins out of core once its `memory_limit` is reached (its documented larger-
 processing), which no hand-written set or sort in this repository would do as well. Python only
 appends rows in batches and reads results as a stream of Arrow record batches.
 
-Out of core is not without bound: some operators ask for blocks that grow with the rows (measured
-with python -m bench.duckdb_out_of_core: ingest's join runs 30M rows in 256 MiB and fails at 100M in
-1 GiB), so a budget holds a split only up to a number of rows. Queries here avoid the worst shapes
-(count(DISTINCT), a window over a whole table); hash-partitioned passes are what would lift it.
+Out of core alone is not without bound: some operators ask for blocks that grow with the rows
+(python -m bench.duckdb_out_of_core: ingest's join ran 30M rows in 256 MiB and failed at 100M even in
+1 GiB). So the joins and groupings over a split run in hash-partitioned passes (`Spill.passes`): pass
+p of P takes the rows whose key hashes to p, P grows with the split's rows so that a pass holds
+about the same number of rows whatever the split, and each pass's result, sorted, goes to a Parquet
+file; the files are then merged in order, a batch of each at a time.
 """
 
 from __future__ import annotations
 
+import glob
+import heapq
+import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from zhclip.components.core.settings import setting
 
 APPEND_ROWS = 50_000  # rows buffered in Python before they go into a table (bounded, whatever the split)
+# Rows of a split one pass takes per MiB of budget: 4M rows in 256 MiB, where ingest's join finished
+# 10M and 30M rows in one pass and failed at 100M (python -m bench.duckdb_out_of_core).
+PASS_ROWS_PER_MB = 16_000
+MERGE_BATCH_ROWS = 1_000  # rows of each pass's file in memory while they are merged (P files at once)
 
 
 @dataclass
@@ -88,7 +98,8 @@ class Spill:
     def __init__(self, folder: Path, memory_mb: int):
         import duckdb
 
-        self.folder = folder
+        self.folder, self.memory_mb = folder, memory_mb
+        self._results = 0  # pass results written so far: their files' names
         # In memory up to `memory_limit`, the rest in `temp_directory`: tables too, not only the
         # operators' intermediates (measured: 2.2 GB of rows under a 100 MB limit).
         self.connection = duckdb.connect(
@@ -121,6 +132,38 @@ class Spill:
         finally:
             cursor.close()
 
+    def passes(self, rows: int) -> int:
+        """How many hash-partitioned passes a query over `rows` rows of a split takes."""
+        return max(1, math.ceil(rows / (self.memory_mb * PASS_ROWS_PER_MB)))
+
+    def in_passes(self, passes: int) -> Iterator[int]:
+        """Set up each pass in turn: queries run in pass `p` see `in_pass(key)` true for the keys that
+        hash to `p` (a macro, expanded where the query filters, so DuckDB reads only that share)."""
+        for part in range(passes):
+            self.sql(f"CREATE OR REPLACE MACRO in_pass(key) AS hash(key) % {passes} = {part}")
+            yield part
+
+    def merged_passes(self, query: str, rows: int, key: Callable[[dict], Any]) -> Iterator[dict[str, Any]]:
+        """The rows of `query`, which filters on `in_pass(...)` and orders by `key`, run in
+        `passes(rows)` passes and merged in `key` order (rows of one pass with equal keys keep theirs)."""
+        paths = [self.pass_result(query) for _ in self.in_passes(self.passes(rows))]
+        return merged(paths, key)
+
+    def pass_result(self, query: str) -> Path:
+        """`query`'s result in a Parquet file of the spill folder, in the order it gives (Python writes
+        the file: DuckDB's COPY without insertion order kept may reorder it)."""
+        path = self.folder / f"pass-{self._results:06d}.parquet"
+        self._results += 1
+        cursor = self.connection.cursor()
+        try:
+            reader = cursor.sql(query).to_arrow_reader(10_000)
+            with pq.ParquetWriter(path, reader.schema, write_statistics=False) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+        finally:
+            cursor.close()
+        return path
+
     def clear(self) -> None:
         """Drop every table and spilled file: the database starts over (for the next split)."""
         for (name,) in self.sql("SELECT table_name FROM duckdb_tables()").fetchall():
@@ -131,6 +174,29 @@ class Spill:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def read_parquet(path: Path, pattern: str = "") -> str:
+    """DuckDB's read_parquet of the file `path`, or of the files in folder `path` that match `pattern`.
+    The path is escaped: read_parquet takes it for a glob pattern, and a `spill_folder` with `[`, `*` or
+    `?` in its name would read other files."""
+    escaped = glob.escape(str(path)) + (f"/{pattern}" if pattern else "")
+    return "read_parquet('{}')".format(escaped.replace("'", "''"))
+
+
+def merged(paths: list[Path], key: Callable[[dict], Any]) -> Iterator[dict[str, Any]]:
+    """The rows of Parquet files each sorted by `key`, merged in `key` order; each file is deleted once
+    read through."""
+    yield from heapq.merge(*(_file_rows(path) for path in paths), key=key)
+
+
+def _file_rows(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        # pre_buffer off: with it pyarrow keeps the row groups it read (python -m bench.parquet_pre_buffer)
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=MERGE_BATCH_ROWS):
+            yield from batch.to_pylist()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -17,14 +17,15 @@ each failed expectation with example ids. Rows in = rows out + rows quarantined,
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import TextIO
 
@@ -43,7 +44,7 @@ from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
 from zhclip.components.data.shards import PreparedSplit, RowGroup, read_row_group
-from zhclip.components.data.spill import Spill, SpillTable, check_memory, spill_database
+from zhclip.components.data.spill import Spill, SpillTable, check_memory, merged, read_parquet, spill_database
 
 COLUMNS = ["text_id", "text", "image_id", "image"]
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
@@ -129,38 +130,45 @@ def profile_group(folder: Folder, group: RowGroup) -> pd.DataFrame:
 
 # Rows of a split's spilled profile that a check over the whole split flags: an exact duplicate of an
 # earlier pair (the first copy is kept), a text_id with several captions or an image_id with several
-# images (every row of it), an image whose content is in the train split. Only flagged rows, in order.
+# images (every row of it), an image whose content is in the train split. Each check runs in passes
+# over the key it groups by (spill.py's `in_pass`), its flagged rows in row order.
 # Several values in a group is min <> max rather than count(DISTINCT) > 1: DuckDB's distinct
 # aggregates hold their sets in memory (ingest's count(DISTINCT) ran out of 256 MiB at 10M pairs).
-CROSS_ROW_FLAGS = """
-WITH profile AS (SELECT row, text_id, text_hash, image_id, image_hash FROM read_parquet('{profile}')),
-flags AS (
-  SELECT row,
-    row_number() OVER (PARTITION BY text_id, image_id ORDER BY row) > 1 AS duplicate_pair,
-    text_id IN (SELECT text_id FROM profile GROUP BY text_id HAVING min(text_hash) <> max(text_hash))
-      AS text_id_conflict,
-    image_id IN (SELECT image_id FROM profile GROUP BY image_id HAVING min(image_hash) <> max(image_hash))
-      AS image_id_conflict,
-    {leaked} AS leaked_from_train
-  FROM profile
-)
-SELECT * FROM flags
-WHERE duplicate_pair OR text_id_conflict OR image_id_conflict OR leaked_from_train
-ORDER BY row
-"""
+_FLAG_QUERIES = {
+    "duplicate_pair": """SELECT row FROM (
+        SELECT row, row_number() OVER (PARTITION BY text_id, image_id ORDER BY row) AS nth
+        FROM {profile} WHERE in_pass(image_id)
+      ) WHERE nth > 1""",
+    "text_id_conflict": """SELECT row FROM {profile} WHERE in_pass(text_id) AND text_id IN (
+        SELECT text_id FROM {profile} WHERE in_pass(text_id)
+        GROUP BY text_id HAVING min(text_hash) <> max(text_hash))""",
+    "image_id_conflict": """SELECT row FROM {profile} WHERE in_pass(image_id) AND image_id IN (
+        SELECT image_id FROM {profile} WHERE in_pass(image_id)
+        GROUP BY image_id HAVING min(image_hash) <> max(image_hash))""",
+    "leaked_from_train": """SELECT row FROM {profile} WHERE in_pass(image_hash) AND image_hash IN (
+        SELECT image_hash FROM {train} WHERE in_pass(image_hash))""",
+}
 
 
 def flagged_rows(spill: Spill, profile: Path, train_profile: Path | None) -> Iterator[dict]:
     """The rows of `profile` that a cross-row check flags, in row order, each with its four flags;
     leakage against `train_profile` (None for the train split itself)."""
-    leaked = f"image_hash IN (SELECT image_hash FROM read_parquet('{_sql_path(train_profile)}'))"
-    return spill.rows(CROSS_ROW_FLAGS.format(profile=_sql_path(profile), leaked=leaked if train_profile else "false"))
+    tables = {"profile": read_parquet(profile), "train": read_parquet(train_profile) if train_profile else None}
+    rows = {"profile": _rows(profile), "train": _rows(train_profile) if train_profile else 0}
+    results = []
+    for flag, query in _FLAG_QUERIES.items():
+        if flag == "leaked_from_train" and not train_profile:
+            continue
+        passes = spill.passes(rows["profile"] + (rows["train"] if flag == "leaked_from_train" else 0))
+        flagged = f"SELECT row, '{flag}' AS flag FROM ({query.format(**tables)}) ORDER BY row"
+        results += [spill.pass_result(flagged) for _ in spill.in_passes(passes)]
+    for row, found in itertools.groupby(merged(results, key=itemgetter("row")), key=itemgetter("row")):
+        raised = {record["flag"] for record in found}
+        yield {"row": row, **{flag: flag in raised for flag in FLAGS}}
 
 
-def _sql_path(path: Path) -> str:
-    """`path` as a string literal for DuckDB's read_parquet, which takes it for a glob pattern: a
-    `spill_folder` with `[`, `*` or `?` in its name would read other files (escaped as `[[]`...)."""
-    return glob.escape(str(path)).replace("'", "''")
+def _rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def build_suite(config: ValidateConfig):

@@ -125,8 +125,10 @@ def _encoded(image, fmt="PNG"):
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ingest_quarantines_each_kind_of_bad_row_with_its_reason(tmp_path, workers):
+@pytest.mark.parametrize("workers, passes", [(1, "one"), (2, "one"), (1, "several")])
+def test_ingest_quarantines_each_kind_of_bad_row_with_its_reason(tmp_path, workers, passes, request):
+    if passes == "several":  # the same rows kept and quarantined
+        request.getfixturevalue("seven_passes")
     raw = tmp_path / "raw"
     jpeg = _encoded(Image.new("RGB", (64, 64), "green"), "JPEG")
     huge = _encoded(Image.new("RGB", (8000, 5000), "white"))  # 40 megapixels
@@ -174,6 +176,7 @@ def test_ingest_quarantines_each_kind_of_bad_row_with_its_reason(tmp_path, worke
     for fragment, count in expected.items():
         assert sum(fragment in reason for reason in text_reasons) == count, (fragment, text_reasons)
     assert len(quarantined) == summary["splits"]["test"]["quarantined"] == len(bad) + sum(expected.values())
+    assert summary["splits"]["test"]["texts"] == 3
 
 
 def test_parallel_ingest_writes_the_same_shards_as_serial(raw_dir, tmp_path):
@@ -181,6 +184,15 @@ def test_parallel_ingest_writes_the_same_shards_as_serial(raw_dir, tmp_path):
     ingest(raw_dir, tmp_path / "parallel", IngestConfig(workers=2, shard_rows=50, batch_lines=7))
     for split in ("train", "test"):
         assert read_pairs(tmp_path / "serial", split).equals(read_pairs(tmp_path / "parallel", split))
+
+
+def test_ingest_in_several_passes_writes_the_same_shards_and_summary_as_in_one(raw_dir, tmp_path, request):
+    one = ingest(raw_dir, tmp_path / "one", IngestConfig(workers=1, shard_rows=50))
+    request.getfixturevalue("seven_passes")
+    several = ingest(raw_dir, tmp_path / "several", IngestConfig(workers=1, shard_rows=50))
+    assert several["splits"] == one["splits"]
+    for split in ("train", "valid", "test"):
+        assert read_pairs(tmp_path / "one", split).equals(read_pairs(tmp_path / "several", split))
 
 
 def test_an_empty_split_file_is_named(tmp_path):
@@ -248,7 +260,10 @@ def _faulty_dataset(folder):
     return {12: "chinese_ratio", 13: "text_chars", 14: "leaked_from_train", 15: "image_width", 16: "image_aspect"}
 
 
-def test_validation_catches_each_fault_exactly_and_quarantines_below_the_threshold(tmp_path):
+@pytest.mark.parametrize("passes", ["one", "several"])
+def test_validation_catches_each_fault_exactly_and_quarantines_below_the_threshold(tmp_path, passes, request):
+    if passes == "several":
+        request.getfixturevalue("seven_passes")
     faults = _faulty_dataset(tmp_path / "prepared")
     config = ValidateConfig(max_bad_fraction=0.75)
     report = validate(tmp_path / "prepared", tmp_path / "validated", config, tmp_path / "r.json", tmp_path / "q.jsonl")

@@ -85,7 +85,10 @@ def test_a_shard_task_pauses_while_its_batches_wait_to_be_read(tmp_path):
     assert [first, *rest] == list(range(40))
 
 
-def test_a_key_img2dataset_wrote_twice_is_quarantined_once(raw_dir, tmp_path):
+@pytest.mark.parametrize("passes", ["one", "several"])
+def test_a_key_img2dataset_wrote_twice_is_quarantined_once(raw_dir, tmp_path, passes, request):
+    if passes == "several":
+        request.getfixturevalue("seven_passes")
     write_corpus(raw_dir, tmp_path / "raw", "parquet", rows_per_shard=1000)
     shard = tmp_path / "raw" / "valid" / "00000.parquet"
     table = pq.read_table(shard)
