@@ -3,7 +3,8 @@
 Builds ingest's tables in a spill database (`components/data/spill.py`) of --budget MiB: `decoded`
 (line, image_id), `refs` (line, pos, image_id) and `texts` (line, text_id, text), --rows rows each,
 every id distinct (the worst case for a hash aggregate), and runs each query, printing a JSON line:
-finished with its seconds, or DuckDB's error. The earlier shapes run in one pass; ingest's own
+finished with its seconds, or DuckDB's error; and the process's resident memory before the query
+and at its peak (Linux's VmHWM, reset before each query). The earlier shapes run in one pass; ingest's own
 queries as ingest runs them, in `Spill.passes(rows)` hash-partitioned passes (the line says how many),
 the captions merged back in line order.
 
@@ -71,6 +72,11 @@ def _one_pass(query: str):
     return run
 
 
+def _memory_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        return round(int(next(line for line in status if line.startswith(field)).split()[1]) / 1024, 1)
+
+
 def run(rows: int, budget: int, kinds: list[str]) -> list[dict]:
     queries = ({name: _one_pass(query) for name, query in QUERIES.items()} if "one-pass" in kinds else {}) | (
         IN_PASSES if "in-passes" in kinds else {}
@@ -82,14 +88,17 @@ def run(rows: int, budget: int, kinds: list[str]) -> list[dict]:
         spill.sql(f"CREATE TABLE texts AS SELECT i AS line, i AS text_id, 'caption' AS text FROM range({rows}) r(i)")
         for name, query in queries.items():
             passes = spill.passes(rows) if name in IN_PASSES else 1
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from here
+            memory = {"rss_before_mb": _memory_mb("VmRSS:")}
             started = time.perf_counter()
             try:
                 query(spill, rows)
                 outcome = {"finished": True, "seconds": round(time.perf_counter() - started, 1)}
             except Exception as error:  # DuckDB's out-of-memory error is what is measured
                 outcome = {"finished": False, "error": str(error).splitlines()[0]}
+            memory["peak_mb"] = _memory_mb("VmHWM:")
             measured = {"rows": rows, "spill_memory_mb": budget, "query": name, "passes": passes}
-            lines.append({"bench": "duckdb_out_of_core"} | measured | outcome)
+            lines.append({"bench": "duckdb_out_of_core"} | measured | outcome | memory)
     return lines
 
 
