@@ -48,6 +48,7 @@ from zhclip.components.data.spill import Spill, SpillTable, check_memory, merged
 
 COLUMNS = ["text_id", "text", "image_id", "image"]
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
+DOCS_INDEX_RESULTS = 500  # batch results the Data Docs index page lists, the newest first
 FLAGS = ("duplicate_pair", "text_id_conflict", "image_id_conflict", "leaked_from_train")
 
 
@@ -230,7 +231,14 @@ class _Gate:
                 "zhclip",
                 {
                     "class_name": "SiteBuilder",
-                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                    # The index lists the newest results only: it holds each result it lists (about
+                    # 16 KiB: python -m bench.data_docs), one per rows_per_check rows of every split.
+                    # Every result still gets its page (rendered one at a time).
+                    "site_index_builder": {
+                        "class_name": "DefaultSiteIndexBuilder",
+                        "validation_results_limit": DOCS_INDEX_RESULTS,
+                    },
+                    "site_section_builders": {"validations": {"validation_results_limit": None}},
                     "store_backend": {
                         "class_name": "TupleFilesystemStoreBackend",
                         "base_directory": str(Path(docs_dir).resolve()),

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import yaml
 from PIL import Image
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.data import validate as validate_module
 from zhclip.components.data.ingest import IngestConfig, ingest
 from zhclip.components.data.schema import PAIR_SCHEMA
 from zhclip.components.data.shards import read_pairs
@@ -228,6 +230,16 @@ def test_validation_passes_good_data_and_reports_counts(prepared_dir, tmp_path):
     assert read_pairs(tmp_path / "validated", "test").equals(read_pairs(prepared_dir, "test"))
     assert (tmp_path / "q.jsonl").read_text() == ""
     assert (tmp_path / "docs" / "index.html").is_file()
+
+
+def test_data_docs_index_lists_the_newest_results_and_every_result_has_its_page(prepared_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(validate_module, "DOCS_INDEX_RESULTS", 3)
+    report = validate(
+        prepared_dir, tmp_path / "validated", ValidateConfig(rows_per_check=400), None, tmp_path / "q.jsonl", tmp_path
+    )
+    results = sum(-(-split["rows_in"] // 400) + 1 for split in report["splits"].values())  # + the split's size
+    assert len(list((tmp_path / "validations").rglob("*.html"))) == results > 3
+    assert len(re.findall(r"validations/[^\"']+\.html", (tmp_path / "index.html").read_text())) == 3
 
 
 def _faulty_dataset(folder):
