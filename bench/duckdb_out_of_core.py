@@ -72,7 +72,8 @@ def _one_pass(query: str):
     return run
 
 
-def _memory_mb(field: str) -> float:
+def resident_mb(field: str) -> float:
+    """This process's `field` of /proc/self/status (VmRSS: now, VmHWM: the peak) in MiB."""
     with open("/proc/self/status") as status:
         return round(int(next(line for line in status if line.startswith(field)).split()[1]) / 1024, 1)
 
@@ -89,14 +90,14 @@ def run(rows: int, budget: int, kinds: list[str]) -> list[dict]:
         for name, query in queries.items():
             passes = spill.passes(rows) if name in IN_PASSES else 1
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from here
-            memory = {"rss_before_mb": _memory_mb("VmRSS:")}
+            memory = {"rss_before_mb": resident_mb("VmRSS:")}
             started = time.perf_counter()
             try:
                 query(spill, rows)
                 outcome = {"finished": True, "seconds": round(time.perf_counter() - started, 1)}
             except Exception as error:  # DuckDB's out-of-memory error is what is measured
                 outcome = {"finished": False, "error": str(error).splitlines()[0]}
-            memory["peak_mb"] = _memory_mb("VmHWM:")
+            memory["peak_mb"] = resident_mb("VmHWM:")
             measured = {"rows": rows, "spill_memory_mb": budget, "query": name, "passes": passes}
             lines.append({"bench": "duckdb_out_of_core"} | measured | outcome | memory)
     return lines
