@@ -49,6 +49,7 @@ from zhclip.components.data.captions import caption_error, caption_tables, int64
 from zhclip.components.data.decode import decode_file_line, decode_line, decoded_lines, decoded_shards
 from zhclip.components.data.quarantine import IMAGES, MISSING, Quarantine
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
+from zhclip.components.data.shards import remove_shards
 from zhclip.components.data.spill import Spill, check_memory, read_parquet, spill_database
 
 
@@ -87,8 +88,7 @@ class _ShardWriter:
         self.rows: list[dict] = []
         self.shards = 0
         self.total = 0
-        for stale in out_dir.glob("part-*.parquet"):  # an earlier run's, which would be read as this one's
-            stale.unlink()
+        remove_shards(out_dir)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)

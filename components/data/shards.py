@@ -88,6 +88,13 @@ class PreparedSplit:
             return pq.ParquetFile(handle).schema_arrow.names
 
 
+def remove_shards(folder: Path) -> None:
+    """Delete the `part-*.parquet` shards in local `folder`: an earlier run's, which a step writing
+    fewer shards there would otherwise leave to be read as its own."""
+    for stale in folder.glob("part-*.parquet"):
+        stale.unlink()
+
+
 def read_row_group(folder: Folder, group: RowGroup, columns: Sequence[str] | None = None) -> pa.Table:
     """One row group, only `columns` if given. What a Ray task is handed is the folder and that row
     group, not the split: a split lists all its row groups (39,000 at 10M pairs), and pickling it into

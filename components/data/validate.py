@@ -43,7 +43,7 @@ from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
-from zhclip.components.data.shards import PreparedSplit, RowGroup, read_row_group
+from zhclip.components.data.shards import PreparedSplit, RowGroup, read_row_group, remove_shards
 from zhclip.components.data.spill import Spill, SpillTable, check_memory, merged, read_parquet, spill_database
 
 COLUMNS = ["text_id", "text", "image_id", "image"]
@@ -413,8 +413,7 @@ def _write_split(split: PreparedSplit, out_dir: Path, bad_rows: _RowCursor) -> i
     `bad_rows` are the rows to leave out, in order. Written here, not by Ray tasks: `out_dir` is this
     machine's folder, and filtering costs no decoding."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("part-*.parquet"):
-        stale.unlink()
+    remove_shards(out_dir)
     first_rows = split.first_rows()
     shards: dict[str, list[int]] = {}
     for number, group in enumerate(split.groups):
