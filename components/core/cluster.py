@@ -28,13 +28,14 @@ QUIET_RAY_ENV = {
 # short local stage waits for those polls (a 6-step stage on 2 vCPU x86: 38 s, 34 s at 0.25 s, mean
 # of 3 in bench/results/2026-12-03-ray-train-poll), and polling a few local workers four times a
 # second costs next to nothing. Ray's GCS keeps the events of the last 100,000 tasks for the
-# dashboard: ingest and validation run a task per 256 rows, so its memory grew with the split (up to
-# 25M pairs; seen during a 10M-pair ingest); 10,000 is plenty to debug a local step. A cluster
-# (RAY_ADDRESS) keeps Ray's defaults.
+# dashboard and tracks up to 1,000,000 dropped ones: ingest and validation run a task per 256 rows, so
+# its memory grew with the split, about 4 KiB a task (bench/results/2026-12-05-cpu-ray-task-events);
+# the last 1,000 tasks are plenty to debug a local step. A cluster (RAY_ADDRESS) keeps its own.
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    "RAY_task_events_max_num_task_in_gcs": "10000",
+    "RAY_task_events_max_num_task_in_gcs": "1000",
+    "RAY_task_events_max_dropped_task_attempts_tracked_per_job_in_gcs": "1000",
 }
 
 
