@@ -97,14 +97,29 @@ def _tree(root: int) -> list[int]:
         return []
 
 
+def _role(pid: int, root: int) -> str:
+    """What a process of the tree is: the step's own process, one of Ray's daemons (a Python one by its
+    script), or Ray's workers."""
+    if pid == root:
+        return "step"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            words = [word.decode(errors="replace") for word in cmdline.read().split(b"\0") if word]
+    except OSError:
+        return "gone"
+    if not words or words[0].startswith("ray::"):
+        return "ray workers"
+    return Path(next((word for word in words if word.endswith(".py")), words[0])).name
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def measured(args: list[str], log: Path, cwd: Path, watch: Path | None = None) -> dict:
-    """Run a command; its wall time and the peak PSS of its process tree (sampled every 0.2 s), and
-    the peak size of folder `watch` (sampled every 2 s)."""
-    peak, peak_folder = [0], [0]
+    """Run a command; its wall time and the peak PSS of its process tree (sampled every 0.2 s) with its
+    share per kind of process at that peak, and the peak size of folder `watch` (sampled every 2 s)."""
+    peak, peak_folder, peak_roles = [0], [0], {}
     with open(log, "w") as out:
         started = time.perf_counter()
         # A session of its own: Ray's processes stay in the tree (they are the command's descendants).
@@ -113,7 +128,14 @@ def measured(args: list[str], log: Path, cwd: Path, watch: Path | None = None) -
         def sample() -> None:
             samples = 0
             while process.poll() is None:
-                peak[0] = max(peak[0], sum(_pss(pid) for pid in _tree(process.pid)))
+                roles: dict[str, int] = {}
+                for pid in _tree(process.pid):
+                    role = _role(pid, process.pid)
+                    roles[role] = roles.get(role, 0) + _pss(pid)
+                if sum(roles.values()) > peak[0]:
+                    peak[0] = sum(roles.values())
+                    peak_roles.clear()
+                    peak_roles.update(roles)
                 if watch and samples % 10 == 0:
                     peak_folder[0] = max(peak_folder[0], _folder_bytes(watch))
                 samples += 1
@@ -125,7 +147,11 @@ def measured(args: list[str], log: Path, cwd: Path, watch: Path | None = None) -
         sampler.join()
     if code:
         raise RuntimeError(f"{' '.join(args)} failed ({code}); see {log}:\n{log.read_text()[-2000:]}")
-    result = {"seconds": round(time.perf_counter() - started, 2), "peak_pss_mb": round(peak[0] / 2**20, 1)}
+    result = {
+        "seconds": round(time.perf_counter() - started, 2),
+        "peak_pss_mb": round(peak[0] / 2**20, 1),
+        "peak_by_process_mb": {role: round(pss / 2**20, 1) for role, pss in sorted(peak_roles.items()) if pss},
+    }
     return {**result, "peak_spill_mb": round(peak_folder[0] / 2**20, 1)} if watch else result
 
 
