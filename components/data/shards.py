@@ -23,7 +23,7 @@ from zhclip.components.core.storage import Folder
 FOOTER_READERS = 16  # shards whose footers are read at once (S3 round trips dominate on MinIO)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a split lists one per 256 rows: 780,000 at 200M pairs
 class RowGroup:
     path: str
     index: int

@@ -122,15 +122,21 @@ class Spill:
     def scalar(self, query: str) -> Any:
         return self.sql(query).fetchall()[0][0]
 
-    def rows(self, query: str, batch_rows: int = 10_000) -> Iterator[dict[str, Any]]:
-        """The rows of a query as dicts, read in record batches of `batch_rows`. A cursor of its own, so
-        rows can be written to other tables while they are read."""
+    @contextmanager
+    def _batches(self, query: str, batch_rows: int = 10_000) -> Iterator[pa.RecordBatchReader]:
+        """A query's result in record batches of `batch_rows`, on a cursor of its own, so rows can be
+        written to other tables while they are read."""
         cursor = self.connection.cursor()
         try:
-            for batch in cursor.sql(query).to_arrow_reader(batch_rows):
-                yield from batch.to_pylist()
+            yield cursor.sql(query).to_arrow_reader(batch_rows)
         finally:
             cursor.close()
+
+    def rows(self, query: str, batch_rows: int = 10_000) -> Iterator[dict[str, Any]]:
+        """The rows of a query as dicts, read in record batches of `batch_rows`."""
+        with self._batches(query, batch_rows) as batches:
+            for batch in batches:
+                yield from batch.to_pylist()
 
     def passes(self, rows: int) -> int:
         """How many hash-partitioned passes a query over `rows` rows of a split takes."""
@@ -154,14 +160,9 @@ class Spill:
         the file: DuckDB's COPY without insertion order kept may reorder it)."""
         path = self.folder / f"pass-{self._results:06d}.parquet"
         self._results += 1
-        cursor = self.connection.cursor()
-        try:
-            reader = cursor.sql(query).to_arrow_reader(10_000)
-            with pq.ParquetWriter(path, reader.schema, write_statistics=False) as writer:
-                for batch in reader:
-                    writer.write_batch(batch)
-        finally:
-            cursor.close()
+        with self._batches(query) as batches, pq.ParquetWriter(path, batches.schema, write_statistics=False) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
         return path
 
     def clear(self) -> None:
