@@ -107,17 +107,21 @@ def parse_texts(raw: Folder, name: str, quarantine: Quarantine, spill: Spill) ->
             refs.add(number, pos, int(image_id))  # a JSON true is image 1, as Python has it
     texts.flush()
     refs.flush()
-    _drop_later_text_ids(raw, name, quarantine, spill)
+    _drop_later_text_ids(raw, name, quarantine, spill, texts.rows)
 
 
-def _drop_later_text_ids(raw: Folder, name: str, quarantine: Quarantine, spill: Spill) -> None:
-    """Quarantine each kept line whose text_id an earlier kept line has. Their raw lines are read again
-    from the file (a second pass over the small texts file, no copy of every line kept)."""
-    spill.sql(
-        """CREATE TABLE repeated AS SELECT line, text_id FROM (
-             SELECT line, text_id, row_number() OVER (PARTITION BY text_id ORDER BY line) AS nth FROM texts
-           ) WHERE nth > 1"""
-    )
+def _drop_later_text_ids(raw: Folder, name: str, quarantine: Quarantine, spill: Spill, rows: int) -> None:
+    """Quarantine each kept line whose text_id an earlier kept line has (`rows` lines are kept), found in
+    passes by text_id. Their raw lines are read again from the file (a second pass over the small texts
+    file, no copy of every line kept)."""
+    spill.sql("CREATE TABLE repeated (line BIGINT, text_id BIGINT)")
+    for _ in spill.in_passes(spill.passes(rows)):
+        spill.sql(
+            """INSERT INTO repeated SELECT line, text_id FROM (
+                 SELECT line, text_id, row_number() OVER (PARTITION BY text_id ORDER BY line) AS nth
+                 FROM texts WHERE in_pass(text_id)
+               ) WHERE nth > 1"""
+        )
     if not spill.scalar("SELECT count(*) FROM repeated"):
         return
     repeated = spill.rows("SELECT line, text_id FROM repeated ORDER BY line")

@@ -197,6 +197,24 @@ def test_ingest_in_several_passes_writes_the_same_shards_and_summary_as_in_one(r
         assert read_pairs(tmp_path / "one", split).equals(read_pairs(tmp_path / "several", split))
 
 
+@pytest.mark.parametrize("passes", ["one", "several"])
+def test_every_later_line_of_a_repeated_text_id_is_quarantined(tmp_path, passes, request):
+    if passes == "several":  # the repeated ids fall in different passes
+        request.getfixturevalue("seven_passes")
+    images = [f"{i}\t{_png_b64()}" for i in range(1, 4)]
+    texts = [{"text_id": 1 + n % 10, "text": f"第{n}行", "image_ids": [1 + n % 3]} for n in range(25)]
+    for split in ("train", "valid", "test"):
+        _write_split(tmp_path / "raw", split, images, texts)
+    summary = ingest(tmp_path / "raw", tmp_path / "out", IngestConfig(workers=1))
+    quarantined = [json.loads(line) for line in _lines(tmp_path / "out" / "quarantine" / "train.jsonl")]
+    assert {q["line"]: q["reason"] for q in quarantined} == {
+        n + 1: f"duplicate text_id {1 + n % 10}" for n in range(10, 25)
+    }
+    pairs = read_pairs(tmp_path / "out", "train").sort_values("text_id")
+    assert list(pairs.text) == [f"第{n}行" for n in range(10)]
+    assert summary["splits"]["train"]["quarantined"] == 15
+
+
 def test_an_empty_split_file_is_named(tmp_path):
     _write_split(tmp_path, "train", [], [{"text_id": 1, "text": "红色", "image_ids": [1]}])
     for split in ("valid", "test"):
