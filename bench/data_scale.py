@@ -79,7 +79,8 @@ def write_raw(folder: Path, pairs: int, valid: int, size: int, workers: int) -> 
     return counts
 
 
-def _pss(pid: int) -> int:
+def pss(pid: int) -> int:
+    """A process's proportional set size in bytes (0 once it is gone)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as rollup:
             return next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
@@ -131,9 +132,9 @@ def measured(args: list[str], log: Path, cwd: Path, watch: Path | None = None) -
                 roles: dict[str, int] = {}
                 for pid in _tree(process.pid):
                     role = _role(pid, process.pid)
-                    roles[role] = roles.get(role, 0) + _pss(pid)
-                if sum(roles.values()) > peak[0]:
-                    peak[0] = sum(roles.values())
+                    roles[role] = roles.get(role, 0) + pss(pid)
+                if (total := sum(roles.values())) > peak[0]:
+                    peak[0] = total
                     peak_roles.clear()
                     peak_roles.update(roles)
                 if watch and samples % 10 == 0:

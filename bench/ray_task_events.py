@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.data_scale import pss
+
 CAP_VARIABLES = (
     "RAY_task_events_max_num_task_in_gcs",
     "RAY_task_events_max_dropped_task_attempts_tracked_per_job_in_gcs",
@@ -27,11 +29,6 @@ CAP_VARIABLES = (
 
 def _nothing(number: int) -> int:
     return number
-
-
-def _pss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/smaps_rollup") as rollup:
-        return next(int(line.split()[1]) for line in rollup if line.startswith("Pss:")) / 1024
 
 
 def probe(counts: list[int], caps: str) -> None:
@@ -48,8 +45,8 @@ def probe(counts: list[int], caps: str) -> None:
                 pass
             done = count
             time.sleep(3)  # the workers' last events reach the GCS (reported every second)
-            line = {"bench": "ray_task_events", "caps": caps, "tasks": done, "gcs_pss_mb": round(_pss_mb(gcs.pid), 1)}
-            print(json.dumps(line), flush=True)
+            line = {"bench": "ray_task_events", "caps": caps, "tasks": done}
+            print(json.dumps(line | {"gcs_pss_mb": round(pss(gcs.pid) / 2**20, 1)}), flush=True)
 
 
 def main() -> None:
