@@ -12,6 +12,7 @@ import json
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
 
+from zhclip.components.core.progress import MLFLOW_BARS_ENV
 from zhclip.components.core.storage import POLICY_ENV
 from zhclip.components.training.start import RECIPES
 from zhclip.workflows.config import KubeflowConfig
@@ -144,6 +145,7 @@ def _on_kubernetes(cluster: KubeflowConfig, object_store: dict, steps: tuple, tr
     for task in (*steps, *training):
         kubernetes.add_pod_label(task, *CLIENT_LABEL)
         task.set_env_variable(POLICY_ENV, json.dumps(object_store))
+        task.set_env_variable(MLFLOW_BARS_ENV, "false")  # a pod's log is no terminal (core/progress.py)
         kubernetes.set_security_context(task, run_as_user=RUN_AS_USER, run_as_non_root=True)
     for task in steps:
         task.set_cpu_request(cluster.step_cpu).set_cpu_limit(cluster.step_cpu)

@@ -19,9 +19,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pyarrow import fs
-from tqdm import tqdm
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.progress import progress_bar
 from zhclip.components.core.settings import setting
 
 # The policy of this process and of everything it starts (Ray workers, a pipeline task's step): the
@@ -237,7 +237,7 @@ def upload(src: str | Path, dest_uri: str, endpoint: str | None = None) -> dict:
     try:
         if not store.bucket_exists(bucket):
             store.make_bucket(bucket)
-        for path in tqdm(files, desc=f"upload to {dest_uri}", unit=" files", leave=False):
+        for path in progress_bar(files, desc=f"upload to {dest_uri}", unit="files", leave=False):
             key = "/".join(part for part in (prefix, path.relative_to(src).as_posix()) if part)
             store.fput_object(bucket, key, str(path))
     except S3Error as err:

@@ -30,10 +30,12 @@ def lines(
 ) -> Iterator[tuple[int, str]]:
     """(line number, text) of the non-blank lines of a UTF-8 file; undecodable lines are quarantined
     (among the entries of `phase`, by line)."""
-    from tqdm import tqdm
+    from zhclip.components.core.progress import progress_bar
 
     with raw.open(name) as handle:
-        for number, data in enumerate(tqdm(handle, desc=desc, unit=" lines", leave=False, disable=desc is None), 1):
+        for number, data in enumerate(
+            progress_bar(handle, desc=desc, unit="lines", leave=False, disable=desc is None), 1
+        ):
             try:
                 line = data.decode("utf-8")
             except UnicodeDecodeError as err:

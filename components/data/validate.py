@@ -34,11 +34,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from zhclip.components.core.cluster import ordered_map, ray_runtime
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.memory import release_freed_memory
+from zhclip.components.core.progress import progress_bar
 from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
@@ -334,8 +334,8 @@ def _profile_split(split: PreparedSplit, scratch: Path, batch_rows: int) -> tupl
         pending.clear()
 
     profiles = ordered_map(profile_group, ((split.folder, group) for group in split.groups))
-    for frame in tqdm(
-        profiles, total=len(split.groups), desc=f"validate {split.split}", unit=" row groups", leave=False, disable=None
+    for frame in progress_bar(
+        profiles, total=len(split.groups), desc=f"validate {split.split}", unit="row groups", leave=False
     ):
         frame.insert(0, "row", np.arange(rows, rows + len(frame)))
         rows += len(frame)

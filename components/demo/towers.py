@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.progress import progress_bar
 from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import timed, write_summary
 
@@ -194,7 +194,7 @@ def _fit(
     schedule = _schedule(optimizer, steps)
     losses = []
     model.train()
-    for _ in tqdm(range(steps), desc=description, unit="step"):
+    for _ in progress_bar(range(steps), desc=description, unit="step"):
         loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

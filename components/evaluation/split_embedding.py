@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from PIL import Image
-from tqdm import tqdm
 
 from zhclip.components.core.memory import release_freed_memory
+from zhclip.components.core.progress import progress_bar
 from zhclip.components.data.shards import PreparedSplit
 from zhclip.components.evaluation.retrieval import RetrievalSet
 from zhclip.model import decode_image, embed_images, embed_texts
@@ -96,11 +96,11 @@ def _embed_images_streamed(
             if batches % TRIM_EVERY == 0:
                 release_freed_memory()
 
-    for table in tqdm(
+    for table in progress_bar(
         shards.tables(["image_id", "image"]),
         total=len(shards.groups),
         desc=f"embed {shards.split} images",
-        unit=" row groups",
+        unit="row groups",
         leave=False,
         disable=None,
     ):

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.progress import progress_bar
 from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.core.tracking import run_to_log_into
@@ -142,7 +142,7 @@ def zeroshot(
                 embed_images(
                     model, processor, [_open(p) for p in paths[start : start + config.batch_size]], config.batch_size
                 )
-                for start in tqdm(
+                for start in progress_bar(
                     range(0, len(paths), config.batch_size),
                     unit="batch",
                     desc=f"zero-shot {Path(images_dir).name} with {Path(model_dir).name}",

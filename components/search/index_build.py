@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.progress import progress_bar
 from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
@@ -329,7 +329,7 @@ def build_index(
         timed(summary),
         folder.filesystem.open_output_stream(folder.path(ITEMS_FILE)) as items_out,
         pq.ParquetWriter(items_out, ITEM_SCHEMA) as items,
-        tqdm(total=total, desc=f"index {gallery}", unit=" images", leave=False) as progress,
+        progress_bar(total=total, desc=f"index {gallery}", unit="images", leave=False) as progress,
     ):
         for vectors, kept, read in embedded:
             if kept:
