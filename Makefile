@@ -15,7 +15,12 @@ REF_VENV  := .venv-reference
 REF_STAMP := $(REF_VENV)/.installed-stamp
 REF_PINS  := torch==2.14.1 torchvision==0.29.1 $(shell grep -i -E '^(pillow|numpy|six)==' requirements.lock)
 
-.PHONY: install reference-env system-deps cjk-font demo test test-fast lint format docs lock clean-demo
+# The real img2dataset, in an environment of its own (its dependencies are none of zhclip's): the tests
+# download through it from a web server on 127.0.0.1 and ingest what it wrote. Tests only.
+I2D_VENV  := .venv-img2dataset
+I2D_STAMP := $(I2D_VENV)/.installed-stamp
+
+.PHONY: install reference-env img2dataset-env system-deps cjk-font demo test test-fast lint format docs lock clean-demo
 
 # Services and tools the tests start: PostgreSQL (MLflow backend store), headless Chromium (HTML
 # report rendering) and kubectl (offline `kubectl kustomize`). Installed from Debian when missing.
@@ -59,13 +64,20 @@ $(REF_STAMP): requirements.lock
 
 reference-env: $(REF_STAMP)
 
+$(I2D_STAMP): requirements-img2dataset.lock
+	$(PYTHON) -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.lock
+	touch $(I2D_STAMP)
+
+img2dataset-env: $(I2D_STAMP)
+
 # DVC's own notes (stage headers, lock-file updates) are left out (--quiet): each step prints its
 # progress and a one-line result; `dvc repro` without it shows them.
 demo: install cjk-font
 	$(RUN) dvc repro --quiet
 	$(RUN) zhclip results
 
-test: install reference-env system-deps
+test: install reference-env img2dataset-env system-deps
 	$(RUN) pytest
 
 test-fast: install

@@ -29,7 +29,7 @@ from zhclip.components.training.loop import train_worker_loop
 from zhclip.components.training.runner import train
 
 from conftest import SMALL_DEMO_DATA
-from img2dataset_corpus import write_corpus
+from img2dataset_tool import download, pair_urls
 from kill import latest_checkpoint_step
 
 pytestmark = pytest.mark.slow
@@ -199,7 +199,8 @@ def test_img2dataset_ingest_finishes_when_the_node_reading_shards_is_lost(cluste
     """A shard's task hands its rows back a batch at a time: the retried task on the node left must
     not hand the driver a batch twice, nor skip one. The node goes once the driver has spilled a first
     batch, so tasks it has partly read are among the lost."""
-    write_corpus(raw_dir, tmp_path / "raw", "webdataset", rows_per_shard=100)
+    for split in ("train", "valid", "test"):  # the real img2dataset's shards of the demo's pairs
+        download(pair_urls(raw_dir, split), tmp_path / "raw" / split, "webdataset", shard_size=100)
     here = ingest(tmp_path / "raw", tmp_path / "here", IngestConfig(workers=1))
     spill = tmp_path / "spill"
     killer = NodeKiller(cluster, workers, "decode_shard", ready=lambda: any(spill.glob("*/decoded-*.parquet")))

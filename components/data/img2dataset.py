@@ -1,14 +1,20 @@
-"""img2dataset's output as a raw split: webdataset tar shards or Parquet shards, read shard by shard.
+"""img2dataset's output as a raw split: webdataset tar shards, Parquet shards or `files` folders, read
+shard by shard.
 
 img2dataset (the downloader LAION, Wukong and most paper-scale corpora are fetched with) writes a
-folder of numbered shards:
-- `--output_format webdataset`: `00000.tar` holding `{key}.jpg`, `{key}.txt` and `{key}.json` for each
-  image it fetched, and beside it `00000.parquet` with one row per URL it tried: `key`, `status`
-  (`success`, `failed_to_download`, `failed_to_resize`), `error_message`, width, height...;
-- `--output_format parquet`: `00000.parquet` with those columns plus `jpg` (the image, null where it
-  failed) and `txt` (the caption).
+folder of numbered shards, each with `00000.parquet` listing one row per URL it tried: `key`,
+`status` (`success`, `failed_to_download`, `failed_to_resize`), `error_message`, `caption`, width,
+height...; the samples it fetched are
+- `--output_format webdataset`: in `00000.tar`, as `{key}.jpg`, `{key}.txt` and `{key}.json`;
+- `--output_format files`: in the folder `00000/`, as the same three files;
+- `--output_format parquet`: in that Parquet itself, as columns `jpg` (null where it failed) and `txt`.
 A split is the folder `{split}/` of the raw folder, local or s3://. Every row img2dataset tried is
 read: a failed one is counted and quarantined with img2dataset's reason, never ingested.
+
+img2dataset writes a shard's samples, in the tar, the folder and the Parquet alike, in the order their
+downloads finish (`0000000, 0000002, 0000003, 0000001, ...`, different on every run), so a sample is
+matched to its Parquet row by key: the shard's Parquet rows are held in a dict by key (a shard is at
+most img2dataset's `number_sample_per_shard` rows, 10,000 by default; the split is never held).
 
 Tars are read with the standard library's `tarfile` as a stream (one pass, no seeks: on s3:// a seek
 is a request), not the `webdataset` package: its pipeline opens URLs itself (bypassing the
@@ -26,8 +32,9 @@ import pyarrow.parquet as pq
 
 from zhclip.components.core.storage import Folder
 
-WEBDATASET, PARQUET = "webdataset", "parquet"
+WEBDATASET, PARQUET, FILES = "webdataset", "parquet", "files"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_LISTED_COLUMNS = ("key", "caption", "status", "error_message")
 
 
 @dataclass
@@ -43,23 +50,30 @@ class Row:
 
 def shards(raw: Folder, split: str) -> tuple[str, list[str]] | None:
     """(format, shard paths relative to `raw`, in order) when `raw/{split}/` holds img2dataset
-    output, else None."""
+    output, else None. A `files` shard is named by its folder (`{split}/00000`)."""
     from pyarrow import fs
 
     if raw.kind(split) != fs.FileType.Directory:
         return None
     listing = raw.filesystem.get_file_info(fs.FileSelector(raw.path(split)))
-    names = sorted(info.base_name for info in listing if info.type == fs.FileType.File)
-    tars = [name for name in names if name.endswith(".tar")]
+    files = sorted(info.base_name for info in listing if info.type == fs.FileType.File)
+    folders = {info.base_name for info in listing if info.type == fs.FileType.Directory}
+    tars = [name for name in files if name.endswith(".tar")]
     if tars:
         return WEBDATASET, [f"{split}/{name}" for name in tars]
-    parquets = [name for name in names if name.endswith(".parquet")]
-    return (PARQUET, [f"{split}/{name}" for name in parquets]) if parquets else None
+    parquets = [name.removesuffix(".parquet") for name in files if name.endswith(".parquet")]
+    if parquets and all(stem in folders for stem in parquets):
+        return FILES, [f"{split}/{stem}" for stem in parquets]
+    return (PARQUET, [f"{split}/{stem}.parquet" for stem in parquets]) if parquets else None
 
 
 def read_shard(raw: Folder, shard: str, kind: str) -> Iterator[Row]:
-    """Every row of one shard, in img2dataset's order."""
-    return _webdataset_rows(raw, shard) if kind == WEBDATASET else _parquet_rows(raw, shard)
+    """Every row of one shard: each sample in the shard's order, then the rows its Parquet lists
+    without a sample."""
+    if kind == PARQUET:
+        return _parquet_rows(raw, shard)
+    samples = _tar_samples(raw, shard) if kind == WEBDATASET else _folder_samples(raw, shard)
+    return _rows_by_key(raw, shard, samples)
 
 
 def _not_fetched(key: str, caption: object, record: dict) -> Row:
@@ -82,7 +96,7 @@ def _fetched(record: dict) -> bool:
 
 
 def _parquet_rows(raw: Folder, shard: str) -> Iterator[Row]:
-    columns = ("key", "txt", "caption", "status", "error_message", *IMAGE_EXTENSIONS)
+    columns = (*_LISTED_COLUMNS, "txt", *IMAGE_EXTENSIONS)
     for record in _records(raw, shard, columns):
         key, caption = str(record.get("key")), record.get("txt", record.get("caption"))
         image = next((record[ext] for ext in IMAGE_EXTENSIONS if record.get(ext)), None)  # --encode_format
@@ -94,41 +108,33 @@ def _parquet_rows(raw: Folder, shard: str) -> Iterator[Row]:
             yield Row(key, caption, image, None)
 
 
-def _webdataset_rows(raw: Folder, shard: str) -> Iterator[Row]:
-    """The rows of the Parquet beside the tar (every URL tried), each fetched one with its sample from
-    the tar; without that Parquet, the tar's samples. Both are in key order (img2dataset numbers its
-    rows), so a sample the Parquet does not list is still read, and a listed one the tar lacks is
-    quarantined, without the two falling out of step."""
+def _listed(raw: Folder, shard: str) -> dict[str, dict]:
+    """The rows the Parquet beside a tar or folder lists, by key in its order (empty without one).
+    One shard's rows of four short columns: what matching by key holds."""
     from pyarrow import fs
 
-    samples = _tar_samples(raw, shard)
-    pending = next(samples, None)
     meta = shard.removesuffix(".tar") + ".parquet"
-    records = (
-        _records(raw, meta, ("key", "caption", "status", "error_message")) if raw.kind(meta) == fs.FileType.File else ()
-    )
-    for record in records:
-        key = str(record.get("key"))
-        while pending is not None and _order(pending[0]) < _order(key):  # a sample no row lists
-            yield _sample_row(*pending)
-            pending = next(samples, None)
+    if raw.kind(meta) != fs.FileType.File:
+        return {}
+    return {str(record.get("key")): record for record in _records(raw, meta, _LISTED_COLUMNS)}
+
+
+def _rows_by_key(raw: Folder, shard: str, samples: Iterator[tuple[str, dict[str, bytes]]]) -> Iterator[Row]:
+    """Each sample of a tar or folder with its Parquet row, matched by key; then each listed row no
+    sample had: failed (img2dataset's reason) or fetched and missing from the shard. A sample the
+    Parquet does not list is still read; one for a row img2dataset failed is part of that row."""
+    listed = _listed(raw, shard)
+    for key, files in samples:
+        record = listed.pop(key, None)
+        if record is not None and not _fetched(record):
+            yield _not_fetched(key, record.get("caption"), record)
+        else:
+            yield _sample_row(key, files)
+    for key, record in listed.items():
         if not _fetched(record):
             yield _not_fetched(key, record.get("caption"), record)
-            if pending is not None and pending[0] == key:  # a sample for a row it failed: part of that row
-                pending = next(samples, None)
-        elif pending is None or pending[0] != key:
-            yield Row(key, record.get("caption"), None, f"img2dataset fetched it but {raw.name(shard)} lacks it")
         else:
-            yield _sample_row(*pending)
-            pending = next(samples, None)
-    while pending is not None:  # samples after the last listed row
-        yield _sample_row(*pending)
-        pending = next(samples, None)
-
-
-def _order(key: str) -> tuple[int, str]:
-    """img2dataset's keys sort as numbers (zero-padded to one width within a run)."""
-    return (len(key), key)
+            yield Row(key, record.get("caption"), None, f"img2dataset fetched it but {raw.name(shard)} lacks it")
 
 
 def _sample_row(key: str, files: dict[str, bytes]) -> Row:
@@ -156,3 +162,18 @@ def _tar_samples(raw: Folder, shard: str) -> Iterator[tuple[str, dict[str, bytes
             files[extension.lower()] = tar.extractfile(member).read()
     if key is not None:
         yield key, files
+
+
+def _folder_samples(raw: Folder, shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each sample of a `files` shard folder, in key order: its files
+    `{key}.{extension}`, one sample's read at a time."""
+    from pyarrow import fs
+
+    listing = raw.filesystem.get_file_info(fs.FileSelector(raw.path(shard)))
+    names: dict[str, list[str]] = {}
+    for info in sorted(listing, key=lambda info: info.base_name):
+        if info.type == fs.FileType.File:
+            stem, _, extension = info.base_name.partition(".")
+            names.setdefault(stem, []).append(extension)
+    for key, extensions in names.items():
+        yield key, {ext.lower(): raw.read_bytes(f"{shard}/{key}.{ext}") for ext in extensions}

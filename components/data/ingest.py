@@ -1,11 +1,12 @@
 """Ingest: raw splits -> Parquet shards of (text, image) pairs, bad rows quarantined.
 
-Three raw formats, chosen per split by the files present:
+Three raw formats, chosen per split by the files present (a split with files of two is refused,
+naming both):
 - Chinese-CLIP: `{split}_imgs.tsv` (`image_id<TAB>base64 image`) + `{split}_texts.jsonl`;
 - captions CSV: `{split}.csv` with columns `text_id`, `text`, `image` (an image file path relative to
   the raw folder), one row per (text, image) pair; image ids follow the order of first appearance;
-- img2dataset's output: a folder `{split}/` of webdataset or Parquet shards (img2dataset.py), one
-  pair per row it fetched, read a shard per Ray task.
+- img2dataset's output: a folder `{split}/` of webdataset, Parquet or `files` shards (img2dataset.py),
+  one pair per row it fetched, read a shard per Ray task.
 
 The raw folder may be local or an s3:// prefix (MinIO). Streaming, with nothing per pair held in
 Python (DuckDB's share is `spill_memory_mb`, whatever the split's rows: spill.py):
@@ -37,10 +38,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from zhclip.components.core.cluster import ray_runtime
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.progress import progress_bar
 from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
@@ -107,12 +108,12 @@ class _ShardWriter:
 
 
 def _sources(raw: Folder, split: str, quarantine: Quarantine, spill: Spill):
-    """(numbered image lines, decoder, images file, texts file) for whichever format the split uses,
-    its captions spilled into `texts` and `refs` (captions.py)."""
+    """(numbered image lines, decoder, images file, texts file) for a Chinese-CLIP or captions-CSV
+    split, its captions spilled into `texts` and `refs` (captions.py)."""
     from pyarrow import fs
 
     images_file, texts_file, csv_file = f"{split}_imgs.tsv", f"{split}_texts.jsonl", f"{split}.csv"
-    if raw.kind(csv_file) == fs.FileType.File and raw.kind(images_file) == fs.FileType.NotFound:
+    if raw.kind(csv_file) == fs.FileType.File:
         parse_csv(raw, csv_file, quarantine, spill)
         image_lines = (
             (row["first_line"], f"{row['image_id']}\t{row['image']}")
@@ -122,7 +123,8 @@ def _sources(raw: Folder, split: str, quarantine: Quarantine, spill: Spill):
     for name in (images_file, texts_file):
         if raw.kind(name) != fs.FileType.File:
             raise ZhclipError(
-                f"{raw.name(name)} not found: a split needs {images_file} and {texts_file}, or {csv_file}"
+                f"{raw.name(name)} not found: a split needs {images_file} and {texts_file}, {csv_file}, "
+                f"or img2dataset's output in {split}/ (docs/own-data.md)"
             )
     parse_texts(raw, texts_file, quarantine, spill)
     image_lines = lines(raw, images_file, quarantine, IMAGES, desc=f"ingest {split}")
@@ -261,8 +263,8 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, 
     spill.clear()
     quarantine = Quarantine(out_dir / "quarantine" / f"{split}.jsonl", spill)
     decoded = _DecodedImages(spill, config.row_group_rows)
-    found = None if _line_formats_present(raw, split) else img2dataset.shards(raw, split)
-    if found:
+    _check_one_format(raw, split)
+    if found := img2dataset.shards(raw, split):
         source = _read_img2dataset(raw, found, config, quarantine, decoded, spill)
     else:
         source = _read_lines(raw, split, config, quarantine, decoded, spill)
@@ -289,12 +291,31 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, 
     }
 
 
-def _line_formats_present(raw: Folder, split: str) -> bool:
-    """Whether the split has Chinese-CLIP's or the captions CSV's files (they win over a `{split}/`
-    folder, which may hold something else)."""
+def split_formats(raw: Folder, split: str) -> dict[str, str]:
+    """Each raw format the split has files of, with what names them (`docs/own-data.md`)."""
     from pyarrow import fs
 
-    return any(raw.kind(name) != fs.FileType.NotFound for name in (f"{split}_imgs.tsv", f"{split}.csv"))
+    found = {}
+    cnclip = [name for name in (f"{split}_imgs.tsv", f"{split}_texts.jsonl") if raw.kind(name) != fs.FileType.NotFound]
+    if cnclip:
+        found["Chinese-CLIP"] = " and ".join(raw.name(name) for name in cnclip)
+    if raw.kind(f"{split}.csv") != fs.FileType.NotFound:
+        found["captions CSV"] = raw.name(f"{split}.csv")
+    if shards := img2dataset.shards(raw, split):
+        found[f"img2dataset {shards[0]}"] = f"{raw.name(split)}/ ({len(shards[1])} shards)"
+    return found
+
+
+def _check_one_format(raw: Folder, split: str) -> None:
+    """A split is read from one format: two side by side (the demo's files left beside a user's, say)
+    are refused, never one picked silently."""
+    found = split_formats(raw, split)
+    if len(found) > 1:
+        named = "; ".join(f"{kind}: {files}" for kind, files in found.items())
+        raise ZhclipError(
+            f"{split}: the raw folder holds {len(found)} formats for this split ({named}); "
+            "move out all but the one to ingest (docs/own-data.md)"
+        )
 
 
 @dataclass
@@ -339,7 +360,7 @@ def _read_img2dataset(
     split = shards[0].split("/", 1)[0]
     texts, refs = caption_tables(spill)
     number = failed = 0
-    progress = tqdm(total=len(shards), desc=f"ingest {split}", unit=" shards", leave=False, disable=None)
+    progress = progress_bar(total=len(shards), desc=f"ingest {split}", unit="shards", leave=False)
     for shard, rows in decoded_shards(raw, shards, kind, config):
         progress.update()
         for line, (key, caption, blob, problem, fetched) in enumerate(rows, 1):
