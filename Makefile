@@ -80,7 +80,7 @@ demo: install cjk-font
 test: install reference-env img2dataset-env system-deps
 	$(RUN) pytest
 
-test-fast: install
+test-fast: install img2dataset-env
 	$(RUN) pytest -m "not slow"
 
 # Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites in place.

@@ -33,6 +33,23 @@ def _option(section: str, name: str) -> typer.models.OptionInfo:
     return typer.Option(None, help=f"{text[:1].upper()}{text[1:]} (params.yaml {section}.{name}).")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"zhclip {version('zhclip')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print zhclip's version and exit."
+    ),
+) -> None:
+    """The options before any command."""
+
+
 def _params(path: Path, defaults: bool) -> dict:
     """The settings of the command; their `object_store` section becomes this process's retry policy."""
     from zhclip.components.core.storage import ObjectStoreConfig, use_policy
@@ -202,7 +219,9 @@ def start(
 @app.command()
 def train(
     stage: str = typer.Option(..., help="1 (or stage1): image tower locked (LiT); 2 (or stage2): both towers learn."),
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
+    data: Path = typer.Option(
+        Path("data/validated"), help="The rows that passed `zhclip validate` (what `dvc repro` trains on)."
+    ),
     out: Path = typer.Option(..., help="Folder for the trained Hugging Face model."),
     init: Path | None = typer.Option(
         None,
@@ -259,7 +278,9 @@ def evaluate(
     model: Path | None = typer.Option(
         None, help="Trained model folder (or score feature files instead: --image-feats, --text-feats, --annotations)."
     ),
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest` (with --model)."),
+    data: Path = typer.Option(
+        Path("data/validated"), help="The rows that passed `zhclip validate` (with --model; what `dvc repro` scores)."
+    ),
     image_feats: Path | None = typer.Option(
         None, help='Image features in Chinese-CLIP\'s jsonl ({"image_id", "feature"}).'
     ),
@@ -644,8 +665,10 @@ def pipeline_run_local(
 
 
 def main() -> None:
+    from zhclip.components.core.progress import quiet_library_bars
     from zhclip.components.core.storage import object_store_errors
 
+    quiet_library_bars()
     try:
         with object_store_errors():
             app()

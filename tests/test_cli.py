@@ -172,3 +172,26 @@ def test_embed_prints_unit_embeddings_and_similarities(trained, tmp_path):
         "broken.png",
         "not a decodable image",
     )
+
+
+def test_version_is_the_one_pyproject_declares(capsys, monkeypatch):
+    import tomllib
+
+    from conftest import REPO
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    result = _in_process(capsys, monkeypatch)("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"zhclip {declared}"
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_training_and_scoring_read_the_rows_that_passed_validation_by_default(command, capsys, monkeypatch):
+    import click
+    import typer
+
+    from zhclip.components.cli import app
+
+    group = typer.main.get_command(app)
+    (data,) = [p for p in group.commands[command].params if p.name == "data"]
+    assert str(data.default) == "data/validated"  # what dvc.yaml's stages read: the gate is not skipped
+    assert "data/validated" in click.unstyle(_in_process(capsys, monkeypatch)(command, "--help").stdout)
