@@ -1,12 +1,16 @@
 """`dvc repro` of the project as users run it (the small project: same stages, small data): what it
-prints, how it is tracked, that an unchanged project re-runs nothing, and experiments."""
+prints, how it is tracked, that an unchanged project re-runs nothing, and the experiments docs/dvc.md
+and docs/fine-tuning.md show, run as written."""
 
 import json
+import subprocess
+import time
 from collections import Counter
 
 import pytest
 
-from conftest import copy_of, run_tool
+from conftest import BIN, REPO, copy_of, run_tool
+from doc_blocks import shell_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -56,19 +60,65 @@ def test_repro_with_nothing_changed_runs_nothing(small_project):
     assert {p: p.stat().st_mtime_ns for p in (small_project / "metrics").iterdir()} == before
 
 
-def test_experiment_variant_is_compared_with_the_baseline(small_project, tmp_path):
-    project = copy_of(small_project, tmp_path)
-    # a variant of stage 2, reproduced as far as its evaluation
-    out = run_tool(
-        "dvc", "exp", "run", "evaluate@stage2", "-S", "stage2.epochs=2", "--name", "longer-stage2", cwd=project
+def _run_block(page: str, project) -> str:
+    """Run the shell block of docs/`page` marked to run here, in `project`; returns its output."""
+    (block,) = [b for b in shell_blocks(REPO / "docs" / page) if b.detail == "tests/test_dvc_repro.py"]
+    if not (project / ".venv").exists():
+        (project / ".venv").symlink_to(BIN.parent)
+    ran = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{block.code}"], cwd=project, capture_output=True, text=True, timeout=900
     )
+    assert ran.returncode == 0, f"{block}:\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+    return ran.stdout + ran.stderr
+
+
+def _queue_done(project, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while "Queued" in (status := run_tool("dvc", "queue", "status", cwd=project)) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, status + run_tool("dvc", "queue", "logs", status.split()[3], cwd=project)
+
+
+def _experiments(project) -> dict[str, dict]:
+    """Each experiment of the workspace's baseline: its params.yaml and its stage 2 score."""
+    shown = json.loads(run_tool("dvc", "exp", "show", "--json", cwd=project))
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            data = experiment["revs"][0]["data"]
+            found[experiment["revs"][0]["name"]] = {
+                "params": data["params"]["params.yaml"]["data"],
+                "recall": data["metrics"]["metrics/evaluate_stage2.json"]["data"]["mean_recall"],
+            }
+    return found
+
+
+def test_the_guides_experiments_run_as_written(small_project, tmp_path):
+    """docs/dvc.md's variant, then docs/fine-tuning.md's switch and sweep (new keys with `++`, the sweep
+    queued and started), each reproduced as far as stage 2's score and compared with the baseline."""
+    project = copy_of(small_project, tmp_path)
+    out = _run_block("dvc.md", project)
     assert "Running stage 'train@stage2'" in out and "Running stage 'evaluate@stage2'" in out
     assert "Running stage 'train@stage1'" not in out and "Running stage 'register'" not in out
-    shown = json.loads(run_tool("dvc", "exp", "show", "--json", cwd=project))
-    experiments = [e for baseline in shown for e in (baseline.get("experiments") or [])]
-    assert any(e.get("name") == "longer-stage2" for e in experiments), shown
     diff = json.loads(run_tool("dvc", "metrics", "diff", "--all", "--json", cwd=project))
-    assert diff["metrics/train_stage2.json"]["epochs"] == {"old": 1, "new": 2, "diff": 1}
-    recall = diff["metrics/evaluate_stage2.json"]["mean_recall"]
-    assert recall["old"] == _metrics(small_project, "evaluate_stage2")["mean_recall"]
-    assert recall["new"] == _metrics(project, "evaluate_stage2")["mean_recall"]
+    assert diff["metrics/train_stage2.json"]["epochs"] == {"old": 1, "new": 3, "diff": 2}
+    assert (project / "dvc_plots" / "index.html").is_file()
+    _run_block("fine-tuning.md", project)
+    _queue_done(project)
+    experiments = list(_experiments(project).values())
+    stage2 = [e["params"]["stage2"] for e in experiments]
+    assert sorted(map(str, stage2)) == sorted(
+        map(
+            str,
+            [
+                {"epochs": 3, "lr": 0.0005},
+                {"epochs": 3, "lr": 0.0005, "lora": "text"},
+                {"epochs": 3, "lr": 0.0005, "lora": "text", "loss": "infonce"},
+                {"epochs": 3, "lr": 0.0005, "lora": "text", "loss": "siglip"},
+            ],
+        )
+    )
+    assert all(0 <= e["recall"] <= 100 for e in experiments)
+    baseline = _metrics(small_project, "evaluate_stage2")["mean_recall"]
+    assert len({e["recall"] for e in experiments} | {baseline}) > 1  # the switches changed the model
