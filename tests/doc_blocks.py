@@ -76,6 +76,26 @@ def all_shell_blocks() -> list[Block]:
     return [block for page in PAGES for block in shell_blocks(page)]
 
 
+def run_block(block: Block, project: Path) -> str:
+    """Run `block` in `project` under bash -euo pipefail, with this environment where `source
+    .venv/bin/activate` finds it and on PATH; returns its output, or fails the test with it."""
+    import os
+
+    venv = Path(sys.executable).parent.parent
+    if not (project / ".venv").exists():
+        (project / ".venv").symlink_to(venv)
+    ran = subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{block.code}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"},
+    )
+    assert ran.returncode == 0, f"{block} failed:\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+    return ran.stdout + ran.stderr
+
+
 def commands(line: str) -> list[list[str]]:
     """The simple commands of one shell line: words, split at ; && || | &, the comment removed,
     leading VAR=value assignments and for-loop keywords dropped."""

@@ -1,14 +1,12 @@
 """Every command README.md and docs/*.md show is run, or checked against the tools where it needs what
 a test cannot have (tests/doc_blocks.py: the markers, and what is checked)."""
 
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, copy_of
+from conftest import copy_of
 from doc_blocks import (
     PAGES,
     REPO,
@@ -19,6 +17,7 @@ from doc_blocks import (
     fenced_blocks,
     inline_commands,
     problems,
+    run_block,
 )
 
 BLOCKS = all_shell_blocks()
@@ -82,17 +81,7 @@ def test_the_checker_finds_a_made_up_option_a_missing_file_and_a_missing_target(
 def test_a_block_marked_run_runs_in_a_copy_of_the_project(block, small_project, tmp_path):
     """In a copy of the small project (the demo's pipeline on small data, reproduced), with the project's
     environment where `source .venv/bin/activate` finds it."""
-    project = copy_of(small_project, tmp_path)
-    (project / ".venv").symlink_to(BIN.parent)
-    ran = subprocess.run(
-        ["bash", "-c", f"set -euo pipefail\n{block.code}"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
-    )
-    assert ran.returncode == 0, f"{block} failed:\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
+    run_block(block, copy_of(small_project, tmp_path))
 
 
 def _measured_in(results: list[Path], minutes: int, seconds: int) -> bool:

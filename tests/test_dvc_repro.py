@@ -3,14 +3,13 @@ prints, how it is tracked, that an unchanged project re-runs nothing, and the ex
 and docs/fine-tuning.md show, run as written."""
 
 import json
-import subprocess
 import time
 from collections import Counter
 
 import pytest
 
-from conftest import BIN, REPO, copy_of, run_tool
-from doc_blocks import shell_blocks
+from conftest import REPO, copy_of, run_tool
+from doc_blocks import run_block, shell_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +62,7 @@ def test_repro_with_nothing_changed_runs_nothing(small_project):
 def _run_block(page: str, project) -> str:
     """Run the shell block of docs/`page` marked to run here, in `project`; returns its output."""
     (block,) = [b for b in shell_blocks(REPO / "docs" / page) if b.detail == "tests/test_dvc_repro.py"]
-    if not (project / ".venv").exists():
-        (project / ".venv").symlink_to(BIN.parent)
-    ran = subprocess.run(
-        ["bash", "-c", f"set -euo pipefail\n{block.code}"], cwd=project, capture_output=True, text=True, timeout=900
-    )
-    assert ran.returncode == 0, f"{block}:\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
-    return ran.stdout + ran.stderr
+    return run_block(block, project)
 
 
 def _queue_done(project, timeout_s: float = 600) -> None:
