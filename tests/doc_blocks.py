@@ -283,8 +283,11 @@ def problems(words: list[str]) -> list[str]:
     return found
 
 
+def inline_spans(page: Path) -> list[str]:
+    """The inline code of a page, outside its fenced blocks."""
+    return re.findall(r"`([^`\n]+)`", FENCE.sub("", page.read_text(encoding="utf-8")))
+
+
 def inline_commands(page: Path) -> list[str]:
     """The commands a page shows in inline code (`zhclip ...`, `dvc ...`, `make ...`, `python -m ...`)."""
-    text = FENCE.sub("", page.read_text(encoding="utf-8"))
-    spans = re.findall(r"`([^`\n]+)`", text)
-    return [span for span in spans if re.match(r"(zhclip|dvc|make|python -m) [a-z-]", span)]
+    return [span for span in inline_spans(page) if re.match(r"(zhclip|dvc|make|python -m) [a-z-]", span)]

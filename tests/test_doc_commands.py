@@ -16,6 +16,7 @@ from doc_blocks import (
     commands,
     fenced_blocks,
     inline_commands,
+    inline_spans,
     problems,
     run_block,
 )
@@ -57,8 +58,7 @@ def test_every_command_and_file_named_in_the_text_exists(page):
                 found += problems(words)
             elif words[0] == "python" and "<" not in words[2]:  # `python -m bench.<name>` is a pattern
                 found += [problem for problem in problems(words[:3]) if "no module" in problem]
-    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
-    for span in re.findall(r"`([^`\n]+)`", text):
+    for span in inline_spans(page):
         if re.fullmatch(REPO_PATH.pattern + r"(::\S+)?", span):
             found += problems(["cat", span])
     assert not found, f"{page.relative_to(REPO)}: {found}"

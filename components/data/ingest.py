@@ -260,11 +260,12 @@ def distinct_texts(spill: Spill, shards: Path, pairs: int) -> int:
 
 
 def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, spill: Spill) -> dict:
+    found = img2dataset.shards(raw, split)
+    _check_one_format(raw, split, found)
     spill.clear()
     quarantine = Quarantine(out_dir / "quarantine" / f"{split}.jsonl", spill)
     decoded = _DecodedImages(spill, config.row_group_rows)
-    _check_one_format(raw, split)
-    if found := img2dataset.shards(raw, split):
+    if found:
         source = _read_img2dataset(raw, found, config, quarantine, decoded, spill)
     else:
         source = _read_lines(raw, split, config, quarantine, decoded, spill)
@@ -291,8 +292,9 @@ def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, 
     }
 
 
-def split_formats(raw: Folder, split: str) -> dict[str, str]:
-    """Each raw format the split has files of, with what names them (`docs/own-data.md`)."""
+def split_formats(raw: Folder, split: str, shards: tuple[str, list[str]] | None) -> dict[str, str]:
+    """Each raw format the split has files of, with what names them (`docs/own-data.md`); `shards` is
+    what `img2dataset.shards` found for it (listed once: on s3:// a listing is requests)."""
     from pyarrow import fs
 
     found = {}
@@ -301,15 +303,15 @@ def split_formats(raw: Folder, split: str) -> dict[str, str]:
         found["Chinese-CLIP"] = " and ".join(raw.name(name) for name in cnclip)
     if raw.kind(f"{split}.csv") != fs.FileType.NotFound:
         found["captions CSV"] = raw.name(f"{split}.csv")
-    if shards := img2dataset.shards(raw, split):
+    if shards:
         found[f"img2dataset {shards[0]}"] = f"{raw.name(split)}/ ({len(shards[1])} shards)"
     return found
 
 
-def _check_one_format(raw: Folder, split: str) -> None:
+def _check_one_format(raw: Folder, split: str, shards: tuple[str, list[str]] | None) -> None:
     """A split is read from one format: two side by side (the demo's files left beside a user's, say)
     are refused, never one picked silently."""
-    found = split_formats(raw, split)
+    found = split_formats(raw, split, shards)
     if len(found) > 1:
         named = "; ".join(f"{kind}: {files}" for kind, files in found.items())
         raise ZhclipError(

@@ -102,7 +102,6 @@ def _embed_images_streamed(
         desc=f"embed {shards.split} images",
         unit="row groups",
         leave=False,
-        disable=None,
     ):
         for row, blob in zip(
             image_index.get_indexer(table["image_id"].to_numpy()).tolist(), table["image"].to_pylist()
