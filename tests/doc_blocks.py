@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+from img2dataset_tool import IMG2DATASET
+
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```", re.M | re.S)
 MARKER = re.compile(r"<!-- doc-test: (run(?: in (\S+))?|check: (.+?)) -->\s*\Z")
@@ -245,7 +247,7 @@ def _make_targets() -> set[str]:
 
 @cache
 def _img2dataset_options() -> set[str]:
-    python = REPO / ".venv-img2dataset" / "bin" / "python"
+    python = IMG2DATASET.parent / "python"
     script = "import inspect, img2dataset; print(*inspect.signature(img2dataset.download).parameters)"
     return set(subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True).stdout.split())
 

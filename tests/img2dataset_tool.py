@@ -25,8 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-IMG2DATASET = ROOT / ".venv-img2dataset" / "bin" / "img2dataset"
+from conftest import REPO
+
+IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"
 FAULTS = ("good", "missing", "html", "truncated", "empty caption")
 
 
