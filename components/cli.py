@@ -71,6 +71,41 @@ def _finish(summary: dict, summary_path: Path | None, line: str) -> None:
         _echo_json(summary)
 
 
+@app.command()
+def init(
+    folder: Path = typer.Argument(
+        ..., help="The new project's folder (created; must not hold a dvc.yaml or params.yaml)."
+    ),
+    raw: str = typer.Option(
+        ...,
+        help="Your raw splits: a folder or s3:// prefix with train, valid and test in one format each "
+        "(docs/own-data.md). A folder inside FOLDER is named relative to it.",
+    ),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="A setting to start from, section.key=value (value read as YAML), e.g. --set model.preset=tiny. "
+        "Repeat for several.",
+    ),
+) -> None:
+    """Write a DVC project for your own data: the pipeline without the demo's stages, and params.yaml
+    with the settings to choose (start weights, preset, model name, zero-shot sets, galleries) first."""
+    from zhclip.components.project.scaffold import CHOICES, init_project
+
+    made = init_project(folder, raw, set_)
+    typer.echo(f"wrote {made['project']}: dvc.yaml ({', '.join(made['stages'])}), params.yaml, weights/README.md")
+    typer.echo(f"raw data {made['raw']}:")
+    for split, found in made["splits"].items():
+        typer.echo(f"  {split:5}  {found}")
+    typer.echo("choose before `dvc repro` (first in params.yaml):")
+    for section, (keys, why) in CHOICES.items():
+        chosen = ", ".join(
+            f"{section}.{key}: {json.dumps(made['choices'][f'{section}.{key}'], ensure_ascii=False)}" for key in keys
+        )
+        typer.echo(f"  {chosen}   # {why}")
+    typer.echo(f"then: cd {made['project']} && dvc repro")
+
+
 @app.command("demo-data")
 def demo_data_command(
     out: Path = typer.Option(Path("data/raw"), help="Folder for the Chinese-CLIP-format splits."),

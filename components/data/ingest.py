@@ -261,7 +261,7 @@ def distinct_texts(spill: Spill, shards: Path, pairs: int) -> int:
 
 def _ingest_split(raw: Folder, out_dir: Path, split: str, config: IngestConfig, spill: Spill) -> dict:
     found = img2dataset.shards(raw, split)
-    _check_one_format(raw, split, found)
+    one_format(raw, split, found)
     spill.clear()
     quarantine = Quarantine(out_dir / "quarantine" / f"{split}.jsonl", spill)
     decoded = _DecodedImages(spill, config.row_group_rows)
@@ -308,9 +308,9 @@ def split_formats(raw: Folder, split: str, shards: tuple[str, list[str]] | None)
     return found
 
 
-def _check_one_format(raw: Folder, split: str, shards: tuple[str, list[str]] | None) -> None:
-    """A split is read from one format: two side by side (the demo's files left beside a user's, say)
-    are refused, never one picked silently."""
+def one_format(raw: Folder, split: str, shards: tuple[str, list[str]] | None) -> dict[str, str]:
+    """The split's format and its files (empty when it has none): a split is read from one format, and
+    two side by side (the demo's files left beside a user's, say) are refused, never one picked silently."""
     found = split_formats(raw, split, shards)
     if len(found) > 1:
         named = "; ".join(f"{kind}: {files}" for kind, files in found.items())
@@ -318,6 +318,7 @@ def _check_one_format(raw: Folder, split: str, shards: tuple[str, list[str]] | N
             f"{split}: the raw folder holds {len(found)} formats for this split ({named}); "
             "move out all but the one to ingest (docs/own-data.md)"
         )
+    return found
 
 
 @dataclass
