@@ -78,9 +78,10 @@ def all_shell_blocks() -> list[Block]:
     return [block for page in PAGES for block in shell_blocks(page)]
 
 
-def run_block(block: Block, project: Path) -> str:
+def run_block(block: Block, project: Path, env: dict[str, str] | None = None) -> str:
     """Run `block` in `project` under bash -euo pipefail, with this environment where `source
-    .venv/bin/activate` finds it and on PATH; returns its output, or fails the test with it."""
+    .venv/bin/activate` finds it and on PATH, and `env` on top (HOME, say); returns its output, or
+    fails the test with it."""
     import os
 
     venv = Path(sys.executable).parent.parent
@@ -92,7 +93,7 @@ def run_block(block: Block, project: Path) -> str:
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"},
+        env={**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", **(env or {})},
     )
     assert ran.returncode == 0, f"{block} failed:\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}"
     return ran.stdout + ran.stderr

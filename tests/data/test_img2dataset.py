@@ -25,8 +25,7 @@ from zhclip.components.core.storage import Folder
 from zhclip.components.data.img2dataset import read_shard, shards
 from zhclip.components.data.ingest import IngestConfig, ingest
 
-from conftest import copy_of, run_tool
-from img2dataset_tool import download, faulty_urls, pair_urls, tried
+from img2dataset_tool import download, faulty_urls, tried
 
 URLS = faulty_urls(45)
 SHARD_SIZE = 10
@@ -201,31 +200,3 @@ def test_a_split_in_two_formats_is_refused_naming_both(corpus, raw_dir, tmp_path
     assert "train: the raw folder holds 2 formats" in message
     assert all(name in message for name in ("train_imgs.tsv", "train_texts.jsonl", "img2dataset files", "5 shards"))
     assert not (tmp_path / "out" / "train").exists()
-
-
-@pytest.mark.slow
-def test_an_img2dataset_corpus_trains_through_dvc_repro(small_project, tmp_path):
-    """The demo's pairs served on 127.0.0.1 and fetched by the real img2dataset, 404s among them:
-    webdataset shards for train, Parquet for valid, files for test."""
-    project = copy_of(small_project, tmp_path)
-    run_tool("dvc", "remove", "demo_data", cwd=project)
-    raw = project / "data" / "raw"
-    demo = Path(shutil.move(raw, tmp_path / "demo"))
-    layouts = {"train": "webdataset", "valid": "parquet", "test": "files"}
-    urls = {split: pair_urls(demo, split) for split in layouts}
-    for split, output_format in layouts.items():
-        download(urls[split], raw / split, output_format, shard_size=40)
-    for folder in ("zeroshot", "pretrain"):  # what other stages read from the raw folder
-        shutil.copytree(demo / folder, raw / folder)
-    run_tool("dvc", "add", "data/raw", cwd=project)
-    run_tool("dvc", "repro", "train@stage1", cwd=project)
-    ingested = json.loads((project / "metrics" / "ingest.json").read_text())["splits"]
-    validated = json.loads((project / "metrics" / "validate.json").read_text())["splits"]
-    for split, output_format in layouts.items():
-        missing = sum(url.fault == "missing" for url in urls[split])
-        assert ingested[split]["format"] == f"img2dataset {output_format}"
-        assert ingested[split]["pairs"] + ingested[split]["quarantined"] == len(urls[split])
-        assert ingested[split]["not_fetched"] == missing > 0
-        assert validated[split]["rows_in"] == ingested[split]["pairs"]
-    trained = json.loads((project / "metrics" / "train_stage1.json").read_text())
-    assert trained["steps"] > 0
