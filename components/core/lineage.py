@@ -34,9 +34,21 @@ def _file_md5(filesystem, path: str) -> str:
     return digest.hexdigest()
 
 
-def dvc_hash(path: str | Path) -> str:
+# What a training run writes about itself into the model folder it exports: its MLflow run and its
+# step history (with timings). Two runs that trained the same weights differ in these files only.
+RUN_FILE = "mlflow_run.json"
+HISTORY_FILE = "training_history.json"
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """The DVC-style hash of a model folder without the training run's own records (RUN_FILE,
+    HISTORY_FILE): equal for every run that trained the same model, which the folder's hash is not."""
+    return dvc_hash(model_dir, leave_out=(RUN_FILE, HISTORY_FILE))
+
+
+def dvc_hash(path: str | Path, leave_out: tuple[str, ...] = ()) -> str:
     """The md5 DVC records for `path` in dvc.lock (`<md5>.dir` for a folder), computed from the files;
-    `path` may be a local path or an s3:// URI.
+    `path` may be a local path or an s3:// URI; `leave_out`: files of the folder (relative paths) not hashed.
 
     DVC's own API only hashes paths inside a DVC repository with its cache; KFP components and Ray
     workers see plain folders or buckets, so the same recipe (md5 of the sorted `{md5, relpath}` JSON
@@ -59,4 +71,5 @@ def dvc_hash(path: str | Path) -> str:
         ({"md5": _file_md5(filesystem, file), "relpath": file[len(root) :].lstrip("/")} for file in files),
         key=lambda entry: entry["relpath"],
     )
+    entries = [entry for entry in entries if entry["relpath"] not in leave_out]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.lineage import (
+    RUN_FILE,
+)  # in a trained model folder: {"parent_run_id", "run_id", "tracking_uri"}
 from zhclip.components.core.settings import setting
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-RUN_FILE = "mlflow_run.json"  # in a trained model folder: {"parent_run_id", "run_id", "tracking_uri"}
 RAY_RUN_TAG = "zhclip.ray_run"
 
 

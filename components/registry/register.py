@@ -3,8 +3,9 @@
 The new version always gets alias `challenger`; `champion` moves to it only if its metric is at
 least its own starting model's (plus `min_gain_over_start`: fine-tuning must never make a model
 worse than what it started from) and at least the current champion's (minus a tolerance). Versions
-are never deleted or overwritten, and a checkpoint is registered once: its DVC hash (tag
-`model_dvc_hash`) finds an earlier version. Lineage travels as version tags: git commit, DVC hashes
+are never deleted or overwritten, and a model is registered once: the hash of its folder without
+the training run's own records (tag `model_weights_hash`) finds an earlier version, also one that an
+earlier run trained to the same weights. Lineage travels as version tags: git commit, DVC hashes
 of model and data, params, metrics and the training run (when the training summary records one).
 """
 
@@ -25,7 +26,7 @@ import pandas as pd
 
 import zhclip.model as model_package
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.lineage import dvc_hash, git_commit
+from zhclip.components.core.lineage import dvc_hash, git_commit, weights_hash
 from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import read_summary, timed, write_summary
 from zhclip.components.core.tracking import flatten_params, resolve_tracking_uri, using_tracking_uri
@@ -104,6 +105,7 @@ def _training_runs(train_summary: str | Path | None) -> dict[str, str]:
 
 def _lineage(
     model_hash: str,
+    weights: str,
     metrics: dict[str, float],
     params: dict[str, Any],
     data_dir: str | Path | None,
@@ -112,6 +114,7 @@ def _lineage(
     tags = {
         "git_commit": git_commit(),
         "model_dvc_hash": model_hash,
+        "model_weights_hash": weights,
         "params": json.dumps(params, sort_keys=True, ensure_ascii=False, default=str),
         **{f"metric.{name}": str(value) for name, value in metrics.items()},
         **{f"training_{key}": training[key] for key in ("parent_run_id", "run_id") if key in training},
@@ -121,9 +124,11 @@ def _lineage(
     return tags
 
 
-def _version_of_checkpoint(client, name: str, model_hash: str):
-    """The earliest version registered from this exact checkpoint, or None."""
-    versions = client.search_model_versions(f"name = '{name}' and tags.model_dvc_hash = '{model_hash}'")
+def _version_of_checkpoint(client, name: str, weights: str, model_hash: str):
+    """The earliest version registered with these weights (or, registered before the weights hash was
+    recorded, from this exact folder), or None."""
+    versions = client.search_model_versions(f"name = '{name}' and tags.model_weights_hash = '{weights}'")
+    versions = versions or client.search_model_versions(f"name = '{name}' and tags.model_dvc_hash = '{model_hash}'")
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
@@ -315,7 +320,9 @@ def _register_and_gate(
     import mlflow
 
     with gate_lock(client, config.model_name, config.lock_lease_s, config.lock_wait_s):
-        existing = _version_of_checkpoint(client, config.model_name, lineage["model_dvc_hash"])
+        existing = _version_of_checkpoint(
+            client, config.model_name, lineage["model_weights_hash"], lineage["model_dvc_hash"]
+        )
         if existing is not None and _decided(existing):
             return _already_registered(client, existing, config)
         if existing is not None:
@@ -387,13 +394,13 @@ def register(
             "candidate_value": metrics[config.metric],
         }
         with timed(summary):
-            model_hash = dvc_hash(model_dir)
-            existing = _version_of_checkpoint(client, config.model_name, model_hash)
+            model_hash, weights = dvc_hash(model_dir), weights_hash(model_dir)
+            existing = _version_of_checkpoint(client, config.model_name, weights, model_hash)
             if existing is not None and _decided(existing):
                 summary.update(_already_registered(client, existing, config))
             else:
                 training = _training_runs(train_summary)
-                lineage = _lineage(model_hash, metrics, params or {}, data_dir, training)
+                lineage = _lineage(model_hash, weights, metrics, params or {}, data_dir, training)
                 if existing is None:
                     artifacts = [
                         *step_summaries,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.lineage import HISTORY_FILE
 from zhclip.components.core.storage import local_folder
 from zhclip.components.core.tracking import (
     StepLogger,
@@ -39,8 +40,6 @@ from zhclip.components.training.teacher import load_teacher
 from zhclip.model import build_model, load_model, lock_image_tower
 from zhclip.model.fast import apply_speedups
 from zhclip.model.lora import add_lora
-
-HISTORY_FILE = "training_history.json"
 
 
 @dataclass

@@ -4,7 +4,9 @@
 step (it runs without Ray too). Ray Train adds the worker group (in-process, or the cluster at $RAY_ADDRESS),
 process groups for DDP, checkpoint storage (a folder or S3/MinIO) and recovery: a failed worker
 group is restarted from the latest checkpoint (`max_failures`), and re-running an interrupted stage
-with the same settings and data resumes it, because the Ray run is named after both.
+with the same settings and data resumes it, because the Ray run is named after both. A run that
+finished is marked so: running the stage again (`dvc repro -f`, or after a code change) trains again,
+in the next run folder.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ import torch
 
 from zhclip.components.core.cluster import ray_runtime
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.lineage import dvc_hash, git_commit
+from zhclip.components.core.lineage import HISTORY_FILE, RUN_FILE, dvc_hash, git_commit
 from zhclip.components.core.storage import arrow_filesystem, is_file, location
 from zhclip.components.core.summaries import write_summary
 from zhclip.components.core.tracking import (
-    RUN_FILE,
     finish_stage_run,
     parent_run_from,
     resolve_tracking_uri,
@@ -38,7 +39,7 @@ from zhclip.components.core.tracking import (
 )
 from zhclip.components.data.shards import PreparedSplit
 from zhclip.components.training.config import TrainConfig
-from zhclip.components.training.loop import HISTORY_FILE, WorkerContext, train_worker_loop
+from zhclip.components.training.loop import WorkerContext, train_worker_loop
 from zhclip.components.training.step import TRAINING_STATE_FILE
 
 HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
@@ -105,6 +106,38 @@ def run_name(config: TrainConfig, data_hash: str, init_hash: str) -> str:
     return f"zhclip-stage{config.stage}-{digest}"
 
 
+# Written into a Ray run's folder once its model is exported: that run is not resumed again.
+FINISHED_FILE = "zhclip_finished.json"
+
+
+def _run_folders(config: TrainConfig):
+    """(the pyarrow filesystem of the Ray storage, the storage path on it)."""
+    from pyarrow import fs
+
+    storage_path, filesystem = _storage(config)
+    return filesystem or fs.LocalFileSystem(), storage_path
+
+
+def unfinished_run(config: TrainConfig, name: str) -> str:
+    """The Ray run to use for the run named `name`: itself while it has not finished (a new run, or an
+    interrupted one to resume), else the first of `name-2`, `name-3`, ... that has not: a stage run
+    again with the same settings and data trains again, keeping the earlier runs' checkpoints."""
+    from pyarrow import fs
+
+    filesystem, storage_path = _run_folders(config)
+    attempt, candidate = 1, name
+    while filesystem.get_file_info(f"{storage_path}/{candidate}/{FINISHED_FILE}").type == fs.FileType.File:
+        attempt += 1
+        candidate = f"{name}-{attempt}"
+    return candidate
+
+
+def _mark_finished(config: TrainConfig, name: str, out_dir: Path) -> None:
+    filesystem, storage_path = _run_folders(config)
+    with filesystem.open_output_stream(f"{storage_path}/{name}/{FINISHED_FILE}") as marker:
+        marker.write(json.dumps({"model_dir": str(out_dir), "finished_at": time.time()}).encode())
+
+
 def _run_with_ray(config: TrainConfig, loop_config: dict[str, Any], name: str):
     import ray
     import ray.train
@@ -168,7 +201,7 @@ def train(
     _check_inputs(prepared_dir, config, init_dir)
     data_hash = dvc_hash(prepared_dir)
     init_hash = dvc_hash(init_dir) if init_dir else ""
-    name = run_name(config, data_hash, init_hash)
+    name = unfinished_run(config, run_name(config, data_hash, init_hash))
     tags = {
         "git_commit": git_commit(),
         "data_dvc_hash": data_hash,
@@ -198,6 +231,7 @@ def train(
         finish_stage_run(ids, {}, status="FAILED")
         raise
     summary = _export(result.checkpoint, out_dir, config, ids, name)
+    _mark_finished(config, name, out_dir)
     summary["duration_s"] = round(time.perf_counter() - start, 3)
     finish_stage_run(ids, summary)
     if history_csv:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import ChineseCLIPModel, ChineseCLIPProcessor
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.lineage import dvc_hash, weights_hash
 from zhclip.components.core.settings import load_params
 from zhclip.components.training.config import TrainConfig, stage_config
 from zhclip.components.training.loop import WorkerContext, train_worker_loop
@@ -49,15 +50,22 @@ def test_stage1_learns_the_text_tower_and_keeps_the_image_tower(prepared_dir, tm
     assert last < first - 0.1, f"mean epoch loss did not fall: {first:.3f} -> {last:.3f}"
 
 
-def test_a_stage_trained_again_from_scratch_writes_the_same_weights(trained, prepared_dir, tmp_path):
-    """The trained fixture's stage 1 again, its settings with another Ray storage and MLflow store (so a
-    new run from step 0): the same model.safetensors byte for byte (docs/training.md#reproducibility)."""
+def test_a_finished_stage_run_again_trains_again_to_the_same_weights(trained, prepared_dir, tmp_path):
+    """As `dvc repro -f` runs it: the trained fixture's stage 1 again, with its settings and Ray storage
+    (another MLflow store, to leave the fixture's runs as they are). The finished run is not resumed
+    (it would train nothing) but trained again in the next run folder, from step 0, and writes the same
+    model.safetensors byte for byte (docs/training.md#reproducibility); the folders differ only in the
+    run's own records, so the registry sees the same weights."""
     first = trained["stage1"]
-    config = {**first["config"], "storage_path": str(tmp_path / "ray"), "tracking_uri": f"sqlite:///{tmp_path}/m.db"}
+    config = {**first["config"], "tracking_uri": f"sqlite:///{tmp_path}/m.db"}
     again = train(prepared_dir, tmp_path / "stage1", TrainConfig(**config))
-    assert again["resumed_at_steps"] == [] and again["steps"] == first["steps"]
-    weights = (trained["root"] / "stage1" / "model.safetensors", tmp_path / "stage1" / "model.safetensors")
-    assert weights[0].read_bytes() == weights[1].read_bytes()
+    assert again["ray_run"] == f"{first['ray_run']}-2" and again["resumed_at_steps"] == []
+    assert again["steps"] == first["steps"]
+    folders = (trained["root"] / "stage1", tmp_path / "stage1")
+    assert (
+        folders[0].joinpath("model.safetensors").read_bytes() == folders[1].joinpath("model.safetensors").read_bytes()
+    )
+    assert weights_hash(folders[0]) == weights_hash(folders[1]) and dvc_hash(folders[0]) != dvc_hash(folders[1])
 
 
 def test_config_merges_params_sections_and_rejects_typos():
