@@ -35,10 +35,22 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps $(CN_CLIP)
-	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# zhclip itself, editable in setuptools' strict mode: a tree of links to the repository's files under
+# build/__editable__.*/zhclip/, on sys.path through a .pth file, which type checkers, editors and
+# mkdocstrings read as they read any installed package (the default mode's import hook they cannot
+# run). A module added or removed needs the tree made again: the stamp is named after the list of
+# the package's files, so `make install` remakes it whenever that list changes.
+PACKAGE_FILES := $(shell find model components workflows \( -name '*.py' -o -name '*.html' \) -not -path '*/__pycache__/*' | sort)
+EDITABLE := $(VENV)/.editable-$(shell echo $(PACKAGE_FILES) | md5sum | cut -c1-12)
+
+$(EDITABLE): $(STAMP)
+	rm -rf $(VENV)/.editable-* build/__editable__.*
+	$(BIN)/python -m pip install --quiet --no-deps --config-settings editable_mode=strict -e .
+	touch $@
+
+install: $(STAMP) $(EDITABLE)
 
 # Reports and figures are Chinese documents: without a CJK font every caption and class name is an
 # empty box (in matplotlib figures and in the browser tests). Debian's Noto CJK, when none is installed.
@@ -87,6 +99,7 @@ test-fast: install img2dataset-env
 lint: install
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+	$(RUN) lint-imports --no-cache
 
 format: install
 	$(RUN) ruff check --fix .

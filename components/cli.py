@@ -593,7 +593,7 @@ def upload(
 @app.command()
 def results() -> None:
     """Print where the last `dvc repro` put its results and the headline metrics."""
-    from zhclip.components.evaluation.headline import headline
+    from zhclip.components.project.results import headline
 
     typer.echo(headline())
 

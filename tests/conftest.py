@@ -36,6 +36,30 @@ SMALL_DEMO_DATA = dict(
 )
 BIN = Path(sys.executable).parent
 
+
+def _modules_missing_from_the_install() -> list[str]:
+    """The package's files the editable install does not link yet: it links each file (setuptools'
+    strict mode), so a module added since the last `make install` does not import."""
+    import tomllib
+
+    import zhclip
+
+    mapping = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-dir"]
+    trees = [Path(folder) for folder in zhclip.__path__]
+    missing = []
+    for package, folder in mapping.items():
+        for source in (REPO / folder).rglob("*.py"):
+            linked = Path(*package.split(".")[1:]) / source.relative_to(REPO / folder)
+            if "__pycache__" not in source.parts and not any((tree / linked).is_file() for tree in trees):
+                missing.append(str(source.relative_to(REPO)))
+    return missing
+
+
+_NOT_INSTALLED = _modules_missing_from_the_install()
+if _NOT_INSTALLED:
+    pytest.exit(f"not in the editable install yet: {_NOT_INSTALLED}; run `make install`", 2)
+
+
 # Generated inputs (Hypothesis): `ci` runs a few thousand examples per cheap property in CI time;
 # ZHCLIP_HYPOTHESIS_PROFILE=nightly ten times as many. Slow properties ask for fewer_examples(n).
 for _profile, _examples in {"ci": 2000, "nightly": 20000}.items():

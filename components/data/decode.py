@@ -11,7 +11,7 @@ import io
 import itertools
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from PIL import Image
 
@@ -21,11 +21,19 @@ from zhclip.components.data.captions import int64
 from zhclip.components.data.img2dataset import Row, read_shard
 from zhclip.components.data.schema import decode_base64
 
-if TYPE_CHECKING:
-    from zhclip.components.data.ingest import IngestConfig
+
+class ImageBounds(Protocol):
+    """What decoding reads of ingest's settings (IngestConfig has them): named here, so that decoding
+    does not import ingest, which imports it."""
+
+    max_image_pixels: int
+    max_image_side: int
+    image_format: str
+    batch_lines: int
+    workers: int
 
 
-def reencode(blob: bytes, config: IngestConfig) -> bytes:
+def reencode(blob: bytes, config: ImageBounds) -> bytes:
     image = Image.open(io.BytesIO(blob))  # reads the header only
     pixels = image.width * image.height
     if pixels > config.max_image_pixels:
@@ -47,7 +55,7 @@ class Rejected(Exception):
     """An image that decodes but breaks a configured bound."""
 
 
-def decode_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
+def decode_line(line: str, config: ImageBounds, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
     """One `image_id<TAB>base64` line -> (image_id, re-encoded image, None), or a reason in place of
     the image. Runs in Ray tasks, so it returns rather than raises."""
     try:
@@ -64,7 +72,7 @@ def decode_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | Non
     return reencoded(image_id, blob, config)
 
 
-def reencoded(image_id: int, blob: bytes, config: IngestConfig) -> tuple[int, bytes | None, str | None]:
+def reencoded(image_id: int, blob: bytes, config: ImageBounds) -> tuple[int, bytes | None, str | None]:
     try:
         return image_id, reencode(blob, config), None
     except Rejected as err:
@@ -75,7 +83,7 @@ def reencoded(image_id: int, blob: bytes, config: IngestConfig) -> tuple[int, by
         return image_id, None, f"image does not decode ({err})"
 
 
-def decode_file_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
+def decode_file_line(line: str, config: ImageBounds, raw: Folder) -> tuple[int | None, bytes | None, str | None]:
     """`image_id<TAB>path` (built from a captions CSV, the path relative to the raw folder) -> the same result
     as `decode_line`."""
     id_field, path = line.split("\t", 1)
@@ -86,12 +94,12 @@ def decode_file_line(line: str, config: IngestConfig, raw: Folder) -> tuple[int 
     return reencoded(int(id_field), blob, config)
 
 
-def decode_batch(lines: list[str], config: IngestConfig, raw: Folder, decode) -> list[tuple]:
+def decode_batch(lines: list[str], config: ImageBounds, raw: Folder, decode) -> list[tuple]:
     return [decode(line, config, raw) for line in lines]
 
 
 def decoded_lines(
-    lines: Iterator[tuple[int, str]], config: IngestConfig, raw: Folder, decode
+    lines: Iterator[tuple[int, str]], config: ImageBounds, raw: Folder, decode
 ) -> Iterator[tuple[int, str, tuple]]:
     """(line number, line, decode result) in input order, `batch_lines` lines per Ray task (in this process
     for `workers: 1`)."""
@@ -112,7 +120,7 @@ def decoded_lines(
         yield from ((number, line, result) for (number, line), result in zip(in_flight.popleft(), decoded))
 
 
-def decode_shard(raw: Folder, shard: str, kind: str, config: IngestConfig) -> Iterator[list[tuple]]:
+def decode_shard(raw: Folder, shard: str, kind: str, config: ImageBounds) -> Iterator[list[tuple]]:
     """Every row of one img2dataset shard, `batch_lines` rows at a time: (key, caption, re-encoded image
     or None, reason or None, whether img2dataset fetched it). A Ray task per shard, streaming."""
     rows = read_shard(raw, shard, kind)
@@ -120,14 +128,14 @@ def decode_shard(raw: Folder, shard: str, kind: str, config: IngestConfig) -> It
         yield [_decoded_row(row, config) for row in batch]
 
 
-def _decoded_row(row: Row, config: IngestConfig) -> tuple:
+def _decoded_row(row: Row, config: ImageBounds) -> tuple:
     if row.problem:
         return row.key, row.caption, None, row.problem, row.fetched
     _, blob, problem = reencoded(0, row.image, config)
     return row.key, row.caption, blob, problem, True
 
 
-def decoded_shards(raw: Folder, shards: list[str], kind: str, config: IngestConfig) -> Iterator[tuple[str, Iterator]]:
+def decoded_shards(raw: Folder, shards: list[str], kind: str, config: ImageBounds) -> Iterator[tuple[str, Iterator]]:
     """(shard, its rows as `decode_shard` gives them) in shard order, a Ray task per shard (in this
     process for `workers: 1`): memory holds three batches of `batch_lines` re-encoded images per task,
     two tasks per CPU, however large a shard is."""

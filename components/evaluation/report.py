@@ -19,19 +19,9 @@ from typing import Any
 import jinja2
 from PIL import Image
 
+from zhclip.components.core.fonts import CJK_FONTS, CSS_FONT_STACK
+
 THUMBNAIL = 96
-# Reports are Chinese documents: fonts with Han glyphs first, on Linux, macOS and Windows, then any sans-serif.
-CJK_FONTS = (
-    "Noto Sans CJK SC",
-    "Noto Sans CJK JP",
-    "Noto Sans SC",
-    "Source Han Sans SC",
-    "WenQuanYi Zen Hei",
-    "PingFang SC",
-    "Microsoft YaHei",
-    "SimHei",
-)
-CSS_FONT_STACK = ", ".join([*(f'"{name}"' for name in CJK_FONTS), "sans-serif"])
 
 
 @dataclass

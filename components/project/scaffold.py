@@ -46,11 +46,20 @@ WEIGHTS_README = (
 )
 
 
+def _package_folder(package: str) -> Path:
+    """The repository folder of an installed zhclip package, found without importing it (the project
+    capability sits below the packages it names: workflows, the model)."""
+    from importlib.util import find_spec
+
+    spec = find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ZhclipError(f"{package} is not installed: install zhclip from its clone (`make install`)")
+    return Path(spec.origin).resolve().parent
+
+
 def repository_pipeline() -> Path:
     """The dvc.yaml of the zhclip repository this package was installed from (`pip install -e`)."""
-    import zhclip.components
-
-    path = Path(zhclip.components.__file__).resolve().parents[1] / "dvc.yaml"
+    path = _package_folder("zhclip.components").parent / "dvc.yaml"
     if not path.is_file():
         raise ZhclipError(
             f"zhclip init reads the pipeline from the zhclip repository it was installed from, and {path} "
@@ -61,13 +70,7 @@ def repository_pipeline() -> Path:
 
 def _code_folders() -> set[str]:
     """The repository's folders that hold zhclip's code (dvc.yaml's code dependencies)."""
-    import zhclip.components
-    import zhclip.model
-    import zhclip.workflows
-
-    return {
-        Path(package.__file__).resolve().parent.name for package in (zhclip.components, zhclip.model, zhclip.workflows)
-    }
+    return {_package_folder(f"zhclip.{name}").name for name in ("components", "model", "workflows")}
 
 
 def _is_code(dep: str, code: set[str]) -> bool:

@@ -44,8 +44,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from zhclip.components.core.errors import ZhclipError
+from zhclip.components.core.fonts import CSS_FONT_STACK
 from zhclip.components.core.settings import setting
-from zhclip.components.evaluation.report import CSS_FONT_STACK
 from zhclip.components.search.live import Embed, LiveModel, LivePair
 from zhclip.components.search.observability import AccessLog, ServiceMetrics
 

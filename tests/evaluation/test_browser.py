@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from zhclip.components.evaluation.report import CSS_FONT_STACK
+from zhclip.components.core.fonts import CSS_FONT_STACK
 
 from browser import assert_chinese_renders
 

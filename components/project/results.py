@@ -1,4 +1,5 @@
-"""Where `dvc repro` leaves its results, and the headline figures, for people at a terminal."""
+"""`zhclip results`: where `dvc repro` left a project's results, and the headline figures, for people at
+a terminal. It reads every step's summary (evaluation, registry, index), so it sits above them all."""
 
 from __future__ import annotations
 
