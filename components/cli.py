@@ -6,14 +6,26 @@ input or setup end with `error: ...` and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.settings import config_from, load_params, resolved_params, section_help
+from zhclip.components.core.settings import (
+    apply_settings,
+    config_from,
+    load_params,
+    parse_settings,
+    resolved_params,
+    section_help,
+    settings_in_source,
+)
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 pipeline_app = typer.Typer(help="Compile, run locally or submit the Kubeflow pipeline.", no_args_is_help=True)
@@ -25,12 +37,78 @@ ParamsOption = typer.Option(
     Path("params.yaml"), "--params", help="The project's settings file (docs/configuration.md)."
 )
 DefaultsOption = typer.Option(False, "--defaults", help="Use the built-in defaults instead of a params file.")
+SetOption = typer.Option(
+    [],
+    "--set",
+    help="Any setting for this run, SECTION.KEY=VALUE (VALUE read as YAML: 3, true, [a, b], {k: v}); repeatable.",
+)
 
 
-def _option(section: str, name: str) -> typer.models.OptionInfo:
-    """An option that overrides setting `name` of params.yaml section `section`; its help is the setting's own."""
+def _option(section: str, name: str, switch: bool = False) -> typer.models.OptionInfo:
+    """An option that overrides setting `name` of params.yaml section `section`; its help is the
+    setting's own; `switch`: a yes/no setting, given as --name or --no-name."""
     text = section_help(section, name)
-    return typer.Option(None, help=f"{text[:1].upper()}{text[1:]} (params.yaml {section}.{name}).")
+    flag = f"--{name.replace('_', '-')}"
+    return typer.Option(
+        None,
+        f"{flag}/--no-{flag[2:]}" if switch else flag,
+        help=f"{text[:1].upper()}{text[1:]} (params.yaml {section}.{name}).",
+    )
+
+
+# The settings a flag can carry; a mapping (start.stages, search.galleries, ...) is set with --set.
+FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list[str]}
+
+
+def _setting_flags(sections: tuple[str, ...]) -> dict[str, tuple[str, inspect.Parameter]]:
+    """One keyword parameter per flag-typed setting of `sections` (its own, not shared ones): the
+    Python name (section__key) -> (section, the parameter typer reads)."""
+    flags: dict[str, tuple[str, inspect.Parameter]] = {}
+    for section in sections:
+        for key, found in settings_in_source(section).items():
+            if found.shared_from or not found.in_params or found.annotation not in FLAG_TYPES:
+                continue
+            taken = [name for name in flags if name.split("__", 1)[1] == key]
+            assert not taken, f"--{key} would set both {section}.{key} and {taken[0].replace('__', '.')}"
+            name = f"{section}__{key}"
+            parameter = inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=_option(section, key, switch=found.annotation == "bool"),
+                annotation=FLAG_TYPES[found.annotation] | None,
+            )
+            flags[name] = (section, parameter)
+    return flags
+
+
+def with_settings(*sections: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command that reads params.yaml (--params FILE, or --defaults), with a flag for each setting
+    of `sections` (named and explained by the setting itself, so a new setting needs no edit here)
+    and --set SECTION.KEY=VALUE for any setting (mappings too). The command gets `settings`: the
+    params with the flags applied; a flag of a section that stages overlay (train) wins over them."""
+    flags = _setting_flags(sections)
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = [param for name, param in inspect.signature(command).parameters.items() if name != "settings"]
+        extra = [
+            inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=SetOption, annotation=list[str]),
+            inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=ParamsOption, annotation=Path),
+            inspect.Parameter("defaults", inspect.Parameter.KEYWORD_ONLY, default=DefaultsOption, annotation=bool),
+        ]
+
+        @functools.wraps(command)
+        def run(**given: Any) -> None:
+            overrides = parse_settings(given.pop("set_"))
+            for name, (section, _) in flags.items():
+                value = given.pop(name)
+                if value is not None:
+                    overrides.setdefault(section, {})[name.split("__", 1)[1]] = value
+            command(settings=_params(given.pop("params"), given.pop("defaults"), overrides), **given)
+
+        run.__signature__ = inspect.Signature([*own, *(param for _, param in flags.values()), *extra])  # type: ignore[attr-defined]
+        return run
+
+    return decorate
 
 
 def _print_version(asked: bool) -> None:
@@ -50,11 +128,12 @@ def _global_options(
     """The options before any command."""
 
 
-def _params(path: Path, defaults: bool) -> dict:
-    """The settings of the command; their `object_store` section becomes this process's retry policy."""
+def _params(path: Path, defaults: bool, overrides: dict[str, dict] | None = None) -> dict:
+    """The settings of the command (the params file, or none, with `overrides` on top); their
+    `object_store` section becomes this process's retry policy."""
     from zhclip.components.core.storage import ObjectStoreConfig, use_policy
 
-    params = load_params(None if defaults else path)
+    params = apply_settings(load_params(None if defaults else path), overrides or {})
     use_policy(config_from(ObjectStoreConfig, params, "object_store"))
     return params
 
@@ -107,27 +186,17 @@ def init(
 
 
 @app.command("demo-data")
+@with_settings("demo_data")
 def demo_data_command(
     out: Path = typer.Option(Path("data/raw"), help="Folder for the Chinese-CLIP-format splits."),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
-    seed: int | None = _option("demo_data", "seed"),
-    train_images: int | None = _option("demo_data", "train_images"),
-    test_images: int | None = _option("demo_data", "test_images"),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Generate the bundled demo dataset: coloured shapes with Chinese captions, train/valid/test."""
     from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 
-    config = config_from(
-        DemoDataConfig,
-        _params(params, defaults),
-        "demo_data",
-        seed=seed,
-        train_images=train_images,
-        test_images=test_images,
-    )
-    result = generate_demo_data(out, config, summary)
+    result = generate_demo_data(out, config_from(DemoDataConfig, settings, "demo_data"), summary)
     _finish(
         result,
         summary,
@@ -140,12 +209,13 @@ def demo_data_command(
 
 
 @app.command("demo-towers")
+@with_settings("demo_towers", "model")
 def demo_towers_command(
     corpus: Path = typer.Option(Path("data/raw/pretrain"), help="The pretraining corpus `zhclip demo-data` writes."),
     out: Path = typer.Option(Path("weights/demo"), help="Folder for vision/ (CLIPModel) and text/ (BertForMaskedLM)."),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Pretrain the demo's stand-ins for OpenAI CLIP (English captions) and Chinese RoBERTa (masked LM).
 
@@ -154,7 +224,7 @@ def demo_towers_command(
     """
     from zhclip.components.demo.towers import DemoTowersConfig, pretrain_demo_towers
 
-    config = config_from(DemoTowersConfig, _params(params, defaults), "demo_towers")
+    config = config_from(DemoTowersConfig, settings, "demo_towers")
     result = pretrain_demo_towers(corpus, out, config, summary)
     typer.echo(
         f"demo towers in {out}: English CLIP loss {result['vision']['first_loss']} -> "
@@ -164,6 +234,7 @@ def demo_towers_command(
 
 
 @app.command()
+@with_settings("ingest", "spill")
 def ingest(
     raw: Path = typer.Option(
         Path("data/raw"),
@@ -172,17 +243,14 @@ def ingest(
     ),
     out: Path = typer.Option(Path("data/prepared"), help="Folder for Parquet shards and quarantine files."),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
-    shard_rows: int | None = _option("ingest", "shard_rows"),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Decode, normalise and shard the raw splits; malformed rows go to OUT/quarantine/ with a reason."""
     from zhclip.components.data.ingest import IngestConfig
     from zhclip.components.data.ingest import ingest as run
 
-    result = run(
-        raw, out, config_from(IngestConfig, _params(params, defaults), "ingest", shard_rows=shard_rows), summary
-    )
+    result = run(raw, out, config_from(IngestConfig, settings, "ingest"), summary)
     _finish(
         result,
         summary,
@@ -192,6 +260,7 @@ def ingest(
 
 
 @app.command()
+@with_settings("validate", "spill")
 def validate(
     data: Path = typer.Option(Path("data/prepared"), help="Prepared data from `zhclip ingest`."),
     out: Path = typer.Option(Path("data/validated"), help="Folder for the rows that pass (what training reads)."),
@@ -200,15 +269,14 @@ def validate(
         Path("reports/validation_quarantine.jsonl"), help="Where rejected rows go, with reasons."
     ),
     docs: Path | None = typer.Option(None, help="Render Great Expectations Data Docs (HTML) into this folder."),
-    max_bad_fraction: float | None = _option("validate", "max_bad_fraction"),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Great Expectations gate: quarantines bad rows, or fails naming each failed expectation with example ids."""
     from zhclip.components.data.validate import ValidateConfig
     from zhclip.components.data.validate import validate as run
 
-    config = config_from(ValidateConfig, _params(params, defaults), "validate", max_bad_fraction=max_bad_fraction)
+    config = config_from(ValidateConfig, settings, "validate")
     result = run(data, out, config, report, quarantine, docs)
     counts = ", ".join(f"{split} {s['rows_out']}/{s['rows_in']} rows kept" for split, s in result["splits"].items())
     typer.echo(f"validation passed: {counts}; quarantine: {result['quarantine']}")
@@ -222,15 +290,12 @@ def _stage_number(stage: str) -> int:
 
 
 @app.command()
+@with_settings("start", "model")
 def start(
     out: Path = typer.Option(Path("models/start"), help="Folder for the starting model (Hugging Face format)."),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
-    source: str | None = _option("start", "source"),
-    vision: str | None = _option("start", "vision"),
-    text: str | None = _option("start", "text"),
-    checkpoint: str | None = _option("start", "checkpoint"),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Build the model training starts from: random towers, pretrained towers, or a released checkpoint.
 
@@ -239,9 +304,7 @@ def start(
     """
     from zhclip.components.training.start import StartConfig, prepare_start
 
-    config = config_from(
-        StartConfig, _params(params, defaults), "start", source=source, vision=vision, text=text, checkpoint=checkpoint
-    )
+    config = config_from(StartConfig, settings, "start")
     result = prepare_start(out, config, summary)
     _finish(
         result,
@@ -252,6 +315,7 @@ def start(
 
 
 @app.command()
+@with_settings("train", "model", "mlflow")
 def train(
     stage: str = typer.Option(..., help="1 (or stage1): image tower locked (LiT); 2 (or stage2): both towers learn."),
     data: Path = typer.Option(
@@ -265,19 +329,8 @@ def train(
     ),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
     history: Path | None = typer.Option(None, help="Write the per-step loss and learning rate as CSV here."),
-    epochs: int | None = _option("train", "epochs"),
-    lr: float | None = _option("train", "lr"),
-    batch_size: int | None = _option("train", "batch_size"),
-    max_steps: int | None = _option("train", "max_steps"),
-    accum_steps: int | None = _option("train", "accum_steps"),
-    precision: str | None = _option("train", "precision"),
-    mask_ratio: float | None = _option("train", "mask_ratio"),
-    num_workers: int | None = _option("train", "num_workers"),
-    use_gpu: bool | None = _option("train", "use_gpu"),
-    storage_path: str | None = _option("train", "storage_path"),
-    checkpoint_every: int | None = _option("train", "checkpoint_every"),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Train one stage with Ray Train (in-process Ray, or the cluster at $RAY_ADDRESS).
 
@@ -289,26 +342,13 @@ def train(
     from zhclip.components.training.config import stage_config
     from zhclip.components.training.runner import train as run
 
-    config = stage_config(
-        _params(params, defaults),
-        _stage_number(stage),
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        max_steps=max_steps,
-        accum_steps=accum_steps,
-        precision=precision,
-        mask_ratio=mask_ratio,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        storage_path=storage_path,
-        checkpoint_every=checkpoint_every,
-    )
+    config = stage_config(settings, _stage_number(stage))
     result = run(data, out, config, init, summary, history)
     _finish(result, summary, f"stage {result['stage']} model in {out}")
 
 
 @app.command()
+@with_settings("evaluate")
 def evaluate(
     model: Path | None = typer.Option(
         None, help="Trained model folder (or score feature files instead: --image-feats, --text-feats, --annotations)."
@@ -332,30 +372,20 @@ def evaluate(
     report_dir: Path | None = typer.Option(
         None, help="Write report.html/.md and Chinese-CLIP's prediction and score files here."
     ),
-    split: str | None = _option("evaluate", "split"),
-    chunk_size: int | None = _option("evaluate", "chunk_size"),
-    write_features: bool | None = _option("evaluate", "write_features"),
     init_metrics: Path | None = typer.Option(
         None,
         help="The evaluation JSON of the model this one was trained from: "
         "the summary and report then show the start, every stage and the gain.",
     ),
     label: str | None = typer.Option(None, help="The model's name in that comparison (default: its folder's name)."),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Text-to-image and image-to-text recall@1/5/10 and mean recall (percent), with the chance level."""
     from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate_features
     from zhclip.components.evaluation.evaluate import evaluate as run
 
-    config = config_from(
-        EvaluateConfig,
-        _params(params, defaults),
-        "evaluate",
-        split=split,
-        chunk_size=chunk_size,
-        write_features=write_features,
-    )
+    config = config_from(EvaluateConfig, settings, "evaluate")
     feature_files = (image_feats, text_feats, annotations)
     if model and any(feature_files):
         raise ZhclipError("give either --model or --image-feats/--text-feats/--annotations, not both")
@@ -375,6 +405,7 @@ def evaluate(
 
 
 @app.command()
+@with_settings("zeroshot")
 def zeroshot(
     model: Path = typer.Option(..., help="Trained model folder."),
     images: Path = typer.Option(
@@ -387,17 +418,14 @@ def zeroshot(
     report_dir: Path | None = typer.Option(
         None, help="Write report.html/.md (accuracy, confusion matrix, examples) here."
     ),
-    template: list[str] = typer.Option(
-        [], help="A prompt with {} for the class name, e.g. '{}的照片' (repeatable; default: params.yaml)."
-    ),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Zero-shot classification with Chinese prompt ensembles: top-1/top-5 and per-class accuracy, confusion matrix."""
     from zhclip.components.evaluation.zeroshot import ZeroshotConfig
     from zhclip.components.evaluation.zeroshot import zeroshot as run
 
-    config = config_from(ZeroshotConfig, _params(params, defaults), "zeroshot", templates=template or None)
+    config = config_from(ZeroshotConfig, settings, "zeroshot")
     result = run(model, images, config, out, predictions, report_dir)
     _finish(
         result,
@@ -408,12 +436,11 @@ def zeroshot(
 
 
 @app.command()
+@with_settings("register", "mlflow")
 def register(
     model: Path = typer.Option(..., help="Trained model folder."),
     metrics: Path = typer.Option(..., help="Metrics JSON from `zhclip evaluate`."),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
-    name: str | None = typer.Option(None, help="Registered model name."),
-    tracking_uri: str | None = _option("mlflow", "tracking_uri"),
     log_summary: list[Path] = typer.Option(
         [], help="An earlier step's JSON summary to attach to the MLflow run (repeatable)."
     ),
@@ -423,8 +450,8 @@ def register(
     data: Path | None = typer.Option(
         None, help="The data training read (e.g. data/validated), recorded by its DVC hash."
     ),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Log an MLflow pyfunc and register a version (alias challenger); it becomes champion when it is no worse
     than its start and the champion.
@@ -434,9 +461,8 @@ def register(
     from zhclip.components.registry.register import RegisterConfig
     from zhclip.components.registry.register import register as run
 
-    all_params = _params(params, defaults)
-    config = config_from(RegisterConfig, all_params, "register", model_name=name, tracking_uri=tracking_uri)
-    result = run(model, metrics, config, resolved_params(all_params), summary, log_summary, train_summary, data)
+    config = config_from(RegisterConfig, settings, "register")
+    result = run(model, metrics, config, resolved_params(settings), summary, log_summary, train_summary, data)
     _finish(result, summary, f"{result['model_name']} version {result['version']}: {result['decision']}")
 
 
@@ -454,17 +480,18 @@ def embed(
         typer.echo(json.dumps(line, ensure_ascii=False))
 
 
-def _model_and_tracking(params: dict, model: str | None, tracking_uri: str | None) -> tuple[str, str | None]:
-    """`model`, else the registry alias of params section `search` (what the pipelines index), and the
-    MLflow tracking URI (the flag, else params section `mlflow`)."""
+def _model_and_tracking(settings: dict, model: str | None) -> tuple[str, str | None]:
+    """`model`, else the registry alias of section `search` (what the pipelines index), and the MLflow
+    tracking URI of section `mlflow`."""
     from zhclip.components.core.tracking import MlflowConfig
     from zhclip.components.search.service import SearchConfig
 
-    uri = model or config_from(SearchConfig, params, "search").model_uri()
-    return uri, config_from(MlflowConfig, params, "mlflow", tracking_uri=tracking_uri).tracking_uri or None
+    uri = model or config_from(SearchConfig, settings, "search").model_uri()
+    return uri, config_from(MlflowConfig, settings, "mlflow").tracking_uri or None
 
 
 @app.command()
+@with_settings("index", "search", "mlflow")
 def index(
     gallery: str = typer.Option(
         ...,
@@ -481,14 +508,8 @@ def index(
         None, help="A model folder or registry URI (default: models:/<register.model_name>@champion)."
     ),
     summary: Path | None = typer.Option(None, help="Write the JSON summary here."),
-    factory: str | None = _option("index", "factory"),
-    search_params: str | None = _option("index", "search_params"),
-    batch_size: int | None = _option("index", "batch_size"),
-    workers: int | None = _option("index", "workers"),
-    backend: str | None = _option("index", "backend"),
-    tracking_uri: str | None = _option("mlflow", "tracking_uri"),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Embed a gallery with a model into a FAISS index that `zhclip serve` searches.
 
@@ -500,18 +521,8 @@ def index(
     if (out is None) == (publish is None):
         raise ZhclipError("give exactly one of --out (an index folder) and --publish (an index catalog)")
 
-    all_params = _params(params, defaults)
-    config = config_from(
-        IndexConfig,
-        all_params,
-        "index",
-        factory=factory,
-        search_params=search_params,
-        batch_size=batch_size,
-        workers=workers,
-        backend=backend,
-    )
-    model_uri, tracking = _model_and_tracking(all_params, model, tracking_uri)
+    config = config_from(IndexConfig, settings, "index")
+    model_uri, tracking = _model_and_tracking(settings, model)
     result = build_index(gallery, out, model_uri, config, tracking, summary, catalog=publish)
     rejected = f", {result['rejected']} rejected (see the summary)" if result["rejected"] else ""
     _finish(
@@ -523,6 +534,7 @@ def index(
 
 
 @app.command()
+@with_settings("serve", "search", "mlflow")
 def serve(
     index: list[str] = typer.Option(
         [],
@@ -540,13 +552,8 @@ def serve(
         help="Instead of --model: a registry alias (models:/NAME@champion) to follow: when it moves, the new "
         "version and its index load in the background, pass the canary, and replace the live pair.",
     ),
-    host: str | None = _option("serve", "host"),
-    port: int | None = _option("serve", "port"),
-    backend: str | None = _option("serve", "backend"),
-    follow_seconds: float | None = _option("serve", "follow_seconds"),
-    tracking_uri: str | None = _option("mlflow", "tracking_uri"),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Search API and web page: Chinese text -> images, image -> similar images (open http://HOST:PORT/).
 
@@ -563,30 +570,27 @@ def serve(
         )
     if follow and "@" not in follow:
         raise ZhclipError(f"--follow {follow!r}: give a registry alias, models:/<name>@<alias>")
-    all_params = _params(params, defaults)
-    config = config_from(
-        ServeConfig, all_params, "serve", host=host, port=port, backend=backend, follow_seconds=follow_seconds
-    )
-    galleries = config_from(SearchConfig, all_params, "search").galleries
+    config = config_from(ServeConfig, settings, "serve")
+    galleries = config_from(SearchConfig, settings, "search").galleries
     indexes = index or [f"{name}=indexes/{name}" for name in galleries]
-    model_uri, tracking = _model_and_tracking(all_params, model or follow, tracking_uri)
+    model_uri, tracking = _model_and_tracking(settings, model or follow)
     run(indexes, model_uri, config, tracking, follow=bool(follow))
 
 
 @app.command()
+@with_settings("object_store")
 def upload(
     src: Path = typer.Option(Path("data/prepared"), help="Local folder to upload (e.g. prepared shards)."),
     dest: str = typer.Option(..., help="Destination s3://bucket/prefix; the bucket is created if missing."),
     endpoint: str | None = typer.Option(None, help="S3/MinIO endpoint (default: $AWS_ENDPOINT_URL)."),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Upload a folder to MinIO or any S3 endpoint (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).
 
     Requests are retried as params.yaml section `object_store` says."""
     from zhclip.components.core.storage import upload as run
 
-    _params(params, defaults)
     _echo_json(run(src, dest, endpoint))
 
 
@@ -647,10 +651,11 @@ def model_export_onnx(
 
 
 @pipeline_app.command("compile")
+@with_settings("kubeflow")
 def pipeline_compile(
     out: Path = typer.Option(Path("pipeline.yaml"), help="Where to write the compiled pipeline YAML."),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Compile the Kubeflow pipeline to YAML that Kubeflow accepts.
 
@@ -659,10 +664,11 @@ def pipeline_compile(
     """
     from zhclip.workflows.submit import compile_pipeline
 
-    typer.echo(f"wrote {compile_pipeline(out, _params(params, defaults))}")
+    typer.echo(f"wrote {compile_pipeline(out, settings)}")
 
 
 @pipeline_app.command("submit")
+@with_settings("kubeflow")
 def pipeline_submit(
     host: str = typer.Option(
         ...,
@@ -676,27 +682,28 @@ def pipeline_submit(
     ray_address: str | None = typer.Option(
         None, help="Train on this KubeRay cluster, e.g. ray://zhclip-head-svc.zhclip:10001 (default: the pod's GPUs)."
     ),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Compile, upload as a new version of the `zhclip` pipeline, and start a run."""
     from zhclip.workflows.submit import submit
 
     arguments = {"ray_address": ray_address} if ray_address is not None else {}
-    _echo_json(submit(host, _params(params, defaults), raw_uri, experiment, run_name, namespace, arguments))
+    _echo_json(submit(host, settings, raw_uri, experiment, run_name, namespace, arguments))
 
 
 @pipeline_app.command("run-local")
+@with_settings("kubeflow")
 def pipeline_run_local(
     raw: Path = typer.Option(Path("data/raw"), help="Raw Chinese-CLIP-format data to feed the pipeline."),
     root: Path = typer.Option(Path("kfp_local"), help="Local pipeline root for artifacts."),
-    params: Path = ParamsOption,
-    defaults: bool = DefaultsOption,
+    *,
+    settings: dict,
 ) -> None:
     """Run the whole pipeline here with kfp.local's SubprocessRunner (no cluster needed)."""
     from zhclip.workflows.local_run import run_local
 
-    _echo_json(run_local(raw, root, _params(params, defaults)))
+    _echo_json(run_local(raw, root, settings))
 
 
 def main() -> None:

@@ -114,6 +114,10 @@ def test_bad_input_gives_a_clear_error_at_every_step(tmp_path, prepared_dir, cap
     )
     (tmp_path / "params.yaml").write_text("ingest:\n  shard_rowz: 3\n")
     _assert_clean_error(zhclip("ingest", "--params", str(tmp_path / "params.yaml")), "section 'ingest'", "shard_rowz")
+    _assert_clean_error(
+        zhclip("ingest", "--set", "ingest.shard_rows"), "--set 'ingest.shard_rows'", "section.key=value"
+    )
+    _assert_clean_error(zhclip("ingest", "--set", "ingestt.shard_rows=3"), "no section 'ingestt'")
     usage = zhclip("train", "--stage", "3", "--out", str(tmp_path))
     assert usage.returncode == 2 and "Traceback" not in usage.stderr and "--stage" in usage.stderr
 

@@ -1,8 +1,10 @@
 """Settings: each step's dataclass is the one definition of its fields, defaults and help.
 
 A field is declared with `setting(default, help)`. Everything else reads those definitions: params.yaml
-holds only what a project changes (tests/core/test_settings.py checks it), the CLI's option help is
-`help_of(...)`, and `zhclip config` writes docs/configuration.md from them. Every config is built
+lists every setting, at its default but for the project's own choices (tests/core/test_settings.py
+checks it), the CLI makes a flag of each (`settings_in_source`, read without importing the step) and
+`--set` for any (`parse_settings`, `apply_settings`), and `zhclip config` writes
+docs/configuration.md from them. Every config is built
 one way, `config_from`, from its own params.yaml section; a field that belongs to another section
 says so (`shared_from`), so what a step takes from elsewhere is visible in its definition.
 """
@@ -73,31 +75,50 @@ def help_of(cls: type, name: str) -> str:
     raise KeyError(f"{cls.__name__} has no field {name!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceSetting:
+    """A setting as its dataclass's source declares it: the annotation (as written), the help, and
+    the section it is shared from ('' for its own)."""
+
+    annotation: str
+    help: str
+    shared_from: str
+    in_params: bool
+
+
 @functools.cache
-def _helps_in_source(class_path: str) -> dict[str, str]:
-    module, name = class_path.split(":")
+def settings_in_source(section_name: str) -> dict[str, SourceSetting]:
+    """The settings of a params.yaml section, read from its dataclass's source, not imported: the CLI
+    builds every command's options from these, and importing every step (torch, Ray, FastAPI...) to
+    print help would make each command start seconds slower. tests/core/test_settings.py checks they
+    equal the dataclass's own fields."""
+    module, name = SECTIONS[section_name].split(":")
     tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
     cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
-    return {
-        node.target.id: ast.literal_eval(node.value.args[1])
-        for node in cls.body
-        if isinstance(node, ast.AnnAssign)
-        and isinstance(node.value, ast.Call)
-        and getattr(node.value.func, "id", "") == "setting"
-    }
+    found = {}
+    for node in cls.body:
+        if not (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", "") == "setting"
+        ):
+            continue
+        keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.value.keywords}
+        found[node.target.id] = SourceSetting(
+            ast.unparse(node.annotation),
+            ast.literal_eval(node.value.args[1]),
+            keywords.get("shared_from", ""),
+            keywords.get("in_params", True),
+        )
+    return found
 
 
 def section_help(section_name: str, name: str) -> str:
-    """The help of setting `name` of a params.yaml section, read from its dataclass's source.
-
-    Read, not imported: the CLI shows these in `--help` of every command, and importing every step
-    (torch, Ray, FastAPI...) to print help would make each command start seconds slower.
-    tests/core/test_settings.py checks it equals `help_of`.
-    """
-    helps = _helps_in_source(SECTIONS[section_name])
-    if name not in helps:
+    """The help of setting `name` of a params.yaml section, read from its dataclass's source."""
+    found = settings_in_source(section_name)
+    if name not in found:
         raise KeyError(f"section {section_name!r} has no setting {name!r}")
-    return helps[name]
+    return found[name].help
 
 
 def default_of(field: dataclasses.Field) -> Any:
@@ -156,6 +177,33 @@ def section(params: dict[str, Any], name: str, fields: set[str] | dict) -> dict[
     if unknown:
         raise ZhclipError(f"params.yaml section '{name}': unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     return values
+
+
+def parse_settings(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` strings (values read as YAML: `[]`, `{}`, numbers) as {section: {key: value}}."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        target, sep, value = assignment.partition("=")
+        section_name, dot, key = target.partition(".")
+        if not (sep and dot and section_name and key):
+            raise ZhclipError(f"--set {assignment!r}: expected section.key=value (e.g. model.preset=ViT-B-16)")
+        if section_name not in SECTIONS:
+            raise ZhclipError(f"--set {assignment!r}: no section {section_name!r}; known: {sorted(SECTIONS)}")
+        chosen.setdefault(section_name, {})[key] = yaml.safe_load(value) if value else ""
+    return chosen
+
+
+def apply_settings(params: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`params` with `overrides` ({section: {key: value}}, from the command line) on top: a value for a
+    section that stages overlay (`train`) is set in each overlay too, so it wins for every stage.
+    Keys are checked where a config is built (`config_from`)."""
+    merged = copy.deepcopy(params)
+    for section_name, values in overrides.items():
+        targets = [section_name, *(overlay for overlay, base in OVERLAYS.items() if base == section_name)]
+        for target in targets:
+            if target == section_name or target in merged:
+                merged.setdefault(target, {}).update(values)
+    return merged
 
 
 def build_config(cls: type[Config], values: dict[str, Any], where: str) -> Config:
@@ -217,8 +265,10 @@ def reference_page(params: dict[str, Any]) -> str:
         "# Configuration",
         "",
         "Every setting of every step, generated from the code by `zhclip config` (do not edit by hand).",
-        "params.yaml holds a project's values; a key left out takes the default below. A command-line",
-        "flag overrides params.yaml for one run, and `dvc exp run -S section.key=value` runs a variant.",
+        "params.yaml holds a project's values; a key left out takes the default below. Each setting of",
+        "the sections a command reads is also its flag (`zhclip train --epochs 3`), and `--set",
+        "section.key=value` sets any of them (mappings too) for one run; `dvc exp run -S section.key=value`",
+        "runs a variant.",
         "Commands read `params.yaml` in the current folder (`--params FILE` for another, `--defaults`",
         "for none of it).",
         "",

@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.settings import OVERLAYS, SECTIONS, config_class, config_from, section_fields
+from zhclip.components.core.settings import (
+    OVERLAYS,
+    SECTIONS,
+    config_class,
+    config_from,
+    parse_settings,
+    section_fields,
+)
 from zhclip.components.core.storage import Folder
 
 DEMO_STAGES = ("demo_data", "demo_towers")
@@ -140,18 +147,6 @@ def project_params(name: str, sets: list[str], chosen: dict[str, dict]) -> dict[
         base = OVERLAYS.get(section)
         config_from(config_class(section), params, *([base, section] if base else [section]))
     return {section: params[section] for section in [*CHOICES, *(s for s in params if s not in CHOICES)]}
-
-
-def parse_settings(assignments: list[str]) -> dict[str, dict]:
-    """`section.key=value` strings (values read as YAML: `[]`, `{}`, numbers) as {section: {key: value}}."""
-    chosen: dict[str, dict] = {}
-    for assignment in assignments:
-        target, sep, value = assignment.partition("=")
-        section, dot, key = target.partition(".")
-        if not (sep and dot and section and key):
-            raise ZhclipError(f"--set {assignment!r}: expected section.key=value (e.g. model.preset=ViT-B-16)")
-        chosen.setdefault(section, {})[key] = yaml.safe_load(value) if value else ""
-    return chosen
 
 
 def raw_formats(raw: Folder) -> dict[str, str]:

@@ -93,6 +93,6 @@ def test_bad_folders_and_templates_are_rejected_clearly(tmp_path, trained):
     with pytest.raises(ZhclipError, match="broken.png: not a readable image"):
         zeroshot(trained["root"] / "stage2", tmp_path, ZeroshotConfig())
     result = run_cli(
-        "zeroshot", "--model", str(trained["root"] / "stage2"), "--images", str(tmp_path), "--template", "照片"
+        "zeroshot", "--model", str(trained["root"] / "stage2"), "--images", str(tmp_path), "--templates", "照片"
     )
     assert result.returncode == 2 and "exactly one '{}'" in result.stderr

@@ -132,7 +132,7 @@ def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(
                 "register",
                 "--model",
                 str(model),
-                "--name",
+                "--model-name",
                 NAME,
                 "--metrics",
                 str(_metrics(tmp_path, f"m{i}", 30.0 + i)),

@@ -84,7 +84,7 @@ def test_later_steps_take_the_folder_unchanged(variants, prepared_dir, variant, 
     assert 0 <= json.loads(metrics.read_text())["mean_recall"] <= 100
     registry = f"sqlite:///{tmp_path / 'registry.db'}"
     registered = run_cli(
-        "register", "--model", model_dir, "--metrics", str(metrics), "--name", f"ft-{variant}",
+        "register", "--model", model_dir, "--metrics", str(metrics), "--model-name", f"ft-{variant}",
         "--tracking-uri", registry, "--defaults",
     )  # fmt: skip
     assert registered.returncode == 0, registered.stderr
