@@ -629,13 +629,16 @@ def model_convert(
     out: Path = typer.Option(..., help="Folder for the Hugging Face model (safetensors)."),
     preset: str | None = typer.Option(None, help="Architecture to expect (default: read from the tensor shapes)."),
     vocab: Path | None = typer.Option(None, help="vocab.txt (default: the one in the cn-clip wheel)."),
-    context_length: int = typer.Option(52, help="Text length the tokenizer pads and truncates to."),
+    context_length: int | None = typer.Option(
+        None, help="Text length the tokenizer pads and truncates to (default: Chinese-CLIP's 52)."
+    ),
 ) -> None:
     """Import a reference checkpoint: the result loads with transformers (AutoModel; ViT: ChineseCLIPModel)
     and can be --init for training."""
     from zhclip.components.registry.import_checkpoint import convert
+    from zhclip.model import CONTEXT_LENGTH
 
-    _echo_json(convert(checkpoint, out, vocab, context_length, preset))
+    _echo_json(convert(checkpoint, out, vocab, context_length or CONTEXT_LENGTH, preset))
 
 
 @model_app.command("export-onnx")

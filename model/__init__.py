@@ -8,9 +8,10 @@ only training imports) and nothing else from the zhclip repository.
 from .embedding import decode_image, embed_images, embed_texts
 from .locking import lock_image_tower
 from .loss import contrastive_loss
-from .presets import PRESETS, build_model, default_vocab_path, load_model, save_model
+from .presets import CONTEXT_LENGTH, PRESETS, build_model, default_vocab_path, load_model, save_model
 
 __all__ = [
+    "CONTEXT_LENGTH",
     "PRESETS",
     "build_model",
     "contrastive_loss",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, PreTrainedModel
 
-from .presets import PRESETS, build_processor, default_vocab_path, image_size, make_config, save_model
+from .presets import CONTEXT_LENGTH, PRESETS, build_processor, default_vocab_path, image_size, make_config, save_model
 
 _VISION_LAYER = {
     "ln_1": "layer_norm1",
@@ -200,7 +200,7 @@ def convert_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
     vocab_file: str | Path | None = None,
-    context_length: int = 52,
+    context_length: int = CONTEXT_LENGTH,
     preset: str | None = None,
 ) -> Path:
     """Write the Hugging Face directory (safetensors, tokenizer, processor) for a reference `.pt`."""

@@ -64,6 +64,8 @@ PRESETS: dict[str, dict] = {
 }
 
 # OpenAI-CLIP pixel statistics, which Chinese-CLIP keeps.
+# Chinese-CLIP's text length: its tokenizer pads and truncates every caption to this many tokens.
+CONTEXT_LENGTH = 52
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -98,7 +100,7 @@ def build_processor(vocab_file: str | Path, image_size: int, context_length: int
 
 
 def build_model(
-    preset: str, vocab_file: str | Path | None = None, context_length: int = 52, seed: int = 0
+    preset: str, vocab_file: str | Path | None = None, context_length: int = CONTEXT_LENGTH, seed: int = 0
 ) -> tuple[PreTrainedModel, ChineseCLIPProcessor]:
     """A randomly initialised model of `preset` and its processor."""
     import torch

@@ -148,7 +148,7 @@ def train_chinese_bert(sentences: list[str], out_dir: Path, spec: dict, config: 
     """A `BertForMaskedLM` with the preset's text-tower shape and the Chinese-CLIP vocabulary."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
-    from zhclip.model import default_vocab_path
+    from zhclip.model import CONTEXT_LENGTH, default_vocab_path
 
     tokenizer = BertTokenizer(vocab=str(default_vocab_path()))
     bert_config = BertConfig(
@@ -161,7 +161,7 @@ def train_chinese_bert(sentences: list[str], out_dir: Path, spec: dict, config: 
     )
     torch.manual_seed(config.seed)
     model = BertForMaskedLM(bert_config)
-    encoded = tokenizer(sentences, padding=True, truncation=True, max_length=52, return_tensors="pt")
+    encoded = tokenizer(sentences, padding=True, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt")
     generator = torch.Generator().manual_seed(config.seed)
 
     def batch_loss() -> torch.Tensor:

@@ -7,14 +7,14 @@ from pathlib import Path
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.summaries import timed
 from zhclip.model.convert import convert_checkpoint
-from zhclip.model.presets import image_size
+from zhclip.model.presets import CONTEXT_LENGTH, image_size
 
 
 def convert(
     checkpoint: str | Path,
     out_dir: str | Path,
     vocab_file: str | Path | None = None,
-    context_length: int = 52,
+    context_length: int = CONTEXT_LENGTH,
     preset: str | None = None,
 ) -> dict:
     """Convert and describe the result (architecture, parameter count, folder)."""

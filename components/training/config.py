@@ -8,7 +8,7 @@ from typing import Any
 
 from zhclip.components.core.settings import config_from, setting
 from zhclip.components.training.step import StepConfig
-from zhclip.model import PRESETS
+from zhclip.model import CONTEXT_LENGTH, PRESETS
 from zhclip.model.fast import COMPILE_SCOPES, SDPA_BACKENDS
 
 LORA_TOWERS = ("", "text", "image", "both")
@@ -25,7 +25,7 @@ class ModelConfig:
     """Section `model`: the architecture every step that builds a model shares."""
 
     preset: str = setting("tiny", "the architecture: tiny (CPU demo) or ViT-B-16")
-    context_length: int = setting(52, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)")
+    context_length: int = setting(CONTEXT_LENGTH, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TrainConfig:
     stage: int = setting(1, "1: image tower locked (LiT); 2: both towers learn", in_params=False)
     preset: str = setting("tiny", "the architecture: tiny (CPU demo) or ViT-B-16", shared_from="model")
     context_length: int = setting(
-        52, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
+        CONTEXT_LENGTH, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
     )
     epochs: int = setting(10, "passes over the training pairs")
     max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs x steps per epoch)")

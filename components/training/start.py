@@ -25,6 +25,7 @@ from zhclip.components.core.lineage import dvc_hash
 from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import arrow_filesystem
 from zhclip.components.core.summaries import timed, write_summary
+from zhclip.model.presets import CONTEXT_LENGTH
 
 SOURCES = ("scratch", "towers", "checkpoint")
 # The recipes a pipeline can run: stage 2's model is what gets registered, so every recipe ends there.
@@ -56,7 +57,7 @@ class StartConfig:
     )
     preset: str = setting("tiny", "scratch and towers: the architecture", shared_from="model")
     context_length: int = setting(
-        52, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
+        CONTEXT_LENGTH, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
     )
     seed: int = setting(0, "scratch: the seed of the random initialisation")
 
