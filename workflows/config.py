@@ -21,7 +21,11 @@ from zhclip.components.training.start import StartConfig
 class KubeflowConfig:
     """How the pipeline's tasks run on Kubernetes (params.yaml section `kubeflow`)."""
 
-    gpus: int = setting(1, "per training task; 0 trains on CPU or, with ray_address, on a KubeRay cluster")
+    gpus: int = setting(
+        1,
+        "GPUs per training task; in the pipeline they replace train.use_gpu (true) and train.num_workers (a "
+        "Ray worker a GPU); 0 keeps train's and trains on CPU or, with ray_address, on a KubeRay cluster",
+    )
     accelerator: str = setting("nvidia.com/gpu", "the GPU resource a training task requests")
     gpu_node_selector: dict[str, str] = setting(
         {"nvidia.com/gpu.present": "true"}, "node labels a training task is scheduled on"
@@ -38,9 +42,14 @@ class KubeflowConfig:
     s3_endpoint: str = setting("http://minio.zhclip.svc.cluster.local:9000", "MinIO (S3) endpoint the tasks use")
     mlflow_uri: str = setting("http://mlflow.zhclip.svc.cluster.local:5000", "MLflow tracking server the tasks use")
     ray_address: str = setting("", "default of the pipeline parameter: '' trains with in-process Ray on the pod's GPUs")
-    ray_storage: str = setting("/tmp/ray_results", "Ray Train's storage inside the pod (in-process Ray)")
+    ray_storage: str = setting(
+        "/tmp/ray_results",
+        "Ray Train's storage inside the pod (in-process Ray); replaces train.storage_path in the pipeline",
+    )
     index_split: str = setting(
-        "test", "default of the pipeline parameter: the validated split the champion indexes ('': no index task)"
+        "test",
+        "default of the pipeline parameter: the validated split the champion indexes ('': no index task); "
+        "the pipeline indexes this one split where `dvc repro` indexes every gallery of search.galleries",
     )
     index_uri: str = setting(
         "s3://zhclip-index/test",
