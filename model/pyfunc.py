@@ -1,6 +1,6 @@
 """The inference side of a zhclip model as MLflow serves it, kept free of mlflow imports.
 
-`components/served_model.py` wraps `ZhclipEmbedder` in an `mlflow.pyfunc.PythonModel` ("models from
+`components/registry/served_model.py` wraps `ZhclipEmbedder` in an `mlflow.pyfunc.PythonModel` ("models from
 code"); this package travels with the model as its code, so a pull needs no zhclip repository.
 
 Input: a DataFrame with a `text` column (strings) and/or an `image` column (encoded image bytes, or

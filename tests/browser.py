@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 HAN = re.compile(r"[\u4e00-\u9fff]")
-# Families with Han glyphs that Chromium may pick (the reports' font stack, components/report.py).
+# Families with Han glyphs that Chromium may pick (the reports' font stack, components/core/fonts.py).
 CJK_FAMILY = re.compile(r"CJK|Source Han|WenQuanYi|PingFang|YaHei|SimHei|Noto Sans SC", re.IGNORECASE)
 
 

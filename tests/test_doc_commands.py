@@ -112,3 +112,25 @@ def test_every_duration_the_docs_quote_is_in_the_raw_output_of_its_day(page):
             assert _measured_in(results, int(minutes), int(seconds)), (
                 f"{page.name}: {minutes} min {seconds} s is in no raw output of {dates} under bench/results"
             )
+
+
+def test_every_repository_file_the_code_and_bench_notes_name_exists():
+    """Comments and docstrings name files (`components/training/loop.py`); a file moved or renamed
+    leaves them pointing nowhere. tests/doc_blocks.py's own examples (tests/FILE.py, made-up paths
+    for the self-test) are not names of files."""
+    named = re.compile(r"\b((?:components|model|workflows|tests|bench)/[\w/]+\.py)\b")
+    sources = [
+        path
+        for folder in ("components", "model", "workflows", "tests", "bench")
+        for path in (REPO / folder).rglob("*")
+        if path.suffix in (".py", ".md", ".sh") and "__pycache__" not in path.parts
+    ]
+    examples = {REPO / "tests" / "doc_blocks.py", REPO / "tests" / "test_doc_commands.py"}
+    missing = [
+        f"{source.relative_to(REPO)}: {path}"
+        for source in sources
+        if source not in examples
+        for path in named.findall(source.read_text(encoding="utf-8"))
+        if not (REPO / path).exists()
+    ]
+    assert not missing, missing

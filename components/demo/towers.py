@@ -2,7 +2,7 @@
 
 The paper locks an OpenAI-CLIP image tower and starts the text tower from Chinese RoBERTa-wwm. No
 checkpoint may be downloaded here, so the demo trains small stand-ins from its pretraining corpus
-(components/demo_data.py, no test, valid or zero-shot image in it):
+(components/demo/data.py, no test, valid or zero-shot image in it):
 - an English CLIP (`CLIPModel` folder), trained contrastively on English captions of the images;
 - a Chinese BERT (`BertForMaskedLM` folder, the Chinese-CLIP vocabulary), trained with masked-language
   modelling on Chinese sentences (character masking: whole-word masking needs a Chinese word segmenter).

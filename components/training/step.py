@@ -1,6 +1,6 @@
 """The training step of zhclip, free of Ray and MLflow: optimizer, schedule, accumulation, precision.
 
-Ray Train workers (components/train.py) and the GPU benchmark (bench/) both drive this module, so
+Ray Train workers (components/training/loop.py) and the GPU benchmark (bench/) both drive this module, so
 what is benchmarked is what trains. It imports only torch, numpy, the standard library and `model/`.
 """
 
