@@ -20,7 +20,7 @@ REF_PINS  := torch==2.14.1 torchvision==0.29.1 $(shell grep -i -E '^(pillow|nump
 I2D_VENV  := .venv-img2dataset
 I2D_STAMP := $(I2D_VENV)/.installed-stamp
 
-.PHONY: install reference-env img2dataset-env system-deps cjk-font demo test test-fast lint format docs lock clean-demo
+.PHONY: install reference-env img2dataset-env system-deps cjk-font demo test test-fast lint format docs audit lock clean-demo
 
 # Services and tools the tests start: PostgreSQL (MLflow backend store), headless Chromium (HTML
 # report rendering) and kubectl (offline `kubectl kustomize`). Installed from Debian when missing.
@@ -110,6 +110,14 @@ format: install
 # NO_MKDOCS_2_WARNING silences Material's banner about its end of life (May 2027; successor: Zensical).
 docs: install
 	$(RUN) NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
+
+# Known vulnerabilities in the locked packages (pip-audit, in an environment of its own). It asks a
+# vulnerability service (PyPI's), so it is not part of CI; --strict fails when a package could not be
+# checked, rather than reporting "no known vulnerabilities" for packages it never saw.
+AUDIT_VENV := .venv-audit
+audit:
+	test -x $(AUDIT_VENV)/bin/pip-audit || ($(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install --quiet pip-audit==2.10.1)
+	$(AUDIT_VENV)/bin/pip-audit --strict --no-deps --disable-pip --requirement requirements.lock
 
 # Re-resolve the newest versions allowed by pyproject.toml and pin them (needs the registry).
 lock:
