@@ -30,7 +30,7 @@ from zhclip.workflows.steps import (
 PIPELINE_NAME = "zhclip"
 # Pods carrying this label may reach MinIO and MLflow (infra/base/networkpolicies.yaml).
 CLIENT_LABEL = ("zhclip.io/client", "true")
-RUN_AS_USER = 1000  # the image's non-root user
+RUN_AS_USER = 10001  # the image's non-root user (infra/Dockerfile)
 
 
 def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = None):
