@@ -60,13 +60,14 @@ def _option(section: str, name: str, switch: bool = False) -> typer.models.Optio
 FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list[str]}
 
 
-def _setting_flags(sections: tuple[str, ...]) -> dict[str, tuple[str, inspect.Parameter]]:
-    """One keyword parameter per flag-typed setting of `sections` (its own, not shared ones): the
-    Python name (section__key) -> (section, the parameter typer reads)."""
+def _setting_flags(sections: tuple[str, ...], own: set[str]) -> dict[str, tuple[str, inspect.Parameter]]:
+    """One keyword parameter per flag-typed setting of `sections` (its own, not shared ones) that the
+    command does not declare itself (`own`: its parameters, e.g. submit's --ray-address, a run
+    parameter): the Python name (section__key) -> (section, the parameter typer reads)."""
     flags: dict[str, tuple[str, inspect.Parameter]] = {}
     for section in sections:
         for key, found in settings_in_source(section).items():
-            if found.shared_from or not found.in_params or found.annotation not in FLAG_TYPES:
+            if found.shared_from or not found.in_params or found.annotation not in FLAG_TYPES or key in own:
                 continue
             taken = [name for name in flags if name.split("__", 1)[1] == key]
             assert not taken, f"--{key} would set both {section}.{key} and {taken[0].replace('__', '.')}"
@@ -86,10 +87,10 @@ def with_settings(*sections: str) -> Callable[[Callable[..., None]], Callable[..
     of `sections` (named and explained by the setting itself, so a new setting needs no edit here)
     and --set SECTION.KEY=VALUE for any setting (mappings too). The command gets `settings`: the
     params with the flags applied; a flag of a section that stages overlay (train) wins over them."""
-    flags = _setting_flags(sections)
 
     def decorate(command: Callable[..., None]) -> Callable[..., None]:
         own = [param for name, param in inspect.signature(command).parameters.items() if name != "settings"]
+        flags = _setting_flags(sections, {param.name for param in own})
         extra = [
             inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=SetOption, annotation=list[str]),
             inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=ParamsOption, annotation=Path),

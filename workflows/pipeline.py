@@ -8,6 +8,8 @@ workflows/submit.py, the local run in workflows/local_run.py.
 """
 
 import json
+from dataclasses import dataclass, field
+from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
@@ -31,6 +33,67 @@ PIPELINE_NAME = "zhclip"
 # Pods carrying this label may reach MinIO and MLflow (infra/base/networkpolicies.yaml).
 CLIENT_LABEL = ("zhclip.io/client", "true")
 RUN_AS_USER = 10001  # the image's non-root user (infra/Dockerfile)
+
+
+@dataclass
+class _Run:
+    """What the branches of one pipeline run share: the outputs and parameters they read, and the
+    tasks they add (for caching and Kubernetes settings)."""
+
+    raw: Any
+    validated: Any
+    start: Any
+    baseline: Any
+    configs: dict[str, Any]  # stage1, stage2, evaluate, zeroshot, register, index
+    zeroshot_sets: Any  # None: params.yaml lists no set (a loop over no sets does not compile)
+    index_split: Any
+    index_uri: Any
+    ray_address: Any
+    training: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
+    registrations: list = field(default_factory=list)
+    indexing: list = field(default_factory=list)
+
+
+def _zeroshot(run: _Run, model, label: str) -> None:
+    """`model` classifies each zero-shot image set, a task per set."""
+    if run.zeroshot_sets is None:
+        return
+    with dsl.ParallelFor(run.zeroshot_sets) as image_set:
+        task = zeroshot_op(model=model, raw=run.raw.output, image_set=image_set, config=run.configs["zeroshot"])
+        run.evaluations.append(task.set_display_name(f"zero-shot {label}"))
+
+
+def _stages_after_start(run: _Run, recipe: dict[str, str]) -> None:
+    """The recipe's stages, each evaluated beside the model it started from; register the last, score
+    it zero-shot, and index with the champion (which this registration may have moved)."""
+    init, earlier = run.start.outputs["model"], run.baseline.outputs["scores"]
+    for stage in recipe:
+        trained = train_op(
+            prepared=run.validated, config=run.configs[stage], init_model=init, ray_address=run.ray_address
+        ).set_display_name(f"train {stage}")
+        scored = evaluate_op(
+            model=trained.outputs["model"],
+            prepared=run.validated,
+            config=run.configs["evaluate"],
+            label=stage,
+            init_scores=earlier,
+        ).set_display_name(f"evaluate {stage}")
+        init, earlier = trained.outputs["model"], scored.outputs["scores"]
+        run.training.append(trained)
+        run.evaluations.append(scored)
+    registration = register_op(model=init, scores=earlier, data=run.validated, config=run.configs["register"])
+    run.registrations.append(registration)
+    _zeroshot(run, init, "stage2")
+    with dsl.If(run.index_split != "", name="index"):
+        indexed = index_op(
+            validated=run.validated,
+            split=run.index_split,
+            publish_uri=run.index_uri,
+            config=run.configs["index"],
+            register_config=run.configs["register"],
+        )
+        run.indexing.append(indexed.after(registration).set_display_name("index"))
 
 
 def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = None):
@@ -67,74 +130,31 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         validated = checked.outputs["validated"]
         start = start_op(config=start_config)
         baseline = evaluate_op(model=start.outputs["model"], prepared=validated, config=evaluate_config, label="start")
-        stage_configs = {"stage1": stage1_config, "stage2": stage2_config}
-        training, evaluations, registrations, indexing = [], [baseline], [], []
-        zeroshot_sets_known = bool(defaults["zeroshot"]["sets"])  # a loop over no sets does not compile
-
-        def stages_after_start(recipe: dict[str, str]) -> None:
-            """The recipe's stages, each evaluated beside the model it started from; register the last."""
-            init, earlier = start.outputs["model"], baseline.outputs["scores"]
-            for stage in recipe:
-                trained = train_op(
-                    prepared=validated, config=stage_configs[stage], init_model=init, ray_address=ray_address
-                ).set_display_name(f"train {stage}")
-                scored = evaluate_op(
-                    model=trained.outputs["model"],
-                    prepared=validated,
-                    config=evaluate_config,
-                    label=stage,
-                    init_scores=earlier,
-                ).set_display_name(f"evaluate {stage}")
-                init, earlier = trained.outputs["model"], scored.outputs["scores"]
-                training.append(trained)
-                evaluations.append(scored)
-            registration = register_op(model=init, scores=earlier, data=validated, config=register_config)
-            registrations.append(registration)
-            if zeroshot_sets_known:
-                with dsl.ParallelFor(zeroshot_sets) as image_set:
-                    evaluations.append(
-                        zeroshot_op(
-                            model=init, raw=raw.output, image_set=image_set, config=zeroshot_config
-                        ).set_display_name("zero-shot stage2")
-                    )
-            with dsl.If(index_split != "", name="index"):  # the champion, which this registration may have moved
-                indexing.append(
-                    index_op(
-                        validated=validated,
-                        split=index_split,
-                        publish_uri=index_uri,
-                        config=index_config,
-                        register_config=register_config,
-                    )
-                    .after(registration)
-                    .set_display_name("index")
-                )
-
+        configs = {"stage1": stage1_config, "stage2": stage2_config, "evaluate": evaluate_config}
+        configs |= {"zeroshot": zeroshot_config, "register": register_config, "index": index_config}
+        sets = zeroshot_sets if defaults["zeroshot"]["sets"] else None
+        run = _Run(raw, validated, start, baseline, configs, sets, index_split, index_uri, ray_address)
+        run.evaluations.append(baseline)
         # start_config.stages picks the branch per run (the UI's choice, as params.yaml's is dvc's).
         for name, recipe in RECIPES.items():
             with dsl.If(start.outputs["Output"] == name, name=name):
-                stages_after_start(recipe)
-        if zeroshot_sets_known:
-            with dsl.ParallelFor(zeroshot_sets) as image_set:
-                evaluations.append(
-                    zeroshot_op(
-                        model=start.outputs["model"], raw=raw.output, image_set=image_set, config=zeroshot_config
-                    ).set_display_name("zero-shot start")
-                )
+                _stages_after_start(run, recipe)
+        _zeroshot(run, start.outputs["model"], "start")
         # Data steps are pure functions of their inputs: reuse earlier outputs. Training and
         # registration always run (a new model version is the point of a run), and so do the
         # evaluations, which log into the training run.
         for task in (ingested, checked, start):
             task.set_caching_options(True)
-        for task in (*training, *evaluations, *registrations, *indexing):
+        after_start = (*run.evaluations, *run.registrations, *run.indexing)
+        for task in (*run.training, *after_start):
             task.set_caching_options(False)
         if cluster:
             _on_kubernetes(
                 cluster,
                 defaults["object_store"],
-                steps=(ingested, checked, start, *evaluations, *registrations, *indexing),
-                training=training,
-                tracked=(start, *training, *evaluations, *registrations, *indexing),
+                steps=(ingested, checked, start, *after_start),
+                training=run.training,
+                tracked=(start, *run.training, *after_start),
             )
 
     return zhclip_pipeline

@@ -284,6 +284,28 @@ class _BuiltIndex:
         return dict(zip(rows, taken))
 
 
+def _fill(folder: Folder, embedded, sink: _VectorSink, sampler: CaptionSampler, progress) -> None:
+    """Every embedded batch into the index (`sink`), its images' rows into the folder's items file,
+    and their captions into the canary's sample."""
+    with (
+        folder.filesystem.open_output_stream(folder.path(ITEMS_FILE)) as items_out,
+        pq.ParquetWriter(items_out, ITEM_SCHEMA) as items,
+        progress,
+    ):
+        for vectors, kept, read in embedded:
+            if kept:
+                sink.add(vectors)
+                sampler.add(image.caption for image in kept)
+                rows = {
+                    "id": [i.id for i in kept],
+                    "location": [i.location for i in kept],
+                    "caption": [i.caption for i in kept],
+                }
+                items.write_table(pa.Table.from_pydict(rows, schema=ITEM_SCHEMA))
+            progress.update(read)
+        sink.flush()
+
+
 def build_index(
     gallery: str | Path,
     out: str | Path | None,
@@ -325,28 +347,14 @@ def build_index(
         if spread
         else _embedded_in_process(pieces, embedder, config.batch_size, rejected)
     )
-    with (
-        timed(summary),
-        folder.filesystem.open_output_stream(folder.path(ITEMS_FILE)) as items_out,
-        pq.ParquetWriter(items_out, ITEM_SCHEMA) as items,
-        progress_bar(total=total, desc=f"index {gallery}", unit="images", leave=False) as progress,
-    ):
-        for vectors, kept, read in embedded:
-            if kept:
-                sink.add(vectors)
-                sampler.add(image.caption for image in kept)
-                items.write_table(
-                    pa.Table.from_pydict(
-                        {
-                            "id": [i.id for i in kept],
-                            "location": [i.location for i in kept],
-                            "caption": [i.caption for i in kept],
-                        },
-                        schema=ITEM_SCHEMA,
-                    )
-                )
-            progress.update(read)
-        sink.flush()
+    with timed(summary):
+        _fill(
+            folder,
+            embedded,
+            sink,
+            sampler,
+            progress_bar(total=total, desc=f"index {gallery}", unit="images", leave=False),
+        )
     if index.ntotal == 0:
         raise ZhclipError(
             f"gallery {gallery}: no image could be indexed ({len(rejected)} rejected, e.g. "

@@ -131,18 +131,9 @@ def validation_metrics(model, processor, prepared_dir: str, batch_size: int) -> 
     return {"valid_inbatch_accuracy": round(100 * float(np.mean(hits)), 4), "valid_mean_recall": recall["mean_recall"]}
 
 
-def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = None) -> list[dict]:
-    """One worker's training; returns the per-step history (the whole run's, after a resume).
-
-    `config` holds TrainConfig fields plus `prepared_dir`, `init_dir` and `mlflow` (run ids or None).
-    Every `checkpoint_every` steps and at the end all ranks call `context.report`; rank 0 passes a
-    checkpoint folder (model + training state + history).
-    """
-    ctx = context or WorkerContext()
-    cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig)})
-    seed_everything(cfg.seed + ctx.rank)
-    if ctx.device.type == "cpu":
-        torch.set_num_threads(cfg.cpus_per_worker)
+def _model_to_train(cfg: TrainConfig, config: dict[str, Any], ctx: WorkerContext):
+    """(the model as the step drives it, the model itself, its processor, the checkpoint's training
+    state or None, the trainable parameter count): from the checkpoint to resume, else the start."""
     if ctx.resume_dir:
         model, processor, state = load_checkpoint(ctx.resume_dir)
     else:
@@ -162,23 +153,98 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         compile_scope=cfg.compile,
         compile_options={"mode": cfg.compile_mode} if cfg.compile_mode else None,
     )
-    model = ctx.wrap_model(raw_model)
+    return ctx.wrap_model(raw_model), raw_model, processor, state, trainable
 
+
+def _epoch_plan(cfg: TrainConfig, prepared_dir: str, ctx: WorkerContext) -> tuple[EpochPlan, int]:
+    """This worker's share of each epoch, and the run's number of steps."""
     plan = EpochPlan(
-        PreparedSplit.open(config["prepared_dir"], "train"),
+        PreparedSplit.open(prepared_dir, "train"),
         cfg.batch_size,
         ctx.rank,
         ctx.world_size,
         cfg.seed,
         cfg.shuffle_window,
     )
-    per_epoch = plan.steps_per_epoch
-    if per_epoch == 0:
+    if plan.steps_per_epoch == 0:
         raise ZhclipError(
             f"{plan.pairs} training pairs give no full batch of {cfg.batch_size} per worker "
             f"across {ctx.world_size} workers; lower train.batch_size or num_workers"
         )
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    return plan, cfg.max_steps or cfg.epochs * plan.steps_per_epoch
+
+
+def _training_step(cfg: TrainConfig, model, raw_model, total_steps: int, ctx: WorkerContext) -> TrainStep:
+    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
+    teacher = (
+        load_teacher(cfg.teacher, cfg.tracking_uri, raw_model, cfg.context_length, ctx.device) if cfg.teacher else None
+    )
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, total_steps)
+    return TrainStep(model, optimizer, schedule, cfg.step_config(), raw_model, teacher)
+
+
+def _progress(step: TrainStep, state: dict | None, cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
+    """What the run has done: nothing yet, or what the checkpoint's training state says."""
+    progress = {"step": 0, "history": [], "validation": [], "resumed_at": [], "captions": 0, "truncated_captions": 0}
+    if state:
+        progress = {"captions": 0, "truncated_captions": 0} | restore_state(step, state)
+        progress["resumed_at"].append(progress["step"])
+        if ctx.rank:  # only rank 0's RNG state is saved; other ranks draw from fresh, distinct streams
+            seed_everything(cfg.seed + ctx.rank + 7919 * progress["step"])
+    return progress
+
+
+@dataclass
+class _Checkpointer:
+    """Reports a checkpoint to Ray Train from every rank; rank 0's carries the model, the training
+    state and the history. Counts each worker's captions (and cut ones) between checkpoints."""
+
+    ctx: WorkerContext
+    raw_model: Any
+    processor: Any
+    step: TrainStep
+    progress: dict[str, Any]
+    logger: StepLogger
+    trainable: Any
+    counted: np.ndarray = field(default_factory=lambda: np.zeros(2, dtype=np.int64))
+
+    def count(self, batch: dict) -> None:
+        self.counted += (len(batch["text_truncated"]), int(batch["text_truncated"].sum()))  # numpy, or torch
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        self.logger.flush()
+        # every worker's counts since the last checkpoint, added to the totals all ranks hold; after
+        # a restart the steps since the checkpoint run again and are counted again
+        captions, cut = _summed_over_workers(self.counted, self.ctx.device)
+        self.progress["captions"] += captions
+        self.progress["truncated_captions"] += cut
+        self.counted[:] = 0
+        self.progress["trainable_params"] = self.trainable
+        self.progress["peak_memory_mb"] = max(self.progress.get("peak_memory_mb", 0.0), peak_memory_mb(self.ctx.device))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = None
+            if self.ctx.rank == 0:
+                folder = str(save_checkpoint(tmp, self.raw_model, self.processor, self.step, self.progress))
+                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(self.progress["history"]), encoding="utf-8")
+            if self.ctx.report:
+                self.ctx.report(metrics, folder)
+
+
+def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = None) -> list[dict]:
+    """One worker's training; returns the per-step history (the whole run's, after a resume).
+
+    `config` holds TrainConfig fields plus `prepared_dir`, `init_dir` and `mlflow` (run ids or None).
+    Every `checkpoint_every` steps and at the end all ranks call `context.report`; rank 0 passes a
+    checkpoint folder (model + training state + history).
+    """
+    ctx = context or WorkerContext()
+    cfg = TrainConfig(**{f.name: config[f.name] for f in fields(TrainConfig)})
+    seed_everything(cfg.seed + ctx.rank)
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(cfg.cpus_per_worker)
+    model, raw_model, processor, state, trainable = _model_to_train(cfg, config, ctx)
+    plan, total_steps = _epoch_plan(cfg, config["prepared_dir"], ctx)
+    per_epoch = plan.steps_per_epoch
     decoder = BatchDecoder(
         processor,
         cfg.context_length,
@@ -187,25 +253,14 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         eight_bit=cfg.normalize_on_device,
         on_device=cfg.decode_on_device,
     )
-    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
-    teacher = (
-        load_teacher(cfg.teacher, cfg.tracking_uri, raw_model, cfg.context_length, ctx.device) if cfg.teacher else None
-    )
-    step = TrainStep(
-        model, optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps), cfg.step_config(), raw_model, teacher
-    )
-
-    progress = {"step": 0, "history": [], "validation": [], "resumed_at": [], "captions": 0, "truncated_captions": 0}
-    if state:
-        progress = {"captions": 0, "truncated_captions": 0} | restore_state(step, state)
-        progress["resumed_at"].append(progress["step"])
-        if ctx.rank:  # only rank 0's RNG state is saved; other ranks draw from fresh, distinct streams
-            seed_everything(cfg.seed + ctx.rank + 7919 * progress["step"])
+    step = _training_step(cfg, model, raw_model, total_steps, ctx)
+    progress = _progress(step, state, cfg, ctx)
     valid = config["prepared_dir"] if ctx.rank == 0 and _has_valid_split(config["prepared_dir"]) else None
     if valid is not None and not state:  # the starting point, which the stage must improve on (see training_warnings)
         progress["validation"].append({"step": 0, **validation_metrics(raw_model, processor, valid, cfg.batch_size)})
         _set_train_mode(raw_model, cfg)
     logger = StepLogger(config.get("mlflow") if ctx.rank == 0 else None, every=cfg.log_every)
+    checkpoint = _Checkpointer(ctx, raw_model, processor, step, progress, logger, trainable)
     bar = (
         ctx.progress_bar(total=total_steps, desc=f"stage {cfg.stage}", unit="step")
         if ctx.progress_bar and ctx.rank == 0
@@ -213,26 +268,6 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
     )
     if bar:
         bar.update(progress["step"])
-
-    counted = np.zeros(2, dtype=np.int64)  # this worker's captions and cut captions since the last checkpoint
-
-    def checkpoint(metrics: dict[str, Any]) -> None:
-        logger.flush()
-        # every worker's counts since the last checkpoint, added to the totals all ranks hold; after
-        # a restart the steps since the checkpoint run again and are counted again
-        captions, cut = _summed_over_workers(counted, ctx.device)
-        progress["captions"] += captions
-        progress["truncated_captions"] += cut
-        counted[:] = 0
-        progress["trainable_params"] = trainable
-        progress["peak_memory_mb"] = max(progress.get("peak_memory_mb", 0.0), peak_memory_mb(ctx.device))
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = None
-            if ctx.rank == 0:
-                folder = str(save_checkpoint(tmp, raw_model, processor, step, progress))
-                (Path(tmp) / HISTORY_FILE).write_text(json.dumps(progress["history"]), encoding="utf-8")
-            if ctx.report:
-                ctx.report(metrics, folder)
 
     samples_per_step = cfg.batch_size * ctx.world_size
     waited_from = time.perf_counter()
@@ -253,7 +288,7 @@ def train_worker_loop(config: dict[str, Any], context: WorkerContext | None = No
         }
         logger.log(progress["step"], {k: v for k, v in record.items() if k not in ("step", "epoch")})
         progress["history"].append({**record, "pairs": pair_digest(batch["text_id"], batch["image_id"])})
-        counted += (len(batch["text_truncated"]), int(batch["text_truncated"].sum()))  # numpy, or torch from loaders
+        checkpoint.count(batch)
         if bar:
             bar.update(1)
             bar.set_description(f"stage {cfg.stage} loss {result['loss']:.4f}")
