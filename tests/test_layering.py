@@ -1,5 +1,6 @@
-"""The layering contract of pyproject.toml ([tool.importlinter], run by `make lint`): it holds for the
-code, and it fails, naming the import, when a copy of the code adds one that breaks it."""
+"""The code's shape: the layering contract of pyproject.toml ([tool.importlinter], run by `make lint`)
+holds, and fails naming the import when a copy of the code adds one that breaks it; no product
+function is over 80 lines."""
 
 import os
 import shutil
@@ -64,3 +65,17 @@ def test_an_import_against_the_layers_fails_naming_it(tmp_path, module, line, na
     checked = _lint_imports(_code_with(tmp_path, module, line))
     assert checked.returncode == 1 and "1 broken" in checked.stdout
     assert named in " ".join(checked.stdout.split()), checked.stdout[-3000:]
+
+
+def test_no_function_in_the_product_code_is_over_80_lines():
+    """One job per function: a function past 80 lines does several (docs/design.md)."""
+    import ast
+
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for folder in ("components", "model", "workflows")
+        for path in (REPO / folder).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80
+    ]
+    assert not long, long
