@@ -86,8 +86,12 @@ def test_params_yaml_holds_every_setting_at_its_default_but_the_projects_choices
 
 
 def test_every_config_builds_from_the_repository_params(params):
+    """Each section's config takes params.yaml's values (a stage's: its own over train's)."""
     for name in SECTIONS:
-        config_from(config_class(name), params, *([OVERLAYS[name], name] if name in OVERLAYS else [name]))
+        base = OVERLAYS.get(name)
+        config = config_from(config_class(name), params, *([base, name] if base else [name]))
+        expected = {**(params.get(base) or {}), **params[name]} if base else params[name]
+        assert {key: getattr(config, key) for key in expected} == expected, name
 
 
 def test_every_setting_of_a_commands_sections_is_a_flag_with_the_settings_help():

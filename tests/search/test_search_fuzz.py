@@ -59,7 +59,19 @@ def client(trained, prepared_dir, tmp_path_factory):
 
 
 def _answered(response) -> None:
-    assert response.status_code < 500, (response.status_code, response.text[:500])
+    """2xx or 4xx, never a server error, and a JSON answer shaped as its status promises: a refusal
+    says why, and a page of results is ranked from offset + 1, at most k long, each with its image."""
+    status = response.status_code
+    assert 200 <= status < 300 or 400 <= status < 500, (status, response.text[:500])
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return
+    body = response.json()
+    if status >= 400:
+        assert body.get("error") or body.get("detail"), body
+    elif "results" in body:
+        ranks = [result["rank"] for result in body["results"]]
+        assert ranks == list(range(body["offset"] + 1, body["offset"] + 1 + len(ranks))) and len(ranks) <= body["k"]
+        assert all(result["image_url"].startswith("/api/images/") for result in body["results"]), body
 
 
 @settings(max_examples=fewer_examples(2))
