@@ -563,7 +563,7 @@ def serve(
     Limits on k, paging, query length and uploads: params.yaml section `serve`.
     """
     from zhclip.components.search.service import SearchConfig, ServeConfig
-    from zhclip.components.search.service import serve as run
+    from zhclip.components.search.http_app import serve as run
 
     if model and follow:
         raise ZhclipError(
