@@ -562,8 +562,8 @@ def serve(
     Prometheus. POST /admin/reload checks the model now (Authorization: Bearer $ZHCLIP_ADMIN_TOKEN).
     Limits on k, paging, query length and uploads: params.yaml section `serve`.
     """
-    from zhclip.components.search.service import SearchConfig, ServeConfig
     from zhclip.components.search.http_app import serve as run
+    from zhclip.components.search.service import SearchConfig, ServeConfig
 
     if model and follow:
         raise ZhclipError(

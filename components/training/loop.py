@@ -22,6 +22,12 @@ from zhclip.components.core.tracking import (
     StepLogger,
 )
 from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.training.checkpoint import (
+    load_checkpoint,
+    restore_state,
+    restore_training_parameters,
+    save_checkpoint,
+)
 from zhclip.components.training.config import TrainConfig
 from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, pair_digest, training_batches
 from zhclip.components.training.step import (
@@ -29,10 +35,6 @@ from zhclip.components.training.step import (
     add_logit_bias,
     build_optimizer,
     enable_activation_checkpointing,
-    load_checkpoint,
-    restore_state,
-    restore_training_parameters,
-    save_checkpoint,
     seed_everything,
     warmup_cosine,
 )

@@ -38,9 +38,9 @@ from zhclip.components.core.tracking import (
     start_stage_run,
 )
 from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.training.checkpoint import TRAINING_STATE_FILE
 from zhclip.components.training.config import TrainConfig
 from zhclip.components.training.loop import WorkerContext, train_worker_loop
-from zhclip.components.training.step import TRAINING_STATE_FILE
 
 HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
 # Settings that change neither the result nor the order of the work: a re-run that differs only in

@@ -11,8 +11,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from zhclip.components.search.index_build import IndexConfig, build_index
 from zhclip.components.search.http_app import create_app
+from zhclip.components.search.index_build import IndexConfig, build_index
 from zhclip.components.search.service import SearchService, ServeConfig
 
 from conftest import fewer_examples

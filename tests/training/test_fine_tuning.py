@@ -14,17 +14,11 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_cli
 from zhclip.components.data.shards import read_pairs
+from zhclip.components.training.checkpoint import load_checkpoint, restore_training_parameters, save_checkpoint
 from zhclip.components.training.config import TrainConfig
 from zhclip.components.training.loop import WorkerContext, train_worker_loop
 from zhclip.components.training.runner import train
-from zhclip.components.training.step import (
-    TrainStep,
-    add_logit_bias,
-    build_optimizer,
-    load_checkpoint,
-    restore_training_parameters,
-    save_checkpoint,
-)
+from zhclip.components.training.step import TrainStep, add_logit_bias, build_optimizer
 from zhclip.components.training.teacher import load_teacher
 from zhclip.model import build_model, load_model
 from zhclip.model.lora import add_lora, has_lora

@@ -7,15 +7,13 @@ import copy
 import pytest
 import torch
 
+from zhclip.components.training.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from zhclip.components.training.step import (
     StepConfig,
     TrainStep,
     add_logit_bias,
     build_optimizer,
     image_tower_locked,
-    load_checkpoint,
-    restore_state,
-    save_checkpoint,
     warmup_cosine,
 )
 from zhclip.model import build_model, lock_image_tower
