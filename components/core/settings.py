@@ -67,15 +67,6 @@ def setting(default: Any, help: str, *, shared_from: str = "", in_params: bool =
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def shared(path: str, help: str = "") -> Any:
-    """A field whose value is another section's setting (`path`, section.key: "model.preset"), so one
-    value serves every step that needs it: its default is that setting's, and so is its help unless
-    `help` says how this step uses it. params.yaml sets it in the owning section only."""
-    owner_section, key = path.split(".")
-    owner = section_fields(config_class(owner_section))[key]
-    return setting(default_of(owner), help or owner.metadata["help"], shared_from=owner_section)
-
-
 def help_of(cls: type, name: str) -> str:
     """The help of field `name` of config `cls` (what the CLI's option shows)."""
     for field in dataclasses.fields(cls):
@@ -106,24 +97,19 @@ def settings_in_source(section_name: str) -> dict[str, SourceSetting]:
     cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
     found = {}
     for node in cls.body:
-        call = node.value if isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.Call) else None
-        kind = getattr(call.func, "id", "") if call else ""
-        if kind not in ("setting", "shared"):
+        if not (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", "") == "setting"
+        ):
             continue
-        assert isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and call is not None
-        keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
-        annotation = ast.unparse(node.annotation)
-        if kind == "shared":
-            owner, key = ast.literal_eval(call.args[0]).split(".")
-            text = ast.literal_eval(call.args[1]) if len(call.args) > 1 else keywords.get("help", "")
-            found[node.target.id] = SourceSetting(annotation, text or settings_in_source(owner)[key].help, owner, True)
-        else:
-            found[node.target.id] = SourceSetting(
-                annotation,
-                ast.literal_eval(call.args[1]),
-                keywords.get("shared_from", ""),
-                keywords.get("in_params", True),
-            )
+        keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.value.keywords}
+        found[node.target.id] = SourceSetting(
+            ast.unparse(node.annotation),
+            ast.literal_eval(node.value.args[1]),
+            keywords.get("shared_from", ""),
+            keywords.get("in_params", True),
+        )
     return found
 
 

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from zhclip.components.core.cluster import ray_runtime
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.progress import progress_bar
-from zhclip.components.core.settings import setting, shared
+from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data import img2dataset
@@ -69,10 +69,10 @@ class IngestConfig:
         0, "CPUs of the local Ray that decodes (0: every core; 1: no Ray); a cluster at $RAY_ADDRESS uses all of its"
     )
     batch_lines: int = setting(256, "image lines (img2dataset rows) a decoding task hands back at once")
-    spill_memory_mb: int = shared(
-        "spill.spill_memory_mb", "memory the join of captions to images may hold before it spills to disk"
+    spill_memory_mb: int = setting(
+        1024, "memory the join of captions to images may hold before it spills to disk", shared_from="spill"
     )
-    spill_folder: str = shared("spill.spill_folder", "where the join spills (empty: the system's temporary folder)")
+    spill_folder: str = setting("", "where the join spills (empty: the system's temporary folder)", shared_from="spill")
 
     def __post_init__(self):
         for name in ("shard_rows", "row_group_rows", "max_image_pixels", "batch_lines"):

@@ -39,7 +39,7 @@ from zhclip.components.core.cluster import ordered_map, ray_runtime
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.memory import release_freed_memory
 from zhclip.components.core.progress import progress_bar
-from zhclip.components.core.settings import setting, shared
+from zhclip.components.core.settings import setting
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
@@ -68,10 +68,14 @@ class ValidateConfig:
     rows_per_check: int = setting(
         20_000, "profiled rows checked by the suite at once (bounds memory; one Data Docs page each)"
     )
-    spill_memory_mb: int = shared(
-        "spill.spill_memory_mb", "memory the duplicate, conflict and leakage checks may hold before they spill to disk"
+    spill_memory_mb: int = setting(
+        1024,
+        "memory the duplicate, conflict and leakage checks may hold before they spill to disk",
+        shared_from="spill",
     )
-    spill_folder: str = shared("spill.spill_folder", "where those checks spill (empty: the system's temporary folder)")
+    spill_folder: str = setting(
+        "", "where those checks spill (empty: the system's temporary folder)", shared_from="spill"
+    )
 
     def __post_init__(self):
         if self.rows_per_check < 1:

@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-from zhclip.components.core.settings import config_from, setting, shared
+from zhclip.components.core.settings import config_from, setting
 from zhclip.components.training.step import StepConfig
 from zhclip.model import CONTEXT_LENGTH, PRESETS
 from zhclip.model.fast import COMPILE_SCOPES, SDPA_BACKENDS
@@ -33,8 +33,10 @@ class TrainConfig:
     """Section `train`, with `stage1` / `stage2` overriding any of its settings for one stage."""
 
     stage: int = setting(1, "1: image tower locked (LiT); 2: both towers learn", in_params=False)
-    preset: str = shared("model.preset")
-    context_length: int = shared("model.context_length")
+    preset: str = setting("tiny", "the architecture: tiny (CPU demo) or ViT-B-16", shared_from="model")
+    context_length: int = setting(
+        CONTEXT_LENGTH, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
+    )
     epochs: int = setting(10, "passes over the training pairs")
     max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs x steps per epoch)")
     batch_size: int = setting(64, "pairs per optimizer step and worker")
@@ -100,8 +102,10 @@ class TrainConfig:
     )
     distill_image_weight: float = setting(1.0, "distillation: weight of the image-feature term (1 - cosine)")
     distill_text_weight: float = setting(0.0, "distillation: weight of the text-feature term (1 - cosine)")
-    tracking_uri: str = shared("mlflow.tracking_uri")
-    experiment: str = shared("mlflow.experiment", "MLflow experiment the stage's run is filed under")
+    tracking_uri: str = setting(
+        "", "MLflow; empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db", shared_from="mlflow"
+    )
+    experiment: str = setting("zhclip", "MLflow experiment the stage's run is filed under", shared_from="mlflow")
 
     def __post_init__(self):
         if self.stage not in (1, 2):
