@@ -151,8 +151,8 @@ def _finish(summary: dict, summary_path: Path | None, line: str) -> None:
         _echo_json(summary)
 
 
-@app.command()
-def init(
+@app.command("init")
+def init_command(
     folder: Path = typer.Argument(
         ..., help="The new project's folder (created; must not hold a dvc.yaml or params.yaml)."
     ),
