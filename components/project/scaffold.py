@@ -18,14 +18,7 @@ from typing import Any
 import yaml
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.settings import (
-    OVERLAYS,
-    SECTIONS,
-    config_class,
-    config_from,
-    parse_settings,
-    section_fields,
-)
+from zhclip.components.core.settings import OVERLAYS, parse_settings, resolved_params
 from zhclip.components.core.storage import Folder
 
 DEMO_STAGES = ("demo_data", "demo_towers")
@@ -108,15 +101,16 @@ def project_pipeline(raw: str) -> dict:
     return {**pipeline, "stages": stages}
 
 
-def _defaults(name: str) -> dict[str, Any]:
-    """Section `name` at the code's defaults; a stage overlay (stage1, stage2) lists the train settings
-    the repository's params.yaml sets per stage, so `dvc exp run -S stage1.epochs=...` finds them."""
-    base = OVERLAYS.get(name)
-    config = config_from(config_class(base or name), {})
-    keys = section_fields(config_class(name))
-    if base:
-        keys = yaml.safe_load(repository_pipeline().with_name("params.yaml").read_text(encoding="utf-8"))[name]
-    return {key: getattr(config, key) for key in keys}
+def _defaults() -> dict[str, dict[str, Any]]:
+    """Every section but the demo's at the code's defaults; a stage overlay (stage1, stage2) lists the
+    train settings the repository's params.yaml sets per stage, so `dvc exp run -S stage1.epochs=...`
+    finds them."""
+    repository = yaml.safe_load(repository_pipeline().with_name("params.yaml").read_text(encoding="utf-8"))
+    return {
+        section: {key: values[key] for key in repository[section]} if section in OVERLAYS else values
+        for section, values in resolved_params({}).items()
+        if not section.startswith("demo_")
+    }
 
 
 def zeroshot_sets(raw: Folder) -> list[str]:
@@ -133,7 +127,7 @@ def project_params(name: str, sets: list[str], chosen: dict[str, dict]) -> dict[
     """Every section but the demo's, at the code's defaults, with the choices a project starts from
     (the paper's start, ViT-B-16, `name` in the registry, the raw folder's zero-shot sets, the test
     split's gallery), then `chosen`, checked against the settings like any params.yaml."""
-    params = {section: _defaults(section) for section in SECTIONS if not section.startswith("demo_")}
+    params = _defaults()
     params["start"].update(PAPER_START)
     params["model"]["preset"] = "ViT-B-16"
     params["register"]["model_name"] = name
@@ -143,9 +137,7 @@ def project_params(name: str, sets: list[str], chosen: dict[str, dict]) -> dict[
         if section not in params:
             raise ZhclipError(f"--set {section}.…: no section '{section}'; known: {sorted(params)}")
         params[section].update(values)
-    for section in params:
-        base = OVERLAYS.get(section)
-        config_from(config_class(section), params, *([base, section] if base else [section]))
+    resolved_params(params)  # checked as any params.yaml is: an unknown key or a bad value fails here
     return {section: params[section] for section in [*CHOICES, *(s for s in params if s not in CHOICES)]}
 
 
