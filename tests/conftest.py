@@ -37,19 +37,24 @@ SMALL_DEMO_DATA = dict(
 BIN = Path(sys.executable).parent
 
 
+def package_dirs() -> dict[str, Path]:
+    """Installed package -> repository folder, from pyproject.toml's package-dir: "zhclip.model" -> REPO/model."""
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    return {name: REPO / folder for name, folder in pyproject["tool"]["setuptools"]["package-dir"].items() if name}
+
+
 def _modules_missing_from_the_install() -> list[str]:
     """The package's files the editable install does not link yet: it links each file (setuptools'
     strict mode), so a module added since the last `make install` does not import."""
-    import tomllib
-
     import zhclip
 
-    mapping = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-dir"]
     trees = [Path(folder) for folder in zhclip.__path__]
     missing = []
-    for package, folder in mapping.items():
-        for source in (REPO / folder).rglob("*.py"):
-            linked = Path(*package.split(".")[1:]) / source.relative_to(REPO / folder)
+    for package, folder in package_dirs().items():
+        for source in folder.rglob("*.py"):
+            linked = Path(*package.split(".")[1:]) / source.relative_to(folder)
             if "__pycache__" not in source.parts and not any((tree / linked).is_file() for tree in trees):
                 missing.append(str(source.relative_to(REPO)))
     return missing
@@ -224,11 +229,8 @@ def copy_project(root: Path) -> Path:
     """The pipeline files of this repository (dvc.yaml, params, code, DVC config) in a new git repo."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, root / name)
-    import tomllib
-
     # every code folder of the package (pyproject.toml's package-dir): dvc.yaml's stages depend on them
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    for folder in sorted(set(pyproject["tool"]["setuptools"]["package-dir"].values())):
+    for folder in sorted({folder.relative_to(REPO) for folder in package_dirs().values()}):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".dvc").mkdir()
     for name in ("config", ".gitignore"):

@@ -24,13 +24,12 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from functools import cache
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, package_dirs
 
 PACKAGE = "zhclip"  # the installed namespace (pyproject.toml [tool.setuptools.package-dir])
 
@@ -44,14 +43,6 @@ DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 # ---------------------------------------------------------------------------------------------------
 # Modules: dotted names <-> repository files, from pyproject.toml's package mapping
 # ---------------------------------------------------------------------------------------------------
-
-
-@cache
-def package_dirs() -> dict[str, Path]:
-    """Installed package -> repository folder, e.g. "zhclip.model" -> REPO/model."""
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    mapping = pyproject["tool"]["setuptools"]["package-dir"]
-    return {name: REPO / folder for name, folder in mapping.items() if name}
 
 
 def code_roots() -> list[str]:
