@@ -15,13 +15,13 @@ writes them to OUT/ablation.jsonl; all runs use the settings of params.yaml othe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from bench.measure import emit
 from zhclip.components.core.settings import config_from, load_params
 from zhclip.components.data.shards import PreparedSplit
 from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
@@ -44,7 +44,7 @@ def _train(data: Path, out: Path, params: dict, stage: int, init: Path, steps: i
     return train(data, out / f"{init.name}-stage{stage}-{steps}", config, init_dir=init)
 
 
-def run(data: Path, out: Path, params: dict) -> list[dict]:
+def run(data: Path, out: Path, params: dict, jsonl: Path | None = None) -> list[dict]:
     stage1, stage2 = stage_config(params, 1), stage_config(params, 2)
     per_epoch = steps_per_epoch(PreparedSplit.open(str(data.resolve()), "train").rows, stage1.batch_size, 1)
     stage1_steps, stage2_steps = stage1.epochs * per_epoch, stage2.epochs * per_epoch
@@ -80,7 +80,7 @@ def run(data: Path, out: Path, params: dict) -> list[dict]:
                 "seconds": round(time.perf_counter() - began, 1),
             }
         )
-        print(json.dumps(results[-1]), flush=True)
+        emit(results[-1], jsonl)
     return results
 
 
@@ -98,8 +98,10 @@ def main() -> None:
         "cpus": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    lines = [environment, *run(args.data, args.out.resolve(), load_params(args.params))]
-    (args.out / "ablation.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    jsonl = args.out / "ablation.jsonl"
+    jsonl.unlink(missing_ok=True)
+    emit(environment, jsonl)
+    run(args.data, args.out.resolve(), load_params(args.params), jsonl)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.search import emit
+from bench.measure import emit, median_seconds
 from zhclip.components.data.shards import read_pairs
 from zhclip.model.pyfunc import BACKENDS, load_embedder
 
@@ -31,14 +31,9 @@ K = 10
 
 
 def median_ms(embed, texts: list[str], repeats: int) -> float:
+    """Median milliseconds to embed `texts`, after a first call that pays for lazy set-up."""
     frame = pd.DataFrame({"text": texts})
-    embed(frame)  # the first call pays for lazy set-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        embed(frame)
-        times.append(time.perf_counter() - started)
-    return round(1000 * float(np.median(times)), 2)
+    return round(1000 * median_seconds(lambda: embed(frame), repeats), 2)
 
 
 def main() -> None:

@@ -11,14 +11,13 @@ relative to the first context) and appends them to `--out` when given.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from bench.measure import emit, median_seconds
 from zhclip.model import build_model
 from zhclip.model.embedding import projected_features
 
@@ -26,12 +25,12 @@ from zhclip.model.embedding import projected_features
 def step_seconds(model, context: int, batch: int, repeats: int) -> float:
     ids = torch.randint(1000, 20000, (batch, context))
     mask = torch.ones_like(ids)
-    times = []
-    for _ in range(repeats + 1):
-        began = time.perf_counter()
-        projected_features(model.get_text_features(input_ids=ids, attention_mask=mask)).pow(2).mean().backward()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times[1:])
+    return median_seconds(
+        lambda: (
+            projected_features(model.get_text_features(input_ids=ids, attention_mask=mask)).pow(2).mean().backward()
+        ),
+        repeats,
+    )
 
 
 def main() -> None:
@@ -45,11 +44,11 @@ def main() -> None:
     args = parser.parse_args()
     model, _ = build_model(args.preset, context_length=max(args.contexts))
     model.train()
-    lines, first = [], None
+    first = None
     for context in args.contexts:
         seconds = step_seconds(model, context, args.batch, args.repeats)
         first = first or seconds
-        lines.append(
+        emit(
             {
                 "bench": "context_length",
                 "preset": args.preset,
@@ -60,12 +59,9 @@ def main() -> None:
                 "threads": torch.get_num_threads(),
                 "machine": args.machine,
                 "date": time.strftime("%Y-%m-%d"),
-            }
+            },
+            args.out,
         )
-        print(json.dumps(lines[-1]), flush=True)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as out:
-            out.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 if __name__ == "__main__":

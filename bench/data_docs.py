@@ -14,8 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.duckdb_out_of_core import resident_mb
-from bench.search import emit
+from bench.measure import emit, reset_peak_rss, resident_mb
 from zhclip.components.data import validate as validation
 from zhclip.components.data.ingest import IngestConfig, ingest
 from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
@@ -26,10 +25,10 @@ def measured_render(prepared: Path, folder: Path, rows_per_check: int) -> dict:
     render = validation._Gate.render
 
     def measured(gate) -> None:
-        Path("/proc/self/clear_refs").write_text("5")
-        found["rss_before_mb"], started = resident_mb("VmRSS:"), time.perf_counter()
+        reset_peak_rss()
+        found["rss_before_mb"], started = resident_mb("VmRSS"), time.perf_counter()
         render(gate)
-        found.update(peak_mb=resident_mb("VmHWM:"), seconds=round(time.perf_counter() - started, 1))
+        found.update(peak_mb=resident_mb("VmHWM"), seconds=round(time.perf_counter() - started, 1))
 
     validation._Gate.render = measured
     try:

@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 
 from bench.input_pipeline import photo_like_jpeg
+from bench.measure import pss_bytes
 
 ZHCLIP = str(Path(sys.executable).parent / "zhclip")
 STEPS = ("ingest", "validate", "train", "evaluate")
@@ -77,15 +78,6 @@ def write_raw(folder: Path, pairs: int, valid: int, size: int, workers: int) -> 
                     )
             first += count
     return counts
-
-
-def pss(pid: int) -> int:
-    """A process's proportional set size in bytes (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            return next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
-    except (OSError, StopIteration):
-        return 0  # gone, or not readable
 
 
 def _tree(root: int) -> list[int]:
@@ -132,7 +124,7 @@ def measured(args: list[str], log: Path, cwd: Path, watch: Path | None = None) -
                 roles: dict[str, int] = {}
                 for pid in _tree(process.pid):
                     role = _role(pid, process.pid)
-                    roles[role] = roles.get(role, 0) + pss(pid)
+                    roles[role] = roles.get(role, 0) + pss_bytes(pid)
                 if (total := sum(roles.values())) > peak[0]:
                     peak[0] = total
                     peak_roles.clear()

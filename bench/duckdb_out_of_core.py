@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.search import emit
+from bench.measure import emit, reset_peak_rss, resident_mb
 from zhclip.components.data.ingest import CAPTIONS_BY_LINE, MISSING_IMAGES, distinct_texts
 from zhclip.components.data.spill import Spill, spill_database
 
@@ -72,12 +72,6 @@ def _one_pass(query: str):
     return run
 
 
-def resident_mb(field: str) -> float:
-    """This process's `field` of /proc/self/status (VmRSS: now, VmHWM: the peak) in MiB."""
-    with open("/proc/self/status") as status:
-        return round(int(next(line for line in status if line.startswith(field)).split()[1]) / 1024, 1)
-
-
 def run(rows: int, budget: int, kinds: list[str]) -> list[dict]:
     queries = ({name: _one_pass(query) for name, query in QUERIES.items()} if "one-pass" in kinds else {}) | (
         IN_PASSES if "in-passes" in kinds else {}
@@ -89,15 +83,15 @@ def run(rows: int, budget: int, kinds: list[str]) -> list[dict]:
         spill.sql(f"CREATE TABLE texts AS SELECT i AS line, i AS text_id, 'caption' AS text FROM range({rows}) r(i)")
         for name, query in queries.items():
             passes = spill.passes(rows) if name in IN_PASSES else 1
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from here
-            memory = {"rss_before_mb": resident_mb("VmRSS:")}
+            reset_peak_rss()  # VmHWM starts again from here
+            memory = {"rss_before_mb": resident_mb("VmRSS")}
             started = time.perf_counter()
             try:
                 query(spill, rows)
                 outcome = {"finished": True, "seconds": round(time.perf_counter() - started, 1)}
             except Exception as error:  # DuckDB's out-of-memory error is what is measured
                 outcome = {"finished": False, "error": str(error).splitlines()[0]}
-            memory["peak_mb"] = resident_mb("VmHWM:")
+            memory["peak_mb"] = resident_mb("VmHWM")
             measured = {"rows": rows, "spill_memory_mb": budget, "query": name, "passes": passes}
             lines.append({"bench": "duckdb_out_of_core"} | measured | outcome | memory)
     return lines

@@ -10,11 +10,11 @@ are not exact repeats and are not counted.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
+from bench.measure import emit
 from zhclip.components.data.shards import read_pairs
 
 
@@ -42,7 +42,7 @@ def main() -> None:
         "other_exact_matches_per_row": round(float(np.mean(extra)), 3),
         "most_repeated_captions": pairs.text.value_counts().head(5).to_dict(),
     }
-    print(json.dumps(summary, ensure_ascii=False))
+    emit(summary)
 
 
 if __name__ == "__main__":

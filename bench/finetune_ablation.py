@@ -19,13 +19,13 @@ table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from bench.measure import emit
 from zhclip.components.core.settings import config_from, load_params
 from zhclip.components.data.shards import PreparedSplit
 from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
@@ -128,12 +128,12 @@ def main() -> None:
         "steps": steps,
     }
     out = args.out / "finetune-ablation.jsonl"
-    out.write_text(json.dumps(environment) + "\n", encoding="utf-8")
+    out.unlink(missing_ok=True)
+    emit(environment, out)
     rows = []
     for name in args.rows:
         rows.append(run_row(name, args, params, steps))
-        with open(out, "a", encoding="utf-8") as lines:
-            lines.write(json.dumps(rows[-1]) + "\n")
+        emit(rows[-1], out)
     print(table(rows))
 
 

@@ -14,6 +14,7 @@ import random
 import tempfile
 from pathlib import Path
 
+from bench.measure import emit
 from zhclip.components.data.ingest import IngestConfig, ingest
 from zhclip.components.demo.data import COLOURS, POSITIONS, SHAPES, draw_image
 
@@ -50,17 +51,15 @@ def main() -> None:
         write_dataset(raw, args.images, args.size)
         for workers in args.workers:
             summary = ingest(raw, Path(tmp) / f"out{workers}", IngestConfig(workers=workers, image_format="JPEG"))
-            print(
-                json.dumps(
-                    {
-                        "bench": "ingest",
-                        "images": args.images,
-                        "size": args.size,
-                        "workers": workers,
-                        "images_per_s": summary["images_per_s"],
-                        "duration_s": summary["duration_s"],
-                    }
-                )
+            emit(
+                {
+                    "bench": "ingest",
+                    "images": args.images,
+                    "size": args.size,
+                    "workers": workers,
+                    "images_per_s": summary["images_per_s"],
+                    "duration_s": summary["duration_s"],
+                }
             )
 
 

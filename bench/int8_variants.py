@@ -24,13 +24,13 @@ import functools
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench.search import emit, random_model
+from bench.measure import emit, median_seconds
+from bench.search import random_model
 from zhclip.components.data.shards import read_pairs
 from zhclip.model import embed_texts, load_model
 from zhclip.model.onnx_towers import cached_encoders
@@ -107,13 +107,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 
 def _median_ms(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return round(1000 * float(np.median(times)), 2)
+    return round(1000 * median_seconds(run, repeats), 2)
 
 
 def fidelity_parser(description: str) -> argparse.ArgumentParser:

@@ -1,7 +1,15 @@
-"""Shared measuring for the GPU benchmarks: timing, FLOPs, matmul peak, peak memory, environment.
+"""The one helper of bench/, the suite and the investigations alike: result output, memory and timing,
+plus the GPU benchmarks' FLOPs, matmul peak and environment.
 
-Needs only torch and transformers (the benchmarks run on bare GPU hosts). Every figure is measured here, none is
-taken from a data sheet: the matmul peak is timed on the device the benchmark runs on.
+- output: `emit` writes a result as one JSON line (stdout, and a file when given);
+- memory: `peak_rss_mb` (this process's resident peak), `resident_mb` (a process's resident set now or
+  its peak since `reset_peak_rss`, from /proc), `pss_bytes` (a process's proportional set size),
+  `peak_memory_mb` (a device's peak: the GPU's allocator, or the process's resident peak on a CPU);
+- timing: `median_seconds` (the median of repeated calls) and `time_calls` (the mean of timed GPU calls).
+
+Needs only the standard library; torch (and transformers, for `environment`) is imported by the
+functions that measure a device, so the CPU benchmarks load neither. Every figure is measured here,
+none is taken from a data sheet: the matmul peak is timed on the device the benchmark runs on.
 """
 
 from __future__ import annotations
@@ -11,17 +19,70 @@ import gc
 import json
 import platform
 import resource
-import sys
+import statistics
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+if TYPE_CHECKING:
+    import torch
+
+
+def emit(record: dict, out: Path | None = None) -> None:
+    """One JSON line on stdout, flushed at once so a time-limited run keeps what it finished; also
+    appended to `out` when given (its folder made)."""
+    line = json.dumps(record, ensure_ascii=False)
+    print(line, flush=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MiB (getrusage; Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1)
+
+
+def resident_mb(field: str = "VmRSS", pid: int | str = "self") -> float:
+    """A process's `field` of /proc/PID/status in MiB: VmRSS (resident now) or VmHWM (the resident peak
+    since the start or the last `reset_peak_rss`)."""
+    with open(f"/proc/{pid}/status") as status:
+        return round(int(next(line for line in status if line.startswith(field + ":")).split()[1]) / 2**10, 1)
+
+
+def reset_peak_rss() -> None:
+    """Start this process's VmHWM again from its resident set now (Linux's clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def pss_bytes(pid: int) -> int:
+    """A process's proportional set size in bytes (0 once it is gone, or when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            return next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """The median seconds of `repeats` calls of `fn`, after `warmup` untimed ones (lazy set-up)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` is the first GPU when there is one, else the CPU."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -29,6 +90,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -37,6 +100,8 @@ def count_flops(fn: Callable[[], object]) -> int:
 
     Call it on the uncompiled step: the counter sees the aten operations that eager mode runs.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -55,9 +120,12 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, step
 
 
 def matmul_peak_tflops(
-    device: torch.device, size: int = 8192, dtype: torch.dtype = torch.bfloat16, steps: int = 50
+    device: torch.device, size: int = 8192, dtype: torch.dtype | None = None, steps: int = 50
 ) -> float:
     """Achieved dense matmul TFLOP/s: the best of a few timed runs of size x size x size products."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = min(time_calls(lambda: a @ b, device, warmup=3, steps=steps) for _ in range(3))
@@ -66,6 +134,8 @@ def matmul_peak_tflops(
 
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -73,12 +143,15 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated since the last reset; on CPU the process's peak resident size."""
     if device.type == "cuda":
+        import torch
+
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1)
+    return peak_rss_mb()
 
 
 def environment(device: torch.device) -> dict[str, str | None]:
     """Date, device name, torch, CUDA, transformers and Python versions: the context of a run."""
+    import torch
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -90,12 +163,6 @@ def environment(device: torch.device) -> dict[str, str | None]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-def emit(record: dict) -> None:
-    """One JSON line on stdout, flushed at once so a time-limited run keeps what it finished."""
-    print(json.dumps(record, ensure_ascii=False), flush=True)
-    sys.stdout.flush()
 
 
 def model_bench_parser(
@@ -148,6 +215,8 @@ def case_names(parser: argparse.ArgumentParser, requested: list[str], catalogue:
 def start(device_name: str, peak_tflops: float | None) -> tuple[torch.device, float | None]:
     """The device and the matmul peak for MFU (measured on GPUs unless given), announced as the
     first JSON line with the date, device and versions."""
+    import torch
+
     device = pick_device(device_name)
     torch.backends.cudnn.benchmark = True  # as cn-clip's training sets it, for every case alike
     peak = peak_tflops or (matmul_peak_tflops(device) if device.type == "cuda" else None)
@@ -171,6 +240,8 @@ def run_cases(
             emit({"bench": bench, "case": name, "error": f"{type(err).__name__}: {err}"[:2000]})
         gc.collect()
         if device.type == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
 
 

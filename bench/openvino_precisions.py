@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.int8_variants import QUERIES, _feeds, _median_ms, _session, _unit, fidelity_parser, torch_reference
-from bench.search import emit, random_model
+from bench.measure import emit
+from bench.search import random_model
 from zhclip.model import embed_texts, load_model
 from zhclip.model.onnx_towers import cached_encoders
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.search import emit
+from bench.measure import emit
 from zhclip.components.data.ingest import _DecodedImages
 
 

@@ -16,21 +16,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.search import emit
+from bench.measure import emit
+
+REPO = Path(__file__).resolve().parents[1]
 
 READ = """
 import sys
 import pyarrow.parquet as pq
+from bench.measure import resident_mb
 
-def memory_mb(field):
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
-
-before = memory_mb("VmRSS:")
+before = resident_mb("VmRSS")
 rows = 0
 reader = pq.ParquetFile(sys.argv[1], pre_buffer=sys.argv[2] == "True")
 for batch in reader.iter_batches(batch_size=int(sys.argv[3])):
     rows += batch.num_rows
-print(rows, memory_mb("VmRSS:") - before, memory_mb("VmHWM:") - before)
+print(rows, resident_mb("VmRSS") - before, resident_mb("VmHWM") - before)
 """
 
 
@@ -49,6 +49,7 @@ def write_spill(path: Path, rows: int, image_bytes: int, group_rows: int) -> Non
 def read(path: Path, pre_buffer: bool, group_rows: int) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", READ, str(path), str(pre_buffer), str(group_rows)],
+        cwd=REPO,  # where `bench.measure` imports from
         capture_output=True,
         text=True,
         check=True,

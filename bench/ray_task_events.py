@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.data_scale import pss
+from bench.measure import emit, pss_bytes
 
 CAP_VARIABLES = (
     "RAY_task_events_max_num_task_in_gcs",
@@ -45,8 +45,14 @@ def probe(counts: list[int], caps: str) -> None:
                 pass
             done = count
             time.sleep(3)  # the workers' last events reach the GCS (reported every second)
-            line = {"bench": "ray_task_events", "caps": caps, "tasks": done}
-            print(json.dumps(line | {"gcs_pss_mb": round(pss(gcs.pid) / 2**20, 1)}), flush=True)
+            emit(
+                {
+                    "bench": "ray_task_events",
+                    "caps": caps,
+                    "tasks": done,
+                    "gcs_pss_mb": round(pss_bytes(gcs.pid) / 2**20, 1),
+                }
+            )
 
 
 def main() -> None:
@@ -59,18 +65,14 @@ def main() -> None:
     if args.probe:
         probe(args.tasks, args.probe)
         return
-    lines = []
     for caps in args.caps:
         env = dict(os.environ)
         env.update(zip(CAP_VARIABLES, caps.split(",")))
         command = [sys.executable, "-m", "bench.ray_task_events", "--probe", caps, "--tasks", *map(str, args.tasks)]
         child = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        lines += [line for line in child.stdout.splitlines() if line.startswith("{")]
-        print("\n".join(lines[-len(args.tasks) - 1 :]), flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "ray_task_events.jsonl", "a") as out:
-            out.writelines(line + "\n" for line in lines)
+        for line in child.stdout.splitlines():
+            if line.startswith("{"):
+                emit(json.loads(line), args.out / "ray_task_events.jsonl" if args.out else None)
 
 
 if __name__ == "__main__":

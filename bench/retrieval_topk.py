@@ -1,6 +1,6 @@
 """Retrieval scoring at scale: queries/s and peak memory of zhclip's exact chunked top-k, both directions.
 
-    python bench/retrieval_topk.py --texts 100000 --images 100000 --dim 512 --chunk-size 1024 [--queries 5000]
+    python -m bench.retrieval_topk --texts 100000 --images 100000 --dim 512 --chunk-size 1024 [--queries 5000]
 
 Random unit features stand in for embeddings; text i's positive is image i (its feature plus noise),
 so recalls are neither 0 nor 100. Prints one JSON line: queries/s over both directions, the recalls,
@@ -11,18 +11,13 @@ time of the full run.
 """
 
 import argparse
-import json
-import resource
 import time
 
 import numpy as np
 import torch
 
+from bench.measure import emit, peak_rss_mb
 from zhclip.components.evaluation.retrieval import metrics_of, rank
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def random_features(rows: int, dim: int, rng: np.random.Generator, like: np.ndarray | None = None) -> np.ndarray:
@@ -61,28 +56,26 @@ def main() -> None:
     seconds = time.perf_counter() - start
     queries = len(rankings.t2i_queries) + len(rankings.i2t_queries)
     metrics = metrics_of(rankings, args.images, args.texts)
-    print(
-        json.dumps(
-            {
-                "bench": "retrieval_topk",
-                "texts": args.texts,
-                "images": args.images,
-                "dim": args.dim,
-                "chunk_size": args.chunk_size,
-                "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
-                "queries": queries,
-                "seconds": round(seconds, 1),
-                "queries_per_s": round(queries / seconds, 1),
-                "full_run_s_estimate": round((args.texts + min(args.texts, args.images)) * seconds / queries),
-                "features_mb": round(features_mb),
-                "peak_rss_before_scoring_mb": round(before_mb),
-                "peak_rss_mb": round(peak_rss_mb()),
-                "scoring_peak_increase_mb": round(peak_rss_mb() - before_mb),
-                "score_block_mb": round(min(args.chunk_size * max(args.images, args.texts) * 4 / 2**20, args.block_mb)),
-                "t2i_r1": metrics["t2i_r1"],
-                "i2t_r1": metrics["i2t_r1"],
-            }
-        )
+    emit(
+        {
+            "bench": "retrieval_topk",
+            "texts": args.texts,
+            "images": args.images,
+            "dim": args.dim,
+            "chunk_size": args.chunk_size,
+            "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+            "queries": queries,
+            "seconds": round(seconds, 1),
+            "queries_per_s": round(queries / seconds, 1),
+            "full_run_s_estimate": round((args.texts + min(args.texts, args.images)) * seconds / queries),
+            "features_mb": round(features_mb),
+            "peak_rss_before_scoring_mb": round(before_mb),
+            "peak_rss_mb": round(peak_rss_mb()),
+            "scoring_peak_increase_mb": round(peak_rss_mb() - before_mb),
+            "score_block_mb": round(min(args.chunk_size * max(args.images, args.texts) * 4 / 2**20, args.block_mb)),
+            "t2i_r1": metrics["t2i_r1"],
+            "i2t_r1": metrics["i2t_r1"],
+        }
     )
 
 

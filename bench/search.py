@@ -1,8 +1,8 @@
 """Search quality and speed: the FAISS index `zhclip index` builds, alone and behind `zhclip serve`.
 
-    python bench/search.py ann --vectors 1000000 --data uniform --factory HNSW32 \
+    python -m bench.search ann --vectors 1000000 --data uniform --factory HNSW32 \
         --search efSearch=128 --search efSearch=512
-    python bench/search.py http --vectors 1000000 --concurrency 1 --concurrency 8 --seconds 30
+    python -m bench.search http --vectors 1000000 --concurrency 1 --concurrency 8 --seconds 30
 
 `ann`: random 512-d unit vectors, indexed with a FAISS factory string; for each search setting, the
 recall@10 against exact search (FAISS Flat) over `--queries` queries, the latency of one query at a
@@ -24,14 +24,14 @@ for `--seconds`; a third of the way in the alias moves to the other version. Que
 before the move, while the new pair loads and after the swap; failed answers, answers without a
 version, and answers from the old version after the first from the new one.
 
-    python bench/search.py swap --vectors 100000 --preset ViT-B-16 --seconds 60
+    python -m bench.search swap --vectors 100000 --preset ViT-B-16 --seconds 60
 
 `soak`: the same server (first `--backend`, default torch) under `--concurrency` clients (default 8)
 for `--seconds` (600 for the 10-minute soak), measured in 10-second windows: queries/s, p99,
 non-200 answers and the server's resident memory after each window; the last line gives the memory
 growth from the end of the first minute to the end, and the total of failed answers.
 
-    python bench/search.py soak --vectors 100000 --preset ViT-B-16 --seconds 600
+    python -m bench.search soak --vectors 100000 --preset ViT-B-16 --seconds 600
 
 One JSON line per measurement on stdout (and appended to `--out`).
 """
@@ -54,21 +54,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.measure import emit, resident_mb
 from zhclip.components.search.index_build import IndexConfig, new_index
 from zhclip.components.search.index_store import fitting_search_params, set_search_params
 
 K = 10
 LOW_DIM, LOW_DIM_NOISE = 32, 0.1
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def process_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
 def unit_rows(rows: int, dim: int, rng: np.random.Generator, basis: np.ndarray | None = None) -> np.ndarray:
@@ -90,15 +81,6 @@ def dataset(kind: str, vectors: int, queries: int, dim: int, seed: int = 0) -> t
     return unit_rows(vectors, dim, rng, basis), unit_rows(queries, dim, rng, basis)
 
 
-def emit(record: dict, out: Path | None) -> None:
-    line = json.dumps(record, ensure_ascii=False)
-    print(line, flush=True)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-
-
 def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
@@ -114,7 +96,7 @@ def bench_ann(args) -> None:
     _, truth = exact.search(queries, K)
     exact_s = time.perf_counter() - started
     del exact
-    before = rss_mb()
+    before = resident_mb()
     started = time.perf_counter()
     index = new_index(args.factory, args.dim)
     if not index.is_trained:
@@ -123,7 +105,7 @@ def bench_ann(args) -> None:
     build_s = time.perf_counter() - started
     memory = {
         "index_mb": round(faiss.serialize_index(index).nbytes / 2**20, 1),
-        "rss_growth_mb": round(rss_mb() - before, 1),
+        "rss_growth_mb": round(resident_mb() - before, 1),
     }
     common = {
         "bench": "ann",
@@ -355,7 +337,7 @@ def bench_http(args) -> None:
             server = serving(root, index, model_dir, int(args.port), args.text_batch, backend, wait_ms)
             try:
                 load(int(args.port), 1, 3)  # warm-up
-                server_mb = round(process_rss_mb(server.pid), 1)
+                server_mb = resident_mb(pid=server.pid)
                 for concurrency in args.concurrency or [1, 8]:
                     emit(
                         {
@@ -427,7 +409,7 @@ def bench_swap(args) -> None:
                 mlflow.MlflowClient(tracking).set_registered_model_alias(SWAP_MODEL, "champion", "2")
 
             found = answers(port, clients, args.seconds, during=move_alias)
-            server_mb = round(process_rss_mb(server.pid), 1)
+            server_mb = resident_mb(pid=server.pid)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -478,7 +460,7 @@ def bench_soak(args) -> None:
             for window in range(max(1, round(args.seconds / SOAK_WINDOW_S))):
                 measured = load(int(args.port), clients, SOAK_WINDOW_S)
                 windows.append({"window": window, "elapsed_s": (window + 1) * SOAK_WINDOW_S, **measured})
-                windows[-1]["server_rss_mb"] = round(process_rss_mb(server.pid), 1)
+                windows[-1]["server_rss_mb"] = resident_mb(pid=server.pid)
                 emit({"bench": "soak", **windows[-1]}, args.out)
         finally:
             server.terminate()

@@ -17,7 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.search import emit
+from bench.measure import emit
+
+REPO = Path(__file__).resolve().parents[1]
 
 # train: image i has hash 7i. test: every 1000th row repeats the pair of the row before it, with a
 # second caption every 100,000th row; image i has hash 5i, so those with i divisible by 7 leak.
@@ -33,21 +35,19 @@ import json, sys, time
 from pathlib import Path
 from zhclip.components.data.spill import spill_database
 from zhclip.components.data.validate import flagged_rows
-
-def memory_mb(field):
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
+from bench.measure import reset_peak_rss, resident_mb
 
 folder = Path(sys.argv[1])
 with spill_database(int(sys.argv[2]), str(folder / "spill")) as spill:
-    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
-    before = memory_mb("VmRSS:")
+    reset_peak_rss()  # the peak (VmHWM) starts again from here
+    before = resident_mb("VmRSS")
     counts = dict.fromkeys(("duplicate_pair", "text_id_conflict", "image_id_conflict", "leaked_from_train"), 0)
     flagged, started = 0, time.perf_counter()
     for record in flagged_rows(spill, folder / "test.parquet", folder / "train.parquet"):
         flagged += 1
         for name in counts:
             counts[name] += record[name]
-    peak = memory_mb("VmHWM:")
+    peak = resident_mb("VmHWM")
     seconds = round(time.perf_counter() - started, 1)
 print(json.dumps({"counts": counts, "flagged": flagged, "peak_mb": peak, "before_mb": before, "seconds": seconds}))
 """
@@ -66,7 +66,11 @@ def check(folder: Path, budget_mb: int) -> dict:
     """The cross-row query over the profiles in `folder` under `budget_mb`, in a process of its own:
     its counts and peak, or DuckDB's error."""
     result = subprocess.run(
-        [sys.executable, "-c", CHECK, str(folder), str(budget_mb)], capture_output=True, text=True, timeout=7200
+        [sys.executable, "-c", CHECK, str(folder), str(budget_mb)],
+        cwd=REPO,  # where `bench.measure` imports from
+        capture_output=True,
+        text=True,
+        timeout=7200,
     )
     if result.returncode:
         error = next((line for line in reversed(result.stderr.splitlines()) if "Error" in line), result.stderr[-300:])

@@ -239,7 +239,8 @@ def test_search_benchmark_scores_an_index_against_exact_search(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            "bench/search.py",
+            "-m",
+            "bench.search",
             "ann",
             "--vectors",
             "2000",
@@ -298,7 +299,7 @@ def test_backend_benchmark_compares_each_backend_with_torch(trained, prepared_di
 def test_soak_benchmark_reports_memory_per_window_and_failed_answers(tmp_path):
     out = tmp_path / "soak.jsonl"
     result = subprocess.run(
-        [sys.executable, "bench/search.py", "soak", "--vectors", "2000", "--seconds", "20", "--concurrency", "2"]
+        [sys.executable, "-m", "bench.search", "soak", "--vectors", "2000", "--seconds", "20", "--concurrency", "2"]
         + ["--port", str(free_port()), "--out", str(out)],
         cwd=REPO,
         capture_output=True,
@@ -316,7 +317,7 @@ def test_soak_benchmark_reports_memory_per_window_and_failed_answers(tmp_path):
 def test_swap_benchmark_moves_the_champion_under_load_and_counts_each_phase(tmp_path):
     out = tmp_path / "swap.jsonl"
     result = subprocess.run(
-        [sys.executable, "bench/search.py", "swap", "--vectors", "500", "--seconds", "12", "--concurrency", "2"]
+        [sys.executable, "-m", "bench.search", "swap", "--vectors", "500", "--seconds", "12", "--concurrency", "2"]
         + ["--factory", "Flat", "--port", str(free_port()), "--out", str(out)],
         cwd=REPO,
         capture_output=True,
