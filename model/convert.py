@@ -12,9 +12,18 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel
 
-from .presets import CONTEXT_LENGTH, PRESETS, build_processor, default_vocab_path, image_size, make_config, save_model
+from .presets import (
+    CONTEXT_LENGTH,
+    PRESETS,
+    ClipModel,
+    build_processor,
+    default_vocab_path,
+    image_size,
+    make_config,
+    save_model,
+)
 
 _VISION_LAYER = {
     "ln_1": "layer_norm1",
@@ -163,7 +172,7 @@ def convert_reference_state_dict(state: dict[str, torch.Tensor]) -> dict[str, to
     return converted
 
 
-def model_from_reference_state(state: dict[str, torch.Tensor], preset: str | None = None) -> PreTrainedModel:
+def model_from_reference_state(state: dict[str, torch.Tensor], preset: str | None = None) -> ClipModel:
     """A zhclip model holding exactly the reference weights; names any tensor that does not fit.
 
     The architecture is `preset` when given (a mismatching checkpoint is then reported tensor by

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import ChineseCLIPProcessor, PreTrainedModel
+from transformers import ChineseCLIPProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+if TYPE_CHECKING:  # presets imports resnet, which imports this module
+    from .presets import ClipModel
 
 
 def decode_image(blob: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -32,15 +37,19 @@ def decode_image(blob: bytes, max_pixels: int | None = None) -> Image.Image:
         raise ValueError(f"not a decodable image ({err})") from err
 
 
-def projected_features(output: torch.Tensor | object) -> torch.Tensor:
+def projected_features(output: torch.Tensor | tuple | BaseModelOutputWithPooling) -> torch.Tensor:
     """The projected embeddings of `get_text_features` / `get_image_features`: transformers 5 returns a
     model output whose pooler_output holds them, earlier versions the tensor itself."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+    if isinstance(output, torch.Tensor):
+        return output
+    # a tuple only with return_dict=False, which zhclip never passes; the projection always pools
+    assert isinstance(output, BaseModelOutputWithPooling) and output.pooler_output is not None
+    return output.pooler_output
 
 
 @torch.inference_mode()
 def embed_texts(
-    model: PreTrainedModel, processor: ChineseCLIPProcessor, texts: Sequence[str], batch_size: int = 256
+    model: ClipModel, processor: ChineseCLIPProcessor, texts: Sequence[str], batch_size: int = 256
 ) -> np.ndarray:
     """Unit-norm text embeddings, one row per text, computed `batch_size` texts at a time."""
     device = next(model.parameters()).device
@@ -57,12 +66,12 @@ def embed_texts(
             return_tensors="pt",
         ).to(device)
         chunks.append(projected_features(model.get_text_features(**batch)).float())
-    return _normalise(chunks, model.config.projection_dim)
+    return _normalise(chunks, projection_dim(model))
 
 
 @torch.inference_mode()
 def embed_images(
-    model: PreTrainedModel,
+    model: ClipModel,
     processor: ChineseCLIPProcessor,
     images: Sequence[Image.Image],
     batch_size: int = 256,
@@ -75,7 +84,14 @@ def embed_images(
         chunks.append(
             projected_features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device))).float()
         )
-    return _normalise(chunks, model.config.projection_dim)
+    return _normalise(chunks, projection_dim(model))
+
+
+def projection_dim(model: ClipModel) -> int:
+    """The size of the model's embeddings."""
+    dim = model.config.projection_dim
+    assert dim is not None  # ChineseCLIPConfig types it optional; every preset and saved config sets it
+    return dim
 
 
 def _normalise(chunks: list[torch.Tensor], dim: int) -> np.ndarray:

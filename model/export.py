@@ -6,34 +6,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
 
-from .presets import image_size
+from .embedding import projected_features
+from .presets import ClipModel, image_size
 
 
 class ImageEncoder(torch.nn.Module):
     """pixel_values (batch, 3, H, W) -> projected image features (batch, projection_dim), unnormalised."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: ClipModel):
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        return projected_features(self.model.get_image_features(pixel_values=pixel_values))
 
 
 class TextEncoder(torch.nn.Module):
     """input_ids, attention_mask (batch, context) -> projected text features (batch, projection_dim)."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: ClipModel):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return projected_features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
 
 
-def export_onnx(model: PreTrainedModel, out_dir: str | Path, context_length: int) -> dict[str, Path]:
+def export_onnx(model: ClipModel, out_dir: str | Path, context_length: int) -> dict[str, Path]:
     """Write image_encoder.onnx and text_encoder.onnx (torch.export-based exporter) into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

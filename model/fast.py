@@ -19,6 +19,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.chinese_clip.modeling_chinese_clip import (
+    ChineseCLIPTextEncoder,
+    ChineseCLIPTextModel,
     ChineseCLIPTextSelfAttention,
     ChineseCLIPVisionAttention,
 )
@@ -176,7 +178,9 @@ def _merge_qkv(module: FusedQKVAttention, state_dict: dict, prefix: str, *_args)
             state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(key) for key in keys])
 
 
-def _fused(attention: nn.Module, sdpa_backend: str | None) -> FusedQKVAttention:
+def _fused(
+    attention: ChineseCLIPTextSelfAttention | ChineseCLIPVisionAttention, sdpa_backend: str | None
+) -> FusedQKVAttention:
     # Heads, head size and dropout probability from attributes that transformers 5.17 (the GPU
     # hosts') and 5.24 (the lock) both have.
     if isinstance(attention, ChineseCLIPTextSelfAttention):
@@ -190,6 +194,7 @@ def _fused(attention: nn.Module, sdpa_backend: str | None) -> FusedQKVAttention:
         )
     else:
         projections = {"q_proj": attention.q_proj, "k_proj": attention.k_proj, "v_proj": attention.v_proj}
+        assert attention.dropout is not None  # the vision config's attention_dropout, a number (0.0 by default)
         fused = FusedQKVAttention(
             projections,
             attention.num_heads,
@@ -201,7 +206,9 @@ def _fused(attention: nn.Module, sdpa_backend: str | None) -> FusedQKVAttention:
     return fused.train(attention.training)
 
 
-def _attention_modules(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+def _attention_modules(
+    model: nn.Module,
+) -> Iterator[tuple[nn.Module, str, ChineseCLIPTextSelfAttention | ChineseCLIPVisionAttention]]:
     attention_types = (ChineseCLIPTextSelfAttention, ChineseCLIPVisionAttention)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -237,7 +244,11 @@ class PaddingFreeTextModel(nn.Module):
     own names: state dicts and saved folders keep the standard layout.
     """
 
-    def __init__(self, text_model: nn.Module):
+    embeddings: nn.Module
+    encoder: ChineseCLIPTextEncoder
+    pooler: nn.Module | None
+
+    def __init__(self, text_model: ChineseCLIPTextModel | PaddingFreeTextModel):
         super().__init__()
         self.config = text_model.config
         self.embeddings, self.encoder, self.pooler = text_model.embeddings, text_model.encoder, text_model.pooler
@@ -283,10 +294,12 @@ class PaddingFreeTextModel(nn.Module):
 def padding_free_text(model: nn.Module) -> None:
     """Swap the text tower for PaddingFreeTextModel; its attention must be fused first (fuse_qkv),
     since the packed attention lives in FusedQKVAttention."""
-    attention = model.text_model.encoder.layer[0].attention.self
+    attention = model.get_submodule("text_model.encoder.layer.0.attention.self")
     if not isinstance(attention, FusedQKVAttention):
         raise ValueError("padding_free needs the fused attention: set fused_qkv as well")
-    model.text_model = PaddingFreeTextModel(model.text_model)
+    text_model = model.get_submodule("text_model")
+    assert isinstance(text_model, ChineseCLIPTextModel | PaddingFreeTextModel)  # both tower kinds' text tower
+    model.text_model = PaddingFreeTextModel(text_model)
 
 
 def channels_last_patch_embedding(model: nn.Module) -> bool:
@@ -313,9 +326,15 @@ def channels_last_patch_embedding(model: nn.Module) -> bool:
 
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer layers of both towers (ResNet image towers have none)."""
-    text = model.text_model.encoder.layer
-    vision = model.vision_model.encoder.layers if hasattr(model, "vision_model") else []
+    text = _module_list(model, "text_model.encoder.layer")
+    vision = _module_list(model, "vision_model.encoder.layers") if hasattr(model, "vision_model") else []
     return [*text, *vision]
+
+
+def _module_list(model: nn.Module, path: str) -> nn.ModuleList:
+    layers = model.get_submodule(path)
+    assert isinstance(layers, nn.ModuleList)  # transformers keeps each tower's layers in one
+    return layers
 
 
 def compile_model(model: nn.Module, scope: str = "regional", **options: object) -> None:

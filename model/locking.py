@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import PreTrainedModel
+
+from .presets import ClipModel
+from .resnet import ChineseCLIPResNetModel
 
 
-def image_tower_groups(model: PreTrainedModel) -> list[list[nn.Module]]:
+def image_tower_groups(model: ClipModel) -> list[list[nn.Module]]:
     """The image tower as ordered groups, as open_clip counts them. ViT: embeddings with the
     pre-norm, one group per transformer layer, then the post-norm with the projection. ResNet: the
     stem, each stage, then the attention pool."""
-    if hasattr(model, "visual"):
+    if isinstance(model, ChineseCLIPResNetModel):  # the only tower kind with `visual`
         resnet = model.visual
         return [resnet.stem(), [resnet.layer1], [resnet.layer2], [resnet.layer3], [resnet.layer4], [resnet.attnpool]]
     vision = model.vision_model
@@ -21,7 +23,7 @@ def image_tower_groups(model: PreTrainedModel) -> list[list[nn.Module]]:
     ]
 
 
-def lock_image_tower(model: PreTrainedModel, unlocked_groups: int = 0) -> int:
+def lock_image_tower(model: ClipModel, unlocked_groups: int = 0) -> int:
     """Freeze the image tower except its last `unlocked_groups` groups; returns the frozen parameter count.
 
     Frozen modules get no gradients (so the optimizer keeps no state for them) and are put in eval

@@ -42,7 +42,8 @@ def add_lora(
         rf"{TOWER_MODULES[tower]}\..*\.({'|'.join(map(re.escape, target_modules[tower]))})"
         for tower in LORA_TOWERS[towers]
     )
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)
+    # peft annotates lora_alpha as int; it only divides by it (scaling = alpha / r), so a float is as good
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern)  # pyright: ignore[reportArgumentType]
     try:
         inject_adapter_in_model(config, model)
     except ValueError as err:

@@ -119,15 +119,15 @@ def sigmoid_loss(
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     rank, world_size = _distributed()
     text_blocks = [text_embeds] if world_size == 1 else list(torch.distributed.nn.all_gather(text_embeds))
-    with_keys = image_keys is not None and text_keys is not None
-    if with_keys:
-        image_key_blocks = gather_keys(image_keys).chunk(world_size)
-        text_key_blocks = gather_keys(text_keys).chunk(world_size)
+    row_keys = key_blocks = None
+    if image_keys is not None and text_keys is not None:
+        row_keys = (image_keys, text_keys)
+        key_blocks = list(zip(gather_keys(image_keys).chunk(world_size), gather_keys(text_keys).chunk(world_size)))
     loss = image_embeds.new_zeros(())
     for block, texts in enumerate(text_blocks):
         logits = scale * image_embeds @ texts.t() + logit_bias
-        if with_keys:
-            positives = pair_positives(image_keys, text_keys, image_key_blocks[block], text_key_blocks[block])
+        if row_keys is not None and key_blocks is not None:
+            positives = pair_positives(*row_keys, *key_blocks[block])
         elif block == rank:
             positives = torch.eye(len(image_embeds), len(texts), dtype=torch.bool, device=logits.device)
         else:

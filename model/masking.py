@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers import PreTrainedModel
+from transformers import ChineseCLIPModel
+
+from .presets import ClipModel
 
 
 def keep_random_patches(tokens: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -24,7 +26,7 @@ def keep_random_patches(tokens: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.cat([tokens[:, :1], kept], dim=1)
 
 
-def enable_patch_masking(model: PreTrainedModel, ratio: float) -> RemovableHandle | None:
+def enable_patch_masking(model: ClipModel, ratio: float) -> RemovableHandle | None:
     """Mask `ratio` of the image patches in training steps; returns the hook handle (None for 0).
 
     Only ViT image towers have patches; a ResNet tower raises ValueError.
@@ -33,7 +35,7 @@ def enable_patch_masking(model: PreTrainedModel, ratio: float) -> RemovableHandl
         raise ValueError(f"mask_ratio must be in [0, 1), got {ratio}")
     if ratio == 0:
         return None
-    if not hasattr(model, "vision_model"):
+    if not isinstance(model, ChineseCLIPModel):  # the ViT kind, the only one with `vision_model`
         raise ValueError("patch masking (mask_ratio > 0) needs a ViT image tower; this model has a ResNet one")
 
     def hook(_module, _inputs, tokens: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from transformers import ChineseCLIPProcessor, PreTrainedModel
+from transformers import ChineseCLIPProcessor
 
 from .export import export_onnx
+from .presets import ClipModel
 
 CACHE_ENV = "ZHCLIP_ONNX_CACHE"  # where exported graphs are kept; default ~/.cache/zhclip/onnx
 WEIGHTS_FILE = "model.safetensors"
@@ -39,7 +40,7 @@ def weights_sha256(model_dir: str | Path) -> str:
 
 
 def cached_encoders(
-    model: PreTrainedModel, model_dir: str | Path, context_length: int, int8: bool = False
+    model: ClipModel, model_dir: str | Path, context_length: int, int8: bool = False
 ) -> dict[str, Path]:
     """The image and text encoder graphs of these weights (`int8`: their weights quantised to int8),
     exported now unless already cached.
@@ -54,7 +55,7 @@ def cached_encoders(
     return {name: _quantised(path) for name, path in paths.items()} if int8 else paths
 
 
-def _export_into(folder: Path, model: PreTrainedModel, context_length: int) -> None:
+def _export_into(folder: Path, model: ClipModel, context_length: int) -> None:
     scratch = folder.with_name(f".{folder.name}.{os.getpid()}")
     # the exporter's progress notes, warnings (about axis names) and log lines (about torchvision's
     # operators, which these encoders do not use) are not the caller's business
@@ -96,9 +97,7 @@ def _quantised(path: Path) -> Path:
 class OnnxTowers:
     """Unit-norm text and image embeddings through ONNX Runtime sessions of the exported encoders."""
 
-    def __init__(
-        self, model: PreTrainedModel, processor: ChineseCLIPProcessor, model_dir: str | Path, int8: bool = False
-    ):
+    def __init__(self, model: ClipModel, processor: ChineseCLIPProcessor, model_dir: str | Path, int8: bool = False):
         import onnxruntime
 
         self.processor = processor

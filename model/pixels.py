@@ -19,7 +19,7 @@ def pixels_on_device(
     if not isinstance(images, torch.Tensor) and len({tuple(image.shape) for image in images}) > 1:
         resized = torch.cat([_resized(image[None], size) for image in images])
     else:
-        resized = _resized(images if isinstance(images, torch.Tensor) else torch.stack(images), size)
+        resized = _resized(images if isinstance(images, torch.Tensor) else torch.stack(list(images)), size)
     mean_t = torch.tensor(mean, device=resized.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=resized.device).view(1, 3, 1, 1)
     return (resized / 255 - mean_t) / std_t

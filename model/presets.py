@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
+from typing import TypeAlias
 
 from transformers import (
     AutoModel,
     BertTokenizer,
     ChineseCLIPConfig,
     ChineseCLIPImageProcessorPil,
+    ChineseCLIPModel,
     ChineseCLIPProcessor,
-    PreTrainedModel,
 )
 
-from .resnet import ChineseCLIPResNetConfig
+from .resnet import ChineseCLIPResNetConfig, ChineseCLIPResNetModel
+
+# A zhclip model, of either tower kind: both classes have get_text_features and get_image_features
+# (a model output whose pooler_output holds the projected features) and the text tower `text_model`.
+# Named rather than PreTrainedModel so the type checker follows their submodules.
+ClipModel: TypeAlias = ChineseCLIPModel | ChineseCLIPResNetModel
 
 # Preset = text tower + vision tower + shared projection size, mirroring Chinese-CLIP's released
 # models (their `model_configs/*.json`); "tiny" is for CPU tests and the demo.
@@ -76,7 +82,8 @@ def default_vocab_path() -> Path:
     Located through package metadata rather than `import cn_clip`, whose import pulls torchvision.
     """
     try:
-        path = Path(importlib.metadata.distribution("cn-clip").locate_file("cn_clip/clip/vocab.txt"))
+        # str(): typeshed types locate_file as a SimplePath protocol, not os.PathLike
+        path = Path(str(importlib.metadata.distribution("cn-clip").locate_file("cn_clip/clip/vocab.txt")))
     except importlib.metadata.PackageNotFoundError as err:
         raise FileNotFoundError(
             "the Chinese vocabulary comes from the cn-clip wheel, which is not installed: "
@@ -101,7 +108,7 @@ def build_processor(vocab_file: str | Path, image_size: int, context_length: int
 
 def build_model(
     preset: str, vocab_file: str | Path | None = None, context_length: int = CONTEXT_LENGTH, seed: int = 0
-) -> tuple[PreTrainedModel, ChineseCLIPProcessor]:
+) -> tuple[ClipModel, ChineseCLIPProcessor]:
     """A randomly initialised model of `preset` and its processor."""
     import torch
 
@@ -146,7 +153,7 @@ def image_size(config) -> int:
 
 
 def save_model(
-    model: PreTrainedModel, processor: ChineseCLIPProcessor, out_dir: str | Path, state_dict: dict | None = None
+    model: ClipModel, processor: ChineseCLIPProcessor, out_dir: str | Path, state_dict: dict | None = None
 ) -> Path:
     """Write the Hugging Face directory: config, safetensors weights (`state_dict`, default the
     model's own), tokenizer and processor."""
@@ -157,7 +164,7 @@ def save_model(
     return out_dir
 
 
-def load_model(model_dir: str | Path) -> tuple[PreTrainedModel, ChineseCLIPProcessor]:
+def load_model(model_dir: str | Path) -> tuple[ClipModel, ChineseCLIPProcessor]:
     """Load a Hugging Face model directory written by `save_model` (or any ChineseCLIP checkpoint)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

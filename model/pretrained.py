@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
 from transformers.modeling_utils import load_state_dict
+
+from .presets import ClipModel
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -59,7 +60,7 @@ def _bert_text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return picked
 
 
-def _load_tower(model: PreTrainedModel, weights: dict[str, torch.Tensor], prefix: str, source: Path) -> int:
+def _load_tower(model: ClipModel, weights: dict[str, torch.Tensor], prefix: tuple[str, ...], source: Path) -> int:
     expected = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     expected.pop("text_model.embeddings.position_ids", None)  # a buffer, not a weight
     wrong = [
@@ -79,7 +80,7 @@ def _load_tower(model: PreTrainedModel, weights: dict[str, torch.Tensor], prefix
 
 
 def init_from_pretrained(
-    model: PreTrainedModel, vision_dir: str | Path | None = None, text_dir: str | Path | None = None
+    model: ClipModel, vision_dir: str | Path | None = None, text_dir: str | Path | None = None
 ) -> dict[str, int]:
     """Copy pretrained tower weights into `model` in place; returns tensors loaded per tower.
 

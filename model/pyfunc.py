@@ -25,9 +25,9 @@ import binascii
 import numpy as np
 import torch
 
-from .embedding import decode_image, embed_images, embed_texts
+from .embedding import decode_image, embed_images, embed_texts, projection_dim
 from .loss import MAX_LOGIT_SCALE
-from .presets import load_model
+from .presets import ClipModel, load_model
 
 # Recorded as the logged model's `model_config`; `mlflow.pyfunc.load_model(uri, model_config=...)` overrides.
 # `device`: "auto" is the first GPU when there is one (indexing a gallery, serving), else the CPU.
@@ -115,17 +115,20 @@ class ZhclipEmbedder:
     ):
         if backend not in BACKENDS:
             raise ValueError(f"model_config backend must be one of {list(BACKENDS)}, got {backend!r}")
-        self.model, self.processor = load_model(model_dir)
-        self.dim = self.model.config.projection_dim
-        self.logit_scale = float(self.model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
+        model, self.processor = load_model(model_dir)
+        self.model: ClipModel | None = model  # None once the ONNX towers replace it
+        self.dim = projection_dim(model)
+        self.logit_scale = float(model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(device)
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which types it as
+        # the unbound nn.Module.to: the checker takes `device` for `self`
+        model.to(device)  # pyright: ignore[reportArgumentType]
         self.onnx = None
         if backend.startswith("onnx"):
             from .onnx_towers import OnnxTowers
 
-            self.onnx = OnnxTowers(self.model.cpu(), self.processor, model_dir, int8=backend == "onnx-int8")
+            self.onnx = OnnxTowers(model.cpu(), self.processor, model_dir, int8=backend == "onnx-int8")
             self.model = None  # the graphs are exported: the torch weights would only hold memory
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
@@ -133,9 +136,7 @@ class ZhclipEmbedder:
     def predict(self, model_input, params: dict | None = None) -> np.ndarray | list[dict]:
         output, labels, template = _options(params)
         texts, images = _checked_rows(model_input, output)
-        if output == "zeroshot":
-            prompts = self._text_vectors([template.format(label) for label in labels])
-            scale = self.logit_scale
+        prompts = self._text_vectors([template.format(label) for label in labels]) if output == "zeroshot" else None
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             text_vectors = self._text_vectors(texts[start : start + self.batch_size])
@@ -145,7 +146,10 @@ class ZhclipEmbedder:
             elif output == "similarity":
                 chunks.append((text_vectors * image_vectors).sum(axis=1))
             else:
-                probabilities = torch.softmax(torch.from_numpy(scale * image_vectors @ prompts.T), dim=1).numpy()
+                assert prompts is not None  # output is "zeroshot"
+                probabilities = torch.softmax(
+                    torch.from_numpy(self.logit_scale * image_vectors @ prompts.T), dim=1
+                ).numpy()
                 chunks.extend(
                     {"label": labels[best], "probability": float(p[best])}
                     for p, best in zip(probabilities, probabilities.argmax(axis=1))
@@ -163,7 +167,7 @@ class ZhclipEmbedder:
             vectors[rows] = (
                 self.onnx.texts(chosen, self.batch_size)
                 if self.onnx
-                else embed_texts(self.model, self.processor, chosen, self.batch_size)
+                else embed_texts(self._torch_model(), self.processor, chosen, self.batch_size)
             )
         return vectors
 
@@ -180,9 +184,13 @@ class ZhclipEmbedder:
             vectors[rows] = (
                 self.onnx.images(decoded, self.batch_size)
                 if self.onnx
-                else embed_images(self.model, self.processor, decoded, self.batch_size)
+                else embed_images(self._torch_model(), self.processor, decoded, self.batch_size)
             )
         return vectors
+
+    def _torch_model(self) -> ClipModel:
+        assert self.model is not None  # dropped only when the ONNX towers replace it
+        return self.model
 
 
 def load_embedder(model_dir: str, model_config: dict | None = None) -> ZhclipEmbedder:

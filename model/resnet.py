@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, ChineseCLIPTextConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.chinese_clip.modeling_chinese_clip import (
     ChineseCLIPModel,
@@ -22,6 +23,8 @@ from transformers.models.chinese_clip.modeling_chinese_clip import (
     ChineseCLIPPreTrainedModel,
     ChineseCLIPTextModel,
 )
+
+from .embedding import projected_features
 
 
 class Bottleneck(nn.Module):
@@ -139,7 +142,8 @@ class ChineseCLIPResNetConfig(PreTrainedConfig):
     """A BERT text tower (ChineseCLIPTextConfig) with a modified-ResNet image tower."""
 
     model_type = "zhclip_chinese_clip_resnet"
-    sub_configs_defaults = {"text_config": ChineseCLIPTextConfig}
+    # what transformers makes of a bare config class (PreTrainedConfig.__init_subclass__), written out
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=ChineseCLIPTextConfig)}
 
     text_config: dict | ChineseCLIPTextConfig | None = None
     vision_layers: list[int] | None = None  # bottleneck blocks per stage; RN50: [3, 4, 6, 3]
@@ -159,6 +163,9 @@ class ChineseCLIPResNetModel(ChineseCLIPPreTrainedModel):
 
     def __init__(self, config: ChineseCLIPResNetConfig):
         super().__init__(config)
+        # PreTrainedConfig turns a text_config dict into the config (sub_configs_defaults); the
+        # presets and saved configs always give vision_layers
+        assert isinstance(config.text_config, ChineseCLIPTextConfig) and config.vision_layers is not None
         self.text_model = ChineseCLIPTextModel(config.text_config, add_pooling_layer=False)
         self.visual = ModifiedResNet(
             list(config.vision_layers),
@@ -179,11 +186,14 @@ class ChineseCLIPResNetModel(ChineseCLIPPreTrainedModel):
     def forward(
         self, input_ids=None, pixel_values=None, attention_mask=None, token_type_ids=None, **kwargs
     ) -> ChineseCLIPOutput:
-        image_embeds = F.normalize(self.get_image_features(pixel_values).pooler_output, dim=-1)
+        assert input_ids is not None and pixel_values is not None, "the contrastive forward takes texts and images"
+        image_embeds = F.normalize(projected_features(self.get_image_features(pixel_values)), dim=-1)
         text_embeds = F.normalize(
-            self.get_text_features(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).pooler_output,
+            projected_features(
+                self.get_text_features(
+                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                )
+            ),
             dim=-1,
         )
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
