@@ -33,7 +33,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\S*)\n(.*?)^```", re.M | re.S)
 MARKER = re.compile(r"<!-- doc-test: (run(?: in (\S+))?|check: (.+?)) -->\s*\Z")
 # A path into the repository's own folders (what a block names as input: it must be there).
-REPO_PATH = re.compile(r"(?:^|[=@])((?:bench|components|docs|infra|model|tests|workflows|\.ci)/[\w./*-]*)")
+REPO_PATH = re.compile(r"(?:^|[=@])((?:bench|components|docs|infra|model|test-runs|tests|workflows|\.ci)/[\w./*-]*)")
 OUTPUT_OPTIONS = {"--out", "-o", "--output_folder", "--dest", "--plot", "--loss-plot", "--report-dir", "--publish"}
 OPERATORS = {";", "&&", "||", "|", "&"}
 

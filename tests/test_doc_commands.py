@@ -84,6 +84,22 @@ def test_a_block_marked_run_runs_in_a_copy_of_the_project(block, small_project, 
     run_block(block, copy_of(small_project, tmp_path))
 
 
+# Where raw output is committed: the benchmark suite's results, the investigations (each dated folder
+# with its script, README and results, which may hold dated folders of its own) and the test-suite logs.
+RAW_OUTPUT = ("bench/results", "bench/investigations", "test-runs")
+
+
+def raw_output_folders(dates: list[str]) -> list[Path]:
+    """The committed raw-output folders of those dates (named `<date>-<what>`)."""
+    return [
+        folder
+        for root in RAW_OUTPUT
+        for date in dates
+        for folder in (REPO / root).rglob(f"{date}-*")
+        if folder.is_dir()
+    ]
+
+
 def _measured_in(results: list[Path], minutes: int, seconds: int) -> bool:
     """Whether raw output under `results` says that duration (as the docs, pytest or `time` write it)."""
     spellings = (
@@ -100,17 +116,23 @@ def _measured_in(results: list[Path], minutes: int, seconds: int) -> bool:
     )
 
 
+def test_a_duration_is_found_only_in_the_raw_output_of_its_day():
+    """The check below finds a test-suite log's figure in its dated folder, and no made-up one."""
+    assert _measured_in(raw_output_folders(["2026-12-06"]), 46, 45)  # test-runs/2026-12-06-cpu-ci-run-final
+    assert not _measured_in(raw_output_folders(["2026-12-06"]), 46, 46)
+    assert not _measured_in(raw_output_folders(["2026-11-27"]), 46, 45)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_duration_the_docs_quote_is_in_the_raw_output_of_its_day(page):
-    """A figure like "6 min 33 s" comes with its date in the same paragraph, and a folder of
-    bench/results of that date holds it."""
+    """A figure like "6 min 33 s" comes with its date in the same paragraph, and a folder of that date
+    under bench/results, bench/investigations or test-runs holds it."""
     for paragraph in page.read_text(encoding="utf-8").split("\n\n"):
         for minutes, seconds in re.findall(r"(\d+) min (\d+) s\b", paragraph):
             dates = re.findall(r"20\d\d-\d\d-\d\d", paragraph)
             assert dates, f"{page.name}: {minutes} min {seconds} s has no date: {paragraph[:200]!r}"
-            results = [folder for date in dates for folder in (REPO / "bench" / "results").glob(f"{date}-*")]
-            assert _measured_in(results, int(minutes), int(seconds)), (
-                f"{page.name}: {minutes} min {seconds} s is in no raw output of {dates} under bench/results"
+            assert _measured_in(raw_output_folders(dates), int(minutes), int(seconds)), (
+                f"{page.name}: {minutes} min {seconds} s is in no raw output of {dates} under {', '.join(RAW_OUTPUT)}"
             )
 
 
@@ -118,7 +140,7 @@ def test_every_repository_file_the_code_and_bench_notes_name_exists():
     """Comments and docstrings name files (`components/training/loop.py`); a file moved or renamed
     leaves them pointing nowhere. tests/doc_blocks.py's own examples (tests/FILE.py, made-up paths
     for the self-test) are not names of files."""
-    named = re.compile(r"\b((?:components|model|workflows|tests|bench)/[\w/]+\.py)\b")
+    named = re.compile(r"\b((?:components|model|workflows|tests|bench)/[\w/-]+\.py)\b")
     sources = [
         path
         for folder in ("components", "model", "workflows", "tests", "bench")

@@ -26,10 +26,11 @@ QUIET_RAY_ENV = {
 # Ray Train's watcher for that only adds an error line at start. Ray Train's controller acts on its
 # workers' state (started, reported, finished, died) when it polls them, every 2 s by default: a
 # short local stage waits for those polls (a 6-step stage on 2 vCPU x86: 38 s, 34 s at 0.25 s, mean
-# of 3 in bench/results/2026-12-03-ray-train-poll), and polling a few local workers four times a
+# of 3 in bench/investigations/2026-12-03-ray-train-poll), and polling a few local workers four times a
 # second costs next to nothing. Ray's GCS keeps the events of the last 100,000 tasks for the
 # dashboard and tracks up to 1,000,000 dropped ones: ingest and validation run a task per 256 rows, so
-# its memory grew with the split, about 4 KiB a task (bench/results/2026-12-05-cpu-ray-task-events);
+# its memory grew with the split, about 4 KiB a task
+# (bench/investigations/2026-12-05-data-scale-memory/2026-12-05-cpu-ray-task-events);
 # the last 1,000 tasks are plenty to debug a local step. A cluster (RAY_ADDRESS) keeps its own.
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",

@@ -138,7 +138,7 @@ class _DecodedImages:
     A new file every `GROUPS_PER_FILE` row groups, without statistics: a Parquet footer lists every
     row group of its file, and the writer and the reader hold it whole: one file for 10M images in row
     groups of 256 had 2.7 KB of footer a group with statistics (the min and max image), 100 MB in all;
-    445 bytes without (python -m bench.parquet_footer).
+    445 bytes without (bench/investigations/2026-12-05-data-scale-memory/parquet_footer.py).
     """
 
     SCHEMA = pa.schema(
@@ -203,7 +203,8 @@ class _DecodedImages:
 
     def __iter__(self) -> Iterator[dict]:
         # pre_buffer off: with it, pyarrow keeps every row group read so far (a 1.5 GiB file of 1M images
-        # read through: 1616 MiB resident at the end, 63 MiB without; python -m bench.parquet_pre_buffer)
+        # read through: 1616 MiB resident at the end, 63 MiB without;
+        # bench/investigations/2026-12-05-data-scale-memory/parquet_pre_buffer.py)
         for path in self.paths:
             for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=self.rows_per_group):
                 yield from batch.to_pylist()
@@ -235,7 +236,8 @@ INLINE_CAPTIONS_BY_LINE = _CAPTIONS_OF_DECODED.format(
 # over the shards as the first row of each text_id's window, not with count(DISTINCT), SELECT DISTINCT
 # or a sort of the whole table: DuckDB's hash aggregate (over a join) and a window without PARTITION
 # BY asked for more than spill_memory_mb as the rows grew, where a partitioned window spills; and
-# over the shards, not the captions joined to the images again (python -m bench.duckdb_out_of_core).
+# over the shards, not the captions joined to the images again
+# (bench/investigations/2026-12-05-data-scale-memory/duckdb_out_of_core.py).
 TEXTS_OF_PAIRS = """
 SELECT count(*) FROM (
   SELECT row_number() OVER (PARTITION BY text_id) AS nth FROM {shards} WHERE in_pass(text_id)

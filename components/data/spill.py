@@ -7,7 +7,8 @@ processing), which no hand-written set or sort in this repository would do as we
 appends rows in batches and reads results as a stream of Arrow record batches.
 
 Out of core alone is not without bound: some operators ask for blocks that grow with the rows
-(python -m bench.duckdb_out_of_core: ingest's join ran 30M rows in 256 MiB and failed at 100M even in
+(bench/investigations/2026-12-05-data-scale-memory/duckdb_out_of_core.py: ingest's join ran 30M rows
+in 256 MiB and failed at 100M even in
 1 GiB). So the joins and groupings over a split run in hash-partitioned passes (`Spill.passes`): pass
 p of P takes the rows whose key hashes to p, P grows with the split's rows so that a pass holds
 about the same number of rows whatever the split, and each pass's result, sorted, goes to a Parquet
@@ -34,7 +35,8 @@ from zhclip.components.core.settings import setting
 
 APPEND_ROWS = 50_000  # rows buffered in Python before they go into a table (bounded, whatever the split)
 # Rows of a split one pass takes per MiB of budget: 4M rows in 256 MiB, where ingest's join finished
-# 10M and 30M rows in one pass and failed at 100M (python -m bench.duckdb_out_of_core).
+# 10M and 30M rows in one pass and failed at 100M
+# (bench/investigations/2026-12-05-data-scale-memory/duckdb_out_of_core.py).
 PASS_ROWS_PER_MB = 16_000
 MERGE_BATCH_ROWS = 1_000  # rows of each pass's file in memory while they are merged (P files at once)
 
@@ -55,7 +57,8 @@ class SpillConfig:
 
 def check_memory(memory_mb: int) -> None:
     # Below it DuckDB cannot run the window queries at all: 64 ran out of memory on a 6M-row split, 96
-    # finished (python -m bench.spill_floor; bench/results/2026-12-05-cpu-data-scale-spill).
+    # finished (python -m bench.spill_floor;
+    # bench/investigations/2026-12-05-data-scale-memory/2026-12-05-cpu-data-scale-spill).
     if memory_mb < 128:
         raise ValueError(f"spill_memory_mb must be at least 128, got {memory_mb}")
 
@@ -193,7 +196,8 @@ def merged(paths: list[Path], key: Callable[[dict], Any]) -> Iterator[dict[str, 
 
 def _file_rows(path: Path) -> Iterator[dict[str, Any]]:
     try:
-        # pre_buffer off: with it pyarrow keeps the row groups it read (python -m bench.parquet_pre_buffer)
+        # pre_buffer off: with it pyarrow keeps the row groups it read
+        # (bench/investigations/2026-12-05-data-scale-memory/parquet_pre_buffer.py)
         for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=MERGE_BATCH_ROWS):
             yield from batch.to_pylist()
     finally:

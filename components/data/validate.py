@@ -232,7 +232,8 @@ class _Gate:
                 {
                     "class_name": "SiteBuilder",
                     # The index lists the newest results only: it holds each result it lists (about
-                    # 16 KiB: python -m bench.data_docs), one per rows_per_check rows of every split.
+                    # 16 KiB: bench/investigations/2026-12-05-data-scale-memory/data_docs.py), one per
+                    # rows_per_check rows of every split.
                     # Every result still gets its page (rendered one at a time).
                     "site_index_builder": {
                         "class_name": "DefaultSiteIndexBuilder",

@@ -5,6 +5,7 @@ runs the code it names, counts its work and, where it compares, finds the same r
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -351,3 +352,27 @@ def test_finetune_ablation_trains_each_row_from_the_same_start_and_scores_it(tra
         assert 0 <= row["test_mean_recall"] <= 100 and row["samples_per_s"] > 0 and row["peak_memory_mb"] > 0
         assert {"zeroshot_digits_top1", "zeroshot_shapes_top1"} <= set(row)
     assert "| lora-text |" in result.stdout  # the Markdown table
+
+
+INVESTIGATIONS = sorted((REPO / "bench" / "investigations").glob("*/*.py"))
+
+
+@pytest.mark.parametrize("script", INVESTIGATIONS, ids=lambda script: script.parent.name + "/" + script.name)
+def test_every_investigation_script_imports(script):
+    """The investigations are run by hand (each folder's README says how); their scripts must at least
+    import against today's code and bench/measure.py. Run as their READMEs run them: by path, from the
+    repository root, with the repository on PYTHONPATH (a sibling script imports as a plain module)."""
+    code = (
+        "import importlib.util, sys; sys.path.insert(0, sys.argv[1]); "
+        "spec = importlib.util.spec_from_file_location('investigation', sys.argv[2]); "
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(script.parent), str(script)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Ingest throughput (images/s) on generated Chinese-CLIP-format data, per number of workers.
 
-    python bench/ingest_throughput.py --images 2000 --size 224 --workers 1 2
+    PYTHONPATH=. python <this folder>/ingest_throughput.py --images 2000 --size 224 --workers 1 2
 
 Prints one JSON line per worker count. JPEG inputs at --size pixels, re-encoded as JPEG, as a
 typical real dataset would be.

@@ -1,6 +1,6 @@
 """Which int8 recipe keeps the top 10 of the fp32 text encoder, and how fast is each on this CPU?
 
-    python -m bench.int8_variants --model models/stage2 --data data/validated
+    PYTHONPATH=. python <this folder>/int8_variants.py --model models/stage2 --data data/validated
 
 For each ONNX Runtime quantisation of the text encoder (`onnx-int8` is `dynamic`):
 
@@ -111,7 +111,7 @@ def _median_ms(run, repeats: int) -> float:
 
 
 def fidelity_parser(description: str) -> argparse.ArgumentParser:
-    """The options of a text-encoder fidelity bench (this one and bench.openvino_precisions)."""
+    """The options of a text-encoder fidelity bench (this one and openvino_precisions.py beside it)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the model folder whose fidelity is measured")
     parser.add_argument("--data", type=Path, default=Path("data/validated"))

@@ -1,11 +1,11 @@
 """Is OpenVINO (fp32 or bf16) a faster text encoder than ONNX Runtime that users cannot tell apart?
 
     pip install openvino   # not a project dependency: this measures a candidate that was not adopted
-    python -m bench.openvino_precisions --model models/stage2 --data data/validated
+    PYTHONPATH=. python <this folder>/openvino_precisions.py --model models/stage2 --data data/validated
 
 OpenVINO compiles the text encoder's ONNX graph (the one `onnx` serves) with its CPU plugin at an
 inference precision of f32 or bf16 (bf16 runs on CPUs with AVX512-BF16 or AMX). Fidelity on
-`--model` (the demo's), as bench.int8_variants measures it: the cosine to torch's embeddings of
+`--model` (the demo's), as int8_variants.py beside it measures it: the cosine to torch's embeddings of
 every caption of the split and the share of captions whose top 10 over the split's images is the
 same set; for each caption whose set differs, the gap between torch's 10th and 11th scores (a
 near-tie that any rounding can flip) and the largest change of a score. Speed on a random
@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from int8_variants import QUERIES, _feeds, _median_ms, _session, _unit, fidelity_parser, torch_reference
 
-from bench.int8_variants import QUERIES, _feeds, _median_ms, _session, _unit, fidelity_parser, torch_reference
 from bench.measure import emit
 from bench.search import random_model
 from zhclip.model import embed_texts, load_model

@@ -1,6 +1,6 @@
 """The cost of a longer text context: one training step of the text tower at several context lengths.
 
-    python -m bench.context_length --preset ViT-B-16 --contexts 52 104 208 512
+    PYTHONPATH=. python <this folder>/context_length.py --preset ViT-B-16 --contexts 52 104 208 512
 
 Random weights of the preset's text tower (RoBERTa-base for ViT-B-16), a batch of captions padded to
 each context as the training loader pads them: forward to the projected embedding, a loss, backward.

@@ -1,6 +1,6 @@
 """How many true matches a batch hides among its negatives: exact repeats per row in random batches.
 
-    python -m bench.false_negatives --data data/validated --batch 64
+    PYTHONPATH=. python <this folder>/false_negatives.py --data data/validated --batch 64
 
 A pair's other exact matches are the batch's other pairs with the same caption text or the same
 image id: what `train.false_negatives` turns from negatives into positives. Paraphrases of one class

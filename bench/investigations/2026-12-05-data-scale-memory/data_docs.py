@@ -6,7 +6,7 @@ renders one Data Docs site from them all at the end (`components/data/validate.p
 batches, and measures the process's resident memory before the render and at its peak during it
 (Linux's VmHWM, reset just before).
 
-    python -m bench.data_docs --rows-per-check 400 4 1 --out bench/results/<folder>
+    PYTHONPATH=. python <this folder>/data_docs.py --rows-per-check 400 4 1 --out <folder>
 """
 
 import argparse

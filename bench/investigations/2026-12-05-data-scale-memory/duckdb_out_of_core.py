@@ -8,7 +8,7 @@ and at its peak (Linux's VmHWM, reset before each query). The earlier shapes run
 queries as ingest runs them, in `Spill.passes(rows)` hash-partitioned passes (the line says how many),
 the captions merged back in line order.
 
-    python -m bench.duckdb_out_of_core --rows 10000000 30000000 --budgets 256 1024 --out bench/results/<folder>
+    PYTHONPATH=. python <this folder>/duckdb_out_of_core.py --rows 10000000 30000000 --budgets 256 1024 --out <folder>
 """
 
 import argparse

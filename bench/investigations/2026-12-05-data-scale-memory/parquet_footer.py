@@ -4,7 +4,7 @@ statistics (a footer lists every row group of its file; the writer and the reade
 Writes --groups row groups of --group-rows rows shaped like ingest's spill (line, image_id, --image-bytes
 of random bytes, a 200-character record, file, file_line) and prints a JSON line per setting.
 
-    python -m bench.parquet_footer --groups 4000 --out bench/results/<folder>
+    PYTHONPATH=. python <this folder>/parquet_footer.py --groups 4000 --out <folder>
 """
 
 import argparse

@@ -6,7 +6,7 @@ of --group-rows, as ingest's spill does, then reads the file through once per se
 process of its own, and prints a JSON line: the file's size, resident memory at the end of the read
 and its peak, above the memory before it.
 
-    python -m bench.parquet_pre_buffer --rows 1000000 --image-bytes 1600 --out bench/results/<folder>
+    PYTHONPATH=. python <this folder>/parquet_pre_buffer.py --rows 1000000 --image-bytes 1600 --out <folder>
 """
 
 import argparse
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.measure import emit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 READ = """
 import sys

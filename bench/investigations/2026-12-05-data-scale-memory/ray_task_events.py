@@ -8,7 +8,8 @@ dashboard and the state API, and tracks the attempts it dropped, up to
 --caps pair (tasks, dropped attempts), runs --tasks trivial tasks through the steps'
 `ordered_map`, and prints the GCS process's PSS after each count.
 
-    python -m bench.ray_task_events --tasks 1000 4000 10000 20000 30000 --caps 100000,1000000 10000,1000000 1000,1000
+    PYTHONPATH=. python <this folder>/ray_task_events.py --tasks 1000 4000 10000 20000 30000 \\
+        --caps 100000,1000000 10000,1000000 1000,1000
 """
 
 import argparse
@@ -68,7 +69,7 @@ def main() -> None:
     for caps in args.caps:
         env = dict(os.environ)
         env.update(zip(CAP_VARIABLES, caps.split(",")))
-        command = [sys.executable, "-m", "bench.ray_task_events", "--probe", caps, "--tasks", *map(str, args.tasks)]
+        command = [sys.executable, __file__, "--probe", caps, "--tasks", *map(str, args.tasks)]
         child = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         for line in child.stdout.splitlines():
             if line.startswith("{"):

@@ -2,7 +2,9 @@
 
 Times one request (pyarrow's S3 filesystem, as every step makes it) against a closed port on 127.0.0.1
 until it gives up; the waits between attempts are pyarrow's AWS standard strategy (doubling, at most
-20 s each, with random jitter, hence three tries each). Run: python bench/object_store_retries.py 4 6 8 10
+20 s each, with random jitter, hence three tries each). Run:
+
+    python <this folder>/object_store_retries.py 4 6 8 10
 """
 
 import sys
