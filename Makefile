@@ -89,11 +89,16 @@ demo: install cjk-font
 	$(RUN) dvc repro --quiet
 	$(RUN) zhclip results
 
+# Two workers (pytest-xdist), a test module per work unit: see tests/conftest.py. TEST_WORKERS=0
+# runs the suite in one process.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: install reference-env img2dataset-env system-deps
-	$(RUN) pytest
+	$(RUN) pytest $(XDIST)
 
 test-fast: install img2dataset-env
-	$(RUN) pytest -m "not slow"
+	$(RUN) pytest $(XDIST) -m "not slow"
 
 # Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites in place.
 lint: install kube-lint

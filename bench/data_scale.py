@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from bench.input_pipeline import photo_like_jpeg
-from bench.measure import pss_bytes
+from bench.measure import emit, pss_bytes
 
 ZHCLIP = str(Path(sys.executable).parent / "zhclip")
 STEPS = ("ingest", "validate", "train", "evaluate")
@@ -206,10 +206,10 @@ def run_size(root: Path, pairs: int, args) -> list[dict]:
                 "spill_memory_mb": args.spill_memory_mb,
             }
         )
-        print(json.dumps(lines[-1]), flush=True)
+        emit(lines[-1], args.out and args.out / "data_scale.jsonl")
     disk = {"bench": "data_scale_disk", "pairs": pairs, "raw_mb": round(_folder_bytes(root / "raw") / 2**20, 1)}
     disk["all_folders_mb"] = round(_folder_bytes(root) / 2**20, 1)
-    print(json.dumps(disk), flush=True)
+    emit(disk, args.out and args.out / "data_scale.jsonl")
     return [*lines, disk]
 
 
@@ -267,7 +267,7 @@ def _slope(by_size: dict[int, dict], two_largest: list[int]) -> dict:
 INPUT_BATCHES = 400  # per decoder count: long enough that the buffers filled while the decoders start do not count
 
 
-def input_scaling(prepared: Path, workers: list[int], batch_size: int) -> list[dict]:
+def input_scaling(prepared: Path, workers: list[int], batch_size: int, out: Path | None = None) -> list[dict]:
     """Images/s the streaming input delivers (no model) against the number of Ray Data decoders."""
     import torch
 
@@ -289,7 +289,7 @@ def input_scaling(prepared: Path, workers: list[int], batch_size: int) -> list[d
                 "startup_s": round(rate.startup_s, 2),
             }
         )
-        print(json.dumps(lines[-1]), flush=True)
+        emit(lines[-1], out)
     return lines
 
 
@@ -326,17 +326,14 @@ def main() -> None:
             lines += run_size(root, pairs, args)
             if not args.keep and not (args.input_workers and pairs == max(args.pairs)):
                 shutil.rmtree(root)  # the next size needs the disk
+        out = args.out and args.out / "data_scale.jsonl"
         for line in growth(lines, args.only):
-            print(json.dumps(line), flush=True)
+            emit(line, out)
             lines.append(line)
         if args.input_workers:
-            lines += input_scaling(
-                Path(scratch) / f"pairs-{max(args.pairs)}" / "validated", args.input_workers, args.batch_size
+            input_scaling(
+                Path(scratch) / f"pairs-{max(args.pairs)}" / "validated", args.input_workers, args.batch_size, out
             )
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "data_scale.jsonl", "a") as out:
-            out.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 if __name__ == "__main__":

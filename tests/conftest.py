@@ -65,6 +65,22 @@ if _NOT_INSTALLED:
     pytest.exit(f"not in the editable install yet: {_NOT_INSTALLED}; run `make install`", 2)
 
 
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): on 2 vCPU one worker
+# left the CPUs idle two thirds of the time, waiting on subprocesses, servers and Ray's start. A work
+# unit is a test module, so each module-scoped fixture (a Ray cluster, an S3 or MLflow server) is built
+# once; the tests on the one `small_project` (a whole `dvc repro`) are one unit, sent first as the
+# longest, so one worker builds it while the other runs the rest.
+SHARED_PROJECT = "small_project"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups (registered after this file)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        unit = SHARED_PROJECT if SHARED_PROJECT in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(unit))
+    items.sort(key=lambda item: SHARED_PROJECT not in getattr(item, "fixturenames", ()))
+
+
 # Generated inputs (Hypothesis): `ci` runs a few thousand examples per cheap property in CI time;
 # ZHCLIP_HYPOTHESIS_PROFILE=nightly ten times as many. Slow properties ask for fewer_examples(n).
 for _profile, _examples in {"ci": 2000, "nightly": 20000}.items():

@@ -4,6 +4,7 @@ uninterrupted run (same seed)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -49,6 +50,16 @@ def uninterrupted(prepared_dir) -> list[dict]:
     return train_worker_loop(config)
 
 
+def _ray_train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of this test's own Ray: another test (an xdist worker) may train beside it."""
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any("RayTrainWorker" in part for part in process.cmdline()):
+                workers.append(process)
+    return workers
+
+
 def _kill_a_worker_after_first_checkpoint(storage: Path, seen: dict, timeout: float = 300) -> threading.Thread:
     """In the background: once a checkpoint exists, SIGKILL the training worker process."""
 
@@ -56,11 +67,7 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, seen: dict, timeout: fl
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             step = latest_checkpoint_step(storage)
-            workers = [
-                p
-                for p in psutil.process_iter(["cmdline"])
-                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
-            ]
+            workers = _ray_train_workers()
             if step >= EVERY and workers:
                 seen["checkpoint_step"] = step
                 for worker in workers:
