@@ -40,13 +40,16 @@ LOCAL_RAY_ENV = {
 }
 
 
+class _RayLogHandler(logging.FileHandler):
+    zhclip = True  # marks the handler this module installed
+
+
 def _ray_messages_to_file() -> Path:
     """Send the `ray` loggers of this process to RAY_LOG instead of the console (once per process)."""
     ray_logger = logging.getLogger("ray")
     if not any(getattr(handler, "zhclip", False) for handler in ray_logger.handlers):
         RAY_LOG.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(RAY_LOG, encoding="utf-8")
-        handler.zhclip = True
+        handler = _RayLogHandler(RAY_LOG, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         ray_logger.handlers = [handler]
         ray_logger.propagate = False
@@ -122,7 +125,8 @@ def _keep_ray_data_singletons_on_this_node() -> None:
 def _session_logs() -> str:
     import ray
 
-    return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    # Ray has no public call for the session folder
+    return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")  # pyright: ignore[reportPrivateImportUsage, reportAttributeAccessIssue]
 
 
 def ordered_map(fn: Callable[..., Any], calls: Iterable[tuple], in_flight_per_cpu: int = 2) -> Iterator[Any]:
@@ -151,7 +155,8 @@ def ordered_streams(
     """
     import ray
 
-    remote = ray.remote(num_cpus=1, _generator_backpressure_num_objects=unread_per_task)(fn)
+    # ray.remote's overloads list only its public options
+    remote = ray.remote(num_cpus=1, _generator_backpressure_num_objects=unread_per_task)(fn)  # pyright: ignore[reportCallIssue]
     for generator in _submitted_in_order(remote, calls, in_flight_per_cpu):
         yield (ray.get(ref) for ref in generator)
 

@@ -43,7 +43,8 @@ class _LogLines(tqdm):
         super().__init__(*args, **kwargs)
         self.bar_format = _LINE if self.total else _LINE_NO_TOTAL
 
-    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+    # tqdm's display returns False or None (tqdm/std.py); the bundled typeshed stub says None
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:  # pyright: ignore[reportIncompatibleMethodOverride]
         if msg == "" or self.n == 0:  # tqdm clearing a bar, or nothing done yet: no line in a log
             return False
         self.fp.write(self.__str__() + "\n")

@@ -19,13 +19,16 @@ import importlib
 import importlib.util
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from zhclip.components.core.errors import ZhclipError
 
-Config = TypeVar("Config")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Config = TypeVar("Config", bound="DataclassInstance")  # a settings dataclass
 
 # Each params.yaml section and the dataclass that defines it, in the order of the reference page.
 # Strings, so this module imports no step (core is the bottom layer).
@@ -93,12 +96,15 @@ def settings_in_source(section_name: str) -> dict[str, SourceSetting]:
     print help would make each command start seconds slower. tests/core/test_settings.py checks they
     equal the dataclass's own fields."""
     module, name = SECTIONS[section_name].split(":")
-    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None  # SECTIONS names modules of this package, files
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
     found = {}
     for node in cls.body:
         if not (
             isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)  # a class body annotates names only
             and isinstance(node.value, ast.Call)
             and getattr(node.value.func, "id", "") == "setting"
         ):
@@ -122,7 +128,10 @@ def section_help(section_name: str, name: str) -> str:
 
 
 def default_of(field: dataclasses.Field) -> Any:
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    assert field.default_factory is not dataclasses.MISSING  # setting() gives every field a default
+    return field.default_factory()
 
 
 def section_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -284,6 +293,7 @@ def reference_page(params: dict[str, Any]) -> str:
                 lines += [f"| `{key}` | {_cell(value)} |" for key, value in chosen.items()]
                 lines.append("")
             continue
+        assert cls.__doc__ is not None  # every section's dataclass says what it is
         summary = " ".join(cls.__doc__.split()).removeprefix(f"Section `{name}`: ")
         lines += [summary[:1].upper() + summary[1:], ""]
         lines += ["| setting | default | this project | meaning |", "|---|---|---|---|"]

@@ -62,8 +62,9 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        # None (unset before) puts MLflow back to its default: its code takes None, its annotation says str
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # pyright: ignore[reportArgumentType]
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # pyright: ignore[reportArgumentType]
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -215,6 +216,7 @@ class StepLogger:
 
     def flush(self) -> None:
         if self.client and self.pending:
+            assert self.ids is not None  # a client is made only from ids
             for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
                 self.client.log_batch(self.ids["run_id"], metrics=self.pending[start : start + 1000])
             self.pending = []

@@ -131,6 +131,7 @@ def decode_shard(raw: Folder, shard: str, kind: str, config: ImageBounds) -> Ite
 def _decoded_row(row: Row, config: ImageBounds) -> tuple:
     if row.problem:
         return row.key, row.caption, None, row.problem, row.fetched
+    assert row.image is not None  # a row without a problem has its image
     _, blob, problem = reencoded(0, row.image, config)
     return row.key, row.caption, blob, problem, True
 

@@ -159,7 +159,9 @@ def _tar_samples(raw: Folder, shard: str) -> Iterator[tuple[str, dict[str, bytes
                 yield key, files
                 files = {}
             key = stem
-            files[extension.lower()] = tar.extractfile(member).read()
+            content = tar.extractfile(member)
+            assert content is not None  # None only for members that are not regular files, skipped above
+            files[extension.lower()] = content.read()
     if key is not None:
         yield key, files
 

@@ -211,12 +211,12 @@ def spill_database(memory_mb: int, folder: str = "") -> Iterator[Spill]:
     parent = Path(folder) if folder else None
     if parent:
         parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="zhclip-spill-", dir=parent))
+    workspace = Path(tempfile.mkdtemp(prefix="zhclip-spill-", dir=parent))
     try:
-        spill = Spill(folder, memory_mb)
+        spill = Spill(workspace, memory_mb)
         try:
             yield spill
         finally:
             spill.close()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(workspace, ignore_errors=True)
