@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import TypeVar
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 TOWER_MODULES = {"text": "text_model", "image": "vision_model"}
 LORA_TOWERS = {"text": ("text",), "image": ("image",), "both": ("text", "image")}
@@ -61,7 +64,7 @@ def has_lora(model: torch.nn.Module) -> bool:
     return any(isinstance(module, BaseTunerLayer) for module in model.modules())
 
 
-def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+def merged_copy(model: Module) -> Module:
     """A copy of `model` with every adapter merged into its base layer (peft's own merge) and the
     adapter layers replaced by those base layers: the plain model, with the same outputs."""
     plain = copy.deepcopy(model)

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
 
 from zhclip.components.training.step import TRAINING_ONLY, TrainStep
 from zhclip.model import load_model, save_model
 from zhclip.model.lora import adapter_state, has_lora, merged_copy
+from zhclip.model.presets import ClipModel
 
 TRAINING_STATE_FILE = "training_state.pt"
 
@@ -34,9 +34,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    folder: str | Path, model: PreTrainedModel, processor, step: TrainStep, progress: dict[str, Any]
-) -> Path:
+def save_checkpoint(folder: str | Path, model: ClipModel, processor, step: TrainStep, progress: dict[str, Any]) -> Path:
     """A resumable checkpoint: the plain model folder (safetensors; LoRA adapters merged, training-only
     parameters left out) plus optimizer, scheduler, RNG state, `progress` (global step, history...)
     and those adapters and parameters, in training_state.pt."""

@@ -18,7 +18,8 @@ def decode_jpegs(encoded: Sequence[torch.Tensor], boxes: Sequence[Box], device: 
     """JPEG bytes (1-D uint8 CPU tensors) -> RGB uint8 (3, h, w) images on `device`, each cropped to
     its box. On a GPU torchvision decodes the whole list in one batched nvJPEG call; on the CPU it
     decodes with libjpeg-turbo. Grey JPEGs come out as RGB, as PIL's `convert("RGB")` makes them."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    # torchvision: the optional gpu-decode extra, not in the locked environment
+    from torchvision.io import ImageReadMode, decode_jpeg  # pyright: ignore[reportMissingImports]
 
     decoded = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
     return [image[:, top:bottom, left:right] for image, (left, top, right, bottom) in zip(decoded, boxes)]

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from queue import Full, Queue
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -264,7 +265,7 @@ class BatchDecoder:
     def _decoded_on_device(self, batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
         processor = self.image_processor
         size = processor.size["height"]
-        images: list[torch.Tensor | None] = [None] * len(batch["jpeg"])
+        images: dict[int, torch.Tensor] = {}  # by row: its JPEG decoded here, or its pixels from the loader
         rows = [index for index, blob in enumerate(batch["jpeg"]) if len(blob)]
         if rows:
             # one host buffer for the batch's JPEGs, each a view of it (torch wants writable memory)
@@ -272,13 +273,17 @@ class BatchDecoder:
             buffer = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
             ends = np.cumsum([len(blob) for blob in blobs])
             encoded = [buffer[end - len(blob) : end] for blob, end in zip(blobs, ends)]
-            boxes = [tuple(int(edge) for edge in batch["crop_box"][index]) for index in rows]
+            boxes = [
+                (int(left), int(top), int(right), int(bottom))
+                for left, top, right, bottom in (batch["crop_box"][index] for index in rows)
+            ]
             for index, image in zip(rows, decode_jpegs(encoded, boxes, device)):
                 images[index] = image
         for index, blob in enumerate(batch["pixels"]):
             if len(blob):
                 images[index] = _moved(torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(3, size, size), device)
-        return pixels_on_device(images, size, processor.image_mean, processor.image_std)
+        ordered = [images[index] for index in range(len(batch["jpeg"]))]
+        return pixels_on_device(ordered, size, processor.image_mean, processor.image_std)
 
 
 def content_keys(blobs) -> np.ndarray:
@@ -368,8 +373,9 @@ def prepared_ahead(items: Iterator, prepare, ahead: int) -> Iterator[tuple]:
     finally:
         stop.set()
         thread.join()
-        if hasattr(items, "close"):
-            items.close()  # the thread no longer runs it: free its processes or Ray actors now
+        close = getattr(items, "close", None)  # a generator's
+        if close is not None:
+            close()  # the thread no longer runs it: free its processes or Ray actors now
 
 
 def _batches_of(table: pa.Table, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -395,6 +401,7 @@ def _start_decoder(decoder: BatchDecoder) -> None:
 def _decode_in_process(rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor | np.ndarray]:
     # As tensors: torch hands them back through shared memory, where numpy arrays would be pickled
     # through a pipe. Byte strings (images for the device) can only be pickled.
+    assert _process_decoder is not None  # set by the pool's initializer, _start_decoder
     return {
         name: values if values.dtype == object else torch.from_numpy(values)
         for name, values in _process_decoder(rows).items()
@@ -451,8 +458,9 @@ def _decoded_by_ray_data(
     dataset = (
         ray.data.from_items(windows, override_num_blocks=len(windows))
         # Reading is light (no decoding): it takes no core, so it never waits behind the decoders.
+        # Ray's map_batches types fn as batch -> batch; a numpy-format fn with fn_kwargs is outside it
         .map_batches(
-            _windows_read,
+            _windows_read,  # pyright: ignore[reportArgumentType]
             batch_size=1,
             batch_format="numpy",
             fn_kwargs={"plan": plan},
@@ -468,7 +476,9 @@ def _decoded_by_ray_data(
             compute=ray.data.ActorPoolStrategy(size=workers),
         )
     )
-    yield from dataset.iter_batches(batch_size=plan.batch_size, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)
+    # batch_format="numpy": dicts of arrays (Ray types the batches of every format alike)
+    batches = dataset.iter_batches(batch_size=plan.batch_size, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES)
+    yield from cast(Iterator[dict[str, np.ndarray]], batches)
 
 
 def training_batches(

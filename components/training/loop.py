@@ -145,7 +145,8 @@ def _model_to_train(cfg: TrainConfig, config: dict[str, Any], ctx: WorkerContext
     trainable = _fine_tuning_parts(model, cfg, state)
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(model)
-    raw_model = model.to(ctx.device)
+    # transformers types PreTrainedModel.to as the unbound nn.Module.to (functools.wraps)
+    raw_model = model.to(ctx.device)  # pyright: ignore[reportArgumentType]
     apply_speedups(
         raw_model,
         fused_qkv=cfg.fused_qkv,
@@ -187,7 +188,14 @@ def _training_step(cfg: TrainConfig, model, raw_model, total_steps: int, ctx: Wo
 
 def _progress(step: TrainStep, state: dict | None, cfg: TrainConfig, ctx: WorkerContext) -> dict[str, Any]:
     """What the run has done: nothing yet, or what the checkpoint's training state says."""
-    progress = {"step": 0, "history": [], "validation": [], "resumed_at": [], "captions": 0, "truncated_captions": 0}
+    progress: dict[str, Any] = {
+        "step": 0,
+        "history": [],
+        "validation": [],
+        "resumed_at": [],
+        "captions": 0,
+        "truncated_captions": 0,
+    }
     if state:
         progress = {"captions": 0, "truncated_captions": 0} | restore_state(step, state)
         progress["resumed_at"].append(progress["step"])

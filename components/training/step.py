@@ -21,6 +21,7 @@ from zhclip.model.embedding import projected_features
 from zhclip.model.locking import image_tower_groups
 from zhclip.model.loss import MAX_LOGIT_SCALE, distillation_loss, sigmoid_loss
 from zhclip.model.masking import enable_patch_masking
+from zhclip.model.presets import ClipModel, image_size
 
 PRECISIONS = ("fp32", "bf16")
 LOSSES = ("infonce", "siglip")
@@ -102,7 +103,7 @@ def add_logit_bias(model: torch.nn.Module, value: float) -> None:
         model.logit_bias = torch.nn.Parameter(torch.tensor(float(value)))
 
 
-def image_tower_locked(model: PreTrainedModel) -> bool:
+def image_tower_locked(model: ClipModel) -> bool:
     """True when no image-tower parameter learns (stage 1 with unlocked_groups 0)."""
     return not any(
         p.requires_grad for group in image_tower_groups(model) for module in group for p in module.parameters()
@@ -137,12 +138,15 @@ class TrainStep:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         config: StepConfig | None = None,
-        raw_model: PreTrainedModel | None = None,
-        teacher: PreTrainedModel | None = None,
+        raw_model: ClipModel | None = None,
+        teacher: ClipModel | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.config = config or StepConfig()
-        self.raw_model = raw_model or model
+        if raw_model is None:
+            assert isinstance(model, ClipModel)  # not wrapped: the model itself
+            raw_model = model
+        self.raw_model = raw_model
         self.teacher = teacher
         self.mask_hook = enable_patch_masking(self.raw_model, self.config.mask_ratio)
 
@@ -184,7 +188,8 @@ class TrainStep:
     def _teacher_pixels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's pixels at the teacher's input size (both use CLIP's normalisation)."""
         pixels = batch["pixel_values"]
-        size = self.teacher.config.vision_config.image_size
+        assert self.teacher is not None  # asked for by _teacher_features only with a teacher
+        size = image_size(self.teacher.config)
         if pixels.shape[-1] == size:
             return pixels
         return torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True)
@@ -249,6 +254,7 @@ class TrainStep:
             cached = [self._encode(part) for part in micro]
         teacher = [self._teacher_features(part) for part in micro]
         distilled = torch.zeros(())
+        loss = distilled  # each of the (two or more) passes replaces it
         for index, part in enumerate(micro):
             images, texts = self._encode(part)
             all_images = torch.cat([c[0] for c in cached[:index]] + [images] + [c[0] for c in cached[index + 1 :]])

@@ -13,16 +13,17 @@ from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.storage import local_folder
 from zhclip.components.core.tracking import resolve_tracking_uri, using_tracking_uri
 from zhclip.model import load_model
+from zhclip.model.presets import ClipModel
 
 
 def _registry_folder(uri: str, tracking_uri: str, scratch: str) -> str:
     """The model folder inside a registered version (its pyfunc artifact `model_dir`), downloaded."""
-    import mlflow
+    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     try:
         with using_tracking_uri(resolve_tracking_uri(tracking_uri)):
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch))
+            root = Path(download_artifacts(artifact_uri=uri, dst_path=scratch))
     except MlflowException as err:
         raise ZhclipError(f"teacher {uri!r}: cannot download it from the registry: {err.message}") from err
     folders = sorted(path.parent for path in (root / "artifacts").rglob("config.json"))
@@ -35,7 +36,7 @@ def _registry_folder(uri: str, tracking_uri: str, scratch: str) -> str:
 
 def load_teacher(
     teacher: str, tracking_uri: str, student: PreTrainedModel, context_length: int, device: torch.device
-) -> PreTrainedModel:
+) -> ClipModel:
     """The frozen teacher on `device`, in eval mode. It must read the student's token ids (same
     vocabulary, at least `context_length` positions) and give embeddings of the student's size."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -51,7 +52,8 @@ def load_teacher(
         model, _ = load_model(folder)
     _check_fits(teacher, model, student, context_length)
     model.requires_grad_(False)
-    return model.to(device).eval()
+    # transformers types PreTrainedModel.to as the unbound nn.Module.to (functools.wraps)
+    return model.to(device).eval()  # pyright: ignore[reportArgumentType]
 
 
 def _check_fits(name: str, teacher: PreTrainedModel, student: PreTrainedModel, context_length: int) -> None:
