@@ -8,11 +8,13 @@ workflows/submit.py, the local run in workflows/local_run.py.
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset
+from kfp.dsl.graph_component import GraphComponent
 
 from zhclip.components.core.progress import MLFLOW_BARS_ENV
 from zhclip.components.core.storage import POLICY_ENV
@@ -96,7 +98,7 @@ def _stages_after_start(run: _Run, recipe: dict[str, str]) -> None:
         run.indexing.append(indexed.after(registration).set_display_name("index"))
 
 
-def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = None):
+def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = None) -> GraphComponent:
     """The pipeline function with `defaults` (from `step_configs`) as parameter defaults.
 
     With `cluster`, tasks get their Kubernetes settings; without, the pipeline is the same DAG with
@@ -157,10 +159,12 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
                 tracked=(start, *run.training, *after_start),
             )
 
-    return zhclip_pipeline
+    return cast(GraphComponent, zhclip_pipeline)  # what dsl.pipeline makes; annotated only as a Callable
 
 
-def _on_kubernetes(cluster: KubeflowConfig, object_store: dict, steps: tuple, training: tuple, tracked: tuple) -> None:
+def _on_kubernetes(
+    cluster: KubeflowConfig, object_store: dict, steps: Sequence, training: Sequence, tracked: Sequence
+) -> None:
     """Resources, GPU placement, retries, credentials, object-store retry policy and network labels of every task."""
     for task in (*steps, *training):
         kubernetes.add_pod_label(task, *CLIENT_LABEL)

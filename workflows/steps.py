@@ -2,17 +2,22 @@
 the DVC stage calls too (KFP ships a component's source, so its imports live inside it)."""
 
 import os
+from collections.abc import Callable
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
 
 # The component image (built from infra/Dockerfile); the project and its locked dependencies are inside
 # it. Read when this module is imported, since the component decorators below bake it in.
 IMAGE = os.environ.get("ZHCLIP_IMAGE", "zhclip:latest")
 
 
-def _component(func):
-    return dsl.component(func, base_image=IMAGE, install_kfp_package=False)
+def _component(func: Callable) -> PythonComponent:
+    # a task's arguments are checked by KFP when the pipeline is built, not by the type checker
+    component = dsl.component(func, base_image=IMAGE, install_kfp_package=False)
+    assert isinstance(component, PythonComponent)  # a partial only when called without func
+    return component
 
 
 @_component
@@ -56,7 +61,7 @@ def train_op(
     model: Output[Model],
     summary: Output[Metrics],
     config: dict,
-    init_model: Input[Model] = None,
+    init_model: Input[Model] = None,  # pyright: ignore[reportArgumentType]  # KFP's form of an optional input
     ray_address: str = "",
 ):
     import os
@@ -96,7 +101,7 @@ def evaluate_op(
     files: Output[Artifact],
     config: dict,
     label: str,
-    init_scores: Input[Metrics] = None,
+    init_scores: Input[Metrics] = None,  # pyright: ignore[reportArgumentType]  # KFP's form of an optional input
 ):
     import shutil
     from pathlib import Path

@@ -29,7 +29,7 @@ def submit(
     run_name: str | None = None,
     namespace: str | None = None,
     arguments: dict[str, Any] | None = None,
-) -> dict[str, str]:
+) -> dict[str, str | None]:
     """Compile, upload as a new version of the `zhclip` pipeline and start a run on the KFP API at `host`.
 
     Authentication follows kfp.Client (e.g. `KF_PIPELINES_SA_TOKEN_PATH` inside a cluster).
@@ -46,16 +46,19 @@ def submit(
             pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
             if pipeline_id is None:
                 pipeline_id = client.upload_pipeline(package, PIPELINE_NAME, namespace=namespace).pipeline_id
-                version_id = (
-                    client.list_pipeline_versions(pipeline_id, page_size=1, sort_by="created_at desc")
-                    .pipeline_versions[0]
-                    .pipeline_version_id
-                )
+                assert pipeline_id is not None  # the API's answer carries the new pipeline's id
+                versions = client.list_pipeline_versions(
+                    pipeline_id, page_size=1, sort_by="created_at desc"
+                ).pipeline_versions
+                assert versions  # the upload made one
+                version_id = versions[0].pipeline_version_id
             else:
                 version_id = client.upload_pipeline_version(
                     package, run_name, pipeline_id=pipeline_id
                 ).pipeline_version_id
-            experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+            # kfp annotates namespace `str = None`: None (the client's default namespace) is its own default
+            experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id  # pyright: ignore[reportArgumentType]
+            assert experiment_id is not None  # the API's answer carries it
             run = client.run_pipeline(
                 experiment_id,
                 run_name,
