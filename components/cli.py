@@ -44,7 +44,7 @@ SetOption = typer.Option(
 )
 
 
-def _option(section: str, name: str, switch: bool = False) -> typer.models.OptionInfo:
+def _option(section: str, name: str, switch: bool = False) -> Any:  # Any, as typer.Option: a parameter's default
     """An option that overrides setting `name` of params.yaml section `section`; its help is the
     setting's own; `switch`: a yes/no setting, given as --name or --no-name."""
     text = section_help(section, name)
@@ -399,7 +399,7 @@ def evaluate(
             f"{result['model']}: {result['split']} mean recall {result['mean_recall']:.2f} "
             f"(chance {result['chance_mean_recall']:.2f}){gain}",
         )
-    elif all(feature_files):
+    elif image_feats and text_feats and annotations:  # all three feature files given
         _echo_json(evaluate_features(image_feats, text_feats, annotations, config, out, plots, report_dir))
     else:
         raise ZhclipError("give --model, or all of --image-feats, --text-feats and --annotations")

@@ -16,6 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -243,10 +244,12 @@ def generate_demo_data(out_dir: str | Path, config: DemoDataConfig, summary_path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
     rng = random.Random(config.seed)
     ids = {"image": 1, "text": 1}
-    digits = load_digits()
+    # a Bunch without return_X_y; sklearn has no annotations, so the checker infers that tuple too
+    digits = cast(Bunch, load_digits())
     order = list(range(len(digits.target)))
     rng.shuffle(order)
     digit_counts = {"train": config.train_digits, "valid": config.valid_digits, "test": config.test_digits}

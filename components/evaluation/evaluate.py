@@ -154,7 +154,7 @@ def _score(
     report_dir: str | Path | None,
     mlflow_run: dict[str, str] | None,
     context: dict[str, Any],
-    earlier: list[dict] = (),
+    earlier: Sequence[dict] = (),
 ) -> dict[str, Any]:
     rankings = rank(
         data.text_emb, data.image_emb, data.text_to_images, config.chunk_size, block_mb=config.score_block_mb

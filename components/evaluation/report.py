@@ -11,7 +11,7 @@ import base64
 import functools
 import io
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ def _png_uri(fig) -> str:
 
 
 def line_plot(
-    series: dict[str, Sequence[float]], xlabel: str, ylabel: str, dashed: Callable[[str], bool] = lambda name: False
+    series: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, dashed: Callable[[str], bool] = lambda name: False
 ) -> str:
     """Lines over x = 1..n, one per series (dashed where `dashed(name)`), as a PNG data URI."""
     plt = _pyplot()

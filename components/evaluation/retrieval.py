@@ -6,7 +6,7 @@ queries are the images at least one text references, and any of their captions c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,7 +29,7 @@ class RetrievalSet:
     text_to_images: list[set[int]]
     texts: list[str] = field(default_factory=list)  # for the report; may be empty
     # image rows -> decoded images, for the few the report shows (the split's images are never all held)
-    load_images: Callable[[Sequence[int]], dict[int, Image.Image]] | None = None
+    load_images: Callable[[Collection[int]], dict[int, Image.Image]] | None = None
 
 
 @dataclass
@@ -89,19 +89,19 @@ def top_k(
     so memory holds one block of at most `block_mb` (or one row), whatever the number of queries and
     the size of the gallery. Ties go to the lower gallery index, as in the reference's stable sort.
     """
-    rows = np.arange(len(queries)) if rows is None else np.asarray(rows, dtype=np.int64)
+    picked = np.arange(len(queries)) if rows is None else np.asarray(rows, dtype=np.int64)
     chunk_size = max(1, min(chunk_size, block_mb * 2**20 // (4 * max(1, len(gallery)))))
     k = min(k, len(gallery))
     dtype = torch.float64 if np.result_type(queries, gallery) == np.float64 else torch.float32
     gallery_t = torch.as_tensor(gallery, dtype=dtype, device=device)
-    ranked = np.zeros((len(rows), k), dtype=np.int64)
+    ranked = np.zeros((len(picked), k), dtype=np.int64)
     if k == 0:
         return ranked
     # One score buffer for every block: a fresh tens-of-MB block per chunk would leave freed copies
     # resident in the allocator's per-thread heaps.
-    scores = torch.empty((min(chunk_size, len(rows)), len(gallery)), dtype=dtype, device=device)
-    for start in range(0, len(rows), chunk_size):
-        block = torch.as_tensor(queries[rows[start : start + chunk_size]], dtype=dtype, device=device)
+    scores = torch.empty((min(chunk_size, len(picked)), len(gallery)), dtype=dtype, device=device)
+    for start in range(0, len(picked), chunk_size):
+        block = torch.as_tensor(queries[picked[start : start + chunk_size]], dtype=dtype, device=device)
         torch.matmul(block, gallery_t.T, out=scores[: len(block)])
         ranked[start : start + len(block)] = _stable_top_k(scores[: len(block)], k).cpu().numpy()
     return ranked

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ def embed_split(model, processor, prepared_dir: str | Path, split: str, batch_si
     text_emb = _embed_texts_trimmed(model, processor, texts, batch_size)
     image_emb = _embed_images_streamed(model, processor, shards, pd.Index(image_ids), batch_size)
 
-    def load_images(rows: Sequence[int]) -> dict[int, Image.Image]:
+    def load_images(rows: Collection[int]) -> dict[int, Image.Image]:
         return _images_of(shards, {int(image_ids[row]): row for row in rows})
 
     data = RetrievalSet(

@@ -74,6 +74,7 @@ def headline() -> str:
         lines.append(f'  pull it:  mlflow.pyfunc.load_model("models:/{registered["model_name"]}@champion")')
     for path in sorted(Path().glob(INDEX_SUMMARIES)):
         built = _load(path)
+        assert built is not None  # a file the glob found
         lines.append(
             f"  search:   zhclip serve --index {built['index']}, then open http://127.0.0.1:8000/ "
             f"({built['images']} images, built by {describe_model(built['model'])})"

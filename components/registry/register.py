@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -302,7 +303,9 @@ def _log_run(
             input_example=pd.DataFrame({"text": ["一只红色的圆形在左上角"]}),
             model_config=DEFAULT_CONFIG,
         )
-    return run.info.run_id, info.model_uri
+    # mlflow's ActiveRun.__exit__ returns `exc_type is None`: it never swallows an exception, so `info`
+    # is set here, but a bool-returning __exit__ reads to the checker as one that may
+    return run.info.run_id, info.model_uri  # pyright: ignore[reportPossiblyUnboundVariable]
 
 
 def _register_and_gate(
@@ -357,7 +360,7 @@ def register(
     config: RegisterConfig,
     params: dict[str, Any] | None = None,
     summary_path: str | Path | None = None,
-    step_summaries: list[str | Path] = (),
+    step_summaries: Sequence[str | Path] = (),
     train_summary: str | Path | None = None,
     data_dir: str | Path | None = None,
 ) -> dict:
@@ -378,7 +381,9 @@ def register(
             f"training data folder {data_dir} not found (pass the folder training read, e.g. data/validated)"
         )
     evaluation = read_summary(metrics_path)
-    metrics = {k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics: dict[str, float] = {
+        k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     if config.metric not in metrics:
         raise ZhclipError(f"{metrics_path} has no metric {config.metric!r}; it has {sorted(metrics)}")
     start = _start_value(evaluation, config.metric, metrics_path)

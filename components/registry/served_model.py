@@ -7,10 +7,10 @@ surface as MLflow's own invalid-parameter error: the scoring server then answers
 row in its message, instead of a generic "unexpected error" hiding it in a stack trace.
 """
 
-import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.pyfunc import PythonModel
+from mlflow.models import set_model
+from mlflow.pyfunc.model import PythonModel
 
 from zhclip.model.pyfunc import load_embedder
 
@@ -21,11 +21,12 @@ class ZhclipModel(PythonModel):
 
     # The DataFrame hint only says what MLflow passes: it validates against the logged signature, and
     # without a hint it warns at every load that one is missing.
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+    # (PythonModel.predict has no return annotation and a docstring for a body: the checker infers None)
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):  # pyright: ignore[reportIncompatibleMethodOverride]
         try:
             return self.embedder.predict(model_input, params)
         except ValueError as err:
             raise MlflowException.invalid_parameter_value(str(err)) from err
 
 
-mlflow.models.set_model(ZhclipModel())
+set_model(ZhclipModel())

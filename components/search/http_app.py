@@ -82,7 +82,7 @@ def _check_admin(authorization: str | None) -> None:
 
 def create_app(service: SearchService):
     """The FastAPI application over `service` (loaded by the caller or at startup)."""
-    app = FastAPI(title="zhclip search", description=__doc__)
+    app = FastAPI(title="zhclip search", description=__doc__ or "")  # "": FastAPI's default, for python -OO
     page = PAGE.read_text(encoding="utf-8").replace("{{ fonts }}", CSS_FONT_STACK)
 
     @app.exception_handler(Refused)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -247,7 +247,9 @@ def _embedded_by_ray_data(
             compute=ray.data.ActorPoolStrategy(size=config.workers),
         )
         seen: set[str] = set()
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        # batch_format="numpy": dicts of arrays (Ray types the batches of every format alike)
+        batches = cast(Iterator[dict[str, np.ndarray]], dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        for batch in batches:
             keep, images = [], []
             rows = zip(batch["id"], batch["location"], batch["caption"], batch["reason"])
             for row, (image_id, location, caption, reason) in enumerate(rows):

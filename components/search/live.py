@@ -83,13 +83,14 @@ def canary_refusal(candidate: LivePair, live: LivePair | None, margin: float) ->
                 f"index {name}: canary recall@10 {measured:.3f} through this server, {recorded:.3f} when the "
                 f"index was built (margin {margin}): serving does not reproduce the build"
             )
-        if live is None or name not in live.indexes or live.canary.get(name) is None:
+        live_measured = None if live is None or name not in live.indexes else live.canary.get(name)
+        if live is None or live_measured is None:
             continue
         same_gallery = live.indexes[name].meta.get("gallery") == index.meta.get("gallery")
-        if same_gallery and measured < live.canary[name] - margin:
+        if same_gallery and measured < live_measured - margin:
             return (
                 f"index {name}: canary recall@10 {measured:.3f} for {candidate.describe()}, "
-                f"{live.canary[name]:.3f} for the live {live.describe()} (margin {margin})"
+                f"{live_measured:.3f} for the live {live.describe()} (margin {margin})"
             )
     return None
 

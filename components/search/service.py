@@ -384,7 +384,9 @@ def _thumbnail(location: str, size: int) -> bytes:
     image.thumbnail((size, size))
     if min(image.size) < size // 2:  # the demo's images are tiny: draw them large and sharp
         scale = size / max(image.size)
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.NEAREST)
+        image = image.resize(
+            (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.NEAREST
+        )
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=90)
     return out.getvalue()
