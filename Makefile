@@ -100,11 +100,15 @@ test: install reference-env img2dataset-env system-deps
 test-fast: install img2dataset-env
 	$(RUN) pytest $(XDIST) -m "not slow"
 
-# Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites in place.
+# Lint and format check (ruff, configured in pyproject.toml); `make format` rewrites in place. The type
+# checker (basedpyright, [tool.basedpyright] in pyproject.toml) over components/, model/ and workflows/,
+# then over tests/ for unresolved imports only (tests/pyrightconfig.json).
 lint: install kube-lint
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) lint-imports --no-cache
+	$(RUN) basedpyright
+	$(RUN) basedpyright -p tests/pyrightconfig.json
 
 # checkov, the Kubernetes linter, over the kustomize output of both overlays (kubectl from
 # system-deps), in an environment of its own: its dependencies are none of zhclip's. A check is
