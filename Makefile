@@ -107,7 +107,7 @@ lint: install kube-lint
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) lint-imports --no-cache
-	$(RUN) basedpyright
+	$(RUN) basedpyright -p pyproject.toml
 	$(RUN) basedpyright -p tests/pyrightconfig.json
 
 # checkov, the Kubernetes linter, over the kustomize output of both overlays (kubectl from
