@@ -26,7 +26,7 @@ from zhclip.components.core.settings import config_from, load_params
 from zhclip.components.data.shards import PreparedSplit
 from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
 from zhclip.components.training.config import stage_config
-from zhclip.components.training.loader import steps_per_epoch
+from zhclip.components.training.epoch_plan import steps_per_epoch
 from zhclip.components.training.runner import train
 from zhclip.components.training.start import StartConfig, prepare_start
 

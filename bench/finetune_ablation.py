@@ -31,7 +31,7 @@ from zhclip.components.data.shards import PreparedSplit
 from zhclip.components.evaluation.evaluate import EvaluateConfig, evaluate
 from zhclip.components.evaluation.zeroshot import ZeroshotConfig, zeroshot
 from zhclip.components.training.config import stage_config
-from zhclip.components.training.loader import steps_per_epoch
+from zhclip.components.training.epoch_plan import steps_per_epoch
 from zhclip.components.training.runner import train
 
 ROWS = {

@@ -45,7 +45,9 @@ from bench.measure import emit, environment, pick_device, synchronize
 from zhclip.components.data.ingest import IngestConfig
 from zhclip.components.data.schema import PAIR_SCHEMA
 from zhclip.components.data.shards import PreparedSplit, read_pairs
-from zhclip.components.training.loader import BatchDecoder, EpochPlan, read_window, training_batches
+from zhclip.components.training.batch_decoder import BatchDecoder
+from zhclip.components.training.epoch_plan import EpochPlan, read_window
+from zhclip.components.training.loader import training_batches
 from zhclip.model.pixels import pixels_on_device
 from zhclip.model.presets import CLIP_MEAN, CLIP_STD, PRESETS, build_processor, default_vocab_path
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from zhclip.components.training.loader import random_resized_crop
+from zhclip.components.training.batch_decoder import random_resized_crop
 from zhclip.model import decode_image
 from zhclip.model.pixels import pixels_on_device
 

@@ -36,7 +36,9 @@ from bench.train_throughput import CASES, VIT_PRESETS, Case, build_zhclip
 from zhclip.components.data.ingest import IngestConfig, ingest
 from zhclip.components.data.shards import PreparedSplit
 from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
-from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, training_batches
+from zhclip.components.training.batch_decoder import BatchDecoder
+from zhclip.components.training.epoch_plan import EpochPlan
+from zhclip.components.training.loader import on_device, training_batches
 from zhclip.components.training.step import seed_everything
 from zhclip.model.fast import compile_model
 from zhclip.model.presets import PRESETS, build_processor, default_vocab_path

@@ -35,7 +35,9 @@ from bench.input_pipeline import write_prepared
 from bench.measure import emit, environment, peak_memory_mb, pick_device, reset_peak_memory, synchronize
 from bench.train_throughput import CASES, VIT_PRESETS, build_zhclip
 from zhclip.components.data.shards import PreparedSplit
-from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, training_batches
+from zhclip.components.training.batch_decoder import BatchDecoder
+from zhclip.components.training.epoch_plan import EpochPlan
+from zhclip.components.training.loader import on_device, training_batches
 from zhclip.model.fast import compile_model
 from zhclip.model.presets import PRESETS, build_processor, default_vocab_path
 

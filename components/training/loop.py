@@ -22,6 +22,7 @@ from zhclip.components.core.tracking import (
     StepLogger,
 )
 from zhclip.components.data.shards import PreparedSplit
+from zhclip.components.training.batch_decoder import BatchDecoder
 from zhclip.components.training.checkpoint import (
     load_checkpoint,
     restore_state,
@@ -29,7 +30,8 @@ from zhclip.components.training.checkpoint import (
     save_checkpoint,
 )
 from zhclip.components.training.config import TrainConfig
-from zhclip.components.training.loader import BatchDecoder, EpochPlan, on_device, pair_digest, training_batches
+from zhclip.components.training.epoch_plan import EpochPlan, pair_digest
+from zhclip.components.training.loader import on_device, training_batches
 from zhclip.components.training.step import (
     TrainStep,
     add_logit_bias,

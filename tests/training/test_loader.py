@@ -16,15 +16,9 @@ from builders import pil_decode_jpegs
 from PIL import Image
 
 from zhclip.components.data.shards import PreparedSplit, read_pairs
-from zhclip.components.training.loader import (
-    BatchDecoder,
-    EpochPlan,
-    on_device,
-    pair_digest,
-    prepared_ahead,
-    read_window,
-    training_batches,
-)
+from zhclip.components.training.batch_decoder import BatchDecoder
+from zhclip.components.training.epoch_plan import EpochPlan, pair_digest, read_window
+from zhclip.components.training.loader import on_device, prepared_ahead, training_batches
 from zhclip.model import build_model
 
 
@@ -184,7 +178,7 @@ def mixed_split(tmp_path_factory) -> PreparedSplit:
 def test_images_decoded_on_the_device_match_the_loaders_pixels(mixed_split, monkeypatch, augment):
     """decode_on_device: the loaders send JPEG bytes and crop boxes (PNG, progressive and CMYK decoded
     by them instead); on the device the same crops come out as the loaders' 8-bit path makes them."""
-    monkeypatch.setattr("zhclip.components.training.loader.decode_jpegs", pil_decode_jpegs)
+    monkeypatch.setattr("zhclip.components.training.batch_decoder.decode_jpegs", pil_decode_jpegs)
     _, processor = build_model("tiny")
     plan = EpochPlan(mixed_split, 8, 0, 1, seed=0, window_rows=16)
     device_decoder = BatchDecoder(processor, 52, augment=augment, seed=3, on_device=True)
@@ -231,7 +225,7 @@ def test_device_prefetch_keeps_order_raises_errors_and_stops_when_closed():
 
 
 def test_on_device_hands_over_each_batch_with_its_inputs(mixed_split, monkeypatch):
-    monkeypatch.setattr("zhclip.components.training.loader.decode_jpegs", pil_decode_jpegs)
+    monkeypatch.setattr("zhclip.components.training.batch_decoder.decode_jpegs", pil_decode_jpegs)
     _, processor = build_model("tiny")
     decoder = BatchDecoder(processor, 52, on_device=True)
     plan = EpochPlan(mixed_split, 8, 0, 1, seed=0, window_rows=16)

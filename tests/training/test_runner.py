@@ -236,7 +236,7 @@ def test_jpegs_decoded_on_the_device_train_as_the_loaders_pixels(raw_dir, tmp_pa
     monkeypatch.setattr("zhclip.components.training.config.torchvision_installed", lambda: True)
     decoded = []
     monkeypatch.setattr(
-        "zhclip.components.training.loader.decode_jpegs",
+        "zhclip.components.training.batch_decoder.decode_jpegs",
         lambda encoded, boxes, device: decoded.append(len(encoded)) or pil_decode_jpegs(encoded, boxes, device),
     )
     loaders, _ = _loop(
@@ -324,7 +324,7 @@ def test_random_resized_crop_keeps_90_to_100_percent_of_the_image():
 
     from PIL import Image
 
-    from zhclip.components.training.loader import random_resized_crop
+    from zhclip.components.training.batch_decoder import random_resized_crop
 
     image = Image.new("RGB", (200, 160))
     areas = [c.size[0] * c.size[1] / 32000 for c in (random_resized_crop(image, random.Random(i)) for i in range(200))]
@@ -335,7 +335,8 @@ def test_random_resized_crop_keeps_90_to_100_percent_of_the_image():
 @pytest.mark.parametrize("augment", [False, True])
 def test_eight_bit_loading_normalised_on_the_device_gives_the_processors_pixels(prepared_dir, augment):
     from zhclip.components.data.shards import PreparedSplit
-    from zhclip.components.training.loader import BatchDecoder, EpochPlan, Window, read_window
+    from zhclip.components.training.batch_decoder import BatchDecoder
+    from zhclip.components.training.epoch_plan import EpochPlan, Window, read_window
 
     plan = EpochPlan(PreparedSplit.open(str(prepared_dir), "train"), batch_size=6, rank=0, world_size=1, seed=0)
     window = read_window(plan, Window(epoch=1, index=0, skip=0, take=6))
