@@ -6,7 +6,8 @@ checks it), the CLI makes a flag of each (`settings_in_source`, read without imp
 `--set` for any (`parse_settings`, `apply_settings`), and `zhclip config` writes
 docs/configuration.md from them. Every config is built
 one way, `config_from`, from its own params.yaml section; a field that belongs to another section
-says so (`shared_from`), so what a step takes from elsewhere is visible in its definition.
+is declared `shared(OwnerConfig, "name")`: it takes the owner's default and help and is set in the
+owner's section, so what a step takes from elsewhere is visible in its definition and said once.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ Config = TypeVar("Config", bound="DataclassInstance")  # a settings dataclass
 SECTIONS = {
     "demo_data": "zhclip.components.demo.data:DemoDataConfig",
     "demo_towers": "zhclip.components.demo.towers:DemoTowersConfig",
-    "model": "zhclip.components.training.config:ModelConfig",
+    "model": "zhclip.components.core.architecture:ModelConfig",
     "start": "zhclip.components.training.start:StartConfig",
     "spill": "zhclip.components.data.spill:SpillConfig",
     "ingest": "zhclip.components.data.ingest:IngestConfig",
@@ -68,6 +69,24 @@ def setting(default: Any, help: str, *, shared_from: str = "", in_params: bool =
     if isinstance(default, (dict, list, set)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def section_of(cls: type) -> str:
+    """The params.yaml section that config class `cls` defines (an overlay such as stage1 defines none)."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    for name, where in SECTIONS.items():
+        if where == path and name not in OVERLAYS:
+            return name
+    raise ValueError(f"{path} is the config of no params.yaml section (core/settings.py SECTIONS)")
+
+
+def shared(owner: type, name: str) -> Any:
+    """A field whose value is setting `name` of `owner`'s section (e.g. `shared(ModelConfig, "preset")`):
+    its default and help are the owner's, and params.yaml sets it there, once for every step."""
+    field = next((f for f in dataclasses.fields(owner) if f.name == name), None)
+    if field is None:
+        raise ValueError(f"{owner.__name__} has no setting {name!r} to share")
+    return setting(default_of(field), field.metadata["help"], shared_from=section_of(owner))
 
 
 def help_of(cls: type, name: str) -> str:
@@ -106,17 +125,30 @@ def settings_in_source(section_name: str) -> dict[str, SourceSetting]:
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)  # a class body annotates names only
             and isinstance(node.value, ast.Call)
-            and getattr(node.value.func, "id", "") == "setting"
         ):
             continue
-        keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.value.keywords}
-        found[node.target.id] = SourceSetting(
-            ast.unparse(node.annotation),
-            ast.literal_eval(node.value.args[1]),
-            keywords.get("shared_from", ""),
-            keywords.get("in_params", True),
-        )
+        call, annotation = node.value, ast.unparse(node.annotation)
+        kind = getattr(call.func, "id", "")
+        if kind == "setting":
+            keywords = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+            found[node.target.id] = SourceSetting(
+                annotation,
+                ast.literal_eval(call.args[1]),
+                keywords.get("shared_from", ""),
+                keywords.get("in_params", True),
+            )
+        elif kind == "shared":  # shared(OwnerConfig, "name"): the owner's help, read from the owner's source
+            owner = _section_of_class_name(ast.unparse(call.args[0]))
+            found[node.target.id] = SourceSetting(
+                annotation, settings_in_source(owner)[ast.literal_eval(call.args[1])].help, owner, True
+            )
     return found
+
+
+def _section_of_class_name(name: str) -> str:
+    """The section whose config class is called `name` (from SECTIONS, without importing it)."""
+    (section,) = [key for key, where in SECTIONS.items() if where.endswith(f":{name}") and key not in OVERLAYS]
+    return section
 
 
 def section_help(section_name: str, name: str) -> str:

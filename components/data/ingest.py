@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from zhclip.components.core.cluster import ray_runtime
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.progress import progress_bar
-from zhclip.components.core.settings import setting
+from zhclip.components.core.settings import setting, shared
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data import img2dataset
@@ -51,7 +51,7 @@ from zhclip.components.data.decode import decode_file_line, decode_line, decoded
 from zhclip.components.data.quarantine import IMAGES, MISSING, Quarantine
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
 from zhclip.components.data.shards import remove_shards
-from zhclip.components.data.spill import Spill, check_memory, read_parquet, spill_database
+from zhclip.components.data.spill import Spill, SpillConfig, check_memory, read_parquet, spill_database
 
 
 @dataclass
@@ -69,10 +69,8 @@ class IngestConfig:
         0, "CPUs of the local Ray that decodes (0: every core; 1: no Ray); a cluster at $RAY_ADDRESS uses all of its"
     )
     batch_lines: int = setting(256, "image lines (img2dataset rows) a decoding task hands back at once")
-    spill_memory_mb: int = setting(
-        1024, "memory the join of captions to images may hold before it spills to disk", shared_from="spill"
-    )
-    spill_folder: str = setting("", "where the join spills (empty: the system's temporary folder)", shared_from="spill")
+    spill_memory_mb: int = shared(SpillConfig, "spill_memory_mb")  # the join of captions to images
+    spill_folder: str = shared(SpillConfig, "spill_folder")
 
     def __post_init__(self):
         for name in ("shard_rows", "row_group_rows", "max_image_pixels", "batch_lines"):

@@ -44,12 +44,20 @@ from zhclip.components.core.cluster import ordered_map, ray_runtime
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.memory import release_freed_memory
 from zhclip.components.core.progress import progress_bar
-from zhclip.components.core.settings import setting
+from zhclip.components.core.settings import setting, shared
 from zhclip.components.core.storage import Folder
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.data.schema import PAIR_SCHEMA, SPLITS
 from zhclip.components.data.shards import PreparedSplit, RowGroup, read_row_group, remove_shards
-from zhclip.components.data.spill import Spill, SpillTable, check_memory, merged, read_parquet, spill_database
+from zhclip.components.data.spill import (
+    Spill,
+    SpillConfig,
+    SpillTable,
+    check_memory,
+    merged,
+    read_parquet,
+    spill_database,
+)
 
 if TYPE_CHECKING:
     from great_expectations.data_context.store.store import StoreConfigTypedDict
@@ -76,14 +84,8 @@ class ValidateConfig:
     rows_per_check: int = setting(
         20_000, "profiled rows checked by the suite at once (bounds memory; one Data Docs page each)"
     )
-    spill_memory_mb: int = setting(
-        1024,
-        "memory the duplicate, conflict and leakage checks may hold before they spill to disk",
-        shared_from="spill",
-    )
-    spill_folder: str = setting(
-        "", "where those checks spill (empty: the system's temporary folder)", shared_from="spill"
-    )
+    spill_memory_mb: int = shared(SpillConfig, "spill_memory_mb")  # the duplicate, conflict and leakage checks
+    spill_folder: str = shared(SpillConfig, "spill_folder")
 
     def __post_init__(self):
         if self.rows_per_check < 1:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zhclip.components.core.architecture import ModelConfig
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.progress import progress_bar
-from zhclip.components.core.settings import setting
+from zhclip.components.core.settings import setting, shared
 from zhclip.components.core.summaries import timed, write_summary
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -38,7 +39,7 @@ MASK_SHARE = 0.15  # BERT's share of masked tokens
 class DemoTowersConfig:
     """Section `demo_towers`: the demo's small stand-ins for OpenAI CLIP and Chinese RoBERTa."""
 
-    preset: str = setting("tiny", "the architecture of the stand-in towers", shared_from="model")
+    preset: str = shared(ModelConfig, "preset")
     seed: int = setting(0, "random seed of the towers' initialisation and batches")
     clip_steps: int = setting(800, "steps of English-caption CLIP pretraining (the stand-in for OpenAI CLIP)")
     mlm_steps: int = setting(800, "steps of Chinese masked-LM pretraining (the stand-in for Chinese RoBERTa)")

@@ -28,9 +28,9 @@ import pandas as pd
 import zhclip.model as model_package
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.lineage import dvc_hash, git_commit, weights_hash
-from zhclip.components.core.settings import setting
+from zhclip.components.core.settings import setting, shared
 from zhclip.components.core.summaries import read_summary, timed, write_summary
-from zhclip.components.core.tracking import flatten_params, resolve_tracking_uri, using_tracking_uri
+from zhclip.components.core.tracking import MlflowConfig, flatten_params, resolve_tracking_uri, using_tracking_uri
 from zhclip.components.registry.gate_lock import gate_lock
 from zhclip.model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
@@ -56,8 +56,8 @@ class RegisterConfig:
     """Section `register`: the registered model and when `champion` moves to a new version."""
 
     model_name: str = setting("zhclip-demo", "registered model name in the MLflow registry")
-    experiment: str = setting("zhclip", "MLflow experiment the run is filed under", shared_from="mlflow")
-    tracking_uri: str = setting("", "empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db", shared_from="mlflow")
+    experiment: str = shared(MlflowConfig, "experiment")
+    tracking_uri: str = shared(MlflowConfig, "tracking_uri")
     metric: str = setting("mean_recall", "evaluation metric that decides promotion (higher is better)")
     tolerance: float = setting(0.0, "promote when at least the champion's metric minus this")
     min_gain_over_start: float = setting(0.0, "... and at least the starting model's metric plus this")

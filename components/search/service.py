@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.settings import setting
+from zhclip.components.core.settings import setting, shared
+from zhclip.components.registry.register import RegisterConfig
 from zhclip.components.search.live import Embed, LiveModel, LivePair
 from zhclip.components.search.observability import AccessLog, ServiceMetrics
 
@@ -39,7 +40,7 @@ class SearchConfig:
         "stages; `zhclip serve` serves them); {} leaves the stage out",
     )
     alias: str = setting("champion", "the registry alias (of register.model_name) that builds and serves the indexes")
-    model_name: str = setting("zhclip-demo", "registered model name in the MLflow registry", shared_from="register")
+    model_name: str = shared(RegisterConfig, "model_name")
 
     def model_uri(self) -> str:
         """The registry URI the indexes are built and served with, e.g. models:/zhclip-demo@champion."""

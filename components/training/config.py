@@ -6,9 +6,11 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-from zhclip.components.core.settings import config_from, setting
+from zhclip.components.core.architecture import ModelConfig
+from zhclip.components.core.settings import config_from, setting, shared
+from zhclip.components.core.tracking import MlflowConfig
 from zhclip.components.training.step import StepConfig
-from zhclip.model import CONTEXT_LENGTH, PRESETS
+from zhclip.model import PRESETS
 from zhclip.model.fast import COMPILE_SCOPES, SDPA_BACKENDS
 
 LORA_TOWERS = ("", "text", "image", "both")
@@ -21,22 +23,12 @@ def torchvision_installed() -> bool:
 
 
 @dataclass
-class ModelConfig:
-    """Section `model`: the architecture every step that builds a model shares."""
-
-    preset: str = setting("tiny", "the architecture: tiny (CPU demo) or ViT-B-16")
-    context_length: int = setting(CONTEXT_LENGTH, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)")
-
-
-@dataclass
 class TrainConfig:
     """Section `train`, with `stage1` / `stage2` overriding any of its settings for one stage."""
 
     stage: int = setting(1, "1: image tower locked (LiT); 2: both towers learn", in_params=False)
-    preset: str = setting("tiny", "the architecture: tiny (CPU demo) or ViT-B-16", shared_from="model")
-    context_length: int = setting(
-        CONTEXT_LENGTH, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
-    )
+    preset: str = shared(ModelConfig, "preset")
+    context_length: int = shared(ModelConfig, "context_length")
     epochs: int = setting(10, "passes over the training pairs")
     max_steps: int = setting(0, "stop after this many optimizer steps (0: epochs x steps per epoch)")
     batch_size: int = setting(64, "pairs per optimizer step and worker")
@@ -102,10 +94,8 @@ class TrainConfig:
     )
     distill_image_weight: float = setting(1.0, "distillation: weight of the image-feature term (1 - cosine)")
     distill_text_weight: float = setting(0.0, "distillation: weight of the text-feature term (1 - cosine)")
-    tracking_uri: str = setting(
-        "", "MLflow; empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db", shared_from="mlflow"
-    )
-    experiment: str = setting("zhclip", "MLflow experiment the stage's run is filed under", shared_from="mlflow")
+    tracking_uri: str = shared(MlflowConfig, "tracking_uri")
+    experiment: str = shared(MlflowConfig, "experiment")
 
     def __post_init__(self):
         if self.stage not in (1, 2):

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zhclip.components.core.architecture import ModelConfig
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.lineage import dvc_hash
-from zhclip.components.core.settings import setting
+from zhclip.components.core.settings import setting, shared
 from zhclip.components.core.storage import arrow_filesystem
 from zhclip.components.core.summaries import timed, write_summary
-from zhclip.model.presets import CONTEXT_LENGTH
 
 SOURCES = ("scratch", "towers", "checkpoint")
 # The recipes a pipeline can run: stage 2's model is what gets registered, so every recipe ends there.
@@ -55,10 +55,8 @@ class StartConfig:
         "the training stages and the model each starts from: "
         "{stage1: start, stage2: stage1} (the paper), or {stage2: start} to fine-tune",
     )
-    preset: str = setting("tiny", "scratch and towers: the architecture", shared_from="model")
-    context_length: int = setting(
-        CONTEXT_LENGTH, "text length the tokenizer pads and truncates to (Chinese-CLIP: 52)", shared_from="model"
-    )
+    preset: str = shared(ModelConfig, "preset")
+    context_length: int = shared(ModelConfig, "context_length")
     seed: int = setting(0, "scratch: the seed of the random initialisation")
 
     def __post_init__(self):

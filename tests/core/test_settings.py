@@ -7,6 +7,7 @@ import typer.main
 import yaml
 
 from zhclip.components.cli import app
+from zhclip.components.core.architecture import ModelConfig
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import (
     OVERLAYS,
@@ -19,6 +20,8 @@ from zhclip.components.core.settings import (
     reference_page,
     section_fields,
     section_help,
+    setting,
+    shared,
 )
 
 from conftest import REPO, run_cli
@@ -56,10 +59,23 @@ def test_each_section_is_one_documented_dataclass(name):
     for field in dataclasses.fields(cls):
         assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help: declare it with setting()"
         assert section_help(name, field.name) == help_of(cls, field.name)  # what the CLI reads without importing
-        shared = field.metadata["shared_from"]
-        if shared:
-            assert field.name in section_fields(config_class(shared)), f"{field.name} is not a setting of {shared}"
-            assert default_of(field) == default_of(section_fields(config_class(shared))[field.name])
+        shared_from = field.metadata["shared_from"]
+        if shared_from:  # declared shared(Owner, name): the owner's setting, its default and its help
+            owner = section_fields(config_class(shared_from))[field.name]
+            assert (default_of(field), help_of(cls, field.name)) == (default_of(owner), owner.metadata["help"])
+
+
+def test_a_shared_field_names_a_setting_of_a_section():
+    @dataclasses.dataclass
+    class NoSection:
+        """A dataclass that no params.yaml section has."""
+
+        size: int = setting(1, "a size")
+
+    with pytest.raises(ValueError, match="ModelConfig has no setting 'presets' to share"):
+        shared(ModelConfig, "presets")
+    with pytest.raises(ValueError, match="NoSection is the config of no params.yaml section"):
+        shared(NoSection, "size")
 
 
 def test_params_yaml_holds_every_setting_at_its_default_but_the_projects_choices(params):
