@@ -2,8 +2,10 @@
 tasks run on Kubernetes (section `kubeflow`)."""
 
 from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
+from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import config_from, setting
 from zhclip.components.core.storage import ObjectStoreConfig
 from zhclip.components.data.ingest import IngestConfig
@@ -15,6 +17,8 @@ from zhclip.components.search.index_build import IndexConfig
 from zhclip.components.search.service import SearchConfig
 from zhclip.components.training.config import stage_config
 from zhclip.components.training.start import StartConfig
+
+VALIDATED_FOLDER = PurePosixPath("data/validated")  # dvc.yaml's validate output, where galleries name splits
 
 
 @dataclass
@@ -46,14 +50,10 @@ class KubeflowConfig:
         "/tmp/ray_results",
         "Ray Train's storage inside the pod (in-process Ray); replaces train.storage_path in the pipeline",
     )
-    index_split: str = setting(
-        "test",
-        "default of the pipeline parameter: the validated split the champion indexes ('': no index task); "
-        "the pipeline indexes this one split where `dvc repro` indexes every gallery of search.galleries",
-    )
-    index_uri: str = setting(
-        "s3://zhclip-index/test",
-        "where the index task also publishes the index: what infra's search Deployment reads ('': not published)",
+    index_catalog: str = setting(
+        "s3://zhclip-index",
+        "where the pipeline publishes the index of each gallery of search.galleries, as <catalog>/<name>: what "
+        "infra's search Deployment follows ('': not published)",
     )
 
     def __post_init__(self):
@@ -61,9 +61,28 @@ class KubeflowConfig:
             raise ValueError("gpus and train_retries must be at least 0")
 
 
+def pipeline_galleries(params: dict[str, Any]) -> dict[str, str]:
+    """search.galleries as the pipeline's index tasks read them: name -> a split of the run's validated
+    data (a gallery under dvc.yaml's data/validated) or a folder URI the tasks can read (s3://...)."""
+    galleries = {}
+    for name, path in config_from(SearchConfig, params, "search").galleries.items():
+        if "://" in path:
+            galleries[name] = path
+        elif PurePosixPath(path).parent == VALIDATED_FOLDER:
+            galleries[name] = PurePosixPath(path).name
+        else:
+            raise ZhclipError(
+                f"params.yaml search.galleries.{name}: {path} is a local folder the pipeline's tasks cannot read; "
+                f"name a split of {VALIDATED_FOLDER}/ or an s3:// folder"
+            )
+    return galleries
+
+
 def step_configs(params: dict[str, Any]) -> dict[str, dict]:
-    """Each step's config from params.yaml, as plain dicts for pipeline parameters."""
+    """Each step's config from params.yaml, as plain dicts for pipeline parameters, and the galleries
+    the index tasks build (`pipeline_galleries`)."""
     return {
+        "galleries": pipeline_galleries(params),
         "start": asdict(config_from(StartConfig, params, "start")),
         "ingest": asdict(config_from(IngestConfig, params, "ingest")),
         "validate": asdict(config_from(ValidateConfig, params, "validate")),

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.workflows.config import kubeflow_config, step_configs
+from zhclip.workflows.config import step_configs
 from zhclip.workflows.pipeline import build_pipeline
 
 
@@ -22,7 +22,7 @@ def run_local(raw_dir: str | Path, root: str | Path, params: dict[str, Any]) -> 
         if configs["start"][role] and "://" not in configs["start"][role]:
             configs["start"][role] = str(Path(configs["start"][role]).resolve())
     try:
-        build_pipeline(configs)(raw_uri=str(raw_dir), index_split=kubeflow_config(params).index_split)
+        build_pipeline(configs)(raw_uri=str(raw_dir))
     except RuntimeError as err:
         raise ZhclipError(f"local pipeline run failed ({err}); the failing task's log is printed above") from err
     return _local_outputs(Path(root).resolve())

@@ -1,6 +1,6 @@
 """The Kubeflow pipeline: ingest -> validate -> start (evaluated as the baseline) -> train stage 1 ->
 train stage 2 (or only stage 2 from the start, by start_config.stages) -> evaluate each -> register -> index
-(the champion embeds a validated split into a search index, when index_split names one), with zero-shot
+(the champion embeds each gallery of search.galleries into a search index), with zero-shot
 classification of each image set under the raw data's `zeroshot/` for the start and the final model.
 
 The components are in workflows/steps.py, their settings in workflows/config.py; compile and submit in
@@ -48,8 +48,8 @@ class _Run:
     baseline: Any
     configs: dict[str, Any]  # stage1, stage2, evaluate, zeroshot, register, index
     zeroshot_sets: Any  # None: params.yaml lists no set (a loop over no sets does not compile)
-    index_split: Any
-    index_uri: Any
+    galleries: dict[str, str]  # name -> a split of the validated data or a URI (config.pipeline_galleries)
+    index_catalog: str  # where each gallery's index is published, as <catalog>/<name> ('': not published)
     ray_address: Any
     training: list = field(default_factory=list)
     evaluations: list = field(default_factory=list)
@@ -87,15 +87,15 @@ def _stages_after_start(run: _Run, recipe: dict[str, str]) -> None:
     registration = register_op(model=init, scores=earlier, data=run.validated, config=run.configs["register"])
     run.registrations.append(registration)
     _zeroshot(run, init, "stage2")
-    with dsl.If(run.index_split != "", name="index"):
+    for name, gallery in run.galleries.items():
         indexed = index_op(
             validated=run.validated,
-            split=run.index_split,
-            publish_uri=run.index_uri,
+            gallery=gallery,
+            publish_uri=f"{run.index_catalog.rstrip('/')}/{name}" if run.index_catalog else "",
             config=run.configs["index"],
             register_config=run.configs["register"],
         )
-        run.indexing.append(indexed.after(registration).set_display_name("index"))
+        run.indexing.append(indexed.after(registration).set_display_name(f"index {name}"))
 
 
 def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = None) -> GraphComponent:
@@ -122,8 +122,6 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         zeroshot_sets: list = defaults["zeroshot"]["sets"],
         register_config: dict = defaults["register"],
         index_config: dict = defaults["index"],
-        index_split: str = (cluster or KubeflowConfig()).index_split,
-        index_uri: str = cluster.index_uri if cluster else "",
         ray_address: str = cluster.ray_address if cluster else "",
     ):
         raw = dsl.importer(artifact_uri=raw_uri, artifact_class=Dataset, reimport=False)
@@ -135,7 +133,8 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         configs = {"stage1": stage1_config, "stage2": stage2_config, "evaluate": evaluate_config}
         configs |= {"zeroshot": zeroshot_config, "register": register_config, "index": index_config}
         sets = zeroshot_sets if defaults["zeroshot"]["sets"] else None
-        run = _Run(raw, validated, start, baseline, configs, sets, index_split, index_uri, ray_address)
+        catalog = cluster.index_catalog if cluster else ""
+        run = _Run(raw, validated, start, baseline, configs, sets, defaults["galleries"], catalog, ray_address)
         run.evaluations.append(baseline)
         # start_config.stages picks the branch per run (the UI's choice, as params.yaml's is dvc's).
         for name, recipe in RECIPES.items():

@@ -193,11 +193,12 @@ def index_op(
     validated: Input[Dataset],
     index: Output[Artifact],
     summary: Output[Metrics],
-    split: str,
+    gallery: str,
     publish_uri: str,
     config: dict,
     register_config: dict,
 ):
+    """Index `gallery` (a split of `validated`, or a folder URI) with the champion; publish it to `publish_uri`."""
     from zhclip.components.core.settings import build_config
     from zhclip.components.registry.register import RegisterConfig
     from zhclip.components.search.index_build import IndexConfig, build_index
@@ -208,7 +209,7 @@ def index_op(
     registry = build_config(RegisterConfig, register_config, "pipeline parameter register_config")
     # The gallery by its URI (s3://... on a cluster), so each image's location is one the search Deployment can read.
     result = build_index(
-        f"{validated.uri.rstrip('/')}/{split}",
+        gallery if "://" in gallery else f"{validated.uri.rstrip('/')}/{gallery}",
         index.path,
         f"models:/{registry.model_name}@{alias}",
         build_config(IndexConfig, settings, "pipeline parameter index_config"),

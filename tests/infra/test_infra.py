@@ -235,12 +235,15 @@ def test_search_service_reads_the_index_the_pipeline_publishes(objects):
     deployment = by_kind(objects, "Deployment")["zhclip-search"]
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
-    args = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"])
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"] if not arg.startswith("--index="))
     params = load_params(INFRA.parent / "params.yaml")
     assert container["command"] == ["zhclip", "serve"] and args["host"] == "0.0.0.0"
-    assert args["index"] == f"test={params['kubeflow']['index_uri']}"  # the catalog the index task publishes to
+    # each gallery of search.galleries where the pipeline's index task publishes it: <index_catalog>/<name>
+    catalog = params["kubeflow"]["index_catalog"]
+    served = [arg.removeprefix("--index=") for arg in container["args"] if arg.startswith("--index=")]
+    assert served == [f"{name}={catalog}/{name}" for name in params["search"]["galleries"]]
     assert args["follow"] == f"models:/{params['register']['model_name']}@{params['search']['alias']}"
-    bucket = params["kubeflow"]["index_uri"].removeprefix("s3://").split("/")[0]
+    bucket = catalog.removeprefix("s3://").split("/")[0]
     job = by_kind(objects, "Job")["minio-buckets"]["spec"]["template"]["spec"]["containers"][0]
     assert bucket in next(env["value"] for env in job["env"] if env["name"] == "BUCKETS").split()
     env = {item["name"]: item for item in container["env"]}

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import load_params
 from zhclip.components.core.storage import ObjectStoreConfig
-from zhclip.workflows.config import step_configs
+from zhclip.workflows.config import pipeline_galleries, step_configs
 from zhclip.workflows.submit import compile_pipeline
 
 from conftest import run_cli
@@ -27,7 +27,7 @@ from conftest import run_cli
 TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1, stage 2; fine-tune branch: stage 2
 EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
 REGISTRATIONS = ("register-op", "register-op-2")
-INDEXING = ("index-op", "index-op-2")  # after each branch's registration, when index_split names a split
+INDEXING = ("index-op", "index-op-2")  # after each branch's registration, a task per gallery (the demo has one)
 STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, *REGISTRATIONS, *INDEXING)
 ZEROSHOT = ("zeroshot-op", "zeroshot-op-2", "zeroshot-op-3")
 # log to MLflow or read MinIO: its and MinIO's credentials
@@ -68,11 +68,11 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
         "start-op",
         "evaluate-op",
         "condition-1",
-        "condition-4",
-        "for-loop-7",
+        "condition-3",
+        "for-loop-5",
     }
     # start_config.stages picks the branch at run time: the start task's output names it
-    for branch, name in (("condition-1", "two-stage"), ("condition-4", "fine-tune")):
+    for branch, name in (("condition-1", "two-stage"), ("condition-3", "fine-tune")):
         assert root[branch]["triggerPolicy"]["condition"].endswith(f"== '{name}'")
     tasks = _all_tasks(spec)
 
@@ -117,22 +117,21 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     )
     assert spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["image"]
     # per image set of params.yaml, zero-shot tasks for the start and for each branch's final model
-    assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and root["for-loop-7"]["parameterIterator"]
-    # each branch indexes a validated split with the champion after registering, when index_split names one
-    for condition, registration, index in (
-        ("condition-3", "register-op", "index-op"),
-        ("condition-6", "register-op-2", "index-op-2"),
-    ):
-        assert tasks[condition]["dependentTasks"] == [registration]
-        assert (
-            tasks[condition]["triggerPolicy"]["condition"]
-            == "inputs.parameter_values['pipelinechannel--index_split'] != ''"
-        )
+    assert defaults["zeroshot_sets"] == params["zeroshot"]["sets"] and root["for-loop-5"]["parameterIterator"]
+    # each branch indexes every gallery of search.galleries (a split of the validated data) with the
+    # champion after registering, and publishes it where the search Deployment follows it
+    assert params["search"]["galleries"] == {"test": "data/validated/test"}
+    assert step_configs(params)["galleries"] == {"test": "test"}
+    for registration, index in (("register-op", "index-op"), ("register-op-2", "index-op-2")):
+        assert tasks[index]["dependentTasks"] == [registration]
         assert source(index, "validated")["producerTask"] == "validate-op"
-    assert (
-        defaults["index_split"] == params["kubeflow"]["index_split"]
-        and defaults["index_uri"] == params["kubeflow"]["index_uri"]
-    )
+        constants = {
+            name: value["runtimeValue"]["constant"]
+            for name, value in tasks[index]["inputs"]["parameters"].items()
+            if "runtimeValue" in value
+        }
+        assert constants["gallery"] == "test"
+        assert constants["publish_uri"] == f"{params['kubeflow']['index_catalog']}/test"
     assert (
         defaults["index_config"]["factory"] == params["index"]["factory"]
         and defaults["index_config"]["alias"] == "champion"
@@ -149,6 +148,15 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     evaluate_outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]["artifacts"]
     assert evaluate_outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
     assert evaluate_outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
+
+
+def test_the_pipeline_indexes_the_galleries_dvc_repro_indexes():
+    params = load_params("params.yaml")
+    params["search"]["galleries"] = {"valid": "data/validated/valid", "shop": "s3://shop/gallery"}
+    assert pipeline_galleries(params) == {"valid": "valid", "shop": "s3://shop/gallery"}
+    params["search"]["galleries"] = {"mine": "photos/mine"}
+    with pytest.raises(ZhclipError, match=r"search.galleries.mine: photos/mine is a local folder .* data/validated/"):
+        pipeline_galleries(params)
 
 
 @pytest.mark.slow
@@ -440,7 +448,7 @@ def test_submit_uploads_the_compiled_package_and_starts_a_run(kfp_api, tmp_path)
     ]
     for body in uploads:  # the request carries the whole compiled package, params file defaults included
         spec = json_format.ParseDict(_uploaded_spec(body), pipeline_spec_pb2.PipelineSpec())
-        assert set(spec.root.dag.tasks) >= {"ingest-op", "start-op", "condition-1", "condition-4"}
+        assert set(spec.root.dag.tasks) >= {"ingest-op", "start-op", "condition-1", "condition-3"}
         assert set(spec.components["comp-condition-1"].dag.tasks) >= {"train-op", "train-op-2", "register-op"}
         assert spec.root.input_definitions.parameters["stage1_config"].default_value.struct_value["epochs"] == 7
     runs = [json.loads(body) for method, path, body in kfp_api.requests if path == "/apis/v2beta1/runs"]
