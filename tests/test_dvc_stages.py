@@ -10,6 +10,11 @@ at run time by name (settings.SECTIONS' "zhclip.components.x.y:Config" through
 `importlib.import_module`) where the command can reach the function that imports them, and files
 beside a module that it names (`Path(__file__).with_name("served_model.py")`, "page.html").
 
+The imports are grimp's import graph, the one import-linter checks the layering on in `make lint`
+(each import statement with its line). What no import graph holds is worked out here from the
+source: which of a CLI module's imports the command's own functions reach, the modules imported by
+name at run time, and the files beside a module.
+
 The closure over-approximates (every import of an imported module counts, called or not): a
 dependency set may be too large, never too small.
 """
@@ -106,27 +111,33 @@ def is_text(node: ast.AST) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
 
-def imports_in(path: Path, nodes: list[ast.AST]) -> set[str]:
-    """Every module (and the packages above it) that import statements in `nodes` (code of `path`) may load.
+@cache
+def import_graph():
+    """The package's import graph as import-linter builds it for `make lint` (grimp): every import
+    statement of every module, at module or function level, relative ones resolved."""
+    import grimp
 
-    `from X import y` loads X, and X.y where that is a submodule; `importlib.import_module("literal")`
-    counts as an import too.
-    """
-    names: set[str] = set()
-    for node in (sub for top in nodes for sub in ast.walk(top)):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = imported_module(node, path)
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-        elif (
-            isinstance(node, ast.Call)
-            and DYNAMIC_IMPORTS.get(called_name(node)) == "module"
-            and node.args
-            and is_text(node.args[0])
-        ):
-            names.add(node.args[0].value)
+    return grimp.build_graph(*package_dirs(), cache_dir=None)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module of the package (and the packages above it) that the import statements of module
+    `path` may load, wherever they stand in it."""
+    names = import_graph().find_modules_directly_imported_by(module_name(path))
+    return {parent for name in names for parent in with_parents(name)}
+
+
+def imports_in(path: Path, nodes: list[ast.AST]) -> set[str]:
+    """The modules (and packages above them) that import statements inside `nodes` (parts of module
+    `path`) load: the import graph's imports of the module, on the lines `nodes` span."""
+    graph, importer = import_graph(), module_name(path)
+    spans = [(node.lineno, node.end_lineno or node.lineno) for node in nodes if hasattr(node, "lineno")]
+    names = {
+        imported
+        for imported in graph.find_modules_directly_imported_by(importer)
+        for detail in graph.get_import_details(importer=importer, imported=imported)
+        if any(first <= detail["line_number"] <= last for first, last in spans)
+    }
     return {parent for name in names for parent in with_parents(name)}
 
 
@@ -353,7 +364,7 @@ def command_modules(functions: tuple) -> set[Path]:
         new = modules - seen
         seen |= new
         for module in new - code.keys():
-            modules |= files_of(imports_in(module, [parsed(module)]))
+            modules |= files_of(imports_of(module))
             modules |= {file for file in beside(module) if file.suffix == ".py"}
         by_name = importers(seen)
         for module in seen:
