@@ -202,7 +202,7 @@ def ray_session(wanted: bool, workers: int):
         return
     import ray
 
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

@@ -76,7 +76,10 @@ def ray_runtime(num_cpus: int | None = None) -> Iterator[None]:
         else:
             for name, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(name, value)
+            # "local": a new Ray for this step, even where `ray start` left a cluster's address in Ray's
+            # temp folder (a bare ray.init() joins that one, and then refuses num_cpus)
             ray.init(
+                address="local",
                 num_cpus=num_cpus or os.cpu_count() or 1,
                 include_dashboard=False,
                 log_to_driver=True,

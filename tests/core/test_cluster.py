@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,19 @@ def test_a_local_ray_gets_the_local_defaults_unless_the_user_set_them(tmp_path):
     assert _seen_by_ray(tmp_path) == LOCAL_RAY_ENV
     chosen = _seen_by_ray(tmp_path, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="5")
     assert chosen == {**LOCAL_RAY_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5"}
+
+
+def test_a_step_starts_its_own_ray_beside_a_cluster_that_ray_start_left_on_the_machine(tmp_path):
+    """`ray start` (or ray.cluster_utils) writes its address into Ray's temp folder, where a bare
+    ray.init() finds and joins it, then refuses the step's num_cpus. A step without RAY_ADDRESS starts
+    its own Ray whatever that file says."""
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        (Path(ray_tmp) / "ray").mkdir()
+        (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
+        assert _seen_by_ray(tmp_path, RAY_TMPDIR=ray_tmp) == LOCAL_RAY_ENV
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

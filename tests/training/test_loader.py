@@ -122,7 +122,7 @@ def test_ray_data_decoders_give_the_same_batches_as_the_training_process(small_g
 
     plan = EpochPlan(small_groups, 8, 0, 1, seed=0, window_rows=24)
     inline = _digests(training_batches(plan, decoder, 3, 30))
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         assert _digests(training_batches(plan, decoder, 3, 30, loader_workers=2, on_ray=True)) == inline
     finally:
