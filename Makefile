@@ -90,9 +90,9 @@ demo: install cjk-font
 	$(RUN) zhclip results
 
 # The suite runs in one process by default. TEST_WORKERS=2 runs it on two pytest-xdist workers, a test
-# module per work unit (tests/conftest.py): pytest's own clock went from 45 to 26 minutes on 2 vCPU,
-# but two local Rays on one machine break Ray Train's placement-group cleaner (its State API client
-# finds "multiple active Ray instances" and dies with a traceback in the step's log), so not yet.
+# module per work unit (tests/conftest.py). Not yet the default: two local Rays on one machine break
+# Ray Train's placement-group cleaner (its State API client finds "multiple active Ray instances" and
+# dies with a traceback in the step's log), and its time has no clean measurement yet.
 TEST_WORKERS ?= 0
 XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
