@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -78,15 +79,16 @@ def ray_runtime(num_cpus: int | None = None) -> Iterator[None]:
                 os.environ.setdefault(name, value)
             # "local": a new Ray for this step, even where `ray start` left a cluster's address in Ray's
             # temp folder (a bare ray.init() joins that one, and then refuses num_cpus)
-            ray.init(
-                address="local",
-                num_cpus=num_cpus or os.cpu_count() or 1,
-                include_dashboard=False,
-                log_to_driver=True,
-                configure_logging=False,
-                logging_level=logging.WARNING,
-                logging_config=quiet_workers,
-            )
+            with _address_for_ray_processes():
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    log_to_driver=True,
+                    configure_logging=False,
+                    logging_level=logging.WARNING,
+                    logging_config=quiet_workers,
+                )
         workers = "the cluster's dashboard, Logs tab" if os.environ.get("RAY_ADDRESS") else _session_logs()
         print(f"Ray's messages: {log_file} (worker logs: {workers})", file=sys.stderr, flush=True)
     _keep_ray_data_singletons_on_this_node()
@@ -95,6 +97,37 @@ def ray_runtime(num_cpus: int | None = None) -> Iterator[None]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+@contextmanager
+def _address_for_ray_processes() -> Iterator[None]:
+    """While a local Ray starts, its GCS port and RAY_ADDRESS are set for the processes it spawns.
+
+    Ray Train's placement-group cleaner (an actor) asks Ray's State API with no address, which then
+    looks for running GCS processes and fails with "Found multiple active Ray instances" when a second
+    local Ray runs on the machine (two steps at once: `dvc queue start -j 2`, parallel tests); its
+    thread dies with a traceback in the step's log. Ray's workers inherit the environment of the
+    raylet, which inherits this one: with RAY_ADDRESS naming this Ray's own GCS they ask the right
+    one. This process's environment is restored after the start, where RAY_ADDRESS means "a cluster".
+    """
+    port = os.environ.get("RAY_GCS_SERVER_PORT") or str(_free_port())
+    own = {"RAY_GCS_SERVER_PORT": port, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    saved = {name: os.environ.get(name) for name in own}
+    os.environ.update(own)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _keep_ray_data_singletons_on_this_node() -> None:

@@ -56,3 +56,57 @@ def test_a_step_starts_its_own_ray_beside_a_cluster_that_ray_start_left_on_the_m
         assert _seen_by_ray(tmp_path, RAY_TMPDIR=ray_tmp) == LOCAL_RAY_ENV
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# Holds a local Ray open until its stdin closes: the other Ray on the machine.
+HOLD_A_RAY = """
+import sys
+from zhclip.components.core.cluster import ray_runtime
+with ray_runtime(1):
+    print("started", flush=True)
+    sys.stdin.read()
+"""
+
+# Prints the address Ray's State API finds from inside a task (as Ray Train's placement-group cleaner
+# asks it: no address given), this Ray's own GCS address, and RAY_ADDRESS in this process after start.
+STATE_API_ADDRESS = """
+import json, os, ray
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from zhclip.components.core.cluster import ray_runtime
+with ray_runtime(1):
+    found = ray.get(ray.remote(lambda: canonicalize_bootstrap_address_or_die(None)).remote())
+    own = ray.get_runtime_context().gcs_address
+    driver = os.environ.get("RAY_ADDRESS")
+print(json.dumps({"found": found, "own": own, "driver": driver}))
+"""
+
+
+def test_ray_processes_find_their_own_ray_while_another_local_ray_runs(tmp_path):
+    """Two steps at once on one machine (`dvc queue start -j 2`): without its own address, the State
+    API inside Ray Train's cleaner fails with "Found multiple active Ray instances" and its traceback
+    reaches the step's log."""
+    base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_RAY],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=base,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "started"
+        result = subprocess.run(
+            [sys.executable, "-c", STATE_API_ADDRESS],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=base,
+        )
+    finally:
+        other.communicate(timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["found"] == seen["own"]
+    assert seen["driver"] is None  # the step itself still runs in local mode
