@@ -89,11 +89,9 @@ demo: install cjk-font
 	$(RUN) dvc repro --quiet
 	$(RUN) zhclip results
 
-# The suite runs in one process by default. TEST_WORKERS=2 runs it on two pytest-xdist workers, a test
-# module per work unit (tests/conftest.py). Not yet the default: two local Rays on one machine break
-# Ray Train's placement-group cleaner (its State API client finds "multiple active Ray instances" and
-# dies with a traceback in the step's log), and its time has no clean measurement yet.
-TEST_WORKERS ?= 0
+# The suite runs on two pytest-xdist workers, one per core of CI's machine, a test module per work
+# unit (tests/conftest.py); TEST_WORKERS=0 runs it in one process (for a debugger or -x).
+TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: install reference-env img2dataset-env system-deps
