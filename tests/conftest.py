@@ -66,10 +66,11 @@ if _NOT_INSTALLED:
 
 
 # `make test` runs the suite on two pytest-xdist workers (--dist loadgroup; TEST_WORKERS=0 for one
-# process): on 2 vCPU one process left the CPUs idle two thirds of the time, waiting on subprocesses, servers and Ray's start. A work unit is a test module,
-# so each module-scoped fixture (a Ray cluster, an S3 or MLflow server) is built once; the tests on
-# the one `small_project` (a whole `dvc repro`) are one unit, sent first as the longest, so one worker
-# builds it while the other runs the rest.
+# process): on 2 vCPU one process left the CPUs idle two thirds of the time, waiting on subprocesses,
+# servers and Ray's start. A work unit is a test module, so each module-scoped fixture (a Ray
+# cluster, an S3 or MLflow server) is built once; the tests on the one `small_project` (a whole
+# `dvc repro`) are one unit, sent first as the longest, so one worker builds it while the other runs
+# the rest.
 SHARED_PROJECT = "small_project"
 
 
