@@ -68,17 +68,17 @@ if _NOT_INSTALLED:
 # `make test` runs the suite on two pytest-xdist workers (--dist loadgroup; TEST_WORKERS=0 for one
 # process): on 2 vCPU one process left the CPUs idle two thirds of the time, waiting on subprocesses,
 # servers and Ray's start. A work unit is a test module, so each module-scoped fixture (a Ray
-# cluster, an S3 or MLflow server) is built once; the tests on the one `small_project` (a whole
-# `dvc repro`) are one unit, sent first as the longest, so one worker builds it while the other runs
-# the rest.
+# cluster, an S3 or MLflow server) is built once. The modules on the `small_project` (a whole
+# `dvc repro`) go first: each worker builds its own (a session fixture is per process), which costs
+# one build more than one unit of them all, which left one worker running that longest unit while
+# the other had finished (make test 36 min 53 s so: test-runs/2026-12-07-cpu-ci-run-two-workers/).
 SHARED_PROJECT = "small_project"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups (registered after this file)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        unit = SHARED_PROJECT if SHARED_PROJECT in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(unit))
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     items.sort(key=lambda item: SHARED_PROJECT not in getattr(item, "fixturenames", ()))
 
 
