@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.tracking import resolve_tracking_uri, using_tracking_uri
+from zhclip.components.core.tracking import registered_model_folder, resolve_tracking_uri, using_tracking_uri
 from zhclip.components.evaluation.benchmark import SuiteDataset, benchmark
 from zhclip.components.registry.suite_gate import PREFIX
-
-
-def _model_folder(pyfunc: Path) -> Path:
-    """The model folder inside a pulled pyfunc: the artifact `zhclip register` logs as `model_dir`."""
-    import yaml
-
-    flavor = yaml.safe_load((pyfunc / "MLmodel").read_text(encoding="utf-8"))["flavors"]["python_function"]
-    return pyfunc / flavor["artifacts"]["model_dir"]["path"]
 
 
 def _version(client, uri: str):
@@ -43,7 +34,6 @@ def benchmark_version(
     uri: str, datasets: Sequence[SuiteDataset], batch_size: int = 256, tracking_uri: str = ""
 ) -> dict[str, Any]:
     """Score the version `uri` on each dataset and log the figures on its run; returns them by dataset."""
-    import mlflow
     from mlflow import MlflowClient
 
     if not uri.startswith("models:/"):
@@ -51,13 +41,16 @@ def benchmark_version(
     with using_tracking_uri(resolve_tracking_uri(tracking_uri)), tempfile.TemporaryDirectory() as scratch:
         client = MlflowClient()
         version = _version(client, uri)
-        pulled = _model_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)))
+        run_id = version.run_id
+        if not run_id:
+            raise ZhclipError(f"{uri} has no MLflow run to log its figures on (registered without one)")
+        pulled = registered_model_folder(uri, tracking_uri, scratch)
         results = {dataset.name: benchmark(pulled, dataset, batch_size) for dataset in datasets}
         for name, figures in results.items():
             for key, value in figures.items():
                 if _is_figure(key, value):  # the score too: the gate reads benchmark/<dataset>/score
-                    client.log_metric(version.run_id, f"{PREFIX}/{name}/{key}", value)
-    return {"model": uri, "version": int(version.version), "run_id": version.run_id, "datasets": results}
+                    client.log_metric(run_id, f"{PREFIX}/{name}/{key}", value)
+    return {"model": uri, "version": int(version.version), "run_id": run_id, "datasets": results}
 
 
 def _is_figure(key: str, value: Any) -> bool:
