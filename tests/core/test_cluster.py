@@ -22,18 +22,18 @@ print(json.dumps(seen))
 """
 
 
-def _seen_by_ray(tmp_path, **env) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV and k != "RAY_ADDRESS"}
+def _printed_json(script: str, cwd, env: dict) -> dict:
+    """What `script`, run in a new Python process with `env`, prints as JSON on its last line."""
     result = subprocess.run(
-        [sys.executable, "-c", SEEN_BY_RAY],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**base, **env},
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _seen_by_ray(tmp_path, **env) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in LOCAL_RAY_ENV and k != "RAY_ADDRESS"}
+    return _printed_json(SEEN_BY_RAY, tmp_path, {**base, **env})
 
 
 def test_a_local_ray_gets_the_local_defaults_unless_the_user_set_them(tmp_path):
@@ -96,17 +96,8 @@ def test_ray_processes_find_their_own_ray_while_another_local_ray_runs(tmp_path)
     )
     try:
         assert other.stdout is not None and other.stdout.readline().strip() == "started"
-        result = subprocess.run(
-            [sys.executable, "-c", STATE_API_ADDRESS],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=base,
-        )
+        seen = _printed_json(STATE_API_ADDRESS, tmp_path, base)
     finally:
         other.communicate(timeout=60)
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["found"] == seen["own"]
     assert seen["driver"] is None  # the step itself still runs in local mode
