@@ -42,7 +42,7 @@ $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 # mkdocstrings read as they read any installed package (the default mode's import hook they cannot
 # run). A module added or removed needs the tree made again: the stamp is named after the list of
 # the package's files, so `make install` remakes it whenever that list changes.
-PACKAGE_FILES := $(shell find model components workflows \( -name '*.py' -o -name '*.html' \) -not -path '*/__pycache__/*' | sort)
+PACKAGE_FILES := $(shell find model components workflows \( -name '*.py' -o -name '*.html' -o -name '*.csv' \) -not -path '*/__pycache__/*' | sort)
 EDITABLE := $(VENV)/.editable-$(shell echo $(PACKAGE_FILES) | md5sum | cut -c1-12)
 
 $(EDITABLE): $(STAMP)

@@ -409,8 +409,10 @@ def evaluate(
 @with_settings("zeroshot")
 def zeroshot(
     model: Path = typer.Option(..., help="Trained model folder."),
-    images: Path = typer.Option(
-        ..., help="Image folder: <images>/<class name>/<image files>; the folder names are the labels."
+    images: str = typer.Option(
+        ...,
+        help="Image set, a folder or s3:// prefix: ELEVATER (label_cn.txt + test/000/, 001/, ...), class folders "
+        "with a label file (--set zeroshot.label_file=...), or <images>/<class name>/<image files>.",
     ),
     out: Path | None = typer.Option(None, help="Write the metrics JSON (top-1, top-5, per-class accuracy) here."),
     predictions: Path | None = typer.Option(
@@ -431,9 +433,97 @@ def zeroshot(
     _finish(
         result,
         out,
-        f"zero-shot {images.name} with {model}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} % "
+        f"zero-shot {result['dataset']} with {model}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} % "
         f"(chance {result['chance_top1']:.2f} %)",
     )
+
+
+@app.command()
+@with_settings("benchmark", "mlflow")
+def benchmark(
+    model: str = typer.Option(
+        ...,
+        help="Model folder, or a registered version (models:/NAME/VERSION or models:/NAME@ALIAS): its "
+        "figures are then logged on the version's MLflow run, where the promotion gate reads a champion's.",
+    ),
+    dataset: str | None = typer.Option(
+        None, help="A dataset of benchmark.suite, by name (a registered version: default every one)."
+    ),
+    name: str | None = typer.Option(None, help="Instead of --dataset, the dataset itself: its name ..."),
+    task: str | None = typer.Option(None, help="... its task: retrieval or zeroshot ..."),
+    path: str | None = typer.Option(None, help="... and its folder or s3:// prefix (dvc.yaml passes all three)."),
+    split: str = typer.Option("test", help="Retrieval: the split's files; zero-shot: the folder of the images."),
+    label_file: str = typer.Option("", "--label-file", "--label_file", help="Zero-shot: the class names' file."),
+    template_set: str = typer.Option(
+        "", "--template-set", "--template_set", help="Zero-shot: one of Chinese-CLIP's template lists."
+    ),
+    published: str = typer.Option("", help="The dataset's name in Chinese-CLIP's published tables."),
+    out: Path | None = typer.Option(None, help="Write the figures as JSON here."),
+    *,
+    settings: dict,
+) -> None:
+    """Score a model on one dataset of the benchmark suite: retrieval R@1/5/10 and mean recall, or
+    zero-shot top-1/top-5 (`zhclip suite` gathers them into the suite's table)."""
+    from zhclip.components.evaluation.benchmark import BenchmarkConfig, suite_datasets
+    from zhclip.components.evaluation.benchmark import benchmark as run
+
+    config = config_from(BenchmarkConfig, settings, "benchmark")
+    if model.startswith("models:/") and not (dataset or name):
+        _benchmark_version(model, suite_datasets(config.suite), config.batch_size, settings, out)
+        return
+    if dataset and not (name or task or path):
+        chosen = config.dataset(dataset)
+    elif name and task and path and not dataset:
+        entry = {"name": name, "task": task, "path": path, "split": split}
+        entry |= {"label_file": label_file, "template_set": template_set, "published": published}
+        (chosen,) = suite_datasets([entry])
+    else:
+        raise ZhclipError("give --dataset NAME (of benchmark.suite), or --name, --task and --path")
+    if model.startswith("models:/"):
+        _benchmark_version(model, [chosen], config.batch_size, settings, out)
+        return
+    result = run(model, chosen, config.batch_size, out)
+    figures = "mean recall {mean_recall:.2f} %" if chosen.task == "retrieval" else "top-1 {top1:.2f} %"
+    _finish(result, out, f"benchmark {chosen.name} with {model}: " + figures.format(**result))
+
+
+def _benchmark_version(uri: str, datasets: list, batch_size: int, settings: dict, out: Path | None) -> None:
+    from zhclip.components.core.summaries import write_summary
+    from zhclip.components.core.tracking import MlflowConfig
+    from zhclip.components.registry.version_benchmark import benchmark_version
+
+    tracking = config_from(MlflowConfig, settings, "mlflow").tracking_uri
+    result = benchmark_version(uri, datasets, batch_size, tracking)
+    if out:
+        write_summary(out, result)
+    scores = ", ".join(f"{name} {figures['score']:.2f}" for name, figures in result["datasets"].items())
+    _finish(result, out, f"benchmark of {uri} (version {result['version']}, logged on its run): {scores}")
+
+
+@app.command()
+@with_settings("benchmark", "model")
+def suite(
+    results_dir: Path = typer.Option(
+        Path("metrics/benchmark"), "--results", help="The folder of `zhclip benchmark`'s results."
+    ),
+    out: Path | None = typer.Option(None, help="Write the suite's figures as JSON here (a DVC metrics file)."),
+    report_dir: Path | None = typer.Option(None, help="Write report.html/.md with the suite's table here."),
+    *,
+    settings: dict,
+) -> None:
+    """The benchmark suite's table: every model of benchmark.models on every dataset, the suite's means,
+    and Chinese-CLIP's published figures for the same model size (model.preset) beside them."""
+    from zhclip.components.core.architecture import ModelConfig
+    from zhclip.components.evaluation.benchmark import BenchmarkConfig, suite_datasets
+    from zhclip.components.evaluation.suite import published_note, write_suite
+
+    config = config_from(BenchmarkConfig, settings, "benchmark")
+    datasets = suite_datasets(config.suite)
+    preset = config_from(ModelConfig, settings, "model").preset
+    summary = write_suite(results_dir, config.models, datasets, preset, out, report_dir)
+    means = ", ".join(f"{model} {figures['suite_mean']:.2f}" for model, figures in summary["models"].items())
+    line = f"benchmark suite of {len(datasets)} datasets, mean score: {means}; {published_note(summary)}"
+    _finish(summary, out, line)
 
 
 @app.command()
@@ -451,11 +541,17 @@ def register(
     data: Path | None = typer.Option(
         None, help="The data training read (e.g. data/validated), recorded by its DVC hash."
     ),
+    suite_summary: Path | None = typer.Option(
+        None,
+        "--suite",
+        help="The benchmark suite's summary (`zhclip suite`): its figures go on the version, and no dataset may "
+        "fall more than register.suite_margin below the champion or below the start.",
+    ),
     *,
     settings: dict,
 ) -> None:
     """Log an MLflow pyfunc and register a version (alias challenger); it becomes champion when it is no worse
-    than its start and the champion.
+    than its start and the champion (on every dataset of the suite, given one).
 
     Lineage goes into version tags; a checkpoint registered before keeps its version (no duplicate).
     """
@@ -463,7 +559,9 @@ def register(
     from zhclip.components.registry.register import register as run
 
     config = config_from(RegisterConfig, settings, "register")
-    result = run(model, metrics, config, resolved_params(settings), summary, log_summary, train_summary, data)
+    result = run(
+        model, metrics, config, resolved_params(settings), summary, log_summary, train_summary, data, suite_summary
+    )
     _finish(result, summary, f"{result['model_name']} version {result['version']}: {result['decision']}")
 
 

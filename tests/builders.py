@@ -45,10 +45,10 @@ def pretrained_roberta(folder):
     return model
 
 
-def reference_model(**overrides):
-    """A randomly initialised reference CLIP with every tensor perturbed, so no mapping hides behind zeros/ones."""
+def reference_config(**overrides) -> dict:
+    """The keyword arguments of a tiny reference CLIP (its `model_info`, in zeroshot_evaluation.py's words)."""
     text = json.loads((reference().configs / "RoBERTa-wwm-ext-base-chinese.json").read_text())
-    config = {
+    return {
         "embed_dim": 32,
         "image_resolution": 32,
         "vision_layers": 2,
@@ -61,8 +61,12 @@ def reference_model(**overrides):
         "text_intermediate_size": 256,
         **overrides,
     }
+
+
+def reference_model(**overrides):
+    """A randomly initialised reference CLIP with every tensor perturbed, so no mapping hides behind zeros/ones."""
     torch.manual_seed(0)
-    model = reference().CLIP(**config)
+    model = reference().CLIP(**reference_config(**overrides))
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.02 * torch.randn_like(param))

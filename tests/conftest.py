@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
-# A demo dataset small enough for the tests that run whole pipelines (96 shapes, no digit scans).
+# A demo dataset small enough for the tests that run whole pipelines (96 shapes, no digit scans in a split).
 SMALL_DEMO_DATA = dict(
     train_images=96,
     valid_images=8,
@@ -33,6 +33,8 @@ SMALL_DEMO_DATA = dict(
     valid_digits=0,
     test_digits=0,
     zeroshot_per_class=1,
+    unseen_images=8,
+    unseen_digits=0,
 )
 BIN = Path(sys.executable).parent
 
@@ -68,17 +70,17 @@ if _NOT_INSTALLED:
 # `make test` runs the suite on two pytest-xdist workers (--dist loadgroup; TEST_WORKERS=0 for one
 # process): on 2 vCPU one process left the CPUs idle two thirds of the time, waiting on subprocesses,
 # servers and Ray's start. A work unit is a test module, so each module-scoped fixture (a Ray
-# cluster, an S3 or MLflow server) is built once; the tests on the one `small_project` (a whole
-# `dvc repro`) are one unit, sent first as the longest, so one worker builds it while the other runs
-# the rest.
+# cluster, an S3 or MLflow server) is built once. The modules on the `small_project` (a whole
+# `dvc repro`) go first: each worker builds its own (a session fixture is per process), which costs
+# one build more than one unit of them all, which left one worker running that longest unit while
+# the other had finished (make test 36 min 53 s so: test-runs/2026-12-07-cpu-ci-run-two-workers/).
 SHARED_PROJECT = "small_project"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups (registered after this file)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        unit = SHARED_PROJECT if SHARED_PROJECT in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(unit))
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     items.sort(key=lambda item: SHARED_PROJECT not in getattr(item, "fixturenames", ()))
 
 
@@ -269,7 +271,8 @@ def update_params(project: Path, changes: dict[str, dict]) -> None:
 
 # The settings of the `small_project` fixture: the small demo data, quick stand-in towers, one epoch
 # per stage, one zero-shot set (a stage per set and model in every pipeline run; the real demo's two
-# sets are the dvc.yaml tests' and the demo's).
+# sets are the dvc.yaml tests' and the demo's), and a benchmark suite of one retrieval dataset and one
+# zero-shot set for the final model only (the demo's suite: 3 models x 4 datasets).
 SMALL_PROJECT_PARAMS = {
     "demo_data": {**SMALL_DEMO_DATA, "pretrain_images": 40},
     "demo_towers": {"clip_steps": 20, "mlm_steps": 20},
@@ -277,6 +280,13 @@ SMALL_PROJECT_PARAMS = {
     "stage2": {"epochs": 1},
     "train": {"batch_size": 32},
     "zeroshot": {"sets": ["shapes"]},
+    "benchmark": {
+        "models": ["stage2"],
+        "suite": [
+            {"name": "demo-unseen", "task": "retrieval", "path": "data/raw/benchmark/unseen"},
+            {"name": "shapes", "task": "zeroshot", "path": "data/raw/zeroshot/shapes"},
+        ],
+    },
 }
 
 

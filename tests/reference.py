@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import subprocess
 import sys
 import types
 from functools import lru_cache
@@ -52,3 +53,16 @@ def reference() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         CLIP=model.CLIP, tokenize=utils.tokenize, tokenizer=tokenizer, configs=root / "model_configs"
     )
+
+
+CN_CLIP_EVAL = Path(importlib.metadata.distribution("cn-clip").locate_file("cn_clip/eval"))
+
+
+def run_reference_eval(script: str, *args: str) -> None:
+    """Run one of cn-clip's eval scripts as the reference does; its `.cuda()` calls stay on the CPU."""
+    code = (
+        "import runpy, sys, torch; torch.Tensor.cuda = lambda self, *a, **k: self; "
+        f"sys.argv = {[script, *args]!r}; runpy.run_path({str(CN_CLIP_EVAL / script)!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -39,6 +39,7 @@ QUICK_CHOICES = {
     "stage1": {"epochs": 1},
     "stage2": {"epochs": 1},
     "train": {"batch_size": 32},
+    "benchmark": {"models": ["stage2"]},  # the suite (test split, shapes) for the final model only: test time
 }
 
 
@@ -95,6 +96,7 @@ def test_a_captions_csv_walks_the_guide_from_the_demos_workspace(small_project, 
     for split in SPLITS:
         assert _prepared(project, split) == rows[split]
     assert "demo_towers" not in _ran(out) and "zeroshot@stage2-shapes" in _ran(out)
+    assert {"benchmark@stage2-suite0", "benchmark@stage2-suite1", "suite"} <= set(_ran(out))
     registered = json.loads((project / "metrics" / "register.json").read_text())
     assert (registered["model_name"], registered["version"]) == ("my-clip", 1)
     assert registered["tracking_uri"] == f"sqlite:///{project}/mlflow.db"  # the project's own registry

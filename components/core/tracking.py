@@ -220,3 +220,25 @@ class StepLogger:
             for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
                 self.client.log_batch(self.ids["run_id"], metrics=self.pending[start : start + 1000])
             self.pending = []
+
+
+def registered_model_folder(uri: str, tracking_uri: str, scratch: str | Path, what: str = "model") -> Path:
+    """The model folder inside a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`):
+    its pyfunc downloaded into `scratch`, and the folder `zhclip register` logged in it (the one that
+    holds config.json). `what` names the model in errors (the teacher, the model)."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from zhclip.components.core.errors import ZhclipError
+
+    try:
+        with using_tracking_uri(resolve_tracking_uri(tracking_uri)):
+            root = Path(download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
+    except MlflowException as err:
+        raise ZhclipError(f"{what} {uri!r}: cannot download it from the registry: {err.message}") from err
+    folders = sorted(path.parent for path in (root / "artifacts").rglob("config.json"))
+    if not folders:
+        raise ZhclipError(
+            f"{what} {uri!r} holds no model folder (no artifacts/**/config.json); register it with `zhclip register`"
+        )
+    return folders[0]

@@ -4,8 +4,9 @@ Two kinds of pictures: synthetic ones (one shape of one colour in one quadrant, 
 background) and real ones, the 1,797 handwritten-digit scans that scikit-learn ships (8x8, no
 download). Captions paraphrase what is shown. In the evaluation splits a caption lists every image
 of its split that shows the same thing, so retrieval has genuinely multiple positives. Digit scans
-kept out of every split form `zeroshot/digits/<零…九>/`, and fresh shapes `zeroshot/shapes/<shape>/`,
-image folders for zero-shot classification with Chinese class names.
+kept out of every split form `zeroshot/digits/`, and fresh shapes `zeroshot/shapes/`: zero-shot sets
+in the ELEVATER layout Chinese-CLIP distributes (`label_cn.txt` with the Chinese class names,
+`test/<class number>/<images>`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import io
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -104,14 +106,19 @@ class DemoDataConfig:
     test_digits: int = setting(60, "real handwritten-digit scans (scikit-learn) added to the test split")
     zeroshot_per_class: int = setting(8, "held-out images per class in data/raw/zeroshot/{digits,shapes}")
     pretrain_images: int = setting(1500, "fresh shapes (plus the train split's digit scans) in the pretraining corpus")
+    unseen_images: int = setting(
+        60, "fresh shape pictures in data/raw/benchmark/unseen, the benchmark suite's second retrieval dataset"
+    )
+    unseen_digits: int = setting(20, "held-out digit scans in data/raw/benchmark/unseen")
 
     def __post_init__(self):
         if not 1 <= self.captions_per_image <= len(TEMPLATES):
             raise ValueError(f"captions_per_image must be 1..{len(TEMPLATES)}, got {self.captions_per_image}")
         if min(self.train_images, self.valid_images, self.test_images) < 1 or self.image_size < 16:
             raise ValueError("each split needs at least one image and image_size must be at least 16")
-        digits = self.train_digits + self.valid_digits + self.test_digits + 10 * self.zeroshot_per_class
-        if min(self.train_digits, self.valid_digits, self.test_digits, self.zeroshot_per_class) < 0 or digits > 1797:
+        counts = (self.train_digits, self.valid_digits, self.test_digits, self.zeroshot_per_class, self.unseen_digits)
+        digits = sum(counts) + 9 * self.zeroshot_per_class
+        if min(counts) < 0 or self.unseen_images < 0 or digits > 1797:
             raise ValueError(f"digit counts must be non-negative and use at most the 1,797 scans (asked for {digits})")
 
 
@@ -148,10 +155,13 @@ def encode_image(image: Image.Image) -> str:
     return base64.urlsafe_b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _shapes(count: int, config: DemoDataConfig, rng: random.Random) -> list[_Picture]:
+def _shapes(count: int, config: DemoDataConfig, rng: random.Random, shapes: Sequence[str] = ()) -> list[_Picture]:
+    """`count` random pictures, or one of each entry of `shapes` (in random colours and places)."""
     pictures = []
-    for _ in range(count):
-        colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
+    for index in range(len(shapes) or count):
+        colour = rng.choice(list(COLOURS))
+        shape = shapes[index] if shapes else rng.choice(SHAPES)
+        position = rng.choice(list(POSITIONS))
         captions = [t.format(colour=colour, shape=shape, position=position) for t in TEMPLATES]
         english = [
             t.format(colour=ENGLISH[colour], shape=ENGLISH[shape], position=ENGLISH[position])
@@ -213,14 +223,18 @@ def _write_split(
     return {"images": len(pictures), "texts": texts}
 
 
-def _write_zeroshot(folder: Path, pictures: list[_Picture], class_of) -> dict:
-    counts: dict[str, int] = {}
+def _write_zeroshot(folder: Path, pictures: list[_Picture], names: list[str], class_of) -> dict:
+    """An ELEVATER-layout set, as Chinese-CLIP distributes its zero-shot datasets: label_cn.txt (class
+    i's name on line i) and test/<i>/ (one digit up to ten classes, three beyond: sorted = numbered)."""
+    width = 1 if len(names) <= 10 else 3
+    counts = [0] * len(names)
     for picture in pictures:
-        name = class_of(picture)
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        picture.image.save(folder / name / f"{counts.get(name, 0):03d}.png")
-        counts[name] = counts.get(name, 0) + 1
-    return {"classes": len(counts), "images": sum(counts.values())}
+        index = class_of(picture)
+        (folder / "test" / f"{index:0{width}d}").mkdir(parents=True, exist_ok=True)
+        picture.image.save(folder / "test" / f"{index:0{width}d}" / f"{counts[index]:03d}.png")
+        counts[index] += 1
+    (folder / "label_cn.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    return {"classes": len(names), "images": sum(counts)}
 
 
 def _write_pretraining_corpus(folder: Path, pictures: list[_Picture]) -> dict:
@@ -274,13 +288,28 @@ def generate_demo_data(out_dir: str | Path, config: DemoDataConfig, summary_path
             "digits": _write_zeroshot(
                 out_dir / "zeroshot" / "digits",
                 _digits(digits.images[held_out], digits.target[held_out], config),
-                lambda picture: DIGIT_NAMES[picture.same_as[1]],
+                DIGIT_NAMES,
+                lambda picture: picture.same_as[1],
             ),
             "shapes": _write_zeroshot(
                 out_dir / "zeroshot" / "shapes",
-                _shapes(len(SHAPES) * config.zeroshot_per_class, config, rng),
-                lambda picture: picture.same_as[2],
+                _shapes(0, config, rng, [shape for shape in SHAPES for _ in range(config.zeroshot_per_class)]),
+                SHAPES,
+                lambda picture: SHAPES.index(picture.same_as[2]),
             ),
+        }
+        # A second retrieval dataset as Chinese-CLIP distributes one (test_imgs.tsv, test_texts.jsonl):
+        # fresh shapes from their own generator and digit scans that no split or zero-shot set holds.
+        unseen_rng = random.Random(f"{config.seed}-unseen")
+        zeroshot_scans = set(held_out)
+        unused = [i for i in order[start:] if i not in zeroshot_scans][: config.unseen_digits]
+        unseen = _shapes(config.unseen_images, config, unseen_rng) + _digits(
+            digits.images[unused], digits.target[unused], config
+        )
+        unseen_rng.shuffle(unseen)
+        (out_dir / "benchmark" / "unseen").mkdir(parents=True, exist_ok=True)
+        summary["benchmark"] = {
+            "unseen": _write_split(out_dir / "benchmark" / "unseen", "test", unseen, config, unseen_rng, ids)
         }
         # Fresh shapes from their own generator (the splits stay as they were) and the train split's digit scans.
         train_digits = order[: config.train_digits]

@@ -1,8 +1,10 @@
-"""Zero-shot classification over an image folder (`<root>/<class name>/<image>`), as Chinese-CLIP scores it.
+"""Zero-shot classification of an image set, as Chinese-CLIP's `zeroshot_evaluation.py` scores it.
 
+The set is read in any layout of `classification_set` (ELEVATER, a label file, class-named folders).
 Each class embedding is the mean of the L2-normalised embeddings of its prompts (the class name put
-into every template), normalised again: the template ensembling of the reference's
-`zeroshot_evaluation.py`. Images are classified by their dot product with the class embeddings.
+into every template of the set's templates), normalised again: the reference's template ensembling.
+Images are classified by their dot product with the class embeddings (the reference's softmax of
+100 times that product ranks the classes alike).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.progress import progress_bar
@@ -22,23 +23,11 @@ from zhclip.components.core.settings import setting
 from zhclip.components.core.summaries import timed, write_summary
 from zhclip.components.core.tracking import run_to_log_into
 from zhclip.components.evaluation import report
+from zhclip.components.evaluation.classification_set import ClassificationSet, read_classification_set
 from zhclip.components.evaluation.retrieval import accelerated, top_k
+from zhclip.components.evaluation.templates import templates_for
 from zhclip.model import embed_images, embed_texts, load_model
 
-# A subset of the Chinese prompts the reference ships (`eval/cvinw_zeroshot_templates.py`, openai_templates).
-DEFAULT_TEMPLATES = [
-    "{}的照片",
-    "一张包含{}的照片",
-    "{}的图片",
-    "一张清晰的{}的照片",
-    "{}的特写照片",
-    "{}的低分辨率照片",
-    "{}的黑白照片",
-    "{}的手绘画",
-    "{}的渲染",
-    "我的{}的照片",
-]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 EXAMPLES_PER_CLASS = 5
 
 
@@ -46,7 +35,19 @@ EXAMPLES_PER_CLASS = 5
 class ZeroshotConfig:
     """Section `zeroshot`: prompts and image sets of zero-shot classification."""
 
-    templates: list[str] = setting(list(DEFAULT_TEMPLATES), "each with one '{}' for the class name")
+    templates: list[str] = setting(
+        [],
+        "prompts, each with one '{}' for the class name; empty: the set's own, by its folder name, as "
+        "Chinese-CLIP's zeroshot_evaluation.py chooses them (food-101 its food prompts, any other name the "
+        "183 'openai' ones)",
+    )
+    template_set: str = setting(
+        "", "instead of the choice by folder name, one of Chinese-CLIP's named lists (openai, food, imagenet, ...)"
+    )
+    split: str = setting("test", "the folder of a set with a label file that holds its images (ELEVATER: test)")
+    label_file: str = setting(
+        "", "class names, one a line in sorted class-folder order; empty: the set's label_cn.txt when it has one"
+    )
     batch_size: int = setting(256, "images or prompts embedded at once")
     sets: list[str] = setting(
         ["digits", "shapes"],
@@ -56,34 +57,8 @@ class ZeroshotConfig:
 
     def __post_init__(self):
         bad = [t for t in self.templates if t.count("{}") != 1]
-        if not self.templates or bad:
-            raise ValueError(f"templates must be a non-empty list of strings with exactly one '{{}}' each; bad: {bad}")
-
-
-def image_folder(root: str | Path) -> tuple[list[str], list[Path], np.ndarray]:
-    """Class names (sorted subfolder names), image paths and their class indices."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ZhclipError(f"{root} is not a folder; expected <root>/<class name>/<images>")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise ZhclipError(f"{root} needs at least two class subfolders, found {classes}")
-    paths, labels = [], []
-    for index, name in enumerate(classes):
-        found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise ZhclipError(f"{root / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        paths += found
-        labels += [index] * len(found)
-    return classes, paths, np.array(labels, dtype=np.int64)
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ZhclipError(f"{path}: not a readable image ({err}); remove or replace it") from err
+        if bad:
+            raise ValueError(f"templates must be strings with exactly one '{{}}' each; bad: {bad}")
 
 
 def _prompt(template: str, name: str) -> str:
@@ -108,6 +83,52 @@ def confusion_counts(labels: np.ndarray, predicted: np.ndarray, classes: int) ->
     return np.bincount(labels * classes + predicted, minlength=classes**2).reshape(classes, classes)
 
 
+@dataclass
+class Classified:
+    """A set classified: the summary's figures, the set, each image's top-5 classes and the confusion counts."""
+
+    summary: dict[str, Any]
+    dataset: ClassificationSet
+    ranked: np.ndarray
+    matrix: np.ndarray
+
+
+def classify(model_dir: str | Path, images_dir: str | Path, config: ZeroshotConfig) -> Classified:
+    """Classify every image of the set (a folder or s3:// prefix): top-1/top-5 and per-class accuracy
+    (percent), nothing written."""
+    dataset = read_classification_set(str(images_dir), config.split, config.label_file)
+    template_set, templates = templates_for(dataset.name, config.template_set, config.templates)
+    try:
+        model, processor = load_model(model_dir)
+    except (FileNotFoundError, OSError) as err:
+        raise ZhclipError(f"cannot load model from {model_dir}: {err}") from err
+    classes, labels = dataset.classes, dataset.labels
+    summary: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "images_dir": str(images_dir),
+        "dataset": dataset.name,
+        "layout": dataset.layout,
+        "classes": len(classes),
+        "images": len(dataset.files),
+        "ignored_files": dataset.ignored,
+        "template_set": template_set,
+        "templates": len(templates),
+    }
+    with timed(summary):
+        with accelerated(model):
+            weights = class_embeddings(model, processor, classes, templates, config.batch_size)
+            image_embeddings = _embed_set(model, processor, dataset, config.batch_size, Path(model_dir).name)
+        ranked = top_k(image_embeddings, weights, 5)
+    predicted = ranked[:, 0]
+    summary |= {
+        "top1": _percent(predicted == labels),
+        "top5": _percent((ranked == labels[:, None]).any(axis=1)),
+        "chance_top1": round(100.0 / len(classes), 4),
+        "per_class_accuracy": {name: _percent(predicted[labels == c] == c) for c, name in enumerate(classes)},
+    }
+    return Classified(summary, dataset, ranked, confusion_counts(labels, predicted, len(classes)))
+
+
 def zeroshot(
     model_dir: str | Path,
     images_dir: str | Path,
@@ -117,83 +138,65 @@ def zeroshot(
     report_dir: str | Path | None = None,
     mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Classify every image of the folder; returns top-1/top-5 and per-class accuracy (percent).
+    """`classify`, with its outputs; returns the summary.
 
     Optional outputs: one CSV row per image (path, actual, predicted) for DVC's confusion plot, an
     HTML/Markdown report with the confusion matrix, and the metrics and report logged to an existing MLflow run
     (`mlflow_run_id`; by default the run that trained the model, when recorded).
     """
-    classes, paths, labels = image_folder(images_dir)
-    try:
-        model, processor = load_model(model_dir)
-    except (FileNotFoundError, OSError) as err:
-        raise ZhclipError(f"cannot load model from {model_dir}: {err}") from err
-    summary: dict[str, Any] = {
-        "model_dir": str(model_dir),
-        "images_dir": str(images_dir),
-        "classes": len(classes),
-        "images": len(paths),
-        "templates": len(config.templates),
-    }
-    with timed(summary):
-        with accelerated(model):
-            weights = class_embeddings(model, processor, classes, config.templates, config.batch_size)
-            chunks = [
-                embed_images(
-                    model, processor, [_open(p) for p in paths[start : start + config.batch_size]], config.batch_size
-                )
-                for start in progress_bar(
-                    range(0, len(paths), config.batch_size),
-                    unit="batch",
-                    desc=f"zero-shot {Path(images_dir).name} with {Path(model_dir).name}",
-                )
-            ]
-        ranked = top_k(np.concatenate(chunks), weights, 5)
-    predicted = ranked[:, 0]
-    matrix = confusion_counts(labels, predicted, len(classes))
-    per_class = {name: round(100.0 * float(np.mean(predicted[labels == c] == c)), 4) for c, name in enumerate(classes)}
-    summary |= {
-        "top1": round(100.0 * float(np.mean(predicted == labels)), 4),
-        "top5": round(100.0 * float(np.mean((ranked == labels[:, None]).any(axis=1))), 4),
-        "chance_top1": round(100.0 / len(classes), 4),
-        "per_class_accuracy": per_class,
-    }
+    result = classify(model_dir, images_dir, config)
+    summary, dataset, classes = result.summary, result.dataset, result.dataset.classes
     if summary_path:
         write_summary(summary_path, summary)
     if predictions_path:
+        actual, predicted = dataset.labels, result.ranked[:, 0]
         _write_predictions(
-            predictions_path, paths, images_dir, [classes[i] for i in labels], [classes[i] for i in predicted]
+            predictions_path, dataset.files, [classes[i] for i in actual], [classes[i] for i in predicted]
         )
-    artifacts = report.write(_report(summary, classes, paths, labels, ranked, matrix), report_dir) if report_dir else []
+    artifacts = report.write(_report(summary, dataset, result.ranked, result.matrix), report_dir) if report_dir else []
     run = run_to_log_into(mlflow_run_id, model_dir)
     if run:
-        name = Path(images_dir).name
+        name = dataset.name
         report.log_to_mlflow(
             run, {f"zeroshot_{name}_{k}": summary[k] for k in ("top1", "top5")}, artifacts, f"zeroshot_{name}"
         )
     return summary
 
 
-def _write_predictions(
-    path: str | Path, paths: Sequence[Path], root: str | Path, actual: Sequence[str], predicted: Sequence[str]
-) -> Path:
+def _embed_set(model, processor, dataset: ClassificationSet, batch_size: int, model_name: str) -> np.ndarray:
+    """The images' embeddings, decoding one batch at a time (a set of any size fits in memory)."""
+    chunks = [
+        embed_images(
+            model,
+            processor,
+            [dataset.open(i) for i in range(start, min(start + batch_size, len(dataset.files)))],
+            batch_size,
+        )
+        for start in progress_bar(
+            range(0, len(dataset.files), batch_size), unit="batch", desc=f"zero-shot {dataset.name} with {model_name}"
+        )
+    ]
+    return np.concatenate(chunks)
+
+
+def _percent(hits: np.ndarray) -> float:
+    return round(100.0 * float(np.mean(hits)), 4) if hits.size else 0.0
+
+
+def _write_predictions(path: str | Path, files: Sequence[str], actual: Sequence[str], predicted: Sequence[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
         writer.writerow(["image", "actual", "predicted"])
-        writer.writerows([p.relative_to(root).as_posix(), a, b] for p, a, b in zip(paths, actual, predicted))
+        writer.writerows(zip(files, actual, predicted))
     return path
 
 
 def _report(
-    summary: dict[str, Any],
-    classes: list[str],
-    paths: list[Path],
-    labels: np.ndarray,
-    ranked: np.ndarray,
-    matrix: np.ndarray,
+    summary: dict[str, Any], dataset: ClassificationSet, ranked: np.ndarray, matrix: np.ndarray
 ) -> report.Report:
+    classes, labels = dataset.classes, dataset.labels
     accuracy = [
         ["", "top-1", "top-5", "chance (top-1)"],
         ["accuracy (%)", f"{summary['top1']:.2f}", f"{summary['top5']:.2f}", f"{summary['chance_top1']:.2f}"],
@@ -215,7 +218,9 @@ def _report(
                 query=name,
                 results=[
                     report.Result(
-                        label=f"→ {classes[ranked[row, 0]]}", hit=bool(ranked[row, 0] == c), image=_open(paths[row])
+                        label=f"→ {classes[ranked[row, 0]]}",
+                        hit=bool(ranked[row, 0] == c),
+                        image=dataset.open(int(row)),
                     )
                     for row in rows
                 ],
@@ -223,7 +228,10 @@ def _report(
         )
     return report.Report(
         title="zhclip zero-shot classification",
-        notes={key: summary[key] for key in ("model_dir", "images_dir", "classes", "images", "templates")},
+        notes={
+            key: summary[key]
+            for key in ("model_dir", "images_dir", "layout", "classes", "images", "template_set", "templates")
+        },
         tables=[report.Table("Accuracy", accuracy), report.Table("Per-class accuracy", per_class), confusion],
         figures=[
             report.Figure(

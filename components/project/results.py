@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zhclip.components.evaluation.suite import published_note, table_rows
 from zhclip.components.search.index_store import describe_model
 
 # The output paths declared in dvc.yaml.
@@ -14,6 +15,7 @@ FINAL_EVALUATION = Path("metrics/evaluate_stage2.json")
 START_EVALUATION = Path("metrics/evaluate_start.json")
 ZEROSHOT = "metrics/zeroshot_{model}_{set}.json"
 REGISTER_SUMMARY = Path("metrics/register.json")
+SUITE_SUMMARY = Path("metrics/benchmark.json")
 INDEX_SUMMARIES = "metrics/index_*.json"
 
 
@@ -45,6 +47,16 @@ def _zeroshot_lines(models: list[str]) -> list[str]:
     return lines
 
 
+def _suite_lines() -> list[str]:
+    suite = _load(SUITE_SUMMARY)
+    if not suite:
+        return []
+    rows = table_rows(suite, every_figure=False)
+    widths = [max(len(row[column]) if column < len(row) else 0 for row in rows) for column in range(len(rows[0]))]
+    table = ["    " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return [f"  benchmark suite (%, every figure: reports/benchmark/report.html); {published_note(suite)}:", *table]
+
+
 def headline() -> str:
     """A short report: model folders, metric files, start -> stages with the gains, zero-shot, registry state,
     search indexes."""
@@ -60,6 +72,7 @@ def headline() -> str:
         final.get("chain") or [{"model": final.get("model", "stage2"), **final}], final["chance_mean_recall"]
     )
     lines += _zeroshot_lines(["start", "stage2"])
+    lines += _suite_lines()
     if final.get("gain_over_start", 0) < 0:
         lines.append(
             '  WARNING the final model is below its start: see docs/training.md, "When a stage does not learn"'

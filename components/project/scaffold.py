@@ -32,6 +32,7 @@ CHOICES = {
     "model": (("preset",), "the architecture, matching the starting weights (docs/models.md)"),
     "register": (("model_name",), "the MLflow registry name your models go under (the search service's too)"),
     "zeroshot": (("sets",), "the class folders under the raw folder's zeroshot/ to score ([]: none)"),
+    "benchmark": (("suite",), "the datasets every model is scored on (docs/evaluation.md#the-benchmark-suite)"),
     "search": (("galleries",), "the galleries the index stages embed ({}: none)"),
 }
 # The paper's recipe: stage 1 from pretrained towers of ViT-B-16's size, which the user puts here.
@@ -123,10 +124,11 @@ def zeroshot_sets(raw: Folder) -> list[str]:
     return sorted(info.base_name for info in listing if info.type == fs.FileType.Directory)
 
 
-def project_params(name: str, sets: list[str], chosen: dict[str, dict]) -> dict[str, dict]:
+def project_params(name: str, raw: str, sets: list[str], chosen: dict[str, dict]) -> dict[str, dict]:
     """Every section but the demo's, at the code's defaults, with the choices a project starts from
-    (the paper's start, ViT-B-16, `name` in the registry, the raw folder's zero-shot sets, the test
-    split's gallery), then `chosen`, checked against the settings like any params.yaml."""
+    (the paper's start, ViT-B-16, `name` in the registry, the raw folder's zero-shot sets, a suite of
+    the test split and those sets, the test split's gallery), then `chosen`, checked against the
+    settings like any params.yaml."""
     params = _defaults()
     params["start"].update(PAPER_START)
     params["model"]["preset"] = "ViT-B-16"
@@ -137,6 +139,14 @@ def project_params(name: str, sets: list[str], chosen: dict[str, dict]) -> dict[
         if section not in params:
             raise ZhclipError(f"--set {section}.…: no section '{section}'; known: {sorted(params)}")
         params[section].update(values)
+    if "suite" not in chosen.get("benchmark", {}):  # the test split and the zero-shot sets as chosen
+        params["benchmark"]["suite"] = [
+            {"name": "test", "task": "retrieval", "path": "data/validated", "split": "test"},
+            *(
+                {"name": name, "task": "zeroshot", "path": f"{raw}/zeroshot/{name}"}
+                for name in params["zeroshot"]["sets"]
+            ),
+        ]
     resolved_params(params)  # checked as any params.yaml is: an unknown key or a bad value fails here
     return {section: params[section] for section in [*CHOICES, *(s for s in params if s not in CHOICES)]}
 
@@ -208,7 +218,7 @@ def init_project(folder: str | Path, raw: str, settings: list[str] | None = None
     location = _raw_in_project(raw, folder)
     raw_folder = Folder(raw if raw.startswith("s3://") else Path(raw).resolve())
     formats = raw_formats(raw_folder)
-    params = project_params(folder.name, zeroshot_sets(raw_folder), parse_settings(settings or []))
+    params = project_params(folder.name, location, zeroshot_sets(raw_folder), parse_settings(settings or []))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "weights").mkdir(exist_ok=True)
     (folder / "weights" / "README.md").write_text(WEIGHTS_README, encoding="utf-8")

@@ -31,6 +31,7 @@ from zhclip.components.core.lineage import dvc_hash, git_commit, weights_hash
 from zhclip.components.core.settings import setting, shared
 from zhclip.components.core.summaries import read_summary, timed, write_summary
 from zhclip.components.core.tracking import MlflowConfig, flatten_params, resolve_tracking_uri, using_tracking_uri
+from zhclip.components.registry import suite_gate
 from zhclip.components.registry.gate_lock import gate_lock
 from zhclip.model.pyfunc import DEFAULT_CONFIG, DEFAULT_TEMPLATE
 
@@ -61,6 +62,11 @@ class RegisterConfig:
     metric: str = setting("mean_recall", "evaluation metric that decides promotion (higher is better)")
     tolerance: float = setting(0.0, "promote when at least the champion's metric minus this")
     min_gain_over_start: float = setting(0.0, "... and at least the starting model's metric plus this")
+    suite_margin: float = setting(
+        1.0,
+        "... and, given the benchmark suite (--suite), no dataset's score more than this many points below the "
+        "champion's, or below its start's",
+    )
     lock_lease_s: float = setting(
         120.0, "the promotion gate's lock lease: a registration killed while holding it blocks others this long"
     )
@@ -133,18 +139,17 @@ def _version_of_checkpoint(client, name: str, weights: str, model_hash: str):
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def _champion(client, name: str, metric: str) -> tuple[str | None, float | None]:
-    """The champion's version and its metric, as its MLflow run recorded it; (None, None) without one.
+def _champion(client, name: str) -> tuple[str | None, dict[str, float]]:
+    """The champion's version and the metrics its MLflow run recorded; (None, {}) without one.
 
     Read from the registered model's aliases rather than by catching a failed alias lookup, so that
     a registry error stops the step instead of passing for "no champion" and promoting.
     """
     version = client.get_registered_model(name).aliases.get("champion")
     if version is None:
-        return None, None
+        return None, {}
     champion = client.get_model_version(name, version)
-    value = client.get_run(champion.run_id).data.metrics.get(metric) if champion.run_id else None
-    return str(version), value
+    return str(version), dict(client.get_run(champion.run_id).data.metrics) if champion.run_id else {}
 
 
 def _start_value(metrics_summary: dict[str, Any], metric: str, where: str | Path) -> float | None:
@@ -210,35 +215,66 @@ def registration_card(chain: list[dict], decision: str, rule: str, metric: str) 
     return "\n".join([*lines, "", f"**Gate** (rule: {rule}): {decision}", ""])
 
 
-def _gate(
-    client, name: str, version: str, candidate: float, start: float | None, config: RegisterConfig, chain: list[dict]
-) -> dict[str, Any]:
-    """Alias `challenger` to `version`; `champion` too when it passes `_decide`. Records the decision on the
-    version, in tags and in its description (the registration card)."""
+@dataclass(frozen=True)
+class Candidate:
+    """What the gate decides on: the candidate's value of the gate's metric, its start's, the chain of
+    evaluations (start and stages) and, when given, the benchmark suite's summary with its model's name."""
+
+    value: float
+    start: float | None
+    chain: list[dict]
+    suite: dict[str, Any] | None = None
+    suite_model: str = ""
+
+
+def _suite_verdicts(candidate: Candidate, champion: dict[str, float], margin: float) -> list[suite_gate.DatasetVerdict]:
+    if candidate.suite is None:
+        return []
+    suite = candidate.suite
+    start = suite_gate.scores(suite, "start") if "start" in suite["models"] else {}
+    return suite_gate.judge(
+        suite_gate.scores(suite, candidate.suite_model), start, suite_gate.champion_scores(champion), margin
+    )
+
+
+def _gate(client, name: str, version: str, candidate: Candidate, config: RegisterConfig) -> dict[str, Any]:
+    """Alias `challenger` to `version`; `champion` too when it passes `_decide` and, given the suite, no
+    dataset fails. Records the decision on the version, in tags and in its description (the card)."""
     client.set_registered_model_alias(name, "challenger", version)
-    champion_version, champion_value = _champion(client, name, config.metric)
+    champion_version, champion_metrics = _champion(client, name)
+    champion_value = champion_metrics.get(config.metric)
+    verdicts: list[suite_gate.DatasetVerdict] = []
     if champion_version == str(version):  # its own gate promoted it, then was killed before recording why
         promote, rule, decision = True, "resumed", "promoted (its registration was interrupted after the promotion)"
     else:
-        promote, rule, decision = _decide(candidate, start, champion_version, champion_value, config)
+        promote, rule, decision = _decide(candidate.value, candidate.start, champion_version, champion_value, config)
+        verdicts = _suite_verdicts(candidate, champion_metrics, config.suite_margin)
+        failed = suite_gate.failures(verdicts)
+        if promote and failed:
+            promote, rule, decision = False, "suite", f"kept current champion: {failed}"
     if promote:
         client.set_registered_model_alias(name, "champion", version)
-    client.update_model_version(name, version, description=registration_card(chain, decision, rule, config.metric))
+    card = registration_card(candidate.chain, decision, rule, config.metric)
+    client.update_model_version(
+        name, version, description=card + "\n".join(suite_gate.card_section(verdicts) if verdicts else [])
+    )
     for key, value in {
         "promotion": decision,
         "promotion.rule": rule,
-        "promotion.candidate_value": candidate,
-        "promotion.start_value": start,
+        "promotion.candidate_value": candidate.value,
+        "promotion.start_value": candidate.start,
         "promotion.champion_value": champion_value,
-        "promotion.champion_version": champion_version,
+        **suite_gate.tags(verdicts),
+        "promotion.champion_version": champion_version,  # last: its presence means the gate decided
     }.items():
         client.set_model_version_tag(name, version, key, str(value))
     return {
-        "candidate_value": candidate,
-        "start_value": start,
+        "candidate_value": candidate.value,
+        "start_value": candidate.start,
         "promoted": promote,
         "rule": rule,
         "decision": decision,
+        "suite": [{"dataset": v.dataset, "passed": v.passed, "reason": v.reason} for v in verdicts],
         "previous_champion_version": int(champion_version) if champion_version else None,
         "previous_champion_value": champion_value,
         "champion_version": int(version) if promote else (int(champion_version) if champion_version else None),
@@ -309,13 +345,7 @@ def _log_run(
 
 
 def _register_and_gate(
-    client,
-    model_uri: str,
-    lineage: dict[str, str],
-    candidate: float,
-    start: float | None,
-    config: RegisterConfig,
-    chain,
+    client, model_uri: str, lineage: dict[str, str], candidate: Candidate, config: RegisterConfig
 ) -> dict[str, Any]:
     """Under the gate lock: the version (a new one, or the earlier one of the same checkpoint that a
     concurrent registration made meanwhile) and, for a new one, the gate's decision. A version whose
@@ -333,7 +363,7 @@ def _register_and_gate(
         else:
             with contextlib.redirect_stdout(sys.stderr):
                 version, resumed = mlflow.register_model(model_uri, config.model_name, tags=lineage).version, False
-        gate = _gate(client, config.model_name, version, candidate, start, config, chain)
+        gate = _gate(client, config.model_name, version, candidate, config)
     return {"version": int(version), "already_registered": resumed, "gate_resumed": resumed} | gate
 
 
@@ -343,13 +373,14 @@ def _decided(version) -> bool:
 
 
 def _already_registered(client, existing, config: RegisterConfig) -> dict[str, Any]:
-    champion_version, _ = _champion(client, config.model_name, config.metric)
+    champion_version, _ = _champion(client, config.model_name)
     return {
         "version": int(existing.version),
         "run_id": existing.run_id,
         "already_registered": True,
         "promoted": False,
         "decision": existing.tags.get("promotion"),
+        "suite": suite_gate.recorded(existing.tags),
         "champion_version": int(champion_version) if champion_version else None,
     }
 
@@ -363,13 +394,15 @@ def register(
     step_summaries: Sequence[str | Path] = (),
     train_summary: str | Path | None = None,
     data_dir: str | Path | None = None,
+    suite_path: str | Path | None = None,
 ) -> dict:
     """Log, register and gate; returns the summary (version, lineage, decision and both figures).
 
     `step_summaries` (the JSON summaries of earlier steps) and `train_summary` (stage 2's, whose
     `mlflow` section names the training runs) are attached to the MLflow run; `data_dir` is the
-    training data, recorded by its DVC hash. A checkpoint registered before is not registered again:
-    the summary names its existing version.
+    training data, recorded by its DVC hash. `suite_path` is the benchmark suite's summary (`zhclip
+    suite`): the model's figures are logged on the run and every dataset gates (suite_gate.py). A
+    checkpoint registered before is not registered again: the summary names its existing version.
     """
     from mlflow import MlflowClient
 
@@ -389,6 +422,9 @@ def register(
     start = _start_value(evaluation, config.metric, metrics_path)
     # Every model of the chain (start, stage 1, stage 2) side by side in the run, e.g. `start.mean_recall`.
     metrics |= {f"{entry['model']}.mean_recall": entry["mean_recall"] for entry in evaluation.get("chain", [])}
+    suite = read_summary(suite_path) if suite_path else None
+    if suite is not None:
+        metrics |= suite_gate.suite_metrics(suite, model_dir.name)
     uri = tracking_uri(config)
     with using_tracking_uri(uri):
         client = MlflowClient()
@@ -415,7 +451,8 @@ def register(
                 else:  # registered, then killed before its gate decided: gate that version
                     run_id, model_uri = existing.run_id, existing.source
                 chain = evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}]
-                gated = _register_and_gate(client, model_uri, lineage, metrics[config.metric], start, config, chain)
+                candidate = Candidate(metrics[config.metric], start, chain, suite, model_dir.name)
+                gated = _register_and_gate(client, model_uri, lineage, candidate, config)
                 if existing is None and gated["already_registered"]:  # another registration of it came first
                     client.set_tag(run_id, "zhclip.duplicate_of_version", str(gated["version"]))
                 summary.update({"run_id": run_id, "lineage": {k: v for k, v in lineage.items() if k != "params"}})

@@ -11,27 +11,9 @@ from transformers import PreTrainedModel
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.storage import local_folder
-from zhclip.components.core.tracking import resolve_tracking_uri, using_tracking_uri
+from zhclip.components.core.tracking import registered_model_folder
 from zhclip.model import load_model
 from zhclip.model.presets import ClipModel
-
-
-def _registry_folder(uri: str, tracking_uri: str, scratch: str) -> str:
-    """The model folder inside a registered version (its pyfunc artifact `model_dir`), downloaded."""
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    try:
-        with using_tracking_uri(resolve_tracking_uri(tracking_uri)):
-            root = Path(download_artifacts(artifact_uri=uri, dst_path=scratch))
-    except MlflowException as err:
-        raise ZhclipError(f"teacher {uri!r}: cannot download it from the registry: {err.message}") from err
-    folders = sorted(path.parent for path in (root / "artifacts").rglob("config.json"))
-    if not folders:
-        raise ZhclipError(
-            f"teacher {uri!r} holds no model folder (no artifacts/**/config.json); register it with `zhclip register`"
-        )
-    return str(folders[0])
 
 
 def load_teacher(
@@ -41,7 +23,7 @@ def load_teacher(
     vocabulary, at least `context_length` positions) and give embeddings of the student's size."""
     with tempfile.TemporaryDirectory() as scratch:
         if teacher.startswith("models:/"):
-            folder = _registry_folder(teacher, tracking_uri, scratch)
+            folder = str(registered_model_folder(teacher, tracking_uri, scratch, "teacher"))
         else:
             folder = local_folder(teacher, scratch)
         if not Path(folder, "config.json").is_file():

@@ -86,6 +86,26 @@ def test_dvc_push_and_pull_round_trip_through_the_s3_remote(s3_endpoint, raw_dir
     assert _files(tmp_path / "raw") == original and len(original) > 6
 
 
+def test_benchmark_sets_read_from_s3_as_from_disk(s3_env, raw_dir, tiny_models):
+    """A zero-shot set in ELEVATER's layout and a retrieval split in Chinese-CLIP's, from MinIO."""
+    import numpy as np
+
+    from zhclip.components.evaluation.benchmark import SuiteDataset, benchmark
+    from zhclip.components.evaluation.classification_set import read_classification_set
+
+    upload(raw_dir, "s3://zhclip-bench/raw")
+    local, remote = (read_classification_set(f"{root}/zeroshot/shapes") for root in (raw_dir, "s3://zhclip-bench/raw"))
+    assert (remote.layout, remote.classes, remote.files) == ("elevater", local.classes, local.files)
+    assert np.array_equal(remote.labels, local.labels) and remote.open(0).tobytes() == local.open(0).tobytes()
+    figures = [
+        benchmark(tiny_models[0], SuiteDataset("unseen", "retrieval", f"{root}/benchmark/unseen"))
+        for root in (raw_dir, "s3://zhclip-bench/raw")
+    ]
+    assert {key: figures[0][key] for key in ("t2i_r1", "i2t_r5", "mean_recall")} == {
+        key: figures[1][key] for key in ("t2i_r1", "i2t_r5", "mean_recall")
+    }
+
+
 @pytest.mark.slow
 def test_ingest_reads_raw_splits_from_s3_with_ray_tasks(s3_env, raw_dir, prepared_dir, tmp_path):
     """The raw data in MinIO, decoded by Ray tasks that read it themselves: the same shards as from the local folder."""

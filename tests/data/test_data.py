@@ -19,7 +19,7 @@ from zhclip.components.data.schema import PAIR_SCHEMA
 from zhclip.components.data.shards import read_pairs
 from zhclip.components.data.spill import spill_database
 from zhclip.components.data.validate import ValidateConfig, flagged_rows, validate
-from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
+from zhclip.components.demo.data import SHAPES, DemoDataConfig, generate_demo_data
 
 from conftest import BIN, run_tool
 
@@ -77,24 +77,28 @@ def test_demo_data_includes_real_digit_scans_and_zero_shot_sets(tmp_path):
     texts = [json.loads(line) for line in _lines(tmp_path / "test_texts.jsonl")]
     digit_texts = [t for t in texts if "数字" in t["text"] or "手写" in t["text"]]
     assert digit_texts and any(len(t["image_ids"]) > 1 for t in digit_texts)
-    folders = sorted(p.name for p in (tmp_path / "zeroshot" / "digits").iterdir())
-    assert folders == sorted(["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"])
-    assert sorted(p.name for p in (tmp_path / "zeroshot" / "shapes").iterdir()) == sorted(
-        ["圆形", "正方形", "三角形", "十字"]
-    )
+    # ELEVATER's layout, as Chinese-CLIP distributes its zero-shot sets: line i of label_cn.txt names test/<i>/
+    for name, classes in (("digits", ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]), ("shapes", SHAPES)):
+        folder = tmp_path / "zeroshot" / name
+        assert (folder / "label_cn.txt").read_text(encoding="utf-8").splitlines() == classes
+        counts = [len(list((folder / "test" / str(i)).iterdir())) for i in range(len(classes))]
+        assert counts == [3] * len(classes), name
     # The zero-shot "七" images are real scans of a 7, upscaled from scikit-learn's 8x8 data.
     seven = np.asarray(
-        Image.open(tmp_path / "zeroshot" / "digits" / "七" / "000.png")
+        Image.open(tmp_path / "zeroshot" / "digits" / "test" / "7" / "000.png")
         .convert("L")
         .resize((8, 8), Image.Resampling.BOX)
     )
     sevens = load_digits().images[load_digits().target == 7] * (255 / 16)
     assert min(np.abs(s - seven).mean() for s in sevens) < 20
-    # No scan appears twice across the splits and the zero-shot set.
+    # No picture appears twice across the splits and the benchmark's second retrieval set.
+    tsvs = [tmp_path / f"{split}_imgs.tsv" for split in ("train", "valid", "test")]
     blobs = [
-        line.split("\t")[1] for split in ("train", "valid", "test") for line in _lines(tmp_path / f"{split}_imgs.tsv")
+        line.split("\t")[1]
+        for tsv in [*tsvs, tmp_path / "benchmark" / "unseen" / "test_imgs.tsv"]
+        for line in _lines(tsv)
     ]
-    assert len(blobs) == len(set(blobs))
+    assert len(blobs) == len(set(blobs)) and summary["benchmark"]["unseen"]["images"] == 60 + 20
 
 
 def test_ingest_writes_one_row_per_text_image_pair(raw_dir, prepared_dir):

@@ -46,7 +46,17 @@ def test_demo_follows_the_paper_from_pretrained_towers_and_beats_its_start(demo)
         digits["images"] == 80 and digits["top1"] > 2 * digits["chance_top1"] and digits["top1"] > digits_start["top1"]
     )
     assert (demo / "reports" / "evaluate_stage2" / "report.html").is_file()
+    # the benchmark suite: every model on the test split, a second retrieval set and both ELEVATER-layout
+    # zero-shot sets, and the gate's verdict on each
+    suite = _metrics(demo, "benchmark")
+    assert list(suite["models"]) == ["start", "stage1", "stage2"] and suite["published_model"] is None
+    assert list(suite["tasks"]) == ["demo-test", "demo-unseen", "digits", "shapes"]
+    assert suite["models"]["stage2"]["demo-test"]["mean_recall"] == stage2["mean_recall"]
+    assert suite["models"]["stage2"]["suite_mean"] > suite["models"]["start"]["suite_mean"]
+    assert _metrics(demo, "benchmark/stage2/digits")["layout"] == "elevater"
+    assert [verdict["passed"] for verdict in registered["suite"]] == [True] * 4
     report = run_tool("zhclip", "results", cwd=demo)
+    assert "benchmark suite" in report and "published no model of preset 'tiny'" in report
     assert f"chance level {chance:.2f}" in report and f"{stage2['mean_recall']:.2f}" in report
     assert f"{stage2['gain_over_start']:+.2f} over the start" in report and "zero-shot digits" in report
     for page in (REPO / "README.md", REPO / "docs" / "demo.md"):  # what the docs show is what it prints

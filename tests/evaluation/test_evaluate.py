@@ -1,13 +1,11 @@
 """Retrieval metrics: the reference's semantics on hand-made embeddings, chunking, ties, chance;
 equality with the reference scripts' own output; the report files and their rendering in Chromium."""
 
-import importlib.metadata
 import itertools
 import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,7 @@ from zhclip.components.evaluation.retrieval import chance_recalls, recalls, retr
 
 from browser import assert_chinese_renders
 from conftest import run_cli
-
-CN_CLIP_EVAL = Path(importlib.metadata.distribution("cn-clip").locate_file("cn_clip/eval"))
+from reference import run_reference_eval
 
 
 def test_perfect_embeddings_score_100_everywhere():
@@ -136,16 +133,6 @@ def _random_retrieval_files(root: Path, rng: np.random.Generator) -> dict[str, P
     return files
 
 
-def _run_reference(script: str, *args: str) -> None:
-    """Run one of cn-clip's eval scripts as the reference does; its `.cuda()` calls stay on the CPU."""
-    code = (
-        "import runpy, sys, torch; torch.Tensor.cuda = lambda self, *a, **k: self; "
-        f"sys.argv = {[script, *args]!r}; runpy.run_path({str(CN_CLIP_EVAL / script)!r}, run_name='__main__')"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_recalls_equal_the_reference_scripts_on_random_features(tmp_path):
     files = _random_retrieval_files(tmp_path, np.random.default_rng(7))
     ours = tmp_path / "ours"
@@ -167,15 +154,15 @@ def test_recalls_equal_the_reference_scripts_on_random_features(tmp_path):
     ref = tmp_path / "ref"
     ref.mkdir()
     feats = ("--image-feats", str(files["images"]), "--text-feats", str(files["texts"]))
-    _run_reference("make_topk_predictions.py", *feats, "--top-k", "10", "--output", str(ref / "t2i.jsonl"))
-    _run_reference("make_topk_predictions_tr.py", *feats, "--top-k", "10", "--output", str(ref / "i2t.jsonl"))
-    _run_reference("transform_ir_annotation_to_tr.py", "--input", str(files["annotations"]))
+    run_reference_eval("make_topk_predictions.py", *feats, "--top-k", "10", "--output", str(ref / "t2i.jsonl"))
+    run_reference_eval("make_topk_predictions_tr.py", *feats, "--top-k", "10", "--output", str(ref / "i2t.jsonl"))
+    run_reference_eval("transform_ir_annotation_to_tr.py", "--input", str(files["annotations"]))
     answers_i2t = tmp_path / "test_texts.tr.jsonl"
     for script, answers, direction in (
         ("evaluation.py", files["annotations"], "t2i"),
         ("evaluation_tr.py", answers_i2t, "i2t"),
     ):
-        _run_reference(script, str(answers), str(ref / f"{direction}.jsonl"), str(ref / f"score_{direction}.json"))
+        run_reference_eval(script, str(answers), str(ref / f"{direction}.jsonl"), str(ref / f"score_{direction}.json"))
         theirs = json.loads((ref / f"score_{direction}.json").read_text())
         assert theirs["success"], theirs
         # Bit-identical scores, from the same top-10 lists, and the reference scores our predictions the same.
@@ -183,11 +170,11 @@ def test_recalls_equal_the_reference_scripts_on_random_features(tmp_path):
         their_lines = (ref / f"{direction}.jsonl").read_text().splitlines()
         our_lines = (ours / f"predictions_{direction}.jsonl").read_text().splitlines()
         assert set(our_lines) <= set(their_lines)  # the reference also ranks for unannotated queries
-        _run_reference(
+        run_reference_eval(
             script, str(answers), str(ours / f"predictions_{direction}.jsonl"), str(ref / f"ours_{direction}.json")
         )
         assert json.loads((ref / f"ours_{direction}.json").read_text()) == theirs
-        _run_reference(
+        run_reference_eval(
             script,
             str(ours / f"answers_{direction}.jsonl"),
             str(ref / f"{direction}.jsonl"),

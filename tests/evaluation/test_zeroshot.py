@@ -7,13 +7,9 @@ import numpy as np
 import pytest
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.evaluation.zeroshot import (
-    ZeroshotConfig,
-    class_embeddings,
-    confusion_counts,
-    image_folder,
-    zeroshot,
-)
+from zhclip.components.evaluation.classification_set import read_classification_set
+from zhclip.components.evaluation.templates import TEMPLATE_SET_OF_DATASET, templates_for
+from zhclip.components.evaluation.zeroshot import ZeroshotConfig, class_embeddings, confusion_counts, zeroshot
 from zhclip.model import embed_texts, load_model
 
 from browser import assert_chinese_renders
@@ -83,11 +79,11 @@ def test_zeroshot_reports_consistent_accuracies_predictions_and_report(trained, 
 
 def test_bad_folders_and_templates_are_rejected_clearly(tmp_path, trained):
     (tmp_path / "only").mkdir()
-    with pytest.raises(ZhclipError, match="at least two class subfolders"):
-        image_folder(tmp_path)
+    with pytest.raises(ZhclipError, match="at least two class folders"):
+        read_classification_set(str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ZhclipError, match="empty holds no images"):
-        image_folder(tmp_path)
+        read_classification_set(str(tmp_path))
     (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
     (tmp_path / "only" / "also.png").write_bytes(b"not a png")
     with pytest.raises(ZhclipError, match="broken.png: not a readable image"):
@@ -96,3 +92,43 @@ def test_bad_folders_and_templates_are_rejected_clearly(tmp_path, trained):
         "zeroshot", "--model", str(trained["root"] / "stage2"), "--images", str(tmp_path), "--templates", "照片"
     )
     assert result.returncode == 2 and "exactly one '{}'" in result.stderr
+
+
+def _elevater(root, folders, names):
+    for folder in folders:
+        (root / "test" / folder).mkdir(parents=True)
+        (root / "test" / folder / "a.png").write_bytes(b"")
+    (root / "label_cn.txt").write_text(names, encoding="utf-8")
+    return str(root)
+
+
+def test_an_elevater_set_that_imagefolder_would_misread_is_refused_naming_the_fix(tmp_path):
+    """torchvision's ImageFolder numbers classes by sorted folder position: with a folder missing, or
+    a name more or less, every later class would be scored under another's name."""
+    with pytest.raises(ZhclipError, match=r"test/003 is class folder number 2 in sorted order: a numbered"):
+        read_classification_set(_elevater(tmp_path / "gap", ["000", "001", "003"], "甲\n乙\n丙\n"))
+    with pytest.raises(ZhclipError, match=r"label_cn.txt names 4 classes but .*test holds 3 class folders"):
+        read_classification_set(_elevater(tmp_path / "count", ["0", "1", "2"], "甲\n乙\n丙\n丁\n"))
+    with pytest.raises(ZhclipError, match=r"label_cn.txt line 2 is blank"):
+        read_classification_set(_elevater(tmp_path / "blank", ["0", "1", "2"], "甲\n\n丙\n"))
+    with pytest.raises(ZhclipError, match=r"test/10 is class folder number 2"):  # 0, 1, 10, 11, 2, ...: not padded
+        read_classification_set(_elevater(tmp_path / "pad", [str(i) for i in range(12)], "类\n" * 12))
+    with pytest.raises(ZhclipError, match="cannot read the label file .*missing.txt"):
+        read_classification_set(str(tmp_path / "pad"), label_file="missing.txt")
+    read = read_classification_set(_elevater(tmp_path / "ok", ["0", "1", "2"], "\ufeff甲\r\n乙\r\n丙\r\n\n"))
+    assert (read.layout, read.classes, read.files) == (
+        "elevater",
+        ["甲", "乙", "丙"],
+        ["0/a.png", "1/a.png", "2/a.png"],
+    )
+
+
+def test_templates_are_chinese_clips_chosen_by_dataset_name_unless_set():
+    assert TEMPLATE_SET_OF_DATASET["resisc45_clip"] == "eurosat"
+    name, openai = templates_for("cifar-100")
+    assert name == "openai" and len(openai) == 183 and openai[0] == "{}的照片"  # duplicates kept, as averaged
+    assert templates_for("resisc45_clip")[1][0] == "一张{}的卫星照片"
+    assert templates_for("food-101", template_set="imagenet")[1][0] == "{}的照片。"
+    assert templates_for("food-101", "imagenet", ["看{}"]) == ("custom", ["看{}"])
+    with pytest.raises(ZhclipError, match="template set 'nope' does not exist; choose one of .*openai"):
+        templates_for("x", "nope")

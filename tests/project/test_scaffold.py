@@ -40,7 +40,7 @@ def test_the_pipeline_is_the_repositorys_without_the_demo_on_the_users_raw_folde
     assert f"{raw_dir}/zeroshot/${{item.set}}" in theirs["zeroshot"]["deps"]
 
 
-def test_params_hold_every_setting_with_the_choices_first(project):
+def test_params_hold_every_setting_with_the_choices_first(project, raw_dir):
     text = (project / "params.yaml").read_text(encoding="utf-8")
     params = load_params(project / "params.yaml")
     assert list(params)[: len(CHOICES)] == list(CHOICES)
@@ -51,6 +51,13 @@ def test_params_hold_every_setting_with_the_choices_first(project):
         "model": {"preset": "tiny"},
         "register": {"model_name": "my-clip"},
         "zeroshot": {"sets": ["digits", "shapes"]},
+        "benchmark": {
+            "suite": [
+                {"name": "test", "task": "retrieval", "path": "data/validated", "split": "test"},
+                {"name": "digits", "task": "zeroshot", "path": f"{raw_dir}/zeroshot/digits"},
+                {"name": "shapes", "task": "zeroshot", "path": f"{raw_dir}/zeroshot/shapes"},
+            ]
+        },
     }
     expected = resolved_params(
         {**chosen, "start": params["start"], "search": params["search"], "stage1": {"epochs": 3}}
@@ -99,5 +106,8 @@ def test_a_raw_folder_inside_the_project_is_named_relative_to_it(raw_dir, tmp_pa
     made = init_project(tmp_path / "my-clip", str(tmp_path / "my-clip" / "data" / "raw"), ["zeroshot.sets=[]"])
     assert made["raw"] == "data/raw"
     assert made["choices"]["zeroshot.sets"] == []
+    assert made["choices"]["benchmark.suite"] == [
+        {"name": "test", "task": "retrieval", "path": "data/validated", "split": "test"}
+    ]
     stages = yaml.safe_load((tmp_path / "my-clip" / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert stages["ingest"]["cmd"].startswith("zhclip ingest --raw data/raw ")

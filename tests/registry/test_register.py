@@ -383,3 +383,114 @@ def test_a_registration_killed_inside_its_gate_is_finished_by_the_next_run(
     runs = client.search_runs([client.get_experiment_by_name(registry.experiment).experiment_id])
     assert len(runs) == 2  # the killed registration's run is the version's; no second one logged
     assert register(tiny_models[1], _metrics(tmp_path, "b", 45.0), registry)["already_registered"]
+
+
+def _suite(tmp_path, name, model, digits, demo, start=(10.0, 5.0)):
+    """A suite summary as `zhclip suite` writes it: `model` and the start on a zero-shot set and a retrieval set."""
+    figures = lambda top1, recall: {"digits": {"top1": top1, "top5": 100.0}, "demo-test": {"mean_recall": recall}}  # noqa: E731
+    summary = {
+        "preset": "tiny",
+        "tasks": {"digits": "zeroshot", "demo-test": "retrieval"},
+        "models": {
+            "start": figures(*start) | {"suite_mean": sum(start) / 2},
+            model: figures(digits, demo) | {"suite_mean": (digits + demo) / 2},
+        },
+        "published": {},
+    }
+    path = tmp_path / f"suite_{name}.json"
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def test_the_suite_gate_refuses_a_dataset_past_the_margin_even_when_the_mean_improves(tiny_models, registry, tmp_path):
+    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
+    names = [path.name for path in tiny_models]
+    first = register(
+        tiny_models[0], _metrics(tmp_path, "a", 40.0), registry, suite_path=_suite(tmp_path, "a", names[0], 80.0, 90.0)
+    )
+    assert first["promoted"] and [v["passed"] for v in first["suite"]] == [True, True]
+    run = client.get_run(first["run_id"]).data.metrics
+    assert run["benchmark/digits/top1"] == 80.0 and run["benchmark/digits/score"] == 80.0
+    assert run["benchmark/demo-test/score"] == 90.0 and run["benchmark/suite_mean"] == 85.0
+
+    # The suite's mean and the gate metric improve, but digits falls 2 points, past the 1-point margin.
+    falls = register(
+        tiny_models[1], _metrics(tmp_path, "b", 45.0), registry, suite_path=_suite(tmp_path, "b", names[1], 78.0, 95.0)
+    )
+    assert (falls["promoted"], falls["rule"], falls["champion_version"]) == (False, "suite", 1)
+    assert falls["decision"] == "kept current champion: digits 78.00 is 2.00 below the champion's 80.00 (margin 1.0)"
+    version = client.get_model_version(NAME, "2")
+    assert version.tags["promotion.suite.digits"].startswith("fail: 78.00 is 2.00 below")
+    assert version.tags["promotion.suite.demo-test"] == "pass: 95.00 (champion 90.00, margin 1.0)"
+    assert "| digits | 78.00 | 80.00 | 10.00 | FAIL: 78.00 is 2.00 below" in version.description
+    assert _aliases(client) == {"champion": 1, "challenger": 2}
+    again = register(tiny_models[1], _metrics(tmp_path, "b", 45.0), registry)  # the same checkpoint: its record
+    by_dataset = lambda verdicts: sorted(verdicts, key=lambda verdict: verdict["dataset"])  # noqa: E731
+    assert again["already_registered"] and by_dataset(again["suite"]) == by_dataset(falls["suite"])
+
+    within = register(
+        tiny_models[2], _metrics(tmp_path, "c", 41.0), registry, suite_path=_suite(tmp_path, "c", names[2], 79.5, 91.0)
+    )
+    assert (within["promoted"], within["rule"]) == (True, "champion")
+    assert (
+        client.get_model_version(NAME, "3").tags["promotion.suite.digits"] == "pass: 79.50 (champion 80.00, margin 1.0)"
+    )
+    assert _aliases(client) == {"champion": 3, "challenger": 3}
+
+
+def test_the_suite_gate_refuses_a_dataset_below_its_start(tiny_models, registry, tmp_path):
+    below = register(
+        tiny_models[0],
+        _metrics(tmp_path, "a", 40.0),
+        registry,
+        suite_path=_suite(tmp_path, "a", tiny_models[0].name, 9.0, 90.0),
+    )
+    assert (below["promoted"], below["rule"]) == (False, "suite")
+    assert below["decision"] == "kept current champion: digits 9.00 is below its start's 10.00"
+    with pytest.raises(ZhclipError, match=r"scored \['seed0', 'start'\], not 'seed1': add it to benchmark.models"):
+        register(
+            tiny_models[1],
+            _metrics(tmp_path, "b", 40.0),
+            registry,
+            suite_path=_suite(tmp_path, "b", "seed0", 9.0, 90.0),
+        )
+
+
+def test_a_registered_version_is_scored_on_the_suite_and_its_figures_reach_the_gate(
+    tiny_models, registry, raw_dir, tmp_path
+):
+    """The champion, registered before the suite had `shapes`, scored on it from the registry: the next
+    candidate is then compared with those figures."""
+    first = register(tiny_models[0], _metrics(tmp_path, "a", 40.0), registry)
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        json.dumps(
+            {
+                "benchmark": {
+                    "suite": [{"name": "shapes", "task": "zeroshot", "path": str(raw_dir / "zeroshot" / "shapes")}]
+                },
+                "mlflow": {"tracking_uri": registry.tracking_uri},
+            }
+        )
+    )
+    result = run_cli(
+        "benchmark", "--model", f"models:/{NAME}@champion", "--params", str(params), "--out", str(tmp_path / "v.json")
+    )
+    assert result.returncode == 0, result.stderr
+    scored = json.loads((tmp_path / "v.json").read_text())
+    assert (scored["version"], scored["run_id"]) == (1, first["run_id"])
+    client = MlflowClient(registry.tracking_uri, registry.tracking_uri)
+    logged = client.get_run(first["run_id"]).data.metrics
+    top1 = scored["datasets"]["shapes"]["top1"]
+    assert logged["benchmark/shapes/top1"] == logged["benchmark/shapes/score"] == top1
+
+    suite = json.loads(_suite(tmp_path, "b", tiny_models[1].name, 50.0, 50.0).read_text())
+    suite["tasks"] = {"shapes": "zeroshot"}
+    for model in suite["models"].values():
+        model["shapes"] = {"top1": 0.0, "top5": 0.0}
+    suite["models"][tiny_models[1].name]["shapes"] = {"top1": top1 - 5, "top5": 100.0}
+    (tmp_path / "suite_b.json").write_text(json.dumps(suite))
+    refused = register(tiny_models[1], _metrics(tmp_path, "b", 45.0), registry, suite_path=tmp_path / "suite_b.json")
+    assert (refused["promoted"], refused["rule"]) == (False, "suite") and "shapes" in refused["decision"]
+    missing = run_cli("benchmark", "--model", f"models:/{NAME}/9", "--params", str(params))
+    assert missing.returncode == 2 and f"no registered version models:/{NAME}/9" in missing.stderr

@@ -185,8 +185,8 @@ from pathlib import Path
 from zhclip.components.registry import register as registration
 model, metrics, name, uri, barrier, count, hold_s = sys.argv[1:]
 read_champion = registration._champion
-def held(client, model_name, metric):
-    found = read_champion(client, model_name, metric)
+def held(*args):
+    found = read_champion(*args)
     (Path(barrier) / str(os.getpid())).touch()
     until = time.monotonic() + float(hold_s)
     while len(os.listdir(barrier)) < int(count) and time.monotonic() < until:
