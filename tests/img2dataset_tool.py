@@ -85,7 +85,13 @@ def web_server(files: dict[str, bytes]) -> Iterator[str]:
         def log_message(self, *args):  # the test's output, not one line per request
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        # http.server listens with a backlog of 5: img2dataset's defaults (16 processes of 256 threads,
+        # the own-data guide's command) overflow it, the kernel drops their connections, and on a busy
+        # 2-core runner the retries outlast img2dataset's 10 s timeout. Web servers listen with more.
+        request_queue_size = 1024
+
+    server = Server(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -139,8 +145,8 @@ def download(
 
 def tried(out: Path) -> dict[str, dict]:
     """Every row img2dataset wrote in the Parquet of each shard of `out` (one per URL it tried), by
-    URL path: its key, status and caption."""
-    columns = ["key", "url", "status", "caption"]
+    URL path: its key, status, error and caption."""
+    columns = ["key", "url", "status", "error_message", "caption"]
     rows = [row for shard in sorted(out.glob("*.parquet")) for row in pq.read_table(shard, columns=columns).to_pylist()]
     return {"/" + row["url"].rsplit("/", 1)[-1]: row for row in rows}
 

@@ -27,7 +27,7 @@ from zhclip.components.data.shards import read_pairs
 
 from conftest import copy_of, run_tool, update_params
 from doc_blocks import REPO, shell_blocks
-from img2dataset_tool import IMG2DATASET, pair_urls, web_server
+from img2dataset_tool import IMG2DATASET, pair_urls, tried, web_server
 
 pytestmark = pytest.mark.slow
 GUIDE = shell_blocks(REPO / "docs" / "own-data.md")
@@ -132,6 +132,10 @@ def test_an_img2dataset_crawl_walks_the_guide_without_the_demo(raw_dir, tmp_path
     run_tool("dvc", "repro", "validate", cwd=project)  # the prepared rows; the full run is the CSV walk's
     ingested = json.loads((project / "metrics" / "ingest.json").read_text())["splits"]
     for split in SPLITS:
+        statuses = tried(home / "my-crawl" / split)
+        lost = {url.path: statuses[url.path]["error_message"] for url in urls[split] if url.body is not None}
+        lost = {path: error for path, error in lost.items() if statuses[path]["status"] != "success"}
+        assert not lost, f"img2dataset did not fetch {split} URLs the server had: {lost}"
         fetched = sorted(url.caption for url in urls[split] if url.body is not None)
         assert sorted(text for _, text, _ in _prepared(project, split)) == fetched
         assert ingested[split]["format"] == "img2dataset webdataset"

@@ -228,6 +228,7 @@ def _write_zeroshot(folder: Path, pictures: list[_Picture], names: list[str], cl
     i's name on line i) and test/<i>/ (one digit up to ten classes, three beyond: sorted = numbered)."""
     width = 1 if len(names) <= 10 else 3
     counts = [0] * len(names)
+    folder.mkdir(parents=True, exist_ok=True)  # zeroshot_per_class=0 (bench's corpora) writes no image
     for picture in pictures:
         index = class_of(picture)
         (folder / "test" / f"{index:0{width}d}").mkdir(parents=True, exist_ok=True)
