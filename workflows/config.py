@@ -1,15 +1,17 @@
 """The pipeline's settings: each step's config from params.yaml as plain pipeline parameters, and how the
 tasks run on Kubernetes (section `kubeflow`)."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import PurePosixPath
 from typing import Any
 
+from zhclip.components.core.architecture import ModelConfig
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import config_from, setting
 from zhclip.components.core.storage import ObjectStoreConfig
 from zhclip.components.data.ingest import IngestConfig
 from zhclip.components.data.validate import ValidateConfig
+from zhclip.components.evaluation.benchmark import BenchmarkConfig, SuiteDataset, suite_datasets
 from zhclip.components.evaluation.evaluate import EvaluateConfig
 from zhclip.components.evaluation.zeroshot import ZeroshotConfig
 from zhclip.components.registry.register import RegisterConfig
@@ -19,6 +21,9 @@ from zhclip.components.training.config import stage_config
 from zhclip.components.training.start import StartConfig
 
 VALIDATED_FOLDER = PurePosixPath("data/validated")  # dvc.yaml's validate output, where galleries name splits
+RAW_FOLDER = PurePosixPath("data/raw")  # dvc.yaml's raw data: the folder a pipeline run imports as raw_uri
+# the names a suite path in the pipeline's form starts with (pipeline_suite), read from the run's artifacts
+ARTIFACT_ROOTS = {VALIDATED_FOLDER: "{validated}", RAW_FOLDER: "{raw}"}
 
 
 @dataclass
@@ -78,6 +83,44 @@ def pipeline_galleries(params: dict[str, Any]) -> dict[str, str]:
     return galleries
 
 
+def pipeline_suite(params: dict[str, Any]) -> list[dict]:
+    """benchmark.suite as the pipeline's benchmark tasks read it: a path (or label file) under data/validated
+    or data/raw becomes the same path in the run's validated or raw artifact ({validated}/..., {raw}/...),
+    a URI stays as it is; `suite_on_artifacts` fills the artifacts' folders in on the task."""
+    suite = []
+    for dataset in suite_datasets(config_from(BenchmarkConfig, params, "benchmark").suite):
+        where = f"params.yaml benchmark.suite {dataset.name}"
+        located = {"path": _in_artifacts(dataset.path, where)}
+        if dataset.label_file:
+            located["label_file"] = _in_artifacts(dataset.label_file, f"{where} label_file")
+        suite.append(asdict(replace(dataset, **located)))
+    return suite
+
+
+def _in_artifacts(path: str, where: str) -> str:
+    if "://" in path:
+        return path
+    posix = PurePosixPath(path)
+    for folder, placeholder in ARTIFACT_ROOTS.items():
+        if posix == folder or folder in posix.parents:
+            return str(PurePosixPath(placeholder) / posix.relative_to(folder))
+    raise ZhclipError(
+        f"{where}: {path} is a local path the pipeline's tasks cannot read; name one under "
+        f"{VALIDATED_FOLDER}/ or {RAW_FOLDER}/ (the run's own data), or an s3:// URI"
+    )
+
+
+def suite_on_artifacts(suite: list[dict], validated: str, raw: str) -> list[SuiteDataset]:
+    """`pipeline_suite`'s entries with the run's artifact folders (or URIs) in their paths."""
+    folders = {"validated": validated, "raw": raw}
+    return [
+        SuiteDataset(
+            **{key: value.format(**folders) if key in ("path", "label_file") else value for key, value in entry.items()}
+        )
+        for entry in suite
+    ]
+
+
 def step_configs(params: dict[str, Any]) -> dict[str, dict]:
     """Each step's config from params.yaml, as plain dicts for pipeline parameters, and the galleries
     the index tasks build (`pipeline_galleries`)."""
@@ -90,6 +133,11 @@ def step_configs(params: dict[str, Any]) -> dict[str, dict]:
         "stage2": asdict(stage_config(params, 2)),
         "evaluate": asdict(config_from(EvaluateConfig, params, "evaluate")),
         "zeroshot": asdict(config_from(ZeroshotConfig, params, "zeroshot")),
+        "benchmark": {
+            "suite": pipeline_suite(params),
+            "batch_size": config_from(BenchmarkConfig, params, "benchmark").batch_size,
+            "preset": config_from(ModelConfig, params, "model").preset,
+        },
         "register": asdict(config_from(RegisterConfig, params, "register")),
         "index": {
             **asdict(config_from(IndexConfig, params, "index")),

@@ -35,8 +35,8 @@ def _task_metrics(run_dir: Path, task: str, artifact: str) -> dict[str, Any]:
 
 def _local_outputs(root: Path) -> dict[str, Any]:
     """The newest local run's folder and the metrics its tasks logged: the final model's evaluation
-    (`scores`), the start's (`start_scores`), zero-shot per model, the registration and the index (of the
-    branch that ran)."""
+    (`scores`), the start's (`start_scores`), zero-shot per model, the benchmark suite's summary, the
+    registration and the index (of the branch that ran)."""
     run_dir = max(root.glob("zhclip-*"), key=lambda path: path.stat().st_mtime)
 
     def ran(pattern: str) -> list[Path]:
@@ -51,13 +51,14 @@ def _local_outputs(root: Path) -> dict[str, Any]:
         model = "start" if Path(summary(task)["model_dir"]).parent.name == "start-op" else "final"
         zeroshot[model].append(_task_metrics(task.parent, task.name, "scores"))
     (registered,) = ran("register-op*")
-    indexed = ran("index-op*")
+    indexed, suite = ran("index-op*"), ran("suite-op*")
     return {
         "run_dir": str(run_dir),
         "scores": _task_metrics(run_dir, evaluations["stage2"].name, "scores"),
         "start_scores": _task_metrics(run_dir, evaluations["start"].name, "scores"),
         "zeroshot_start": zeroshot["start"],
         "zeroshot": zeroshot["final"],
+        "suite": json.loads((suite[0] / "summary").read_text(encoding="utf-8")) if suite else None,
         "register": _task_metrics(run_dir, registered.name, "decision"),
         "index": _task_metrics(run_dir, indexed[0].name, "summary") if indexed else None,
     }

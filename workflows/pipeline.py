@@ -1,7 +1,8 @@
 """The Kubeflow pipeline: ingest -> validate -> start (evaluated as the baseline) -> train stage 1 ->
-train stage 2 (or only stage 2 from the start, by start_config.stages) -> evaluate each -> register -> index
-(the champion embeds each gallery of search.galleries into a search index), with zero-shot
-classification of each image set under the raw data's `zeroshot/` for the start and the final model.
+train stage 2 (or only stage 2 from the start, by start_config.stages) -> evaluate each -> the benchmark
+suite (the start and the final model on every dataset of benchmark_config) -> register (gated on the
+suite too) -> index (the champion embeds each gallery of search.galleries into a search index), with
+zero-shot classification of each image set under the raw data's `zeroshot/` for the start and the final model.
 
 The components are in workflows/steps.py, their settings in workflows/config.py; compile and submit in
 workflows/submit.py, the local run in workflows/local_run.py.
@@ -21,11 +22,13 @@ from zhclip.components.core.storage import POLICY_ENV
 from zhclip.components.training.start import RECIPES
 from zhclip.workflows.config import KubeflowConfig
 from zhclip.workflows.steps import (
+    benchmark_op,
     evaluate_op,
     index_op,
     ingest_op,
     register_op,
     start_op,
+    suite_op,
     train_op,
     validate_op,
     zeroshot_op,
@@ -46,11 +49,12 @@ class _Run:
     validated: Any
     start: Any
     baseline: Any
-    configs: dict[str, Any]  # stage1, stage2, evaluate, zeroshot, register, index
+    configs: dict[str, Any]  # stage1, stage2, evaluate, zeroshot, benchmark, register, index
     zeroshot_sets: Any  # None: params.yaml lists no set (a loop over no sets does not compile)
     galleries: dict[str, str]  # name -> a split of the validated data or a URI (config.pipeline_galleries)
     index_catalog: str  # where each gallery's index is published, as <catalog>/<name> ('': not published)
     ray_address: Any
+    start_benchmark: Any = None  # the start's results on the suite (None: params.yaml's suite is empty)
     training: list = field(default_factory=list)
     evaluations: list = field(default_factory=list)
     registrations: list = field(default_factory=list)
@@ -66,9 +70,33 @@ def _zeroshot(run: _Run, model, label: str) -> None:
         run.evaluations.append(task.set_display_name(f"zero-shot {label}"))
 
 
+def _benchmark(run: _Run, model, label: str):
+    """`model` scored on every dataset of the suite, as `label` (dvc.yaml's model name)."""
+    task = benchmark_op(
+        model=model, raw=run.raw.output, validated=run.validated, config=run.configs["benchmark"], label=label
+    )
+    run.evaluations.append(task.set_display_name(f"benchmark {label}"))
+    return task
+
+
+def _suite(run: _Run, model, label: str) -> dict[str, Any]:
+    """The suite of the start and `model` (the register task's `suite` input); {} when there is no suite."""
+    if run.start_benchmark is None:
+        return {}
+    final = _benchmark(run, model, label)
+    table = suite_op(
+        start_results=run.start_benchmark.outputs["results"],
+        final_results=final.outputs["results"],
+        config=run.configs["benchmark"],
+        final=label,
+    )
+    run.evaluations.append(table.set_display_name("benchmark suite"))
+    return {"suite": table.outputs["summary"]}
+
+
 def _stages_after_start(run: _Run, recipe: dict[str, str]) -> None:
-    """The recipe's stages, each evaluated beside the model it started from; register the last, score
-    it zero-shot, and index with the champion (which this registration may have moved)."""
+    """The recipe's stages, each evaluated beside the model it started from; score the last on the suite,
+    register it, score it zero-shot, and index with the champion (which this registration may have moved)."""
     init, earlier = run.start.outputs["model"], run.baseline.outputs["scores"]
     for stage in recipe:
         trained = train_op(
@@ -84,7 +112,8 @@ def _stages_after_start(run: _Run, recipe: dict[str, str]) -> None:
         init, earlier = trained.outputs["model"], scored.outputs["scores"]
         run.training.append(trained)
         run.evaluations.append(scored)
-    registration = register_op(model=init, scores=earlier, data=run.validated, config=run.configs["register"])
+    suite = _suite(run, init, list(recipe)[-1])
+    registration = register_op(model=init, scores=earlier, data=run.validated, config=run.configs["register"], **suite)
     run.registrations.append(registration)
     _zeroshot(run, init, "stage2")
     for name, gallery in run.galleries.items():
@@ -119,6 +148,7 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         stage2_config: dict = defaults["stage2"],
         evaluate_config: dict = defaults["evaluate"],
         zeroshot_config: dict = defaults["zeroshot"],
+        benchmark_config: dict = defaults["benchmark"],
         zeroshot_sets: list = defaults["zeroshot"]["sets"],
         register_config: dict = defaults["register"],
         index_config: dict = defaults["index"],
@@ -131,11 +161,14 @@ def build_pipeline(defaults: dict[str, dict], cluster: KubeflowConfig | None = N
         start = start_op(config=start_config)
         baseline = evaluate_op(model=start.outputs["model"], prepared=validated, config=evaluate_config, label="start")
         configs = {"stage1": stage1_config, "stage2": stage2_config, "evaluate": evaluate_config}
-        configs |= {"zeroshot": zeroshot_config, "register": register_config, "index": index_config}
+        configs |= {"zeroshot": zeroshot_config, "benchmark": benchmark_config}
+        configs |= {"register": register_config, "index": index_config}
         sets = zeroshot_sets if defaults["zeroshot"]["sets"] else None
         catalog = cluster.index_catalog if cluster else ""
         run = _Run(raw, validated, start, baseline, configs, sets, defaults["galleries"], catalog, ray_address)
         run.evaluations.append(baseline)
+        if defaults["benchmark"]["suite"]:  # compiled per params.yaml's suite, as the zero-shot sets are
+            run.start_benchmark = _benchmark(run, start.outputs["model"], "start")
         # start_config.stages picks the branch per run (the UI's choice, as params.yaml's is dvc's).
         for name, recipe in RECIPES.items():
             with dsl.If(start.outputs["Output"] == name, name=name):

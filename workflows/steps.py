@@ -158,6 +158,54 @@ def zeroshot_op(
 
 
 @_component
+def benchmark_op(
+    model: Input[Model],
+    raw: Input[Dataset],
+    validated: Input[Dataset],
+    results: Output[Artifact],
+    config: dict,
+    label: str,
+):
+    """Score `model` on every dataset of the suite, as results/<label>/<dataset>.json (dvc.yaml's layout).
+    One task a model, not a task a dataset: the paper's 24 datasets would be 24 pods for minutes of work each."""
+    from pathlib import Path
+
+    from zhclip.components.evaluation.benchmark import benchmark
+    from zhclip.workflows.config import suite_on_artifacts
+
+    batch_size = int(config["batch_size"])  # a pipeline parameter's numbers arrive as floats (protobuf's Struct)
+    for dataset in suite_on_artifacts(config["suite"], validated.path, raw.path):
+        benchmark(model.path, dataset, batch_size, Path(results.path) / label / f"{dataset.name}.json")
+
+
+@_component
+def suite_op(
+    start_results: Input[Artifact],
+    final_results: Input[Artifact],
+    summary: Output[Metrics],
+    report: Output[HTML],
+    files: Output[Artifact],
+    config: dict,
+    final: str,
+):
+    """The suite's table of the start and the final model, beside Chinese-CLIP's published figures."""
+    import shutil
+    from pathlib import Path
+
+    from zhclip.components.evaluation.suite import write_suite
+    from zhclip.workflows.config import suite_on_artifacts
+
+    results = Path(files.path) / "results"
+    for model in (start_results, final_results):
+        shutil.copytree(model.path, results, dirs_exist_ok=True)
+    datasets = suite_on_artifacts(config["suite"], "", "")  # names and tasks: the paths are not read
+    result = write_suite(results, ["start", final], datasets, config["preset"], summary.path, files.path)
+    for model, figures in result["models"].items():
+        summary.log_metric(f"{model}_suite_mean", figures["suite_mean"])
+    shutil.copy(Path(files.path) / "report.html", report.path)
+
+
+@_component
 def register_op(
     model: Input[Model],
     scores: Input[Metrics],
@@ -165,6 +213,7 @@ def register_op(
     decision: Output[Metrics],
     card: Output[Markdown],
     config: dict,
+    suite: Input[Metrics] = None,  # pyright: ignore[reportArgumentType]  # KFP's form of an optional input
 ) -> int:
     from pathlib import Path
 
@@ -172,7 +221,7 @@ def register_op(
     from zhclip.components.registry.register import RegisterConfig, register
 
     settings = build_config(RegisterConfig, config, "pipeline parameter")
-    result = register(model.path, scores.path, settings, data_dir=data.path)
+    result = register(model.path, scores.path, settings, data_dir=data.path, suite_path=suite.path if suite else None)
     decision.log_metric("version", result["version"])
     decision.log_metric("champion_version", result["champion_version"])
     Path(card.path).write_text(

@@ -65,7 +65,8 @@ class BenchmarkConfig:
     )
     models: list[str] = setting(
         ["start", "stage1", "stage2"],
-        "models/<name> dvc.yaml's benchmark stages score (the Kubeflow pipeline runs no suite yet: docs/limits.md)",
+        "models/<name> dvc.yaml's benchmark stages score, each one the pipeline makes (start, start.stages); "
+        "the Kubeflow pipeline scores the start and its final model",
     )
     batch_size: int = setting(256, "images or texts embedded at once")
 

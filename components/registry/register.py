@@ -422,9 +422,11 @@ def register(
     start = _start_value(evaluation, config.metric, metrics_path)
     # Every model of the chain (start, stage 1, stage 2) side by side in the run, e.g. `start.mean_recall`.
     metrics |= {f"{entry['model']}.mean_recall": entry["mean_recall"] for entry in evaluation.get("chain", [])}
+    # the model's name in the evaluation and the suite: its label (dvc.yaml's stage name, models/<stage>)
+    label = str(evaluation.get("model") or model_dir.name)
     suite = read_summary(suite_path) if suite_path else None
     if suite is not None:
-        metrics |= suite_gate.suite_metrics(suite, model_dir.name)
+        metrics |= suite_gate.suite_metrics(suite, label)
     uri = tracking_uri(config)
     with using_tracking_uri(uri):
         client = MlflowClient()
@@ -450,8 +452,8 @@ def register(
                     run_id, model_uri = _log_run(model_dir, metrics, config, params or {}, lineage, artifacts, training)
                 else:  # registered, then killed before its gate decided: gate that version
                     run_id, model_uri = existing.run_id, existing.source
-                chain = evaluation.get("chain") or [{"model": model_dir.name, config.metric: metrics[config.metric]}]
-                candidate = Candidate(metrics[config.metric], start, chain, suite, model_dir.name)
+                chain = evaluation.get("chain") or [{"model": label, config.metric: metrics[config.metric]}]
+                candidate = Candidate(metrics[config.metric], start, chain, suite, label)
                 gated = _register_and_gate(client, model_uri, lineage, candidate, config)
                 if existing is None and gated["already_registered"]:  # another registration of it came first
                     client.set_tag(run_id, "zhclip.duplicate_of_version", str(gated["version"]))

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.settings import load_params
 from zhclip.components.core.storage import ObjectStoreConfig
-from zhclip.workflows.config import pipeline_galleries, step_configs
+from zhclip.workflows.config import pipeline_galleries, pipeline_suite, step_configs, suite_on_artifacts
 from zhclip.workflows.submit import compile_pipeline
 
 from conftest import run_cli
@@ -28,10 +28,11 @@ TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1
 EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
 REGISTRATIONS = ("register-op", "register-op-2")
 INDEXING = ("index-op", "index-op-2")  # after each branch's registration, a task per gallery (the demo has one)
-STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, *REGISTRATIONS, *INDEXING)
+BENCHMARKS = ("benchmark-op", "benchmark-op-2", "benchmark-op-3", "suite-op", "suite-op-2")  # the start, each branch's
+STEPS = ("ingest-op", "validate-op", "start-op", *EVALUATIONS, *BENCHMARKS, *REGISTRATIONS, *INDEXING)
 ZEROSHOT = ("zeroshot-op", "zeroshot-op-2", "zeroshot-op-3")
 # log to MLflow or read MinIO: its and MinIO's credentials
-TRACKED = (*TRAINING, "start-op", *EVALUATIONS, *ZEROSHOT, *REGISTRATIONS, *INDEXING)
+TRACKED = (*TRAINING, "start-op", *EVALUATIONS, *BENCHMARKS, *ZEROSHOT, *REGISTRATIONS, *INDEXING)
 
 
 def _all_tasks(spec: dict) -> dict[str, dict]:
@@ -67,6 +68,7 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
         "validate-op",
         "start-op",
         "evaluate-op",
+        "benchmark-op",
         "condition-1",
         "condition-3",
         "for-loop-5",
@@ -95,6 +97,19 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     assert source("register-op", "scores")["producerTask"] == "evaluate-op-3"
     assert source("register-op", "model")["producerTask"] == "train-op-2"
     assert source("register-op", "data")["producerTask"] == "validate-op"
+    # the benchmark suite: the start (once) and each branch's final model, the suite gating the registration
+    assert source("benchmark-op", "model")["producerTask"] == "start-op"
+    for benchmark, final, suite, registration in (
+        ("benchmark-op-2", "train-op-2", "suite-op", "register-op"),
+        ("benchmark-op-3", "train-op-3", "suite-op-2", "register-op-2"),
+    ):
+        assert source(benchmark, "model")["producerTask"] == final
+        assert source(benchmark, "raw")["producerTask"] == "importer"
+        assert source(benchmark, "validated")["producerTask"] == "validate-op"
+        assert source(suite, "start_results")["producerTask"] == "benchmark-op"
+        assert source(suite, "final_results")["producerTask"] == benchmark
+        assert tasks[suite]["inputs"]["parameters"]["final"]["runtimeValue"]["constant"] == "stage2"
+        assert source(registration, "suite")["producerTask"] == suite
     # fine-tune: stage 2 from the start, with stage 2's settings
     assert source("train-op-3", "init_model")["producerTask"] == "start-op"
     assert (
@@ -110,6 +125,14 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
         and defaults["stage1_config"]["num_workers"] == params["kubeflow"]["gpus"]
     )
     assert defaults["stage2_config"]["epochs"] == params["stage2"]["epochs"]
+    # the suite's paths in the run's artifacts: data/validated -> {validated}, data/raw/... -> {raw}/...
+    suite = {entry["name"]: entry["path"] for entry in defaults["benchmark_config"]["suite"]}
+    assert suite == {
+        "demo-test": "{validated}",
+        "demo-unseen": "{raw}/benchmark/unseen",
+        "digits": "{raw}/zeroshot/digits",
+        "shapes": "{raw}/zeroshot/shapes",
+    }
     assert defaults["register_config"]["model_name"] == params["register"]["model_name"]
     assert (
         defaults["start_config"]["source"] == params["start"]["source"]
@@ -148,6 +171,32 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
     evaluate_outputs = spec["components"]["comp-evaluate-op"]["outputDefinitions"]["artifacts"]
     assert evaluate_outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
     assert evaluate_outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
+
+
+def test_the_pipeline_scores_the_suite_dvc_repro_scores_and_names_a_path_it_cannot_read():
+    params = load_params("params.yaml")
+    params["benchmark"]["suite"] = [
+        {"name": "muge", "task": "retrieval", "path": "s3://datasets/MUGE", "split": "valid"},
+        {
+            "name": "inet",
+            "task": "zeroshot",
+            "path": "data/raw/imagenet/val",
+            "label_file": "data/raw/imagenet/labels.txt",
+        },
+    ]
+    suite = pipeline_suite(params)
+    assert [(entry["path"], entry["label_file"]) for entry in suite] == [
+        ("s3://datasets/MUGE", ""),
+        ("{raw}/imagenet/val", "{raw}/imagenet/labels.txt"),
+    ]
+    located = suite_on_artifacts(suite, "/runs/validated", "/runs/raw")
+    assert [(d.path, d.label_file) for d in located] == [
+        ("s3://datasets/MUGE", ""),
+        ("/runs/raw/imagenet/val", "/runs/raw/imagenet/labels.txt"),
+    ]
+    params["benchmark"]["suite"] = [{"name": "mine", "task": "zeroshot", "path": "/home/me/sets/mine"}]
+    with pytest.raises(ZhclipError, match=r"benchmark.suite mine: /home/me/sets/mine is a local path .* data/raw/"):
+        pipeline_suite(params)
 
 
 def test_the_pipeline_indexes_the_galleries_dvc_repro_indexes():
@@ -219,6 +268,14 @@ def test_run_local_reproduces_dvc_repro(small_project, tmp_path):
             for name in params["zeroshot"]["sets"]
         )
         assert sorted(task["top1"] for task in tasks) == pytest.approx(expected_top1, abs=1e-6), model
+    # the benchmark suite: the start and the final model on every dataset; the final model as dvc repro's
+    # suite stage scored it (the project's benchmark.models is [stage2]), the start as its zero-shot stage did
+    suite, ours = json.loads((project / "metrics" / "benchmark.json").read_text()), outputs["suite"]
+    assert set(ours["models"]) == {"start", "stage2"} and ours["tasks"] == suite["tasks"]
+    for dataset in suite["tasks"]:
+        assert ours["models"]["stage2"][dataset] == pytest.approx(suite["models"]["stage2"][dataset], abs=1e-6)
+    start_shapes = json.loads((project / "metrics" / "zeroshot_start_shapes.json").read_text())["top1"]
+    assert ours["models"]["start"]["shapes"]["top1"] == pytest.approx(start_shapes, abs=1e-6)
     html = next((tmp_path / "root").glob("zhclip-*/evaluate-op-3/report")).read_text(encoding="utf-8")
     assert "<table" in html and "data:image/png;base64," in html and "Start → stages" in html
 
