@@ -90,12 +90,13 @@ demo: install cjk-font
 	$(RUN) zhclip results
 
 # The suite runs on two pytest-xdist workers, one per core of CI's machine, a test module per work
-# unit (tests/conftest.py); TEST_WORKERS=0 runs it in one process (for a debugger or -x).
+# unit (tests/conftest.py); TEST_WORKERS=0 runs it in one process (for a debugger or -x). Every
+# test's time goes to logs/junit.xml (the log shows only the slowest): where the suite's time goes.
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: install reference-env img2dataset-env system-deps
-	$(RUN) pytest $(XDIST)
+	$(RUN) pytest $(XDIST) --junitxml=logs/junit.xml
 
 test-fast: install img2dataset-env
 	$(RUN) pytest $(XDIST) -m "not slow"
