@@ -84,16 +84,20 @@ def pipeline_galleries(params: dict[str, Any]) -> dict[str, str]:
 
 
 def pipeline_suite(params: dict[str, Any]) -> list[dict]:
-    """benchmark.suite as the pipeline's benchmark tasks read it: a path (or label file) under data/validated
-    or data/raw becomes the same path in the run's validated or raw artifact ({validated}/..., {raw}/...),
-    a URI stays as it is; `suite_on_artifacts` fills the artifacts' folders in on the task."""
+    """benchmark.suite as the pipeline's benchmark tasks read it: a path under data/validated or data/raw
+    becomes the same path in the run's validated or raw artifact ({validated}/..., {raw}/...), a URI
+    stays as it is; `suite_on_artifacts` fills the artifacts' folders in on the task. A label file
+    relative to its set moves with the set; one at an absolute local path is refused, as is any other
+    local path: the pods cannot read this machine's files."""
     suite = []
     for dataset in suite_datasets(config_from(BenchmarkConfig, params, "benchmark").suite):
         where = f"params.yaml benchmark.suite {dataset.name}"
-        located = {"path": _in_artifacts(dataset.path, where)}
-        if dataset.label_file:
-            located["label_file"] = _in_artifacts(dataset.label_file, f"{where} label_file")
-        suite.append(asdict(replace(dataset, **located)))
+        if dataset.label_file.startswith("/"):
+            raise ZhclipError(
+                f"{where}: label_file {dataset.label_file} is a local file the pipeline's tasks cannot read; "
+                "name it relative to the set's folder, or by an s3:// URI"
+            )
+        suite.append(asdict(replace(dataset, path=_in_artifacts(dataset.path, where))))
     return suite
 
 
@@ -111,14 +115,20 @@ def _in_artifacts(path: str, where: str) -> str:
 
 
 def suite_on_artifacts(suite: list[dict], validated: str, raw: str) -> list[SuiteDataset]:
-    """`pipeline_suite`'s entries with the run's artifact folders (or URIs) in their paths."""
-    folders = {"validated": validated, "raw": raw}
-    return [
-        SuiteDataset(
-            **{key: value.format(**folders) if key in ("path", "label_file") else value for key, value in entry.items()}
-        )
-        for entry in suite
-    ]
+    """`pipeline_suite`'s entries with the run's artifact folders in place of {validated} and {raw}."""
+    folders = {ARTIFACT_ROOTS[VALIDATED_FOLDER]: validated, ARTIFACT_ROOTS[RAW_FOLDER]: raw}
+    located = []
+    for entry in suite:
+        path = entry["path"]
+        # only a leading placeholder: a URI may hold braces of its own (s3://sets/{2024})
+        root = next((p for p in folders if path == p or path.startswith(f"{p}/")), None)
+        if root is None and "://" not in path:
+            raise ZhclipError(
+                f"benchmark_config suite {entry['name']}: {path} is neither in the run's data "
+                f"({', '.join(folders)}) nor a URI; compile the pipeline from params.yaml (`zhclip pipeline compile`)"
+            )
+        located.append(SuiteDataset(**{**entry, "path": folders[root] + path[len(root) :] if root else path}))
+    return located
 
 
 def step_configs(params: dict[str, Any]) -> dict[str, dict]:

@@ -176,27 +176,41 @@ def test_compiled_pipeline_chains_the_steps_with_params_defaults(tmp_path):
 def test_the_pipeline_scores_the_suite_dvc_repro_scores_and_names_a_path_it_cannot_read():
     params = load_params("params.yaml")
     params["benchmark"]["suite"] = [
-        {"name": "muge", "task": "retrieval", "path": "s3://datasets/MUGE", "split": "valid"},
-        {
-            "name": "inet",
-            "task": "zeroshot",
-            "path": "data/raw/imagenet/val",
-            "label_file": "data/raw/imagenet/labels.txt",
-        },
+        {"name": "muge", "task": "retrieval", "path": "s3://datasets/{2024}/MUGE", "split": "valid"},
+        {"name": "inet", "task": "zeroshot", "path": "data/raw/imagenet", "split": "val", "label_file": "labels.txt"},
+        {"name": "test", "task": "retrieval", "path": "data/validated"},
     ]
     suite = pipeline_suite(params)
-    assert [(entry["path"], entry["label_file"]) for entry in suite] == [
-        ("s3://datasets/MUGE", ""),
-        ("{raw}/imagenet/val", "{raw}/imagenet/labels.txt"),
-    ]
+    assert [entry["path"] for entry in suite] == ["s3://datasets/{2024}/MUGE", "{raw}/imagenet", "{validated}"]
     located = suite_on_artifacts(suite, "/runs/validated", "/runs/raw")
     assert [(d.path, d.label_file) for d in located] == [
-        ("s3://datasets/MUGE", ""),
-        ("/runs/raw/imagenet/val", "/runs/raw/imagenet/labels.txt"),
+        ("s3://datasets/{2024}/MUGE", ""),  # braces of its own stay
+        ("/runs/raw/imagenet", "labels.txt"),  # a label file relative to its set moves with it
+        ("/runs/validated", ""),
     ]
-    params["benchmark"]["suite"] = [{"name": "mine", "task": "zeroshot", "path": "/home/me/sets/mine"}]
-    with pytest.raises(ZhclipError, match=r"benchmark.suite mine: /home/me/sets/mine is a local path .* data/raw/"):
-        pipeline_suite(params)
+    with pytest.raises(ZhclipError, match=r"suite mine: data/benchmark/mine is neither in the run's data"):
+        suite_on_artifacts([{**suite[0], "name": "mine", "path": "data/benchmark/mine"}], "/v", "/r")
+    for entry, refused in (
+        (
+            {"name": "mine", "task": "zeroshot", "path": "data/benchmark/mine"},
+            r"mine: data/benchmark/mine is a local path .* data/raw/",
+        ),
+        (
+            {"name": "inet", "task": "zeroshot", "path": "s3://sets/inet", "label_file": "/home/me/labels.txt"},
+            r"inet: label_file /home/me/labels.txt is a local file",
+        ),
+    ):
+        params["benchmark"]["suite"] = [entry]
+        with pytest.raises(ZhclipError, match=refused):
+            pipeline_suite(params)
+
+
+def test_an_empty_suite_compiles_no_benchmark_task(tmp_path):
+    params = load_params("params.yaml")
+    params["benchmark"]["suite"] = []
+    tasks = _all_tasks(next(yaml.safe_load_all(compile_pipeline(tmp_path / "pipeline.yaml", params).read_text())))
+    assert not [name for name in tasks if name.startswith(("benchmark-op", "suite-op"))]
+    assert "suite" not in tasks["register-op"]["inputs"]["artifacts"] and "register-op-2" in tasks
 
 
 def test_the_pipeline_indexes_the_galleries_dvc_repro_indexes():
