@@ -447,6 +447,11 @@ def test_the_suite_gate_refuses_a_dataset_below_its_start(tiny_models, registry,
     )
     assert (below["promoted"], below["rule"]) == (False, "suite")
     assert below["decision"] == "kept current champion: digits 9.00 is below its start's 10.00"
+    # the model's name in the suite is its evaluation's label (the pipeline's model folder is 'model')
+    labelled = tmp_path / "labelled.json"
+    labelled.write_text(json.dumps({"model": "stage2", "mean_recall": 40.0, "split": "test"}))
+    by_label = register(tiny_models[2], labelled, registry, suite_path=_suite(tmp_path, "c", "stage2", 9.5, 90.0))
+    assert by_label["decision"] == "kept current champion: digits 9.50 is below its start's 10.00"
     with pytest.raises(ZhclipError, match=r"scored \['seed0', 'start'\], not 'seed1': add it to benchmark.models"):
         register(
             tiny_models[1],
