@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,18 +70,23 @@ if _NOT_INSTALLED:
 # `make test` runs the suite on two pytest-xdist workers (--dist loadgroup; TEST_WORKERS=0 for one
 # process): on 2 vCPU one process left the CPUs idle two thirds of the time, waiting on subprocesses,
 # servers and Ray's start. A work unit is a test module, so each module-scoped fixture (a Ray
-# cluster, an S3 or MLflow server) is built once. The modules on the `small_project` (a whole
-# `dvc repro`) go first: each worker builds its own (a session fixture is per process), which costs
-# one build more than one unit of them all, which left one worker running that longest unit while
-# the other had finished (make test 36 min 53 s so: test-runs/2026-12-07-cpu-ci-run-two-workers/).
-SHARED_PROJECT = "small_project"
+# cluster, an S3 or MLflow server) is built once; the costly session fixtures are built once for both
+# workers (`built_once`). Units go out longest first, as tests/module_seconds.json measured them (a
+# module it does not list first of all: it may be long), so that no long unit is left to run alone
+# at the end while the other worker has finished (make test 36 min 35 s before this order:
+# test-runs/2026-12-07-cpu-ci-run-suite/, where by-module.txt is that file's source).
+MODULE_SECONDS = json.loads((Path(__file__).with_name("module_seconds.json")).read_text(encoding="utf-8"))
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups (registered after this file)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    items.sort(key=lambda item: SHARED_PROJECT not in getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group(_module(item)))
+    items.sort(key=lambda item: -MODULE_SECONDS.get(_module(item), float("inf")))
 
 
 # Generated inputs (Hypothesis): `ci` runs a few thousand examples per cheap property in CI time;
@@ -272,13 +277,15 @@ def update_params(project: Path, changes: dict[str, dict]) -> None:
 # The settings of the `small_project` fixture: the small demo data, quick stand-in towers, one epoch
 # per stage, one zero-shot set (a stage per set and model in every pipeline run; the real demo's two
 # sets are the dvc.yaml tests' and the demo's), and a benchmark suite of one retrieval dataset and one
-# zero-shot set for the final model only (the demo's suite: 3 models x 4 datasets).
+# zero-shot set for the final model only (the demo's suite: 3 models x 4 datasets). Stage 2 checkpoints
+# every 2 of its 6 steps and a killed registration holds the gate 10 s, for tests/test_pipeline_kill.py.
 SMALL_PROJECT_PARAMS = {
     "demo_data": {**SMALL_DEMO_DATA, "pretrain_images": 40},
     "demo_towers": {"clip_steps": 20, "mlm_steps": 20},
     "stage1": {"epochs": 1},
-    "stage2": {"epochs": 1},
+    "stage2": {"epochs": 1, "checkpoint_every": 2},
     "train": {"batch_size": 32},
+    "register": {"lock_lease_s": 10.0},
     "zeroshot": {"sets": ["shapes"]},
     "benchmark": {
         "models": ["stage2"],
@@ -290,24 +297,45 @@ SMALL_PROJECT_PARAMS = {
 }
 
 
-@pytest.fixture(scope="session")
-def small_project(tmp_path_factory) -> Path:
-    """The project on SMALL_PROJECT_PARAMS where `dvc repro` ran once and everything was committed.
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name` that `build(folder)` fills once for the whole run: the first worker to ask
+    builds it, under a file lock, and the other waits for it (pytest-xdist's way to build a session
+    fixture once). Tests read it, or change a `copy_of` it. A build that failed is tried again."""
+    from filelock import FileLock
 
-    Built once for the tests that compare with a whole pipeline run or change one and re-run it; a test
-    that changes its files works on `copy_of(small_project, ...)` (reading it in place may add MLflow
-    runs, never model versions). MLflow (./mlflow.db) and Ray checkpoints (./ray_results) are inside
-    the project, so every copy has its own. The console output of `dvc repro --quiet` (as `make demo`
-    runs it) is in ./logs/dvc-repro.log.
-    """
-    project = copy_project(tmp_path_factory.mktemp("small_project"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's, every worker's
+    folder, built = shared / name, shared / f"{name}.built"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            built.touch()
+    return folder
+
+
+def _build_small_project(project: Path) -> None:
+    copy_project(project)
     update_params(project, SMALL_PROJECT_PARAMS)
     log = project / "logs" / "dvc-repro.log"  # what `make demo` would have shown (logs/ is not committed)
     log.parent.mkdir()
     log.write_text(run_tool("dvc", "repro", "--quiet", cwd=project, with_stderr=True), encoding="utf-8")
     run_tool("git", "add", "-A", cwd=project)
     run_tool("git", "commit", "-qm", "small project, reproduced", cwd=project)
-    return project
+
+
+@pytest.fixture(scope="session")
+def small_project(tmp_path_factory) -> Path:
+    """The project on SMALL_PROJECT_PARAMS where `dvc repro` ran once and everything was committed.
+
+    Built once for the tests that compare with a whole pipeline run or change one and re-run it; a test
+    that changes its files, or runs a step in it, works on `copy_of(small_project, ...)`: both workers
+    share it. MLflow (./mlflow.db) and Ray checkpoints (./ray_results) are inside the project, so every
+    copy has its own. The console output of `dvc repro --quiet` (as `make demo` runs it) is in
+    ./logs/dvc-repro.log.
+    """
+    return built_once(tmp_path_factory, "small_project", _build_small_project)
 
 
 def _reproduced(root: Path) -> bool:
@@ -333,38 +361,36 @@ def demo(tmp_path_factory) -> Path:
 
 
 def copy_of(project: Path, root: Path) -> Path:
-    """A copy of a project (git history, DVC cache, MLflow store and all) that a test may change."""
-    return Path(shutil.copytree(project, root / project.name, symlinks=True))
+    """A copy of a project (git history, DVC cache, MLflow store and all) that a test may change.
+    DVC's own scratch folder stays behind: its lock files are the original's, which another test may
+    hold while it runs `dvc` there."""
+    return Path(shutil.copytree(project, root / project.name, symlinks=True, ignore=_dvc_scratch))
+
+
+def _dvc_scratch(folder: str, names: list[str]) -> list[str]:
+    return ["tmp"] if Path(folder).name == ".dvc" else []
 
 
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory) -> Path:
+    """The small demo data (SMALL_DEMO_DATA), as `zhclip demo-data` writes it."""
     from zhclip.components.demo.data import DemoDataConfig, generate_demo_data
 
-    out = tmp_path_factory.mktemp("raw")
-    generate_demo_data(
-        out,
-        DemoDataConfig(**SMALL_DEMO_DATA),
-    )
-    return out
+    return built_once(tmp_path_factory, "raw", lambda out: generate_demo_data(out, DemoDataConfig(**SMALL_DEMO_DATA)))
 
 
 @pytest.fixture(scope="session")
 def prepared_dir(raw_dir, tmp_path_factory) -> Path:
+    """`raw_dir` ingested, in shards of 50 rows."""
     from zhclip.components.data.ingest import IngestConfig, ingest
 
-    out = tmp_path_factory.mktemp("prepared")
-    ingest(raw_dir, out, IngestConfig(shard_rows=50))
-    return out
+    return built_once(tmp_path_factory, "prepared", lambda out: ingest(raw_dir, out, IngestConfig(shard_rows=50)))
 
 
-@pytest.fixture(scope="session")
-def trained(prepared_dir, tmp_path_factory) -> dict:
-    """Both stages trained with Ray Train on the tiny data (two epochs each)."""
+def _train_both_stages(prepared_dir: Path, root: Path) -> None:
     from zhclip.components.training.config import TrainConfig
     from zhclip.components.training.runner import train
 
-    root = tmp_path_factory.mktemp("trained")
     common = {
         "epochs": 2,
         "batch_size": 32,
@@ -373,21 +399,31 @@ def trained(prepared_dir, tmp_path_factory) -> dict:
         "checkpoint_every": 4,
         "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
     }
-    stage1 = train(
+    train(
         prepared_dir,
         root / "stage1",
         TrainConfig(stage=1, lr=1e-3, **common),
         summary_path=root / "stage1.json",
         history_csv=root / "stage1.csv",
     )
-    stage2 = train(
+    train(
         prepared_dir,
         root / "stage2",
         TrainConfig(stage=2, lr=5e-4, **common),
         init_dir=root / "stage1",
         summary_path=root / "stage2.json",
     )
-    return {"root": root, "stage1": stage1, "stage2": stage2}
+
+
+@pytest.fixture(scope="session")
+def trained(prepared_dir, tmp_path_factory) -> dict:
+    """Both stages trained with Ray Train on the tiny data (two epochs each): the folder, and each
+    stage's summary as train() returned and wrote it."""
+    root = built_once(tmp_path_factory, "trained", lambda root: _train_both_stages(prepared_dir, root))
+    summaries = {
+        stage: json.loads((root / f"{stage}.json").read_text(encoding="utf-8")) for stage in ("stage1", "stage2")
+    }
+    return {"root": root, **summaries}
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from zhclip.components.core.storage import ObjectStoreConfig
 from zhclip.workflows.config import pipeline_galleries, pipeline_suite, step_configs, suite_on_artifacts
 from zhclip.workflows.submit import compile_pipeline
 
-from conftest import run_cli
+from conftest import copy_of, run_cli
 
 TRAINING = ("train-op", "train-op-2", "train-op-3")  # two-stage branch: stage 1, stage 2; fine-tune branch: stage 2
 EVALUATIONS = ("evaluate-op", "evaluate-op-2", "evaluate-op-3", "evaluate-op-4")  # the start, then each branch's
@@ -225,7 +225,7 @@ def test_the_pipeline_indexes_the_galleries_dvc_repro_indexes():
 @pytest.mark.slow
 def test_run_local_reproduces_dvc_repro(small_project, tmp_path):
     """The whole pipeline under kfp.local scores the model exactly as `dvc repro` does, same params and seed."""
-    project = small_project
+    project = copy_of(small_project, tmp_path)  # the pipeline registers into the project's MLflow store
     uri = f"sqlite:///{project / 'mlflow.db'}"
     params = yaml.safe_load((project / "params.yaml").read_text())
     name = params["register"]["model_name"]
