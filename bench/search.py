@@ -27,7 +27,7 @@ version, and answers from the old version after the first from the new one.
     python -m bench.search swap --vectors 100000 --preset ViT-B-16 --seconds 60
 
 `soak`: the same server (first `--backend`, default torch) under `--concurrency` clients (default 8)
-for `--seconds` (600 for the 10-minute soak), measured in 10-second windows: queries/s, p99,
+for `--seconds` (600 for the 10-minute soak), measured in windows of `--window` seconds (10): queries/s, p99,
 non-200 answers and the server's resident memory after each window; the last line gives the memory
 growth from the end of the first minute to the end, and the total of failed answers.
 
@@ -443,9 +443,6 @@ def bench_swap(args) -> None:
         )
 
 
-SOAK_WINDOW_S = 10
-
-
 def bench_soak(args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
@@ -457,9 +454,9 @@ def bench_soak(args) -> None:
         try:
             load(int(args.port), 1, 3)  # warm-up
             windows = []
-            for window in range(max(1, round(args.seconds / SOAK_WINDOW_S))):
-                measured = load(int(args.port), clients, SOAK_WINDOW_S)
-                windows.append({"window": window, "elapsed_s": (window + 1) * SOAK_WINDOW_S, **measured})
+            for window in range(max(1, round(args.seconds / args.window))):
+                measured = load(int(args.port), clients, args.window)
+                windows.append({"window": window, "elapsed_s": (window + 1) * args.window, **measured})
                 windows[-1]["server_rss_mb"] = resident_mb(pid=server.pid)
                 emit({"bench": "soak", **windows[-1]}, args.out)
         finally:
@@ -473,7 +470,7 @@ def bench_soak(args) -> None:
                 "preset": args.preset,
                 "vectors": args.vectors,
                 "concurrency": clients,
-                "seconds": len(windows) * SOAK_WINDOW_S,
+                "seconds": len(windows) * args.window,
                 "requests": sum(w["requests"] for w in windows),
                 "failed": sum(w["errors"] for w in windows),
                 "rss_after_first_minute_mb": after_minute,
@@ -504,6 +501,7 @@ def main() -> None:
     parser.add_argument(
         "--seconds", type=float, default=30, help="http: load duration per concurrency; soak: the whole soak"
     )
+    parser.add_argument("--window", type=float, default=10, help="soak: seconds per measured window")
     parser.add_argument(
         "--preset", default="tiny", help="http: the model's shape (tiny, or ViT-B-16: a RoBERTa-base text tower)"
     )

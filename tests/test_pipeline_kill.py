@@ -75,12 +75,9 @@ def _versions_by_checkpoint(project, name: str) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def project(small_project, tmp_path_factory):
-    """A copy of the reproduced small project whose stage 2 checkpoints every 2 steps and whose killed
-    registrations hold the gate for 10 s, reproduced again with those settings (nothing is retrained:
-    stage 2 exports its finished Ray run)."""
+    """A copy of the reproduced small project: its stage 2 checkpoints every 2 steps and its killed
+    registrations hold the gate for 10 s (tests/conftest.py's SMALL_PROJECT_PARAMS)."""
     root = copy_of(small_project, tmp_path_factory.mktemp("killed"))
-    update_params(root, {"stage2": {"checkpoint_every": 2}, "register": {"lock_lease_s": 10.0}})
-    run_tool("dvc", "repro", "--quiet", cwd=root)
     assert not _changed_stages(root)
     return root
 

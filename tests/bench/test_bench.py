@@ -7,13 +7,14 @@ runs the code it names, counts its work and, where it compares, finds the same r
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, update_params
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHES = ("train_throughput", "embed_throughput", "input_pipeline", "train_end_to_end", "loss_curve")
@@ -300,8 +301,8 @@ def test_backend_benchmark_compares_each_backend_with_torch(trained, prepared_di
 def test_soak_benchmark_reports_memory_per_window_and_failed_answers(tmp_path):
     out = tmp_path / "soak.jsonl"
     result = subprocess.run(
-        [sys.executable, "-m", "bench.search", "soak", "--vectors", "2000", "--seconds", "20", "--concurrency", "2"]
-        + ["--port", str(free_port()), "--out", str(out)],
+        [sys.executable, "-m", "bench.search", "soak", "--vectors", "2000", "--seconds", "8", "--window", "4"]
+        + ["--concurrency", "2", "--port", str(free_port()), "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -334,19 +335,23 @@ def test_swap_benchmark_moves_the_champion_under_load_and_counts_each_phase(tmp_
 
 
 def test_finetune_ablation_trains_each_row_from_the_same_start_and_scores_it(trained, prepared_dir, raw_dir, tmp_path):
+    params = tmp_path / "params.yaml"  # the demo's settings, with stage 2 one epoch long: 3 steps a row
+    shutil.copy(REPO / "params.yaml", params)
+    update_params(tmp_path, {"stage2": {"epochs": 1}})
     result = subprocess.run(
         [
-            sys.executable, "-m", "bench.finetune_ablation",
+            sys.executable, "-m", "bench.finetune_ablation", "--params", str(params),
             "--data", str(prepared_dir), "--init", str(trained["root"] / "stage1"),
             "--teacher", str(trained["root"] / "stage2"), "--zeroshot", str(raw_dir / "zeroshot"),
-            "--rows", "infonce", "lora-text", "--out", str(tmp_path),
+            "--rows", "infonce", "lora-text", "--out", str(tmp_path / "out"),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    environment, *rows = (json.loads(line) for line in (tmp_path / "finetune-ablation.jsonl").read_text().splitlines())
+    jsonl = tmp_path / "out" / "finetune-ablation.jsonl"
+    environment, *rows = (json.loads(line) for line in jsonl.read_text().splitlines())
     assert [row["row"] for row in rows] == ["infonce", "lora-text"]
-    assert all(row["steps"] == environment["steps"] > 0 for row in rows)  # same steps per row
+    assert all(row["steps"] == environment["steps"] == 3 for row in rows)  # same steps per row
     assert rows[1]["trainable_params"] < rows[0]["trainable_params"]
     for row in rows:
         assert 0 <= row["test_mean_recall"] <= 100 and row["samples_per_s"] > 0 and row["peak_memory_mb"] > 0
