@@ -68,17 +68,19 @@ system-deps: cjk-font
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
+# The test-only environments skip pip's byte-compiling of every module (torch has thousands): Python
+# compiles the few the tests import on first use. 2 vCPU: 50 s -> 31 s and 32 s -> 23 s.
 $(REF_STAMP): requirements.lock
 	$(PYTHON) -m venv $(REF_VENV)
-	$(REF_VENV)/bin/python -m pip install --quiet $(REF_PINS)
-	$(REF_VENV)/bin/python -m pip install --quiet --no-deps $(CN_CLIP)
+	$(REF_VENV)/bin/python -m pip install --quiet --no-compile $(REF_PINS)
+	$(REF_VENV)/bin/python -m pip install --quiet --no-compile --no-deps $(CN_CLIP)
 	touch $(REF_STAMP)
 
 reference-env: $(REF_STAMP)
 
 $(I2D_STAMP): requirements-img2dataset.lock
 	$(PYTHON) -m venv $(I2D_VENV)
-	$(I2D_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.lock
+	$(I2D_VENV)/bin/python -m pip install --quiet --no-compile -r requirements-img2dataset.lock
 	touch $(I2D_STAMP)
 
 img2dataset-env: $(I2D_STAMP)
@@ -95,7 +97,9 @@ demo: install cjk-font
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-test: install reference-env img2dataset-env system-deps
+# The two test-only environments install side by side (one pip each, one per core).
+test: install system-deps
+	$(MAKE) --no-print-directory -j2 reference-env img2dataset-env
 	$(RUN) pytest $(XDIST) --junitxml=logs/junit.xml
 
 test-fast: install img2dataset-env
