@@ -73,8 +73,9 @@ if _NOT_INSTALLED:
 # cluster, an S3 or MLflow server) is built once; the costly session fixtures are built once for both
 # workers (`built_once`). Units go out longest first, as tests/module_seconds.json measured them (a
 # module it does not list first of all: it may be long), so that no long unit is left to run alone
-# at the end while the other worker has finished (make test 36 min 35 s before this order:
-# test-runs/2026-12-07-cpu-ci-run-suite/, where by-module.txt is that file's source).
+# at the end while the other worker has finished. The file's source: the junit.xml of
+# test-runs/2026-12-07-cpu-ci-run-suite-2/. The cost of this order: the heaviest modules run side by
+# side first, each slower for it (test-runs/2026-12-07-cpu-ci-run-shared-fixtures/README.md).
 MODULE_SECONDS = json.loads((Path(__file__).with_name("module_seconds.json")).read_text(encoding="utf-8"))
 
 
@@ -419,11 +420,10 @@ def _train_both_stages(prepared_dir: Path, root: Path) -> None:
 def trained(prepared_dir, tmp_path_factory) -> dict:
     """Both stages trained with Ray Train on the tiny data (two epochs each): the folder, and each
     stage's summary as train() returned and wrote it."""
+    from zhclip.components.core.summaries import read_summary
+
     root = built_once(tmp_path_factory, "trained", lambda root: _train_both_stages(prepared_dir, root))
-    summaries = {
-        stage: json.loads((root / f"{stage}.json").read_text(encoding="utf-8")) for stage in ("stage1", "stage2")
-    }
-    return {"root": root, **summaries}
+    return {"root": root, **{stage: read_summary(root / f"{stage}.json") for stage in ("stage1", "stage2")}}
 
 
 @pytest.fixture(scope="session")
