@@ -32,17 +32,17 @@ import torch.nn.functional as F
 
 from bench.measure import case_names, count_then_time, model_bench_parser, rates, run_cases, start
 from zhclip.components.training.step import (
-    StepConfig,
     TrainStep,
     build_optimizer,
     enable_activation_checkpointing,
     warmup_cosine,
 )
+from zhclip.components.training.step_config import StepConfig
 from zhclip.model import build_model, lock_image_tower
 from zhclip.model.embedding import projected_features
 from zhclip.model.fast import apply_speedups, compile_model
 from zhclip.model.loss import MAX_LOGIT_SCALE
-from zhclip.model.presets import PRESETS
+from zhclip.model.specs import PRESETS
 
 PAD_ID, CLS_ID, SEP_ID, FIRST_WORD_ID = 0, 101, 102, 106
 VIT_PRESETS = [

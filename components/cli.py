@@ -464,8 +464,8 @@ def benchmark(
 ) -> None:
     """Score a model on one dataset of the benchmark suite: retrieval R@1/5/10 and mean recall, or
     zero-shot top-1/top-5 (`zhclip suite` gathers them into the suite's table)."""
-    from zhclip.components.evaluation.benchmark import BenchmarkConfig, suite_datasets
     from zhclip.components.evaluation.benchmark import benchmark as run
+    from zhclip.components.evaluation.suite_config import BenchmarkConfig, suite_datasets
 
     config = config_from(BenchmarkConfig, settings, "benchmark")
     if model.startswith("models:/") and not (dataset or name):
@@ -514,8 +514,8 @@ def suite(
     """The benchmark suite's table: every model of benchmark.models on every dataset, the suite's means,
     and Chinese-CLIP's published figures for the same model size (model.preset) beside them."""
     from zhclip.components.core.architecture import ModelConfig
-    from zhclip.components.evaluation.benchmark import BenchmarkConfig, suite_datasets
     from zhclip.components.evaluation.suite import published_note, write_suite
+    from zhclip.components.evaluation.suite_config import BenchmarkConfig, suite_datasets
 
     config = config_from(BenchmarkConfig, settings, "benchmark")
     datasets = suite_datasets(config.suite)

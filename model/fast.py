@@ -25,13 +25,10 @@ from transformers.models.chinese_clip.modeling_chinese_clip import (
     ChineseCLIPVisionAttention,
 )
 
-SDPA_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-COMPILE_SCOPES = ("none", "regional", "model")
+from .specs import COMPILE_SCOPES, SDPA_BACKENDS
+
+# torch's kernel for each name of SDPA_BACKENDS, in the order tried after the preferred one
+_KERNELS = {name: getattr(SDPBackend, member) for name, member in SDPA_BACKENDS.items()}
 
 
 class FusedQKVAttention(nn.Module):
@@ -67,8 +64,8 @@ class FusedQKVAttention(nn.Module):
         # text falls back to the next kernel that does instead of failing.
         self.backends = None
         if sdpa_backend:
-            preferred = SDPA_BACKENDS[sdpa_backend]
-            self.backends = [preferred, *(backend for backend in SDPA_BACKENDS.values() if backend != preferred)]
+            preferred = _KERNELS[sdpa_backend]
+            self.backends = [preferred, *(backend for backend in _KERNELS.values() if backend != preferred)]
         self.register_state_dict_post_hook(_split_qkv)
         self.register_load_state_dict_pre_hook(_merge_qkv)
 

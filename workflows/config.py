@@ -11,8 +11,8 @@ from zhclip.components.core.settings import config_from, setting
 from zhclip.components.core.storage import ObjectStoreConfig
 from zhclip.components.data.ingest import IngestConfig
 from zhclip.components.data.validate import ValidateConfig
-from zhclip.components.evaluation.benchmark import BenchmarkConfig, SuiteDataset, suite_datasets
 from zhclip.components.evaluation.evaluate import EvaluateConfig
+from zhclip.components.evaluation.suite_config import BenchmarkConfig, SuiteDataset, suite_datasets
 from zhclip.components.evaluation.zeroshot import ZeroshotConfig
 from zhclip.components.registry.register import RegisterConfig
 from zhclip.components.search.index_build import IndexConfig

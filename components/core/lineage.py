@@ -38,6 +38,9 @@ def _file_md5(filesystem, path: str) -> str:
 # step history (with timings). Two runs that trained the same weights differ in these files only.
 RUN_FILE = "mlflow_run.json"
 HISTORY_FILE = "training_history.json"
+# Beside the model in each of its checkpoints: the optimizer, schedule, RNG and progress (the
+# exported folder drops it once the driver has read the progress).
+TRAINING_STATE_FILE = "training_state.pt"
 
 
 def weights_hash(model_dir: str | Path) -> str:

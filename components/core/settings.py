@@ -46,7 +46,7 @@ SECTIONS = {
     "stage2": "zhclip.components.training.config:TrainConfig",
     "evaluate": "zhclip.components.evaluation.evaluate:EvaluateConfig",
     "zeroshot": "zhclip.components.evaluation.zeroshot:ZeroshotConfig",
-    "benchmark": "zhclip.components.evaluation.benchmark:BenchmarkConfig",
+    "benchmark": "zhclip.components.evaluation.suite_config:BenchmarkConfig",
     "mlflow": "zhclip.components.core.tracking:MlflowConfig",
     "register": "zhclip.components.registry.register:RegisterConfig",
     "index": "zhclip.components.search.index_build:IndexConfig",

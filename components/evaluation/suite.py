@@ -17,8 +17,8 @@ import numpy as np
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.summaries import write_summary
 from zhclip.components.evaluation import report
-from zhclip.components.evaluation.benchmark import PRIMARY, RETRIEVAL, RETRIEVAL_METRICS, SuiteDataset
 from zhclip.components.evaluation.published import published_figures, published_model
+from zhclip.components.evaluation.suite_config import PRIMARY, RETRIEVAL, RETRIEVAL_METRICS, SuiteDataset
 
 RESULT_FILE = "{results}/{model}/{dataset}.json"  # where dvc.yaml's benchmark stages write
 ZEROSHOT_METRICS = ("top1", "top5")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.evaluation.benchmark import PRIMARY
+from zhclip.components.evaluation.suite_config import PRIMARY
 
 PREFIX = "benchmark"
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.core.tracking import registered_model_folder, resolve_tracking_uri, using_tracking_uri
-from zhclip.components.evaluation.benchmark import SuiteDataset, benchmark
+from zhclip.components.evaluation.benchmark import benchmark
+from zhclip.components.evaluation.suite_config import SuiteDataset
 from zhclip.components.registry.suite_gate import PREFIX
 
 

@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from zhclip.components.core.lineage import TRAINING_STATE_FILE
 from zhclip.components.training.step import TRAINING_ONLY, TrainStep
 from zhclip.model import load_model, save_model
 from zhclip.model.lora import adapter_state, has_lora, merged_copy
 from zhclip.model.presets import ClipModel
-
-TRAINING_STATE_FILE = "training_state.pt"
 
 
 def _rng_state() -> dict[str, Any]:

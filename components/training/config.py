@@ -9,9 +9,8 @@ from typing import Any
 from zhclip.components.core.architecture import ModelConfig
 from zhclip.components.core.settings import config_from, setting, shared
 from zhclip.components.core.tracking import MlflowConfig
-from zhclip.components.training.step import StepConfig
-from zhclip.model import PRESETS
-from zhclip.model.fast import COMPILE_SCOPES, SDPA_BACKENDS
+from zhclip.components.training.step_config import StepConfig
+from zhclip.model.specs import COMPILE_SCOPES, PRESETS, SDPA_BACKENDS
 
 LORA_TOWERS = ("", "text", "image", "both")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

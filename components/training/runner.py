@@ -28,7 +28,7 @@ import torch
 
 from zhclip.components.core.cluster import ray_runtime
 from zhclip.components.core.errors import ZhclipError
-from zhclip.components.core.lineage import HISTORY_FILE, RUN_FILE, dvc_hash, git_commit
+from zhclip.components.core.lineage import HISTORY_FILE, RUN_FILE, TRAINING_STATE_FILE, dvc_hash, git_commit
 from zhclip.components.core.storage import arrow_filesystem, is_file, location
 from zhclip.components.core.summaries import write_summary
 from zhclip.components.core.tracking import (
@@ -38,9 +38,7 @@ from zhclip.components.core.tracking import (
     start_stage_run,
 )
 from zhclip.components.data.shards import PreparedSplit
-from zhclip.components.training.checkpoint import TRAINING_STATE_FILE
 from zhclip.components.training.config import TrainConfig
-from zhclip.components.training.loop import WorkerContext, train_worker_loop
 
 HISTORY_FIELDS = ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait_s", "step_s"]
 # Settings that change neither the result nor the order of the work: a re-run that differs only in
@@ -67,6 +65,10 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     from ray.experimental.tqdm_ray import tqdm
+
+    # Here, not at the top: the loop imports transformers and the model library (about 4 s), which
+    # the workers need and the driver, which only launches them and reads their summary, does not.
+    from zhclip.components.training.loop import WorkerContext, train_worker_loop
 
     train_context = ray.train.get_context()
     resume = ray.train.get_checkpoint()

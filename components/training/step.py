@@ -2,7 +2,8 @@
 (its checkpoints: checkpoint.py).
 
 Ray Train workers (components/training/loop.py) and the GPU benchmark (bench/) both drive this module, so
-what is benchmarked is what trains. It imports only torch, numpy, the standard library and `model/`.
+what is benchmarked is what trains. It imports only torch, numpy, the standard library, `model/` and its
+settings (step_config.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import math
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from zhclip.components.training.step_config import StepConfig
 from zhclip.model import contrastive_loss
 from zhclip.model.embedding import projected_features
 from zhclip.model.locking import image_tower_groups
@@ -23,32 +24,9 @@ from zhclip.model.loss import MAX_LOGIT_SCALE, distillation_loss, sigmoid_loss
 from zhclip.model.masking import enable_patch_masking
 from zhclip.model.presets import ClipModel, image_size
 
-PRECISIONS = ("fp32", "bf16")
-LOSSES = ("infonce", "siglip")
 # Parameters that exist only while training (the sigmoid loss's bias): kept in the training state,
 # never in the model folder, which stays a plain ChineseCLIP checkpoint.
 TRAINING_ONLY = ("logit_bias",)
-
-
-@dataclass
-class StepConfig:
-    precision: str = "fp32"  # bf16: autocast forward in bfloat16, fp32 master weights and optimizer state
-    accum_steps: int = 1  # micro-batches per optimizer step (feature cache: same loss and gradient)
-    mask_ratio: float = 0.0  # FLIP: share of image patches dropped in training steps
-    local_loss: bool = False
-    gather_with_grad: bool = False
-    loss: str = "infonce"  # or "siglip"
-    false_negatives: bool = False  # pairs sharing an image or caption are positives (batch keys image_key, text_key)
-    distill_image_weight: float = 0.0  # with a teacher: weight of 1 - cosine to its image embeddings
-    distill_text_weight: float = 0.0
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.accum_steps < 1:
-            raise ValueError(f"accum_steps must be at least 1, got {self.accum_steps}")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -90,8 +90,9 @@ def test_benchmark_sets_read_from_s3_as_from_disk(s3_env, raw_dir, tiny_models):
     """A zero-shot set in ELEVATER's layout and a retrieval split in Chinese-CLIP's, from MinIO."""
     import numpy as np
 
-    from zhclip.components.evaluation.benchmark import SuiteDataset, benchmark
+    from zhclip.components.evaluation.benchmark import benchmark
     from zhclip.components.evaluation.classification_set import read_classification_set
+    from zhclip.components.evaluation.suite_config import SuiteDataset
 
     upload(raw_dir, "s3://zhclip-bench/raw")
     local, remote = (read_classification_set(f"{root}/zeroshot/shapes") for root in (raw_dir, "s3://zhclip-bench/raw"))

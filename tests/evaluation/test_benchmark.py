@@ -9,10 +9,11 @@ import pytest
 
 from zhclip.components.core.errors import ZhclipError
 from zhclip.components.data import cnclip_files
-from zhclip.components.evaluation.benchmark import BenchmarkConfig, SuiteDataset, benchmark, suite_datasets
+from zhclip.components.evaluation.benchmark import benchmark
 from zhclip.components.evaluation.cnclip_split import embed_cnclip_split
 from zhclip.components.evaluation.published import PUBLISHED_FILE, published_figures
 from zhclip.components.evaluation.suite import published_note, table_rows, write_suite
+from zhclip.components.evaluation.suite_config import BenchmarkConfig, SuiteDataset, suite_datasets
 from zhclip.model import load_model
 
 from conftest import run_cli

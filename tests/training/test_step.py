@@ -9,13 +9,13 @@ import torch
 
 from zhclip.components.training.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from zhclip.components.training.step import (
-    StepConfig,
     TrainStep,
     add_logit_bias,
     build_optimizer,
     image_tower_locked,
     warmup_cosine,
 )
+from zhclip.components.training.step_config import StepConfig
 from zhclip.model import build_model, lock_image_tower
 from zhclip.model.masking import keep_random_patches
 
