@@ -33,10 +33,12 @@ pytestmark = pytest.mark.slow
 GUIDE = shell_blocks(REPO / "docs" / "own-data.md")
 CSV_WALK, CRAWL_WALK, RUN_WALK = (block for block in GUIDE if block.mode == "run in")
 SPLITS = ("train", "valid", "test")
-# The choices a user makes in params.yaml, for tiny stand-in towers and a quick run.
+# The choices a user makes in params.yaml, for tiny stand-in towers and a quick run: one training
+# stage from the start (docs/starting-weights.md's `start.stages`; the two-stage chain is the small
+# project's and the demo's), one epoch.
 QUICK_CHOICES = {
     "model": {"preset": "tiny"},
-    "stage1": {"epochs": 1},
+    "start": {"stages": {"stage2": "start"}},
     "stage2": {"epochs": 1},
     "train": {"batch_size": 32},
     "benchmark": {"models": ["stage2"]},  # the suite (test split, shapes) for the final model only: test time
@@ -96,6 +98,7 @@ def test_a_captions_csv_walks_the_guide_from_the_demos_workspace(small_project, 
     for split in SPLITS:
         assert _prepared(project, split) == rows[split]
     assert "demo_towers" not in _ran(out) and "zeroshot@stage2-shapes" in _ran(out)
+    assert "train@stage2" in _ran(out) and "train@stage1" not in _ran(out)  # the stages the user chose
     assert {"benchmark@stage2-suite0", "benchmark@stage2-suite1", "suite"} <= set(_ran(out))
     registered = json.loads((project / "metrics" / "register.json").read_text())
     assert (registered["model_name"], registered["version"]) == ("my-clip", 1)
@@ -110,7 +113,7 @@ def test_a_captions_csv_walks_the_guide_from_the_demos_workspace(small_project, 
     assert _ran(run_tool("dvc", "repro", "validate", cwd=project)) == ["ingest", "validate"]
     assert (999999, "新加的一条描述") in {row[:2] for row in _prepared(project, "test")}
     changed = set(json.loads(run_tool("dvc", "status", "--json", cwd=project)))
-    assert {"evaluate_start", "train@stage1", "index@test"} <= changed and "start" not in changed
+    assert {"evaluate_start", "train@stage2", "index@test"} <= changed and "start" not in changed
     assert run_tool("git", "status", "--porcelain", cwd=workspace).strip() in ("", "?? .venv")  # demo untouched
 
 
