@@ -176,26 +176,34 @@ def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(
     np.testing.assert_allclose(pulled.predict(frame), ZhclipEmbedder(str(tiny_models[0])).predict(frame), atol=1e-5)
 
 
-# One registration whose gate is held between its read of the champion and its decision until all
-# the registrations of its round have read (or `hold_s` passed): the interleaving in which gates
-# without a lock both promote and the last writer wins.
-HELD_REGISTRATION = """
+# One racer: a process that registers once per round, each round a model name of its own. A round
+# starts when every racer is ready for it (the racers' imports and earlier rounds end at different
+# times); each gate is held between its read of the champion and its decision until all the
+# registrations of the round have read (or `hold_s` passed): the interleaving in which gates without a
+# lock both promote and the last writer wins. The racers take part in every round, so each pays its
+# imports once.
+RACER = """
 import json, os, sys, time
 from pathlib import Path
 from zhclip.components.registry import register as registration
-model, metrics, name, uri, barrier, count, hold_s = sys.argv[1:]
-read_champion = registration._champion
-def held(*args):
-    found = read_champion(*args)
-    (Path(barrier) / str(os.getpid())).touch()
-    until = time.monotonic() + float(hold_s)
-    while len(os.listdir(barrier)) < int(count) and time.monotonic() < until:
+rounds, uri, count, hold_s = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+def arrive(folder, wait_s):
+    (Path(folder) / str(os.getpid())).touch()
+    until = time.monotonic() + wait_s
+    while len(os.listdir(folder)) < count and time.monotonic() < until:
         time.sleep(0.05)
-    return found
-registration._champion = held
-config = registration.RegisterConfig(model_name=name, tracking_uri=uri)
-print(json.dumps(registration.register(model, metrics, config)))
+read_champion = registration._champion
+for entry in rounds:
+    def held(*args, barrier=entry["read"]):
+        found = read_champion(*args)
+        arrive(barrier, hold_s)
+        return found
+    registration._champion = held
+    arrive(entry["start"], 300)
+    config = registration.RegisterConfig(model_name=entry["name"], tracking_uri=uri)
+    print(json.dumps(registration.register(entry["model"], entry["metrics"], config)), flush=True)
 """
+ROUNDS, RACERS = 3, 8
 
 
 def _race_metrics(tmp_path: Path, name: str, value: float, start: float) -> Path:
@@ -205,49 +213,64 @@ def _race_metrics(tmp_path: Path, name: str, value: float, start: float) -> Path
     return path
 
 
-@pytest.mark.parametrize("interleaving", range(3))
-def test_eight_concurrent_registrations_leave_the_best_gated_candidate_champion(
-    tracking_server, tmp_path, interleaving
-):
-    """8 registrations of one name at once, candidates in random order, every gate held open until
-    all have read the champion: the champion ends on the best candidate that passed its own gate,
-    and every version's recorded decision is true of the end state."""
+def _race_round(tmp_path: Path, tracking_server: str, number: int) -> list[dict]:
+    """Round `number`'s model name, with a first version registered and champion, and for each racer
+    its candidate (in this round's random order), model folder, metrics and barriers."""
     import random
 
-    from mlflow import MlflowClient
-
-    from zhclip.components.core.tracking import using_tracking_uri
     from zhclip.model import build_model, save_model
 
-    name, rng = f"race-{interleaving}", random.Random(interleaving)
-    first = save_model(*build_model("tiny", seed=100 * interleaving), tmp_path / "first")
+    name, folder = f"race-{number}", tmp_path / f"round{number}"
+    first = save_model(*build_model("tiny", seed=100 * number), folder / "first")
     register(
-        first,
-        _race_metrics(tmp_path, "first", 20.0, 10.0),
-        RegisterConfig(model_name=name, tracking_uri=tracking_server),
+        first, _race_metrics(folder, "first", 20.0, 10.0), RegisterConfig(model_name=name, tracking_uri=tracking_server)
     )
     # seven pass their own gate (30..36); the best value of all (40) is below its own start (45)
     candidates = [(30.0 + i, 10.0) for i in range(7)] + [(40.0, 45.0)]
-    rng.shuffle(candidates)
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
+    random.Random(number).shuffle(candidates)
+    for barrier in ("start", "read"):
+        (folder / barrier).mkdir()
+    return [
+        {
+            "name": name,
+            "model": str(save_model(*build_model("tiny", seed=100 * number + 1 + i), folder / f"m{i}")),
+            "metrics": str(_race_metrics(folder, f"m{i}", value, start)),
+            "start": str(folder / "start"),
+            "read": str(folder / "read"),
+        }
+        for i, (value, start) in enumerate(candidates)
+    ]
+
+
+def test_eight_concurrent_registrations_leave_the_best_gated_candidate_champion(tracking_server, tmp_path):
+    """8 registrations of one name at once, candidates in random order, every gate held open until
+    all have read the champion, in 3 rounds (3 names, 3 orders): each round's champion ends on the best
+    candidate that passed its own gate, and every version's recorded decision is true of the end state."""
+    rounds = [_race_round(tmp_path, tracking_server, number) for number in range(ROUNDS)]
     client_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))},
         "MLFLOW_TRACKING_URI": tracking_server,
     }
-    processes = []
-    for i, (value, start) in enumerate(candidates):
-        model = save_model(*build_model("tiny", seed=100 * interleaving + 1 + i), tmp_path / f"m{i}")
-        metrics = _race_metrics(tmp_path, f"m{i}", value, start)
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", HELD_REGISTRATION, str(model), str(metrics), name, tracking_server,
-                 str(barrier), "8", "2"],
-                cwd=tmp_path, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-        )  # fmt: skip
-    outputs = [process.communicate(timeout=900) for process in processes]
-    assert all(p.returncode == 0 for p in processes), [err[-3000:] for _, err in outputs]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, json.dumps([entries[racer] for entries in rounds]), tracking_server,
+             str(RACERS), "2"],
+            cwd=tmp_path, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for racer in range(RACERS)
+    ]  # fmt: skip
+    outputs = [racer.communicate(timeout=900) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), [err[-3000:] for _, err in outputs]
+    assert all(len(out.splitlines()) == ROUNDS for out, _ in outputs)  # each racer registered in each round
+    for entries in rounds:
+        _assert_the_best_gated_candidate_is_champion(tracking_server, entries[0]["name"])
+
+
+def _assert_the_best_gated_candidate_is_champion(tracking_server: str, name: str) -> None:
+    from mlflow import MlflowClient
+
+    from zhclip.components.core.tracking import using_tracking_uri
+
     with using_tracking_uri(tracking_server):
         client = MlflowClient()
         champion = str(client.get_registered_model(name).aliases["champion"])
@@ -255,7 +278,9 @@ def test_eight_concurrent_registrations_leave_the_best_gated_candidate_champion(
         assert not client.search_registered_models(f"name = '{name}.gate-lock'")  # released
     assert len(versions) == 9
     values = {version: float(v.tags["metric.mean_recall"]) for version, v in versions.items()}
-    assert values[champion] == 36.0, f"champion is version {champion} ({values[champion]}), not the best gated 36.0"
+    assert values[champion] == 36.0, (
+        f"{name}: champion is version {champion} ({values[champion]}), not the best gated 36.0"
+    )
     for entry in versions.values():
         decision, rule = entry.tags["promotion"], entry.tags["promotion.rule"]
         candidate = float(entry.tags["promotion.candidate_value"])
