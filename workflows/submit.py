@@ -2,6 +2,7 @@
 
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,13 @@ def compile_pipeline(out: str | Path, params: dict[str, Any]) -> Path:
     cluster = kubeflow_config(params)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(cluster_step_configs(params, cluster), cluster), str(out))
+    configs = cluster_step_configs(params, cluster)
+    # In a thread of its own, where the call stack is a few frames deep: building the pipeline, KFP
+    # calls inspect.stack() on each of the ~200 resource and environment settings of its tasks (to
+    # name the caller in an error), which looks up every frame's module. From a deep stack (pytest, a
+    # notebook) that took 6-10 s instead of under 1 (bench/investigations/2026-12-07-command-start).
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(lambda: compiler.Compiler().compile(build_pipeline(configs, cluster), str(out))).result()
     return out
 
 
