@@ -90,7 +90,10 @@ def _module(item: pytest.Item) -> str:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_module(item)))
-    modules = sorted({_module(item) for item in items}, key=lambda module: -MODULE_SECONDS.get(module, float("inf")))
+    # in collection order before sorting (not a set's, which differs between processes): every xdist
+    # worker must collect the same list in the same order
+    collected = dict.fromkeys(_module(item) for item in items)
+    modules = sorted(collected, key=lambda module: -MODULE_SECONDS.get(module, float("inf")))
     waiting = {_module(item) for item in items if "small_project" in getattr(item, "fixturenames", ())}
     if modules and modules[0] in waiting:
         second = next((module for module in modules if module not in waiting), None)
