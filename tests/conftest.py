@@ -74,7 +74,7 @@ if _NOT_INSTALLED:
 # workers (`built_once`). Units go out longest first, as tests/module_seconds.json measured them (a
 # module it does not list first of all: it may be long), so that no long unit is left to run alone
 # at the end while the other worker has finished. The file's source: the junit.xml of
-# test-runs/2026-12-07-cpu-ci-run-shared-fixtures-2/. The cost of this order: the heaviest modules run
+# test-runs/2026-12-07-cpu-ci-run-lazy-imports/. The cost of this order: the heaviest modules run
 # side by side first, each slower for it (test-runs/2026-12-07-cpu-ci-run-shared-fixtures/README.md).
 # One exception: the first unit builds `small_project` (3 minutes, about one core: `dvc repro` runs a
 # stage at a time), so the second, which the other worker starts with, is the longest one that does
