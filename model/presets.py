@@ -3,7 +3,8 @@
 A zhclip model is a `transformers.ChineseCLIPModel` (ViT presets) or the ResNet variant of
 model/resnet.py (RN presets), plus a `ChineseCLIPProcessor`, saved with
 `save_pretrained` (safetensors weights). ViT models load with plain transformers; ResNet models need
-this package imported first, which registers them with transformers' Auto classes.
+model/resnet.py imported first (this module imports it), which registers them with transformers' Auto
+classes.
 """
 
 from __future__ import annotations

@@ -47,9 +47,9 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# OpenAI-CLIP pixel statistics, which Chinese-CLIP keeps.
 # Chinese-CLIP's text length: its tokenizer pads and truncates every caption to this many tokens.
 CONTEXT_LENGTH = 52
+# OpenAI-CLIP pixel statistics, which Chinese-CLIP keeps.
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 

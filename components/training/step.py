@@ -2,8 +2,8 @@
 (its checkpoints: checkpoint.py).
 
 Ray Train workers (components/training/loop.py) and the GPU benchmark (bench/) both drive this module, so
-what is benchmarked is what trains. It imports only torch, numpy, the standard library, `model/` and its
-settings (step_config.py).
+what is benchmarked is what trains. It imports only torch, transformers, numpy, the standard library,
+`model/` and its settings (step_config.py).
 """
 
 from __future__ import annotations

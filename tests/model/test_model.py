@@ -23,6 +23,22 @@ from zhclip.model import (
 MODEL_DIR = Path(__file__).resolve().parents[2] / "model"
 
 
+def test_the_package_and_its_presets_import_without_torch_or_transformers():
+    """Commands that only check settings against the presets (training's driver, `zhclip suite`) start
+    without torch's and transformers' imports; the rest loads on first use, ResNet's registration too."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zhclip.model as m; from zhclip.model import CONTEXT_LENGTH, PRESETS; "
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)), CONTEXT_LENGTH, 'tiny' in PRESETS); "
+        "m.load_model; from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+        "print('zhclip_chinese_clip_resnet' in CONFIG_MAPPING, sorted(set(dir(m)) - set(m.__all__)))"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert shown.stdout.splitlines() == ["[] 52 True", "True []"]
+
+
 def test_model_package_imports_nothing_else_from_the_repo():
     # and itself, by relative imports; onnxruntime only for the onnx backend, which a pull installs too;
     # peft only for training with LoRA (model/lora.py, which serving never imports)

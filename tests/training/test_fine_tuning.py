@@ -1,5 +1,5 @@
-"""Fine-tuning switches end to end: LoRA and distilled stages give plain model folders every later
-step takes, a LoRA checkpoint resumes exactly, long captions are counted, and bad combinations are
+"""Fine-tuning switches end to end: LoRA and distilled stages give plain model folders (every later
+step takes the LoRA one), a LoRA checkpoint resumes exactly, long captions are counted, and bad combinations are
 refused with the setting named."""
 
 import json
@@ -73,8 +73,7 @@ def test_distilled_stage_reports_the_distillation_and_saves_a_plain_folder(varia
     assert set(weights) == set(load_file(f"{trained['root'] / 'stage1'}/model.safetensors"))
 
 
-def test_later_steps_take_the_folder_unchanged(variants, prepared_dir, tmp_path):
-    variant = "lora"
+def test_later_steps_take_the_folder_unchanged(variants, prepared_dir, tmp_path, variant="lora"):
     model_dir = variants[variant]["model_dir"]
     metrics = tmp_path / "metrics.json"
     evaluated = run_cli("evaluate", "--model", model_dir, "--data", str(prepared_dir), "--out", str(metrics))
