@@ -181,27 +181,32 @@ def test_registration_aliases_and_pull_over_http_with_postgres_and_s3(
 # times); each gate is held between its read of the champion and its decision until all the
 # registrations of the round have read (or `hold_s` passed): the interleaving in which gates without a
 # lock both promote and the last writer wins. The racers take part in every round, so each pays its
-# imports once.
+# imports once; a racer that fails says so in `failed`, and the others stop waiting for it.
 RACER = """
 import json, os, sys, time
 from pathlib import Path
 from zhclip.components.registry import register as registration
-rounds, uri, count, hold_s = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+rounds, uri = json.loads(sys.argv[1]), sys.argv[2]
+count, hold_s, failed = int(sys.argv[3]), float(sys.argv[4]), Path(sys.argv[5])
 def arrive(folder, wait_s):
     (Path(folder) / str(os.getpid())).touch()
     until = time.monotonic() + wait_s
-    while len(os.listdir(folder)) < count and time.monotonic() < until:
+    while len(os.listdir(folder)) < count and time.monotonic() < until and not failed.exists():
         time.sleep(0.05)
 read_champion = registration._champion
-for entry in rounds:
-    def held(*args, barrier=entry["read"]):
-        found = read_champion(*args)
-        arrive(barrier, hold_s)
-        return found
-    registration._champion = held
-    arrive(entry["start"], 300)
-    config = registration.RegisterConfig(model_name=entry["name"], tracking_uri=uri)
-    print(json.dumps(registration.register(entry["model"], entry["metrics"], config)), flush=True)
+try:
+    for entry in rounds:
+        def held(*args, barrier=entry["read"]):
+            found = read_champion(*args)
+            arrive(barrier, hold_s)
+            return found
+        registration._champion = held
+        arrive(entry["start"], 300)
+        config = registration.RegisterConfig(model_name=entry["name"], tracking_uri=uri)
+        print(json.dumps(registration.register(entry["model"], entry["metrics"], config)), flush=True)
+except BaseException:
+    failed.touch()
+    raise
 """
 ROUNDS, RACERS = 3, 8
 
@@ -254,14 +259,19 @@ def test_eight_concurrent_registrations_leave_the_best_gated_candidate_champion(
     racers = [
         subprocess.Popen(
             [sys.executable, "-c", RACER, json.dumps([entries[racer] for entries in rounds]), tracking_server,
-             str(RACERS), "2"],
+             str(RACERS), "2", str(tmp_path / "failed")],
             cwd=tmp_path, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for racer in range(RACERS)
     ]  # fmt: skip
-    outputs = [racer.communicate(timeout=900) for racer in racers]
+    try:
+        outputs = [racer.communicate(timeout=900) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
     assert all(racer.returncode == 0 for racer in racers), [err[-3000:] for _, err in outputs]
-    assert all(len(out.splitlines()) == ROUNDS for out, _ in outputs)  # each racer registered in each round
+    registered = [out.splitlines() for out, _ in outputs]
+    assert all(len(lines) == ROUNDS for lines in registered), registered  # each racer in each round
     for entries in rounds:
         _assert_the_best_gated_candidate_is_champion(tracking_server, entries[0]["name"])
 
