@@ -5,10 +5,12 @@ plus the GPU benchmarks' FLOPs, matmul peak and environment.
 - memory: `peak_rss_mb` (this process's resident peak), `resident_mb` (a process's resident set now or
   its peak since `reset_peak_rss`, from /proc), `pss_bytes` (a process's proportional set size),
   `peak_memory_mb` (a device's peak: the GPU's allocator, or the process's resident peak on a CPU);
-- timing: `median_seconds` (the median of repeated calls) and `time_calls` (the mean of timed GPU calls).
+- timing: `median_seconds` (the median of repeated calls) and `time_calls` (the mean of timed GPU calls);
+- CPU time: `read_cpu_of_processes` (of every process started since a moment, Ray's included).
 
 Needs only the standard library; torch (and transformers, for `environment`) is imported by the
-functions that measure a device, so the CPU benchmarks load neither. Every figure is measured here,
+functions that measure a device, so the CPU benchmarks load neither, and psutil by
+`read_cpu_of_processes`. Every figure is measured here,
 none is taken from a data sheet: the matmul peak is timed on the device the benchmark runs on.
 """
 
@@ -65,6 +67,20 @@ def pss_bytes(pid: int) -> int:
             return next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
     except (OSError, StopIteration):
         return 0
+
+
+def read_cpu_of_processes(started: float, seen: dict[int, tuple[float, str]]) -> None:
+    """Record into `seen`, by pid, the CPU time (user + system) so far and the command line of every
+    process but this one started since `started` (a time.time()). Call it again and again while they
+    run: Ray's processes are not waited for by their parent, so no rusage keeps their time."""
+    import psutil
+
+    for process in psutil.process_iter(["pid", "name", "cmdline", "cpu_times", "create_time"]):
+        info = process.info
+        if info["pid"] == psutil.Process().pid or info["create_time"] < started or info["cpu_times"] is None:
+            continue
+        label = " ".join(info["cmdline"] or [info["name"]])[:80]
+        seen[info["pid"]] = (info["cpu_times"].user + info["cpu_times"].system, label)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

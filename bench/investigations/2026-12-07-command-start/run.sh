@@ -27,7 +27,7 @@ measure() {  # $1: label, PYTHONPATH already set or not
       suite --results metrics/benchmark --out "$scratch/suite.json" --report-dir "$scratch/suite" > /dev/null)
   done
   echo "$1: one zhclip train --stage stage2, CPU of each process (the driver is the python -c one):"
-  (cd "$PROJECT" && "$repo/.venv/bin/python" "$here/process_cpu.py" "$repo/.venv/bin/python" -c \
+  (cd "$PROJECT" && PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$repo" "$repo/.venv/bin/python" "$here/process_cpu.py" "$repo/.venv/bin/python" -c \
     "import sys; sys.argv = ['zhclip'] + sys.argv[1:]; from zhclip.components.cli import main; main()" \
     train --stage stage2 --data data/validated --init models/stage1 --out "$scratch/$1-stage2" \
     --summary "$scratch/$1-stage2.json" --set "train.storage_path=$scratch/$1-ray")

@@ -3,7 +3,7 @@ one process (as in-process tests and each step's command do), one trivial task i
 of each phase and the CPU time of this process and every process Ray started (read with psutil every
 0.1 s from a thread).
 
-    python bench/investigations/2026-12-07-ray-start/measure.py --runs 5
+    PYTHONPATH=. python bench/investigations/2026-12-07-ray-start/measure.py --runs 5
 """
 
 import argparse
@@ -12,13 +12,12 @@ import time
 
 import psutil
 
+from bench.measure import read_cpu_of_processes
 
-def _cpu_of_new_processes(started: float, seen: dict[int, float], stop: threading.Event) -> None:
+
+def _cpu_of_new_processes(started: float, seen: dict[int, tuple[float, str]], stop: threading.Event) -> None:
     while not stop.is_set():
-        for process in psutil.process_iter(["pid", "cpu_times", "create_time"]):
-            info = process.info
-            if info["create_time"] >= started and info["cpu_times"] is not None:
-                seen[info["pid"]] = info["cpu_times"].user + info["cpu_times"].system
+        read_cpu_of_processes(started, seen)
         time.sleep(0.1)
 
 
@@ -29,7 +28,7 @@ def main(runs: int) -> None:
 
     me = psutil.Process()
     for run in range(1, runs + 1):
-        seen: dict[int, float] = {}
+        seen: dict[int, tuple[float, str]] = {}
         stop = threading.Event()
         started, cpu_before = time.time(), sum(me.cpu_times()[:2])
         watcher = threading.Thread(target=_cpu_of_new_processes, args=(started - 0.5, seen, stop), daemon=True)
@@ -42,10 +41,10 @@ def main(runs: int) -> None:
         time.sleep(0.5)
         stop.set()
         watcher.join()
-        driver = sum(me.cpu_times()[:2]) - cpu_before
+        driver, helpers = sum(me.cpu_times()[:2]) - cpu_before, sum(cpu for cpu, _ in seen.values())
         print(
             f"run {run}: start {up - started:.2f} s, first task {tasked - up:.2f} s, stop {down - tasked:.2f} s; "
-            f"CPU: this process {driver:.2f} s, Ray's {len(seen)} processes {sum(seen.values()):.2f} s"
+            f"CPU: this process {driver:.2f} s, Ray's {len(seen)} processes {helpers:.2f} s"
         )
 
 
