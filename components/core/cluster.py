@@ -32,8 +32,13 @@ QUIET_RAY_ENV = {
 # dashboard and tracks up to 1,000,000 dropped ones: ingest and validation run a task per 256 rows, so
 # its memory grew with the split, about 4 KiB a task
 # (bench/investigations/2026-12-05-data-scale-memory/2026-12-05-cpu-ray-task-events);
-# the last 1,000 tasks are plenty to debug a local step. A cluster (RAY_ADDRESS) keeps its own.
+# the last 1,000 tasks are plenty to debug a local step. Ray starts an idle worker process per CPU
+# when the first driver connects; a training stage never uses them (Ray Train's actors run in the
+# controller's runtime environment, so Ray starts workers of their own), and they cost 1.7-2.0 CPU-s
+# per stage on 2 vCPU (bench/investigations/2026-12-07-train-stage-ray-env); tasks of the data steps
+# start their workers when they first run instead. A cluster (RAY_ADDRESS) keeps its own settings.
 LOCAL_RAY_ENV = {
+    "RAY_prestart_worker_first_driver": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_task_events_max_num_task_in_gcs": "1000",
