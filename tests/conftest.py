@@ -264,6 +264,17 @@ def s3_endpoint(tmp_path_factory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
 
 
+@pytest.fixture(scope="module")
+def shared_ray() -> Iterator[None]:
+    """One local Ray (2 CPUs) for a module's in-process data steps, as Ray's testing guide advises: each
+    step's `ray_runtime()` joins it instead of starting and stopping its own, about 6 s and 4 CPU-s
+    each (bench/investigations/2026-12-07-ray-start). Not for training, which asks for more CPUs."""
+    from zhclip.components.core.cluster import ray_runtime
+
+    with ray_runtime(2):
+        yield
+
+
 def copy_project(root: Path) -> Path:
     """The pipeline files of this repository (dvc.yaml, params, code, DVC config) in a new git repo."""
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):

@@ -23,6 +23,8 @@ from zhclip.components.demo.data import SHAPES, DemoDataConfig, generate_demo_da
 
 from conftest import BIN, run_tool
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # its in-process steps join one Ray
+
 
 def _lines(path):
     return path.read_text(encoding="utf-8").splitlines()

@@ -27,6 +27,7 @@ from zhclip.components.data.ingest import IngestConfig, ingest
 
 from img2dataset_tool import download, faulty_urls, tried
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # its in-process steps join one Ray
 URLS = faulty_urls(45)
 SHARD_SIZE = 10
 FORMATS = ("webdataset", "parquet", "files")
