@@ -6,7 +6,8 @@ plus the GPU benchmarks' FLOPs, matmul peak and environment.
   its peak since `reset_peak_rss`, from /proc), `pss_bytes` (a process's proportional set size),
   `peak_memory_mb` (a device's peak: the GPU's allocator, or the process's resident peak on a CPU);
 - timing: `median_seconds` (the median of repeated calls) and `time_calls` (the mean of timed GPU calls);
-- CPU time: `read_cpu_of_processes` (of every process started since a moment, Ray's included).
+- CPU time: `read_cpu_of_processes` (of every process started since a moment, Ray's included) and
+  `cpu_of_command` (a command run to its end, reading them meanwhile).
 
 Needs only the standard library; torch (and transformers, for `environment`) is imported by the
 functions that measure a device, so the CPU benchmarks load neither, and psutil by
@@ -81,6 +82,27 @@ def read_cpu_of_processes(started: float, seen: dict[int, tuple[float, str]]) ->
             continue
         label = " ".join(info["cmdline"] or [info["name"]])[:80]
         seen[info["pid"]] = (info["cpu_times"].user + info["cpu_times"].system, label)
+
+
+def cpu_of_command(
+    command: list[str], settle_s: float = 0.5, **popen
+) -> tuple[int, float, dict[int, tuple[float, str]]]:
+    """Run `command` (its output discarded; `popen` goes to subprocess.Popen) to its end, reading the
+    CPU time of every process started meanwhile every 0.1 s, and once more `settle_s` after it exits
+    (Ray's processes stop after their driver). Returns its exit status, its wall seconds and, by pid,
+    each process's CPU seconds and command line."""
+    import subprocess
+
+    seen: dict[int, tuple[float, str]] = {}
+    started = time.time()
+    running = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    while running.poll() is None:
+        read_cpu_of_processes(started - 1, seen)
+        time.sleep(0.1)
+    wall = time.time() - started
+    time.sleep(settle_s)
+    read_cpu_of_processes(started - 1, seen)
+    return running.returncode, wall, seen
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -359,6 +359,18 @@ def test_finetune_ablation_trains_each_row_from_the_same_start_and_scores_it(tra
     assert "| lora-text |" in result.stdout  # the Markdown table
 
 
+def test_cpu_of_command_reads_the_processes_the_command_started():
+    """bench.measure.cpu_of_command, the investigations' CPU reader: a child the command starts is read
+    as a process of its own, and the command's exit status comes back."""
+    from bench.measure import cpu_of_command
+
+    child = "sum(range(3 * 10**7))"
+    command = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}]); sys.exit(3)"
+    status, wall, seen = cpu_of_command([sys.executable, "-c", command], settle_s=0)
+    (busy,) = [cpu for cpu, label in seen.values() if label.endswith(f" -c {child}")]
+    assert status == 3 and busy > 0.1 and wall >= busy * 0.5
+
+
 INVESTIGATIONS = sorted((REPO / "bench" / "investigations").glob("*/*.py"))
 
 

@@ -1,6 +1,6 @@
 """One training stage (`zhclip train --stage stage2`) under Ray settings of the local instance, each
 `--runs` times: its wall time, and the CPU time (user + system) of every process it started, read every
-0.1 s with bench.measure.read_cpu_of_processes (Ray's processes outlive their parent's wait).
+0.1 s with bench.measure.cpu_of_command (Ray's processes outlive their parent's wait).
 
     PYTHONPATH=. python bench/investigations/2026-12-07-train-stage-ray-env/measure.py PROJECT --runs 2
 
@@ -9,14 +9,12 @@ PROJECT is a project where `dvc repro` ran (tests/conftest.py's SMALL_PROJECT_PA
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.measure import read_cpu_of_processes
+from bench.measure import cpu_of_command
 
 VARIANTS = {
     "as shipped": {},
@@ -41,18 +39,8 @@ def run_once(project: Path, env: dict[str, str], scratch: Path) -> tuple[float, 
     command = [sys.executable, "-c", ZHCLIP, "train", "--stage", "stage2", "--data", "data/validated",
                "--init", "models/stage1", "--out", str(scratch / "stage2"), "--summary", str(scratch / "s.json"),
                "--set", f"train.storage_path={scratch / 'ray'}"]  # fmt: skip
-    seen: dict[int, tuple[float, str]] = {}
-    started = time.time()
-    running = subprocess.Popen(
-        command, cwd=project, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    while running.poll() is None:
-        read_cpu_of_processes(started - 1, seen)
-        time.sleep(0.1)
-    wall = time.time() - started
-    time.sleep(1)
-    read_cpu_of_processes(started - 1, seen)
-    assert running.returncode == 0, f"exit {running.returncode}"
+    code, wall, seen = cpu_of_command(command, settle_s=1, cwd=project, env={**os.environ, **env})
+    assert code == 0, f"exit {code}"
     by_kind: dict[str, float] = defaultdict(float)
     for cpu, label in seen.values():
         by_kind[_kind(label)] += cpu
