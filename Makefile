@@ -68,19 +68,23 @@ system-deps: cjk-font
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# The test-only environments skip pip's byte-compiling of every module (torch has thousands): Python
-# compiles the few the tests import on first use. 2 vCPU: 50 s -> 31 s and 32 s -> 23 s.
+# The test-only environments are byte-compiled at install, as pip does by default. Where
+# PYTHONDONTWRITEBYTECODE is set (it is on the 2 vCPU machine these figures come from) Python never
+# caches what it compiles, so each process of an uncompiled environment compiles every module it
+# imports again: `import torch, cn_clip.clip` took 14-16 s instead of 7-8 s, and the two test modules
+# that run these environments most 133 s instead of 77 s, for 26 s more of install
+# (bench/investigations/2026-12-07-test-env-bytecode).
 $(REF_STAMP): requirements.lock
 	$(PYTHON) -m venv $(REF_VENV)
-	$(REF_VENV)/bin/python -m pip install --quiet --no-compile $(REF_PINS)
-	$(REF_VENV)/bin/python -m pip install --quiet --no-compile --no-deps $(CN_CLIP)
+	$(REF_VENV)/bin/python -m pip install --quiet $(REF_PINS)
+	$(REF_VENV)/bin/python -m pip install --quiet --no-deps $(CN_CLIP)
 	touch $(REF_STAMP)
 
 reference-env: $(REF_STAMP)
 
 $(I2D_STAMP): requirements-img2dataset.lock
 	$(PYTHON) -m venv $(I2D_VENV)
-	$(I2D_VENV)/bin/python -m pip install --quiet --no-compile -r requirements-img2dataset.lock
+	$(I2D_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.lock
 	touch $(I2D_STAMP)
 
 img2dataset-env: $(I2D_STAMP)
