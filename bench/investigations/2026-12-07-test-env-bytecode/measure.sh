@@ -18,7 +18,7 @@ tests() {
   .venv/bin/python -m pytest -q -p no:cacheprovider -n 0 tests/evaluation/test_zeroshot_reference.py \
     tests/data/test_img2dataset.py 2>&1 | tail -1
 }
-install() {  # $1: an extra pip flag ("" or --no-compile) in the Makefile's recipes for the two
+install() {  # $1: an extra pip flag ("" or --no-compile) in the Makefile's recipes of both environments
   rm -rf .venv-reference .venv-img2dataset
   sed "s/pip install --quiet /pip install --quiet $1 /" Makefile > /tmp/Makefile.measure
   /usr/bin/time -f "  both installed side by side (make -j2): %e s" \

@@ -10,8 +10,9 @@ The kernel writes one record per process when it exits: its name (`comm`: a scri
 the name of the thread that exited last, such as Ray's `event_engine`), user and system CPU, parent
 pid and start time. Each process is counted under the nearest of itself and its ancestors that names
 a tool this project starts (a `zhclip` step with the Ray it started, `dvc`, `img2dataset`, a server),
-else under its own name; a phase is the span between the given start times (`--phase NAME=EPOCH`,
-the first phase from the first record). pids are reused on a long run: a parent is the process of
+else under its own name; a second table counts each process's own CPU by its kind (`group_of`), a
+third by its name. A phase is the span between the given start times (`--phase NAME=EPOCH`, the
+first phase from the first record). pids are reused on a long run: a parent is the process of
 that pid alive when the child started.
 """
 
@@ -84,7 +85,7 @@ def parents_of(records: list[Record]) -> list[int | None]:
         position = bisect.bisect_right(candidates, (record.started + 1, len(records))) - 1
         found = None
         while position >= 0:
-            start, index = candidates[position]
+            _, index = candidates[position]
             if records[index].ended + 1 >= record.started:
                 found = index
                 break
@@ -94,13 +95,13 @@ def parents_of(records: list[Record]) -> list[int | None]:
 
 
 def kind_of(index: int, records: list[Record], parents: list[int | None]) -> str:
-    seen = 0
+    depth = 0
     current: int | None = index
-    while current is not None and seen < 200:
+    while current is not None and depth < 200:  # a bound, should a reused pid ever make a loop
         name = records[current].name
         if name.startswith(TOOLS):
             return name.split()[0] + " (and what it started)"
-        current, seen = parents[current], seen + 1
+        current, depth = parents[current], depth + 1
     return records[index].name
 
 
@@ -136,15 +137,18 @@ def main() -> None:
             continue
         total = sum(cpu[phase].values())
         print(f"== {phase}: {total:.0f} CPU-s in {sum(count[phase].values())} processes")
-        print("   by the tool that started them (CPU-s, share, processes):")
-        for kind, seconds in cpu[phase].most_common(args.top):
-            print(f"   {seconds:9.0f}  {100 * seconds / total:5.1f} %  {count[phase][kind]:6d}  {kind}")
-        print("   by kind of process, its own CPU only (CPU-s, share):")
-        for group, seconds in by_group[phase].most_common(args.top):
-            print(f"   {seconds:9.0f}  {100 * seconds / total:5.1f} %  {group}")
-        print("   by process name (CPU-s):")
-        for name, seconds in by_name[phase].most_common(args.top):
-            print(f"   {seconds:9.0f}  {100 * seconds / total:5.1f} %  {name}")
+        _table("by the tool that started them (CPU-s, share, processes)", cpu[phase], total, args.top, count[phase])
+        _table("by kind of process, its own CPU only (CPU-s, share)", by_group[phase], total, args.top)
+        _table("by process name (CPU-s)", by_name[phase], total, args.top)
+
+
+def _table(
+    title: str, seconds_by: collections.Counter, total: float, top: int, counts: collections.Counter | None = None
+) -> None:
+    print(f"   {title}:")
+    for key, seconds in seconds_by.most_common(top):
+        processes = f"{counts[key]:6d}  " if counts is not None else ""
+        print(f"   {seconds:9.0f}  {100 * seconds / total:5.1f} %  {processes}{key}")
 
 
 if __name__ == "__main__":
